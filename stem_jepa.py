@@ -1,0 +1,1197 @@
+"""Stem-JEPA in one file: a reference implementation of
+
+    A. Riou, S. Lattner, G. Hadjeres, M. Anslow, G. Peeters,
+    "Stem-JEPA: A Joint-Embedding Predictive Architecture for Musical Stem
+    Compatibility Estimation", ISMIR 2024.
+
+Given a mix of some instrument stems (the *context*), a predictor conditioned on an
+instrument label predicts, patch by patch, the embedding of a stem that fits the mix
+(the *target*). Targets come from an EMA copy of the encoder; nothing is reconstructed.
+
+Commands (each has --help):
+    python stem_jepa.py toy --out toy/                 # procedural multitracks, MUSDB18-HQ layout
+    python stem_jepa.py train --data musdb18/          # the paper's configuration (GPU)
+    python stem_jepa.py train --data toy/ --preset tiny --steps 300   # minutes on a CPU
+    torchrun --nproc_per_node 4 stem_jepa.py train --data musdb18/    # several GPUs
+    python stem_jepa.py demo                           # toy data + tiny model, end to end
+
+Paper -> code:
+    3.3 front-end (log-mel, 16x16 patches)   LogMel, ViT.patch_embed
+    3.3 encoder (ViT-Base)                    ViT, sincos_2d
+    3.1 predictor g_phi, emb(l)               MLPPredictor, TransformerPredictor
+    Eq. 1 loss                                jepa_loss
+    Eq. 2 EMA target encoder, tau_i           ema_update, tau_at
+    3.2 sampling context and target           choose_stems, draw_example
+    3.3 training (AdamW, warmup + cosine)     lr_at, train
+    3.4 training data (multitracks)           find_tracks, prepare, StemChunks, make_toy_song
+
+Shape letters: B batch, S stems, N samples, M mel bins, L frames, F frequency patches,
+T time patches, K = F*T tokens, D embedding width, H heads, h head width.
+
+Where this file follows the authors' code (SonyCSLParis/Stem-JEPA) rather than the paper's
+text, the docstring says so.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchaudio
+
+VERSION = 1  # checkpoint and cache format
+
+
+class StemJEPAError(Exception):
+    """A problem the user can fix (bad data, bad arguments). The CLI prints it without a traceback."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration: the paper's values, and the numbers it leaves open read from the authors' code
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Config:
+    # front-end (3.3)
+    sample_rate: int = 16000          # Hz; stems are summed to mono
+    chunk_seconds: float = 8.0        # training chunk: 8 s -> 800 frames -> 5 x 50 patches
+    n_fft: int = 400                  # 25 ms window
+    hop_length: int = 160             # 10 ms hop
+    n_mels: int = 80
+    f_min: float = 50.0
+    f_max: float = 8000.0
+    patch_size: int = 16              # 16 x 16 patches of the (mel, frame) grid
+    # encoder: ViT-Base (3.3)
+    dim: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: int = 4
+    # predictor (3.1, 3.3, Table 1)
+    predictor: str = "mlp"            # "mlp" (conditioned: the paper's), "mlp-nocond", "transformer"
+    pred_hidden: int = 1024           # MLP hidden width
+    pred_layers: int = 6              # MLP Linear layers
+    pred_tf_dim: int = 512            # Transformer predictor width (M2D's)
+    pred_tf_depth: int = 8
+    pred_tf_heads: int = 16
+    # sampler (3.2)
+    active_threshold: float = 0.1     # a stem is active when its peak |amplitude| in the chunk exceeds this
+    redraw_tries: int = 10            # chunks drawn from the same track before the fallback (footnote 2)
+    # optimisation (3.3)
+    steps: int = 300_000
+    batch_size: int = 256             # global, over all processes and accumulation steps
+    grad_accum: int = 1               # micro-batches per step when the batch does not fit in memory
+    base_lr: float = 3e-4             # lr = base_lr * batch_size / 256
+    warmup_steps: int = 20_000        # linear warmup, then cosine to 0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.05        # not on biases, norms and embeddings (M2D's choice)
+    grad_clip: float = 3.0            # max global gradient norm
+    tau_start: float = 0.99995        # EMA rate tau_0 (Eq. 2) ...
+    tau_end: float = 0.99999          # ... rising linearly to tau_T
+    seed: int = 0
+    # bookkeeping
+    log_every: int = 50               # steps between log lines
+    ckpt_every: int = 1000            # steps between checkpoints
+
+
+PRESETS = {
+    "paper": {},
+    # A small ViT for CPUs, same code path. 4 s chunks (5 x 25 patches) and batch 32 run at about
+    # 1 step/s on 2 cores. The paper's tau (made for 300k steps) would barely move the target in a
+    # few hundred steps, so tiny uses the BYOL/I-JEPA schedule 0.996 -> 1.
+    "tiny": dict(chunk_seconds=4.0, dim=192, depth=4, heads=3, pred_hidden=384, pred_layers=4,
+                 pred_tf_dim=128, pred_tf_depth=2, pred_tf_heads=4, steps=300, batch_size=32,
+                 base_lr=8e-3, warmup_steps=30, tau_start=0.996, tau_end=1.0,
+                 log_every=20, ckpt_every=100),
+}
+
+
+def make_config(preset: str = "paper", **overrides) -> Config:
+    """The preset's config with the given fields replaced (None values are ignored)."""
+    if preset not in PRESETS:
+        raise StemJEPAError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    fields = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    return dataclasses.replace(Config(), **fields)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3.3 Front-end: waveform -> normalised log-mel spectrogram
+# ---------------------------------------------------------------------------------------------
+
+class LogMel(nn.Module):
+    """16 kHz mono waveforms (B, N) -> normalised log-mel spectrograms (B, M, L), L = N // hop.
+
+    "log-scaled Mel Spectrograms with 80 mel bins and a window and hop size of 25 and 10 ms" (3.3).
+    Slaney mel scale and area normalisation, log(mel + eps) and the dataset statistics
+    (-9.453, 3.569) are the authors' code's. With center=True an 8 s chunk gives 801 frames; the
+    last is dropped so that 800 frames make 50 whole patches. The filterbank is a buffer built once.
+    """
+
+    def __init__(self, *, sample_rate=16000, n_fft=400, hop_length=160, n_mels=80, f_min=50.0,
+                 f_max=8000.0, mean=-9.453, std=3.569):
+        super().__init__()
+        self.mel = torchaudio.transforms.MelSpectrogram(
+            sample_rate=sample_rate, n_fft=n_fft, win_length=n_fft, hop_length=hop_length,
+            f_min=f_min, f_max=f_max, n_mels=n_mels, power=2.0, center=True, pad_mode="reflect",
+            norm="slaney", mel_scale="slaney")
+        self.hop_length, self.mean, self.std = hop_length, mean, std
+        self.eps = torch.finfo(torch.float32).eps
+
+    def forward(self, wav: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(wav.device.type, enabled=False):  # the STFT stays in float32
+            mel = self.mel(wav.float())                       # (B, M, L + 1)
+        mel = mel[..., : wav.shape[-1] // self.hop_length]    # (B, M, L)
+        return (torch.log(mel + self.eps) - self.mean) / self.std
+
+
+# ---------------------------------------------------------------------------------------------
+# 3.3 Encoder: ViT-Base over 16x16 patches, fixed 2D sin-cos positions, no CLS token
+# ---------------------------------------------------------------------------------------------
+
+def sincos_1d(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """Transformer sin-cos code of integer positions (P,) -> (P, dim): sines then cosines."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim // 2))
+    angles = positions.double()[:, None] * omega[None]                  # (P, dim/2)
+    return torch.cat([angles.sin(), angles.cos()], dim=1).float()
+
+
+def sincos_2d(n_freq: int, n_time: int, dim: int) -> torch.Tensor:
+    """Fixed 2D positions (F, T, D): the first D/2 dims code the time index, the last D/2 the
+    frequency index, so every token knows both where and when it is."""
+    t = sincos_1d(torch.arange(n_time), dim // 2)                       # (T, D/2)
+    f = sincos_1d(torch.arange(n_freq), dim // 2)                       # (F, D/2)
+    return torch.cat([t[None].expand(n_freq, -1, -1), f[:, None].expand(-1, n_time, -1)], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, *, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):                                               # (B, K, D)
+        B, K, D = x.shape
+        qkv = self.qkv(x).view(B, K, 3, self.heads, D // self.heads)    # (B, K, 3, H, h)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                            # 3 x (B, H, K, h)
+        x = F.scaled_dot_product_attention(q, k, v)                     # (B, H, K, h)
+        return self.proj(x.transpose(1, 2).reshape(B, K, D))
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, *, dim: int, heads: int, mlp_ratio: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim=dim, heads=heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def init_vit_weights(module: nn.Module) -> None:
+    """M2D/MAE initialisation: xavier-uniform Linear and (flattened) patch-conv weights, zero biases."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Conv2d):
+            nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
+            nn.init.zeros_(m.bias)
+
+
+class ViT(nn.Module):
+    """"We employ a standard ViT-Base model as the encoder" (3.3), without a CLS token.
+
+    Log-mel (B, M, L) -> one embedding per patch (B, F, T, D), F = M / 16, T = L // 16. Tokens are
+    frequency-major (index f * T + t). Any length up to max_frames works: a shorter input uses the
+    first T time positions; longer inputs are the caller's to chunk.
+    """
+
+    def __init__(self, *, n_mels=80, max_frames=800, patch_size=16, dim=768, depth=12, heads=12, mlp_ratio=4):
+        super().__init__()
+        self.patch_size = patch_size
+        self.patch_embed = nn.Conv2d(1, dim, kernel_size=patch_size, stride=patch_size)
+        self.register_buffer("pos", sincos_2d(n_mels // patch_size, max_frames // patch_size, dim),
+                             persistent=False)                          # (F, T_max, D), not trained
+        self.blocks = nn.ModuleList(Block(dim=dim, heads=heads, mlp_ratio=mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        init_vit_weights(self)
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(mel[:, None])                              # (B, D, F, T)
+        B, D, Fp, T = x.shape
+        if T > self.pos.shape[1]:
+            raise ValueError(f"input has {T} time patches; the positional grid has {self.pos.shape[1]}: chunk it")
+        x = x.flatten(2).transpose(1, 2)                                # (B, K, D), k = f * T + t
+        x = x + self.pos[:, :T].reshape(Fp * T, D)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x).view(B, Fp, T, D)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3.1 Predictor g_phi, conditioned on the label l of the missing stem
+# ---------------------------------------------------------------------------------------------
+
+class MLPPredictor(nn.Module):
+    """"Our predictor is a 6-layer MLP with ReLU activations and 1024 dimensions in each hidden
+    layer" (3.3), applied to each patch independently: z~_k = g(concat(z_k, emb(l))) (3.1).
+
+    With n_instruments = 0 it is the unconditioned ablation of Table 1 (input z_k alone). The output
+    LayerNorm is the authors' code's.
+    """
+
+    def __init__(self, *, dim=768, hidden=1024, layers=6, n_instruments=4):
+        super().__init__()
+        self.instrument = nn.Embedding(n_instruments, dim) if n_instruments else None
+        if self.instrument is not None:
+            nn.init.normal_(self.instrument.weight)
+        widths = [2 * dim if n_instruments else dim] + [hidden] * (layers - 1) + [dim]
+        net = []
+        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+            net += [nn.Linear(a, b)] + ([nn.ReLU()] if i < layers - 1 else [])
+        self.net = nn.Sequential(*net)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, z: torch.Tensor, instrument: torch.Tensor) -> torch.Tensor:
+        if self.instrument is not None:                                 # z: (B, F, T, D), instrument: (B,)
+            e = self.instrument(instrument)[:, None, None].expand_as(z)  # (B, F, T, D)
+            z = torch.cat([z, e], dim=-1)                               # (B, F, T, 2D)
+        return self.norm(self.net(z))                                   # (B, F, T, D)
+
+
+class TransformerPredictor(nn.Module):
+    """The Transformer predictor of Table 1, "the same as in [9]" (M2D): project to a narrower
+    width, add 2D sin-cos positions, prepend one learned instrument token (without position),
+    run pre-norm blocks, drop the token, normalise and project back."""
+
+    def __init__(self, *, dim=768, width=512, depth=8, heads=16, mlp_ratio=4, n_instruments=4,
+                 n_freq=5, max_time=50):
+        super().__init__()
+        self.embed = nn.Linear(dim, width)
+        self.register_buffer("pos", sincos_2d(n_freq, max_time, width), persistent=False)
+        self.instrument = nn.Embedding(n_instruments, width)
+        self.blocks = nn.ModuleList(Block(dim=width, heads=heads, mlp_ratio=mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+        self.out = nn.Linear(width, dim)
+        init_vit_weights(self)
+        nn.init.normal_(self.instrument.weight, std=0.02)
+
+    def forward(self, z: torch.Tensor, instrument: torch.Tensor) -> torch.Tensor:
+        B, Fp, T, _ = z.shape
+        x = self.embed(z) + self.pos[:, :T]                             # (B, F, T, W)
+        x = torch.cat([self.instrument(instrument)[:, None], x.flatten(1, 2)], dim=1)  # (B, 1 + K, W)
+        for block in self.blocks:
+            x = block(x)
+        return self.out(self.norm(x[:, 1:])).view(B, Fp, T, -1)         # (B, F, T, D)
+
+
+# ---------------------------------------------------------------------------------------------
+# Eq. 1: normalised MSE between predictions and targets
+# ---------------------------------------------------------------------------------------------
+
+def jepa_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L = 1/K sum_k || z~_k/||z~_k|| - z_k/||z_k|| ||^2  (Eq. 1), averaged over patches and batch.
+
+    As in the authors' code (not in the paper's text), each target patch vector is first
+    standardised over its D dims: (t - mean) / sqrt(var + 1e-6), with the unbiased variance.
+    """
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    diff = F.normalize(pred.float(), dim=-1) - F.normalize(target.float(), dim=-1)
+    return diff.pow(2).sum(-1).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# Eq. 2: the target encoder is an exponential moving average of the context encoder
+# ---------------------------------------------------------------------------------------------
+
+def tau_at(step: int, total_steps: int, tau_start: float, tau_end: float) -> float:
+    """tau_i, "linearly interpolated between tau_0 and tau_T, T being the total number of steps"."""
+    return tau_start + (tau_end - tau_start) * min(step / max(total_steps, 1), 1.0)
+
+
+@torch.no_grad()
+def ema_update(target: list[torch.Tensor], online: list[torch.Tensor], tau: float) -> None:
+    """theta_bar <- tau * theta_bar + (1 - tau) * theta (Eq. 2), in place, for every tensor at once
+    (one fused call instead of a Python loop over ~200 parameters)."""
+    torch._foreach_lerp_(target, online, 1.0 - tau)
+
+
+def lr_at(step: int, *, peak_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """Linear warmup to peak_lr over warmup_steps, then cosine annealing to 0 at total_steps (3.3)."""
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+    return 0.5 * peak_lr * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+class StemJEPA(nn.Module):
+    """Front-end, context encoder f_theta, predictor g_phi and EMA target encoder f_theta_bar (Fig. 1).
+
+    forward(context, target, instrument) returns the loss of Eq. 1 for a batch of waveforms
+    (B, N); it is what the training step differentiates.
+    """
+
+    def __init__(self, *, frontend: LogMel, encoder: ViT, predictor: nn.Module, instruments: list[str]):
+        super().__init__()
+        self.frontend, self.encoder, self.predictor = frontend, encoder, predictor
+        self.target_encoder = copy.deepcopy(encoder).requires_grad_(False)
+        self.instruments = list(instruments)
+
+    def encode(self, wav: torch.Tensor, *, target: bool = False) -> torch.Tensor:
+        """Waveforms (B, N) -> patch embeddings (B, F, T, D) from the context or the target encoder."""
+        return (self.target_encoder if target else self.encoder)(self.frontend(wav))
+
+    def predict(self, wav: torch.Tensor, instrument: torch.Tensor) -> torch.Tensor:
+        """Context mixes (B, N) and instrument ids (B,) -> predicted target embeddings (B, F, T, D)."""
+        return self.predictor(self.encode(wav), instrument)
+
+    def forward(self, context: torch.Tensor, target: torch.Tensor, instrument: torch.Tensor) -> torch.Tensor:
+        pred = self.predict(context, instrument)                        # z~ (B, F, T, D)
+        with torch.no_grad():
+            z_bar = self.encode(target, target=True)                     # z_bar (B, F, T, D): no gradient
+        return jepa_loss(pred, z_bar)
+
+    @classmethod
+    def from_checkpoint(cls, path, map_location="cpu") -> "StemJEPA":
+        """A trained model from a checkpoint written by `train`, in eval mode, with .config set."""
+        ckpt = load_checkpoint(path, map_location=map_location)
+        model = build_model(Config(**ckpt["config"]), ckpt["instruments"])
+        model.load_state_dict(ckpt["model"])
+        return model.eval()
+
+
+def build_model(cfg: Config, instruments: list[str]) -> StemJEPA:
+    """The model of a config: the only place (with `train`) that reads Config."""
+    max_frames = int(cfg.chunk_seconds * cfg.sample_rate) // cfg.hop_length
+    frontend = LogMel(sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, hop_length=cfg.hop_length,
+                      n_mels=cfg.n_mels, f_min=cfg.f_min, f_max=cfg.f_max)
+    encoder = ViT(n_mels=cfg.n_mels, max_frames=max_frames, patch_size=cfg.patch_size, dim=cfg.dim,
+                  depth=cfg.depth, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio)
+    if cfg.predictor in ("mlp", "mlp-nocond"):
+        predictor = MLPPredictor(dim=cfg.dim, hidden=cfg.pred_hidden, layers=cfg.pred_layers,
+                                 n_instruments=len(instruments) if cfg.predictor == "mlp" else 0)
+    elif cfg.predictor == "transformer":
+        predictor = TransformerPredictor(dim=cfg.dim, width=cfg.pred_tf_dim, depth=cfg.pred_tf_depth,
+                                         heads=cfg.pred_tf_heads, mlp_ratio=cfg.mlp_ratio,
+                                         n_instruments=len(instruments), n_freq=cfg.n_mels // cfg.patch_size,
+                                         max_time=max_frames // cfg.patch_size)
+    else:
+        raise StemJEPAError(f"unknown predictor {cfg.predictor!r}; choose mlp, mlp-nocond or transformer")
+    model = StemJEPA(frontend=frontend, encoder=encoder, predictor=predictor, instruments=instruments)
+    model.config = cfg
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# 3.2 Sampling context and target
+# ---------------------------------------------------------------------------------------------
+
+def choose_stems(peaks: np.ndarray, rng: np.random.Generator, threshold: float):
+    """Pick (target, context) from the stems' peak amplitudes in one chunk, or None if < 2 are active.
+
+    "Let A be the indices of active (i.e. non-silent) stems. We first pick a random index t in A
+    as target. Then, we randomly select a subset C of A minus {t} [...]. The number of stems |C|
+    in this subset is uniformly sampled between 1 and |A| - 1" (3.2). Active: peak > threshold.
+    """
+    active = np.flatnonzero(peaks > threshold)
+    if len(active) < 2:
+        return None
+    target = rng.choice(active)
+    others = active[active != target]
+    k = rng.integers(1, len(others) + 1)                                # |C| ~ U{1, ..., |A| - 1}
+    return int(target), np.sort(rng.choice(others, size=k, replace=False))
+
+
+def draw_example(stems: np.ndarray, chunk: int, rng: np.random.Generator, *, threshold: float, tries: int):
+    """One training example from one track's stems (S, N): (context (chunk,), target (chunk,), target stem).
+
+    A chunk at a uniformly random offset (zero-padded at the end when the track is shorter). "If
+    |A| < 2 [...] we resample another audio chunk from the same track" (footnote 2), up to `tries`
+    chunks; after that the fallback trains on the last chunk with its loudest stem as target and
+    the second loudest as context (what the authors' code does with every chunk: no redraw).
+    Only the chunk is read: `stems` may be a memory map.
+    """
+    for _ in range(tries):
+        offset = rng.integers(0, max(stems.shape[1] - chunk, 0) + 1)
+        x = stems[:, offset: offset + chunk]                            # (S, chunk), a view
+        peaks = np.abs(x).max(axis=1)
+        choice = choose_stems(peaks, rng, threshold)
+        if choice is not None:
+            break
+    else:
+        loudest = np.argsort(-peaks, kind="stable")
+        choice = int(loudest[0]), loudest[1:2]
+    target, context = choice
+    pad = chunk - x.shape[1]
+    context_wav = np.pad(x[context].sum(0, dtype=np.float32), (0, pad))
+    target_wav = np.pad(x[target].astype(np.float32), (0, pad))
+    return context_wav, target_wav, target
+
+
+# ---------------------------------------------------------------------------------------------
+# 3.4 Training data: multitrack folders -> a cache of 16 kHz stems -> random chunks
+# ---------------------------------------------------------------------------------------------
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".aiff", ".aif", ".mp3")
+MIX_NAMES = ("mixture", "mix")              # a track's full mix is not a stem: ignored
+MUSDB_STREAMS = {"drums": 1, "bass": 2, "other": 3, "vocals": 4}  # .stem.mp4 streams; 0 is the mixture
+LENGTH_TOLERANCE_S = 1.0                    # stems of one track may differ by this much (trimmed)
+
+
+def find_tracks(root, split: str = "train") -> list[tuple[str, dict[str, tuple[str, int | None]]]]:
+    """Tracks of a dataset folder as (name, {stem: (file, mp4 stream or None)}), sorted by name.
+
+    Layouts: MUSDB18-HQ (ROOT/{train,test}/<track>/<stem>.wav, or FLAC), MUSDB18
+    (ROOT/{train,test}/<track>.stem.mp4), and any folder of multitracks (one sub-folder per track,
+    one audio file per stem, the stem named after the file). Without train/ and test/ folders,
+    ROOT itself holds the tracks.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise StemJEPAError(f"{root}: no such folder. --data must be a MUSDB18(-HQ) root (with train/ "
+                            "and test/) or a folder with one sub-folder of stems per track")
+    base = root / split
+    if not base.is_dir():
+        if any((root / s).is_dir() for s in ("train", "test")):
+            raise StemJEPAError(f"{root} has no {split}/ folder")
+        base = root
+    tracks = []
+    for entry in sorted(base.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.name.endswith(".stem.mp4"):
+            tracks.append((entry.name[: -len(".stem.mp4")],
+                           {stem: (str(entry), stream) for stem, stream in MUSDB_STREAMS.items()}))
+        elif entry.is_dir():
+            stems = {f.stem.lower(): (str(f), None) for f in sorted(entry.iterdir())
+                     if f.suffix.lower() in AUDIO_EXTENSIONS and f.stem.lower() not in MIX_NAMES}
+            if stems:
+                tracks.append((entry.name, stems))
+    if not tracks:
+        what = "is empty" if not any(base.iterdir()) else "holds no tracks"
+        raise StemJEPAError(f"{base} {what}: expected one sub-folder of stem audio files per track "
+                            f"({', '.join(AUDIO_EXTENSIONS)}) or MUSDB18 .stem.mp4 files")
+    return tracks
+
+
+def load_audio(path, sample_rate: int, stream: int | None = None) -> np.ndarray:
+    """A file (or one stream of a .stem.mp4) as mono float32 at sample_rate: channels averaged,
+    resampled with torchaudio. Raises StemJEPAError naming the file when it cannot be decoded."""
+    if stream is not None:
+        if shutil.which("ffmpeg") is None:
+            raise StemJEPAError(f"{path}: decoding MUSDB18 .stem.mp4 needs the ffmpeg program: install it "
+                                "(e.g. apt install ffmpeg, brew install ffmpeg) or use MUSDB18-HQ")
+        run = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-map", f"0:{stream}", "-ac", "1",
+                              "-ar", str(sample_rate), "-f", "f32le", "-"], capture_output=True)
+        if run.returncode != 0:
+            raise StemJEPAError(f"{path}: ffmpeg could not decode stream {stream}: "
+                                f"{run.stderr.decode(errors='replace').strip().splitlines()[-1:]}")
+        return np.frombuffer(run.stdout, dtype=np.float32).copy()
+    if os.path.getsize(path) == 0:
+        raise StemJEPAError(f"{path}: empty file (0 bytes)")
+    try:
+        x, sr = sf.read(path, dtype="float32", always_2d=True)          # (N, C)
+    except Exception as e:                                              # libsndfile's errors vary by version
+        raise StemJEPAError(f"{path}: not a readable audio file ({e})") from None
+    if len(x) == 0:
+        raise StemJEPAError(f"{path}: no audio samples")
+    x = x.mean(axis=1)
+    if sr != sample_rate:
+        x = torchaudio.functional.resample(torch.from_numpy(x), sr, sample_rate).numpy()
+    return x
+
+
+def _signature(stems: dict, sample_rate: int) -> str:
+    """Changes when a source file, the sample rate or the cache format changes."""
+    h = hashlib.sha1(f"{VERSION} {sample_rate}".encode())
+    for stem, (path, stream) in sorted(stems.items()):
+        st = os.stat(path)
+        h.update(f"{stem} {path} {stream} {st.st_size} {st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, write) -> None:
+    """write(tmp) then rename: a reader never sees a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:                 # a file object: np.save would append ".npy" to a path
+        np.save(f, array)
+
+
+def _prepare_track(name, stems, *, sample_rate, chunk, threshold) -> dict:
+    """Decode one track: its metadata, the problems found as (kind, text) notes, and (unless it is
+    excluded) its (S, N) float32 stems."""
+    notes, audio = [], {}
+    for stem, (path, stream) in stems.items():
+        try:
+            audio[stem] = load_audio(path, sample_rate, stream)
+        except StemJEPAError as e:
+            notes.append(("unreadable files (skipped)", str(e)))
+    meta = {"name": name, "stems": [], "length": 0, "notes": notes}
+    if not audio:
+        meta["excluded"] = "no readable stem"
+        return meta
+    lengths = {s: len(x) for s, x in audio.items()}
+    n = min(lengths.values())
+    if max(lengths.values()) - n > LENGTH_TOLERANCE_S * sample_rate:
+        meta["excluded"] = ("stems differ in length by more than "
+                            f"{LENGTH_TOLERANCE_S:g} s: " + ", ".join(f"{s} {l / sample_rate:.2f} s" for s, l in lengths.items()))
+        notes.append(("tracks excluded", f"{name}: {meta['excluded']}"))
+        return meta
+    if max(lengths.values()) > n:
+        notes.append(("stems trimmed to the shortest", name))
+    silent = [s for s, x in audio.items() if np.abs(x[:n]).max() <= threshold]
+    for s in silent:
+        notes.append(("silent stems (excluded)", f"{name}/{s}"))
+        del audio[s]
+    if len(audio) < 2:
+        meta["excluded"] = f"{len(audio)} non-silent stem(s): nothing to predict from"
+        notes.append(("tracks excluded", f"{name}: {meta['excluded']}"))
+        return meta
+    x = np.stack([audio[s][:n] for s in sorted(audio)])                 # (S, N)
+    if not _has_two_active(x, chunk, threshold):
+        meta["excluded"] = "no chunk has 2 active stems at once (the sampler needs a context and a target)"
+        notes.append(("tracks excluded", f"{name}: {meta['excluded']}"))
+        return meta
+    if n < chunk:
+        notes.append(("shorter than a chunk (zero-padded at the end)", f"{name} ({n / sample_rate:.1f} s)"))
+    meta.update(stems=sorted(audio), length=n)
+    meta["audio"] = x
+    return meta
+
+
+def _has_two_active(x: np.ndarray, chunk: int, threshold: float, block: int = 1600) -> bool:
+    """Whether some chunk-long window has >= 2 stems above threshold (checked on 0.1 s blocks)."""
+    nb = -(-x.shape[1] // block)
+    padded = np.pad(np.abs(x), ((0, 0), (0, nb * block - x.shape[1])))
+    active = (padded.reshape(len(x), nb, block).max(-1) > threshold).astype(np.int32)  # (S, blocks)
+    w = max(chunk // block, 1)
+    counts = np.cumsum(np.pad(active, ((0, 0), (1, 0))), axis=1)
+    in_window = (counts[:, w:] - counts[:, :-w]) > 0 if nb >= w else active.any(1, keepdims=True)
+    return bool((in_window.sum(0) >= 2).any())
+
+
+def prepare(root, split: str = "train", *, cache=None, sample_rate=16000, chunk_seconds=8.0,
+            threshold=0.1, log=print) -> list[dict]:
+    """Decode every track once into a cache of 16 kHz mono stems, one .npy per track (float16,
+    memory-mapped at training time, so a chunk costs only its own bytes). Reused while the source
+    files are unchanged. One track is in memory at a time. Problems are collected and reported
+    together; a track that cannot be used is excluded, and if none remains it is an error.
+
+    Returns one dict per usable track: name, stems (sorted), length (samples), npy (path).
+    """
+    tracks = find_tracks(root, split)
+    cache = Path(cache) if cache else Path(root) / ".stem_jepa_cache"
+    folder = cache / f"{sample_rate}hz" / split
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StemJEPAError(f"cannot write the cache in {folder} ({e.strerror}): pass --cache DIR") from None
+    chunk = int(chunk_seconds * sample_rate)
+    notes, usable, t0, decoded = [], [], time.time(), 0
+    for i, (name, stems) in enumerate(tracks):
+        safe = hashlib.sha1(name.encode()).hexdigest()[:8] + "_" + "".join(c if c.isalnum() else "_" for c in name)[:60]
+        meta_path, npy_path = folder / f"{safe}.json", folder / f"{safe}.npy"
+        signature = _signature(stems, sample_rate)
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            meta = None
+        fresh = (meta is not None and meta.get("signature") == signature and meta.get("chunk") == chunk
+                 and ("excluded" in meta or npy_path.exists()))
+        if not fresh:                           # new, changed, or left half-written by an interruption
+            meta = _prepare_track(name, stems, sample_rate=sample_rate, chunk=chunk, threshold=threshold)
+            audio = meta.pop("audio", None)
+            if audio is not None:
+                _write_atomic(npy_path, lambda p: _save_npy(p, audio.astype(np.float16)))
+            meta.update(signature=signature, chunk=chunk)
+            _write_atomic(meta_path, lambda p: p.write_text(json.dumps(meta)))
+            decoded += 1
+            if decoded % 10 == 0:
+                log(f"prepare {split}: {i + 1}/{len(tracks)} tracks ({time.time() - t0:.0f} s)")
+        notes += [tuple(n) for n in meta["notes"]]
+        if "excluded" not in meta:
+            usable.append({**{k: meta[k] for k in ("name", "stems", "length")}, "npy": str(npy_path)})
+    report = "".join(f"  {kind}:\n" + "".join(f"    {text}\n" for k, text in notes if k == kind)
+                     for kind in dict.fromkeys(k for k, _ in notes))
+    if not usable:
+        raise StemJEPAError(f"no usable track in {root} ({split}):\n{report}".rstrip())
+    if report:
+        log(f"prepare {split}: {len(usable)} of {len(tracks)} tracks usable; notes:\n{report}")
+    return usable
+
+
+class StemChunks(torch.utils.data.Dataset):
+    """Item i -> (context (N,), target (N,), instrument id): a pure function of (seed, i), so the
+    data order of a resumed run is the uninterrupted run's, whatever the number of workers."""
+
+    def __init__(self, tracks: list[dict], instruments: list[str], *, chunk: int, threshold: float,
+                 tries: int, seed: int):
+        self.tracks, self.chunk, self.threshold, self.tries, self.seed = tracks, chunk, threshold, tries, seed
+        self.instrument_ids = [[instruments.index(s) for s in t["stems"]] for t in tracks]
+        self._open = {}                                                 # track -> memory map, per process
+
+    def __getitem__(self, index: int):
+        rng = np.random.default_rng([self.seed, index])
+        t = int(rng.integers(len(self.tracks)))
+        if t not in self._open:
+            self._open[t] = np.load(self.tracks[t]["npy"], mmap_mode="r")
+        context, target, stem = draw_example(self._open[t], self.chunk, rng, threshold=self.threshold,
+                                             tries=self.tries)
+        return torch.from_numpy(context), torch.from_numpy(target), self.instrument_ids[t][stem]
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """The dataset indices of each step's batch for this process: step s, rank r takes
+    [s * B * world + r * B, ... + B). Starting at `start` resumes the same sequence."""
+
+    def __init__(self, *, start: int, steps: int, batch: int, rank: int = 0, world: int = 1):
+        self.start, self.steps, self.batch, self.rank, self.world = start, steps, batch, rank, world
+
+    def __iter__(self):
+        for s in range(self.start, self.steps):
+            first = (s * self.world + self.rank) * self.batch
+            yield list(range(first, first + self.batch))
+
+    def __len__(self):
+        return max(self.steps - self.start, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Toy multitracks: procedural songs whose stems share a key, a tempo and chords
+# ---------------------------------------------------------------------------------------------
+
+NOTE_NAMES = ["C", "C#", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B"]
+SCALES = {"maj": [0, 2, 4, 5, 7, 9, 11], "min": [0, 2, 3, 5, 7, 8, 10]}
+TOY_STEMS = ("bass", "drums", "other", "vocals")
+
+
+def _midi_hz(m):
+    return 440.0 * 2.0 ** ((m - 69) / 12)
+
+
+def _tone(freq, dur, sr, harmonics, *, attack=0.01, decay=0.5, vibrato=0.0):
+    """An additive tone: harmonics below Nyquist, attack/exponential-decay envelope, optional
+    vibrato (relative depth at 5.5 Hz)."""
+    t = np.arange(int(dur * sr)) / sr
+    phase = 2 * np.pi * freq * t
+    if vibrato:
+        phase += vibrato * freq / 5.5 * np.sin(2 * np.pi * 5.5 * t)
+    k = np.arange(1, len(harmonics) + 1)
+    amps = np.where(k * freq < sr / 2, harmonics, 0.0)
+    wave = np.sin(phase[:, None] * k[None]) @ amps
+    return wave * np.minimum(t / attack, 1.0) * np.exp(-t / decay) * np.minimum((dur - t) / 0.01, 1.0)
+
+
+def _drum(kind, sr, rng, params):
+    t = np.arange(int(0.25 * sr)) / sr
+    if kind == "kick":
+        freq = params["kick_low"] + 90 * np.exp(-t / 0.03)
+        return np.sin(2 * np.pi * np.cumsum(freq) / sr) * np.exp(-t / params["kick_decay"])
+    noise = rng.standard_normal(len(t))
+    if kind == "snare":
+        return 0.6 * noise * np.exp(-t / params["snare_decay"]) + np.sin(2 * np.pi * 190 * t) * np.exp(-t / 0.04)
+    return 0.5 * np.diff(noise, prepend=0.0) * np.exp(-t / 0.015)      # hi-hat: high-passed noise
+
+
+def make_toy_song(rng: np.random.Generator, *, seconds=30.0, sample_rate=16000):
+    """One procedural song: ({stem: waveform}, labels). The song has a key, a tempo, a four-bar
+    chord progression and its own timbres; bass plays the chord roots, drums a per-song pattern at
+    the tempo, "other" the chords, "vocals" a melody in the key with vibrato. Each 4-bar section
+    mutes a random subset of stems (leaving at least two)."""
+    sr, n = sample_rate, int(seconds * sample_rate)
+    root, mode = int(rng.integers(12)), str(rng.choice(["maj", "min"]))
+    scale = np.array(SCALES[mode]) + root
+    tempo = float(rng.uniform(80, 160))
+    beat = 60.0 / tempo
+    bar = 4 * beat
+    progression = [0] + [int(d) for d in rng.choice([1, 2, 3, 4, 5], size=3)]   # scale degrees, 1 bar each
+    timbre = {s: rng.uniform(0.1, 1.0, 8) / np.arange(1, 9) ** rng.uniform(0.6, 1.8) for s in TOY_STEMS}
+    bass_steps = np.flatnonzero(np.r_[1, rng.random(7) < 0.45])                 # eighth notes of a bar
+    drum_params = dict(kick_low=rng.uniform(40, 60), kick_decay=rng.uniform(0.08, 0.2),
+                       snare_decay=rng.uniform(0.05, 0.15))
+    kicks = set(np.flatnonzero(np.r_[1, rng.random(15) < 0.2]).tolist()) - {4, 12}
+    hat_every = int(rng.choice([1, 2]))
+    arpeggio = bool(rng.random() < 0.5)
+    melody_step = beat * float(rng.choice([0.5, 1.0]))
+    out = {s: np.zeros(n + 2 * sr) for s in TOY_STEMS}
+
+    def add(stem, start, wave):
+        i = int(start * sr)
+        if i < n:
+            out[stem][i: i + len(wave)] += wave[: len(out[stem]) - i]
+
+    chords, pitch = [], 62 + (root - 2) % 12
+    for b in range(int(np.ceil(seconds / bar))):
+        t0, d = b * bar, progression[b % 4]
+        triad = [scale[(d + i) % 7] + 12 * ((d + i) // 7) for i in (0, 2, 4)]  # semitones above C
+        quality = {(4, 7): "maj", (3, 7): "min", (3, 6): "dim"}[((triad[1] - triad[0]) % 12, (triad[2] - triad[0]) % 12)]
+        chords.append([round(t0, 3), round(min(t0 + bar, seconds), 3), f"{NOTE_NAMES[triad[0] % 12]}:{quality}"])
+        for step in bass_steps:
+            note = 36 + triad[0] % 12 + (7 if step == 4 and rng.random() < 0.3 else 0)
+            add("bass", t0 + step * beat / 2, _tone(_midi_hz(note), beat / 2, sr, timbre["bass"], decay=0.3))
+        for step in range(16):
+            t = t0 + step * beat / 4
+            if step in kicks:
+                add("drums", t, _drum("kick", sr, rng, drum_params))
+            if step in (4, 12):
+                add("drums", t, _drum("snare", sr, rng, drum_params))
+            if step % hat_every == 0:                                   # 16ths or 8ths
+                add("drums", t, 0.5 * _drum("hat", sr, rng, drum_params))
+        for j, semitone in enumerate(triad):
+            f = _midi_hz(60 + semitone % 12)
+            if arpeggio:
+                for k in range(j, 8, 3):
+                    add("other", t0 + k * beat / 2, _tone(f, beat / 2, sr, timbre["other"], decay=0.4))
+            else:
+                add("other", t0, _tone(f, bar, sr, timbre["other"], attack=0.05, decay=2.0))
+        for k in range(int(round(bar / melody_step))):                  # a random walk on the scale,
+            candidates = [m for m in range(pitch - 4, pitch + 5)         # chord tones on strong beats
+                          if (m % 12) in {s % 12 for s in (triad if k % 2 == 0 else scale)} and 57 <= m <= 79]
+            pitch = int(rng.choice(candidates))
+            if rng.random() < 0.85:
+                add("vocals", t0 + k * melody_step, _tone(_midi_hz(pitch), melody_step * 0.95, sr,
+                                                          timbre["vocals"], attack=0.03, decay=1.0, vibrato=0.012))
+    sections, section = [], 4 * bar
+    for s0 in np.arange(0, seconds, section):
+        on = rng.random(len(TOY_STEMS)) > 0.25
+        while on.sum() < 2:
+            on[rng.integers(len(TOY_STEMS))] = True
+        for stem, keep in zip(TOY_STEMS, on):
+            if not keep:
+                out[stem][int(s0 * sr): int((s0 + section) * sr)] = 0.0
+        sections.append([round(float(s0), 3), round(float(min(s0 + section, seconds)), 3),
+                         [s for s, keep in zip(TOY_STEMS, on) if keep]])
+    stems = {}
+    for s in TOY_STEMS:
+        x = out[s][:n]
+        stems[s] = (x * rng.uniform(0.3, 0.6) / max(np.abs(x).max(), 1e-9)).astype(np.float32)
+    labels = {"key": f"{NOTE_NAMES[root]}:{mode}", "tempo": round(tempo, 2), "chords": chords, "sections": sections}
+    return stems, labels
+
+
+def write_toy_dataset(out, *, tracks=20, seconds=30.0, seed=0, sample_rate=16000, test_fraction=0.2) -> Path:
+    """`tracks` toy songs in the MUSDB18-HQ layout, OUT/{train,test}/songNNN/{stem}.wav, with each
+    song's labels (key, tempo, chords, active stems per section) in labels.json beside its stems.
+    Deterministic from the seed."""
+    out = Path(out)
+    n_test = max(1, round(tracks * test_fraction)) if tracks > 1 else 0
+    for i in range(tracks):
+        stems, labels = make_toy_song(np.random.default_rng([seed, i]), seconds=seconds, sample_rate=sample_rate)
+        folder = out / ("test" if i >= tracks - n_test else "train") / f"song{i:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, x in stems.items():
+            sf.write(folder / f"{name}.wav", x, sample_rate, subtype="PCM_16")
+        (folder / "labels.json").write_text(json.dumps(labels, indent=1))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 3.3 Training
+# ---------------------------------------------------------------------------------------------
+
+def pick_device(name: str | None = None) -> torch.device:
+    """cuda -> mps -> cpu, or the one asked for (an error if it is not available)."""
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    kind = name.split(":")[0]
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if kind not in available:
+        raise StemJEPAError(f"--device {name}: unknown device; use cpu, cuda, cuda:N or mps")
+    if not available[kind]:
+        raise StemJEPAError(f"--device {name}: {kind} is not available on this machine; use --device cpu")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA (the paper used fp16; bf16 needs no loss scaling); nothing elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on weight matrices only: not on biases, norms or embeddings (M2D's choice;
+    the authors' code decays everything)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "instrument" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def train_flops_per_sample(cfg: Config) -> float:
+    """FLOPs of one training sample, counted from the shapes: a matmul (n x k)(k x m) is 2nkm;
+    backward costs twice the forward. Context encoder and predictor: forward + backward (3x);
+    target encoder: forward only (1x). Front-end, norms and softmax are left out (< 1 %)."""
+    K = (cfg.n_mels // cfg.patch_size) * (int(cfg.chunk_seconds * cfg.sample_rate) // cfg.hop_length // cfg.patch_size)
+    D = cfg.dim
+    block = 2 * K * (4 * D * D + 2 * cfg.mlp_ratio * D * D) + 2 * 2 * K * K * D  # linears + QK^T and AV
+    encoder = cfg.depth * block + 2 * K * cfg.patch_size ** 2 * D
+    if cfg.predictor == "transformer":
+        W = cfg.pred_tf_dim
+        predictor = (cfg.pred_tf_depth * (2 * (K + 1) * (4 + 2 * cfg.mlp_ratio) * W * W + 4 * (K + 1) ** 2 * W)
+                     + 2 * 2 * K * D * W)
+    else:
+        widths = [2 * D if cfg.predictor == "mlp" else D] + [cfg.pred_hidden] * (cfg.pred_layers - 1) + [D]
+        predictor = 2 * K * sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+    return 3 * (encoder + predictor) + encoder
+
+
+def embedding_spread(z: torch.Tensor) -> float:
+    """Collapse indicator: the standard deviation across the batch of the (standardised, time- and
+    frequency-averaged) embeddings, averaged over dims. It falls towards 0 when the encoder maps
+    every input to the same point, which a falling loss alone does not reveal."""
+    z = F.layer_norm(z.float(), z.shape[-1:]).mean(dim=(1, 2))          # (B, D)
+    return z.std(dim=0).mean().item() if len(z) > 1 else float("nan")
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write to a temporary file, keep the previous checkpoint as *.prev.pt, then rename: a kill
+    at any moment leaves at least one loadable checkpoint."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    if path.exists():
+        os.replace(path, path.with_name(path.stem + ".prev.pt"))
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """A checkpoint written by `train` (a plain dict, loadable with weights_only=True); falls back
+    to the previous one if the latest is missing or unreadable."""
+    path = Path(path)
+    candidates = [path, path.with_name(path.stem + ".prev.pt")]
+    problems = []
+    for p in candidates:
+        if not p.exists():
+            continue
+        try:
+            ckpt = torch.load(p, map_location=map_location, weights_only=True)
+        except Exception as e:
+            problems.append(f"{p}: not a readable checkpoint ({type(e).__name__})")
+            continue
+        if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+            problems.append(f"{p}: not a Stem-JEPA checkpoint")
+            continue
+        if ckpt.get("version") != VERSION:
+            problems.append(f"{p}: written by checkpoint format {ckpt.get('version')}, this file reads {VERSION}")
+            continue
+        return ckpt
+    raise StemJEPAError("; ".join(problems) or f"{path}: no such checkpoint")
+
+
+# Config fields that may change on --resume with --force: they do not change what the weights mean.
+RESUMABLE_CHANGES = ("steps", "log_every", "ckpt_every", "grad_accum")
+
+
+def check_resume(ckpt: dict, cfg: Config, data_id: str, force: bool) -> None:
+    """Refuse to resume with another configuration or dataset than the checkpoint's, naming the
+    differences; --force lets through the harmless ones (RESUMABLE_CHANGES, the dataset)."""
+    saved = ckpt["config"]
+    diffs = {k: (saved.get(k), v) for k, v in dataclasses.asdict(cfg).items() if saved.get(k) != v}
+    if ckpt.get("data") != data_id:
+        diffs["dataset"] = ("a different track list", "this one")
+    if not diffs:
+        return
+    text = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in diffs.items())
+    fatal = [k for k in diffs if k not in RESUMABLE_CHANGES + ("dataset",)]
+    if fatal:
+        raise StemJEPAError(f"cannot resume: the run was made with another configuration ({text}); "
+                            "pass the same preset and options, or start a new --out")
+    if not force:
+        raise StemJEPAError(f"cannot resume: {text}; pass --force to continue with these changes")
+
+
+class GracefulStop:
+    """Ctrl-C or SIGTERM sets .reason; the loop then saves and exits. A second Ctrl-C exits at once."""
+
+    def __init__(self):
+        self.reason, self.previous = None, {}
+
+    def __enter__(self):
+        if threading_is_main():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.reason = signal.Signals(signum).name
+        signal.signal(signum, signal.SIG_DFL)
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def threading_is_main() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def _ignore_sigint(_worker_id):
+    """Loader workers leave Ctrl-C to the main process, which saves and stops them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, force=False, device=None,
+          compile=False, workers=None, log=print) -> Path:
+    """Train Stem-JEPA on the `train` split of `data` (3.3). Writes OUT/checkpoint.pt and OUT/log.csv.
+
+    Under torchrun, each process takes batch_size / world_size samples per step and
+    DistributedDataParallel averages the gradients; nothing else changes.
+    """
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise StemJEPAError(f"--batch-size {cfg.batch_size} does not divide among {world} processes x "
+                            f"{cfg.grad_accum} accumulation steps")
+    device = pick_device(device if not distributed or device else
+                         f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else "cpu")
+    if distributed:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    out = Path(out)
+    is_main = rank == 0
+    log = log if is_main else (lambda *a, **k: None)
+    prep = dict(cache=cache, sample_rate=cfg.sample_rate, chunk_seconds=cfg.chunk_seconds,
+                threshold=cfg.active_threshold)
+    if is_main:
+        tracks = prepare(data, "train", log=log, **prep)                # rank 0 decodes; the others wait
+    if distributed:
+        dist.barrier()
+    if not is_main:
+        tracks = prepare(data, "train", log=log, **prep)
+    instruments = sorted({s for t in tracks for s in t["stems"]})
+    data_id = hashlib.sha1(json.dumps([(t["name"], t["stems"], t["length"]) for t in tracks]).encode()).hexdigest()
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, instruments).to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=0.0, betas=(cfg.beta1, cfg.beta2),
+                                  fused=device.type == "cuda")
+    start, skipped = 0, 0
+    ckpt_path = out / "checkpoint.pt"
+    if resume and (ckpt_path.exists() or ckpt_path.with_name("checkpoint.prev.pt").exists()):
+        ckpt = load_checkpoint(ckpt_path, map_location=device)
+        check_resume(ckpt, cfg, data_id, force)
+        if ckpt["instruments"] != instruments:
+            raise StemJEPAError(f"cannot resume: the checkpoint knows instruments {ckpt['instruments']}, "
+                                f"the data has {instruments}")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start, skipped = ckpt["step"], ckpt.get("skipped", 0)
+        log(f"resuming {ckpt_path} at step {start}")
+    elif resume:
+        log(f"no checkpoint in {out}: starting from scratch")
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    if device.type == "cpu" and cfg.dim >= 768 and is_main:
+        estimate = cfg.steps * cfg.batch_size * train_flops_per_sample(cfg) / 150e9
+        log(f"note: the paper preset on a CPU needs about {estimate / 86400:.0f} days for {cfg.steps} steps "
+            f"(at ~150 GFLOP/s); use --preset tiny to learn in minutes")
+
+    per_rank = cfg.batch_size // world
+    micro = per_rank // cfg.grad_accum
+    workers = min(8, max((os.cpu_count() or 2) // 2, 1)) if workers is None else workers
+    dataset = StemChunks(tracks, instruments, chunk=int(cfg.chunk_seconds * cfg.sample_rate),
+                         threshold=cfg.active_threshold, tries=cfg.redraw_tries, seed=cfg.seed)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=StepBatches(start=start, steps=cfg.steps, batch=per_rank, rank=rank, world=world),
+        num_workers=workers, pin_memory=device.type == "cuda", worker_init_fn=_ignore_sigint,
+        persistent_workers=False, prefetch_factor=4 if workers else None)
+    online = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
+        if distributed else model
+    loss_fn = torch.compile(online) if compile else online
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    target_params, online_params = list(model.target_encoder.parameters()), list(model.encoder.parameters())
+    peak_lr = cfg.base_lr * cfg.batch_size / 256
+
+    def checkpoint(step):
+        if is_main:
+            save_checkpoint(ckpt_path, {
+                "version": VERSION, "config": dataclasses.asdict(cfg), "instruments": instruments,
+                "step": step, "skipped": skipped, "data": data_id,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict()})
+
+    log_file = out / "log.csv"
+    if is_main and not log_file.exists():
+        log_file.write_text("step,loss,lr,tau,samples_per_s,spread,skipped\n")
+    log(f"training {cfg.predictor} predictor, {sum(p.numel() for p in trainable) / 1e6:.1f} M trainable "
+        f"parameters, {len(tracks)} tracks, instruments {instruments}, on {device} x {world}, steps {start}..{cfg.steps}")
+    loss_sum, n_sum, bad_in_a_row = torch.zeros((), device=device), 0, 0
+    t_last, step = time.time(), start
+    with GracefulStop() as stop:
+        batches = iter(loader)
+        while step < cfg.steps and stop.reason is None:
+            try:
+                context, target, instrument = next(batches)
+            except Exception:
+                if stop.reason:                 # a worker interrupted with the main process: just stop
+                    break
+                raise
+            context, target, instrument = (x.to(device, non_blocking=True) for x in (context, target, instrument))
+            lr = lr_at(step, peak_lr=peak_lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # forward context and target, predict, Eq. 1; backward (split into micro-batches if asked)
+            for i in range(cfg.grad_accum):
+                part = slice(i * micro, (i + 1) * micro)
+                sync = nullcontext() if not distributed or i == cfg.grad_accum - 1 else online.no_sync()
+                with sync, autocast_for(device):
+                    loss = loss_fn(context[part], target[part], instrument[part]) / cfg.grad_accum
+                loss.backward()
+                loss_sum += loss.detach()
+            grad_norm = nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+            if torch.isfinite(grad_norm):       # one host sync per step: the price of skipping bad steps
+                optimizer.step()
+                bad_in_a_row = 0
+            else:
+                skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
+                if bad_in_a_row >= 5:
+                    raise StemJEPAError(f"step {step}: the loss was not finite for 5 steps in a row; "
+                                        f"{ckpt_path} holds the last good state (try a lower lr)")
+            optimizer.zero_grad(set_to_none=True)
+            # Eq. 2: the target encoder follows the context encoder
+            ema_update(target_params, online_params, tau_at(step, cfg.steps, cfg.tau_start, cfg.tau_end))
+            step, n_sum = step + 1, n_sum + 1
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                mean_loss = loss_sum.item() / n_sum
+                speed = n_sum * cfg.batch_size / (time.time() - t_last)
+                with torch.no_grad(), autocast_for(device):
+                    spread = embedding_spread(model.encode(target, target=True))
+                eta = (cfg.steps - step) * cfg.batch_size / speed
+                tau = tau_at(step, cfg.steps, cfg.tau_start, cfg.tau_end)
+                log(f"step {step}/{cfg.steps}  loss {mean_loss:.4f}  lr {lr:.2e}  tau {tau:.6f}  "
+                    f"spread {spread:.3f}  {speed:.1f} samples/s  ETA {eta / 60:.1f} min")
+                if is_main:
+                    with open(log_file, "a") as f:
+                        f.write(f"{step},{mean_loss:.6f},{lr:.6e},{tau:.8f},{speed:.2f},{spread:.4f},{skipped}\n")
+                loss_sum.zero_()
+                n_sum, t_last = 0, time.time()
+            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                checkpoint(step)
+        if stop.reason:
+            checkpoint(step)
+            log(f"{stop.reason}: saved {ckpt_path} at step {step}; continue with the same command and --resume")
+    if distributed:
+        dist.destroy_process_group()
+    return ckpt_path
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+def _add_train_options(p):
+    p.add_argument("--preset", choices=list(PRESETS), default="paper", help="paper (GPU) or tiny (CPU, minutes)")
+    p.add_argument("--predictor", choices=["mlp", "mlp-nocond", "transformer"], help="predictor kind (Table 1)")
+    p.add_argument("--steps", type=int, help="training steps")
+    p.add_argument("--batch-size", type=int, help="global batch size")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per step, when the batch does not fit")
+    p.add_argument("--lr", type=float, dest="base_lr", help="base lr, scaled by batch_size / 256")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--log-every", type=int)
+    p.add_argument("--ckpt-every", type=int)
+
+
+def _config_from(args) -> Config:
+    return make_config(args.preset, predictor=args.predictor, steps=args.steps, batch_size=args.batch_size,
+                       grad_accum=args.grad_accum, base_lr=args.base_lr, seed=args.seed,
+                       log_every=args.log_every, ckpt_every=args.ckpt_every)
+
+
+def cmd_toy(args):
+    write_toy_dataset(args.out, tracks=args.tracks, seconds=args.seconds, seed=args.seed)
+    print(f"wrote {args.tracks} toy songs of {args.seconds:g} s to {args.out}")
+
+
+def cmd_train(args):
+    train(_config_from(args), args.data, out=args.out, cache=args.cache, resume=args.resume, force=args.force,
+          device=args.device, compile=args.compile, workers=args.workers)
+
+
+def cmd_demo(args):
+    data, out = Path(args.dir) / "toy", Path(args.dir) / "run"
+    if not (data / "train").is_dir():
+        print(f"writing {args.tracks} toy songs to {data}")
+        write_toy_dataset(data, tracks=args.tracks, seconds=30.0, seed=0)
+    cfg = make_config("tiny", steps=args.steps)
+    train(cfg, data, out=out, device=args.device, resume=True)
+    rows = list(csv.DictReader(open(out / "log.csv")))
+    print(f"\nloss {float(rows[0]['loss']):.3f} (step {rows[0]['step']}) -> {float(rows[-1]['loss']):.3f} "
+          f"(step {rows[-1]['step']}); checkpoint in {out / 'checkpoint.pt'}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="stem_jepa.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("toy", help="write procedural multitrack songs in the MUSDB18-HQ layout")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--tracks", type=int, default=20, help="number of songs (20 %% go to test/)")
+    p.add_argument("--seconds", type=float, default=30.0, help="length of each song")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_toy)
+
+    p = sub.add_parser("train", help="train Stem-JEPA on a multitrack folder")
+    p.add_argument("--data", required=True, help="MUSDB18(-HQ) root or a folder of multitrack folders")
+    p.add_argument("--out", default="runs/stem-jepa", help="run folder: checkpoint.pt and log.csv")
+    p.add_argument("--cache", help="where decoded 16 kHz stems are kept (default DATA/.stem_jepa_cache)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--force", action="store_true", help="resume despite harmless changes (e.g. --steps)")
+    p.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: the best available)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    p.add_argument("--workers", type=int, help="data loader processes (default: half the cores, at most 8)")
+    _add_train_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="toy data + the tiny preset on this machine, end to end")
+    p.add_argument("--dir", default="demo", help="folder for the toy data and the run")
+    p.add_argument("--tracks", type=int, default=40)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_demo)
+
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except StemJEPAError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
