@@ -965,8 +965,9 @@ def _ignore_sigint(_worker_id):
 
 
 def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, force=False, device=None,
-          compile=False, workers=None, log=print) -> Path:
-    """Train Stem-JEPA on the `train` split of `data` (3.3). Writes OUT/checkpoint.pt and OUT/log.csv.
+          compile=False, workers=None, stop_at=None, log=print) -> StemJEPA:
+    """Train Stem-JEPA on the `train` split of `data` (3.3). Writes OUT/checkpoint.pt and OUT/log.csv
+    and returns the model. stop_at: save and return at this step (continue later with resume=True).
 
     Under torchrun, each process takes batch_size / world_size samples per step and
     DistributedDataParallel averages the gradients; nothing else changes.
@@ -1054,7 +1055,7 @@ def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, 
     t_last, step = time.time(), start
     with GracefulStop() as stop:
         batches = iter(loader)
-        while step < cfg.steps and stop.reason is None:
+        while step < min(cfg.steps, stop_at or cfg.steps) and stop.reason is None:
             try:
                 context, target, instrument = next(batches)
             except Exception:
@@ -1102,12 +1103,13 @@ def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, 
                 n_sum, t_last = 0, time.time()
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 checkpoint(step)
-        if stop.reason:
+        if stop.reason or step < cfg.steps:
             checkpoint(step)
-            log(f"{stop.reason}: saved {ckpt_path} at step {step}; continue with the same command and --resume")
+            log(f"{stop.reason or 'stop_at'}: saved {ckpt_path} at step {step}; "
+                "continue with the same command and --resume")
     if distributed:
         dist.destroy_process_group()
-    return ckpt_path
+    return model.eval()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1139,7 +1141,7 @@ def cmd_toy(args):
 
 def cmd_train(args):
     train(_config_from(args), args.data, out=args.out, cache=args.cache, resume=args.resume, force=args.force,
-          device=args.device, compile=args.compile, workers=args.workers)
+          device=args.device, compile=args.compile, workers=args.workers, stop_at=args.stop_at)
 
 
 def cmd_demo(args):
@@ -1175,6 +1177,7 @@ def main(argv=None):
     p.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: the best available)")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
     p.add_argument("--workers", type=int, help="data loader processes (default: half the cores, at most 8)")
+    p.add_argument("--stop-at", type=int, help="save and exit at this step (continue later with --resume)")
     _add_train_options(p)
     p.set_defaults(func=cmd_train)
 
