@@ -1113,6 +1113,433 @@ def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, 
 
 
 # ---------------------------------------------------------------------------------------------
+# 4.1 Stem retrieval: whole tracks -> pooled embeddings -> Recall@K and normalised rank
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def embed_long(model: StemJEPA, wavs: list[np.ndarray], *, chunk: int, instruments=None, target=True,
+               batch=16, device="cpu") -> list[torch.Tensor]:
+    """Patch embeddings of whole recordings, cut into consecutive chunks (the last one shorter):
+    one (F, T, D) tensor per waveform, T covering every frame (the last chunk is zero-padded to a
+    whole patch). With `instruments` (one id per waveform), the predictions of the predictor
+    conditioned on them, from the context encoder; otherwise the target (or context) encoder's.
+    Full chunks of all waveforms are batched together; last chunks run one by one."""
+    step = model.frontend.hop_length * model.encoder.patch_size        # samples per time patch (160 ms)
+    pieces = []                                                         # (wav index, position, samples)
+    for w, x in enumerate(wavs):
+        for j, start in enumerate(range(0, max(len(x), 1), chunk)):
+            piece = x[start: start + chunk]
+            if len(piece) < chunk:
+                piece = np.pad(piece, (0, -len(piece) % step or (step if len(piece) == 0 else 0)))
+            pieces.append((w, j, piece))
+    full = [p for p in pieces if len(p[2]) == chunk]
+    groups = [full[i: i + batch] for i in range(0, len(full), batch)] + [[p] for p in pieces if len(p[2]) != chunk]
+    out = {}
+    with autocast_for(torch.device(device)):
+        for group in groups:
+            x = torch.from_numpy(np.stack([p[2] for p in group])).float().to(device)   # (b, chunk)
+            if instruments is None:
+                z = model.encode(x, target=target)
+            else:
+                z = model.predict(x, torch.tensor([instruments[p[0]] for p in group], device=device))
+            for (w, j, _), zi in zip(group, z.float().cpu()):
+                out[w, j] = zi                                          # (F, T_chunk, D)
+    return [torch.cat([out[w, j] for j in range(sum(1 for p in pieces if p[0] == w))], dim=1)
+            for w in range(len(wavs))]
+
+
+def pool(z: torch.Tensor) -> torch.Tensor:
+    """(F, T, D) -> one vector (F*D,): average over time, concatenate the frequency rows (3840-d for
+    ViT-B), layer-normalise without affine and L2-normalise (the authors' evaluation)."""
+    v = z.mean(dim=1).reshape(-1)                                       # (F*D,)
+    return F.normalize(F.layer_norm(v, v.shape), dim=0)
+
+
+def retrieval_ranks(queries: torch.Tensor, refs: torch.Tensor, truth: torch.Tensor):
+    """L2 distances from each query (Q, C) to every reference (R, C); for each query, the rank of
+    its true reference `truth[q]` (0 = nearest) and the tie count. Ties are broken at random, in
+    expectation: rank = (#closer) + (#tied others) / 2, and Recall@K = P(rank < K)."""
+    d = torch.cdist(queries.double(), refs.double())                    # (Q, R)
+    d_true = d.gather(1, truth[:, None])                                # (Q, 1)
+    closer = (d < d_true).sum(1)
+    tied = (d == d_true).sum(1)                                         # includes the true reference
+    return closer, tied, d
+
+
+def retrieval_metrics(queries, refs, truth, ks=(1, 5, 10)) -> dict:
+    """Recall@K and normalised rank = rank / R (mean and median), as in 4.1.1, in percent."""
+    closer, tied, _ = retrieval_ranks(queries, refs, truth)
+    R = refs.shape[0]
+    rank = closer + (tied - 1) / 2
+    m = {f"R@{k}": 100 * ((k - closer) / tied).clamp(0, 1).mean().item() for k in ks}
+    m["nrank_mean"] = 100 * (rank / R).mean().item()
+    m["nrank_median"] = 100 * (rank / R).median().item()
+    return m
+
+
+def chance_metrics(R: int, ks=(1, 5, 10)) -> dict:
+    """Expected metrics of a random ranking of R references."""
+    ranks = np.arange(R) / R
+    return {**{f"R@{k}": 100 * min(k / R, 1.0) for k in ks},
+            "nrank_mean": 100 * ranks.mean(), "nrank_median": 100 * float(np.median(ranks))}
+
+
+def failure_analysis(queries, refs, query_track, query_inst, ref_track, ref_inst, instruments) -> dict:
+    """Fig. 2: the category of each query's nearest reference z* per instrument ("both correct",
+    "right instrument" (other song), "right song" (other instrument), "both wrong"), as fractions,
+    and the confusion matrix conditioning instrument -> instrument of z* (rows sum to 1)."""
+    nearest = torch.cdist(queries.double(), refs.double()).argmin(1)
+    same_song = ref_track[nearest] == query_track
+    same_inst = ref_inst[nearest] == query_inst
+    cats = {"both correct": same_song & same_inst, "right instrument": ~same_song & same_inst,
+            "right song": same_song & ~same_inst, "both wrong": ~same_song & ~same_inst}
+    out = {"categories": {}, "confusion": [], "instruments": list(instruments)}
+    for i, name in enumerate(instruments):
+        rows = query_inst == i
+        out["categories"][name] = {c: (v[rows].float().mean().item() if rows.any() else float("nan"))
+                                   for c, v in cats.items()}
+        counts = torch.bincount(ref_inst[nearest][rows], minlength=len(instruments)).float()
+        out["confusion"].append((counts / counts.sum().clamp(min=1)).tolist())
+    return out
+
+
+def dsp_features(x: np.ndarray, sample_rate: int = 16000) -> np.ndarray:
+    """A plain signal-processing description of a recording, in the spirit of AutoMashupper's
+    harmonic and rhythmic "mashability": time-averaged chroma (12) and the autocorrelation of the
+    onset envelope at tempi 60-180 BPM (25), each L2-normalised."""
+    x = torch.from_numpy(np.asarray(x, dtype=np.float32))
+    spec = torch.stft(x, 4096, 1024, window=torch.hann_window(4096), return_complex=True).abs()  # (bins, frames)
+    freqs = torch.fft.rfftfreq(4096, 1 / sample_rate)
+    band = (freqs > 55) & (freqs < 4000)
+    pitch_class = (torch.round(12 * torch.log2(freqs[band] / 440.0)).long() + 9) % 12
+    chroma = torch.zeros(12).index_add_(0, pitch_class, spec[band].mean(1))
+    hop = 256
+    logspec = torch.log1p(torch.stft(x, 1024, hop, window=torch.hann_window(1024), return_complex=True).abs())
+    flux = (logspec[:, 1:] - logspec[:, :-1]).clamp(min=0).sum(0)
+    flux = flux - flux.mean()
+    fps = sample_rate / hop
+    lags = (60 * fps / torch.linspace(60, 180, 25)).round().long()
+    ac = torch.stack([(flux[:-lag] * flux[lag:]).mean() if lag < len(flux) else torch.zeros(()) for lag in lags])
+    return torch.cat([F.normalize(chroma, dim=0), F.normalize(ac.clamp(min=0), dim=0)]).numpy() / np.sqrt(2)
+
+
+def _audio_seconds(tracks, sample_rate):
+    return sum(t["length"] * 2 * len(t["stems"]) for t in tracks) / sample_rate
+
+
+@torch.no_grad()
+def retrieval_embeddings(model: StemJEPA, tracks: list[dict], *, device="cpu", batch=16, log=print) -> dict:
+    """For each track n and stem s known to the model: the query q_s^(n) (predictor conditioned on s
+    over the mix of the other stems, 4.1.1) and the references z_s^(n) from the target and the
+    context encoders, each pooled by `pool`. Returns stacked tensors and the (track, instrument)
+    of every row."""
+    model = model.to(device).eval()
+    chunk = int(model.config.chunk_seconds * model.config.sample_rate)
+    rows = {"queries": [], "refs_target": [], "refs_context": [], "track": [], "instrument": []}
+    t0, done_seconds, total = time.time(), 0.0, _audio_seconds(tracks, model.config.sample_rate)
+    for n, t in enumerate(tracks):
+        x = np.load(t["npy"]).astype(np.float32)                        # (S, N)
+        known = [i for i, s in enumerate(t["stems"]) if s in model.instruments]
+        ids = [model.instruments.index(t["stems"][i]) for i in known]
+        mixes = [x.sum(0) - x[i] for i in known]                        # x_{not s}: all stems but s
+        rows["queries"] += [pool(q) for q in embed_long(model, mixes, chunk=chunk, instruments=ids,
+                                                        batch=batch, device=device)]
+        stems = [x[i] for i in known]
+        rows["refs_target"] += [pool(z) for z in embed_long(model, stems, chunk=chunk, batch=batch, device=device)]
+        rows["refs_context"] += [pool(z) for z in embed_long(model, stems, chunk=chunk, target=False,
+                                                             batch=batch, device=device)]
+        rows["track"] += [n] * len(known)
+        rows["instrument"] += ids
+        done_seconds += t["length"] * 2 * len(t["stems"]) / model.config.sample_rate
+        rate = done_seconds / (time.time() - t0)
+        if (n + 1) % 10 == 0 or n + 1 == len(tracks):
+            log(f"  embedded {n + 1}/{len(tracks)} tracks, {rate:.0f} s of audio per s, "
+                f"ETA {(total - done_seconds) / rate:.0f} s")
+    return {k: torch.stack(v) if k.startswith(("q", "r")) else torch.tensor(v) for k, v in rows.items()}
+
+
+def dsp_embeddings(tracks: list[dict], instruments: list[str], sample_rate: int) -> dict:
+    """The DSP baseline's queries (features of the mix of the other stems) and references (features
+    of each stem). It has no notion of instrument: the same query for every missing stem would be
+    unfair, so the query is the mix without s, as for the model."""
+    q, r, tr, ins = [], [], [], []
+    for n, t in enumerate(tracks):
+        x = np.load(t["npy"]).astype(np.float32)
+        for i, s in enumerate(t["stems"]):
+            if s in instruments:
+                q.append(dsp_features(x.sum(0) - x[i], sample_rate))
+                r.append(dsp_features(x[i], sample_rate))
+                tr.append(n)
+                ins.append(instruments.index(s))
+    return {"queries": torch.tensor(np.stack(q)), "refs": torch.tensor(np.stack(r)),
+            "track": torch.tensor(tr), "instrument": torch.tensor(ins)}
+
+
+def _cache_key(*parts) -> str:
+    return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+
+def evaluate(checkpoint, data, *, split="test", out=None, cache=None, device=None, batch=16,
+             listening=0, seed=0, log=print) -> dict:
+    """Table 1 and Fig. 2 for a checkpoint on a dataset split, with the comparison rows (chance,
+    random weights, DSP) measured in the same run. Writes OUT/retrieval.json and OUT/fig2.png.
+
+    Beyond the paper's text, as in the authors' code: the per-stem vectors concatenate the 5
+    frequency rows (3840-d) instead of averaging over frequency, and are layer- and L2-normalised
+    before the L2 distances. Rows are (track, stem) pairs of the stems the model knows.
+    """
+    device = pick_device(device)
+    model = StemJEPA.from_checkpoint(checkpoint)
+    cfg = model.config
+    tracks = prepare(data, split, cache=cache, sample_rate=cfg.sample_rate, chunk_seconds=cfg.chunk_seconds,
+                     threshold=cfg.active_threshold, log=log)
+    out = Path(out or Path(checkpoint).parent / f"eval-{split}")
+    out.mkdir(parents=True, exist_ok=True)
+    emb_dir = Path(tracks[0]["npy"]).parent.parent / "embeddings"
+    emb_dir.mkdir(exist_ok=True)
+    st = os.stat(checkpoint)
+    key = _cache_key(str(Path(checkpoint).resolve()), st.st_size, st.st_mtime_ns, [t["npy"] for t in tracks], VERSION)
+    emb_file = emb_dir / f"{key}.pt"
+    if emb_file.exists():
+        log(f"embeddings from {emb_file}")
+        emb = torch.load(emb_file, weights_only=True)
+    else:
+        log(f"embedding {len(tracks)} tracks with {checkpoint}")
+        emb = retrieval_embeddings(model, tracks, device=device, batch=batch, log=log)
+        _write_atomic(emb_file, lambda p: torch.save(emb, p))
+    torch.manual_seed(seed)
+    log("embedding with random weights")
+    random_model = build_model(cfg, model.instruments)
+    rand = retrieval_embeddings(random_model, tracks, device=device, batch=batch, log=log)
+    dsp = dsp_embeddings(tracks, model.instruments, cfg.sample_rate)
+    truth = torch.arange(len(emb["queries"]))                           # query i's stem is reference i
+    rows = {
+        "Stem-JEPA, target-encoder refs": (emb["queries"], emb["refs_target"]),
+        "Stem-JEPA, context-encoder refs": (emb["queries"], emb["refs_context"]),
+        "random weights": (rand["queries"], rand["refs_target"]),
+        "DSP (chroma + tempo)": (dsp["queries"], dsp["refs"]),
+    }
+    results = {"N": len(tracks), "S": len(model.instruments), "references": len(truth),
+               "checkpoint": str(checkpoint), "split": split, "rows": {}}
+    for name, (q, r) in rows.items():
+        row = retrieval_metrics(q, r, truth)
+        row["per_instrument"] = {s: retrieval_metrics(q[m], r, truth[m])
+                                 for i, s in enumerate(model.instruments) if (m := emb["instrument"] == i).any()}
+        results["rows"][name] = row
+    results["rows"]["chance"] = chance_metrics(len(truth))
+    results.update(results["rows"]["Stem-JEPA, target-encoder refs"])  # the headline numbers at top level
+    results["fig2"] = failure_analysis(emb["queries"], emb["refs_target"], emb["track"], emb["instrument"],
+                                       emb["track"], emb["instrument"], model.instruments)
+    plot_fig2(results["fig2"], out / "fig2.png")
+    if listening:
+        results["listening"] = write_listening_test(tracks, emb, model.instruments, out / "listening",
+                                                    trials=listening, sample_rate=cfg.sample_rate, seed=seed)
+    (out / "retrieval.json").write_text(json.dumps(results, indent=1))
+    log(format_table(results))
+    log(f"wrote {out / 'retrieval.json'} and {out / 'fig2.png'}")
+    return results
+
+
+def format_table(results: dict) -> str:
+    """Table 1's layout: one row per model, metrics in percent."""
+    lines = [f"retrieval on {results['N']} tracks x {results['S']} instruments ({results['references']} references)",
+             f"{'model':34s} {'R@1':>6s} {'R@5':>6s} {'R@10':>6s} {'nrank mean':>11s} {'median':>7s}"]
+    for name, m in results["rows"].items():
+        lines.append(f"{name:34s} {m['R@1']:6.1f} {m['R@5']:6.1f} {m['R@10']:6.1f} "
+                     f"{m['nrank_mean']:11.1f} {m['nrank_median']:7.1f}")
+    for s, m in results["rows"]["Stem-JEPA, target-encoder refs"].get("per_instrument", {}).items():
+        lines.append(f"{'  ' + s:34s} {m['R@1']:6.1f} {m['R@5']:6.1f} {m['R@10']:6.1f} "
+                     f"{m['nrank_mean']:11.1f} {m['nrank_median']:7.1f}")
+    return "\n".join(lines)
+
+
+def plot_fig2(fig2: dict, path) -> None:
+    """Fig. 2: failure categories per instrument (left) and the instrument confusion matrix (right)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = fig2["instruments"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    bottom = np.zeros(len(names))
+    for cat in ("both correct", "right instrument", "right song", "both wrong"):
+        v = np.nan_to_num([fig2["categories"][s][cat] for s in names])
+        a.bar(names, v, bottom=bottom, label=cat)
+        bottom += v
+    a.set_ylabel("fraction of queries")
+    a.legend(fontsize=7)
+    c = np.array(fig2["confusion"])
+    b.imshow(c, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(names)):
+        for j in range(len(names)):
+            b.text(j, i, f"{c[i, j]:.2f}", ha="center", va="center", fontsize=7)
+    b.set_xticks(range(len(names)), names, rotation=45)
+    b.set_yticks(range(len(names)), names)
+    b.set_xlabel("retrieved instrument")
+    b.set_ylabel("true stem")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_listening_test(tracks, emb, instruments, out, *, trials, sample_rate, seed=0,
+                         excerpt_s=16.0, crop_s=10.0) -> dict:
+    """Material for the listening test of 4.2. Per trial: a query mix (one stem removed), then in
+    random order A/B/C the true stem, the stem of the same instrument from another song that the
+    model retrieves (the paper's green segment) and a random stem of that instrument from another
+    song. Each is a 16 s excerpt randomly cropped to 10 s. key.csv (kept apart from trials/) says
+    which is which."""
+    rng = np.random.default_rng(seed)
+    out = Path(out)
+    (out / "trials").mkdir(parents=True, exist_ok=True)
+    d = torch.cdist(emb["queries"].double(), emb["refs_target"].double())
+    key_rows, n_ex, n_crop = [], int(excerpt_s * sample_rate), int(crop_s * sample_rate)
+
+    def excerpt(x, start):
+        seg = x[start: start + n_ex]
+        c = int(rng.integers(0, max(len(seg) - n_crop, 0) + 1))
+        return seg[c: c + n_crop]
+
+    candidates = [q for q in range(len(d)) if ((emb["instrument"] == emb["instrument"][q])
+                                               & (emb["track"] != emb["track"][q])).sum() >= 2]
+    for k, q in enumerate(rng.permutation(candidates)[:trials]):
+        n, inst = int(emb["track"][q]), int(emb["instrument"][q])
+        others = torch.nonzero((emb["instrument"] == inst) & (emb["track"] != n)).flatten()
+        retrieved = int(others[d[q, others].argmin()])
+        random_pick = int(rng.choice([o for o in others.tolist() if o != retrieved]))
+
+        def stem_audio(row):
+            t = tracks[int(emb["track"][row])]
+            return np.load(t["npy"], mmap_mode="r")[t["stems"].index(instruments[inst])].astype(np.float32)
+        t = tracks[n]
+        x = np.load(t["npy"]).astype(np.float32)
+        start = int(rng.integers(0, max(x.shape[1] - n_ex, 0) + 1))
+        folder = out / "trials" / f"trial{k:02d}"
+        folder.mkdir(exist_ok=True)
+        sf.write(folder / "mix.wav", excerpt(x.sum(0) - x[t["stems"].index(instruments[inst])], start), sample_rate)
+        options = {"true": stem_audio(q), "retrieved": stem_audio(retrieved), "random": stem_audio(random_pick)}
+        order = rng.permutation(list(options))
+        for letter, what in zip("ABC", order):
+            y = options[what]
+            sf.write(folder / f"{letter}.wav", excerpt(y, min(start, max(len(y) - n_ex, 0))), sample_rate)
+        key_rows.append({"trial": f"trial{k:02d}", "track": t["name"], "instrument": instruments[inst],
+                         **{letter: what for letter, what in zip("ABC", order)},
+                         "retrieved_from": tracks[int(emb["track"][retrieved])]["name"],
+                         "random_from": tracks[int(emb["track"][random_pick])]["name"]})
+    with open(out / "key.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(key_rows[0]) if key_rows else ["trial"])
+        w.writeheader()
+        w.writerows(key_rows)
+    return {"trials": len(key_rows), "folder": str(out)}
+
+
+def audio_files(path) -> list[Path]:
+    """The audio files of a file or a folder (recursively, skipping hidden folders), sorted."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise StemJEPAError(f"{path}: no such file or folder")
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    if not files:
+        raise StemJEPAError(f"{path} holds no audio files ({', '.join(AUDIO_EXTENSIONS)})")
+    return files
+
+
+def frames(z: torch.Tensor) -> torch.Tensor:
+    """(F, T, D) -> (T, F*D): one vector per time patch (160 ms), the frequency rows concatenated (4.3)."""
+    return z.permute(1, 0, 2).reshape(z.shape[1], -1)
+
+
+def shift_similarity(z: torch.Tensor, q: torch.Tensor, shifts, circular: bool = True) -> torch.Tensor:
+    """Eq. 3 for one stem: s(z, q, j) = 1/M sum_i <z[i], q[(i + j) % M]>, z and q (M, C) sequences
+    of unit vectors (normalised here), for each shift j. With circular=False (sequences of different
+    lengths, as in `retrieve`), the mean over the overlapping steps only."""
+    sims = F.normalize(z.float(), dim=-1) @ F.normalize(q.float(), dim=-1).T   # (M, M')
+    i = torch.arange(sims.shape[0])
+    out = []
+    for j in shifts:
+        if circular:
+            out.append(sims[i, (i + j) % sims.shape[1]].mean())
+        else:
+            ok = (i + j >= 0) & (i + j < sims.shape[1])
+            out.append(sims[i[ok], i[ok] + j].mean() if ok.any() else torch.tensor(float("nan")))
+    return torch.stack(out)
+
+
+def best_offset(stem: torch.Tensor, prediction: torch.Tensor, min_overlap: float = 0.5) -> int:
+    """The shift j (in time patches) at which a stem's sequence (M, C) best matches the predicted
+    sequence for a mix (M', C): place the stem j patches after the start of the mix. Shifts leaving
+    less than min_overlap of the shorter sequence in common are not considered."""
+    M, Mq = len(stem), len(prediction)
+    need = max(1, int(min_overlap * min(M, Mq)))
+    shifts = list(range(-(M - need), Mq - need + 1))
+    return shifts[int(shift_similarity(stem, prediction, shifts, circular=False).argmax())]
+
+
+@torch.no_grad()
+def retrieve(checkpoint, mix, library, instrument: str, *, top=10, device=None, batch=16, log=print) -> list[dict]:
+    """Rank every audio file of a library by how well it fits `mix` as `instrument`: the predictor's
+    pooled output for the mix against each file's pooled target embedding (L2, as in 4.1), and for
+    the best `top` files the offset at which they fit best. Library embeddings are cached beside it."""
+    device = pick_device(device)
+    model = StemJEPA.from_checkpoint(checkpoint).to(device)
+    cfg = model.config
+    if instrument not in model.instruments:
+        raise StemJEPAError(f"--instrument {instrument}: the model knows {', '.join(model.instruments)}")
+    files = audio_files(library)
+    chunk = int(cfg.chunk_seconds * cfg.sample_rate)
+    st = os.stat(checkpoint)
+    key = _cache_key(str(Path(checkpoint).resolve()), st.st_size, st.st_mtime_ns,
+                     [(str(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files])
+    cache = (Path(library) if Path(library).is_dir() else Path(library).parent) / ".stem_jepa_cache"
+    cache_file = cache / f"library-{key}.pt"
+    if cache_file.exists():
+        refs = torch.load(cache_file, weights_only=True)
+    else:
+        log(f"embedding {len(files)} library files")
+        refs = torch.stack([pool(z) for f in files for z in
+                            embed_long(model, [load_audio(f, cfg.sample_rate)], chunk=chunk, batch=batch, device=device)])
+        cache.mkdir(exist_ok=True)
+        _write_atomic(cache_file, lambda p: torch.save(refs, p))
+    q_seq = embed_long(model, [load_audio(mix, cfg.sample_rate)], chunk=chunk,
+                       instruments=[model.instruments.index(instrument)], batch=batch, device=device)[0]
+    d = torch.cdist(pool(q_seq)[None].double(), refs.double())[0]
+    results = []
+    for r, i in enumerate(d.argsort()[:top].tolist()):
+        z_seq = embed_long(model, [load_audio(files[i], cfg.sample_rate)], chunk=chunk, batch=batch, device=device)[0]
+        step_s = cfg.hop_length * cfg.patch_size / cfg.sample_rate
+        offset = best_offset(frames(z_seq), frames(q_seq))
+        results.append({"rank": r + 1, "file": str(files[i]), "distance": round(d[i].item(), 4),
+                        "offset_steps": offset, "offset_s": round(offset * step_s, 2)})
+    return results
+
+
+@torch.no_grad()
+def embed_files(checkpoint, audio, out, *, sequences=False, device=None, batch=16, log=print) -> np.ndarray:
+    """The pooled 3840-d target-encoder embedding of each audio file (4.1's references, 4.5's
+    global embedding) -> OUT (.npy, one row per file) and OUT.txt (the files, in order). With
+    sequences=True also OUT.sequences.npz: per file, one (T, 3840) vector per 160 ms."""
+    device = pick_device(device)
+    model = StemJEPA.from_checkpoint(checkpoint).to(device)
+    cfg = model.config
+    files, chunk, rows, seqs = audio_files(audio), int(cfg.chunk_seconds * cfg.sample_rate), [], {}
+    for k, f in enumerate(files):
+        z = embed_long(model, [load_audio(f, cfg.sample_rate)], chunk=chunk, batch=batch, device=device)[0]
+        rows.append(pool(z).numpy())
+        if sequences:
+            seqs[f"file{k}"] = frames(z).numpy()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, np.stack(rows))
+    out.with_suffix(".txt").write_text("".join(f"{f}\n" for f in files))
+    if sequences:
+        np.savez(out.with_suffix(".sequences.npz"), **seqs)
+    log(f"wrote {len(files)} embeddings of {rows[0].shape[0]} dims to {out}")
+    return np.stack(rows)
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
 
@@ -1153,7 +1580,28 @@ def cmd_demo(args):
     train(cfg, data, out=out, device=args.device, resume=True)
     rows = list(csv.DictReader(open(out / "log.csv")))
     print(f"\nloss {float(rows[0]['loss']):.3f} (step {rows[0]['step']}) -> {float(rows[-1]['loss']):.3f} "
-          f"(step {rows[-1]['step']}); checkpoint in {out / 'checkpoint.pt'}")
+          f"(step {rows[-1]['step']}); checkpoint in {out / 'checkpoint.pt'}\n")
+    evaluate(out / "checkpoint.pt", data, split="test", device=args.device)
+
+
+def cmd_evaluate(args):
+    evaluate(args.checkpoint, args.data, split=args.split, out=args.out, cache=args.cache, device=args.device,
+             batch=args.batch, listening=args.listening, seed=args.seed)
+
+
+def cmd_retrieve(args):
+    results = retrieve(args.checkpoint, args.mix, args.library, args.instrument, top=args.top, device=args.device,
+                       log=(lambda *a: None) if args.json else print)
+    if args.json:
+        print(json.dumps(results, indent=1))
+        return
+    print(f"{'rank':>4s}  {'distance':>8s}  {'offset':>8s}  file")
+    for r in results:
+        print(f"{r['rank']:4d}  {r['distance']:8.4f}  {r['offset_s']:7.2f}s  {r['file']}")
+
+
+def cmd_embed(args):
+    embed_files(args.checkpoint, args.audio, args.out, sequences=args.sequences, device=args.device)
 
 
 def main(argv=None):
@@ -1180,6 +1628,36 @@ def main(argv=None):
     p.add_argument("--stop-at", type=int, help="save and exit at this step (continue later with --resume)")
     _add_train_options(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="stem retrieval (Table 1, Fig. 2) with comparison rows")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True, help="dataset root (as for train)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", help="output folder (default: beside the checkpoint, eval-SPLIT)")
+    p.add_argument("--cache", help="decoded-stem cache (default DATA/.stem_jepa_cache)")
+    p.add_argument("--device")
+    p.add_argument("--batch", type=int, default=16, help="chunks encoded at once")
+    p.add_argument("--listening", type=int, default=0, help="also write N listening-test trials (4.2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("retrieve", help="rank the stems of a library by how well they fit a mix")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--mix", required=True, help="audio file of the mix")
+    p.add_argument("--library", required=True, help="folder of candidate stems (any audio files)")
+    p.add_argument("--instrument", required=True, help="which instrument the stem should be (e.g. bass)")
+    p.add_argument("--top", type=int, default=10)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_retrieve)
+
+    p = sub.add_parser("embed", help="3840-d embeddings of audio files, for other uses")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--audio", required=True, help="an audio file or a folder")
+    p.add_argument("--out", required=True, help="FILE.npy (one row per file; the files in FILE.txt)")
+    p.add_argument("--sequences", action="store_true", help="also FILE.sequences.npz: one vector per 160 ms")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("demo", help="toy data + the tiny preset on this machine, end to end")
     p.add_argument("--dir", default="demo", help="folder for the toy data and the run")
