@@ -1565,6 +1565,928 @@ def embed_files(checkpoint, audio, out, *, sequences=False, device=None, batch=1
 
 
 # ---------------------------------------------------------------------------------------------
+# 4.3 Stem alignment: target patches against shifted predictions (Eq. 3, Fig. 4)
+# ---------------------------------------------------------------------------------------------
+
+def step_seconds(model: StemJEPA) -> float:
+    """Audio per time patch: hop x patch width / sample rate (160 ms for the paper's front-end)."""
+    return model.frontend.hop_length * model.encoder.patch_size / model.config.sample_rate
+
+
+def alignment_curve(z_seqs: list[torch.Tensor], q_seqs: list[torch.Tensor], shifts) -> torch.Tensor:
+    """Eq. 3 for one track: s(z, q, j) = 1/(MS) sum_s sum_i <z_s[i], q_s[(i + j) % M]>, for each j.
+
+    z_seqs[s], q_seqs[s]: (M, C) sequences of one stem's target patches and of the predictions
+    for it (cosines: both are normalised). The sign: if the prediction runs m steps late
+    (q[i] = z[i - m]), the curve peaks at j = +m.
+    """
+    return torch.stack([shift_similarity(z, q, shifts, circular=True) for z, q in zip(z_seqs, q_seqs)]).mean(0)
+
+
+def random_pair_level(z_means: torch.Tensor, q_means: torch.Tensor, track: torch.Tensor) -> float | None:
+    """The level of unrelated pairs, the reference of footnote 5 ("the average cosine similarity
+    between random representations and predictions is approximately 0.17"): the mean cosine
+    between a target patch z_s^(n)[i] and a prediction q_s'^(n')[i'] of another track n' != n, any
+    stems s, s' and any steps i, i'.
+
+    Exact, not sampled: the mean of <z[i], q[i']> over all i, i' equals <mean_i z[i], mean_i' q[i']>
+    of the unit vectors, so it takes only each sequence's mean unit vector, z_means and q_means
+    (P, C), and the track of each row, track (P,). Each pair of sequences weighs the same.
+    None with a single track.
+    """
+    other_track = track[:, None] != track[None, :]                      # (P, P)
+    if not other_track.any():
+        return None
+    return (z_means @ q_means.T)[other_track].mean().item()
+
+
+def stem_sequences(model: StemJEPA, x: np.ndarray, stems: list[str], *, chunk: int, device, batch: int):
+    """One track's stems x (S, N) -> [(stem, z, q)] for the stems the model knows: z (M, C) the target
+    encoder's patches of the stem, q (M, C) the predictor's for the mix of the other stems,
+    conditioned on the stem's instrument; one vector per 160 ms, C = F*D (4.3)."""
+    known = [i for i, s in enumerate(stems) if s in model.instruments]
+    ids = [model.instruments.index(stems[i]) for i in known]
+    mixes = [x.sum(0) - x[i] for i in known]                            # x_{not s}
+    q = embed_long(model, mixes, chunk=chunk, instruments=ids, batch=batch, device=device)
+    z = embed_long(model, [x[i] for i in known], chunk=chunk, batch=batch, device=device)
+    return [(stems[i], frames(zi), frames(qi)) for i, zi, qi in zip(known, z, q)]
+
+
+@torch.no_grad()
+def alignment_curves(model: StemJEPA, tracks: list[dict], *, max_shift: int, device="cpu", batch=16,
+                     log=print) -> dict:
+    """Fig. 4: the curve of Eq. 3 of each track (as from `prepare`) over shifts j = -J..J, in time
+    patches, their mean, and the random-pair level (`random_pair_level`).
+
+    Shifts are circular (Eq. 3's (i + j) % M): j and j - M are the same shift, so J is capped at
+    half the shortest track, (M - 1) // 2. "A sharp peak in similarity at j = 0, followed by a
+    rapid decrease, suggests that the embeddings are rich in local information" (4.3).
+    Sequences are held one track at a time; only their mean vectors are kept.
+    """
+    if not tracks:
+        raise StemJEPAError("no track to analyse")
+    model = model.to(device).eval()
+    cfg = model.config
+    chunk = int(cfg.chunk_seconds * cfg.sample_rate)
+    step = model.frontend.hop_length * model.encoder.patch_size       # samples per time patch
+    shortest = min(-(-t["length"] // step) for t in tracks)            # M of the shortest track
+    J = min(max_shift, (shortest - 1) // 2)
+    if J < max_shift:
+        log(f"shifts capped at +-{J} steps: half the shortest track ({shortest} steps)")
+    shifts = list(range(-J, J + 1))
+    rows, z_means, q_means, owner = [], [], [], []
+    for n, t in enumerate(tracks):
+        x = np.load(t["npy"]).astype(np.float32)                        # (S, N)
+        seqs = stem_sequences(model, x, t["stems"], chunk=chunk, device=device, batch=batch)
+        if not seqs:
+            log(f"  {t['name']}: no stem the model knows; skipped")
+            continue
+        curve = alignment_curve([z for _, z, _ in seqs], [q for _, _, q in seqs], shifts)   # (2J + 1,)
+        best = shifts[int(curve.argmax())]
+        rows.append({"name": t["name"], "stems": [s for s, _, _ in seqs], "curve": curve.tolist(),
+                     "best_shift": best, "best_shift_s": round(best * step_seconds(model), 3)})
+        for _, z, q in seqs:
+            z_means.append(F.normalize(z.float(), dim=-1).mean(0))
+            q_means.append(F.normalize(q.float(), dim=-1).mean(0))
+            owner.append(n)
+        log(f"  {t['name']}: s(j=0) {curve[J]:.3f}, peak at {best:+d} steps")
+    if not rows:
+        raise StemJEPAError("no track has a stem the model knows")
+    mean = torch.tensor([r["curve"] for r in rows]).mean(0)
+    return {"step_s": step_seconds(model), "shifts": shifts,
+            "shifts_s": [round(j * step_seconds(model), 3) for j in shifts],
+            "tracks": rows, "mean": mean.tolist(),
+            "random_level": random_pair_level(torch.stack(z_means), torch.stack(q_means), torch.tensor(owner)),
+            "peak_at_zero": sum(r["best_shift"] == 0 for r in rows) / len(rows)}
+
+
+def analyze_alignment(checkpoint, data, *, split="test", tracks=None, max_shift_s=10.0, out=None, cache=None,
+                      device=None, batch=16, log=print) -> dict:
+    """4.3 on a dataset split: OUT/align.json (the curves of `alignment_curves`) and OUT/fig4.png.
+    tracks: only the first K tracks (the paper draws 8)."""
+    device = pick_device(device)
+    model = StemJEPA.from_checkpoint(checkpoint)
+    cfg = model.config
+    items = prepare(data, split, cache=cache, sample_rate=cfg.sample_rate, chunk_seconds=cfg.chunk_seconds,
+                    threshold=cfg.active_threshold, log=log)[:tracks]
+    out = Path(out or Path(checkpoint).parent / f"align-{split}")
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"alignment (Eq. 3) on {len(items)} tracks of {split}")
+    result = alignment_curves(model, items, max_shift=round(max_shift_s / step_seconds(model)), device=device,
+                              batch=batch, log=log)
+    result.update(checkpoint=str(checkpoint), split=split)
+    _write_atomic(out / "align.json", lambda p: p.write_text(json.dumps(result, indent=1)))
+    plot_fig4(result, out / "fig4.png", chunk_seconds=cfg.chunk_seconds)
+    zero = result["shifts"].index(0)
+    level = result["random_level"]
+    log(f"mean s(j=0) {result['mean'][zero]:.3f}, mean over shifts {np.mean(result['mean']):.3f}, "
+        f"random pairs {'n/a (one track)' if level is None else f'{level:.3f}'}; "
+        f"{100 * result['peak_at_zero']:.0f} % of tracks peak at j = 0")
+    log(f"wrote {out / 'align.json'} and {out / 'fig4.png'}")
+    return result
+
+
+def plot_fig4(result: dict, path, *, chunk_seconds=None, max_tracks=8) -> None:
+    """Fig. 4: s(z, q, j) against the shift in seconds, one thin line per track (the first
+    max_tracks), their mean in black, the random-pair level dashed. Dotted lines mark multiples of
+    the chunk length, where 4.3 sees the smaller peaks of the absolute positions."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    x = result["shifts_s"]
+    for r in result["tracks"][:max_tracks]:
+        ax.plot(x, r["curve"], lw=0.8, alpha=0.7, label=r["name"][:24])
+    ax.plot(x, result["mean"], color="black", lw=2, label=f"mean of {len(result['tracks'])} tracks")
+    ax.axvline(0, color="grey", lw=0.5)
+    if result["random_level"] is not None:
+        ax.axhline(result["random_level"], color="grey", ls="--", lw=1, label="random pairs")
+    if chunk_seconds:
+        for k in range(1, int(max(abs(x[0]), x[-1]) // chunk_seconds) + 1):
+            for sign in (-1, 1):
+                ax.axvline(sign * k * chunk_seconds, color="grey", ls=":", lw=0.8)
+    ax.set_xlabel("shift j (s)")
+    ax.set_ylabel("s(z, q, j)")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4.4 Musical plausibility: k-means on patch embeddings, key/chord co-occurrence (Fig. 5)
+# ---------------------------------------------------------------------------------------------
+
+def parse_lab(path) -> list[tuple[float, float, str]]:
+    """A `.lab` annotation file (Isophonics, MIREX): one segment per line, `start end label`
+    separated by whitespace (tabs in Isophonics), in seconds. The label is the rest of the line, so
+    Isophonics' key lines `0.394 150.0 Key E` give the label "Key E". Blank lines are skipped."""
+    segments = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        try:
+            start, end = float(parts[0]), float(parts[1])
+        except (ValueError, IndexError):
+            raise StemJEPAError(f"{path}:{n}: expected 'start end label', got {line!r}") from None
+        if len(parts) < 3:
+            raise StemJEPAError(f"{path}:{n}: no label in {line!r}")
+        segments.append((start, end, " ".join(parts[2:])))
+    return segments
+
+
+def labels_at(segments: list[tuple[float, float, str]], times) -> list:
+    """The label sounding at each time: the segment with start <= t < end, or None (a gap).
+    Segments are sorted by start here; where they overlap, the later one wins."""
+    segments = sorted(segments, key=lambda s: s[0])
+    starts = np.array([s[0] for s in segments])
+    idx = np.searchsorted(starts, np.asarray(times, dtype=float), side="right") - 1
+    return [segments[i][2] if i >= 0 and t < segments[i][1] else None for i, t in zip(idx, times)]
+
+
+def label_at(segments: list[tuple[float, float, str]], t: float):
+    """The label at time t (seconds), or None."""
+    return labels_at(segments, [t])[0]
+
+
+def _split_root(label: str) -> tuple[str, str]:
+    """'Bb:min7' -> ('Bb', ':min7'); 'Ebm' -> ('Eb', 'm'): the letter and its accidentals, the rest."""
+    i = 1
+    while i < len(label) and label[i] in "#b":
+        i += 1
+    return label[:i], label[i:]
+
+
+def pitch_class(name: str) -> int:
+    """The root of a note, key or chord name -> 0..11: 'C' 0, 'F#m' 6, 'Bb:7' 10, 'Cb' 11 (a
+    letter, then any sharps or flats; the rest is ignored)."""
+    root, _ = _split_root(name)
+    base = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}[root[0].upper()]
+    return (base + root.count("#") - root.count("b")) % 12
+
+
+def normalise_key(label: str) -> str | None:
+    """A key annotation -> "E" (major) or "Em" (minor), spelled as NOTE_NAMES; None for silence or
+    no key. Accepts Isophonics ("Key E", "Key C#:minor") and the toy set ("A:min"). Modes fold by
+    their third: major, ionian, lydian, mixolydian -> major; minor, aeolian, dorian, phrygian,
+    locrian -> minor."""
+    words = label.split()
+    if words and words[0].lower() == "key":
+        words = words[1:]
+    text = "".join(words)
+    if not text or text[0].upper() not in "ABCDEFG":
+        return None                                                     # "Silence", "N", "X"
+    root, rest = _split_root(text)
+    mode = rest.lstrip(":").lower()
+    minor = mode.startswith("min") or mode in ("m", "aeolian", "dorian", "phrygian", "locrian")
+    return NOTE_NAMES[pitch_class(root)] + ("m" if minor else "")
+
+
+def normalise_chord(label: str) -> str | None:
+    """A chord in Harte's syntax (Isophonics, the toy set) -> root and triad family: "C", "Cm",
+    "Co" (diminished), "C+" (augmented), "Csus", "C5" (no third); None for "N" (no chord) and "X".
+    Sevenths and extensions fold into their triad (C:min7 -> Cm, C:7 -> C), inversions are dropped
+    (A/3 -> A); a chord given by its intervals, C:(1,b3,5), is read from its third."""
+    label = label.strip()
+    if not label or label[0].upper() not in "ABCDEFG":
+        return None
+    root, rest = _split_root(label.split("/")[0])
+    shorthand, _, intervals = rest.lstrip(":").partition("(")
+    if shorthand.startswith("min"):
+        family = "m"
+    elif shorthand.startswith(("dim", "hdim")):
+        family = "o"
+    elif shorthand.startswith("aug"):
+        family = "+"
+    elif shorthand.startswith("sus"):
+        family = "sus"
+    elif shorthand in ("5", "1") or (not shorthand and intervals and "3" not in intervals):
+        family = "5"
+    elif not shorthand and "b3" in intervals.replace(" ", "").split(","):
+        family = "m"
+    else:
+        family = ""                                                     # maj, 7, maj7, 9, 6, ...
+    return NOTE_NAMES[pitch_class(root)] + family
+
+
+def patch_labels(keys, chords, *, steps: int, step_s: float) -> list:
+    """The "key/chord" label of each of `steps` patches, read at the patch's centre
+    ((i + 0.5) * step_s seconds) from raw key and chord segments; None where either is missing
+    (silence, no chord)."""
+    times = (np.arange(steps) + 0.5) * step_s
+    k = labels_at([(s, e, normalise_key(l)) for s, e, l in keys], times)
+    c = labels_at([(s, e, normalise_chord(l)) for s, e, l in chords], times)
+    return [f"{a}/{b}" if a and b else None for a, b in zip(k, c)]
+
+
+def lab_index(labels_dir) -> dict[str, dict[str, Path]]:
+    """The .lab files of a folder by track name: {name: {"keys": path, "chords": path}}. Two layouts:
+    LABELS/<name>.keys.lab and LABELS/<name>.chords.lab (any sub-folder), or Isophonics' own tree,
+    where <name>.lab sits under a keylab/ folder and under a chordlab/ folder, e.g.
+    keylab/The Beatles/01_-_Please_Please_Me/06_-_Boys.lab."""
+    labels_dir = Path(labels_dir)
+    if not labels_dir.is_dir():
+        raise StemJEPAError(f"--labels {labels_dir}: no such folder")
+    index = {}
+    for p in sorted(labels_dir.rglob("*.lab")):
+        name = p.name[: -len(".lab")]
+        folders = {part.lower() for part in p.parent.relative_to(labels_dir).parts}
+        for kind, suffix, folder in (("keys", ".keys", "keylab"), ("chords", ".chords", "chordlab")):
+            if name.endswith(suffix):
+                index.setdefault(name[: -len(suffix)], {})[kind] = p
+            elif folder in folders:
+                index.setdefault(name, {})[kind] = p
+    return index
+
+
+def track_annotations(name: str, folder, index=None):
+    """(key segments, chord segments) of a track, or None if it has no key or no chord annotation:
+    from the .lab files of `index` (see `lab_index`) when given, else from the toy set's
+    FOLDER/labels.json (one key for the whole song, chords as [start, end, label])."""
+    if index is not None:
+        files = index.get(name, {})
+        if "keys" not in files or "chords" not in files:
+            return None
+        return parse_lab(files["keys"]), parse_lab(files["chords"])
+    path = Path(folder) / "labels.json"
+    if not path.exists():
+        return None
+    labels = json.loads(path.read_text())
+    if "key" not in labels or "chords" not in labels:
+        return None
+    return [(0.0, math.inf, labels["key"])], [(float(s), float(e), c) for s, e, c in labels["chords"]]
+
+
+def mix_sources(*, data=None, audio=None, split="test", cache=None, cfg: Config, log=print) -> list[tuple]:
+    """The full mixes to analyse, as (name, folder of its labels.json, load() -> mono waveform): the
+    audio files of `audio` (e.g. the Beatles albums, named as their .lab files), or the sum of the
+    stems of each track of a multitrack dataset (prepared and cached as for training)."""
+    if audio:
+        return [(f.stem, f.parent, lambda f=f: load_audio(f, cfg.sample_rate)) for f in audio_files(audio)]
+    folders = {name: Path(next(iter(stems.values()))[0]).parent for name, stems in find_tracks(data, split)}
+    tracks = prepare(data, split, cache=cache, sample_rate=cfg.sample_rate, chunk_seconds=cfg.chunk_seconds,
+                     threshold=cfg.active_threshold, log=log)
+    return [(t["name"], folders[t["name"]], lambda t=t: np.load(t["npy"]).astype(np.float32).sum(0))
+            for t in tracks]
+
+
+@torch.no_grad()
+def labelled_patches(model: StemJEPA, sources: list[tuple], *, device="cpu", batch=16):
+    """4.4: "We utilize key and chord annotations [...] to label all patch embeddings."
+
+    What is embedded: the full mix of each track, through the target encoder, one L2-normalised
+    (F*D)-d vector per 160 ms (`frames`). The mix, because the annotations describe the song as
+    heard (the paper's Beatles recordings exist only as mixes) and key and chord are properties of
+    all stems together; the target encoder, because it is the frozen encoder of 4.5 and the one
+    whose outputs the predictor learns to match. Unit vectors, so that k-means groups by cosine,
+    the similarity of Eq. 3.
+
+    sources: (name, load, keys, chords). Returns x (P, C), the label of each patch ("key/chord"
+    or None) and the index of its track.
+    """
+    model = model.to(device).eval()
+    chunk = int(model.config.chunk_seconds * model.config.sample_rate)
+    xs, labels, owner = [], [], []
+    for n, (name, load, keys, chords) in enumerate(sources):
+        z = frames(embed_long(model, [load()], chunk=chunk, batch=batch, device=device)[0])   # (M, C)
+        xs.append(F.normalize(z.float(), dim=-1))
+        labels += patch_labels(keys, chords, steps=len(z), step_s=step_seconds(model))
+        owner += [n] * len(z)
+    return torch.cat(xs), labels, torch.tensor(owner)
+
+
+def squared_distances(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """||x_p - c_k||^2 for rows x (P, C) and c (K, C) -> (P, K), without the (P, K, C) difference tensor."""
+    return ((x * x).sum(1)[:, None] - 2 * x @ c.T + (c * c).sum(1)[None]).clamp(min=0)
+
+
+def kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding (Arthur and Vassilvitskii, 2007): the first centre uniformly, each next one
+    drawn with probability proportional to its squared distance to the nearest centre so far."""
+    chosen = [int(torch.randint(len(x), (1,), generator=generator))]
+    d2 = squared_distances(x, x[chosen]).squeeze(1)                     # (P,)
+    for _ in range(1, k):
+        if d2.sum() > 0:
+            i = int(torch.multinomial(d2 / d2.sum(), 1, generator=generator))
+        else:                                                           # fewer distinct points than k
+            i = int(torch.randint(len(x), (1,), generator=generator))
+        chosen.append(i)
+        d2 = torch.minimum(d2, squared_distances(x, x[i: i + 1]).squeeze(1))
+    return x[chosen].clone()
+
+
+def kmeans(x: torch.Tensor, k: int, *, iters: int = 100, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means on the rows of x (P, C) with k-means++ seeding -> (centroids (k, C), assignment (P,)).
+
+    "We then conduct k-means clustering on the latent space with k = 32 clusters" (4.4). Every
+    random draw comes from one torch.Generator seeded with `seed`: the same seed, the same clusters.
+    A cluster left empty takes the point farthest from its centroid, so k clusters remain. Stops
+    when no point changes cluster, or after `iters` updates.
+    """
+    if len(x) < k:
+        raise StemJEPAError(f"k-means: {len(x)} points for k = {k} clusters")
+    x = x.float()
+    centroids = kmeans_plusplus(x, k, torch.Generator().manual_seed(seed))
+    previous = None
+    for _ in range(iters):
+        d2 = squared_distances(x, centroids)                            # (P, k)
+        assignment = d2.argmin(1)
+        if previous is not None and torch.equal(assignment, previous):
+            break
+        counts = torch.bincount(assignment, minlength=k)                # (k,)
+        centroids = torch.zeros_like(centroids).index_add_(0, assignment, x) / counts.clamp(min=1)[:, None]
+        own = d2.gather(1, assignment[:, None]).squeeze(1)              # (P,) distance to own centroid
+        for c in torch.nonzero(counts == 0).flatten().tolist():
+            far = int(own.argmax())
+            centroids[c], own[far] = x[far], 0.0                        # the next empty one takes another point
+        previous = assignment
+    else:
+        assignment = squared_distances(x, centroids).argmin(1)          # the last update moved the centroids
+    return centroids, assignment
+
+
+def cooccurrence(labels: list, assignment: torch.Tensor, n_clusters: int) -> tuple[list, torch.Tensor]:
+    """Within-cluster co-occurrence of labels -> (names (L,), counts (L, L)).
+
+    "Within each cluster, we calculate the co-occurrence of all key and chord pairs and aggregate
+    these counts across all clusters [...] considering all possible pairs for counting" (4.4):
+    counts[a, b] is the number of ordered pairs of two different members of the same cluster, the
+    first labelled a and the second b, summed over clusters: sum_c n_c(a) n_c(b) - [a = b] n_c(a).
+    Symmetric; its sum is sum_c n_c (n_c - 1). Members labelled None (no key or no chord) are in
+    the clusters but not in the counts. Names are sorted.
+    """
+    keep = [i for i, label in enumerate(labels) if label is not None]
+    names = sorted({labels[i] for i in keep})
+    column = {name: j for j, name in enumerate(names)}
+    per_cluster = torch.zeros(n_clusters, len(names), dtype=torch.float64)     # n_c(a), exact below 2^53
+    per_cluster.index_put_((assignment[keep], torch.tensor([column[labels[i]] for i in keep], dtype=torch.long)),
+                           torch.ones(len(keep), dtype=torch.float64), accumulate=True)
+    counts = per_cluster.T @ per_cluster - torch.diag(per_cluster.sum(0))
+    return names, counts.round().long()
+
+
+def interval_profile(names: list[str], counts: torch.Tensor) -> torch.Tensor:
+    """How the co-occurrence mass of "key/chord" labels spreads over the interval from the key's
+    tonic (of the first member of a pair) to the chord's root (of the second), 0..11 semitones
+    -> (12,) shares summing to 1. Fig. 5's tonal relations are the intervals 0 (tonic, "E/E"),
+    5 (subdominant) and 7 (dominant, "C/F, G")."""
+    tonic = torch.tensor([pitch_class(n.split("/")[0]) for n in names])
+    root = torch.tensor([pitch_class(n.split("/")[1]) for n in names])
+    interval = (root[None, :] - tonic[:, None]) % 12                    # (L, L): key of row, chord of column
+    mass = torch.zeros(12, dtype=torch.float64).index_add_(0, interval.flatten(), counts.flatten().double())
+    return mass / mass.sum().clamp(min=1)
+
+
+TONAL_INTERVALS = (0, 5, 7)     # chord root on the key's tonic, subdominant or dominant
+
+
+def shuffled_labels(labels: list, groups: torch.Tensor | None, generator: torch.Generator) -> list:
+    """The labelled entries permuted at random, across all of them (groups None) or within each
+    group (e.g. each track); None entries stay in place."""
+    group_of = groups.tolist() if groups is not None else [0] * len(labels)
+    members = {}                                                        # group -> labelled positions
+    for i, label in enumerate(labels):
+        if label is not None:
+            members.setdefault(group_of[i], []).append(i)
+    out = list(labels)
+    for where in members.values():
+        for i, j in zip(where, torch.randperm(len(where), generator=generator).tolist()):
+            out[i] = labels[where[j]]
+    return out
+
+
+def cluster_statistics(x: torch.Tensor, labels: list, track: torch.Tensor, *, k: int, iters: int, seed: int,
+                       shuffles: int = 0) -> dict:
+    """k-means on x, then the co-occurrence counts of the labels, their interval profile, the
+    tonal share (mass on TONAL_INTERVALS) and the share of pairs from the same track (clusters of
+    songs rather than of harmony). With shuffles > 0, the tonal share of the same clusters with
+    the labels shuffled across all patches and within each track (the mean of `shuffles` draws):
+    what the cluster sizes alone, and the song identity alone, would give."""
+    _, assignment = kmeans(x, k, iters=iters, seed=seed)
+    names, counts = cooccurrence(labels, assignment, k)
+    profile = interval_profile(names, counts)
+    _, same = cooccurrence([t if label is not None else None for t, label in zip(track.tolist(), labels)],
+                           assignment, k)
+    stats = {"names": names, "counts": counts, "interval_profile": profile.tolist(),
+             "tonal_share": profile[list(TONAL_INTERVALS)].sum().item(),
+             "same_track_pairs": (same.trace() / same.sum().clamp(min=1)).item(),
+             "cluster_sizes": torch.bincount(assignment, minlength=k).tolist()}
+    g = torch.Generator().manual_seed(seed)
+    for what, groups in (("shuffled across patches", None), ("shuffled within tracks", track)):
+        shares = []
+        for _ in range(shuffles):
+            s_names, s_counts = cooccurrence(shuffled_labels(labels, groups, g), assignment, k)
+            shares.append(interval_profile(s_names, s_counts)[list(TONAL_INTERVALS)].sum().item())
+        if shares:
+            stats[what] = float(np.mean(shares))
+    return stats
+
+
+def _label_order(name: str):
+    """Sort "key/chord" labels by key tonic, mode, then chord root and family, as Fig. 5's axes."""
+    key, chord = name.split("/")
+    return pitch_class(key), key.endswith("m"), pitch_class(chord), _split_root(chord)[1]
+
+
+def top_combinations(names: list[str], counts: torch.Tensor, labels: list, top: int = 80):
+    """Fig. 5's axes: the `top` most frequent key/chord combinations among the labelled patches,
+    ordered by key and chord -> (names, their (top, top) block of counts)."""
+    freq = {}
+    for label in labels:
+        if label is not None:
+            freq[label] = freq.get(label, 0) + 1
+    chosen = sorted(sorted(freq, key=lambda n: -freq[n])[:top], key=_label_order)
+    idx = torch.tensor([names.index(n) for n in chosen], dtype=torch.long)
+    return chosen, counts[idx][:, idx]
+
+
+def analyze_clusters(checkpoint, *, data=None, audio=None, split="test", labels=None, k=32, iters=100, top=80,
+                     shuffles=5, out=None, cache=None, device=None, batch=16, seed=0, log=print) -> dict:
+    """4.4 and Fig. 5: label the patch embeddings of every annotated track with its key and chord
+    (`labelled_patches`), k-means with k clusters, co-occurrence of the "key/chord" labels within
+    clusters (`cooccurrence`); OUT/clusters.json and OUT/fig5.png.
+
+    The labels are "key/chord" combinations, "E/B" for the key E major and a B major chord, and
+    Fig. 5 shows their co-occurrence matrix over the `top` most frequent combinations. The summary
+    number is the tonal share: of all within-cluster pairs, the fraction in which the chord of one
+    member has its root on the tonic, subdominant or dominant of the other member's key. It is
+    compared with the same clusters under shuffled labels (across patches; within tracks) and with
+    a random-weights encoder, since clusters that merely group the patches of one song (one key)
+    also raise it.
+    """
+    device = pick_device(device)
+    model = StemJEPA.from_checkpoint(checkpoint)
+    cfg = model.config
+    index = lab_index(labels) if labels else None
+    annotated, missing = [], []
+    for name, folder, load in mix_sources(data=data, audio=audio, split=split, cache=cache, cfg=cfg, log=log):
+        ann = track_annotations(name, folder, index)
+        if ann is None:
+            missing.append(name)
+        else:
+            annotated.append((name, load, *ann))
+    if missing:
+        log(f"{len(missing)} tracks without key and chord annotations skipped: {', '.join(missing[:5])}"
+            + (" ..." if len(missing) > 5 else ""))
+    if not annotated:
+        where = f"{labels}/<track>.keys.lab and .chords.lab" if labels else "labels.json beside the stems"
+        raise StemJEPAError(f"no track has key and chord annotations (looked for {where})")
+    out = Path(out or Path(checkpoint).parent / ("clusters" if audio else f"clusters-{split}"))
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"embedding {len(annotated)} annotated mixes")
+    x, patch_label, track = labelled_patches(model, annotated, device=device, batch=batch)
+    n_labelled = sum(label is not None for label in patch_label)
+    if n_labelled < 2:
+        raise StemJEPAError(f"only {n_labelled} patches have both a key and a chord: nothing to count")
+    n_patches = len(x)
+    log(f"k-means (k = {k}) on {n_patches} patches, {n_labelled} labelled")
+    stats = cluster_statistics(x, patch_label, track, k=k, iters=iters, seed=seed, shuffles=shuffles)
+    del x                                               # P x 3840 floats: 2.6 GB for the Beatles' 174 songs
+    log("the same with random weights")
+    torch.manual_seed(seed)
+    x_rand, _, _ = labelled_patches(build_model(cfg, model.instruments), annotated, device=device, batch=batch)
+    rand = cluster_statistics(x_rand, patch_label, track, k=k, iters=iters, seed=seed)
+    chosen, block = top_combinations(stats["names"], stats["counts"], patch_label, top=top)
+    result = {
+        "checkpoint": str(checkpoint), "k": k, "tracks": len(annotated), "patches": n_patches,
+        "labelled_patches": n_labelled, "combinations": len(stats["names"]),
+        "tonal_intervals": list(TONAL_INTERVALS),
+        "tonal_share": {"Stem-JEPA": stats["tonal_share"], "random weights": rand["tonal_share"],
+                        **{w: stats[w] for w in ("shuffled across patches", "shuffled within tracks") if w in stats}},
+        "same_track_pairs": {"Stem-JEPA": stats["same_track_pairs"], "random weights": rand["same_track_pairs"]},
+        "interval_profile": {"Stem-JEPA": stats["interval_profile"], "random weights": rand["interval_profile"]},
+        "cluster_sizes": stats["cluster_sizes"],
+        "top": chosen, "matrix": block.tolist(),
+        "definition": "counts[a][b]: ordered pairs of different patches in the same k-means cluster, labelled "
+                      "a and b ('key/chord'), summed over clusters; tonal share: fraction of those pairs where "
+                      "the root of b's chord is 0, 5 or 7 semitones above the tonic of a's key",
+    }
+    _write_atomic(out / "clusters.json", lambda p: p.write_text(json.dumps(result, indent=1)))
+    plot_fig5(result, out / "fig5.png")
+    log("tonal share of within-cluster pairs (chord root on the tonic, subdominant or dominant of the key):\n"
+        + "\n".join(f"  {name:26s} {100 * v:5.1f} %" for name, v in result["tonal_share"].items()))
+    log(f"pairs from the same track: {100 * stats['same_track_pairs']:.1f} % "
+        f"(random weights {100 * rand['same_track_pairs']:.1f} %)")
+    log(f"wrote {out / 'clusters.json'} and {out / 'fig5.png'}")
+    return result
+
+
+ROMAN = ["I", "bII", "II", "bIII", "III", "IV", "#IV", "V", "bVI", "VI", "bVII", "VII"]
+
+
+def plot_fig5(result: dict, path) -> None:
+    """Fig. 5: the key/chord co-occurrence matrix of the most frequent combinations (log colour
+    scale), and beside it the share of pairs per interval from key tonic to chord root."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 6), gridspec_kw={"width_ratios": [2, 1]})
+    names, m = result["top"], np.array(result["matrix"], dtype=float)
+    a.imshow(np.log1p(m), cmap="viridis")
+    size = min(7.0, max(3.0, 320 / max(len(names), 1)))                 # 80 labels still fit, at 4 pt
+    a.set_xticks(range(len(names)), names, rotation=90, fontsize=size)
+    a.set_yticks(range(len(names)), names, fontsize=size)
+    a.set_title(f"key/chord co-occurrence within {result['k']} clusters (log)", fontsize=9)
+    width = 0.8 / len(result["interval_profile"])
+    for i, (name, profile) in enumerate(result["interval_profile"].items()):
+        b.bar(np.arange(12) + i * width, profile, width=width, label=name)
+    b.set_xticks(np.arange(12) + 0.4 - width / 2, ROMAN, fontsize=7)
+    b.set_xlabel("chord root relative to the key")
+    b.set_ylabel("share of within-cluster pairs")
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4.5 Downstream probes: frozen encoder -> 3840-d global embedding -> MLP (Table 3)
+# ---------------------------------------------------------------------------------------------
+
+def tempo_class(bpm: float) -> str:
+    """Three equal tempo bins over the toy set's 80-160 BPM: slow, mid, fast."""
+    return "slow" if bpm < 80 + 80 / 3 else "mid" if bpm < 80 + 160 / 3 else "fast"
+
+
+def hold_out(splits: list[str], fraction: float, seed: int) -> list[str]:
+    """When no row is "valid": a seeded random `fraction` of the train rows (at least one, while one
+    train row remains) becomes the validation split."""
+    train = [i for i, s in enumerate(splits) if s == "train"]
+    n = min(max(1, round(fraction * len(train))), len(train) - 1)
+    out = list(splits)
+    for i in np.random.default_rng(seed).permutation(train)[:max(n, 0)]:
+        out[i] = "valid"
+    return out
+
+
+def toy_probe_labels(data_dir, out_csv, task: str = "key", *, sample_rate=16000, seed=0) -> Path:
+    """A probe task on the toy set: OUT_CSV (file, label, split) and the mixes it names,
+    OUT_DIR/mixes/<track>.wav (the sum of the stems, 16 kHz, float WAV so that no sum clips).
+    task "key": the song's key (up to 24 classes); "tempo": `tempo_class` (3 classes). Splits:
+    toy train/ -> train, 10 % of it held out as valid, toy test/ -> test. Paths in the CSV are
+    relative to its folder, the default --audio of `probe`."""
+    if task not in ("key", "tempo"):
+        raise StemJEPAError(f"toy probe task {task!r}: choose key or tempo")
+    out_csv = Path(out_csv)
+    mixes = out_csv.parent / "mixes"
+    mixes.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for split in ("train", "test"):
+        for name, stems in find_tracks(data_dir, split):
+            audio = [load_audio(path, sample_rate, stream) for path, stream in stems.values()]
+            n = min(len(a) for a in audio)
+            sf.write(mixes / f"{name}.wav", np.sum([a[:n] for a in audio], axis=0), sample_rate, subtype="FLOAT")
+            labels = json.loads((Path(stems[next(iter(stems))][0]).parent / "labels.json").read_text())
+            rows.append([f"mixes/{name}.wav", labels["key"] if task == "key" else tempo_class(labels["tempo"]), split])
+    splits = hold_out([r[2] for r in rows], 0.1, seed)
+    with open(out_csv, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file", "label", "split"])
+        w.writerows([file, label, split] for (file, label, _), split in zip(rows, splits))
+    return out_csv
+
+
+SPLIT_NAMES = {"train": "train", "valid": "valid", "val": "valid", "validation": "valid", "test": "test"}
+
+
+def read_probe_labels(path, audio_root, *, task: str, seed=0) -> tuple[list[Path], list[list[str]], list[str]]:
+    """labels.csv -> (files, label lists, splits). Columns: file (relative to audio_root unless
+    absolute), label (multilabel: labels separated by ';'), split (train, valid or test). Without
+    valid rows, 10 % of train is held out (`hold_out`)."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"file", "label", "split"} - set(reader.fieldnames or [])
+        if missing:
+            raise StemJEPAError(f"{path}: missing column(s) {', '.join(sorted(missing))}; expected file,label,split")
+        rows = list(reader)
+    files, labels, splits, problems = [], [], [], []
+    for n, r in enumerate(rows, 2):
+        file = Path(r["file"].strip())
+        file = file if file.is_absolute() else Path(audio_root) / file
+        label = [l.strip() for l in r["label"].split(";") if l.strip()] if task == "multilabel" else [r["label"].strip()]
+        split = SPLIT_NAMES.get(r["split"].strip().lower())
+        if not file.exists():
+            problems.append(f"line {n}: {file} does not exist")
+        elif split is None:
+            problems.append(f"line {n}: split {r['split']!r} is not train, valid or test")
+        elif task == "multiclass" and (not label[0] or ";" in label[0]):
+            problems.append(f"line {n}: multiclass needs exactly one label (got {r['label']!r}; "
+                            "for several use --task multilabel)")
+        else:
+            files.append(file)
+            labels.append(label)
+            splits.append(split)
+    if problems:
+        raise StemJEPAError(f"{path}: {len(problems)} bad rows:\n  " + "\n  ".join(problems[:10]))
+    if "valid" not in splits:
+        splits = hold_out(splits, 0.1, seed)
+    for s in ("train", "valid", "test"):
+        if s not in splits:
+            raise StemJEPAError(f"{path}: no {s} rows (and too few train rows to hold some out)")
+    return files, labels, splits
+
+
+def encode_targets(labels: list[list[str]], classes: list[str], *, task: str) -> torch.Tensor:
+    """Label lists -> class indices (N,) (multiclass) or multi-hot rows (N, C) (multilabel)."""
+    column = {c: j for j, c in enumerate(classes)}
+    if task == "multiclass":
+        return torch.tensor([column[l[0]] for l in labels], dtype=torch.long)
+    y = torch.zeros(len(labels), len(classes))
+    for i, row in enumerate(labels):
+        y[i, [column[l] for l in row]] = 1.0
+    return y
+
+
+@torch.no_grad()
+def global_embeddings(model: StemJEPA, files: list[Path], *, device="cpu", batch=16, group=8) -> torch.Tensor:
+    """4.5.1: "Each audio sample is processed by the frozen encoder, and its patch-wise outputs are
+    concatenated and averaged along frequency and time dimensions to produce a 3840-dimensional
+    global embedding": the target encoder over the whole file, then `pool` -> (n files, F*D).
+    Files are loaded `group` at a time so that their full chunks share batches."""
+    model = model.to(device).eval()
+    cfg = model.config
+    rows = []
+    for i in range(0, len(files), group):
+        wavs = [load_audio(f, cfg.sample_rate) for f in files[i: i + group]]
+        rows += [pool(z) for z in embed_long(model, wavs, chunk=int(cfg.chunk_seconds * cfg.sample_rate),
+                                             batch=batch, device=device)]
+    return torch.stack(rows).float()
+
+
+class ProbeMLP(nn.Module):
+    """"an MLP with 512 hidden units and a softmax layer" (4.5.1) on a frozen embedding; returns
+    logits (the softmax, or the sigmoids for tagging, are in the loss). Inputs are standardised
+    with the training set's per-dimension mean and std, kept as buffers (our choice: the pooled
+    embeddings are unit vectors whose coordinates are about 1/sqrt(3840), far from the scale the
+    default init and lr expect)."""
+
+    def __init__(self, *, dim: int, hidden: int, classes: int, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+
+    def forward(self, x):                                               # (B, dim) -> (B, classes)
+        return self.net((x - self.mean) / self.std)
+
+
+def probe_loss(logits: torch.Tensor, y: torch.Tensor, *, task: str) -> torch.Tensor:
+    """Cross-entropy of the softmax (4.5.1); per-tag binary cross-entropy for multilabel tagging."""
+    if task == "multiclass":
+        return F.cross_entropy(logits, y)
+    return F.binary_cross_entropy_with_logits(logits, y)
+
+
+def train_probe(x_train, y_train, x_valid, y_valid, *, task: str, n_classes=None, hidden=512, epochs=200,
+                lr=1e-3, weight_decay=1e-2, batch=64, patience=20, seed=0, device="cpu") -> ProbeMLP:
+    """Fit a `ProbeMLP` with AdamW on minibatches; after each epoch the validation loss decides:
+    the best epoch's weights are kept, and training stops after `patience` epochs without a better
+    one (early stopping). Deterministic for a seed (init and batch order); the global RNG is left
+    as it was."""
+    classes = y_train.shape[1] if task == "multilabel" else n_classes or int(max(y_train.max(), y_valid.max())) + 1
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ProbeMLP(dim=x_train.shape[1], hidden=hidden, classes=classes, mean=x_train.mean(0),
+                         std=x_train.std(0).clamp(min=1e-6) if len(x_train) > 1 else torch.ones(x_train.shape[1]))
+    model = model.to(device)
+    x_train, y_train, x_valid, y_valid = (t.to(device) for t in (x_train, y_train, x_valid, y_valid))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    order = torch.Generator().manual_seed(seed)
+    best, best_state, waited = math.inf, copy.deepcopy(model.state_dict()), 0
+    for _ in range(epochs):
+        model.train()
+        for idx in torch.randperm(len(x_train), generator=order).split(batch):
+            loss = probe_loss(model(x_train[idx.to(device)]), y_train[idx.to(device)], task=task)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            valid = probe_loss(model(x_valid), y_valid, task=task).item()
+        if valid < best:
+            best, best_state, waited = valid, copy.deepcopy(model.state_dict()), 0
+        else:
+            waited += 1
+            if waited >= patience:
+                break
+    model.load_state_dict(best_state)
+    return model.eval()
+
+
+def average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """1-based ranks of x (N,) in ascending order, tied values sharing the mean of their ranks."""
+    _, inverse, counts = torch.unique(x, sorted=True, return_inverse=True, return_counts=True)
+    last = counts.cumsum(0).double()                                    # rank of each value's last copy
+    return ((last - counts + 1 + last) / 2)[inverse]
+
+
+def roc_auc(scores: torch.Tensor, targets: torch.Tensor) -> float:
+    """Area under the ROC curve = P(a random positive scores above a random negative), ties
+    counting one half (Mann-Whitney U from the ranks). NaN without both classes."""
+    pos = targets.bool()
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    return ((average_ranks(scores)[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).item()
+
+
+def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float:
+    """AP = sum_k (R_k - R_{k-1}) P_k over the distinct score thresholds, from the highest down
+    (recall R_k and precision P_k of "score >= threshold k"; tied scores enter together). NaN
+    without a positive."""
+    pos = targets.double()
+    if pos.sum() == 0:
+        return float("nan")
+    values, inverse = torch.unique(scores, sorted=True, return_inverse=True)
+    tp = torch.zeros(len(values), dtype=torch.float64).index_add_(0, inverse, pos).flip(0).cumsum(0)
+    seen = torch.zeros(len(values), dtype=torch.float64).index_add_(0, inverse, torch.ones_like(pos)).flip(0).cumsum(0)
+    recall = tp / pos.sum()
+    precision = tp / seen
+    return (torch.diff(recall, prepend=recall.new_zeros(1)) * precision).sum().item()
+
+
+def macro(metric, scores: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
+    """A per-class metric averaged over the classes (columns of (N, C)) that have both positives and
+    negatives among the items scored; and how many classes that is."""
+    values = [metric(scores[:, c], targets[:, c]) for c in range(targets.shape[1])
+              if 0 < targets[:, c].sum() < len(targets)]
+    return (float(np.mean(values)) if values else float("nan")), len(values)
+
+
+@torch.no_grad()
+def probe_metrics(model: ProbeMLP, x: torch.Tensor, y: torch.Tensor, *, task: str) -> dict:
+    """Table 3's metrics on a split: accuracy (multiclass), or macro ROC-AUC and average precision
+    over the tags (multilabel), as fractions."""
+    logits = model(x.to(next(model.parameters()).device)).float().cpu()
+    if task == "multiclass":
+        return {"accuracy": (logits.argmax(1) == y).float().mean().item()}
+    auc, scored = macro(roc_auc, logits, y)
+    ap, _ = macro(average_precision, logits, y)
+    return {"roc_auc": auc, "average_precision": ap, "classes_scored": scored}
+
+
+def chance_probe_metrics(y_train: torch.Tensor, y_test: torch.Tensor, *, task: str) -> dict:
+    """The reference of a model that ignores its input: the training set's majority class
+    (multiclass); for tagging, ROC-AUC 0.5 and, as AP, each tag's share of positives (what a
+    random scorer gets on average)."""
+    if task == "multiclass":
+        majority = torch.bincount(y_train).argmax()
+        return {"accuracy": (y_test == majority).float().mean().item()}
+    scored = [c for c in range(y_test.shape[1]) if 0 < y_test[:, c].sum() < len(y_test)]
+    return {"roc_auc": 0.5, "average_precision": float(np.mean([y_test[:, c].mean().item() for c in scored]))
+            if scored else float("nan"), "classes_scored": len(scored)}
+
+
+def probe(checkpoint, labels, *, audio=None, task="multiclass", out=None, device=None, batch=16, epochs=200,
+          lr=1e-3, patience=20, seed=0, log=print) -> dict:
+    """Table 3's protocol on one task: frozen target encoder -> global embedding of each file
+    (`global_embeddings`) -> MLP probe trained on train, early-stopped on valid, scored on test
+    (`train_probe`, `probe_metrics`). The same probe on a random-weights encoder and the
+    majority/prevalence chance level are measured in the same run. Writes OUT/probe.json."""
+    if task not in ("multiclass", "multilabel"):
+        raise StemJEPAError(f"--task {task}: choose multiclass or multilabel")
+    device = pick_device(device)
+    model = StemJEPA.from_checkpoint(checkpoint)
+    files, label_lists, splits = read_probe_labels(labels, Path(audio) if audio else Path(labels).parent,
+                                                   task=task, seed=seed)
+    classes = sorted({l for row in label_lists for l in row})
+    y = encode_targets(label_lists, classes, task=task)
+    part = {s: torch.tensor([i for i, x in enumerate(splits) if x == s], dtype=torch.long)
+            for s in ("train", "valid", "test")}
+    torch.manual_seed(seed)
+    encoders = {"Stem-JEPA": model, "random weights": build_model(model.config, model.instruments)}
+    results = {"checkpoint": str(checkpoint), "labels": str(labels), "task": task, "classes": classes,
+               "n": {s: len(i) for s, i in part.items()}, "rows": {}}
+    for name, encoder in encoders.items():
+        log(f"embedding {len(files)} files ({name})")
+        x = global_embeddings(encoder, files, device=device, batch=batch)
+        clf = train_probe(x[part["train"]], y[part["train"]], x[part["valid"]], y[part["valid"]], task=task,
+                          n_classes=len(classes), epochs=epochs, lr=lr, patience=patience, seed=seed, device=device)
+        results["rows"][name] = probe_metrics(clf, x[part["test"]], y[part["test"]], task=task)
+    results["rows"]["chance"] = chance_probe_metrics(y[part["train"]], y[part["test"]], task=task)
+    out = Path(out or Path(checkpoint).parent / "probe")
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / "probe.json", lambda p: p.write_text(json.dumps(results, indent=1)))
+    log(format_probe_table(results))
+    log(f"wrote {out / 'probe.json'}")
+    return results
+
+
+def format_probe_table(results: dict) -> str:
+    """Table 3's layout: one row per encoder, metrics in percent."""
+    metrics = ["accuracy"] if results["task"] == "multiclass" else ["roc_auc", "average_precision"]
+    n = results["n"]
+    lines = [f"probe ({results['task']}, {len(results['classes'])} classes; "
+             f"{n['train']} train, {n['valid']} valid, {n['test']} test)",
+             f"{'encoder':20s}" + "".join(f" {m:>18s}" for m in metrics)]
+    for name, row in results["rows"].items():
+        lines.append(f"{name:20s}" + "".join(f" {100 * row[m]:18.1f}" for m in metrics))
+    return "\n".join(lines)
+
+
+# --- command line of the analyses (main() calls add_analysis_parsers(sub)) ---
+
+def cmd_analyze(args):
+    if args.analysis == "align":
+        analyze_alignment(args.checkpoint, args.data, split=args.split, tracks=args.tracks,
+                          max_shift_s=args.max_shift_s, out=args.out, cache=args.cache, device=args.device,
+                          batch=args.batch)
+    else:
+        analyze_clusters(args.checkpoint, data=args.data, audio=args.audio, split=args.split, labels=args.labels,
+                         k=args.k, iters=args.iters, top=args.top, shuffles=args.shuffles, out=args.out,
+                         cache=args.cache, device=args.device, batch=args.batch, seed=args.seed)
+
+
+def cmd_probe(args):
+    probe(args.checkpoint, args.labels, audio=args.audio, task=args.task, out=args.out, device=args.device,
+          batch=args.batch, epochs=args.epochs, lr=args.lr, patience=args.patience, seed=args.seed)
+
+
+def add_analysis_parsers(sub) -> None:
+    """The `analyze align`, `analyze clusters` and `probe` commands."""
+    p = sub.add_parser("analyze", help="stem alignment (4.3, Fig. 4) and musical plausibility (4.4, Fig. 5)")
+    kinds = p.add_subparsers(dest="analysis", required=True)
+    a = kinds.add_parser("align", help="Eq. 3: target patches against shifted predictions (Fig. 4)")
+    a.add_argument("--data", required=True, help="multitrack dataset root (as for train)")
+    a.add_argument("--tracks", type=int, help="only the first K tracks (default all; the figure draws 8)")
+    a.add_argument("--max-shift-s", type=float, default=10.0, help="largest shift, in seconds")
+    c = kinds.add_parser("clusters", help="k-means on patch embeddings, key/chord co-occurrence (Fig. 5)")
+    source = c.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="multitrack dataset root: the mix of each track's stems is embedded")
+    source.add_argument("--audio", help="folder of full mixes (e.g. the Beatles), named as their .lab files")
+    c.add_argument("--labels", help="folder of NAME.keys.lab and NAME.chords.lab files, or Isophonics' keylab/ "
+                                    "and chordlab/ tree (default: labels.json beside each track's stems)")
+    c.add_argument("--k", type=int, default=32, help="k-means clusters")
+    c.add_argument("--iters", type=int, default=100, help="k-means iterations at most")
+    c.add_argument("--top", type=int, default=80, help="key/chord combinations shown in fig5.png")
+    c.add_argument("--shuffles", type=int, default=5, help="label shuffles for the chance level")
+    c.add_argument("--seed", type=int, default=0)
+    for q in (a, c):
+        q.add_argument("--checkpoint", required=True)
+        q.add_argument("--split", default="test", help="dataset split (with --data)")
+        q.add_argument("--out", help="output folder (default: beside the checkpoint)")
+        q.add_argument("--cache", help="decoded-stem cache (default DATA/.stem_jepa_cache)")
+        q.add_argument("--device")
+        q.add_argument("--batch", type=int, default=16, help="chunks encoded at once")
+        q.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("probe", help="downstream probe on frozen embeddings (4.5, Table 3), with random weights")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--labels", required=True, help="CSV with columns file,label,split (train/valid/test)")
+    p.add_argument("--audio", help="folder the CSV's relative paths start from (default: the CSV's folder)")
+    p.add_argument("--task", choices=["multiclass", "multilabel"], default="multiclass",
+                   help="one label per file (accuracy), or ';'-separated tags (ROC-AUC, AP)")
+    p.add_argument("--out", help="output folder (default: beside the checkpoint, probe/)")
+    p.add_argument("--epochs", type=int, default=200, help="at most; early stopping on valid")
+    p.add_argument("--patience", type=int, default=20, help="epochs without a better valid loss before stopping")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch", type=int, default=16, help="chunks encoded at once")
+    p.add_argument("--device")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_probe)
+
+# ---------------------------------------------------------------------------------------------
 # Performance: `bench` measures the machine's peak and how close the training step gets to it
 # ---------------------------------------------------------------------------------------------
 
@@ -1813,6 +2735,8 @@ def main(argv=None):
     p.add_argument("--sequences", action="store_true", help="also FILE.sequences.npz: one vector per 160 ms")
     p.add_argument("--device")
     p.set_defaults(func=cmd_embed)
+
+    add_analysis_parsers(sub)
 
     p = sub.add_parser("bench", help="measure peak FLOP/s, the training step, the loader and evaluation")
     p.add_argument("--preset", choices=list(PRESETS), default="paper")
