@@ -521,7 +521,8 @@ def load_audio(path, sample_rate: int, stream: int | None = None) -> np.ndarray:
     try:
         x, sr = sf.read(path, dtype="float32", always_2d=True)          # (N, C)
     except Exception as e:                                              # libsndfile's errors vary by version
-        raise StemJEPAError(f"{path}: not a readable audio file ({e})") from None
+        reason = str(e).rsplit(":", 1)[-1].strip()                      # libsndfile repeats the path first
+        raise StemJEPAError(f"{path}: not a readable audio file ({reason})") from None
     if len(x) == 0:
         raise StemJEPAError(f"{path}: no audio samples")
     if not np.isfinite(x).all():
@@ -532,9 +533,9 @@ def load_audio(path, sample_rate: int, stream: int | None = None) -> np.ndarray:
     return x
 
 
-def _signature(stems: dict, sample_rate: int) -> str:
-    """Changes when a source file, the sample rate or the cache format changes."""
-    h = hashlib.sha1(f"{VERSION} {sample_rate}".encode())
+def _signature(stems: dict, sample_rate: int, threshold: float) -> str:
+    """Changes when a source file, the sample rate, the silence threshold or the cache format changes."""
+    h = hashlib.sha1(f"{VERSION} {sample_rate} {threshold}".encode())
     for stem, (path, stream) in sorted(stems.items()):
         st = os.stat(path)
         h.update(f"{stem} {path} {stream} {st.st_size} {st.st_mtime_ns}".encode())
@@ -565,6 +566,7 @@ def _prepare_track(name, stems, *, sample_rate, chunk, threshold) -> dict:
     meta = {"name": name, "stems": [], "length": 0, "notes": notes}
     if not audio:
         meta["excluded"] = "no readable stem"
+        notes.append(("tracks excluded", f"{name}: {meta['excluded']}"))
         return meta
     lengths = {s: len(x) for s, x in audio.items()}
     n = min(lengths.values())
@@ -627,7 +629,7 @@ def prepare(root, split: str = "train", *, cache=None, sample_rate=16000, chunk_
     for i, (name, stems) in enumerate(tracks):
         safe = hashlib.sha1(name.encode()).hexdigest()[:8] + "_" + "".join(c if c.isalnum() else "_" for c in name)[:60]
         meta_path, npy_path = folder / f"{safe}.json", folder / f"{safe}.npy"
-        signature = _signature(stems, sample_rate)
+        signature = _signature(stems, sample_rate, threshold)
         try:
             meta = json.loads(meta_path.read_text())
         except (OSError, ValueError):
@@ -1038,7 +1040,7 @@ def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, 
     model = build_model(cfg, instruments).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=0.0, betas=(cfg.beta1, cfg.beta2),
                                   fused=device.type in ("cuda", "cpu"))
-    start, skipped = 0, 0
+    start, skipped, window = 0, 0, (0.0, 0)   # window: loss sum and count since the last log line
     ckpt_path = out / "checkpoint.pt"
     if resume and (ckpt_path.exists() or ckpt_path.with_name("checkpoint.prev.pt").exists()):
         ckpt = load_checkpoint(ckpt_path, map_location=device)
@@ -1048,7 +1050,7 @@ def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, 
                                 f"the data has {instruments}")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        start, skipped = ckpt["step"], ckpt.get("skipped", 0)
+        start, skipped, window = ckpt["step"], ckpt.get("skipped", 0), ckpt.get("log_window", window)
         log(f"resuming {ckpt_path} at step {start}")
     elif resume:
         log(f"no checkpoint in {out}: starting from scratch")
@@ -1077,7 +1079,7 @@ def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, 
         if is_main:
             save_checkpoint(ckpt_path, {
                 "version": VERSION, "config": dataclasses.asdict(cfg), "instruments": instruments,
-                "step": step, "skipped": skipped, "data": data_id,
+                "step": step, "skipped": skipped, "data": data_id, "log_window": (loss_sum.item(), n_applied),
                 "model": model.state_dict(), "optimizer": optimizer.state_dict()})
 
     log_file = out / "log.csv"
@@ -1085,7 +1087,8 @@ def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, 
         log_file.write_text("step,loss,lr,tau,samples_per_s,spread,skipped\n")
     log(f"training {cfg.predictor} predictor, {sum(p.numel() for p in trainable) / 1e6:.1f} M trainable "
         f"parameters, {len(tracks)} tracks, instruments {instruments}, on {device} x {world}, steps {start}..{cfg.steps}")
-    loss_sum, n_sum, n_applied, bad_in_a_row = torch.zeros((), device=device), 0, 0, 0
+    loss_sum, n_applied = torch.tensor(float(window[0]), device=device), int(window[1])
+    n_sum, bad_in_a_row = 0, 0
     t_last, step = time.time(), start
     with GracefulStop() as stop:
         batches = iter(loader)
@@ -1117,7 +1120,6 @@ def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, 
                 with torch.no_grad(), autocast_for(device):
                     spread = embedding_spread(model.encode(target, target=True))
                 eta = (cfg.steps - step) * cfg.batch_size / speed
-                tau = tau_at(step, cfg.steps, cfg.tau_start, cfg.tau_end)
                 log(f"step {step}/{cfg.steps}  loss {mean_loss:.4f}  lr {lr:.2e}  tau {tau:.6f}  "
                     f"spread {spread:.3f}  {speed:.1f} samples/s  ETA {eta / 60:.1f} min")
                 if is_main:
