@@ -2427,67 +2427,6 @@ def format_probe_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-# --- command line of the analyses (main() calls add_analysis_parsers(sub)) ---
-
-def cmd_analyze(args):
-    if args.analysis == "align":
-        analyze_alignment(args.checkpoint, args.data, split=args.split, tracks=args.tracks,
-                          max_shift_s=args.max_shift_s, out=args.out, cache=args.cache, device=args.device,
-                          batch=args.batch)
-    else:
-        analyze_clusters(args.checkpoint, data=args.data, audio=args.audio, split=args.split, labels=args.labels,
-                         k=args.k, iters=args.iters, top=args.top, shuffles=args.shuffles, out=args.out,
-                         cache=args.cache, device=args.device, batch=args.batch, seed=args.seed)
-
-
-def cmd_probe(args):
-    probe(args.checkpoint, args.labels, audio=args.audio, task=args.task, out=args.out, device=args.device,
-          batch=args.batch, epochs=args.epochs, lr=args.lr, patience=args.patience, seed=args.seed)
-
-
-def add_analysis_parsers(sub) -> None:
-    """The `analyze align`, `analyze clusters` and `probe` commands."""
-    p = sub.add_parser("analyze", help="stem alignment (4.3, Fig. 4) and musical plausibility (4.4, Fig. 5)")
-    kinds = p.add_subparsers(dest="analysis", required=True)
-    a = kinds.add_parser("align", help="Eq. 3: target patches against shifted predictions (Fig. 4)")
-    a.add_argument("--data", required=True, help="multitrack dataset root (as for train)")
-    a.add_argument("--tracks", type=int, help="only the first K tracks (default all; the figure draws 8)")
-    a.add_argument("--max-shift-s", type=float, default=10.0, help="largest shift, in seconds")
-    c = kinds.add_parser("clusters", help="k-means on patch embeddings, key/chord co-occurrence (Fig. 5)")
-    source = c.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", help="multitrack dataset root: the mix of each track's stems is embedded")
-    source.add_argument("--audio", help="folder of full mixes (e.g. the Beatles), named as their .lab files")
-    c.add_argument("--labels", help="folder of NAME.keys.lab and NAME.chords.lab files, or Isophonics' keylab/ "
-                                    "and chordlab/ tree (default: labels.json beside each track's stems)")
-    c.add_argument("--k", type=int, default=32, help="k-means clusters")
-    c.add_argument("--iters", type=int, default=100, help="k-means iterations at most")
-    c.add_argument("--top", type=int, default=80, help="key/chord combinations shown in fig5.png")
-    c.add_argument("--shuffles", type=int, default=5, help="label shuffles for the chance level")
-    c.add_argument("--seed", type=int, default=0)
-    for q in (a, c):
-        q.add_argument("--checkpoint", required=True)
-        q.add_argument("--split", default="test", help="dataset split (with --data)")
-        q.add_argument("--out", help="output folder (default: beside the checkpoint)")
-        q.add_argument("--cache", help="decoded-stem cache (default DATA/.stem_jepa_cache)")
-        q.add_argument("--device")
-        q.add_argument("--batch", type=int, default=16, help="chunks encoded at once")
-        q.set_defaults(func=cmd_analyze)
-
-    p = sub.add_parser("probe", help="downstream probe on frozen embeddings (4.5, Table 3), with random weights")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--labels", required=True, help="CSV with columns file,label,split (train/valid/test)")
-    p.add_argument("--audio", help="folder the CSV's relative paths start from (default: the CSV's folder)")
-    p.add_argument("--task", choices=["multiclass", "multilabel"], default="multiclass",
-                   help="one label per file (accuracy), or ';'-separated tags (ROC-AUC, AP)")
-    p.add_argument("--out", help="output folder (default: beside the checkpoint, probe/)")
-    p.add_argument("--epochs", type=int, default=200, help="at most; early stopping on valid")
-    p.add_argument("--patience", type=int, default=20, help="epochs without a better valid loss before stopping")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch", type=int, default=16, help="chunks encoded at once")
-    p.add_argument("--device")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_probe)
-
 # ---------------------------------------------------------------------------------------------
 # Performance: `bench` measures the machine's peak and how close the training step gets to it
 # ---------------------------------------------------------------------------------------------
@@ -2675,6 +2614,22 @@ def cmd_embed(args):
     embed_files(args.checkpoint, args.audio, args.out, sequences=args.sequences, device=args.device)
 
 
+def cmd_analyze(args):
+    if args.analysis == "align":
+        analyze_alignment(args.checkpoint, args.data, split=args.split, tracks=args.tracks,
+                          max_shift_s=args.max_shift_s, out=args.out, cache=args.cache, device=args.device,
+                          batch=args.batch)
+    else:
+        analyze_clusters(args.checkpoint, data=args.data, audio=args.audio, split=args.split, labels=args.labels,
+                         k=args.k, iters=args.iters, top=args.top, shuffles=args.shuffles, out=args.out,
+                         cache=args.cache, device=args.device, batch=args.batch, seed=args.seed)
+
+
+def cmd_probe(args):
+    probe(args.checkpoint, args.labels, audio=args.audio, task=args.task, out=args.out, device=args.device,
+          batch=args.batch, epochs=args.epochs, lr=args.lr, patience=args.patience, seed=args.seed)
+
+
 def cmd_bench(args):
     r = bench(preset=args.preset, batch_size=args.batch_size, device=args.device, compile=args.compile,
               steps=args.steps, data=args.data)
@@ -2738,7 +2693,46 @@ def main(argv=None):
     p.add_argument("--device")
     p.set_defaults(func=cmd_embed)
 
-    add_analysis_parsers(sub)
+    p = sub.add_parser("analyze", help="stem alignment (4.3, Fig. 4) and musical plausibility (4.4, Fig. 5)")
+    kinds = p.add_subparsers(dest="analysis", required=True)
+    a = kinds.add_parser("align", help="Eq. 3: target patches against shifted predictions (Fig. 4)")
+    a.add_argument("--data", required=True, help="multitrack dataset root (as for train)")
+    a.add_argument("--tracks", type=int, help="only the first K tracks (default all; the figure draws 8)")
+    a.add_argument("--max-shift-s", type=float, default=10.0, help="largest shift, in seconds")
+    c = kinds.add_parser("clusters", help="k-means on patch embeddings, key/chord co-occurrence (Fig. 5)")
+    source = c.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="multitrack dataset root: the mix of each track's stems is embedded")
+    source.add_argument("--audio", help="folder of full mixes (e.g. the Beatles), named as their .lab files")
+    c.add_argument("--labels", help="folder of NAME.keys.lab and NAME.chords.lab files, or Isophonics' keylab/ "
+                                    "and chordlab/ tree (default: labels.json beside each track's stems)")
+    c.add_argument("--k", type=int, default=32, help="k-means clusters")
+    c.add_argument("--iters", type=int, default=100, help="k-means iterations at most")
+    c.add_argument("--top", type=int, default=80, help="key/chord combinations shown in fig5.png")
+    c.add_argument("--shuffles", type=int, default=5, help="label shuffles for the chance level")
+    c.add_argument("--seed", type=int, default=0)
+    for q in (a, c):
+        q.add_argument("--checkpoint", required=True)
+        q.add_argument("--split", default="test", help="dataset split (with --data)")
+        q.add_argument("--out", help="output folder (default: beside the checkpoint)")
+        q.add_argument("--cache", help="decoded-stem cache (default DATA/.stem_jepa_cache)")
+        q.add_argument("--device")
+        q.add_argument("--batch", type=int, default=16, help="chunks encoded at once")
+        q.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("probe", help="downstream probe on frozen embeddings (4.5, Table 3), with random weights")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--labels", required=True, help="CSV with columns file,label,split (train/valid/test)")
+    p.add_argument("--audio", help="folder the CSV's relative paths start from (default: the CSV's folder)")
+    p.add_argument("--task", choices=["multiclass", "multilabel"], default="multiclass",
+                   help="one label per file (accuracy), or ';'-separated tags (ROC-AUC, AP)")
+    p.add_argument("--out", help="output folder (default: beside the checkpoint, probe/)")
+    p.add_argument("--epochs", type=int, default=200, help="at most; early stopping on valid")
+    p.add_argument("--patience", type=int, default=20, help="epochs without a better valid loss before stopping")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch", type=int, default=16, help="chunks encoded at once")
+    p.add_argument("--device")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("bench", help="measure peak FLOP/s, the training step, the loader and evaluation")
     p.add_argument("--preset", choices=list(PRESETS), default="paper")
