@@ -381,6 +381,43 @@ def test_no_gradient_reaches_the_target_encoder():
     assert all(p.grad.abs().sum() > 0 for p in model.encoder.parameters())
 
 
+def test_training_step_under_bf16_autocast_matches_float32():
+    """The GPU path runs the step under bf16 autocast. Exercised here with the CPU's bf16 autocast:
+    the front-end stays float32 (an STFT in bf16 would lose the quiet bins), the loss is computed
+    in float32 and is within bf16 rounding of the float32 loss, and the step applies."""
+    torch.manual_seed(0)
+    model = sj.build_model(tiny(), TOY_STEMS)
+    context, target, instrument = 0.3 * torch.randn(2, 32000), 0.3 * torch.randn(2, 32000), torch.tensor([0, 2])
+    with torch.no_grad():
+        exact = model(context, target, instrument)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model.frontend(context).dtype == torch.float32
+            low = model(context, target, instrument)
+    assert low.dtype == torch.float32 and low.item() != exact.item()        # the matmuls did run in bf16
+    assert abs(low.item() - exact.item()) < 0.03 * exact.item()
+    optimizer = torch.optim.AdamW(sj.param_groups(model, 0.05), lr=1e-3, fused=True)
+    before = model.encoder.blocks[0].attn.qkv.weight.clone()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, applied = sj.training_step(model, optimizer, context, target, instrument, lr=1e-3, tau=0.99)
+    assert applied and torch.isfinite(loss) and not torch.equal(before, model.encoder.blocks[0].attn.qkv.weight)
+
+
+def test_grad_accumulation_gives_the_full_batch_gradient():
+    """grad_accum micro-batches add up to the gradient of the whole batch (the loss of each is
+    divided by their number), so the update does not depend on how the batch is split."""
+    cfg = tiny()
+    context, target, instrument = 0.3 * torch.randn(4, 32000), 0.3 * torch.randn(4, 32000), torch.tensor([0, 1, 2, 3])
+    weights = []
+    for accum in (1, 2):
+        torch.manual_seed(0)
+        model = sj.build_model(cfg, TOY_STEMS)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        sj.training_step(model, optimizer, context, target, instrument, lr=1.0, tau=1.0, grad_clip=1e9,
+                         grad_accum=accum)
+        weights.append(model.encoder.blocks[0].mlp[0].weight.detach().clone())
+    assert torch.allclose(weights[0], weights[1], atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # 3.2 Sampler
 # ---------------------------------------------------------------------------------------------
