@@ -1156,8 +1156,8 @@ def embed_long(model: StemJEPA, wavs: list[np.ndarray], *, chunk: int, instrumen
     for w, x in enumerate(wavs):
         for j, start in enumerate(range(0, max(len(x), 1), chunk)):
             piece = x[start: start + chunk]
-            if len(piece) < chunk:
-                piece = np.pad(piece, (0, -len(piece) % step or (step if len(piece) == 0 else 0)))
+            if len(piece) < chunk:                                      # a whole number of patches, at least one
+                piece = np.pad(piece, (0, max(-len(piece) % step, step - len(piece))))
             pieces.append((w, j, piece))
     full = [p for p in pieces if len(p[2]) == chunk]
     groups = [full[i: i + batch] for i in range(0, len(full), batch)] + [[p] for p in pieces if len(p[2]) != chunk]
