@@ -516,6 +516,8 @@ def load_audio(path, sample_rate: int, stream: int | None = None) -> np.ndarray:
             raise StemJEPAError(f"{path}: ffmpeg could not decode stream {stream}: "
                                 f"{run.stderr.decode(errors='replace').strip().splitlines()[-1:]}")
         return np.frombuffer(run.stdout, dtype=np.float32).copy()
+    if not os.path.isfile(path):
+        raise StemJEPAError(f"{path}: no such file")
     if os.path.getsize(path) == 0:
         raise StemJEPAError(f"{path}: empty file (0 bytes)")
     try:
@@ -1152,6 +1154,7 @@ def embed_long(model: StemJEPA, wavs: list[np.ndarray], *, chunk: int, instrumen
     conditioned on them, from the context encoder; otherwise the target (or context) encoder's.
     Full chunks of all waveforms are batched together; last chunks run one by one."""
     step = model.frontend.hop_length * model.encoder.patch_size        # samples per time patch (160 ms)
+    chunk = max(step, chunk - chunk % step)                             # whole patches: no frame left out
     pieces = []                                                         # (wav index, position, samples)
     for w, x in enumerate(wavs):
         for j, start in enumerate(range(0, max(len(x), 1), chunk)):
@@ -1200,7 +1203,7 @@ def retrieval_metrics(queries, refs, truth, ks=(1, 5, 10)) -> dict:
     rank = closer + (tied - 1) / 2
     m = {f"R@{k}": 100 * ((k - closer) / tied).clamp(0, 1).mean().item() for k in ks}
     m["nrank_mean"] = 100 * (rank / R).mean().item()
-    m["nrank_median"] = 100 * (rank / R).median().item()
+    m["nrank_median"] = 100 * (rank / R).quantile(0.5).item()             # the mean of the middle two if even
     return m
 
 
@@ -1325,7 +1328,8 @@ def evaluate(checkpoint, data, *, split="test", out=None, cache=None, device=Non
     emb_dir = Path(tracks[0]["npy"]).parent.parent / "embeddings"
     emb_dir.mkdir(exist_ok=True)
     st = os.stat(checkpoint)
-    key = _cache_key(str(Path(checkpoint).resolve()), st.st_size, st.st_mtime_ns, [t["npy"] for t in tracks], VERSION)
+    key = _cache_key(str(Path(checkpoint).resolve()), st.st_size, st.st_mtime_ns,
+                     [(t["npy"], os.stat(t["npy"]).st_size, os.stat(t["npy"]).st_mtime_ns) for t in tracks], VERSION)
     emb_file = emb_dir / f"{key}.pt"
     if emb_file.exists():
         log(f"embeddings from {emb_file}")
@@ -1442,12 +1446,15 @@ def write_listening_test(tracks, emb, instruments, out, *, trials, sample_rate, 
         start = int(rng.integers(0, max(x.shape[1] - n_ex, 0) + 1))
         folder = out / "trials" / f"trial{k:02d}"
         folder.mkdir(exist_ok=True)
-        sf.write(folder / "mix.wav", excerpt(x.sum(0) - x[t["stems"].index(instruments[inst])], start), sample_rate)
+        clips = {"mix": excerpt(x.sum(0) - x[t["stems"].index(instruments[inst])], start)}
         options = {"true": stem_audio(q), "retrieved": stem_audio(retrieved), "random": stem_audio(random_pick)}
         order = rng.permutation(list(options))
         for letter, what in zip("ABC", order):
             y = options[what]
-            sf.write(folder / f"{letter}.wav", excerpt(y, min(start, max(len(y) - n_ex, 0))), sample_rate)
+            clips[letter] = excerpt(y, min(start, max(len(y) - n_ex, 0)))
+        gain = min(1.0, 0.99 / max(max(float(np.abs(c).max()) for c in clips.values()), 1e-9))  # one per trial: no clipping
+        for name, c in clips.items():
+            sf.write(folder / f"{name}.wav", gain * c, sample_rate)
         key_rows.append({"trial": f"trial{k:02d}", "track": t["name"], "instrument": instruments[inst],
                          **{letter: what for letter, what in zip("ABC", order)},
                          "retrieved_from": tracks[int(emb["track"][retrieved])]["name"],
@@ -1515,9 +1522,10 @@ def retrieve(checkpoint, mix, library, instrument: str, *, top=10, device=None, 
     if instrument not in model.instruments:
         raise StemJEPAError(f"--instrument {instrument}: the model knows {', '.join(model.instruments)}")
     files = audio_files(library)
+    mix_audio = load_audio(mix, cfg.sample_rate)                        # a bad --mix fails before the library is embedded
     chunk = int(cfg.chunk_seconds * cfg.sample_rate)
     st = os.stat(checkpoint)
-    key = _cache_key(str(Path(checkpoint).resolve()), st.st_size, st.st_mtime_ns,
+    key = _cache_key(str(Path(checkpoint).resolve()), st.st_size, st.st_mtime_ns, VERSION,
                      [(str(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files])
     cache = (Path(library) if Path(library).is_dir() else Path(library).parent) / ".stem_jepa_cache"
     cache_file = cache / f"library-{key}.pt"
@@ -1529,7 +1537,7 @@ def retrieve(checkpoint, mix, library, instrument: str, *, top=10, device=None, 
                             embed_long(model, [load_audio(f, cfg.sample_rate)], chunk=chunk, batch=batch, device=device)])
         cache.mkdir(exist_ok=True)
         _write_atomic(cache_file, lambda p: torch.save(refs, p))
-    q_seq = embed_long(model, [load_audio(mix, cfg.sample_rate)], chunk=chunk,
+    q_seq = embed_long(model, [mix_audio], chunk=chunk,
                        instruments=[model.instruments.index(instrument)], batch=batch, device=device)[0]
     d = torch.cdist(pool(q_seq)[None].double(), refs.double())[0]
     results = []
