@@ -982,7 +982,7 @@ def training_step(model: StemJEPA, optimizer, context, target, instrument, *, lr
     tensor: reading it would wait for the device) and whether the step was applied: a non-finite
     gradient norm skips the update entirely.
     """
-    loss_fn = loss_fn or model
+    loss_fn = model if loss_fn is None else loss_fn
     for group in optimizer.param_groups:
         group["lr"] = lr
     micro, total = len(context) // grad_accum, 0.0
