@@ -2472,7 +2472,62 @@ def matmul_peak(device: torch.device, dtype=torch.float32) -> float:
     return 2 * n ** 3 / best
 
 
-def bench(*, preset="paper", batch_size=2, device=None, compile=False, steps=5, data=None, log=print) -> dict:
+def obvious_step(cfg: Config, device, context, target, instrument):
+    """`bench --baseline`: the same shapes assembled the obvious way, as a yardstick for ours:
+    PyTorch's nn.TransformerEncoder with a learned position table, an nn.Sequential predictor, the
+    EMA as a Python loop over parameters, AdamW with its defaults, the mel front-end rebuilt and a
+    loss read back (.item()) at every step. Returns the step as a function of no arguments."""
+    D, hidden = cfg.dim, cfg.pred_hidden
+    frames = int(cfg.chunk_seconds * cfg.sample_rate) // cfg.hop_length
+    tokens = (cfg.n_mels // cfg.patch_size) * (frames // cfg.patch_size)
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patch = nn.Conv2d(1, D, cfg.patch_size, cfg.patch_size)
+            self.pos = nn.Parameter(torch.zeros(1, tokens, D))
+            layer = nn.TransformerEncoderLayer(D, cfg.heads, cfg.mlp_ratio * D, dropout=0.0, activation="gelu",
+                                               batch_first=True, norm_first=True)
+            self.body = nn.TransformerEncoder(layer, cfg.depth, enable_nested_tensor=False)
+            self.norm = nn.LayerNorm(D)
+
+        def forward(self, mel):
+            return self.norm(self.body(self.patch(mel[:, None]).flatten(2).transpose(1, 2) + self.pos))
+
+    online = Encoder().to(device)
+    target_net = copy.deepcopy(online).requires_grad_(False)
+    embedding = nn.Embedding(len(TOY_STEMS), D).to(device)
+    layers = [nn.Linear(2 * D, hidden), nn.ReLU()]
+    for _ in range(cfg.pred_layers - 2):
+        layers += [nn.Linear(hidden, hidden), nn.ReLU()]
+    predictor = nn.Sequential(*layers, nn.Linear(hidden, D), nn.LayerNorm(D)).to(device)
+    params = [*online.parameters(), *embedding.parameters(), *predictor.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def step():
+        mel = torchaudio.transforms.MelSpectrogram(cfg.sample_rate, n_fft=cfg.n_fft, hop_length=cfg.hop_length,
+                                                   f_min=cfg.f_min, f_max=cfg.f_max, n_mels=cfg.n_mels,
+                                                   norm="slaney", mel_scale="slaney").to(device)
+        logmel = lambda w: (torch.log(mel(w)[..., :frames] + 1e-7) + 9.453) / 3.569   # noqa: E731
+        z = online(logmel(context))
+        e = embedding(instrument)[:, None].expand(-1, z.shape[1], -1)
+        pred = predictor(torch.cat([z, e], dim=-1))
+        with torch.no_grad():
+            t = target_net(logmel(target))
+        loss = jepa_loss(pred, t)
+        optimizer.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        with torch.no_grad():
+            for p_t, p_o in zip(target_net.parameters(), online.parameters()):
+                p_t.mul_(0.999).add_(p_o, alpha=0.001)
+        return loss.item()
+    return step
+
+
+def bench(*, preset="paper", batch_size=2, device=None, compile=False, steps=5, data=None, baseline=False,
+          log=print) -> dict:
     """Peak matmul throughput, the training step (samples/s, FLOP/s, MFU), the data loader
     (chunks/s of one worker from the prepared cache), evaluation speed and peak memory."""
     import resource
@@ -2503,6 +2558,10 @@ def bench(*, preset="paper", batch_size=2, device=None, compile=False, steps=5, 
     r["flops_per_sample"] = train_flops_per_sample(cfg)
     r["achieved_flops"] = r["flops_per_sample"] * r["samples_per_s"]
     r["mfu"] = r["achieved_flops"] / peak
+    if baseline:
+        del optimizer                                                   # free its state before the baseline's
+        step = obvious_step(cfg, device, context, target, instrument)
+        r["baseline_samples_per_s"] = batch_size / _median_time(step, device, warmup=2, repeats=steps)
 
     # evaluation: seconds of audio embedded per second by the target encoder
     audio = 0.1 * np.random.default_rng(0).standard_normal(int(4 * 60 * cfg.sample_rate)).astype(np.float32)
@@ -2546,6 +2605,9 @@ def format_bench(r: dict) -> str:
              ("FLOPs per sample", f"{r['flops_per_sample'] / g:.1f} GFLOP (counted from the shapes)"),
              ("achieved", f"{r['achieved_flops'] / g:.0f} GFLOP/s, MFU {100 * r['mfu']:.0f} % of peak"),
              ("evaluation", f"{r['eval_audio_s_per_s']:.0f} s of audio per s"),
+             *([("obvious baseline step", f"{r['baseline_samples_per_s']:.2f} samples/s: ours is "
+                                          f"{r['samples_per_s'] / r['baseline_samples_per_s']:.2f}x")]
+               if "baseline_samples_per_s" in r else []),
              ("data loader (1 worker)", f"{r['loader_chunks_per_s']:.0f} chunks/s, "
                                         f"{r['loader_to_step_ratio']:.0f}x what the step consumes"),
              ("peak memory (process)", f"{r['peak_rss_gb']:.2f} GB")]
@@ -2640,7 +2702,7 @@ def cmd_probe(args):
 
 def cmd_bench(args):
     r = bench(preset=args.preset, batch_size=args.batch_size, device=args.device, compile=args.compile,
-              steps=args.steps, data=args.data)
+              steps=args.steps, data=args.data, baseline=args.baseline)
     print(format_bench(r))
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=1))
@@ -2749,6 +2811,7 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true")
     p.add_argument("--steps", type=int, default=5, help="timed steps (after warm-up)")
     p.add_argument("--data", help="dataset for the loader measurement (default: 10 toy songs)")
+    p.add_argument("--baseline", action="store_true", help="also time the same step assembled the obvious way")
     p.add_argument("--json", help="also write the numbers to this file")
     p.set_defaults(func=cmd_bench)
 
