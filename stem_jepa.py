@@ -1364,7 +1364,8 @@ def evaluate(checkpoint, data, *, split="test", out=None, cache=None, device=Non
     plot_fig2(results["fig2"], out / "fig2.png")
     if listening:
         results["listening"] = write_listening_test(tracks, emb, model.instruments, out / "listening",
-                                                    trials=listening, sample_rate=cfg.sample_rate, seed=seed)
+                                                    trials=listening, sample_rate=cfg.sample_rate, seed=seed,
+                                                    threshold=cfg.active_threshold)
     (out / "retrieval.json").write_text(json.dumps(results, indent=1))
     log(format_table(results))
     log(f"wrote {out / 'retrieval.json'} and {out / 'fig2.png'}")
@@ -1386,11 +1387,10 @@ def format_table(results: dict) -> str:
 
 def plot_fig2(fig2: dict, path) -> None:
     """Fig. 2: failure categories per instrument (left) and the instrument confusion matrix (right)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure        # not pyplot: leaves a notebook's backend alone
     names = fig2["instruments"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig = Figure(figsize=(9, 3.5))
+    a, b = fig.subplots(1, 2)
     bottom = np.zeros(len(names))
     for cat in ("both correct", "right instrument", "right song", "both wrong"):
         v = np.nan_to_num([fig2["categories"][s][cat] for s in names])
@@ -1409,21 +1409,29 @@ def plot_fig2(fig2: dict, path) -> None:
     b.set_ylabel("true stem")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 def write_listening_test(tracks, emb, instruments, out, *, trials, sample_rate, seed=0,
-                         excerpt_s=16.0, crop_s=10.0) -> dict:
+                         excerpt_s=16.0, crop_s=10.0, threshold=0.1) -> dict:
     """Material for the listening test of 4.2. Per trial: a query mix (one stem removed), then in
     random order A/B/C the true stem, the stem of the same instrument from another song that the
     model retrieves (the paper's green segment) and a random stem of that instrument from another
-    song. Each is a 16 s excerpt randomly cropped to 10 s. key.csv (kept apart from trials/) says
-    which is which."""
+    song. Each is a 16 s excerpt randomly cropped to 10 s: the mix and the true stem at the same
+    place, the other two where they play the most (not in a section where they are muted).
+    key.csv (kept apart from trials/) says which is which."""
     rng = np.random.default_rng(seed)
     out = Path(out)
     (out / "trials").mkdir(parents=True, exist_ok=True)
     d = torch.cdist(emb["queries"].double(), emb["refs_target"].double())
     key_rows, n_ex, n_crop = [], int(excerpt_s * sample_rate), int(crop_s * sample_rate)
+
+    def busiest_start(y):                       # the excerpt with the most active 0.1 s blocks
+        block = sample_rate // 10
+        nb = len(y) // block
+        if len(y) <= n_ex or nb == 0:
+            return 0
+        active = (np.abs(y[: nb * block]).reshape(nb, block).max(1) > threshold).astype(np.int64)
+        return int(np.convolve(active, np.ones(min(n_ex // block, nb), np.int64), "valid").argmax()) * block
 
     def excerpt(x, start):
         seg = x[start: start + n_ex]
@@ -1451,7 +1459,8 @@ def write_listening_test(tracks, emb, instruments, out, *, trials, sample_rate, 
         order = rng.permutation(list(options))
         for letter, what in zip("ABC", order):
             y = options[what]
-            clips[letter] = excerpt(y, min(start, max(len(y) - n_ex, 0)))
+            at = min(start, max(len(y) - n_ex, 0)) if what == "true" else busiest_start(y)
+            clips[letter] = excerpt(y, at)
         gain = min(1.0, 0.99 / max(max(float(np.abs(c).max()) for c in clips.values()), 1e-9))  # one per trial: no clipping
         for name, c in clips.items():
             sf.write(folder / f"{name}.wav", gain * c, sample_rate)
@@ -1700,10 +1709,9 @@ def plot_fig4(result: dict, path, *, chunk_seconds=None, max_tracks=8) -> None:
     """Fig. 4: s(z, q, j) against the shift in seconds, one thin line per track (the first
     max_tracks), their mean in black, the random-pair level dashed. Dotted lines mark multiples of
     the chunk length, where 4.3 sees the smaller peaks of the absolute positions."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    from matplotlib.figure import Figure        # not pyplot: leaves a notebook's backend alone
+    fig = Figure(figsize=(7, 3.5))
+    ax = fig.subplots()
     x = result["shifts_s"]
     for r in result["tracks"][:max_tracks]:
         ax.plot(x, r["curve"], lw=0.8, alpha=0.7, label=r["name"][:24])
@@ -1720,7 +1728,6 @@ def plot_fig4(result: dict, path, *, chunk_seconds=None, max_tracks=8) -> None:
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2128,10 +2135,9 @@ ROMAN = ["I", "bII", "II", "bIII", "III", "IV", "#IV", "V", "bVI", "VI", "bVII",
 def plot_fig5(result: dict, path) -> None:
     """Fig. 5: the key/chord co-occurrence matrix of the most frequent combinations (log colour
     scale), and beside it the share of pairs per interval from key tonic to chord root."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 6), gridspec_kw={"width_ratios": [2, 1]})
+    from matplotlib.figure import Figure        # not pyplot: leaves a notebook's backend alone
+    fig = Figure(figsize=(11, 6))
+    a, b = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
     names, m = result["top"], np.array(result["matrix"], dtype=float)
     a.imshow(np.log1p(m), cmap="viridis")
     size = min(7.0, max(3.0, 320 / max(len(names), 1)))                 # 80 labels still fit, at 4 pt
@@ -2147,7 +2153,6 @@ def plot_fig5(result: dict, path) -> None:
     b.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------
