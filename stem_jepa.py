@@ -14,6 +14,9 @@ Commands (each has --help):
     python stem_jepa.py train --data toy/ --preset tiny --steps 300   # minutes on a CPU
     torchrun --nproc_per_node 4 stem_jepa.py train --data musdb18/    # several GPUs
     python stem_jepa.py demo                           # toy data + tiny model, end to end
+    python stem_jepa.py evaluate --checkpoint runs/stem-jepa/checkpoint.pt --data musdb18/
+    python stem_jepa.py retrieve --checkpoint CKPT --mix mix.wav --library stems/ --instrument bass
+    python stem_jepa.py analyze align|clusters ...; python stem_jepa.py probe ...; python stem_jepa.py bench
 
 Paper -> code:
     3.3 front-end (log-mel, 16x16 patches)   LogMel, ViT.patch_embed
@@ -24,6 +27,12 @@ Paper -> code:
     3.2 sampling context and target           choose_stems, draw_example
     3.3 training (AdamW, warmup + cosine)     lr_at, train
     3.4 training data (multitracks)           find_tracks, prepare, StemChunks, make_toy_song
+    4.1 retrieval, Table 1, Fig. 2            embed_long, pool, retrieval_metrics, evaluate, retrieve
+    4.2 listening test                        write_listening_test
+    4.3 alignment, Eq. 3, Fig. 4              shift_similarity, alignment_curves, best_offset
+    4.4 musical plausibility, Fig. 5          kmeans, cooccurrence, analyze_clusters
+    4.5 downstream probes, Table 3            train_probe, probe
+    performance                               bench, train_flops_per_sample
 
 Shape letters: B batch, S stems, N samples, M mel bins, L frames, F frequency patches,
 T time patches, K = F*T tokens, D embedding width, H heads, h head width.
