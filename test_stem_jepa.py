@@ -1,5 +1,6 @@
 """Tests of stem_jepa.py, in the module's order: front-end, encoder, predictor, loss (Eq. 1),
-EMA and schedules (Eq. 2, 3.3), sampler (3.2), data loading and cache (3.4), training, CLI.
+EMA and schedules (Eq. 2, 3.3), sampler (3.2), data loading and cache (3.4), training, CLI and bad
+input, retrieval (4.1-4.2), analyses (4.3-4.5), the tutorial, and reliability (interruption, resume).
 
 Every test states the property it checks, and checks it against an independent computation,
 an invariant, or a measured effect of training. Everything runs on a CPU in a few minutes:
