@@ -110,13 +110,17 @@ class Config:
     batch_size: int = 256             # global, over all processes and accumulation steps
     grad_accum: int = 1               # micro-batches per step when the batch does not fit in memory
     base_lr: float = 3e-4             # lr = base_lr * batch_size / 256
-    warmup_steps: int = 20_000        # linear warmup, then cosine to 0
+    warmup_steps: int = 20_000        # linear warmup, then cosine ...
+    min_lr_ratio: float = 0.0         # ... down to min_lr_ratio x the peak (the paper: 0)
     beta1: float = 0.9
     beta2: float = 0.95
     weight_decay: float = 0.05        # not on biases, norms and embeddings (M2D's choice)
     grad_clip: float = 3.0            # max global gradient norm
     tau_start: float = 0.99995        # EMA rate tau_0 (Eq. 2) ...
     tau_end: float = 0.99999          # ... rising linearly to tau_T
+    # beyond the paper (0 = off): see song_contrast_loss
+    song_contrast: float = 0.0        # weight of the "which song?" InfoNCE term added to Eq. 1
+    song_temperature: float = 0.1     # its softmax temperature
     seed: int = 0
     # bookkeeping
     log_every: int = 50               # steps between log lines
@@ -333,9 +337,33 @@ def jepa_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     As in the authors' code (not in the paper's text), each target patch vector is first
     standardised over its D dims: (t - mean) / sqrt(var + 1e-6), with the unbiased variance.
     """
-    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
-    diff = F.normalize(pred.float(), dim=-1) - F.normalize(target.float(), dim=-1)
+    diff = F.normalize(pred.float(), dim=-1) - unit_targets(target)
     return diff.pow(2).sum(-1).mean()
+
+
+def unit_targets(target: torch.Tensor) -> torch.Tensor:
+    """The targets as Eq. 1 compares them: each patch vector standardised over its D dims (the
+    authors' code: (t - mean) / sqrt(var + 1e-6), unbiased variance), then L2-normalised."""
+    target = target.float()
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    return F.normalize(target, dim=-1)
+
+
+def song_contrast_loss(pred: torch.Tensor, target: torch.Tensor, instrument: torch.Tensor, *,
+                       temperature: float = 0.1) -> torch.Tensor:
+    """Not in the paper: an auxiliary term that asks each prediction to tell songs apart.
+
+    Eq. 1 alone lets a small model settle on the average stem of each instrument (the
+    "collapse" that `collapse_measures` shows). Here each prediction and each target (B, F, T, D)
+    is pooled as in retrieval (`pool`), and InfoNCE asks the prediction to be nearer its own target
+    than the targets of the other samples *of the same instrument* in the batch: the negatives
+    are other songs' basses, never drums, so the instrument label cannot solve it. Samples with
+    no same-instrument negative contribute 0.
+    """
+    q, r = pool(pred), pool(target.detach())                           # (B, F*D) each
+    logits = q @ r.T / temperature                                      # (B, B)
+    logits = logits.masked_fill(instrument[:, None] != instrument[None], float("-inf"))
+    return F.cross_entropy(logits, torch.arange(len(q), device=q.device))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,12 +382,14 @@ def ema_update(target: list[torch.Tensor], online: list[torch.Tensor], tau: floa
     torch._foreach_lerp_(target, online, 1.0 - tau)
 
 
-def lr_at(step: int, *, peak_lr: float, warmup_steps: int, total_steps: int) -> float:
-    """Linear warmup to peak_lr over warmup_steps, then cosine annealing to 0 at total_steps (3.3)."""
+def lr_at(step: int, *, peak_lr: float, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
+    """Linear warmup to peak_lr over warmup_steps, then cosine annealing to min_ratio x peak_lr
+    (the paper: to 0) at total_steps (3.3)."""
     if step < warmup_steps:
         return peak_lr * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
-    return 0.5 * peak_lr * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    floor = min_ratio * peak_lr
+    return floor + 0.5 * (peak_lr - floor) * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
 class StemJEPA(nn.Module):
@@ -369,11 +399,13 @@ class StemJEPA(nn.Module):
     (B, N); it is what the training step differentiates.
     """
 
-    def __init__(self, *, frontend: LogMel, encoder: ViT, predictor: nn.Module, instruments: list[str]):
+    def __init__(self, *, frontend: LogMel, encoder: ViT, predictor: nn.Module, instruments: list[str],
+                 song_contrast: float = 0.0, song_temperature: float = 0.1):
         super().__init__()
         self.frontend, self.encoder, self.predictor = frontend, encoder, predictor
         self.target_encoder = copy.deepcopy(encoder).requires_grad_(False)
         self.instruments = list(instruments)
+        self.song_contrast, self.song_temperature = song_contrast, song_temperature
 
     def encode(self, wav: torch.Tensor, *, target: bool = False) -> torch.Tensor:
         """Waveforms (B, N) -> patch embeddings (B, F, T, D) from the context or the target encoder."""
@@ -387,7 +419,11 @@ class StemJEPA(nn.Module):
         pred = self.predict(context, instrument)                        # z~ (B, F, T, D)
         with torch.no_grad():
             z_bar = self.encode(target, target=True)                     # z_bar (B, F, T, D): no gradient
-        return jepa_loss(pred, z_bar)
+        loss = jepa_loss(pred, z_bar)
+        if self.song_contrast:
+            loss = loss + self.song_contrast * song_contrast_loss(pred, z_bar, instrument,
+                                                                  temperature=self.song_temperature)
+        return loss
 
     @classmethod
     def from_checkpoint(cls, path, map_location="cpu") -> "StemJEPA":
@@ -415,7 +451,8 @@ def build_model(cfg: Config, instruments: list[str]) -> StemJEPA:
                                          max_time=max_frames // cfg.patch_size)
     else:
         raise StemJEPAError(f"unknown predictor {cfg.predictor!r}; choose mlp, mlp-nocond or transformer")
-    model = StemJEPA(frontend=frontend, encoder=encoder, predictor=predictor, instruments=instruments)
+    model = StemJEPA(frontend=frontend, encoder=encoder, predictor=predictor, instruments=instruments,
+                     song_contrast=cfg.song_contrast, song_temperature=cfg.song_temperature)
     model.config = cfg
     return model
 
@@ -894,6 +931,35 @@ def embedding_spread(z: torch.Tensor) -> float:
     return z.std(dim=0).mean().item() if len(z) > 1 else float("nan")
 
 
+def collapse_measures(pred: torch.Tensor, target: torch.Tensor, instrument: torch.Tensor) -> dict:
+    """Does the predictor use the mix, or only the instrument label? From one batch's predictions
+    and targets (B, F, T, D) and target instruments (B,), over the samples whose instrument occurs
+    at least twice in the batch:
+
+    - avg_stem_loss: Eq. 1 for a predictor that outputs, at each patch, the mean unit target of the
+      *other* samples of the same instrument (leave-one-out): "the average bass". A predictor that
+      ignores the mix cannot beat it; batch_loss (Eq. 1 of the model on the same samples) must.
+    - pred_spread, target_spread: RMS distance of the unit predictions (targets) to their
+      per-(instrument, patch) batch mean. pred_spread is 0 when every song gets the same prediction.
+    """
+    p, t = F.normalize(pred.float(), dim=-1), unit_targets(target)      # (B, F, T, D)
+    same = (instrument[:, None] == instrument[None]).float()            # (B, B)
+    n = same.sum(1)                                                     # samples of my instrument, me included
+    keep = n > 1
+    if not keep.any():
+        return dict.fromkeys(("batch_loss", "avg_stem_loss", "pred_spread", "target_spread"), float("nan"))
+    sums = torch.einsum("ij,jftd->iftd", same, t)                       # (B, F, T, D)
+    others = (sums - t)[keep] / (n[keep] - 1)[:, None, None, None]      # leave-one-out mean target
+    k = n[keep][:, None, None, None]
+
+    def spread(x):
+        mean = torch.einsum("ij,jftd->iftd", same, x)[keep] / k
+        return (x[keep] - mean).pow(2).sum(-1).mean().sqrt().item()
+    return {"batch_loss": (p[keep] - t[keep]).pow(2).sum(-1).mean().item(),
+            "avg_stem_loss": (F.normalize(others, dim=-1) - t[keep]).pow(2).sum(-1).mean().item(),
+            "pred_spread": spread(p), "target_spread": spread(t)}
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write to a temporary file, keep the previous checkpoint as *.prev.pt, then rename: a kill
     at any moment leaves at least one loadable checkpoint."""
@@ -1091,7 +1157,8 @@ def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, 
 
     log_file = out / "log.csv"
     if is_main and not log_file.exists():
-        log_file.write_text("step,loss,lr,tau,samples_per_s,spread,skipped\n")
+        log_file.write_text("step,loss,lr,tau,samples_per_s,spread,batch_loss,avg_stem_loss,pred_spread,"
+                            "target_spread,skipped\n")
     log(f"training {cfg.predictor} predictor, {sum(p.numel() for p in trainable) / 1e6:.1f} M trainable "
         f"parameters, {len(tracks)} tracks, instruments {instruments}, on {device} x {world}, steps {start}..{cfg.steps}")
     loss_sum, n_applied = torch.tensor(float(window[0]), device=device), int(window[1])
@@ -1107,7 +1174,8 @@ def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, 
                     break
                 raise
             context, target, instrument = (x.to(device, non_blocking=True) for x in (context, target, instrument))
-            lr = lr_at(step, peak_lr=peak_lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps)
+            lr = lr_at(step, peak_lr=peak_lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
+                       min_ratio=cfg.min_lr_ratio)
             tau = tau_at(step, cfg.steps, cfg.tau_start, cfg.tau_end)
             loss, applied = training_step(model, optimizer, context, target, instrument, lr=lr, tau=tau,
                                           grad_clip=cfg.grad_clip, grad_accum=cfg.grad_accum, loss_fn=loss_fn)
@@ -1125,13 +1193,19 @@ def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, 
                 mean_loss = loss_sum.item() / max(n_applied, 1)
                 speed = n_sum * cfg.batch_size / (time.time() - t_last)
                 with torch.no_grad(), autocast_for(device):
-                    spread = embedding_spread(model.encode(target, target=True))
+                    z_bar = model.encode(target, target=True)
+                    c = collapse_measures(model.predict(context, instrument), z_bar, instrument)
+                    spread = embedding_spread(z_bar)
                 eta = (cfg.steps - step) * cfg.batch_size / speed
-                log(f"step {step}/{cfg.steps}  loss {mean_loss:.4f}  lr {lr:.2e}  tau {tau:.6f}  "
-                    f"spread {spread:.3f}  {speed:.1f} samples/s  ETA {eta / 60:.1f} min")
+                log(f"step {step}/{cfg.steps}  loss {mean_loss:.4f} (batch {c['batch_loss']:.4f}, "
+                    f"average stem {c['avg_stem_loss']:.4f})  spread of predictions {c['pred_spread']:.3f} "
+                    f"(targets {c['target_spread']:.3f})  lr {lr:.2e}  tau {tau:.6f}  spread {spread:.3f}  "
+                    f"{speed:.1f} samples/s  ETA {eta / 60:.1f} min")
                 if is_main:
                     with open(log_file, "a") as f:
-                        f.write(f"{step},{mean_loss:.6f},{lr:.6e},{tau:.8f},{speed:.2f},{spread:.4f},{skipped}\n")
+                        f.write(f"{step},{mean_loss:.6f},{lr:.6e},{tau:.8f},{speed:.2f},{spread:.4f},"
+                                f"{c['batch_loss']:.6f},{c['avg_stem_loss']:.6f},{c['pred_spread']:.4f},"
+                                f"{c['target_spread']:.4f},{skipped}\n")
                 loss_sum.zero_()
                 n_sum, n_applied, t_last = 0, 0, time.time()
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
@@ -1184,27 +1258,31 @@ def embed_long(model: StemJEPA, wavs: list[np.ndarray], *, chunk: int, instrumen
 
 
 def pool(z: torch.Tensor) -> torch.Tensor:
-    """(F, T, D) -> one vector (F*D,): average over time, concatenate the frequency rows (3840-d for
-    ViT-B), layer-normalise without affine and L2-normalise (the authors' evaluation)."""
-    v = z.mean(dim=1).reshape(-1)                                       # (F*D,)
-    return F.normalize(F.layer_norm(v, v.shape), dim=0)
+    """(..., F, T, D) -> one vector (..., F*D): average over time, concatenate the frequency rows
+    (3840-d for ViT-B), layer-normalise without affine and L2-normalise (the authors' evaluation)."""
+    v = z.float().mean(dim=-2).flatten(-2)                              # (..., F*D)
+    return F.normalize(F.layer_norm(v, v.shape[-1:]), dim=-1)
 
 
-def retrieval_ranks(queries: torch.Tensor, refs: torch.Tensor, truth: torch.Tensor):
+def retrieval_ranks(queries: torch.Tensor, refs: torch.Tensor, truth: torch.Tensor, candidates=None):
     """L2 distances from each query (Q, C) to every reference (R, C); for each query, the rank of
     its true reference `truth[q]` (0 = nearest) and the tie count. Ties are broken at random, in
-    expectation: rank = (#closer) + (#tied others) / 2, and Recall@K = P(rank < K)."""
+    expectation: rank = (#closer) + (#tied others) / 2, and Recall@K = P(rank < K).
+    candidates (Q, R) bool, optional: each query competes only with these references."""
     d = torch.cdist(queries.double(), refs.double())                    # (Q, R)
+    if candidates is not None:
+        d = d.masked_fill(~candidates, float("inf"))
     d_true = d.gather(1, truth[:, None])                                # (Q, 1)
     closer = (d < d_true).sum(1)
     tied = (d == d_true).sum(1)                                         # includes the true reference
     return closer, tied, d
 
 
-def retrieval_metrics(queries, refs, truth, ks=(1, 5, 10)) -> dict:
-    """Recall@K and normalised rank = rank / R (mean and median), as in 4.1.1, in percent."""
-    closer, tied, _ = retrieval_ranks(queries, refs, truth)
-    R = refs.shape[0]
+def retrieval_metrics(queries, refs, truth, ks=(1, 5, 10), candidates=None) -> dict:
+    """Recall@K and normalised rank = rank / R (mean and median), as in 4.1.1, in percent.
+    With `candidates` (Q, R), each query's R is the number of references it competes with."""
+    closer, tied, _ = retrieval_ranks(queries, refs, truth, candidates)
+    R = refs.shape[0] if candidates is None else candidates.sum(1)
     rank = closer + (tied - 1) / 2
     m = {f"R@{k}": 100 * ((k - closer) / tied).clamp(0, 1).mean().item() for k in ks}
     m["nrank_mean"] = 100 * (rank / R).mean().item()
@@ -1217,6 +1295,30 @@ def chance_metrics(R: int, ks=(1, 5, 10)) -> dict:
     ranks = np.arange(R) / R
     return {**{f"R@{k}": 100 * min(k / R, 1.0) for k in ks},
             "nrank_mean": 100 * ranks.mean(), "nrank_median": 100 * float(np.median(ranks))}
+
+
+def which_song_and_instrument(queries, refs, track, instrument) -> dict:
+    """The two questions inside a retrieval rank (query i's true stem is reference i):
+
+    - which song? the rank of the true stem among the references of the *same instrument*
+      (N candidates). This is compatibility: the bass of this song, not any bass.
+    - which instrument? its rank among the stems of the *same song* (S candidates).
+    - query_cosine: the mean cosine between pooled queries of one instrument in different songs.
+      1 means the predictor gives the same query for every song (it has learnt the instrument
+      only); pooled vectors share a large common part, so it stays high even when the ranking
+      by song is informative.
+    Each rank is given as R@1 and mean normalised rank in percent; chance is 100/N (or 100/S) and
+    about 50.
+    """
+    truth = torch.arange(len(queries))
+    same_inst = instrument[:, None] == instrument[None]                 # (Q, R)
+    same_song = track[:, None] == track[None]
+    q = F.normalize(queries.double(), dim=1)
+    others = same_inst & ~same_song
+    cosine = (q @ q.T)[others].mean().item() if others.any() else float("nan")
+    return {"which_song": retrieval_metrics(queries, refs, truth, ks=(1,), candidates=same_inst),
+            "which_instrument": retrieval_metrics(queries, refs, truth, ks=(1,), candidates=same_song),
+            "query_cosine": cosine}
 
 
 def failure_analysis(queries, refs, query_track, query_inst, ref_track, ref_inst, instruments) -> dict:
@@ -1359,10 +1461,14 @@ def evaluate(checkpoint, data, *, split="test", out=None, cache=None, device=Non
                "checkpoint": str(checkpoint), "split": split, "rows": {}}
     for name, (q, r) in rows.items():
         row = retrieval_metrics(q, r, truth)
+        row.update(which_song_and_instrument(q, r, emb["track"], emb["instrument"]))
         row["per_instrument"] = {s: retrieval_metrics(q[m], r, truth[m])
                                  for i, s in enumerate(model.instruments) if (m := emb["instrument"] == i).any()}
         results["rows"][name] = row
     results["rows"]["chance"] = chance_metrics(len(truth))
+    results["rows"]["chance"].update(
+        which_song=chance_metrics(len(tracks), ks=(1,)), which_instrument=chance_metrics(len(model.instruments), ks=(1,)),
+        query_cosine=float("nan"))
     results.update(results["rows"]["Stem-JEPA, target-encoder refs"])  # the headline numbers at top level
     results["fig2"] = failure_analysis(emb["queries"], emb["refs_target"], emb["track"], emb["instrument"],
                                        emb["track"], emb["instrument"], model.instruments)
@@ -1378,12 +1484,18 @@ def evaluate(checkpoint, data, *, split="test", out=None, cache=None, device=Non
 
 
 def format_table(results: dict) -> str:
-    """Table 1's layout: one row per model, metrics in percent."""
+    """Table 1's layout, one row per model, metrics in percent, then the two questions inside
+    the rank: which song? (among the stems of the same instrument) and which instrument? (among
+    the stems of the same song), and the cosine between one instrument's queries across songs."""
     lines = [f"retrieval on {results['N']} tracks x {results['S']} instruments ({results['references']} references)",
-             f"{'model':34s} {'R@1':>6s} {'R@5':>6s} {'R@10':>6s} {'nrank mean':>11s} {'median':>7s}"]
+             f"{'model':34s} {'R@1':>6s} {'R@5':>6s} {'R@10':>6s} {'nrank mean':>11s} {'median':>7s}"
+             f" | {'song R@1':>8s} {'song nrank':>10s} | {'inst R@1':>8s} {'inst nrank':>10s} | {'q cos':>6s}"]
     for name, m in results["rows"].items():
         lines.append(f"{name:34s} {m['R@1']:6.1f} {m['R@5']:6.1f} {m['R@10']:6.1f} "
-                     f"{m['nrank_mean']:11.1f} {m['nrank_median']:7.1f}")
+                     f"{m['nrank_mean']:11.1f} {m['nrank_median']:7.1f}"
+                     f" | {m['which_song']['R@1']:8.1f} {m['which_song']['nrank_mean']:10.1f}"
+                     f" | {m['which_instrument']['R@1']:8.1f} {m['which_instrument']['nrank_mean']:10.1f}"
+                     f" | {m['query_cosine']:6.3f}")
     for s, m in results["rows"]["Stem-JEPA, target-encoder refs"].get("per_instrument", {}).items():
         lines.append(f"{'  ' + s:34s} {m['R@1']:6.1f} {m['R@5']:6.1f} {m['R@10']:6.1f} "
                      f"{m['nrank_mean']:11.1f} {m['nrank_median']:7.1f}")
@@ -2630,22 +2742,29 @@ def format_bench(r: dict) -> str:
 # Command line
 # ---------------------------------------------------------------------------------------------
 
+def _config_help() -> dict[str, str]:
+    """Each Config field's comment in the source, as its --help text."""
+    import inspect
+    helps = {}
+    for line in inspect.getsource(Config).splitlines():
+        name, _, comment = line.strip().partition("#")
+        if ":" in name and "=" in name:
+            helps[name.split(":")[0].strip()] = comment.strip()
+    return helps
+
+
 def _add_train_options(p):
+    """One option per Config field (--batch-size for batch_size, ...), defaulting to the preset's."""
     p.add_argument("--preset", choices=list(PRESETS), default="paper", help="paper (GPU) or tiny (CPU, minutes)")
-    p.add_argument("--predictor", choices=["mlp", "mlp-nocond", "transformer"], help="predictor kind (Table 1)")
-    p.add_argument("--steps", type=int, help="training steps")
-    p.add_argument("--batch-size", type=int, help="global batch size")
-    p.add_argument("--grad-accum", type=int, help="micro-batches per step, when the batch does not fit")
-    p.add_argument("--lr", type=float, dest="base_lr", help="base lr, scaled by batch_size / 256")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--log-every", type=int)
-    p.add_argument("--ckpt-every", type=int)
+    helps = _config_help()
+    for f in dataclasses.fields(Config):
+        kind = {"int": int, "float": float, "str": str}[str(f.type)]
+        p.add_argument("--" + f.name.replace("_", "-"), type=kind, help=helps.get(f.name, ""))
+    p.add_argument("--lr", type=float, dest="base_lr", help="the same as --base-lr")
 
 
 def _config_from(args) -> Config:
-    return make_config(args.preset, predictor=args.predictor, steps=args.steps, batch_size=args.batch_size,
-                       grad_accum=args.grad_accum, base_lr=args.base_lr, seed=args.seed,
-                       log_every=args.log_every, ckpt_every=args.ckpt_every)
+    return make_config(args.preset, **{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
 
 
 def cmd_toy(args):

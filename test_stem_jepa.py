@@ -29,6 +29,7 @@ import pytest
 import soundfile as sf
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import stem_jepa as sj
 
@@ -321,6 +322,51 @@ def test_jepa_loss_is_zero_for_the_centred_target_and_not_for_the_raw_one():
     assert sj.jepa_loss(-centred, target).item() == pytest.approx(4.0, abs=1e-5)
 
 
+def test_song_contrast_loss_equals_infonce_among_the_same_instrument_by_hand():
+    """song_contrast_loss: for each sample, -log softmax over the pooled targets of the samples of
+    its own instrument (itself included) at its own target, averaged over the batch; samples of
+    other instruments never enter the softmax."""
+    torch.manual_seed(0)
+    pred, target = torch.randn(5, 2, 3, 8), torch.randn(5, 2, 3, 8)
+    inst = torch.tensor([0, 1, 0, 0, 1])
+    q, r = sj.pool(pred), sj.pool(target)
+    want = 0.0
+    for i in range(5):
+        mine = [j for j in range(5) if inst[j] == inst[i]]
+        logits = torch.stack([q[i] @ r[j] / 0.5 for j in mine])
+        want -= (logits[mine.index(i)] - torch.logsumexp(logits, 0)).item() / 5
+    got = sj.song_contrast_loss(pred, target, inst, temperature=0.5).item()
+    assert got == pytest.approx(want, rel=1e-5)
+    moved = target.clone()
+    moved[1] += 5.0                                                     # the only other inst-1 sample
+    assert sj.song_contrast_loss(pred[[0, 2, 3]], target[[0, 2, 3]], inst[[0, 2, 3]], temperature=0.5) \
+        == pytest.approx(sj.song_contrast_loss(pred[[0, 2, 3]], moved[[0, 2, 3]], inst[[0, 2, 3]], temperature=0.5))
+
+
+def test_collapse_measures_tell_a_mix_blind_predictor_from_one_that_reads_the_mix():
+    """A predictor that outputs one vector per instrument has prediction spread 0; the average-stem
+    loss is Eq. 1 of the leave-one-out mean unit target of the same instrument (computed here
+    sample by sample); a predictor that outputs the (standardised) target itself gets batch
+    loss 0, below the average stem."""
+    torch.manual_seed(0)
+    target = torch.randn(6, 2, 3, 16) + 0.5
+    inst = torch.tensor([0, 0, 0, 1, 1, 2])                             # instrument 2 occurs once: left out
+    blind = torch.randn(3, 1, 1, 16)[inst].expand(-1, 2, 3, -1)
+    m = sj.collapse_measures(blind, target, inst)
+    assert m["pred_spread"] == pytest.approx(0.0, abs=1e-6) and m["target_spread"] > 0.5
+    unit = sj.unit_targets(target)
+    want = []
+    for i in range(5):
+        others = [j for j in range(5) if inst[j] == inst[i] and j != i]
+        mean = F.normalize(unit[others].mean(0), dim=-1)
+        want.append((mean - unit[i]).pow(2).sum(-1).mean().item())
+    assert m["avg_stem_loss"] == pytest.approx(np.mean(want), rel=1e-5)
+    reader = sj.collapse_measures(target - target.mean(-1, keepdim=True), target, inst)
+    assert reader["batch_loss"] == pytest.approx(0.0, abs=1e-6)
+    assert reader["avg_stem_loss"] > 0.1
+    assert reader["pred_spread"] == pytest.approx(reader["target_spread"], rel=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # Eq. 2 EMA target encoder, tau and lr schedules
 # ---------------------------------------------------------------------------------------------
@@ -364,6 +410,13 @@ def test_lr_schedule_warms_up_linearly_then_anneals_to_zero():
     for s in (30, 60, 100):
         assert lr[s] == pytest.approx(0.5 * peak * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))))
     assert all(a >= b for a, b in zip(lr[warmup:], lr[warmup + 1:]))
+
+
+def test_lr_schedule_with_a_floor_anneals_to_the_floor():
+    """min_ratio: the cosine goes from the peak to min_ratio x peak instead of 0; warmup unchanged."""
+    lr = [sj.lr_at(s, peak_lr=1.0, warmup_steps=10, total_steps=110, min_ratio=0.1) for s in range(111)]
+    assert lr[9] == pytest.approx(1.0) and lr[110] == pytest.approx(0.1) and lr[60] == pytest.approx(0.55)
+    assert min(lr[10:]) == pytest.approx(0.1)
 
 
 def test_no_gradient_reaches_the_target_encoder():
@@ -891,6 +944,41 @@ def metrics_by_enumeration(queries, refs, truth, ks) -> dict:
         nranks.append(np.mean(ranks) / R)
     return {**{f"R@{k}": 100 * float(np.mean(hits[k])) for k in ks},
             "nrank_mean": 100 * float(np.mean(nranks)), "nrank_median": 100 * float(np.median(nranks))}
+
+
+def test_queries_that_ignore_the_mix_find_the_instrument_but_not_the_song():
+    """A predictor that gives every song the same query for an instrument (the collapse the
+    project watches for): which song? is at chance (R@1 = 1/N, normalised rank (N - 1) / 2N) and
+    the same-instrument query cosine is 1, while queries equal to their references get both
+    questions right."""
+    torch.manual_seed(0)
+    N, S = 6, 4
+    refs = F.normalize(torch.randn(N * S, 16), dim=1)
+    track, inst = torch.arange(N).repeat_interleave(S), torch.arange(S).repeat(N)
+    collapsed = sj.which_song_and_instrument(torch.randn(S, 16)[inst], refs, track, inst)
+    assert collapsed["which_song"]["R@1"] == pytest.approx(100 / N)
+    assert collapsed["which_song"]["nrank_mean"] == pytest.approx(100 * (N - 1) / 2 / N)
+    assert collapsed["query_cosine"] == pytest.approx(1.0)
+    exact = sj.which_song_and_instrument(refs, refs, track, inst)
+    assert exact["which_song"]["R@1"] == exact["which_instrument"]["R@1"] == 100.0
+    assert exact["query_cosine"] < 0.9
+
+
+def test_which_song_and_which_instrument_rank_within_their_groups_by_hand():
+    """Two songs x two instruments on a line; each query competes only with the references of
+    its instrument (which song?) or of its song (which instrument?), ranks counted by hand."""
+    refs = on_a_line(0, 10, 20, 30)          # rows: (song 0, inst 0), (0, 1), (1, 0), (1, 1)
+    track, inst = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 1])
+    queries = on_a_line(19, 11, 1, 31)
+    # which song: q0 (true 0) vs {0, 20}: 20 is closer -> rank 1; q1 vs {10, 30}: rank 0;
+    # q2 (true 20) vs {0, 20}: 0 closer -> rank 1; q3 vs {10, 30}: rank 0. R = 2 each.
+    # which instrument: q0 vs {0, 10}: 10 closer -> 1; q1 vs {0, 10}: 0; q2 vs {20, 30}: 0; q3: 0.
+    m = sj.which_song_and_instrument(queries, refs, track, inst)
+    assert m["which_song"]["R@1"] == pytest.approx(50.0)
+    assert m["which_song"]["nrank_mean"] == pytest.approx(100 * (1 + 0 + 1 + 0) / 4 / 2)
+    assert m["which_instrument"]["R@1"] == pytest.approx(75.0)
+    assert m["which_instrument"]["nrank_mean"] == pytest.approx(100 * 1 / 4 / 2)
+    assert m["query_cosine"] == pytest.approx(1.0)     # 1-d vectors of one sign
 
 
 def test_each_query_equal_to_its_reference_gives_recall_100_and_rank_0():
