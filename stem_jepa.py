@@ -780,11 +780,29 @@ def _drum(kind, sr, rng, params):
     return 0.5 * np.diff(noise, prepend=0.0) * np.exp(-t / 0.015)      # hi-hat: high-passed noise
 
 
+def _room(x: np.ndarray, sr: int, *, cutoff: float, decay: float, wet: float, rng) -> np.ndarray:
+    """A song's recording chain, the same for all its stems: a one-pole low-pass at `cutoff` Hz
+    and a reverb (exponentially decaying noise, `decay` seconds, mixed at `wet`)."""
+    a = np.exp(-2 * np.pi * cutoff / sr)
+    spectrum = np.fft.rfft(x, 2 * len(x))
+    freqs = np.fft.rfftfreq(2 * len(x))                                 # cycles per sample
+    spectrum *= (1 - a) / (1 - a * np.exp(-2j * np.pi * freqs))         # the one-pole filter's response
+    t = np.arange(int(4 * decay * sr)) / sr
+    ir = rng.standard_normal(len(t)) * np.exp(-t / decay)
+    ir *= wet / np.sqrt(np.sum(ir ** 2))
+    spectrum *= 1 + np.fft.rfft(ir, 2 * len(x))                        # dry + wet
+    return np.fft.irfft(spectrum)[: len(x)]
+
+
 def make_toy_song(rng: np.random.Generator, *, seconds=30.0, sample_rate=16000):
     """One procedural song: ({stem: waveform}, labels). The song has a key, a tempo, a four-bar
-    chord progression and its own timbres; bass plays the chord roots, drums a per-song pattern at
-    the tempo, "other" the chords, "vocals" a melody in the key with vibrato. Each 4-bar section
-    mutes a random subset of stems (leaving at least two)."""
+    chord progression, a timbre family and a room; bass plays the chord roots, drums a per-song
+    pattern at the tempo, "other" the chords, "vocals" a melody in the key with vibrato. Each 4-bar
+    section mutes a random subset of stems (leaving at least two).
+
+    Like the stems of a real recording, the stems of one song share traits that the mix reveals:
+    key, chords, tempo, one spectral tilt (bright or dull harmonics) and one recording chain
+    (`_room`). That is what makes "which song?" answerable from the mix alone."""
     sr, n = sample_rate, int(seconds * sample_rate)
     root, mode = int(rng.integers(12)), str(rng.choice(["maj", "min"]))
     scale = np.array(SCALES[mode]) + root
@@ -792,7 +810,11 @@ def make_toy_song(rng: np.random.Generator, *, seconds=30.0, sample_rate=16000):
     beat = 60.0 / tempo
     bar = 4 * beat
     progression = [0] + [int(d) for d in rng.choice([1, 2, 3, 4, 5], size=3)]   # scale degrees, 1 bar each
-    timbre = {s: rng.uniform(0.1, 1.0, 8) / np.arange(1, 9) ** rng.uniform(0.6, 1.8) for s in TOY_STEMS}
+    tilt = rng.uniform(0.5, 2.0)                                               # the song's timbre family
+    timbre = {s: rng.uniform(0.1, 1.0, 8) / np.arange(1, 9) ** (tilt + rng.uniform(-0.15, 0.15))
+              for s in TOY_STEMS}
+    room = dict(cutoff=float(rng.uniform(1500, 7000)), decay=float(rng.uniform(0.05, 0.4)),
+                wet=float(rng.uniform(0.1, 0.6)))
     bass_steps = np.flatnonzero(np.r_[1, rng.random(7) < 0.45])                 # eighth notes of a bar
     drum_params = dict(kick_low=rng.uniform(40, 60), kick_decay=rng.uniform(0.08, 0.2),
                        snare_decay=rng.uniform(0.05, 0.15))
@@ -850,9 +872,10 @@ def make_toy_song(rng: np.random.Generator, *, seconds=30.0, sample_rate=16000):
                          [s for s, keep in zip(TOY_STEMS, on) if keep]])
     stems = {}
     for s in TOY_STEMS:
-        x = out[s][:n]
+        x = _room(out[s][:n], sr, rng=rng, **room)
         stems[s] = (x * rng.uniform(0.3, 0.6) / max(np.abs(x).max(), 1e-9)).astype(np.float32)
-    labels = {"key": f"{NOTE_NAMES[root]}:{mode}", "tempo": round(tempo, 2), "chords": chords, "sections": sections}
+    labels = {"key": f"{NOTE_NAMES[root]}:{mode}", "tempo": round(tempo, 2), "chords": chords,
+              "sections": sections, "tilt": round(tilt, 3), "room": {k: round(v, 3) for k, v in room.items()}}
     return stems, labels
 
 
