@@ -68,7 +68,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchaudio
 
-VERSION = 1  # checkpoint and cache format
+VERSION = 1  # checkpoint format
+CACHE_FORMAT = 2  # decoded-stem cache; 2: quiet stems are kept (the silence filter is training's)
 
 
 class StemJEPAError(Exception):
@@ -483,12 +484,14 @@ def find_tracks(root, split: str = "train") -> list[tuple[str, dict[str, tuple[s
     Layouts: MUSDB18-HQ (ROOT/{train,test}/<track>/<stem>.wav, or FLAC), MUSDB18
     (ROOT/{train,test}/<track>.stem.mp4), and any folder of multitracks (one sub-folder per track,
     one audio file per stem, the stem named after the file). Without train/ and test/ folders,
-    ROOT itself holds the tracks.
+    ROOT itself holds the tracks. split "all": the tracks of train/, then those of test/.
     """
     root = Path(root)
     if not root.is_dir():
         raise StemJEPAError(f"{root}: no such folder. --data must be a MUSDB18(-HQ) root (with train/ "
                             "and test/) or a folder with one sub-folder of stems per track")
+    if split == "all" and any((root / s).is_dir() for s in ("train", "test")):
+        return [t for s in ("train", "test") if (root / s).is_dir() for t in find_tracks(root, s)]
     base = root / split
     if not base.is_dir():
         if any((root / s).is_dir() for s in ("train", "test")):
@@ -547,7 +550,7 @@ def load_audio(path, sample_rate: int, stream: int | None = None) -> np.ndarray:
 
 def _signature(stems: dict, sample_rate: int, threshold: float) -> str:
     """Changes when a source file, the sample rate, the silence threshold or the cache format changes."""
-    h = hashlib.sha1(f"{VERSION} {sample_rate} {threshold}".encode())
+    h = hashlib.sha1(f"{VERSION} {CACHE_FORMAT} {sample_rate} {threshold}".encode())
     for stem, (path, stream) in sorted(stems.items()):
         st = os.stat(path)
         h.update(f"{stem} {path} {stream} {st.st_size} {st.st_mtime_ns}".encode())
@@ -589,24 +592,38 @@ def _prepare_track(name, stems, *, sample_rate, chunk, threshold) -> dict:
         return meta
     if max(lengths.values()) > n:
         notes.append(("stems trimmed to the shortest", name))
-    silent = [s for s, x in audio.items() if np.abs(x[:n]).max() <= threshold]
-    for s in silent:
-        notes.append(("silent stems (excluded)", f"{name}/{s}"))
+    for s in [s for s, x in audio.items() if not np.any(x[:n])]:
+        notes.append(("silent stems (all zero: left out)", f"{name}/{s}"))
         del audio[s]
-    if len(audio) < 2:
-        meta["excluded"] = f"{len(audio)} non-silent stem(s): nothing to predict from"
+    if not audio:
+        meta["excluded"] = "every stem is all zero"
         notes.append(("tracks excluded", f"{name}: {meta['excluded']}"))
         return meta
     x = np.stack([audio[s][:n] for s in sorted(audio)])                 # (S, N)
-    if not _has_two_active(x, chunk, threshold):
-        meta["excluded"] = "no chunk has 2 active stems at once (the sampler needs a context and a target)"
-        notes.append(("tracks excluded", f"{name}: {meta['excluded']}"))
-        return meta
-    if n < chunk:
-        notes.append(("shorter than a chunk (zero-padded at the end)", f"{name} ({n / sample_rate:.1f} s)"))
-    meta.update(stems=sorted(audio), length=n)
+    meta.update(stems=sorted(audio), length=n, peaks=np.abs(x).max(axis=1).tolist(),
+                two_active=_has_two_active(x, chunk, threshold))
     meta["audio"] = x
     return meta
+
+
+def _training_exclusion(meta: dict, *, threshold: float, chunk: int, sample_rate: int):
+    """The silence filter, applied to training only: (why the track cannot train, or None; notes).
+    A stem whose whole-track peak is <= threshold is never active, so the sampler never picks it
+    (it stays in the cache and in evaluation, as in the authors' evaluation, which keeps all four)."""
+    name, notes = meta["name"], []
+    quiet = [s for s, p in zip(meta["stems"], meta["peaks"]) if p <= threshold]
+    for s in quiet:
+        notes.append((f"quiet stems (peak <= {threshold:g}: never sampled in training)", f"{name}/{s}"))
+    if len(meta["stems"]) - len(quiet) < 2:
+        why = f"{len(meta['stems']) - len(quiet)} non-silent stem(s): nothing to predict from"
+    elif not meta["two_active"]:
+        why = "no chunk has 2 active stems at once (the sampler needs a context and a target)"
+    else:
+        why = None
+        if meta["length"] < chunk:
+            notes.append(("shorter than a chunk (zero-padded at the end)",
+                          f"{name} ({meta['length'] / sample_rate:.1f} s)"))
+    return why, notes
 
 
 def _has_two_active(x: np.ndarray, chunk: int, threshold: float, block: int = 1600) -> bool:
@@ -621,14 +638,24 @@ def _has_two_active(x: np.ndarray, chunk: int, threshold: float, block: int = 16
 
 
 def prepare(root, split: str = "train", *, cache=None, sample_rate=16000, chunk_seconds=8.0,
-            threshold=0.1, log=print) -> list[dict]:
+            threshold=0.1, training=True, log=print) -> list[dict]:
     """Decode every track once into a cache of 16 kHz mono stems, one .npy per track (float16,
     memory-mapped at training time, so a chunk costs only its own bytes). Reused while the source
     files are unchanged. One track is in memory at a time. Problems are collected and reported
     together; a track that cannot be used is excluded, and if none remains it is an error.
 
+    Every stem is kept but an all-zero one. With training=True the silence filter applies
+    (`_training_exclusion`: tracks without two stems above threshold are left out); evaluation
+    and the analyses pass training=False and keep every track and stem. split "all": train/ and
+    test/ together (the paper's retrieval ranks among all 150 MUSDB18 tracks).
+
     Returns one dict per usable track: name, stems (sorted), length (samples), npy (path).
     """
+    if split == "all" and any((Path(root) / s).is_dir() for s in ("train", "test")):
+        return [t for s in ("train", "test") if (Path(root) / s).is_dir()
+                for t in prepare(root, s, cache=cache, sample_rate=sample_rate,
+                                 chunk_seconds=chunk_seconds, threshold=threshold,
+                                 training=training, log=log)]
     tracks = find_tracks(root, split)
     cache = Path(cache) if cache else Path(root) / ".stem_jepa_cache"
     folder = cache / f"{sample_rate}hz" / split
@@ -659,8 +686,15 @@ def prepare(root, split: str = "train", *, cache=None, sample_rate=16000, chunk_
             if decoded % 10 == 0:
                 log(f"prepare {split}: {i + 1}/{len(tracks)} tracks ({time.time() - t0:.0f} s)")
         notes += [tuple(n) for n in meta["notes"]]
-        if "excluded" not in meta:
-            usable.append({**{k: meta[k] for k in ("name", "stems", "length")}, "npy": str(npy_path)})
+        if "excluded" in meta:
+            continue
+        if training:
+            why, more = _training_exclusion(meta, threshold=threshold, chunk=chunk,
+                                            sample_rate=sample_rate)
+            notes += more + ([("tracks excluded", f"{name}: {why}")] if why else [])
+            if why:
+                continue
+        usable.append({**{k: meta[k] for k in ("name", "stems", "length")}, "npy": str(npy_path)})
     report = "".join(f"  {kind}:\n" + "".join(f"    {text}\n" for k, text in notes if k == kind)
                      for kind in dict.fromkeys(k for k, _ in notes))
     if not usable:
@@ -1191,9 +1225,10 @@ def pool(z: torch.Tensor) -> torch.Tensor:
 
 
 def retrieval_ranks(queries: torch.Tensor, refs: torch.Tensor, truth: torch.Tensor):
-    """L2 distances from each query (Q, C) to every reference (R, C); for each query, the rank of
-    its true reference `truth[q]` (0 = nearest) and the tie count. Ties are broken at random, in
-    expectation: rank = (#closer) + (#tied others) / 2, and Recall@K = P(rank < K)."""
+    """L2 distances from each query (Q, C) to every reference (R, C); for each query, how many
+    references are closer than its true one `truth[q]` and the tie count. The 1-based rank is
+    closer + 1 (1 = nearest); ties are broken at random, in expectation: rank = 1 + (#closer) +
+    (#tied others) / 2, and Recall@K = P(rank <= K)."""
     d = torch.cdist(queries.double(), refs.double())                    # (Q, R)
     d_true = d.gather(1, truth[:, None])                                # (Q, 1)
     closer = (d < d_true).sum(1)
@@ -1202,21 +1237,31 @@ def retrieval_ranks(queries: torch.Tensor, refs: torch.Tensor, truth: torch.Tens
 
 
 def retrieval_metrics(queries, refs, truth, ks=(1, 5, 10)) -> dict:
-    """Recall@K and normalised rank = rank / R (mean and median), as in 4.1.1, in percent."""
+    """Recall@K and normalised rank (mean and median over the queries), in percent (4.1.1).
+
+    nrank_mean, nrank_median: rank / R with the rank counted from 1 (nearest = 1), R the number of
+    references, as in the authors' evaluation (evar/musdb_eval.py, compute_recall), the figure
+    comparable with Table 1 (its median 0.5 % is rank 3 of 600). The paper's text says [0, 1);
+    that is nrank0_mean, nrank0_median: the rank counted from 0, exactly 100 / R points lower.
+    """
     closer, tied, _ = retrieval_ranks(queries, refs, truth)
     R = refs.shape[0]
-    rank = closer + (tied - 1) / 2
+    rank = 1 + closer + (tied - 1).double() / 2                         # 1-based, ties in expectation
     m = {f"R@{k}": 100 * ((k - closer) / tied).clamp(0, 1).mean().item() for k in ks}
-    m["nrank_mean"] = 100 * (rank / R).mean().item()
-    m["nrank_median"] = 100 * (rank / R).quantile(0.5).item()             # the mean of the middle two if even
+    for name, r in (("nrank", rank), ("nrank0", rank - 1)):
+        m[f"{name}_mean"] = 100 * (r / R).mean().item()
+        m[f"{name}_median"] = 100 * (r / R).quantile(0.5).item()        # mean of the middle two if even
     return m
 
 
 def chance_metrics(R: int, ks=(1, 5, 10)) -> dict:
-    """Expected metrics of a random ranking of R references."""
-    ranks = np.arange(R) / R
+    """Expected metrics of a random ranking of R references, with the keys of `retrieval_metrics`
+    (nrank: ranks 1..R, nrank0: ranks 0..R-1, each divided by R)."""
+    ranks = np.arange(1, R + 1) / R
     return {**{f"R@{k}": 100 * min(k / R, 1.0) for k in ks},
-            "nrank_mean": 100 * ranks.mean(), "nrank_median": 100 * float(np.median(ranks))}
+            "nrank_mean": 100 * ranks.mean(), "nrank_median": 100 * float(np.median(ranks)),
+            "nrank0_mean": 100 * (ranks - 1 / R).mean(),
+            "nrank0_median": 100 * float(np.median(ranks - 1 / R))}
 
 
 def failure_analysis(queries, refs, query_track, query_inst, ref_track, ref_inst, instruments) -> dict:
@@ -1321,13 +1366,16 @@ def evaluate(checkpoint, data, *, split="test", out=None, cache=None, device=Non
 
     Beyond the paper's text, as in the authors' code: the per-stem vectors concatenate the 5
     frequency rows (3840-d) instead of averaging over frequency, and are layer- and L2-normalised
-    before the L2 distances. Rows are (track, stem) pairs of the stems the model knows.
+    before the L2 distances. Rows are (track, stem) pairs of the stems the model knows; every
+    stem is kept, quiet ones too (only all-zero stems are left out, and `prepare` says so).
+    split "all" ranks among train/ and test/ together, as Table 1 (MUSDB18: 150 tracks, R = 600).
+    The normalised rank is 1-based, as the authors' evaluation (`retrieval_metrics`).
     """
     device = pick_device(device)
     model = StemJEPA.from_checkpoint(checkpoint)
     cfg = model.config
     tracks = prepare(data, split, cache=cache, sample_rate=cfg.sample_rate, chunk_seconds=cfg.chunk_seconds,
-                     threshold=cfg.active_threshold, log=log)
+                     threshold=cfg.active_threshold, training=False, log=log)
     out = Path(out or Path(checkpoint).parent / f"eval-{split}")
     out.mkdir(parents=True, exist_ok=True)
     emb_dir = Path(tracks[0]["npy"]).parent.parent / "embeddings"
@@ -1356,7 +1404,9 @@ def evaluate(checkpoint, data, *, split="test", out=None, cache=None, device=Non
         "DSP (chroma + tempo)": (dsp["queries"], dsp["refs"]),
     }
     results = {"N": len(tracks), "S": len(model.instruments), "references": len(truth),
-               "checkpoint": str(checkpoint), "split": split, "rows": {}}
+               "checkpoint": str(checkpoint), "split": split, "rows": {},
+               "nrank": "nrank_*: 1-based rank / references (nearest = 1, Table 1's); "
+                        "nrank0_*: 0-based rank / references"}
     for name, (q, r) in rows.items():
         row = retrieval_metrics(q, r, truth)
         row["per_instrument"] = {s: retrieval_metrics(q[m], r, truth[m])
@@ -1378,8 +1428,10 @@ def evaluate(checkpoint, data, *, split="test", out=None, cache=None, device=Non
 
 
 def format_table(results: dict) -> str:
-    """Table 1's layout: one row per model, metrics in percent."""
-    lines = [f"retrieval on {results['N']} tracks x {results['S']} instruments ({results['references']} references)",
+    """Table 1's layout: one row per model, metrics in percent; the title states R and the rank
+    convention (nrank = 1-based rank / R, as Table 1)."""
+    lines = [f"retrieval on {results['N']} tracks x {results['S']} instruments, "
+             f"R = {results['references']} references; nrank = rank / R, nearest = rank 1",
              f"{'model':34s} {'R@1':>6s} {'R@5':>6s} {'R@10':>6s} {'nrank mean':>11s} {'median':>7s}"]
     for name, m in results["rows"].items():
         lines.append(f"{name:34s} {m['R@1']:6.1f} {m['R@5']:6.1f} {m['R@10']:6.1f} "
@@ -1692,7 +1744,7 @@ def analyze_alignment(checkpoint, data, *, split="test", tracks=None, max_shift_
     model = StemJEPA.from_checkpoint(checkpoint)
     cfg = model.config
     items = prepare(data, split, cache=cache, sample_rate=cfg.sample_rate, chunk_seconds=cfg.chunk_seconds,
-                    threshold=cfg.active_threshold, log=log)[:tracks]
+                    threshold=cfg.active_threshold, training=False, log=log)[:tracks]
     out = Path(out or Path(checkpoint).parent / f"align-{split}")
     out.mkdir(parents=True, exist_ok=True)
     log(f"alignment (Eq. 3) on {len(items)} tracks of {split}")
@@ -1888,7 +1940,7 @@ def mix_sources(*, data=None, audio=None, split="test", cache=None, cfg: Config,
         return [(f.stem, f.parent, lambda f=f: load_audio(f, cfg.sample_rate)) for f in audio_files(audio)]
     folders = {name: Path(next(iter(stems.values()))[0]).parent for name, stems in find_tracks(data, split)}
     tracks = prepare(data, split, cache=cache, sample_rate=cfg.sample_rate, chunk_seconds=cfg.chunk_seconds,
-                     threshold=cfg.active_threshold, log=log)
+                     threshold=cfg.active_threshold, training=False, log=log)
     return [(t["name"], folders[t["name"]], lambda t=t: np.load(t["npy"]).astype(np.float32).sum(0))
             for t in tracks]
 
@@ -2746,7 +2798,8 @@ def main(argv=None):
     p = sub.add_parser("evaluate", help="stem retrieval (Table 1, Fig. 2) with comparison rows")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True, help="dataset root (as for train)")
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="test",
+                   help="train, test, or all: both together, as Table 1 (MUSDB18: 600 references)")
     p.add_argument("--out", help="output folder (default: beside the checkpoint, eval-SPLIT)")
     p.add_argument("--cache", help="decoded-stem cache (default DATA/.stem_jepa_cache)")
     p.add_argument("--device")
@@ -2792,7 +2845,7 @@ def main(argv=None):
     c.add_argument("--seed", type=int, default=0)
     for q in (a, c):
         q.add_argument("--checkpoint", required=True)
-        q.add_argument("--split", default="test", help="dataset split (with --data)")
+        q.add_argument("--split", default="test", help="dataset split (with --data): train, test or all")
         q.add_argument("--out", help="output folder (default: beside the checkpoint)")
         q.add_argument("--cache", help="decoded-stem cache (default DATA/.stem_jepa_cache)")
         q.add_argument("--device")

@@ -879,41 +879,52 @@ def on_a_line(*xs) -> torch.Tensor:
 def metrics_by_enumeration(queries, refs, truth, ks) -> dict:
     """Recall@K and normalised rank when ties are broken at random, by brute force: every order of
     the references that sorts them by distance to the query (tied ones in any order) is equally
-    likely; average 1[rank < K] and rank / R over those orders."""
+    likely; average 1[rank <= K] and rank / R over those orders, the rank counted from 1 (nrank)
+    and from 0 (nrank0)."""
     R = len(refs)
     hits, nranks = {k: [] for k in ks}, []
     for q, t in zip(queries, truth.tolist()):
         d = [float((q - r).norm()) for r in refs]
-        ranks = [order.index(t) for order in itertools.permutations(range(R))
+        ranks = [order.index(t) + 1 for order in itertools.permutations(range(R))
                  if all(d[a] <= d[b] for a, b in zip(order, order[1:]))]
         for k in ks:
-            hits[k].append(np.mean([r < k for r in ranks]))
+            hits[k].append(np.mean([r <= k for r in ranks]))
         nranks.append(np.mean(ranks) / R)
+    nranks = np.array(nranks)
     return {**{f"R@{k}": 100 * float(np.mean(hits[k])) for k in ks},
-            "nrank_mean": 100 * float(np.mean(nranks)), "nrank_median": 100 * float(np.median(nranks))}
+            "nrank_mean": 100 * float(np.mean(nranks)), "nrank_median": 100 * float(np.median(nranks)),
+            "nrank0_mean": 100 * float(np.mean(nranks - 1 / R)),
+            "nrank0_median": 100 * float(np.median(nranks - 1 / R))}
 
 
-def test_each_query_equal_to_its_reference_gives_recall_100_and_rank_0():
-    """Queries identical to their (distinct) references, in any order: R@1 = R@5 = R@10 = 100 and
-    normalised rank 0, mean and median."""
+def test_each_query_equal_to_its_reference_gives_recall_100_and_rank_1():
+    """Queries identical to their (distinct) references, in any order: R@1 = R@5 = R@10 = 100,
+    rank 1 (nearest) for every query, so normalised rank 1/R = 1/9, mean and median (0 with the
+    0-based nrank0)."""
     refs = torch.randn(9, 16, generator=torch.Generator().manual_seed(0))
-    perfect = {"R@1": 100.0, "R@5": 100.0, "R@10": 100.0, "nrank_mean": 0.0, "nrank_median": 0.0}
-    assert sj.retrieval_metrics(refs.clone(), refs, torch.arange(9)) == perfect
+    perfect = {"R@1": 100.0, "R@5": 100.0, "R@10": 100.0, "nrank_mean": 100 / 9, "nrank_median": 100 / 9,
+               "nrank0_mean": 0.0, "nrank0_median": 0.0}
     perm = torch.randperm(9, generator=torch.Generator().manual_seed(1))
-    assert sj.retrieval_metrics(refs[perm], refs, perm) == perfect
+    for got in (sj.retrieval_metrics(refs.clone(), refs, torch.arange(9)),
+                sj.retrieval_metrics(refs[perm], refs, perm)):
+        assert got.keys() == perfect.keys()
+        for key in perfect:
+            assert got[key] == pytest.approx(perfect[key], abs=1e-9), key
 
 
 def test_retrieval_metrics_on_points_of_a_line_by_hand():
-    """References at 0, 10, ..., 110 (R = 12). Queries (position -> true reference): 0 -> 0 (rank 0),
-    0 -> 20 (0 and 10 are closer: rank 2), 3 -> 50 (0..40 closer: rank 5), 110 -> 0 (rank 11),
-    55 -> 40 (50 and 60 closer, 70 tied: rank 2 + 1/2). So R@1 = 1/5, R@3 = (2 + 1/2)/5 (the tied
-    query is 3rd or 4th with equal chance), R@5 = 3/5, R@10 = 4/5, mean normalised rank
-    (0 + 2 + 5 + 11 + 2.5) / 5 / 12, median 2.5 / 12."""
+    """References at 0, 10, ..., 110 (R = 12). Queries (position -> true reference), ranks counted
+    from 1 (nearest = 1): 0 -> 0 (rank 1), 0 -> 20 (0 and 10 are closer: rank 3), 3 -> 50 (0..40
+    closer: rank 6), 110 -> 0 (rank 12), 55 -> 40 (50 and 60 closer, 70 tied: rank 3 + 1/2). So
+    R@1 = 1/5, R@3 = (2 + 1/2)/5 (the tied query is 3rd or 4th with equal chance), R@5 = 3/5,
+    R@10 = 4/5, mean normalised rank (1 + 3 + 6 + 12 + 3.5) / 5 / 12, median 3.5 / 12; the
+    0-based ones (nrank0) are 1/12 lower."""
     refs = on_a_line(*range(0, 120, 10))
     queries, truth = on_a_line(0, 0, 3, 110, 55), torch.tensor([0, 2, 5, 0, 4])
     m = sj.retrieval_metrics(queries, refs, truth, ks=(1, 3, 5, 10))
     want = {"R@1": 20.0, "R@3": 50.0, "R@5": 60.0, "R@10": 80.0,
-            "nrank_mean": 100 * 20.5 / 60, "nrank_median": 100 * 2.5 / 12}
+            "nrank_mean": 100 * 25.5 / 60, "nrank_median": 100 * 3.5 / 12,
+            "nrank0_mean": 100 * 20.5 / 60, "nrank0_median": 100 * 2.5 / 12}
     assert m.keys() == want.keys()
     for key in want:
         assert m[key] == pytest.approx(want[key], abs=1e-5), key
@@ -923,8 +934,8 @@ def test_retrieval_metrics_on_points_of_a_line_by_hand():
 
 def test_ties_count_as_random_tie_breaking():
     """With tied distances (duplicate references, equidistant ones), the metrics equal their
-    expectation over every distance-sorted order of the references, enumerated: rank = #closer +
-    #(tied others) / 2 and R@K = P(rank < K)."""
+    expectation over every distance-sorted order of the references, enumerated: rank = 1 + #closer
+    + #(tied others) / 2 and R@K = P(rank <= K)."""
     refs = on_a_line(0, 2, 2, 4, 6, 6)
     queries, truth = on_a_line(3, 3, 0, 2, 5), torch.tensor([0, 1, 5, 2, 3])
     ks = (1, 2, 3, 5)
@@ -932,32 +943,54 @@ def test_ties_count_as_random_tie_breaking():
     want = metrics_by_enumeration(queries, refs, truth, ks)
     for key in want:
         assert m[key] == pytest.approx(want[key], abs=1e-5), key
-    assert want["nrank_mean"] == pytest.approx(100 * (4 + 1 + 4.5 + 0.5 + 1) / 5 / 6)   # the closed form
+    assert want["nrank_mean"] == pytest.approx(100 * (5 + 2 + 5.5 + 1.5 + 2) / 5 / 6)   # the closed form
 
 
 def test_identical_references_give_the_chance_level():
-    """R identical references carry no information: every query gets rank (R - 1) / 2, so the
-    normalised rank is (R - 1) / 2 / R, R@1 = 1/R, R@5 = 5/R, R@10 = 100 % for R = 7, which is
-    also what chance_metrics(7) says."""
+    """R identical references carry no information: every query gets rank (R + 1) / 2 (counted
+    from 1), so the normalised rank is (R + 1) / 2 / R ((R - 1) / 2 / R counted from 0), R@1 = 1/R,
+    R@5 = 5/R, R@10 = 100 % for R = 7, which is also what chance_metrics(7) says."""
     R = 7
     refs = torch.ones(R, 4)
     queries = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
     m = sj.retrieval_metrics(queries, refs, torch.tensor([0, 3, 6, 2, 2]))
     want = {"R@1": 100 / R, "R@5": 500 / R, "R@10": 100.0,
-            "nrank_mean": 100 * (R - 1) / 2 / R, "nrank_median": 100 * (R - 1) / 2 / R}
+            "nrank_mean": 100 * (R + 1) / 2 / R, "nrank_median": 100 * (R + 1) / 2 / R,
+            "nrank0_mean": 100 * (R - 1) / 2 / R, "nrank0_median": 100 * (R - 1) / 2 / R}
     chance = sj.chance_metrics(R)
     for key in want:
         assert m[key] == pytest.approx(want[key], abs=1e-5), key
         assert chance[key] == pytest.approx(want[key], abs=1e-5), key
 
 
+def test_normalised_rank_counts_from_one_as_table_1():
+    """Table 1's median normalised rank 0.5 % is rank 3 of 600 (the authors' compute_recall:
+    argmax + 1, divided by the number of references). 600 references at 0, 1, ..., 599 and five
+    queries at 0 whose true references are 0, 2, 2, 9 and 599: ranks 1, 3, 3, 10 and 600 (1 =
+    nearest). nrank_median is 3 / 600 = 0.5 %, nrank_mean (1 + 3 + 3 + 10 + 600) / 5 / 600;
+    counted from 0, nrank0_median is 2 / 600. The chance level agrees: (R + 1) / 2 / R."""
+    R = 600
+    refs = on_a_line(*range(R))
+    m = sj.retrieval_metrics(on_a_line(0, 0, 0, 0, 0), refs, torch.tensor([0, 2, 2, 9, 599]))
+    assert m["nrank_median"] == pytest.approx(0.5, abs=1e-9)
+    assert m["nrank_mean"] == pytest.approx(100 * 617 / 5 / R, abs=1e-9)
+    assert m["nrank0_median"] == pytest.approx(100 * 2 / R, abs=1e-9)
+    assert m["nrank0_mean"] == pytest.approx(100 * 612 / 5 / R, abs=1e-9)
+    assert (m["R@1"], m["R@5"], m["R@10"]) == pytest.approx((20.0, 60.0, 80.0))
+    chance = sj.chance_metrics(R)
+    assert chance["nrank_mean"] == pytest.approx(100 * (R + 1) / 2 / R)
+    assert chance["nrank0_mean"] == pytest.approx(100 * (R - 1) / 2 / R)
+
+
 def test_chance_metrics_equal_the_average_over_all_rankings():
     """chance_metrics(R) is the expectation over the R! equally likely orders of R references of
-    1[rank of the true one < K] and rank / R, and the median of rank / R, enumerated for R = 5."""
+    1[rank of the true one <= K] and rank / R, and the median of rank / R, enumerated for R = 5,
+    the rank counted from 1 (nrank) and from 0 (nrank0)."""
     R = 5
-    ranks = np.array([order.index(0) for order in itertools.permutations(range(R))])
-    want = {**{f"R@{k}": 100 * np.mean(ranks < k) for k in (1, 2, 5, 10)},
-            "nrank_mean": 100 * np.mean(ranks / R), "nrank_median": 100 * np.median(ranks / R)}
+    ranks = np.array([order.index(0) + 1 for order in itertools.permutations(range(R))])
+    want = {**{f"R@{k}": 100 * np.mean(ranks <= k) for k in (1, 2, 5, 10)},
+            "nrank_mean": 100 * np.mean(ranks / R), "nrank_median": 100 * np.median(ranks / R),
+            "nrank0_mean": 100 * np.mean((ranks - 1) / R), "nrank0_median": 100 * np.median((ranks - 1) / R)}
     got = sj.chance_metrics(R, ks=(1, 2, 5, 10))
     assert got.keys() == want.keys()
     for key in want:
@@ -1137,7 +1170,7 @@ def test_evaluate_beats_chance_and_random_weights(evaluation):
     assert (result["N"], result["S"], result["references"]) == (len(tracks), 4, n_refs)
     assert set(result["rows"]) == {"Stem-JEPA, target-encoder refs", "Stem-JEPA, context-encoder refs",
                                    "random weights", "DSP (chroma + tempo)", "chance"}
-    metrics = {"R@1", "R@5", "R@10", "nrank_mean", "nrank_median"}
+    metrics = {"R@1", "R@5", "R@10", "nrank_mean", "nrank_median", "nrank0_mean", "nrank0_median"}
     for name, row in result["rows"].items():
         assert metrics <= set(row), name
         assert all(0 <= row[k] <= 100 for k in metrics), name
