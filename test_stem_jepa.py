@@ -11,6 +11,7 @@ the tiny preset, 2 s chunks where the chunk length does not matter, and small to
 from __future__ import annotations
 
 import csv
+import dataclasses
 import itertools
 import json
 import math
@@ -594,6 +595,43 @@ def test_prepare_musdb18_stem_mp4_maps_streams_to_stems(tmp_path):
     x = np.load(track["npy"]).astype(np.float32)
     assert abs(x.shape[1] - seconds * SR) < 0.1 * SR
     assert [dominant_freq(r) for r in x] == pytest.approx([order[s] for s in track["stems"]], abs=1.0)
+
+
+def test_quiet_stem_is_kept_for_evaluation_and_never_sampled_in_training(tmp_path):
+    """The silence filter is training's only. A stem whose whole-track peak is 0.05 (under the 0.1
+    activity threshold) stays in the cache, in evaluation's tracks and among the retrieval
+    references (the authors' evaluation keeps all four stems), its reference being that stem's own
+    embedding; a track with one loud stem and one quiet one is evaluated too. Training's sampler
+    never draws the quiet stem, as target or in the context (no 770 Hz in any context), and the
+    one-loud-stem track cannot train. An all-zero stem is left out, and a note says so."""
+    data, n = tmp_path / "data", 2 * SR
+    song = {"bass": sine(110, 2.0), "drums": sine(330, 2.0), "other": sine(770, 2.0, amp=0.05),
+            "vocals": sine(1500, 2.0), "piano": np.zeros(n, np.float32)}
+    write_track(data / "song", song)
+    write_track(data / "duo", {"bass": sine(110, 2.0), "other": sine(770, 2.0, amp=0.05)})
+    notes = []
+    evaluation = sj.prepare(data, chunk_seconds=2.0, training=False, log=notes.append)
+    assert [(t["name"], t["stems"]) for t in evaluation] == [("duo", ["bass", "other"]),
+                                                            ("song", ["bass", "drums", "other", "vocals"])]
+    assert "silent stems (all zero: left out)" in notes[-1] and "song/piano" in notes[-1]
+    x = np.load(evaluation[1]["npy"]).astype(np.float32)
+    assert np.abs(x[2]).max() == pytest.approx(0.05, abs=1e-3)
+
+    torch.manual_seed(0)
+    model = sj.build_model(tiny(), TOY_STEMS).eval()
+    emb = sj.retrieval_embeddings(model, evaluation, log=lambda *a: None)
+    assert list(zip(emb["track"].tolist(), emb["instrument"].tolist())) == [
+        (0, 0), (0, 2), (1, 0), (1, 1), (1, 2), (1, 3)]
+    torch.testing.assert_close(emb["refs_target"][4], sj.pool(sj.embed_long(model, [x[2]], chunk=n)[0]))
+
+    notes.clear()
+    (train,) = sj.prepare(data, chunk_seconds=2.0, log=notes.append)
+    assert train["name"] == "song" and "song/other" in notes[-1] and "duo: 1 non-silent" in notes[-1]
+    dataset = sj.StemChunks([train], train["stems"], chunk=n, threshold=0.1, tries=10, seed=0)
+    for i in range(40):
+        context, _, instrument = dataset[i]
+        assert train["stems"][instrument] != "other"
+        assert abs(np.fft.rfft(context.numpy().astype(np.float64))[770 * 2]) < 1.0   # 0.05 sine: 800
 
 
 def test_prepare_reuses_the_cache_and_redecodes_a_changed_track(tmp_path, monkeypatch):
@@ -1231,6 +1269,37 @@ def test_evaluate_recomputes_embeddings_when_the_data_changes(trained_run, tmp_p
     after = sj.evaluate(checkpoint, data, out=tmp_path / "b", **run)
     assert calls == ["trained", "random", "trained", "random"]
     assert after["rows"]["Stem-JEPA, target-encoder refs"] != before["rows"]["Stem-JEPA, target-encoder refs"]
+
+
+def untrained_checkpoint(path: Path, cfg: sj.Config, instruments: list) -> Path:
+    """A checkpoint as `train` writes it, of a randomly initialised model (seed 0)."""
+    torch.manual_seed(0)
+    model = sj.build_model(cfg, instruments)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sj.save_checkpoint(path, {"version": sj.VERSION, "config": dataclasses.asdict(cfg), "step": 0,
+                              "instruments": list(instruments), "model": model.state_dict()})
+    return path
+
+
+def test_evaluate_split_all_ranks_among_train_and_test_and_states_r(tmp_path):
+    """Table 1 ranks each query among the stems of all 150 MUSDB18 tracks, train and test together
+    (R = 600). evaluate(split="all") on 3 train and 2 test tracks of 4 stems, one of them quiet
+    (peak 0.05, kept in evaluation), ranks among R = 20 references, and split "test" among R = 8;
+    each printed table states its R, and the chance row is chance_metrics(R)."""
+    data, rng = tmp_path / "data", np.random.default_rng(0)
+    for split, names in (("train", ["a", "b", "c"]), ("test", ["d", "e"])):
+        for name in names:
+            write_track(data / split / name, {s: sine(f * rng.uniform(0.8, 1.25), 3.0, amp=0.05 if
+                                                      name == "e" and s == "other" else 0.5)
+                                              for s, f in MUSDB_FREQS.items()})
+    checkpoint = untrained_checkpoint(tmp_path / "run" / "checkpoint.pt", tiny(), TOY_STEMS)
+    for split, N in (("all", 5), ("test", 2)):
+        printed = []
+        result = sj.evaluate(checkpoint, data, split=split, cache=tmp_path / "cache", log=printed.append)
+        assert (result["N"], result["references"]) == (N, 4 * N)
+        assert f"R = {4 * N} references" in sj.format_table(result) and sj.format_table(result) in printed
+        assert result["rows"]["chance"] == pytest.approx(sj.chance_metrics(4 * N))
+        assert (tmp_path / "run" / f"eval-{split}" / "retrieval.json").exists()
 
 
 def where_and_how_loud(clip: np.ndarray, source: np.ndarray) -> tuple[int, float, float]:
