@@ -56,7 +56,7 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -887,8 +887,24 @@ def pick_device(name: str | None = None) -> torch.device:
 
 
 def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA (the paper used fp16; bf16 needs no loss scaling); nothing elsewhere."""
+    """bf16 autocast on CUDA for training; nothing elsewhere. The paper's text names no precision;
+    fp16 autocast is the authors' code's configuration, and bf16 (where supported) needs no loss
+    scaling."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+@contextmanager
+def full_precision(device: torch.device):
+    """float32 throughout, whatever the caller set: no autocast and no TF32 matmuls or
+    convolutions. Evaluation and every analysis run under it, as the authors evaluate in fp32:
+    pooled vectors of one instrument sit at cosine ~0.98, where bf16 rounding reorders neighbours."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.autocast(device.type, enabled=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -1191,7 +1207,8 @@ def embed_long(model: StemJEPA, wavs: list[np.ndarray], *, chunk: int, instrumen
     one (F, T, D) tensor per waveform, T covering every frame (the last chunk is zero-padded to a
     whole patch). With `instruments` (one id per waveform), the predictions of the predictor
     conditioned on them, from the context encoder; otherwise the target (or context) encoder's.
-    Full chunks of all waveforms are batched together; last chunks run one by one."""
+    Full chunks of all waveforms are batched together; last chunks run one by one. In float32
+    (`full_precision`), even on a GPU and inside an autocast region."""
     step = model.frontend.hop_length * model.encoder.patch_size        # samples per time patch (160 ms)
     chunk = max(step, chunk - chunk % step)                             # whole patches: no frame left out
     pieces = []                                                         # (wav index, position, samples)
@@ -1204,7 +1221,7 @@ def embed_long(model: StemJEPA, wavs: list[np.ndarray], *, chunk: int, instrumen
     full = [p for p in pieces if len(p[2]) == chunk]
     groups = [full[i: i + batch] for i in range(0, len(full), batch)] + [[p] for p in pieces if len(p[2]) != chunk]
     out = {}
-    with autocast_for(torch.device(device)):
+    with full_precision(torch.device(device)):
         for group in groups:
             x = torch.from_numpy(np.stack([p[2] for p in group])).float().to(device)   # (b, chunk)
             if instruments is None:

@@ -1095,6 +1095,43 @@ def test_embed_long_equals_encode_and_predict_chunk_by_chunk(two_encoders_model)
         torch.testing.assert_close(zt, sj.embed_long(model, [w], chunk=64000, instruments=[i], batch=1)[0], **close)
 
 
+@torch.no_grad()
+def test_embeddings_are_float32_even_where_training_uses_autocast(two_encoders_model, monkeypatch):
+    """Evaluation and the analyses embed in float32, as the authors' evaluation, even on a GPU where
+    training runs under bf16 autocast. Here autocast_for is switched to the CPU's bf16 autocast (what
+    CUDA gets), TF32 is allowed, and embed_long is called inside a bf16 autocast region: its patch
+    embeddings and predictions still equal the float32 computation (bf16 would be off by ~1e-2),
+    every Linear of the encoder and the predictor ran in float32 without TF32, and the caller's TF32
+    setting is restored afterwards."""
+    model = two_encoders_model
+    x = (0.1 * np.random.default_rng(3).standard_normal(64000)).astype(np.float32)
+    want_z = model.encode(torch.from_numpy(x)[None], target=True)[0]
+    want_q = model.predict(torch.from_numpy(x)[None], torch.tensor([1]))[0]
+    seen = []
+
+    def record(module, inputs, output):
+        seen.append((output.dtype, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+    hooks = [m.register_forward_hook(record) for m in (model.target_encoder.blocks[0].attn.qkv,
+                                                       model.encoder.blocks[0].attn.qkv, model.predictor.net[0])]
+    monkeypatch.setattr(sj, "autocast_for", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z = sj.embed_long(model, [x], chunk=64000)[0]
+            q = sj.embed_long(model, [x], chunk=64000, instruments=[1])[0]
+        restored = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        for h in hooks:
+            h.remove()
+    close = dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(z, want_z, **close)
+    torch.testing.assert_close(q, want_q, **close)
+    assert len(seen) == 3 and set(seen) == {(torch.float32, False, False)}, seen
+    assert restored == (True, True)
+
+
 def naive_pool(z: torch.Tensor) -> np.ndarray:
     """pool, one number at a time: the time-average of each frequency row, the rows one after the
     other (row 0 first), minus their mean, over sqrt(population variance + 1e-5), over its L2 norm."""
