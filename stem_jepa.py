@@ -47,6 +47,7 @@ import copy
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
@@ -517,24 +518,28 @@ def find_tracks(root, split: str = "train") -> list[tuple[str, dict[str, tuple[s
 
 
 def load_audio(path, sample_rate: int, stream: int | None = None) -> np.ndarray:
-    """A file (or one stream of a .stem.mp4) as mono float32 at sample_rate: channels averaged,
-    resampled with torchaudio. Raises StemJEPAError naming the file when it cannot be decoded."""
+    """A file (or one stream of a .stem.mp4) as mono float32 at sample_rate: the channel mean
+    (L + R) / 2, resampled with torchaudio. A .stem.mp4 stream is decoded by ffmpeg to a float WAV
+    at its own rate and channels and then goes the same way, so both MUSDB18 layouts of a song
+    give the same array (ffmpeg's `-ac 1` would sum to 0.707 (L + R), 3 dB louder, and its
+    resampler differs). Raises StemJEPAError naming the file when it cannot be decoded."""
+    source = path
     if stream is not None:
         if shutil.which("ffmpeg") is None:
             raise StemJEPAError(f"{path}: decoding MUSDB18 .stem.mp4 needs the ffmpeg program: install it "
                                 "(e.g. apt install ffmpeg, brew install ffmpeg) or use MUSDB18-HQ")
-        run = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-map", f"0:{stream}", "-ac", "1",
-                              "-ar", str(sample_rate), "-f", "f32le", "-"], capture_output=True)
+        run = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-map", f"0:{stream}",
+                              "-c:a", "pcm_f32le", "-f", "wav", "-"], capture_output=True)
         if run.returncode != 0:
             raise StemJEPAError(f"{path}: ffmpeg could not decode stream {stream}: "
                                 f"{run.stderr.decode(errors='replace').strip().splitlines()[-1:]}")
-        return np.frombuffer(run.stdout, dtype=np.float32).copy()
-    if not os.path.isfile(path):
+        source = io.BytesIO(run.stdout)
+    elif not os.path.isfile(path):
         raise StemJEPAError(f"{path}: no such file")
-    if os.path.getsize(path) == 0:
+    elif os.path.getsize(path) == 0:
         raise StemJEPAError(f"{path}: empty file (0 bytes)")
     try:
-        x, sr = sf.read(path, dtype="float32", always_2d=True)          # (N, C)
+        x, sr = sf.read(source, dtype="float32", always_2d=True)        # (N, C)
     except Exception as e:                                              # libsndfile's errors vary by version
         reason = str(e).rsplit(":", 1)[-1].strip()                      # libsndfile repeats the path first
         raise StemJEPAError(f"{path}: not a readable audio file ({reason})") from None

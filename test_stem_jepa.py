@@ -634,6 +634,34 @@ def test_quiet_stem_is_kept_for_evaluation_and_never_sampled_in_training(tmp_pat
         assert abs(np.fft.rfft(context.numpy().astype(np.float64))[770 * 2]) < 1.0   # 0.05 sine: 800
 
 
+def test_stem_mp4_and_wav_of_the_same_stereo_audio_give_equal_arrays(tmp_path):
+    """One level for both MUSDB18 layouts: the same stereo 44.1 kHz stems as WAV files (MUSDB18-HQ)
+    and as the lossless (ALAC) streams of a .stem.mp4 (MUSDB18) load as equal 16 kHz mono arrays,
+    the channel mean (L + R) / 2 resampled alike; its RMS level is that of (L + R) / 2 (ffmpeg's
+    `-ac 1` sums to 0.707 (L + R), 3 dB louder)."""
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("ffmpeg is not installed")
+    sr, rng = 44100, np.random.default_rng(0)
+    t = np.arange(int(1.5 * sr)) / sr
+    inputs, mean = [], {}
+    for name in ["mixture", *sj.MUSDB_STREAMS]:                        # the .stem.mp4 stream order
+        f = rng.uniform(100, 1000)
+        x = np.stack([0.6 * np.sin(2 * np.pi * f * t), 0.2 * np.sin(2 * np.pi * 1.5 * f * t)], axis=1)
+        sf.write(tmp_path / f"{name}.wav", x, sr, subtype="PCM_16")
+        mean[name] = sf.read(tmp_path / f"{name}.wav", dtype="float64")[0].mean(axis=1)
+        inputs += ["-i", str(tmp_path / f"{name}.wav")]
+    mp4 = tmp_path / "Artist - Song.stem.mp4"
+    maps = [a for i in range(5) for a in ("-map", str(i))]
+    subprocess.run(["ffmpeg", "-v", "error", "-y", *inputs, *maps, "-c:a", "alac", str(mp4)], check=True)
+    for name, stream in sj.MUSDB_STREAMS.items():
+        from_mp4 = sj.load_audio(mp4, SR, stream)
+        from_wav = sj.load_audio(tmp_path / f"{name}.wav", SR)
+        assert from_mp4.dtype == from_wav.dtype == np.float32
+        np.testing.assert_array_equal(from_mp4, from_wav)
+        assert np.sqrt(np.mean(from_mp4.astype(np.float64) ** 2)) == pytest.approx(
+            np.sqrt(np.mean(mean[name] ** 2)), rel=0.01)
+
+
 def test_prepare_reuses_the_cache_and_redecodes_a_changed_track(tmp_path, monkeypatch):
     """A second prepare decodes nothing (load_audio is never called) and returns the same
     tracks; after one file changes, only that file's track is decoded again, with the new audio."""
