@@ -1640,9 +1640,9 @@ def retrieve(checkpoint, mix, library, instrument: str, *, top=10, device=None, 
 
 @torch.no_grad()
 def embed_files(checkpoint, audio, out, *, sequences=False, device=None, batch=16, log=print) -> np.ndarray:
-    """The pooled 3840-d target-encoder embedding of each audio file (4.1's references, 4.5's
-    global embedding) -> OUT (.npy, one row per file) and OUT.txt (the files, in order). With
-    sequences=True also OUT.sequences.npz: per file, one (T, 3840) vector per 160 ms."""
+    """The pooled 3840-d target-encoder embedding of each audio file (4.1's references; the probes
+    of 4.5 use the context encoder) -> OUT (.npy, one row per file) and OUT.txt (the files, in
+    order). With sequences=True also OUT.sequences.npz: per file, one (T, 3840) vector per 160 ms."""
     device = pick_device(device)
     model = StemJEPA.from_checkpoint(checkpoint).to(device)
     cfg = model.config
@@ -1974,9 +1974,9 @@ def labelled_patches(model: StemJEPA, sources: list[tuple], *, device="cpu", bat
     What is embedded: the full mix of each track, through the target encoder, one L2-normalised
     (F*D)-d vector per 160 ms (`frames`). The mix, because the annotations describe the song as
     heard (the paper's Beatles recordings exist only as mixes) and key and chord are properties of
-    all stems together; the target encoder, because it is the frozen encoder of 4.5 and the one
-    whose outputs the predictor learns to match. Unit vectors, so that k-means groups by cosine,
-    the similarity of Eq. 3.
+    all stems together; the target encoder, because it is the one whose outputs the predictor
+    learns to match (the probes of 4.5 use the context encoder, as the authors' downstream code).
+    Unit vectors, so that k-means groups by cosine, the similarity of Eq. 3.
 
     sources: (name, load, keys, chords). Returns x (P, C), the label of each patch ("key/chord"
     or None) and the index of its track.
@@ -2333,18 +2333,21 @@ def encode_targets(labels: list[list[str]], classes: list[str], *, task: str) ->
 
 
 @torch.no_grad()
-def global_embeddings(model: StemJEPA, files: list[Path], *, device="cpu", batch=16, group=8) -> torch.Tensor:
+def global_embeddings(model: StemJEPA, files: list[Path], *, device="cpu", batch=16, group=8,
+                      target=False) -> torch.Tensor:
     """4.5.1: "Each audio sample is processed by the frozen encoder, and its patch-wise outputs are
     concatenated and averaged along frequency and time dimensions to produce a 3840-dimensional
-    global embedding": the target encoder over the whole file, then `pool` -> (n files, F*D).
-    Files are loaded `group` at a time so that their full chunks share batches."""
+    global embedding": the encoder over the whole file, then `pool` -> (n files, F*D). The
+    context encoder f_theta by default, as the authors' downstream wrapper, which loads only the
+    encoder.* weights; target=True for the EMA target encoder. Files are loaded `group` at a
+    time so that their full chunks share batches."""
     model = model.to(device).eval()
     cfg = model.config
     rows = []
     for i in range(0, len(files), group):
         wavs = [load_audio(f, cfg.sample_rate) for f in files[i: i + group]]
         rows += [pool(z) for z in embed_long(model, wavs, chunk=int(cfg.chunk_seconds * cfg.sample_rate),
-                                             batch=batch, device=device)]
+                                             target=target, batch=batch, device=device)]
     return torch.stack(rows).float()
 
 
@@ -2472,14 +2475,17 @@ def chance_probe_metrics(y_train: torch.Tensor, y_test: torch.Tensor, *, task: s
             if scored else float("nan"), "classes_scored": len(scored)}
 
 
-def probe(checkpoint, labels, *, audio=None, task="multiclass", out=None, device=None, batch=16, epochs=200,
-          lr=1e-3, patience=20, seed=0, log=print) -> dict:
-    """Table 3's protocol on one task: frozen target encoder -> global embedding of each file
+def probe(checkpoint, labels, *, audio=None, task="multiclass", encoder="context", out=None, device=None,
+          batch=16, epochs=200, lr=1e-3, patience=20, seed=0, log=print) -> dict:
+    """Table 3's protocol on one task: the frozen encoder (the context encoder, as the authors'
+    downstream code; encoder="target" for the EMA target encoder) -> global embedding of each file
     (`global_embeddings`) -> MLP probe trained on train, early-stopped on valid, scored on test
     (`train_probe`, `probe_metrics`). The same probe on a random-weights encoder and the
     majority/prevalence chance level are measured in the same run. Writes OUT/probe.json."""
     if task not in ("multiclass", "multilabel"):
         raise StemJEPAError(f"--task {task}: choose multiclass or multilabel")
+    if encoder not in ("context", "target"):
+        raise StemJEPAError(f"--encoder {encoder}: choose context or target")
     device = pick_device(device)
     model = StemJEPA.from_checkpoint(checkpoint)
     files, label_lists, splits = read_probe_labels(labels, Path(audio) if audio else Path(labels).parent,
@@ -2490,11 +2496,11 @@ def probe(checkpoint, labels, *, audio=None, task="multiclass", out=None, device
             for s in ("train", "valid", "test")}
     torch.manual_seed(seed)
     encoders = {"Stem-JEPA": model, "random weights": build_model(model.config, model.instruments)}
-    results = {"checkpoint": str(checkpoint), "labels": str(labels), "task": task, "classes": classes,
-               "n": {s: len(i) for s, i in part.items()}, "rows": {}}
-    for name, encoder in encoders.items():
-        log(f"embedding {len(files)} files ({name})")
-        x = global_embeddings(encoder, files, device=device, batch=batch)
+    results = {"checkpoint": str(checkpoint), "labels": str(labels), "task": task, "encoder": encoder,
+               "classes": classes, "n": {s: len(i) for s, i in part.items()}, "rows": {}}
+    for name, m in encoders.items():
+        log(f"embedding {len(files)} files ({name}, {encoder} encoder)")
+        x = global_embeddings(m, files, device=device, batch=batch, target=encoder == "target")
         clf = train_probe(x[part["train"]], y[part["train"]], x[part["valid"]], y[part["valid"]], task=task,
                           n_classes=len(classes), epochs=epochs, lr=lr, patience=patience, seed=seed, device=device)
         results["rows"][name] = probe_metrics(clf, x[part["test"]], y[part["test"]], task=task)
@@ -2780,8 +2786,9 @@ def cmd_analyze(args):
 
 
 def cmd_probe(args):
-    probe(args.checkpoint, args.labels, audio=args.audio, task=args.task, out=args.out, device=args.device,
-          batch=args.batch, epochs=args.epochs, lr=args.lr, patience=args.patience, seed=args.seed)
+    probe(args.checkpoint, args.labels, audio=args.audio, task=args.task, encoder=args.encoder, out=args.out,
+          device=args.device, batch=args.batch, epochs=args.epochs, lr=args.lr, patience=args.patience,
+          seed=args.seed)
 
 
 def cmd_bench(args):
@@ -2880,6 +2887,8 @@ def main(argv=None):
     p.add_argument("--audio", help="folder the CSV's relative paths start from (default: the CSV's folder)")
     p.add_argument("--task", choices=["multiclass", "multilabel"], default="multiclass",
                    help="one label per file (accuracy), or ';'-separated tags (ROC-AUC, AP)")
+    p.add_argument("--encoder", choices=["context", "target"], default="context",
+                   help="frozen encoder to probe: context (the authors' downstream code) or the EMA target")
     p.add_argument("--out", help="output folder (default: beside the checkpoint, probe/)")
     p.add_argument("--epochs", type=int, default=200, help="at most; early stopping on valid")
     p.add_argument("--patience", type=int, default=20, help="epochs without a better valid loss before stopping")

@@ -820,6 +820,8 @@ def test_cli_toy_then_train_writes_data_checkpoint_and_log(tmp_path):
     ("train", ["--data", "--out", "--cache", "--resume", "--device", "--preset", "--predictor",
                "--steps", "--batch-size", "--stop-at", "--workers"]),
     ("demo", ["--dir", "--tracks", "--steps"]),
+    ("probe", ["--checkpoint", "--labels", "--task", "--encoder"]),
+    ("evaluate", ["--checkpoint", "--data", "--split", "all"]),
 ])
 def test_cli_help_lists_the_options(command, options):
     """`stem_jepa.py COMMAND --help` exits 0 and mentions each of its options."""
@@ -1813,6 +1815,45 @@ def test_probe_learns_a_separable_task_and_not_shuffled_labels():
     g = torch.Generator().manual_seed(9)
     clf = sj.train_probe(xt, yt[torch.randperm(400, generator=g)], xv, yv[torch.randperm(100, generator=g)], **fit)
     assert sj.probe_metrics(clf, xs, ys, task="multiclass")["accuracy"] < 0.4
+
+
+def test_probes_embed_with_the_context_encoder_unless_asked_for_the_target(two_encoders_model, tmp_path,
+                                                                          monkeypatch):
+    """4.5's frozen encoder is the context encoder f_theta (the authors' downstream wrapper loads only
+    the encoder.* weights): global_embeddings pools model.encoder's patch embeddings of each file
+    by default, the target encoder's with target=True (the two differ in this model); `probe`
+    passes encoder="context" by default and "target" on request, for the model and the
+    random-weights row alike, and says which in probe.json."""
+    model = two_encoders_model
+    rng = np.random.default_rng(4)
+    files = []
+    for i in range(6):
+        files.append(tmp_path / f"clip{i}.wav")
+        sf.write(files[-1], (0.1 * rng.standard_normal(5 * 2560)).astype(np.float32), SR)   # 5 patches
+    x = torch.from_numpy(sj.load_audio(files[0], SR))[None]
+    for target in (False, True):
+        got = sj.global_embeddings(model, files, **({"target": True} if target else {}))
+        with torch.no_grad():
+            want = sj.pool(model.encode(x, target=target)[0])
+        torch.testing.assert_close(got[0], want, rtol=1e-4, atol=1e-6)
+    context, target = (sj.global_embeddings(model, files[:1], target=t) for t in (False, True))
+    assert (context - target).abs().max() > 1e-3
+
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file,label,split\n" + "".join(f"clip{i}.wav,{'ab'[i % 2]},{['train', 'valid', 'test'][i // 2]}\n"
+                                                    for i in range(6)))
+    checkpoint = untrained_checkpoint(tmp_path / "run" / "checkpoint.pt", sj.make_config("tiny"), TOY_STEMS)
+    real, seen = sj.global_embeddings, []
+
+    def recording(m, f, **kw):
+        seen.append(kw.get("target", False))
+        return real(m, f, **kw)
+    monkeypatch.setattr(sj, "global_embeddings", recording)
+    quiet = dict(epochs=1, log=lambda *a: None)
+    assert sj.probe(checkpoint, labels, out=tmp_path / "a", **quiet)["encoder"] == "context"
+    assert sj.probe(checkpoint, labels, encoder="target", out=tmp_path / "b", **quiet)["encoder"] == "target"
+    assert seen == [False, False, True, True]
+    assert json.loads((tmp_path / "b" / "probe.json").read_text())["encoder"] == "target"
 
 
 def test_multilabel_probe_scores_tags():
