@@ -51,6 +51,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -2451,25 +2452,68 @@ def macro(metric, scores: torch.Tensor, targets: torch.Tensor) -> tuple[float, i
     return (float(np.mean(values)) if values else float("nan")), len(values)
 
 
+KEY_LABEL = re.compile(r"(?:key\s+)?([A-G])([#b]*)\s*:?\s*(major|minor|maj|min|m)?", re.IGNORECASE)
+
+
+def parse_key_label(label: str):
+    """A key class label -> (tonic pitch class, minor?), or None if it is not a key: "Eb minor"
+    (GiantSteps), "A:min" (the toy set), "F#", "Bbm". Stricter than `normalise_key`, so that the
+    classes of other tasks ("blues", "country") are not read as keys."""
+    m = KEY_LABEL.fullmatch(label.strip())
+    if m is None:
+        return None
+    return pitch_class(m[1].upper() + m[2].lower()), (m[3] or "").lower() in ("minor", "min", "m")
+
+
+def key_score(estimate: str, reference: str) -> float:
+    """The MIREX weighted key score, Table 3's GiantSteps "Acc refined" (MARBLE scores it with
+    mir_eval.key.weighted_score; the same rules): 1.0 for the same key, 0.5 for the estimate a
+    perfect fifth above the reference in the same mode, 0.3 for the relative major or minor, 0.2
+    for the parallel major or minor, 0 otherwise (a fifth below included, as in mir_eval)."""
+    (e, e_minor), (r, r_minor) = parse_key_label(estimate), parse_key_label(reference)
+    if (e, e_minor) == (r, r_minor):
+        return 1.0
+    if e_minor == r_minor and (e - r) % 12 == 7:
+        return 0.5
+    if e_minor != r_minor and (e - r) % 12 == (9 if e_minor else 3):  # A minor <-> C major
+        return 0.3
+    if e == r:
+        return 0.2
+    return 0.0
+
+
+def refined_accuracy(predicted, truth, classes: list[str]) -> float | None:
+    """The mean `key_score` of predicted class indices against the true ones, when every class
+    is a key (a key task such as GiantSteps); None otherwise."""
+    if not classes or any(parse_key_label(c) is None for c in classes):
+        return None
+    return float(np.mean([key_score(classes[p], classes[t]) for p, t in zip(predicted, truth)]))
+
+
 @torch.no_grad()
-def probe_metrics(model: ProbeMLP, x: torch.Tensor, y: torch.Tensor, *, task: str) -> dict:
+def probe_metrics(model: ProbeMLP, x: torch.Tensor, y: torch.Tensor, *, task: str, classes=None) -> dict:
     """Table 3's metrics on a split: accuracy (multiclass), or macro ROC-AUC and average precision
-    over the tags (multilabel), as fractions."""
+    over the tags (multilabel), as fractions. For a key task (every class a key), also
+    accuracy_refined, the MIREX weighted score (`key_score`)."""
     logits = model(x.to(next(model.parameters()).device)).float().cpu()
     if task == "multiclass":
-        return {"accuracy": (logits.argmax(1) == y).float().mean().item()}
+        m = {"accuracy": (logits.argmax(1) == y).float().mean().item()}
+        refined = refined_accuracy(logits.argmax(1).tolist(), y.tolist(), classes)
+        return m if refined is None else {**m, "accuracy_refined": refined}
     auc, scored = macro(roc_auc, logits, y)
     ap, _ = macro(average_precision, logits, y)
     return {"roc_auc": auc, "average_precision": ap, "classes_scored": scored}
 
 
-def chance_probe_metrics(y_train: torch.Tensor, y_test: torch.Tensor, *, task: str) -> dict:
+def chance_probe_metrics(y_train: torch.Tensor, y_test: torch.Tensor, *, task: str, classes=None) -> dict:
     """The reference of a model that ignores its input: the training set's majority class
-    (multiclass); for tagging, ROC-AUC 0.5 and, as AP, each tag's share of positives (what a
-    random scorer gets on average)."""
+    (multiclass; for a key task also its refined accuracy); for tagging, ROC-AUC 0.5 and, as AP,
+    each tag's share of positives (what a random scorer gets on average)."""
     if task == "multiclass":
         majority = torch.bincount(y_train).argmax()
-        return {"accuracy": (y_test == majority).float().mean().item()}
+        m = {"accuracy": (y_test == majority).float().mean().item()}
+        refined = refined_accuracy([int(majority)] * len(y_test), y_test.tolist(), classes)
+        return m if refined is None else {**m, "accuracy_refined": refined}
     scored = [c for c in range(y_test.shape[1]) if 0 < y_test[:, c].sum() < len(y_test)]
     return {"roc_auc": 0.5, "average_precision": float(np.mean([y_test[:, c].mean().item() for c in scored]))
             if scored else float("nan"), "classes_scored": len(scored)}
@@ -2503,8 +2547,10 @@ def probe(checkpoint, labels, *, audio=None, task="multiclass", encoder="context
         x = global_embeddings(m, files, device=device, batch=batch, target=encoder == "target")
         clf = train_probe(x[part["train"]], y[part["train"]], x[part["valid"]], y[part["valid"]], task=task,
                           n_classes=len(classes), epochs=epochs, lr=lr, patience=patience, seed=seed, device=device)
-        results["rows"][name] = probe_metrics(clf, x[part["test"]], y[part["test"]], task=task)
-    results["rows"]["chance"] = chance_probe_metrics(y[part["train"]], y[part["test"]], task=task)
+        results["rows"][name] = probe_metrics(clf, x[part["test"]], y[part["test"]], task=task,
+                                              classes=classes)
+    results["rows"]["chance"] = chance_probe_metrics(y[part["train"]], y[part["test"]], task=task,
+                                                     classes=classes)
     out = Path(out or Path(checkpoint).parent / "probe")
     out.mkdir(parents=True, exist_ok=True)
     _write_atomic(out / "probe.json", lambda p: p.write_text(json.dumps(results, indent=1)))
@@ -2514,8 +2560,9 @@ def probe(checkpoint, labels, *, audio=None, task="multiclass", encoder="context
 
 
 def format_probe_table(results: dict) -> str:
-    """Table 3's layout: one row per encoder, metrics in percent."""
+    """Table 3's layout: one row per encoder, metrics in percent (accuracy_refined: key tasks)."""
     metrics = ["accuracy"] if results["task"] == "multiclass" else ["roc_auc", "average_precision"]
+    metrics += ["accuracy_refined"] if "accuracy_refined" in results["rows"]["chance"] else []
     n = results["n"]
     lines = [f"probe ({results['task']}, {len(results['classes'])} classes; "
              f"{n['train']} train, {n['valid']} valid, {n['test']} test)",

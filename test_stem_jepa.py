@@ -1856,6 +1856,50 @@ def test_probes_embed_with_the_context_encoder_unless_asked_for_the_target(two_e
     assert json.loads((tmp_path / "b" / "probe.json").read_text())["encoder"] == "target"
 
 
+# (estimate, reference, MIREX weighted score), scored by hand from the rules
+HAND_SCORED_KEYS = [
+    ("C major", "C major", 1.0), ("Db major", "C# major", 1.0),         # same key, spelled two ways
+    ("G major", "C major", 0.5), ("D minor", "G minor", 0.5),           # a fifth above, same mode
+    ("F major", "C major", 0.0), ("G minor", "C major", 0.0),           # a fifth below; another mode
+    ("A minor", "C major", 0.3), ("C major", "A minor", 0.3),           # relative minor / major
+    ("E minor", "G major", 0.3), ("Bb major", "G minor", 0.3),
+    ("C minor", "C major", 0.2), ("F# major", "F# minor", 0.2),         # parallel
+    ("Eb minor", "C major", 0.0), ("D major", "C major", 0.0), ("B major", "G# major", 0.0),
+    ("A:min", "C:maj", 0.3), ("Key E", "Em", 0.2),                     # the toy set's and short spellings
+]
+
+
+@pytest.mark.parametrize("estimate, reference, score", HAND_SCORED_KEYS)
+def test_key_score_is_the_mirex_weighted_score(estimate, reference, score):
+    """Table 3's GiantSteps "Acc refined": 1 for the same key, 0.5 for a perfect fifth above in the
+    same mode, 0.3 for the relative major/minor, 0.2 for the parallel one, else 0."""
+    assert sj.key_score(estimate, reference) == score
+
+
+def test_key_probe_reports_refined_accuracy_beside_accuracy():
+    """With key classes, probe_metrics and the chance row add accuracy_refined, the mean
+    MIREX score of the predictions (hand-scored: 1, 0.5, 0.3, 0.2 and 0 -> 0.4, accuracy 0.2); the
+    majority class C major scores (1 + 0 + 0.3 + 0.2 + 0) / 5 against the same truth. A genre task
+    (classes that are no keys, "blues" starting with a note letter) gets plain accuracy only."""
+    classes = ["A minor", "C major", "C minor", "D major", "G major"]
+    truth = torch.tensor([1, 1, 1, 1, 1])                                # all C major
+    predicted = [1, 4, 0, 2, 3]                                           # C, G, Am, Cm, D
+    probe = sj.ProbeMLP(dim=5, hidden=5, classes=5, mean=torch.zeros(5), std=torch.ones(5))
+    with torch.no_grad():                                                # logits = the (one-hot) input
+        for layer in (probe.net[0], probe.net[2]):
+            layer.weight.copy_(torch.eye(5))
+            layer.bias.zero_()
+    x = torch.eye(5)[predicted]
+    m = sj.probe_metrics(probe, x, truth, task="multiclass", classes=classes)
+    assert m["accuracy"] == pytest.approx(0.2) and m["accuracy_refined"] == pytest.approx(2.0 / 5)
+    chance = sj.chance_probe_metrics(torch.tensor([1, 1, 0]), torch.tensor([1, 4, 0, 2, 3]),
+                                     task="multiclass", classes=classes)
+    assert chance["accuracy"] == pytest.approx(0.2)
+    assert chance["accuracy_refined"] == pytest.approx((1 + 0 + 0.3 + 0.2 + 0) / 5)
+    genres = ["blues", "classical", "country", "disco", "metal"]
+    assert "accuracy_refined" not in sj.probe_metrics(probe, x, truth, task="multiclass", classes=genres)
+
+
 def test_multilabel_probe_scores_tags():
     """Two tags, each a linear function of the input: macro ROC-AUC and AP close to 1."""
     g = torch.Generator().manual_seed(5)
