@@ -423,6 +423,45 @@ def test_training_step_through_torch_compile_matches_eager():
     assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
 
 
+def test_paper_preset_decays_every_parameter_and_m2d_grouping_is_an_option():
+    """The authors' code applies weight decay 0.05 to every parameter, norms, biases and the
+    instrument embedding included: so do the paper preset's parameter groups. With
+    weight_decay_all=False (M2D's grouping) exactly the parameters with fewer than 2 dims and
+    the instrument embedding go undecayed, and every weight matrix is decayed."""
+    assert sj.make_config("paper").weight_decay_all is True and sj.make_config("paper").weight_decay == 0.05
+    model = sj.build_model(sj.make_config("tiny"), TOY_STEMS)
+    trainable = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
+    for decay_all in (True, False):
+        decay = {id(p): g["weight_decay"] for g in sj.param_groups(model, 0.05, decay_all=decay_all)
+                 for p in g["params"]}
+        assert decay.keys() == trainable.keys()
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                exempt = not decay_all and (p.ndim < 2 or name.startswith("predictor.instrument"))
+                assert decay[id(p)] == (0.0 if exempt else 0.05), (decay_all, name)
+    names = [trainable[i] for i, wd in decay.items() if wd == 0.0]                  # M2D's
+    assert "predictor.instrument.weight" in names and "encoder.norm.bias" in names
+    assert "encoder.blocks.0.attn.qkv.weight" not in names
+
+
+def test_train_builds_the_optimizer_from_weight_decay_all(tmp_path):
+    """`train` decays every parameter with weight_decay_all (the paper preset's setting): its
+    checkpoint's optimizer has weight decay 0.05 on all trainable parameters; the tiny preset's
+    M2D grouping leaves the 1-d ones and the instrument embedding at 0."""
+    data = tmp_path / "data"
+    write_track(data / "song", {s: sine(f, 2.0) for s, f in MUSDB_FREQS.items()})
+    for decay_all in (True, False):
+        cfg = tiny(steps=1, batch_size=2, weight_decay_all=decay_all)
+        model = sj.train(cfg, data, out=tmp_path / f"run{decay_all}", workers=0, log=lambda *a: None)
+        groups = torch.load(tmp_path / f"run{decay_all}" / "checkpoint.pt", weights_only=True)["optimizer"]
+        decayed = sum(len(g["params"]) for g in groups["param_groups"] if g["weight_decay"] == 0.05)
+        n = sum(p.requires_grad for p in model.parameters())
+        exempt = sum(p.requires_grad and (p.ndim < 2 or name.startswith("predictor.instrument"))
+                     for name, p in model.named_parameters())
+        assert decayed == (n if decay_all else n - exempt), (decay_all, decayed, n, exempt)
+    assert sj.make_config("tiny").weight_decay_all is False
+
+
 def test_grad_accumulation_gives_the_full_batch_gradient():
     """grad_accum micro-batches add up to the gradient of the whole batch (the loss of each is
     divided by their number), so the update does not depend on how the batch is split."""
