@@ -84,14 +84,17 @@ class StemJEPAError(Exception):
 
 @dataclass
 class Config:
+    # "[code]": the value is the authors' code's (SonyCSLParis/Stem-JEPA, built on M2D), not the
+    # paper's text, which states only 8 s chunks, 80 mels, 25/10 ms, 16x16 patches, ViT-Base, the
+    # 6-layer MLP of width 1024, AdamW, batch 256, lr 3e-4, 300k steps and 20k warmup steps.
     # front-end (3.3)
-    sample_rate: int = 16000          # Hz; stems are summed to mono
+    sample_rate: int = 16000          # Hz [code]; stems are summed to mono
     chunk_seconds: float = 8.0        # training chunk: 8 s -> 800 frames -> 5 x 50 patches
     n_fft: int = 400                  # 25 ms window
     hop_length: int = 160             # 10 ms hop
     n_mels: int = 80
-    f_min: float = 50.0
-    f_max: float = 8000.0
+    f_min: float = 50.0               # Hz [code]
+    f_max: float = 8000.0             # Hz [code]
     patch_size: int = 16              # 16 x 16 patches of the (mel, frame) grid
     # encoder: ViT-Base (3.3)
     dim: int = 768
@@ -106,7 +109,7 @@ class Config:
     pred_tf_depth: int = 8
     pred_tf_heads: int = 16
     # sampler (3.2)
-    active_threshold: float = 0.1     # a stem is active when its peak |amplitude| in the chunk exceeds this
+    active_threshold: float = 0.1     # [code] active: peak |amplitude| in the chunk above this
     redraw_tries: int = 10            # chunks drawn from the same track before the fallback (footnote 2)
     # optimisation (3.3)
     steps: int = 300_000
@@ -114,15 +117,15 @@ class Config:
     grad_accum: int = 1               # micro-batches per step when the batch does not fit in memory
     base_lr: float = 3e-4             # lr = base_lr * batch_size / 256
     warmup_steps: int = 20_000        # linear warmup, then cosine to 0
-    beta1: float = 0.9
+    beta1: float = 0.9                # AdamW betas (0.9, 0.95) [code]
     beta2: float = 0.95
-    weight_decay: float = 0.05
+    weight_decay: float = 0.05        # [code]
     weight_decay_all: bool = True     # on every parameter, norms, biases and the instrument
                                       # embedding included (the authors' code); False: M2D's
                                       # grouping, no decay on biases, norms and embeddings
-    grad_clip: float = 3.0            # max global gradient norm
-    tau_start: float = 0.99995        # EMA rate tau_0 (Eq. 2) ...
-    tau_end: float = 0.99999          # ... rising linearly to tau_T
+    grad_clip: float = 3.0            # max global gradient norm [code]
+    tau_start: float = 0.99995        # EMA rate tau_0 (Eq. 2) [code] ...
+    tau_end: float = 0.99999          # ... rising linearly to tau_T [code]
     seed: int = 0
     # bookkeeping
     log_every: int = 50               # steps between log lines
@@ -244,7 +247,8 @@ def init_vit_weights(module: nn.Module) -> None:
 
 
 class ViT(nn.Module):
-    """"We employ a standard ViT-Base model as the encoder" (3.3), without a CLS token.
+    """"We employ a standard ViT-Base model as the encoder" (3.3). No CLS token, and fixed (not
+    learned) 2D sin-cos positions: both are the authors' code's (M2D's), not the paper's text.
 
     Log-mel (B, M, L) -> one embedding per patch (B, F, T, D), F = M / 16, T = L // 16. Tokens are
     frequency-major (index f * T + t). Any length up to max_frames works: a shorter input uses the
@@ -282,7 +286,8 @@ class MLPPredictor(nn.Module):
     layer" (3.3), applied to each patch independently: z~_k = g(concat(z_k, emb(l))) (3.1).
 
     With n_instruments = 0 it is the unconditioned ablation of Table 1 (input z_k alone). The output
-    LayerNorm is the authors' code's.
+    LayerNorm and emb(l) as a dim-wide (768-d) embedding initialised N(0, 1) are the authors'
+    code's; the paper says only "a learnable embedding".
     """
 
     def __init__(self, *, dim=768, hidden=1024, layers=6, n_instruments=4):
@@ -307,7 +312,8 @@ class MLPPredictor(nn.Module):
 class TransformerPredictor(nn.Module):
     """The Transformer predictor of Table 1, "the same as in [9]" (M2D): project to a narrower
     width, add 2D sin-cos positions, prepend one learned instrument token (without position),
-    run pre-norm blocks, drop the token, normalise and project back."""
+    run pre-norm blocks, drop the token, normalise and project back. The instrument token is
+    initialised N(0, 1), as in the authors' code."""
 
     def __init__(self, *, dim=768, width=512, depth=8, heads=16, mlp_ratio=4, n_instruments=4,
                  n_freq=5, max_time=50):
@@ -319,7 +325,7 @@ class TransformerPredictor(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.out = nn.Linear(width, dim)
         init_vit_weights(self)
-        nn.init.normal_(self.instrument.weight, std=0.02)
+        nn.init.normal_(self.instrument.weight)                         # N(0, 1)
 
     def forward(self, z: torch.Tensor, instrument: torch.Tensor) -> torch.Tensor:
         B, Fp, T, _ = z.shape
@@ -453,7 +459,9 @@ def draw_example(stems: torch.Tensor, chunk: int, rng: np.random.Generator, *, t
     A chunk at a uniformly random offset (zero-padded at the end when the track is shorter). "If
     |A| < 2 [...] we resample another audio chunk from the same track" (footnote 2), up to `tries`
     chunks; after that the fallback trains on the last chunk with its loudest stem as target and
-    the second loudest as context (what the authors' code does with every chunk: no redraw).
+    the second loudest as context. The authors' code differs: it redraws only when no stem is
+    active, trains with a silent context when exactly one is, and after its last trial takes a
+    random target with all the other stems as context; we follow the paper.
     Only the chunk is read: `stems` may wrap a memory map (torch's float16 kernels are ~10x
     faster than numpy's here).
     """
