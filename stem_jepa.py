@@ -627,11 +627,13 @@ def _prepare_track(name, stems, *, sample_rate, chunk, threshold) -> dict:
 def _training_exclusion(meta: dict, *, threshold: float, chunk: int, sample_rate: int):
     """The silence filter, applied to training only: (why the track cannot train, or None; notes).
     A stem whose whole-track peak is <= threshold is never active, so the sampler never picks it
-    (it stays in the cache and in evaluation, as in the authors' evaluation, which keeps all four)."""
+    (it stays in the cache and in evaluation, as in the authors' evaluation, which keeps all
+    four)."""
     name, notes = meta["name"], []
     quiet = [s for s, p in zip(meta["stems"], meta["peaks"]) if p <= threshold]
     for s in quiet:
-        notes.append((f"quiet stems (peak <= {threshold:g}: never sampled in training)", f"{name}/{s}"))
+        notes.append((f"quiet stems (peak <= {threshold:g}: never sampled in training)",
+                      f"{name}/{s}"))
     if len(meta["stems"]) - len(quiet) < 2:
         why = f"{len(meta['stems']) - len(quiet)} non-silent stem(s): nothing to predict from"
     elif not meta["two_active"]:
@@ -915,7 +917,8 @@ def autocast_for(device: torch.device):
 def full_precision(device: torch.device):
     """float32 throughout, whatever the caller set: no autocast and no TF32 matmuls or
     convolutions. Evaluation and every analysis run under it, as the authors evaluate in fp32:
-    pooled vectors of one instrument sit at cosine ~0.98, where bf16 rounding reorders neighbours."""
+    pooled vectors of one instrument sit at cosine ~0.98, where bf16 rounding reorders
+    neighbours."""
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
@@ -934,7 +937,8 @@ def param_groups(model: nn.Module, weight_decay: float, *, decay_all: bool = Tru
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if not decay_all and (p.ndim < 2 or "instrument" in name) else decay).append(p)
+            exempt = not decay_all and (p.ndim < 2 or "instrument" in name)
+            (no_decay if exempt else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -1115,8 +1119,8 @@ def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, 
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, instruments).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, decay_all=cfg.weight_decay_all),
-                                  lr=0.0, betas=(cfg.beta1, cfg.beta2),
+    groups = param_groups(model, cfg.weight_decay, decay_all=cfg.weight_decay_all)
+    optimizer = torch.optim.AdamW(groups, lr=0.0, betas=(cfg.beta1, cfg.beta2),
                                   fused=device.type in ("cuda", "cpu"))
     start, skipped, window = 0, 0, (0.0, 0)   # window: loss sum and count since the last log line
     ckpt_path = out / "checkpoint.pt"
@@ -1284,11 +1288,11 @@ def retrieval_metrics(queries, refs, truth, ks=(1, 5, 10)) -> dict:
     """
     closer, tied, _ = retrieval_ranks(queries, refs, truth)
     R = refs.shape[0]
-    rank = 1 + closer + (tied - 1).double() / 2                         # 1-based, ties in expectation
+    rank = 1 + closer + (tied - 1).double() / 2                 # 1-based, ties in expectation
     m = {f"R@{k}": 100 * ((k - closer) / tied).clamp(0, 1).mean().item() for k in ks}
     for name, r in (("nrank", rank), ("nrank0", rank - 1)):
         m[f"{name}_mean"] = 100 * (r / R).mean().item()
-        m[f"{name}_median"] = 100 * (r / R).quantile(0.5).item()        # mean of the middle two if even
+        m[f"{name}_median"] = 100 * (r / R).quantile(0.5).item()    # middle two's mean if even
     return m
 
 
@@ -1658,7 +1662,8 @@ def retrieve(checkpoint, mix, library, instrument: str, *, top=10, device=None, 
 def embed_files(checkpoint, audio, out, *, sequences=False, device=None, batch=16, log=print) -> np.ndarray:
     """The pooled 3840-d target-encoder embedding of each audio file (4.1's references; the probes
     of 4.5 use the context encoder) -> OUT (.npy, one row per file) and OUT.txt (the files, in
-    order). With sequences=True also OUT.sequences.npz: per file, one (T, 3840) vector per 160 ms."""
+    order). With sequences=True also OUT.sequences.npz: per file, one (T, 3840) vector per
+    160 ms."""
     device = pick_device(device)
     model = StemJEPA.from_checkpoint(checkpoint).to(device)
     cfg = model.config
@@ -2506,7 +2511,8 @@ def refined_accuracy(predicted, truth, classes: list[str]) -> float | None:
 
 
 @torch.no_grad()
-def probe_metrics(model: ProbeMLP, x: torch.Tensor, y: torch.Tensor, *, task: str, classes=None) -> dict:
+def probe_metrics(model: ProbeMLP, x: torch.Tensor, y: torch.Tensor, *, task: str,
+                  classes=None) -> dict:
     """Table 3's metrics on a split: accuracy (multiclass), or macro ROC-AUC and average precision
     over the tags (multilabel), as fractions. For a key task (every class a key), also
     accuracy_refined, the MIREX weighted score (`key_score`)."""
@@ -2520,7 +2526,8 @@ def probe_metrics(model: ProbeMLP, x: torch.Tensor, y: torch.Tensor, *, task: st
     return {"roc_auc": auc, "average_precision": ap, "classes_scored": scored}
 
 
-def chance_probe_metrics(y_train: torch.Tensor, y_test: torch.Tensor, *, task: str, classes=None) -> dict:
+def chance_probe_metrics(y_train: torch.Tensor, y_test: torch.Tensor, *, task: str,
+                         classes=None) -> dict:
     """The reference of a model that ignores its input: the training set's majority class
     (multiclass; for a key task also its refined accuracy); for tagging, ROC-AUC 0.5 and, as AP,
     each tag's share of positives (what a random scorer gets on average)."""
@@ -2534,8 +2541,8 @@ def chance_probe_metrics(y_train: torch.Tensor, y_test: torch.Tensor, *, task: s
             if scored else float("nan"), "classes_scored": len(scored)}
 
 
-def probe(checkpoint, labels, *, audio=None, task="multiclass", encoder="context", out=None, device=None,
-          batch=16, epochs=200, lr=1e-3, patience=20, seed=0, log=print) -> dict:
+def probe(checkpoint, labels, *, audio=None, task="multiclass", encoder="context", out=None,
+          device=None, batch=16, epochs=200, lr=1e-3, patience=20, seed=0, log=print) -> dict:
     """Table 3's protocol on one task: the frozen encoder (the context encoder, as the authors'
     downstream code; encoder="target" for the EMA target encoder) -> global embedding of each file
     (`global_embeddings`) -> MLP probe trained on train, early-stopped on valid, scored on test
@@ -2555,8 +2562,9 @@ def probe(checkpoint, labels, *, audio=None, task="multiclass", encoder="context
             for s in ("train", "valid", "test")}
     torch.manual_seed(seed)
     encoders = {"Stem-JEPA": model, "random weights": build_model(model.config, model.instruments)}
-    results = {"checkpoint": str(checkpoint), "labels": str(labels), "task": task, "encoder": encoder,
-               "classes": classes, "n": {s: len(i) for s, i in part.items()}, "rows": {}}
+    results = {"checkpoint": str(checkpoint), "labels": str(labels), "task": task,
+               "encoder": encoder, "classes": classes, "n": {s: len(i) for s, i in part.items()},
+               "rows": {}}
     for name, m in encoders.items():
         log(f"embedding {len(files)} files ({name}, {encoder} encoder)")
         x = global_embeddings(m, files, device=device, batch=batch, target=encoder == "target")
@@ -2696,8 +2704,8 @@ def bench(*, preset="paper", batch_size=2, device=None, compile=False, steps=5, 
     # the training step, front-end to EMA update, on random waveforms
     torch.manual_seed(0)
     model = build_model(cfg, list(TOY_STEMS)).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, decay_all=cfg.weight_decay_all),
-                                  betas=(cfg.beta1, cfg.beta2),
+    groups = param_groups(model, cfg.weight_decay, decay_all=cfg.weight_decay_all)
+    optimizer = torch.optim.AdamW(groups, betas=(cfg.beta1, cfg.beta2),
                                   fused=device.type in ("cuda", "cpu"))
     loss_fn = torch.compile(model) if compile else model
     n = int(cfg.chunk_seconds * cfg.sample_rate)
@@ -2849,9 +2857,9 @@ def cmd_analyze(args):
 
 
 def cmd_probe(args):
-    probe(args.checkpoint, args.labels, audio=args.audio, task=args.task, encoder=args.encoder, out=args.out,
-          device=args.device, batch=args.batch, epochs=args.epochs, lr=args.lr, patience=args.patience,
-          seed=args.seed)
+    probe(args.checkpoint, args.labels, audio=args.audio, task=args.task, encoder=args.encoder,
+          out=args.out, device=args.device, batch=args.batch, epochs=args.epochs, lr=args.lr,
+          patience=args.patience, seed=args.seed)
 
 
 def cmd_bench(args):
@@ -2937,7 +2945,8 @@ def main(argv=None):
     c.add_argument("--seed", type=int, default=0)
     for q in (a, c):
         q.add_argument("--checkpoint", required=True)
-        q.add_argument("--split", default="test", help="dataset split (with --data): train, test or all")
+        q.add_argument("--split", default="test",
+                       help="dataset split (with --data): train, test or all")
         q.add_argument("--out", help="output folder (default: beside the checkpoint)")
         q.add_argument("--cache", help="decoded-stem cache (default DATA/.stem_jepa_cache)")
         q.add_argument("--device")
@@ -2951,7 +2960,8 @@ def main(argv=None):
     p.add_argument("--task", choices=["multiclass", "multilabel"], default="multiclass",
                    help="one label per file (accuracy), or ';'-separated tags (ROC-AUC, AP)")
     p.add_argument("--encoder", choices=["context", "target"], default="context",
-                   help="frozen encoder to probe: context (the authors' downstream code) or the EMA target")
+                   help="frozen encoder to probe: context (the authors' downstream code) "
+                        "or the EMA target")
     p.add_argument("--out", help="output folder (default: beside the checkpoint, probe/)")
     p.add_argument("--epochs", type=int, default=200, help="at most; early stopping on valid")
     p.add_argument("--patience", type=int, default=20, help="epochs without a better valid loss before stopping")

@@ -277,7 +277,8 @@ def test_instrument_embeddings_are_initialised_standard_normal():
     torch.manual_seed(0)
     mlp = sj.MLPPredictor(dim=768, n_instruments=4)
     tf = sj.TransformerPredictor(dim=768, width=512, depth=1, heads=16, n_instruments=4)
-    assert tuple(mlp.instrument.weight.shape) == (4, 768) and tuple(tf.instrument.weight.shape) == (4, 512)
+    assert tuple(mlp.instrument.weight.shape) == (4, 768)
+    assert tuple(tf.instrument.weight.shape) == (4, 512)
     for weight in (mlp.instrument.weight, tf.instrument.weight):
         assert abs(weight.mean().item()) < 0.1 and 0.9 < weight.std().item() < 1.1
 
@@ -287,8 +288,8 @@ def test_values_from_the_authors_code_say_so():
     ("[code]"): 16 kHz, f_min/f_max, the AdamW betas, weight decay, clipping at 3.0, both tau values
     and the 0.1 activity threshold. The docstrings that describe the authors' code say so too."""
     source = inspect.getsource(sj.Config)
-    for field in ("sample_rate", "f_min", "f_max", "beta1", "weight_decay:", "grad_clip", "tau_start",
-                  "tau_end", "active_threshold"):
+    for field in ("sample_rate", "f_min", "f_max", "beta1", "weight_decay:", "grad_clip",
+                  "tau_start", "tau_end", "active_threshold"):
         line = next(l for l in source.splitlines() if l.strip().startswith(field))
         assert "[code]" in line, line
     assert "No CLS token" in sj.ViT.__doc__ and "sin-cos" in sj.ViT.__doc__
@@ -459,7 +460,8 @@ def test_paper_preset_decays_every_parameter_and_m2d_grouping_is_an_option():
     instrument embedding included: so do the paper preset's parameter groups. With
     weight_decay_all=False (M2D's grouping) exactly the parameters with fewer than 2 dims and
     the instrument embedding go undecayed, and every weight matrix is decayed."""
-    assert sj.make_config("paper").weight_decay_all is True and sj.make_config("paper").weight_decay == 0.05
+    paper = sj.make_config("paper")
+    assert paper.weight_decay_all is True and paper.weight_decay == 0.05
     model = sj.build_model(sj.make_config("tiny"), TOY_STEMS)
     trainable = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
     for decay_all in (True, False):
@@ -483,8 +485,9 @@ def test_train_builds_the_optimizer_from_weight_decay_all(tmp_path):
     write_track(data / "song", {s: sine(f, 2.0) for s, f in MUSDB_FREQS.items()})
     for decay_all in (True, False):
         cfg = tiny(steps=1, batch_size=2, weight_decay_all=decay_all)
-        model = sj.train(cfg, data, out=tmp_path / f"run{decay_all}", workers=0, log=lambda *a: None)
-        groups = torch.load(tmp_path / f"run{decay_all}" / "checkpoint.pt", weights_only=True)["optimizer"]
+        out = tmp_path / f"run{decay_all}"
+        model = sj.train(cfg, data, out=out, workers=0, log=lambda *a: None)
+        groups = torch.load(out / "checkpoint.pt", weights_only=True)["optimizer"]
         decayed = sum(len(g["params"]) for g in groups["param_groups"] if g["weight_decay"] == 0.05)
         n = sum(p.requires_grad for p in model.parameters())
         exempt = sum(p.requires_grad and (p.ndim < 2 or name.startswith("predictor.instrument"))
@@ -681,8 +684,8 @@ def test_quiet_stem_is_kept_for_evaluation_and_never_sampled_in_training(tmp_pat
     write_track(data / "duo", {"bass": sine(110, 2.0), "other": sine(770, 2.0, amp=0.05)})
     notes = []
     evaluation = sj.prepare(data, chunk_seconds=2.0, training=False, log=notes.append)
-    assert [(t["name"], t["stems"]) for t in evaluation] == [("duo", ["bass", "other"]),
-                                                            ("song", ["bass", "drums", "other", "vocals"])]
+    assert [(t["name"], t["stems"]) for t in evaluation] == [
+        ("duo", ["bass", "other"]), ("song", ["bass", "drums", "other", "vocals"])]
     assert "silent stems (all zero: left out)" in notes[-1] and "song/piano" in notes[-1]
     x = np.load(evaluation[1]["npy"]).astype(np.float32)
     assert np.abs(x[2]).max() == pytest.approx(0.05, abs=1e-3)
@@ -692,16 +695,19 @@ def test_quiet_stem_is_kept_for_evaluation_and_never_sampled_in_training(tmp_pat
     emb = sj.retrieval_embeddings(model, evaluation, log=lambda *a: None)
     assert list(zip(emb["track"].tolist(), emb["instrument"].tolist())) == [
         (0, 0), (0, 2), (1, 0), (1, 1), (1, 2), (1, 3)]
-    torch.testing.assert_close(emb["refs_target"][4], sj.pool(sj.embed_long(model, [x[2]], chunk=n)[0]))
+    own = sj.pool(sj.embed_long(model, [x[2]], chunk=n)[0])           # the quiet stem alone
+    torch.testing.assert_close(emb["refs_target"][4], own)
 
     notes.clear()
     (train,) = sj.prepare(data, chunk_seconds=2.0, log=notes.append)
-    assert train["name"] == "song" and "song/other" in notes[-1] and "duo: 1 non-silent" in notes[-1]
+    assert train["name"] == "song"
+    assert "song/other" in notes[-1] and "duo: 1 non-silent" in notes[-1]
     dataset = sj.StemChunks([train], train["stems"], chunk=n, threshold=0.1, tries=10, seed=0)
     for i in range(40):
         context, _, instrument = dataset[i]
         assert train["stems"][instrument] != "other"
-        assert abs(np.fft.rfft(context.numpy().astype(np.float64))[770 * 2]) < 1.0   # 0.05 sine: 800
+        spectrum = np.abs(np.fft.rfft(context.numpy().astype(np.float64)))   # 0.5 Hz bins
+        assert spectrum[770 * 2] < 1.0                                   # a 0.05 sine gives 800
 
 
 def test_stem_mp4_and_wav_of_the_same_stereo_audio_give_equal_arrays(tmp_path):
@@ -716,13 +722,14 @@ def test_stem_mp4_and_wav_of_the_same_stereo_audio_give_equal_arrays(tmp_path):
     inputs, mean = [], {}
     for name in ["mixture", *sj.MUSDB_STREAMS]:                        # the .stem.mp4 stream order
         f = rng.uniform(100, 1000)
-        x = np.stack([0.6 * np.sin(2 * np.pi * f * t), 0.2 * np.sin(2 * np.pi * 1.5 * f * t)], axis=1)
+        x = np.stack([0.6 * np.sin(2 * np.pi * f * t), 0.2 * np.sin(3 * np.pi * f * t)], axis=1)
         sf.write(tmp_path / f"{name}.wav", x, sr, subtype="PCM_16")
         mean[name] = sf.read(tmp_path / f"{name}.wav", dtype="float64")[0].mean(axis=1)
         inputs += ["-i", str(tmp_path / f"{name}.wav")]
     mp4 = tmp_path / "Artist - Song.stem.mp4"
     maps = [a for i in range(5) for a in ("-map", str(i))]
-    subprocess.run(["ffmpeg", "-v", "error", "-y", *inputs, *maps, "-c:a", "alac", str(mp4)], check=True)
+    subprocess.run(["ffmpeg", "-v", "error", "-y", *inputs, *maps, "-c:a", "alac", str(mp4)],
+                   check=True)
     for name, stream in sj.MUSDB_STREAMS.items():
         from_mp4 = sj.load_audio(mp4, SR, stream)
         from_wav = sj.load_audio(tmp_path / f"{name}.wav", SR)
@@ -1030,7 +1037,8 @@ def metrics_by_enumeration(queries, refs, truth, ks) -> dict:
         nranks.append(np.mean(ranks) / R)
     nranks = np.array(nranks)
     return {**{f"R@{k}": 100 * float(np.mean(hits[k])) for k in ks},
-            "nrank_mean": 100 * float(np.mean(nranks)), "nrank_median": 100 * float(np.median(nranks)),
+            "nrank_mean": 100 * float(np.mean(nranks)),
+            "nrank_median": 100 * float(np.median(nranks)),
             "nrank0_mean": 100 * float(np.mean(nranks - 1 / R)),
             "nrank0_median": 100 * float(np.median(nranks - 1 / R))}
 
@@ -1040,8 +1048,8 @@ def test_each_query_equal_to_its_reference_gives_recall_100_and_rank_1():
     rank 1 (nearest) for every query, so normalised rank 1/R = 1/9, mean and median (0 with the
     0-based nrank0)."""
     refs = torch.randn(9, 16, generator=torch.Generator().manual_seed(0))
-    perfect = {"R@1": 100.0, "R@5": 100.0, "R@10": 100.0, "nrank_mean": 100 / 9, "nrank_median": 100 / 9,
-               "nrank0_mean": 0.0, "nrank0_median": 0.0}
+    perfect = {"R@1": 100.0, "R@5": 100.0, "R@10": 100.0, "nrank_mean": 100 / 9,
+               "nrank_median": 100 / 9, "nrank0_mean": 0.0, "nrank0_median": 0.0}
     perm = torch.randperm(9, generator=torch.Generator().manual_seed(1))
     for got in (sj.retrieval_metrics(refs.clone(), refs, torch.arange(9)),
                 sj.retrieval_metrics(refs[perm], refs, perm)):
@@ -1081,7 +1089,7 @@ def test_ties_count_as_random_tie_breaking():
     want = metrics_by_enumeration(queries, refs, truth, ks)
     for key in want:
         assert m[key] == pytest.approx(want[key], abs=1e-5), key
-    assert want["nrank_mean"] == pytest.approx(100 * (5 + 2 + 5.5 + 1.5 + 2) / 5 / 6)   # the closed form
+    assert want["nrank_mean"] == pytest.approx(100 * (5 + 2 + 5.5 + 1.5 + 2) / 5 / 6)  # closed form
 
 
 def test_identical_references_give_the_chance_level():
@@ -1128,7 +1136,8 @@ def test_chance_metrics_equal_the_average_over_all_rankings():
     ranks = np.array([order.index(0) + 1 for order in itertools.permutations(range(R))])
     want = {**{f"R@{k}": 100 * np.mean(ranks <= k) for k in (1, 2, 5, 10)},
             "nrank_mean": 100 * np.mean(ranks / R), "nrank_median": 100 * np.median(ranks / R),
-            "nrank0_mean": 100 * np.mean((ranks - 1) / R), "nrank0_median": 100 * np.median((ranks - 1) / R)}
+            "nrank0_mean": 100 * np.mean((ranks - 1) / R),
+            "nrank0_median": 100 * np.median((ranks - 1) / R)}
     got = sj.chance_metrics(R, ks=(1, 2, 5, 10))
     assert got.keys() == want.keys()
     for key in want:
@@ -1198,11 +1207,11 @@ def test_embed_long_equals_encode_and_predict_chunk_by_chunk(two_encoders_model)
 @torch.no_grad()
 def test_embeddings_are_float32_even_where_training_uses_autocast(two_encoders_model, monkeypatch):
     """Evaluation and the analyses embed in float32, as the authors' evaluation, even on a GPU where
-    training runs under bf16 autocast. Here autocast_for is switched to the CPU's bf16 autocast (what
-    CUDA gets), TF32 is allowed, and embed_long is called inside a bf16 autocast region: its patch
-    embeddings and predictions still equal the float32 computation (bf16 would be off by ~1e-2),
-    every Linear of the encoder and the predictor ran in float32 without TF32, and the caller's TF32
-    setting is restored afterwards."""
+    training runs under bf16 autocast. Here autocast_for is switched to the CPU's bf16 autocast
+    (what CUDA gets), TF32 is allowed, and embed_long is called inside a bf16 autocast region: its
+    patch embeddings and predictions still equal the float32 computation (bf16 would be off by
+    ~1e-2), every Linear of the encoders and the predictor ran in float32 without TF32, and the
+    caller's TF32 setting is restored afterwards."""
     model = two_encoders_model
     x = (0.1 * np.random.default_rng(3).standard_normal(64000)).astype(np.float32)
     want_z = model.encode(torch.from_numpy(x)[None], target=True)[0]
@@ -1210,10 +1219,13 @@ def test_embeddings_are_float32_even_where_training_uses_autocast(two_encoders_m
     seen = []
 
     def record(module, inputs, output):
-        seen.append((output.dtype, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
-    hooks = [m.register_forward_hook(record) for m in (model.target_encoder.blocks[0].attn.qkv,
-                                                       model.encoder.blocks[0].attn.qkv, model.predictor.net[0])]
-    monkeypatch.setattr(sj, "autocast_for", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+        seen.append((output.dtype, torch.backends.cuda.matmul.allow_tf32,
+                     torch.backends.cudnn.allow_tf32))
+    layers = (model.target_encoder.blocks[0].attn.qkv, model.encoder.blocks[0].attn.qkv,
+              model.predictor.net[0])
+    hooks = [m.register_forward_hook(record) for m in layers]
+    bf16 = torch.bfloat16
+    monkeypatch.setattr(sj, "autocast_for", lambda device: torch.autocast("cpu", dtype=bf16))
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     try:
@@ -1432,9 +1444,11 @@ def test_evaluate_split_all_ranks_among_train_and_test_and_states_r(tmp_path):
     checkpoint = untrained_checkpoint(tmp_path / "run" / "checkpoint.pt", tiny(), TOY_STEMS)
     for split, N in (("all", 5), ("test", 2)):
         printed = []
-        result = sj.evaluate(checkpoint, data, split=split, cache=tmp_path / "cache", log=printed.append)
+        result = sj.evaluate(checkpoint, data, split=split, cache=tmp_path / "cache",
+                             log=printed.append)
         assert (result["N"], result["references"]) == (N, 4 * N)
-        assert f"R = {4 * N} references" in sj.format_table(result) and sj.format_table(result) in printed
+        table = sj.format_table(result)
+        assert f"R = {4 * N} references" in table and table in printed
         assert result["rows"]["chance"] == pytest.approx(sj.chance_metrics(4 * N))
         assert (tmp_path / "run" / f"eval-{split}" / "retrieval.json").exists()
 
@@ -1887,11 +1901,11 @@ def test_probe_learns_a_separable_task_and_not_shuffled_labels():
     assert sj.probe_metrics(clf, xs, ys, task="multiclass")["accuracy"] < 0.4
 
 
-def test_probes_embed_with_the_context_encoder_unless_asked_for_the_target(two_encoders_model, tmp_path,
-                                                                          monkeypatch):
-    """4.5's frozen encoder is the context encoder f_theta (the authors' downstream wrapper loads only
-    the encoder.* weights): global_embeddings pools model.encoder's patch embeddings of each file
-    by default, the target encoder's with target=True (the two differ in this model); `probe`
+def test_probes_embed_with_the_context_encoder_unless_asked_for_the_target(
+        two_encoders_model, tmp_path, monkeypatch):
+    """4.5's frozen encoder is the context encoder f_theta (the authors' downstream wrapper loads
+    only the encoder.* weights): global_embeddings pools model.encoder's patch embeddings of each
+    file by default, the target encoder's with target=True (the two differ in this model); `probe`
     passes encoder="context" by default and "target" on request, for the model and the
     random-weights row alike, and says which in probe.json."""
     model = two_encoders_model
@@ -1899,7 +1913,8 @@ def test_probes_embed_with_the_context_encoder_unless_asked_for_the_target(two_e
     files = []
     for i in range(6):
         files.append(tmp_path / f"clip{i}.wav")
-        sf.write(files[-1], (0.1 * rng.standard_normal(5 * 2560)).astype(np.float32), SR)   # 5 patches
+        clip = (0.1 * rng.standard_normal(5 * 2560)).astype(np.float32)  # 5 whole patches
+        sf.write(files[-1], clip, SR)
     x = torch.from_numpy(sj.load_audio(files[0], SR))[None]
     for target in (False, True):
         got = sj.global_embeddings(model, files, **({"target": True} if target else {}))
@@ -1910,9 +1925,11 @@ def test_probes_embed_with_the_context_encoder_unless_asked_for_the_target(two_e
     assert (context - target).abs().max() > 1e-3
 
     labels = tmp_path / "labels.csv"
-    labels.write_text("file,label,split\n" + "".join(f"clip{i}.wav,{'ab'[i % 2]},{['train', 'valid', 'test'][i // 2]}\n"
-                                                    for i in range(6)))
-    checkpoint = untrained_checkpoint(tmp_path / "run" / "checkpoint.pt", sj.make_config("tiny"), TOY_STEMS)
+    splits = ["train", "train", "valid", "valid", "test", "test"]
+    labels.write_text("file,label,split\n"
+                      + "".join(f"clip{i}.wav,{'ab'[i % 2]},{splits[i]}\n" for i in range(6)))
+    checkpoint = untrained_checkpoint(tmp_path / "run" / "checkpoint.pt", sj.make_config("tiny"),
+                                      TOY_STEMS)
     real, seen = sj.global_embeddings, []
 
     def recording(m, f, **kw):
@@ -1921,7 +1938,8 @@ def test_probes_embed_with_the_context_encoder_unless_asked_for_the_target(two_e
     monkeypatch.setattr(sj, "global_embeddings", recording)
     quiet = dict(epochs=1, log=lambda *a: None)
     assert sj.probe(checkpoint, labels, out=tmp_path / "a", **quiet)["encoder"] == "context"
-    assert sj.probe(checkpoint, labels, encoder="target", out=tmp_path / "b", **quiet)["encoder"] == "target"
+    target = sj.probe(checkpoint, labels, encoder="target", out=tmp_path / "b", **quiet)
+    assert target["encoder"] == "target"
     assert seen == [False, False, True, True]
     assert json.loads((tmp_path / "b" / "probe.json").read_text())["encoder"] == "target"
 
@@ -1930,12 +1948,12 @@ def test_probes_embed_with_the_context_encoder_unless_asked_for_the_target(two_e
 HAND_SCORED_KEYS = [
     ("C major", "C major", 1.0), ("Db major", "C# major", 1.0),         # same key, spelled two ways
     ("G major", "C major", 0.5), ("D minor", "G minor", 0.5),           # a fifth above, same mode
-    ("F major", "C major", 0.0), ("G minor", "C major", 0.0),           # a fifth below; another mode
+    ("F major", "C major", 0.0), ("G minor", "C major", 0.0),           # fifth below; other mode
     ("A minor", "C major", 0.3), ("C major", "A minor", 0.3),           # relative minor / major
     ("E minor", "G major", 0.3), ("Bb major", "G minor", 0.3),
     ("C minor", "C major", 0.2), ("F# major", "F# minor", 0.2),         # parallel
     ("Eb minor", "C major", 0.0), ("D major", "C major", 0.0), ("B major", "G# major", 0.0),
-    ("A:min", "C:maj", 0.3), ("Key E", "Em", 0.2),                     # the toy set's and short spellings
+    ("A:min", "C:maj", 0.3), ("Key E", "Em", 0.2),                     # other spellings
 ]
 
 
@@ -1955,7 +1973,7 @@ def test_key_probe_reports_refined_accuracy_beside_accuracy():
     truth = torch.tensor([1, 1, 1, 1, 1])                                # all C major
     predicted = [1, 4, 0, 2, 3]                                           # C, G, Am, Cm, D
     probe = sj.ProbeMLP(dim=5, hidden=5, classes=5, mean=torch.zeros(5), std=torch.ones(5))
-    with torch.no_grad():                                                # logits = the (one-hot) input
+    with torch.no_grad():                                           # logits = the one-hot input
         for layer in (probe.net[0], probe.net[2]):
             layer.weight.copy_(torch.eye(5))
             layer.bias.zero_()
@@ -1967,7 +1985,8 @@ def test_key_probe_reports_refined_accuracy_beside_accuracy():
     assert chance["accuracy"] == pytest.approx(0.2)
     assert chance["accuracy_refined"] == pytest.approx((1 + 0 + 0.3 + 0.2 + 0) / 5)
     genres = ["blues", "classical", "country", "disco", "metal"]
-    assert "accuracy_refined" not in sj.probe_metrics(probe, x, truth, task="multiclass", classes=genres)
+    assert "accuracy_refined" not in sj.probe_metrics(probe, x, truth, task="multiclass",
+                                                      classes=genres)
 
 
 def test_multilabel_probe_scores_tags():
