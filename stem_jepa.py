@@ -1447,7 +1447,7 @@ def evaluate(checkpoint, data, *, split="test", out=None, cache=None, device=Non
     }
     results = {"N": len(tracks), "S": len(model.instruments), "references": len(truth),
                "checkpoint": str(checkpoint), "split": split, "rows": {},
-               "nrank": "nrank_*: 1-based rank / references (nearest = 1, Table 1's); "
+               "rank_convention": "nrank_*: 1-based rank / references (nearest = 1, Table 1's); "
                         "nrank0_*: 0-based rank / references"}
     for name, (q, r) in rows.items():
         row = retrieval_metrics(q, r, truth)
@@ -2472,17 +2472,17 @@ def macro(metric, scores: torch.Tensor, targets: torch.Tensor) -> tuple[float, i
     return (float(np.mean(values)) if values else float("nan")), len(values)
 
 
-KEY_LABEL = re.compile(r"(?:key\s+)?([A-G])([#b]*)\s*:?\s*(major|minor|maj|min|m)?", re.IGNORECASE)
+KEY_LABEL = re.compile(r"(?:[Kk]ey\s+)?([A-G])([#b]*)\s*:?\s*((?i:major|minor|maj|min|m))?")
 
 
 def parse_key_label(label: str):
     """A key class label -> (tonic pitch class, minor?), or None if it is not a key: "Eb minor"
-    (GiantSteps), "A:min" (the toy set), "F#", "Bbm". Stricter than `normalise_key`, so that the
-    classes of other tasks ("blues", "country") are not read as keys."""
+    (GiantSteps), "A:min" (the toy set), "F#", "Bbm". Stricter than `normalise_key` (a capital
+    tonic, nothing else), so that the classes of other tasks ("blues", "country") are not keys."""
     m = KEY_LABEL.fullmatch(label.strip())
     if m is None:
         return None
-    return pitch_class(m[1].upper() + m[2].lower()), (m[3] or "").lower() in ("minor", "min", "m")
+    return pitch_class(m[1] + m[2]), (m[3] or "").lower() in ("minor", "min", "m")
 
 
 def key_score(estimate: str, reference: str) -> float:
