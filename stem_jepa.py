@@ -31,7 +31,7 @@ Paper -> code:
     4.2 listening test                        write_listening_test
     4.3 alignment, Eq. 3, Fig. 4              shift_similarity, alignment_curves, best_offset
     4.4 musical plausibility, Fig. 5          kmeans, cooccurrence, analyze_clusters
-    4.5 downstream probes, Table 3            train_probe, probe
+    4.5 downstream probes, Table 3            global_embeddings, train_probe, key_score, probe
     performance                               bench, train_flops_per_sample
 
 Shape letters: B batch, S stems, N samples, M mel bins, L frames, F frequency patches,
@@ -2478,7 +2478,7 @@ KEY_LABEL = re.compile(r"(?:[Kk]ey\s+)?([A-G])([#b]*)\s*:?\s*((?i:major|minor|ma
 def parse_key_label(label: str):
     """A key class label -> (tonic pitch class, minor?), or None if it is not a key: "Eb minor"
     (GiantSteps), "A:min" (the toy set), "F#", "Bbm". Stricter than `normalise_key` (a capital
-    tonic, nothing else), so that the classes of other tasks ("blues", "country") are not keys."""
+    tonic, then at most a mode), so that other tasks' classes ("blues", "country") are not keys."""
     m = KEY_LABEL.fullmatch(label.strip())
     if m is None:
         return None
