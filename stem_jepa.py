@@ -1448,7 +1448,7 @@ def evaluate(checkpoint, data, *, split="test", out=None, cache=None, device=Non
     results = {"N": len(tracks), "S": len(model.instruments), "references": len(truth),
                "checkpoint": str(checkpoint), "split": split, "rows": {},
                "rank_convention": "nrank_*: 1-based rank / references (nearest = 1, Table 1's); "
-                        "nrank0_*: 0-based rank / references"}
+                                  "nrank0_*: 0-based rank / references"}
     for name, (q, r) in rows.items():
         row = retrieval_metrics(q, r, truth)
         row["per_instrument"] = {s: retrieval_metrics(q[m], r, truth[m])
