@@ -31,7 +31,7 @@ Paper -> code:
     4.2 listening test                        write_listening_test
     4.3 alignment, Eq. 3, Fig. 4              shift_similarity, alignment_curves, best_offset
     4.4 musical plausibility, Fig. 5          kmeans, cooccurrence, analyze_clusters
-    4.5 downstream probes, Table 3            train_probe, probe
+    4.5 downstream probes, Table 3            global_embeddings, train_probe, key_score, probe
     performance                               bench, train_flops_per_sample
 
 Shape letters: B batch, S stems, N samples, M mel bins, L frames, F frequency patches,
@@ -47,16 +47,18 @@ import copy
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,7 +70,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchaudio
 
-VERSION = 1  # checkpoint and cache format
+VERSION = 1  # checkpoint format
+CACHE_FORMAT = 2  # decoded-stem cache; 2: quiet stems are kept (the silence filter is training's)
 
 
 class StemJEPAError(Exception):
@@ -81,14 +84,17 @@ class StemJEPAError(Exception):
 
 @dataclass
 class Config:
+    # "[code]": the value is the authors' code's (SonyCSLParis/Stem-JEPA, built on M2D), not the
+    # paper's text, which states only 8 s chunks, 80 mels, 25/10 ms, 16x16 patches, ViT-Base, the
+    # 6-layer MLP of width 1024, AdamW, batch 256, lr 3e-4, 300k steps and 20k warmup steps.
     # front-end (3.3)
-    sample_rate: int = 16000          # Hz; stems are summed to mono
+    sample_rate: int = 16000          # Hz [code]; stems are summed to mono
     chunk_seconds: float = 8.0        # training chunk: 8 s -> 800 frames -> 5 x 50 patches
     n_fft: int = 400                  # 25 ms window
     hop_length: int = 160             # 10 ms hop
     n_mels: int = 80
-    f_min: float = 50.0
-    f_max: float = 8000.0
+    f_min: float = 50.0               # Hz [code]
+    f_max: float = 8000.0             # Hz [code]
     patch_size: int = 16              # 16 x 16 patches of the (mel, frame) grid
     # encoder: ViT-Base (3.3)
     dim: int = 768
@@ -103,7 +109,7 @@ class Config:
     pred_tf_depth: int = 8
     pred_tf_heads: int = 16
     # sampler (3.2)
-    active_threshold: float = 0.1     # a stem is active when its peak |amplitude| in the chunk exceeds this
+    active_threshold: float = 0.1     # [code] active: peak |amplitude| in the chunk above this
     redraw_tries: int = 10            # chunks drawn from the same track before the fallback (footnote 2)
     # optimisation (3.3)
     steps: int = 300_000
@@ -112,12 +118,15 @@ class Config:
     base_lr: float = 3e-4             # lr = base_lr * batch_size / 256
     warmup_steps: int = 20_000        # linear warmup, then cosine ...
     min_lr_ratio: float = 0.0         # ... down to min_lr_ratio x the peak (the paper: 0)
-    beta1: float = 0.9
+    beta1: float = 0.9                # AdamW betas (0.9, 0.95) [code]
     beta2: float = 0.95
-    weight_decay: float = 0.05        # not on biases, norms and embeddings (M2D's choice)
-    grad_clip: float = 3.0            # max global gradient norm
-    tau_start: float = 0.99995        # EMA rate tau_0 (Eq. 2) ...
-    tau_end: float = 0.99999          # ... rising linearly to tau_T
+    weight_decay: float = 0.05        # [code]
+    weight_decay_all: bool = True     # on every parameter, norms, biases and the instrument
+                                      # embedding included (the authors' code); False: M2D's
+                                      # grouping, no decay on biases, norms and embeddings
+    grad_clip: float = 3.0            # max global gradient norm [code]
+    tau_start: float = 0.99995        # EMA rate tau_0 (Eq. 2) [code] ...
+    tau_end: float = 0.99999          # ... rising linearly to tau_T [code]
     # beyond the paper (0 = off): see song_contrast_loss
     song_contrast: float = 0.0        # weight of the "which song?" InfoNCE term added to Eq. 1
     song_temperature: float = 0.1     # its softmax temperature
@@ -135,6 +144,7 @@ PRESETS = {
     "tiny": dict(chunk_seconds=4.0, dim=192, depth=4, heads=3, pred_hidden=384, pred_layers=4,
                  pred_tf_dim=128, pred_tf_depth=2, pred_tf_heads=4, steps=300, batch_size=32,
                  base_lr=8e-3, warmup_steps=30, tau_start=0.996, tau_end=1.0,
+                 weight_decay_all=False,    # M2D's grouping, as in the runs the README reports
                  log_every=20, ckpt_every=100),
 }
 
@@ -241,7 +251,8 @@ def init_vit_weights(module: nn.Module) -> None:
 
 
 class ViT(nn.Module):
-    """"We employ a standard ViT-Base model as the encoder" (3.3), without a CLS token.
+    """"We employ a standard ViT-Base model as the encoder" (3.3). No CLS token, and fixed (not
+    learned) 2D sin-cos positions: both are the authors' code's (M2D's), not the paper's text.
 
     Log-mel (B, M, L) -> one embedding per patch (B, F, T, D), F = M / 16, T = L // 16. Tokens are
     frequency-major (index f * T + t). Any length up to max_frames works: a shorter input uses the
@@ -279,7 +290,8 @@ class MLPPredictor(nn.Module):
     layer" (3.3), applied to each patch independently: z~_k = g(concat(z_k, emb(l))) (3.1).
 
     With n_instruments = 0 it is the unconditioned ablation of Table 1 (input z_k alone). The output
-    LayerNorm is the authors' code's.
+    LayerNorm and emb(l) as a dim-wide (768-d) embedding initialised N(0, 1) are the authors'
+    code's; the paper says only "a learnable embedding".
     """
 
     def __init__(self, *, dim=768, hidden=1024, layers=6, n_instruments=4):
@@ -304,7 +316,8 @@ class MLPPredictor(nn.Module):
 class TransformerPredictor(nn.Module):
     """The Transformer predictor of Table 1, "the same as in [9]" (M2D): project to a narrower
     width, add 2D sin-cos positions, prepend one learned instrument token (without position),
-    run pre-norm blocks, drop the token, normalise and project back."""
+    run pre-norm blocks, drop the token, normalise and project back. The instrument token is
+    initialised N(0, 1), as in the authors' code."""
 
     def __init__(self, *, dim=768, width=512, depth=8, heads=16, mlp_ratio=4, n_instruments=4,
                  n_freq=5, max_time=50):
@@ -316,7 +329,7 @@ class TransformerPredictor(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.out = nn.Linear(width, dim)
         init_vit_weights(self)
-        nn.init.normal_(self.instrument.weight, std=0.02)
+        nn.init.normal_(self.instrument.weight)                         # N(0, 1)
 
     def forward(self, z: torch.Tensor, instrument: torch.Tensor) -> torch.Tensor:
         B, Fp, T, _ = z.shape
@@ -483,7 +496,9 @@ def draw_example(stems: torch.Tensor, chunk: int, rng: np.random.Generator, *, t
     A chunk at a uniformly random offset (zero-padded at the end when the track is shorter). "If
     |A| < 2 [...] we resample another audio chunk from the same track" (footnote 2), up to `tries`
     chunks; after that the fallback trains on the last chunk with its loudest stem as target and
-    the second loudest as context (what the authors' code does with every chunk: no redraw).
+    the second loudest as context. The authors' code differs: it redraws only when no stem is
+    active, trains with a silent context when exactly one is, and after its last trial takes a
+    random target with all the other stems as context; we follow the paper.
     Only the chunk is read: `stems` may wrap a memory map (torch's float16 kernels are ~10x
     faster than numpy's here).
     """
@@ -520,12 +535,14 @@ def find_tracks(root, split: str = "train") -> list[tuple[str, dict[str, tuple[s
     Layouts: MUSDB18-HQ (ROOT/{train,test}/<track>/<stem>.wav, or FLAC), MUSDB18
     (ROOT/{train,test}/<track>.stem.mp4), and any folder of multitracks (one sub-folder per track,
     one audio file per stem, the stem named after the file). Without train/ and test/ folders,
-    ROOT itself holds the tracks.
+    ROOT itself holds the tracks. split "all": the tracks of train/, then those of test/.
     """
     root = Path(root)
     if not root.is_dir():
         raise StemJEPAError(f"{root}: no such folder. --data must be a MUSDB18(-HQ) root (with train/ "
                             "and test/) or a folder with one sub-folder of stems per track")
+    if split == "all" and any((root / s).is_dir() for s in ("train", "test")):
+        return [t for s in ("train", "test") if (root / s).is_dir() for t in find_tracks(root, s)]
     base = root / split
     if not base.is_dir():
         if any((root / s).is_dir() for s in ("train", "test")):
@@ -551,24 +568,28 @@ def find_tracks(root, split: str = "train") -> list[tuple[str, dict[str, tuple[s
 
 
 def load_audio(path, sample_rate: int, stream: int | None = None) -> np.ndarray:
-    """A file (or one stream of a .stem.mp4) as mono float32 at sample_rate: channels averaged,
-    resampled with torchaudio. Raises StemJEPAError naming the file when it cannot be decoded."""
+    """A file (or one stream of a .stem.mp4) as mono float32 at sample_rate: the channel mean
+    (L + R) / 2, resampled with torchaudio. A .stem.mp4 stream is decoded by ffmpeg to a float WAV
+    at its own rate and channels and then goes the same way, so both MUSDB18 layouts of a song
+    give the same array (ffmpeg's `-ac 1` would sum to 0.707 (L + R), 3 dB louder, and its
+    resampler differs). Raises StemJEPAError naming the file when it cannot be decoded."""
+    source = path
     if stream is not None:
         if shutil.which("ffmpeg") is None:
             raise StemJEPAError(f"{path}: decoding MUSDB18 .stem.mp4 needs the ffmpeg program: install it "
                                 "(e.g. apt install ffmpeg, brew install ffmpeg) or use MUSDB18-HQ")
-        run = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-map", f"0:{stream}", "-ac", "1",
-                              "-ar", str(sample_rate), "-f", "f32le", "-"], capture_output=True)
+        run = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-map", f"0:{stream}",
+                              "-c:a", "pcm_f32le", "-f", "wav", "-"], capture_output=True)
         if run.returncode != 0:
             raise StemJEPAError(f"{path}: ffmpeg could not decode stream {stream}: "
                                 f"{run.stderr.decode(errors='replace').strip().splitlines()[-1:]}")
-        return np.frombuffer(run.stdout, dtype=np.float32).copy()
-    if not os.path.isfile(path):
+        source = io.BytesIO(run.stdout)
+    elif not os.path.isfile(path):
         raise StemJEPAError(f"{path}: no such file")
-    if os.path.getsize(path) == 0:
+    elif os.path.getsize(path) == 0:
         raise StemJEPAError(f"{path}: empty file (0 bytes)")
     try:
-        x, sr = sf.read(path, dtype="float32", always_2d=True)          # (N, C)
+        x, sr = sf.read(source, dtype="float32", always_2d=True)        # (N, C)
     except Exception as e:                                              # libsndfile's errors vary by version
         reason = str(e).rsplit(":", 1)[-1].strip()                      # libsndfile repeats the path first
         raise StemJEPAError(f"{path}: not a readable audio file ({reason})") from None
@@ -584,7 +605,7 @@ def load_audio(path, sample_rate: int, stream: int | None = None) -> np.ndarray:
 
 def _signature(stems: dict, sample_rate: int, threshold: float) -> str:
     """Changes when a source file, the sample rate, the silence threshold or the cache format changes."""
-    h = hashlib.sha1(f"{VERSION} {sample_rate} {threshold}".encode())
+    h = hashlib.sha1(f"{VERSION} {CACHE_FORMAT} {sample_rate} {threshold}".encode())
     for stem, (path, stream) in sorted(stems.items()):
         st = os.stat(path)
         h.update(f"{stem} {path} {stream} {st.st_size} {st.st_mtime_ns}".encode())
@@ -626,24 +647,40 @@ def _prepare_track(name, stems, *, sample_rate, chunk, threshold) -> dict:
         return meta
     if max(lengths.values()) > n:
         notes.append(("stems trimmed to the shortest", name))
-    silent = [s for s, x in audio.items() if np.abs(x[:n]).max() <= threshold]
-    for s in silent:
-        notes.append(("silent stems (excluded)", f"{name}/{s}"))
+    for s in [s for s, x in audio.items() if not np.any(x[:n])]:
+        notes.append(("silent stems (all zero: left out)", f"{name}/{s}"))
         del audio[s]
-    if len(audio) < 2:
-        meta["excluded"] = f"{len(audio)} non-silent stem(s): nothing to predict from"
+    if not audio:
+        meta["excluded"] = "every stem is all zero"
         notes.append(("tracks excluded", f"{name}: {meta['excluded']}"))
         return meta
     x = np.stack([audio[s][:n] for s in sorted(audio)])                 # (S, N)
-    if not _has_two_active(x, chunk, threshold):
-        meta["excluded"] = "no chunk has 2 active stems at once (the sampler needs a context and a target)"
-        notes.append(("tracks excluded", f"{name}: {meta['excluded']}"))
-        return meta
-    if n < chunk:
-        notes.append(("shorter than a chunk (zero-padded at the end)", f"{name} ({n / sample_rate:.1f} s)"))
-    meta.update(stems=sorted(audio), length=n)
+    meta.update(stems=sorted(audio), length=n, peaks=np.abs(x).max(axis=1).tolist(),
+                two_active=_has_two_active(x, chunk, threshold))
     meta["audio"] = x
     return meta
+
+
+def _training_exclusion(meta: dict, *, threshold: float, chunk: int, sample_rate: int):
+    """The silence filter, applied to training only: (why the track cannot train, or None; notes).
+    A stem whose whole-track peak is <= threshold is never active, so the sampler never picks it
+    (it stays in the cache and in evaluation, as in the authors' evaluation, which keeps all
+    four)."""
+    name, notes = meta["name"], []
+    quiet = [s for s, p in zip(meta["stems"], meta["peaks"]) if p <= threshold]
+    for s in quiet:
+        notes.append((f"quiet stems (peak <= {threshold:g}: never sampled in training)",
+                      f"{name}/{s}"))
+    if len(meta["stems"]) - len(quiet) < 2:
+        why = f"{len(meta['stems']) - len(quiet)} non-silent stem(s): nothing to predict from"
+    elif not meta["two_active"]:
+        why = "no chunk has 2 active stems at once (the sampler needs a context and a target)"
+    else:
+        why = None
+        if meta["length"] < chunk:
+            notes.append(("shorter than a chunk (zero-padded at the end)",
+                          f"{name} ({meta['length'] / sample_rate:.1f} s)"))
+    return why, notes
 
 
 def _has_two_active(x: np.ndarray, chunk: int, threshold: float, block: int = 1600) -> bool:
@@ -658,14 +695,24 @@ def _has_two_active(x: np.ndarray, chunk: int, threshold: float, block: int = 16
 
 
 def prepare(root, split: str = "train", *, cache=None, sample_rate=16000, chunk_seconds=8.0,
-            threshold=0.1, log=print) -> list[dict]:
+            threshold=0.1, training=True, log=print) -> list[dict]:
     """Decode every track once into a cache of 16 kHz mono stems, one .npy per track (float16,
     memory-mapped at training time, so a chunk costs only its own bytes). Reused while the source
     files are unchanged. One track is in memory at a time. Problems are collected and reported
     together; a track that cannot be used is excluded, and if none remains it is an error.
 
+    Every stem is kept but an all-zero one. With training=True the silence filter applies
+    (`_training_exclusion`: tracks without two stems above threshold are left out); evaluation
+    and the analyses pass training=False and keep every track and stem. split "all": train/ and
+    test/ together (the paper's retrieval ranks among all 150 MUSDB18 tracks).
+
     Returns one dict per usable track: name, stems (sorted), length (samples), npy (path).
     """
+    if split == "all" and any((Path(root) / s).is_dir() for s in ("train", "test")):
+        return [t for s in ("train", "test") if (Path(root) / s).is_dir()
+                for t in prepare(root, s, cache=cache, sample_rate=sample_rate,
+                                 chunk_seconds=chunk_seconds, threshold=threshold,
+                                 training=training, log=log)]
     tracks = find_tracks(root, split)
     cache = Path(cache) if cache else Path(root) / ".stem_jepa_cache"
     folder = cache / f"{sample_rate}hz" / split
@@ -696,8 +743,15 @@ def prepare(root, split: str = "train", *, cache=None, sample_rate=16000, chunk_
             if decoded % 10 == 0:
                 log(f"prepare {split}: {i + 1}/{len(tracks)} tracks ({time.time() - t0:.0f} s)")
         notes += [tuple(n) for n in meta["notes"]]
-        if "excluded" not in meta:
-            usable.append({**{k: meta[k] for k in ("name", "stems", "length")}, "npy": str(npy_path)})
+        if "excluded" in meta:
+            continue
+        if training:
+            why, more = _training_exclusion(meta, threshold=threshold, chunk=chunk,
+                                            sample_rate=sample_rate)
+            notes += more + ([("tracks excluded", f"{name}: {why}")] if why else [])
+            if why:
+                continue
+        usable.append({**{k: meta[k] for k in ("name", "stems", "length")}, "npy": str(npy_path)})
     report = "".join(f"  {kind}:\n" + "".join(f"    {text}\n" for k, text in notes if k == kind)
                      for kind in dict.fromkeys(k for k, _ in notes))
     if not usable:
@@ -913,18 +967,38 @@ def pick_device(name: str | None = None) -> torch.device:
 
 
 def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA (the paper used fp16; bf16 needs no loss scaling); nothing elsewhere."""
+    """bf16 autocast on CUDA for training; nothing elsewhere. The paper's text names no precision;
+    fp16 autocast is the authors' code's configuration, and bf16 (where supported) needs no loss
+    scaling."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on weight matrices only: not on biases, norms or embeddings (M2D's choice;
-    the authors' code decays everything). The optimizer is built with fused=True: one kernel over
-    all parameters instead of ~10 passes (on a CPU, 60 ms instead of 400 ms per ViT-B step)."""
+@contextmanager
+def full_precision(device: torch.device):
+    """float32 throughout, whatever the caller set: no autocast and no TF32 matmuls or
+    convolutions. Evaluation and every analysis run under it, as the authors evaluate in fp32:
+    pooled vectors of one instrument sit at cosine ~0.98, where bf16 rounding reorders
+    neighbours."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.autocast(device.type, enabled=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def param_groups(model: nn.Module, weight_decay: float, *, decay_all: bool = True) -> list[dict]:
+    """AdamW's parameter groups. decay_all: weight decay on every trainable parameter, as the
+    authors' code (the paper's "all other hyperparameters" of M2D leave this open); otherwise M2D's
+    grouping, decay on weight matrices only, not on biases, norms or embeddings. The optimizer is
+    built with fused=True: one kernel over all parameters instead of ~10 passes (on a CPU, 60 ms
+    instead of 400 ms per ViT-B step)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or "instrument" in name else decay).append(p)
+            exempt = not decay_all and (p.ndim < 2 or "instrument" in name)
+            (no_decay if exempt else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -1134,7 +1208,8 @@ def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, 
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, instruments).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=0.0, betas=(cfg.beta1, cfg.beta2),
+    groups = param_groups(model, cfg.weight_decay, decay_all=cfg.weight_decay_all)
+    optimizer = torch.optim.AdamW(groups, lr=0.0, betas=(cfg.beta1, cfg.beta2),
                                   fused=device.type in ("cuda", "cpu"))
     start, skipped, window = 0, 0, (0.0, 0)   # window: loss sum and count since the last log line
     ckpt_path = out / "checkpoint.pt"
@@ -1254,7 +1329,8 @@ def embed_long(model: StemJEPA, wavs: list[np.ndarray], *, chunk: int, instrumen
     one (F, T, D) tensor per waveform, T covering every frame (the last chunk is zero-padded to a
     whole patch). With `instruments` (one id per waveform), the predictions of the predictor
     conditioned on them, from the context encoder; otherwise the target (or context) encoder's.
-    Full chunks of all waveforms are batched together; last chunks run one by one."""
+    Full chunks of all waveforms are batched together; last chunks run one by one. In float32
+    (`full_precision`), even on a GPU and inside an autocast region."""
     step = model.frontend.hop_length * model.encoder.patch_size        # samples per time patch (160 ms)
     chunk = max(step, chunk - chunk % step)                             # whole patches: no frame left out
     pieces = []                                                         # (wav index, position, samples)
@@ -1267,7 +1343,7 @@ def embed_long(model: StemJEPA, wavs: list[np.ndarray], *, chunk: int, instrumen
     full = [p for p in pieces if len(p[2]) == chunk]
     groups = [full[i: i + batch] for i in range(0, len(full), batch)] + [[p] for p in pieces if len(p[2]) != chunk]
     out = {}
-    with autocast_for(torch.device(device)):
+    with full_precision(torch.device(device)):
         for group in groups:
             x = torch.from_numpy(np.stack([p[2] for p in group])).float().to(device)   # (b, chunk)
             if instruments is None:
@@ -1288,10 +1364,11 @@ def pool(z: torch.Tensor) -> torch.Tensor:
 
 
 def retrieval_ranks(queries: torch.Tensor, refs: torch.Tensor, truth: torch.Tensor, candidates=None):
-    """L2 distances from each query (Q, C) to every reference (R, C); for each query, the rank of
-    its true reference `truth[q]` (0 = nearest) and the tie count. Ties are broken at random, in
-    expectation: rank = (#closer) + (#tied others) / 2, and Recall@K = P(rank < K).
-    candidates (Q, R) bool, optional: each query competes only with these references."""
+    """L2 distances from each query (Q, C) to every reference (R, C); for each query, how many
+    references are closer than its true one `truth[q]` and the tie count. The 1-based rank is
+    closer + 1 (1 = nearest); ties are broken at random, in expectation: rank = 1 + (#closer) +
+    (#tied others) / 2, and Recall@K = P(rank <= K). candidates (Q, R) bool, optional: each query
+    competes only with these references."""
     d = torch.cdist(queries.double(), refs.double())                    # (Q, R)
     if candidates is not None:
         d = d.masked_fill(~candidates, float("inf"))
@@ -1302,22 +1379,32 @@ def retrieval_ranks(queries: torch.Tensor, refs: torch.Tensor, truth: torch.Tens
 
 
 def retrieval_metrics(queries, refs, truth, ks=(1, 5, 10), candidates=None) -> dict:
-    """Recall@K and normalised rank = rank / R (mean and median), as in 4.1.1, in percent.
-    With `candidates` (Q, R), each query's R is the number of references it competes with."""
+    """Recall@K and normalised rank (mean and median over the queries), in percent (4.1.1).
+
+    nrank_mean, nrank_median: rank / R with the rank counted from 1 (nearest = 1), R the number of
+    references, as in the authors' evaluation (evar/musdb_eval.py, compute_recall), the figure
+    comparable with Table 1 (its median 0.5 % is rank 3 of 600). The paper's text says [0, 1);
+    that is nrank0_mean, nrank0_median: the rank counted from 0, exactly 100 / R points lower.
+    With `candidates` (Q, R), each query's R is the number of references it competes with.
+    """
     closer, tied, _ = retrieval_ranks(queries, refs, truth, candidates)
     R = refs.shape[0] if candidates is None else candidates.sum(1)
-    rank = closer + (tied - 1) / 2
+    rank = 1 + closer + (tied - 1).double() / 2                 # 1-based, ties in expectation
     m = {f"R@{k}": 100 * ((k - closer) / tied).clamp(0, 1).mean().item() for k in ks}
-    m["nrank_mean"] = 100 * (rank / R).mean().item()
-    m["nrank_median"] = 100 * (rank / R).quantile(0.5).item()             # the mean of the middle two if even
+    for name, r in (("nrank", rank), ("nrank0", rank - 1)):
+        m[f"{name}_mean"] = 100 * (r / R).mean().item()
+        m[f"{name}_median"] = 100 * (r / R).quantile(0.5).item()    # middle two's mean if even
     return m
 
 
 def chance_metrics(R: int, ks=(1, 5, 10)) -> dict:
-    """Expected metrics of a random ranking of R references."""
-    ranks = np.arange(R) / R
+    """Expected metrics of a random ranking of R references, with the keys of `retrieval_metrics`
+    (nrank: ranks 1..R, nrank0: ranks 0..R-1, each divided by R)."""
+    ranks = np.arange(1, R + 1) / R
     return {**{f"R@{k}": 100 * min(k / R, 1.0) for k in ks},
-            "nrank_mean": 100 * ranks.mean(), "nrank_median": 100 * float(np.median(ranks))}
+            "nrank_mean": 100 * ranks.mean(), "nrank_median": 100 * float(np.median(ranks)),
+            "nrank0_mean": 100 * (ranks - 1 / R).mean(),
+            "nrank0_median": 100 * float(np.median(ranks - 1 / R))}
 
 
 def which_song_and_instrument(queries, refs, track, instrument) -> dict:
@@ -1446,13 +1533,16 @@ def evaluate(checkpoint, data, *, split="test", out=None, cache=None, device=Non
 
     Beyond the paper's text, as in the authors' code: the per-stem vectors concatenate the 5
     frequency rows (3840-d) instead of averaging over frequency, and are layer- and L2-normalised
-    before the L2 distances. Rows are (track, stem) pairs of the stems the model knows.
+    before the L2 distances. Rows are (track, stem) pairs of the stems the model knows; every
+    stem is kept, quiet ones too (only all-zero stems are left out, and `prepare` says so).
+    split "all" ranks among train/ and test/ together, as Table 1 (MUSDB18: 150 tracks, R = 600).
+    The normalised rank is 1-based, as the authors' evaluation (`retrieval_metrics`).
     """
     device = pick_device(device)
     model = StemJEPA.from_checkpoint(checkpoint)
     cfg = model.config
     tracks = prepare(data, split, cache=cache, sample_rate=cfg.sample_rate, chunk_seconds=cfg.chunk_seconds,
-                     threshold=cfg.active_threshold, log=log)
+                     threshold=cfg.active_threshold, training=False, log=log)
     out = Path(out or Path(checkpoint).parent / f"eval-{split}")
     out.mkdir(parents=True, exist_ok=True)
     emb_dir = Path(tracks[0]["npy"]).parent.parent / "embeddings"
@@ -1481,7 +1571,9 @@ def evaluate(checkpoint, data, *, split="test", out=None, cache=None, device=Non
         "DSP (chroma + tempo)": (dsp["queries"], dsp["refs"]),
     }
     results = {"N": len(tracks), "S": len(model.instruments), "references": len(truth),
-               "checkpoint": str(checkpoint), "split": split, "rows": {}}
+               "checkpoint": str(checkpoint), "split": split, "rows": {},
+               "rank_convention": "nrank_*: 1-based rank / references (nearest = 1, Table 1's); "
+                                  "nrank0_*: 0-based rank / references"}
     for name, (q, r) in rows.items():
         row = retrieval_metrics(q, r, truth)
         row.update(which_song_and_instrument(q, r, emb["track"], emb["instrument"]))
@@ -1507,10 +1599,12 @@ def evaluate(checkpoint, data, *, split="test", out=None, cache=None, device=Non
 
 
 def format_table(results: dict) -> str:
-    """Table 1's layout, one row per model, metrics in percent, then the two questions inside
-    the rank: which song? (among the stems of the same instrument) and which instrument? (among
-    the stems of the same song), and the cosine between one instrument's queries across songs."""
-    lines = [f"retrieval on {results['N']} tracks x {results['S']} instruments ({results['references']} references)",
+    """Table 1's layout, one row per model, metrics in percent; the title states R and the rank
+    convention (nrank = 1-based rank / R, as Table 1). Then the two questions inside the rank:
+    which song? (among the stems of the same instrument) and which instrument? (among the stems
+    of the same song), and the cosine between one instrument's queries across songs."""
+    lines = [f"retrieval on {results['N']} tracks x {results['S']} instruments, "
+             f"R = {results['references']} references; nrank = rank / R, nearest = rank 1",
              f"{'model':34s} {'R@1':>6s} {'R@5':>6s} {'R@10':>6s} {'nrank mean':>11s} {'median':>7s}"
              f" | {'song R@1':>8s} {'song nrank':>10s} | {'inst R@1':>8s} {'inst nrank':>10s} | {'q cos':>6s}"]
     for name, m in results["rows"].items():
@@ -1701,9 +1795,10 @@ def retrieve(checkpoint, mix, library, instrument: str, *, top=10, device=None, 
 
 @torch.no_grad()
 def embed_files(checkpoint, audio, out, *, sequences=False, device=None, batch=16, log=print) -> np.ndarray:
-    """The pooled 3840-d target-encoder embedding of each audio file (4.1's references, 4.5's
-    global embedding) -> OUT (.npy, one row per file) and OUT.txt (the files, in order). With
-    sequences=True also OUT.sequences.npz: per file, one (T, 3840) vector per 160 ms."""
+    """The pooled 3840-d target-encoder embedding of each audio file (4.1's references; the probes
+    of 4.5 use the context encoder) -> OUT (.npy, one row per file) and OUT.txt (the files, in
+    order). With sequences=True also OUT.sequences.npz: per file, one (T, 3840) vector per
+    160 ms."""
     device = pick_device(device)
     model = StemJEPA.from_checkpoint(checkpoint).to(device)
     cfg = model.config
@@ -1827,7 +1922,7 @@ def analyze_alignment(checkpoint, data, *, split="test", tracks=None, max_shift_
     model = StemJEPA.from_checkpoint(checkpoint)
     cfg = model.config
     items = prepare(data, split, cache=cache, sample_rate=cfg.sample_rate, chunk_seconds=cfg.chunk_seconds,
-                    threshold=cfg.active_threshold, log=log)[:tracks]
+                    threshold=cfg.active_threshold, training=False, log=log)[:tracks]
     out = Path(out or Path(checkpoint).parent / f"align-{split}")
     out.mkdir(parents=True, exist_ok=True)
     log(f"alignment (Eq. 3) on {len(items)} tracks of {split}")
@@ -2023,7 +2118,7 @@ def mix_sources(*, data=None, audio=None, split="test", cache=None, cfg: Config,
         return [(f.stem, f.parent, lambda f=f: load_audio(f, cfg.sample_rate)) for f in audio_files(audio)]
     folders = {name: Path(next(iter(stems.values()))[0]).parent for name, stems in find_tracks(data, split)}
     tracks = prepare(data, split, cache=cache, sample_rate=cfg.sample_rate, chunk_seconds=cfg.chunk_seconds,
-                     threshold=cfg.active_threshold, log=log)
+                     threshold=cfg.active_threshold, training=False, log=log)
     return [(t["name"], folders[t["name"]], lambda t=t: np.load(t["npy"]).astype(np.float32).sum(0))
             for t in tracks]
 
@@ -2035,9 +2130,9 @@ def labelled_patches(model: StemJEPA, sources: list[tuple], *, device="cpu", bat
     What is embedded: the full mix of each track, through the target encoder, one L2-normalised
     (F*D)-d vector per 160 ms (`frames`). The mix, because the annotations describe the song as
     heard (the paper's Beatles recordings exist only as mixes) and key and chord are properties of
-    all stems together; the target encoder, because it is the frozen encoder of 4.5 and the one
-    whose outputs the predictor learns to match. Unit vectors, so that k-means groups by cosine,
-    the similarity of Eq. 3.
+    all stems together; the target encoder, because it is the one whose outputs the predictor
+    learns to match (the probes of 4.5 use the context encoder, as the authors' downstream code).
+    Unit vectors, so that k-means groups by cosine, the similarity of Eq. 3.
 
     sources: (name, load, keys, chords). Returns x (P, C), the label of each patch ("key/chord"
     or None) and the index of its track.
@@ -2394,18 +2489,21 @@ def encode_targets(labels: list[list[str]], classes: list[str], *, task: str) ->
 
 
 @torch.no_grad()
-def global_embeddings(model: StemJEPA, files: list[Path], *, device="cpu", batch=16, group=8) -> torch.Tensor:
+def global_embeddings(model: StemJEPA, files: list[Path], *, device="cpu", batch=16, group=8,
+                      target=False) -> torch.Tensor:
     """4.5.1: "Each audio sample is processed by the frozen encoder, and its patch-wise outputs are
     concatenated and averaged along frequency and time dimensions to produce a 3840-dimensional
-    global embedding": the target encoder over the whole file, then `pool` -> (n files, F*D).
-    Files are loaded `group` at a time so that their full chunks share batches."""
+    global embedding": the encoder over the whole file, then `pool` -> (n files, F*D). The
+    context encoder f_theta by default, as the authors' downstream wrapper, which loads only the
+    encoder.* weights; target=True for the EMA target encoder. Files are loaded `group` at a
+    time so that their full chunks share batches."""
     model = model.to(device).eval()
     cfg = model.config
     rows = []
     for i in range(0, len(files), group):
         wavs = [load_audio(f, cfg.sample_rate) for f in files[i: i + group]]
         rows += [pool(z) for z in embed_long(model, wavs, chunk=int(cfg.chunk_seconds * cfg.sample_rate),
-                                             batch=batch, device=device)]
+                                             target=target, batch=batch, device=device)]
     return torch.stack(rows).float()
 
 
@@ -2509,38 +2607,86 @@ def macro(metric, scores: torch.Tensor, targets: torch.Tensor) -> tuple[float, i
     return (float(np.mean(values)) if values else float("nan")), len(values)
 
 
+KEY_LABEL = re.compile(r"(?:[Kk]ey\s+)?([A-G])([#b]*)\s*:?\s*((?i:major|minor|maj|min|m))?")
+
+
+def parse_key_label(label: str):
+    """A key class label -> (tonic pitch class, minor?), or None if it is not a key: "Eb minor"
+    (GiantSteps), "A:min" (the toy set), "F#", "Bbm". Stricter than `normalise_key` (a capital
+    tonic, then at most a mode), so that other tasks' classes ("blues", "country") are not keys."""
+    m = KEY_LABEL.fullmatch(label.strip())
+    if m is None:
+        return None
+    return pitch_class(m[1] + m[2]), (m[3] or "").lower() in ("minor", "min", "m")
+
+
+def key_score(estimate: str, reference: str) -> float:
+    """The MIREX weighted key score, Table 3's GiantSteps "Acc refined" (MARBLE scores it with
+    mir_eval.key.weighted_score; the same rules): 1.0 for the same key, 0.5 for the estimate a
+    perfect fifth above the reference in the same mode, 0.3 for the relative major or minor, 0.2
+    for the parallel major or minor, 0 otherwise (a fifth below included, as in mir_eval)."""
+    (e, e_minor), (r, r_minor) = parse_key_label(estimate), parse_key_label(reference)
+    if (e, e_minor) == (r, r_minor):
+        return 1.0
+    if e_minor == r_minor and (e - r) % 12 == 7:
+        return 0.5
+    if e_minor != r_minor and (e - r) % 12 == (9 if e_minor else 3):  # A minor <-> C major
+        return 0.3
+    if e == r:
+        return 0.2
+    return 0.0
+
+
+def refined_accuracy(predicted, truth, classes: list[str]) -> float | None:
+    """The mean `key_score` of predicted class indices against the true ones, when every class
+    is a key (a key task such as GiantSteps); None otherwise."""
+    if not classes or any(parse_key_label(c) is None for c in classes):
+        return None
+    return float(np.mean([key_score(classes[p], classes[t]) for p, t in zip(predicted, truth)]))
+
+
 @torch.no_grad()
-def probe_metrics(model: ProbeMLP, x: torch.Tensor, y: torch.Tensor, *, task: str) -> dict:
+def probe_metrics(model: ProbeMLP, x: torch.Tensor, y: torch.Tensor, *, task: str,
+                  classes=None) -> dict:
     """Table 3's metrics on a split: accuracy (multiclass), or macro ROC-AUC and average precision
-    over the tags (multilabel), as fractions."""
+    over the tags (multilabel), as fractions. For a key task (every class a key), also
+    accuracy_refined, the MIREX weighted score (`key_score`)."""
     logits = model(x.to(next(model.parameters()).device)).float().cpu()
     if task == "multiclass":
-        return {"accuracy": (logits.argmax(1) == y).float().mean().item()}
+        m = {"accuracy": (logits.argmax(1) == y).float().mean().item()}
+        refined = refined_accuracy(logits.argmax(1).tolist(), y.tolist(), classes)
+        return m if refined is None else {**m, "accuracy_refined": refined}
     auc, scored = macro(roc_auc, logits, y)
     ap, _ = macro(average_precision, logits, y)
     return {"roc_auc": auc, "average_precision": ap, "classes_scored": scored}
 
 
-def chance_probe_metrics(y_train: torch.Tensor, y_test: torch.Tensor, *, task: str) -> dict:
+def chance_probe_metrics(y_train: torch.Tensor, y_test: torch.Tensor, *, task: str,
+                         classes=None) -> dict:
     """The reference of a model that ignores its input: the training set's majority class
-    (multiclass); for tagging, ROC-AUC 0.5 and, as AP, each tag's share of positives (what a
-    random scorer gets on average)."""
+    (multiclass; for a key task also its refined accuracy); for tagging, ROC-AUC 0.5 and, as AP,
+    each tag's share of positives (what a random scorer gets on average)."""
     if task == "multiclass":
         majority = torch.bincount(y_train).argmax()
-        return {"accuracy": (y_test == majority).float().mean().item()}
+        m = {"accuracy": (y_test == majority).float().mean().item()}
+        refined = refined_accuracy([int(majority)] * len(y_test), y_test.tolist(), classes)
+        return m if refined is None else {**m, "accuracy_refined": refined}
     scored = [c for c in range(y_test.shape[1]) if 0 < y_test[:, c].sum() < len(y_test)]
     return {"roc_auc": 0.5, "average_precision": float(np.mean([y_test[:, c].mean().item() for c in scored]))
             if scored else float("nan"), "classes_scored": len(scored)}
 
 
-def probe(checkpoint, labels, *, audio=None, task="multiclass", out=None, device=None, batch=16, epochs=200,
-          lr=1e-3, patience=20, seed=0, log=print) -> dict:
-    """Table 3's protocol on one task: frozen target encoder -> global embedding of each file
+def probe(checkpoint, labels, *, audio=None, task="multiclass", encoder="context", out=None,
+          device=None, batch=16, epochs=200, lr=1e-3, patience=20, seed=0, log=print) -> dict:
+    """Table 3's protocol on one task: the frozen encoder (the context encoder, as the authors'
+    downstream code; encoder="target" for the EMA target encoder) -> global embedding of each file
     (`global_embeddings`) -> MLP probe trained on train, early-stopped on valid, scored on test
     (`train_probe`, `probe_metrics`). The same probe on a random-weights encoder and the
     majority/prevalence chance level are measured in the same run. Writes OUT/probe.json."""
     if task not in ("multiclass", "multilabel"):
         raise StemJEPAError(f"--task {task}: choose multiclass or multilabel")
+    if encoder not in ("context", "target"):
+        raise StemJEPAError(f"--encoder {encoder}: choose context or target")
     device = pick_device(device)
     model = StemJEPA.from_checkpoint(checkpoint)
     files, label_lists, splits = read_probe_labels(labels, Path(audio) if audio else Path(labels).parent,
@@ -2551,15 +2697,18 @@ def probe(checkpoint, labels, *, audio=None, task="multiclass", out=None, device
             for s in ("train", "valid", "test")}
     torch.manual_seed(seed)
     encoders = {"Stem-JEPA": model, "random weights": build_model(model.config, model.instruments)}
-    results = {"checkpoint": str(checkpoint), "labels": str(labels), "task": task, "classes": classes,
-               "n": {s: len(i) for s, i in part.items()}, "rows": {}}
-    for name, encoder in encoders.items():
-        log(f"embedding {len(files)} files ({name})")
-        x = global_embeddings(encoder, files, device=device, batch=batch)
+    results = {"checkpoint": str(checkpoint), "labels": str(labels), "task": task,
+               "encoder": encoder, "classes": classes, "n": {s: len(i) for s, i in part.items()},
+               "rows": {}}
+    for name, m in encoders.items():
+        log(f"embedding {len(files)} files ({name}, {encoder} encoder)")
+        x = global_embeddings(m, files, device=device, batch=batch, target=encoder == "target")
         clf = train_probe(x[part["train"]], y[part["train"]], x[part["valid"]], y[part["valid"]], task=task,
                           n_classes=len(classes), epochs=epochs, lr=lr, patience=patience, seed=seed, device=device)
-        results["rows"][name] = probe_metrics(clf, x[part["test"]], y[part["test"]], task=task)
-    results["rows"]["chance"] = chance_probe_metrics(y[part["train"]], y[part["test"]], task=task)
+        results["rows"][name] = probe_metrics(clf, x[part["test"]], y[part["test"]], task=task,
+                                              classes=classes)
+    results["rows"]["chance"] = chance_probe_metrics(y[part["train"]], y[part["test"]], task=task,
+                                                     classes=classes)
     out = Path(out or Path(checkpoint).parent / "probe")
     out.mkdir(parents=True, exist_ok=True)
     _write_atomic(out / "probe.json", lambda p: p.write_text(json.dumps(results, indent=1)))
@@ -2569,8 +2718,9 @@ def probe(checkpoint, labels, *, audio=None, task="multiclass", out=None, device
 
 
 def format_probe_table(results: dict) -> str:
-    """Table 3's layout: one row per encoder, metrics in percent."""
+    """Table 3's layout: one row per encoder, metrics in percent (accuracy_refined: key tasks)."""
     metrics = ["accuracy"] if results["task"] == "multiclass" else ["roc_auc", "average_precision"]
+    metrics += ["accuracy_refined"] if "accuracy_refined" in results["rows"]["chance"] else []
     n = results["n"]
     lines = [f"probe ({results['task']}, {len(results['classes'])} classes; "
              f"{n['train']} train, {n['valid']} valid, {n['test']} test)",
@@ -2689,7 +2839,8 @@ def bench(*, preset="paper", batch_size=2, device=None, compile=False, steps=5, 
     # the training step, front-end to EMA update, on random waveforms
     torch.manual_seed(0)
     model = build_model(cfg, list(TOY_STEMS)).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), betas=(cfg.beta1, cfg.beta2),
+    groups = param_groups(model, cfg.weight_decay, decay_all=cfg.weight_decay_all)
+    optimizer = torch.optim.AdamW(groups, betas=(cfg.beta1, cfg.beta2),
                                   fused=device.type in ("cuda", "cpu"))
     loss_fn = torch.compile(model) if compile else model
     n = int(cfg.chunk_seconds * cfg.sample_rate)
@@ -2781,8 +2932,11 @@ def _add_train_options(p):
     p.add_argument("--preset", choices=list(PRESETS), default="paper", help="paper (GPU) or tiny (CPU, minutes)")
     helps = _config_help()
     for f in dataclasses.fields(Config):
-        kind = {"int": int, "float": float, "str": str}[str(f.type)]
-        p.add_argument("--" + f.name.replace("_", "-"), type=kind, help=helps.get(f.name, ""))
+        flag, text = "--" + f.name.replace("_", "-"), helps.get(f.name, "")
+        if f.type == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
+        else:
+            p.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type], help=text)
     p.add_argument("--lr", type=float, dest="base_lr", help="the same as --base-lr")
 
 
@@ -2848,8 +3002,9 @@ def cmd_analyze(args):
 
 
 def cmd_probe(args):
-    probe(args.checkpoint, args.labels, audio=args.audio, task=args.task, out=args.out, device=args.device,
-          batch=args.batch, epochs=args.epochs, lr=args.lr, patience=args.patience, seed=args.seed)
+    probe(args.checkpoint, args.labels, audio=args.audio, task=args.task, encoder=args.encoder,
+          out=args.out, device=args.device, batch=args.batch, epochs=args.epochs, lr=args.lr,
+          patience=args.patience, seed=args.seed)
 
 
 def cmd_bench(args):
@@ -2888,7 +3043,8 @@ def main(argv=None):
     p = sub.add_parser("evaluate", help="stem retrieval (Table 1, Fig. 2) with comparison rows")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True, help="dataset root (as for train)")
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="test",
+                   help="train, test, or all: both together, as Table 1 (MUSDB18: 600 references)")
     p.add_argument("--out", help="output folder (default: beside the checkpoint, eval-SPLIT)")
     p.add_argument("--cache", help="decoded-stem cache (default DATA/.stem_jepa_cache)")
     p.add_argument("--device")
@@ -2934,7 +3090,8 @@ def main(argv=None):
     c.add_argument("--seed", type=int, default=0)
     for q in (a, c):
         q.add_argument("--checkpoint", required=True)
-        q.add_argument("--split", default="test", help="dataset split (with --data)")
+        q.add_argument("--split", default="test",
+                       help="dataset split (with --data): train, test or all")
         q.add_argument("--out", help="output folder (default: beside the checkpoint)")
         q.add_argument("--cache", help="decoded-stem cache (default DATA/.stem_jepa_cache)")
         q.add_argument("--device")
@@ -2947,6 +3104,9 @@ def main(argv=None):
     p.add_argument("--audio", help="folder the CSV's relative paths start from (default: the CSV's folder)")
     p.add_argument("--task", choices=["multiclass", "multilabel"], default="multiclass",
                    help="one label per file (accuracy), or ';'-separated tags (ROC-AUC, AP)")
+    p.add_argument("--encoder", choices=["context", "target"], default="context",
+                   help="frozen encoder to probe: context (the authors' downstream code) "
+                        "or the EMA target")
     p.add_argument("--out", help="output folder (default: beside the checkpoint, probe/)")
     p.add_argument("--epochs", type=int, default=200, help="at most; early stopping on valid")
     p.add_argument("--patience", type=int, default=20, help="epochs without a better valid loss before stopping")

@@ -11,6 +11,8 @@ the tiny preset, 2 s chunks where the chunk length does not matter, and small to
 from __future__ import annotations
 
 import csv
+import dataclasses
+import inspect
 import itertools
 import json
 import math
@@ -269,6 +271,37 @@ def test_predictor_shapes_and_instrument_conditioning(kind):
         assert (a - b).abs().max() > 1e-4
 
 
+def test_instrument_embeddings_are_initialised_standard_normal():
+    """The authors' code initialises the instrument embedding N(0, 1), for the MLP predictor
+    (768-d in the paper preset) and for the Transformer predictor's instrument token alike (not
+    ViT's std 0.02): over the 4 x 512 token values of the paper preset, mean ~0, std ~1."""
+    torch.manual_seed(0)
+    mlp = sj.MLPPredictor(dim=768, n_instruments=4)
+    tf = sj.TransformerPredictor(dim=768, width=512, depth=1, heads=16, n_instruments=4)
+    assert tuple(mlp.instrument.weight.shape) == (4, 768)
+    assert tuple(tf.instrument.weight.shape) == (4, 512)
+    for weight in (mlp.instrument.weight, tf.instrument.weight):
+        assert abs(weight.mean().item()) < 0.1 and 0.9 < weight.std().item() < 1.1
+
+
+def test_values_from_the_authors_code_say_so():
+    """Where the paper's text is silent, the Config comment marks the value as the authors' code's
+    ("[code]"): 16 kHz, f_min/f_max, the AdamW betas, weight decay, clipping at 3.0, both tau values
+    and the 0.1 activity threshold. The docstrings that describe the authors' code say so too."""
+    source = inspect.getsource(sj.Config)
+    for field in ("sample_rate", "f_min", "f_max", "beta1", "weight_decay:", "grad_clip",
+                  "tau_start", "tau_end", "active_threshold"):
+        line = next(l for l in source.splitlines() if l.strip().startswith(field))
+        assert "[code]" in line, line
+    assert "No CLS token" in sj.ViT.__doc__ and "sin-cos" in sj.ViT.__doc__
+    assert "N(0, 1)" in sj.MLPPredictor.__doc__ and "N(0, 1)" in sj.TransformerPredictor.__doc__
+    sampler = " ".join(sj.draw_example.__doc__.split())
+    for words in ("redraws only when no stem is active", "silent context when exactly one is",
+                  "random target with all the other stems"):
+        assert words in sampler, words
+    assert "fp16 autocast is the authors' code's" in " ".join(sj.autocast_for.__doc__.split())
+
+
 @torch.no_grad()
 def test_mlp_predictor_acts_on_each_patch_independently():
     """The MLP predictor is patch-wise (3.1): permuting the patches permutes the predictions."""
@@ -473,6 +506,47 @@ def test_training_step_through_torch_compile_matches_eager():
     assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
 
 
+def test_paper_preset_decays_every_parameter_and_m2d_grouping_is_an_option():
+    """The authors' code applies weight decay 0.05 to every parameter, norms, biases and the
+    instrument embedding included: so do the paper preset's parameter groups. With
+    weight_decay_all=False (M2D's grouping) exactly the parameters with fewer than 2 dims and
+    the instrument embedding go undecayed, and every weight matrix is decayed."""
+    paper = sj.make_config("paper")
+    assert paper.weight_decay_all is True and paper.weight_decay == 0.05
+    model = sj.build_model(sj.make_config("tiny"), TOY_STEMS)
+    trainable = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
+    for decay_all in (True, False):
+        decay = {id(p): g["weight_decay"] for g in sj.param_groups(model, 0.05, decay_all=decay_all)
+                 for p in g["params"]}
+        assert decay.keys() == trainable.keys()
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                exempt = not decay_all and (p.ndim < 2 or name.startswith("predictor.instrument"))
+                assert decay[id(p)] == (0.0 if exempt else 0.05), (decay_all, name)
+    names = [trainable[i] for i, wd in decay.items() if wd == 0.0]                  # M2D's
+    assert "predictor.instrument.weight" in names and "encoder.norm.bias" in names
+    assert "encoder.blocks.0.attn.qkv.weight" not in names
+
+
+def test_train_builds_the_optimizer_from_weight_decay_all(tmp_path):
+    """`train` decays every parameter with weight_decay_all (the paper preset's setting): its
+    checkpoint's optimizer has weight decay 0.05 on all trainable parameters; the tiny preset's
+    M2D grouping leaves the 1-d ones and the instrument embedding at 0."""
+    data = tmp_path / "data"
+    write_track(data / "song", {s: sine(f, 2.0) for s, f in MUSDB_FREQS.items()})
+    for decay_all in (True, False):
+        cfg = tiny(steps=1, batch_size=2, weight_decay_all=decay_all)
+        out = tmp_path / f"run{decay_all}"
+        model = sj.train(cfg, data, out=out, workers=0, log=lambda *a: None)
+        groups = torch.load(out / "checkpoint.pt", weights_only=True)["optimizer"]
+        decayed = sum(len(g["params"]) for g in groups["param_groups"] if g["weight_decay"] == 0.05)
+        n = sum(p.requires_grad for p in model.parameters())
+        exempt = sum(p.requires_grad and (p.ndim < 2 or name.startswith("predictor.instrument"))
+                     for name, p in model.named_parameters())
+        assert decayed == (n if decay_all else n - exempt), (decay_all, decayed, n, exempt)
+    assert sj.make_config("tiny").weight_decay_all is False
+
+
 def test_grad_accumulation_gives_the_full_batch_gradient():
     """grad_accum micro-batches add up to the gradient of the whole batch (the loss of each is
     divided by their number), so the update does not depend on how the batch is split."""
@@ -647,6 +721,75 @@ def test_prepare_musdb18_stem_mp4_maps_streams_to_stems(tmp_path):
     assert [dominant_freq(r) for r in x] == pytest.approx([order[s] for s in track["stems"]], abs=1.0)
 
 
+def test_quiet_stem_is_kept_for_evaluation_and_never_sampled_in_training(tmp_path):
+    """The silence filter is training's only. A stem whose whole-track peak is 0.05 (under the 0.1
+    activity threshold) stays in the cache, in evaluation's tracks and among the retrieval
+    references (the authors' evaluation keeps all four stems), its reference being that stem's own
+    embedding; a track with one loud stem and one quiet one is evaluated too. Training's sampler
+    never draws the quiet stem, as target or in the context (no 770 Hz in any context), and the
+    one-loud-stem track cannot train. An all-zero stem is left out, and a note says so."""
+    data, n = tmp_path / "data", 2 * SR
+    song = {"bass": sine(110, 2.0), "drums": sine(330, 2.0), "other": sine(770, 2.0, amp=0.05),
+            "vocals": sine(1500, 2.0), "piano": np.zeros(n, np.float32)}
+    write_track(data / "song", song)
+    write_track(data / "duo", {"bass": sine(110, 2.0), "other": sine(770, 2.0, amp=0.05)})
+    notes = []
+    evaluation = sj.prepare(data, chunk_seconds=2.0, training=False, log=notes.append)
+    assert [(t["name"], t["stems"]) for t in evaluation] == [
+        ("duo", ["bass", "other"]), ("song", ["bass", "drums", "other", "vocals"])]
+    assert "silent stems (all zero: left out)" in notes[-1] and "song/piano" in notes[-1]
+    x = np.load(evaluation[1]["npy"]).astype(np.float32)
+    assert np.abs(x[2]).max() == pytest.approx(0.05, abs=1e-3)
+
+    torch.manual_seed(0)
+    model = sj.build_model(tiny(), TOY_STEMS).eval()
+    emb = sj.retrieval_embeddings(model, evaluation, log=lambda *a: None)
+    assert list(zip(emb["track"].tolist(), emb["instrument"].tolist())) == [
+        (0, 0), (0, 2), (1, 0), (1, 1), (1, 2), (1, 3)]
+    own = sj.pool(sj.embed_long(model, [x[2]], chunk=n)[0])           # the quiet stem alone
+    torch.testing.assert_close(emb["refs_target"][4], own)
+
+    notes.clear()
+    (train,) = sj.prepare(data, chunk_seconds=2.0, log=notes.append)
+    assert train["name"] == "song"
+    assert "song/other" in notes[-1] and "duo: 1 non-silent" in notes[-1]
+    dataset = sj.StemChunks([train], train["stems"], chunk=n, threshold=0.1, tries=10, seed=0)
+    for i in range(40):
+        context, _, instrument = dataset[i]
+        assert train["stems"][instrument] != "other"
+        spectrum = np.abs(np.fft.rfft(context.numpy().astype(np.float64)))   # 0.5 Hz bins
+        assert spectrum[770 * 2] < 1.0                                   # a 0.05 sine gives 800
+
+
+def test_stem_mp4_and_wav_of_the_same_stereo_audio_give_equal_arrays(tmp_path):
+    """One level for both MUSDB18 layouts: the same stereo 44.1 kHz stems as WAV files (MUSDB18-HQ)
+    and as the lossless (ALAC) streams of a .stem.mp4 (MUSDB18) load as equal 16 kHz mono arrays,
+    the channel mean (L + R) / 2 resampled alike; its RMS level is that of (L + R) / 2 (ffmpeg's
+    `-ac 1` sums to 0.707 (L + R), 3 dB louder)."""
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("ffmpeg is not installed")
+    sr, rng = 44100, np.random.default_rng(0)
+    t = np.arange(int(1.5 * sr)) / sr
+    inputs, mean = [], {}
+    for name in ["mixture", *sj.MUSDB_STREAMS]:                        # the .stem.mp4 stream order
+        f = rng.uniform(100, 1000)
+        x = np.stack([0.6 * np.sin(2 * np.pi * f * t), 0.2 * np.sin(3 * np.pi * f * t)], axis=1)
+        sf.write(tmp_path / f"{name}.wav", x, sr, subtype="PCM_16")
+        mean[name] = sf.read(tmp_path / f"{name}.wav", dtype="float64")[0].mean(axis=1)
+        inputs += ["-i", str(tmp_path / f"{name}.wav")]
+    mp4 = tmp_path / "Artist - Song.stem.mp4"
+    maps = [a for i in range(5) for a in ("-map", str(i))]
+    subprocess.run(["ffmpeg", "-v", "error", "-y", *inputs, *maps, "-c:a", "alac", str(mp4)],
+                   check=True)
+    for name, stream in sj.MUSDB_STREAMS.items():
+        from_mp4 = sj.load_audio(mp4, SR, stream)
+        from_wav = sj.load_audio(tmp_path / f"{name}.wav", SR)
+        assert from_mp4.dtype == from_wav.dtype == np.float32
+        np.testing.assert_array_equal(from_mp4, from_wav)
+        assert np.sqrt(np.mean(from_mp4.astype(np.float64) ** 2)) == pytest.approx(
+            np.sqrt(np.mean(mean[name] ** 2)), rel=0.01)
+
+
 def test_prepare_reuses_the_cache_and_redecodes_a_changed_track(tmp_path, monkeypatch):
     """A second prepare decodes nothing (load_audio is never called) and returns the same
     tracks; after one file changes, only that file's track is decoded again, with the new audio."""
@@ -805,6 +948,8 @@ def test_cli_toy_then_train_writes_data_checkpoint_and_log(tmp_path):
     ("train", ["--data", "--out", "--cache", "--resume", "--device", "--preset", "--predictor",
                "--steps", "--batch-size", "--stop-at", "--workers"]),
     ("demo", ["--dir", "--tracks", "--steps"]),
+    ("probe", ["--checkpoint", "--labels", "--task", "--encoder"]),
+    ("evaluate", ["--checkpoint", "--data", "--split", "all"]),
 ])
 def test_cli_help_lists_the_options(command, options):
     """`stem_jepa.py COMMAND --help` exits 0 and mentions each of its options."""
@@ -930,23 +1075,28 @@ def on_a_line(*xs) -> torch.Tensor:
 def metrics_by_enumeration(queries, refs, truth, ks) -> dict:
     """Recall@K and normalised rank when ties are broken at random, by brute force: every order of
     the references that sorts them by distance to the query (tied ones in any order) is equally
-    likely; average 1[rank < K] and rank / R over those orders."""
+    likely; average 1[rank <= K] and rank / R over those orders, the rank counted from 1 (nrank)
+    and from 0 (nrank0)."""
     R = len(refs)
     hits, nranks = {k: [] for k in ks}, []
     for q, t in zip(queries, truth.tolist()):
         d = [float((q - r).norm()) for r in refs]
-        ranks = [order.index(t) for order in itertools.permutations(range(R))
+        ranks = [order.index(t) + 1 for order in itertools.permutations(range(R))
                  if all(d[a] <= d[b] for a, b in zip(order, order[1:]))]
         for k in ks:
-            hits[k].append(np.mean([r < k for r in ranks]))
+            hits[k].append(np.mean([r <= k for r in ranks]))
         nranks.append(np.mean(ranks) / R)
+    nranks = np.array(nranks)
     return {**{f"R@{k}": 100 * float(np.mean(hits[k])) for k in ks},
-            "nrank_mean": 100 * float(np.mean(nranks)), "nrank_median": 100 * float(np.median(nranks))}
+            "nrank_mean": 100 * float(np.mean(nranks)),
+            "nrank_median": 100 * float(np.median(nranks)),
+            "nrank0_mean": 100 * float(np.mean(nranks - 1 / R)),
+            "nrank0_median": 100 * float(np.median(nranks - 1 / R))}
 
 
 def test_queries_that_ignore_the_mix_find_the_instrument_but_not_the_song():
     """A predictor that gives every song the same query for an instrument (the collapse the
-    project watches for): which song? is at chance (R@1 = 1/N, normalised rank (N - 1) / 2N) and
+    project watches for): which song? is at chance (R@1 = 1/N, normalised 1-based rank (N + 1) / 2N) and
     the same-instrument query cosine is 1, while queries equal to their references get both
     questions right."""
     torch.manual_seed(0)
@@ -955,7 +1105,7 @@ def test_queries_that_ignore_the_mix_find_the_instrument_but_not_the_song():
     track, inst = torch.arange(N).repeat_interleave(S), torch.arange(S).repeat(N)
     collapsed = sj.which_song_and_instrument(torch.randn(S, 16)[inst], refs, track, inst)
     assert collapsed["which_song"]["R@1"] == pytest.approx(100 / N)
-    assert collapsed["which_song"]["nrank_mean"] == pytest.approx(100 * (N - 1) / 2 / N)
+    assert collapsed["which_song"]["nrank_mean"] == pytest.approx(100 * (N + 1) / 2 / N)
     assert collapsed["query_cosine"] == pytest.approx(1.0)
     exact = sj.which_song_and_instrument(refs, refs, track, inst)
     assert exact["which_song"]["R@1"] == exact["which_instrument"]["R@1"] == 100.0
@@ -968,38 +1118,45 @@ def test_which_song_and_which_instrument_rank_within_their_groups_by_hand():
     refs = on_a_line(0, 10, 20, 30)          # rows: (song 0, inst 0), (0, 1), (1, 0), (1, 1)
     track, inst = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 1])
     queries = on_a_line(19, 11, 1, 31)
-    # which song: q0 (true 0) vs {0, 20}: 20 is closer -> rank 1; q1 vs {10, 30}: rank 0;
-    # q2 (true 20) vs {0, 20}: 0 closer -> rank 1; q3 vs {10, 30}: rank 0. R = 2 each.
-    # which instrument: q0 vs {0, 10}: 10 closer -> 1; q1 vs {0, 10}: 0; q2 vs {20, 30}: 0; q3: 0.
+    # Ranks from 1. which song: q0 (true 0) vs {0, 20}: 20 is closer -> rank 2; q1 vs {10, 30}:
+    # rank 1; q2 (true 20) vs {0, 20}: 0 closer -> rank 2; q3 vs {10, 30}: rank 1. R = 2 each.
+    # which instrument: q0 vs {0, 10}: 10 closer -> 2; q1 vs {0, 10}: 1; q2 vs {20, 30}: 1; q3: 1.
     m = sj.which_song_and_instrument(queries, refs, track, inst)
     assert m["which_song"]["R@1"] == pytest.approx(50.0)
-    assert m["which_song"]["nrank_mean"] == pytest.approx(100 * (1 + 0 + 1 + 0) / 4 / 2)
+    assert m["which_song"]["nrank_mean"] == pytest.approx(100 * (2 + 1 + 2 + 1) / 4 / 2)
     assert m["which_instrument"]["R@1"] == pytest.approx(75.0)
-    assert m["which_instrument"]["nrank_mean"] == pytest.approx(100 * 1 / 4 / 2)
+    assert m["which_instrument"]["nrank_mean"] == pytest.approx(100 * (2 + 1 + 1 + 1) / 4 / 2)
     assert m["query_cosine"] == pytest.approx(1.0)     # 1-d vectors of one sign
 
 
-def test_each_query_equal_to_its_reference_gives_recall_100_and_rank_0():
-    """Queries identical to their (distinct) references, in any order: R@1 = R@5 = R@10 = 100 and
-    normalised rank 0, mean and median."""
+def test_each_query_equal_to_its_reference_gives_recall_100_and_rank_1():
+    """Queries identical to their (distinct) references, in any order: R@1 = R@5 = R@10 = 100,
+    rank 1 (nearest) for every query, so normalised rank 1/R = 1/9, mean and median (0 with the
+    0-based nrank0)."""
     refs = torch.randn(9, 16, generator=torch.Generator().manual_seed(0))
-    perfect = {"R@1": 100.0, "R@5": 100.0, "R@10": 100.0, "nrank_mean": 0.0, "nrank_median": 0.0}
-    assert sj.retrieval_metrics(refs.clone(), refs, torch.arange(9)) == perfect
+    perfect = {"R@1": 100.0, "R@5": 100.0, "R@10": 100.0, "nrank_mean": 100 / 9,
+               "nrank_median": 100 / 9, "nrank0_mean": 0.0, "nrank0_median": 0.0}
     perm = torch.randperm(9, generator=torch.Generator().manual_seed(1))
-    assert sj.retrieval_metrics(refs[perm], refs, perm) == perfect
+    for got in (sj.retrieval_metrics(refs.clone(), refs, torch.arange(9)),
+                sj.retrieval_metrics(refs[perm], refs, perm)):
+        assert got.keys() == perfect.keys()
+        for key in perfect:
+            assert got[key] == pytest.approx(perfect[key], abs=1e-9), key
 
 
 def test_retrieval_metrics_on_points_of_a_line_by_hand():
-    """References at 0, 10, ..., 110 (R = 12). Queries (position -> true reference): 0 -> 0 (rank 0),
-    0 -> 20 (0 and 10 are closer: rank 2), 3 -> 50 (0..40 closer: rank 5), 110 -> 0 (rank 11),
-    55 -> 40 (50 and 60 closer, 70 tied: rank 2 + 1/2). So R@1 = 1/5, R@3 = (2 + 1/2)/5 (the tied
-    query is 3rd or 4th with equal chance), R@5 = 3/5, R@10 = 4/5, mean normalised rank
-    (0 + 2 + 5 + 11 + 2.5) / 5 / 12, median 2.5 / 12."""
+    """References at 0, 10, ..., 110 (R = 12). Queries (position -> true reference), ranks counted
+    from 1 (nearest = 1): 0 -> 0 (rank 1), 0 -> 20 (0 and 10 are closer: rank 3), 3 -> 50 (0..40
+    closer: rank 6), 110 -> 0 (rank 12), 55 -> 40 (50 and 60 closer, 70 tied: rank 3 + 1/2). So
+    R@1 = 1/5, R@3 = (2 + 1/2)/5 (the tied query is 3rd or 4th with equal chance), R@5 = 3/5,
+    R@10 = 4/5, mean normalised rank (1 + 3 + 6 + 12 + 3.5) / 5 / 12, median 3.5 / 12; the
+    0-based ones (nrank0) are 1/12 lower."""
     refs = on_a_line(*range(0, 120, 10))
     queries, truth = on_a_line(0, 0, 3, 110, 55), torch.tensor([0, 2, 5, 0, 4])
     m = sj.retrieval_metrics(queries, refs, truth, ks=(1, 3, 5, 10))
     want = {"R@1": 20.0, "R@3": 50.0, "R@5": 60.0, "R@10": 80.0,
-            "nrank_mean": 100 * 20.5 / 60, "nrank_median": 100 * 2.5 / 12}
+            "nrank_mean": 100 * 25.5 / 60, "nrank_median": 100 * 3.5 / 12,
+            "nrank0_mean": 100 * 20.5 / 60, "nrank0_median": 100 * 2.5 / 12}
     assert m.keys() == want.keys()
     for key in want:
         assert m[key] == pytest.approx(want[key], abs=1e-5), key
@@ -1009,8 +1166,8 @@ def test_retrieval_metrics_on_points_of_a_line_by_hand():
 
 def test_ties_count_as_random_tie_breaking():
     """With tied distances (duplicate references, equidistant ones), the metrics equal their
-    expectation over every distance-sorted order of the references, enumerated: rank = #closer +
-    #(tied others) / 2 and R@K = P(rank < K)."""
+    expectation over every distance-sorted order of the references, enumerated: rank = 1 + #closer
+    + #(tied others) / 2 and R@K = P(rank <= K)."""
     refs = on_a_line(0, 2, 2, 4, 6, 6)
     queries, truth = on_a_line(3, 3, 0, 2, 5), torch.tensor([0, 1, 5, 2, 3])
     ks = (1, 2, 3, 5)
@@ -1018,32 +1175,55 @@ def test_ties_count_as_random_tie_breaking():
     want = metrics_by_enumeration(queries, refs, truth, ks)
     for key in want:
         assert m[key] == pytest.approx(want[key], abs=1e-5), key
-    assert want["nrank_mean"] == pytest.approx(100 * (4 + 1 + 4.5 + 0.5 + 1) / 5 / 6)   # the closed form
+    assert want["nrank_mean"] == pytest.approx(100 * (5 + 2 + 5.5 + 1.5 + 2) / 5 / 6)  # closed form
 
 
 def test_identical_references_give_the_chance_level():
-    """R identical references carry no information: every query gets rank (R - 1) / 2, so the
-    normalised rank is (R - 1) / 2 / R, R@1 = 1/R, R@5 = 5/R, R@10 = 100 % for R = 7, which is
-    also what chance_metrics(7) says."""
+    """R identical references carry no information: every query gets rank (R + 1) / 2 (counted
+    from 1), so the normalised rank is (R + 1) / 2 / R ((R - 1) / 2 / R counted from 0), R@1 = 1/R,
+    R@5 = 5/R, R@10 = 100 % for R = 7, which is also what chance_metrics(7) says."""
     R = 7
     refs = torch.ones(R, 4)
     queries = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
     m = sj.retrieval_metrics(queries, refs, torch.tensor([0, 3, 6, 2, 2]))
     want = {"R@1": 100 / R, "R@5": 500 / R, "R@10": 100.0,
-            "nrank_mean": 100 * (R - 1) / 2 / R, "nrank_median": 100 * (R - 1) / 2 / R}
+            "nrank_mean": 100 * (R + 1) / 2 / R, "nrank_median": 100 * (R + 1) / 2 / R,
+            "nrank0_mean": 100 * (R - 1) / 2 / R, "nrank0_median": 100 * (R - 1) / 2 / R}
     chance = sj.chance_metrics(R)
     for key in want:
         assert m[key] == pytest.approx(want[key], abs=1e-5), key
         assert chance[key] == pytest.approx(want[key], abs=1e-5), key
 
 
+def test_normalised_rank_counts_from_one_as_table_1():
+    """Table 1's median normalised rank 0.5 % is rank 3 of 600 (the authors' compute_recall:
+    argmax + 1, divided by the number of references). 600 references at 0, 1, ..., 599 and five
+    queries at 0 whose true references are 0, 2, 2, 9 and 599: ranks 1, 3, 3, 10 and 600 (1 =
+    nearest). nrank_median is 3 / 600 = 0.5 %, nrank_mean (1 + 3 + 3 + 10 + 600) / 5 / 600;
+    counted from 0, nrank0_median is 2 / 600. The chance level agrees: (R + 1) / 2 / R."""
+    R = 600
+    refs = on_a_line(*range(R))
+    m = sj.retrieval_metrics(on_a_line(0, 0, 0, 0, 0), refs, torch.tensor([0, 2, 2, 9, 599]))
+    assert m["nrank_median"] == pytest.approx(0.5, abs=1e-9)
+    assert m["nrank_mean"] == pytest.approx(100 * 617 / 5 / R, abs=1e-9)
+    assert m["nrank0_median"] == pytest.approx(100 * 2 / R, abs=1e-9)
+    assert m["nrank0_mean"] == pytest.approx(100 * 612 / 5 / R, abs=1e-9)
+    assert (m["R@1"], m["R@5"], m["R@10"]) == pytest.approx((20.0, 60.0, 80.0))
+    chance = sj.chance_metrics(R)
+    assert chance["nrank_mean"] == pytest.approx(100 * (R + 1) / 2 / R)
+    assert chance["nrank0_mean"] == pytest.approx(100 * (R - 1) / 2 / R)
+
+
 def test_chance_metrics_equal_the_average_over_all_rankings():
     """chance_metrics(R) is the expectation over the R! equally likely orders of R references of
-    1[rank of the true one < K] and rank / R, and the median of rank / R, enumerated for R = 5."""
+    1[rank of the true one <= K] and rank / R, and the median of rank / R, enumerated for R = 5,
+    the rank counted from 1 (nrank) and from 0 (nrank0)."""
     R = 5
-    ranks = np.array([order.index(0) for order in itertools.permutations(range(R))])
-    want = {**{f"R@{k}": 100 * np.mean(ranks < k) for k in (1, 2, 5, 10)},
-            "nrank_mean": 100 * np.mean(ranks / R), "nrank_median": 100 * np.median(ranks / R)}
+    ranks = np.array([order.index(0) + 1 for order in itertools.permutations(range(R))])
+    want = {**{f"R@{k}": 100 * np.mean(ranks <= k) for k in (1, 2, 5, 10)},
+            "nrank_mean": 100 * np.mean(ranks / R), "nrank_median": 100 * np.median(ranks / R),
+            "nrank0_mean": 100 * np.mean((ranks - 1) / R),
+            "nrank0_median": 100 * np.median((ranks - 1) / R)}
     got = sj.chance_metrics(R, ks=(1, 2, 5, 10))
     assert got.keys() == want.keys()
     for key in want:
@@ -1108,6 +1288,46 @@ def test_embed_long_equals_encode_and_predict_chunk_by_chunk(two_encoders_model)
     together = sj.embed_long(model, wavs, chunk=64000, instruments=[0, 3, 1], batch=3)
     for w, i, zt in zip(wavs, [0, 3, 1], together):
         torch.testing.assert_close(zt, sj.embed_long(model, [w], chunk=64000, instruments=[i], batch=1)[0], **close)
+
+
+@torch.no_grad()
+def test_embeddings_are_float32_even_where_training_uses_autocast(two_encoders_model, monkeypatch):
+    """Evaluation and the analyses embed in float32, as the authors' evaluation, even on a GPU where
+    training runs under bf16 autocast. Here autocast_for is switched to the CPU's bf16 autocast
+    (what CUDA gets), TF32 is allowed, and embed_long is called inside a bf16 autocast region: its
+    patch embeddings and predictions still equal the float32 computation (bf16 would be off by
+    ~1e-2), every Linear of the encoders and the predictor ran in float32 without TF32, and the
+    caller's TF32 setting is restored afterwards."""
+    model = two_encoders_model
+    x = (0.1 * np.random.default_rng(3).standard_normal(64000)).astype(np.float32)
+    want_z = model.encode(torch.from_numpy(x)[None], target=True)[0]
+    want_q = model.predict(torch.from_numpy(x)[None], torch.tensor([1]))[0]
+    seen = []
+
+    def record(module, inputs, output):
+        seen.append((output.dtype, torch.backends.cuda.matmul.allow_tf32,
+                     torch.backends.cudnn.allow_tf32))
+    layers = (model.target_encoder.blocks[0].attn.qkv, model.encoder.blocks[0].attn.qkv,
+              model.predictor.net[0])
+    hooks = [m.register_forward_hook(record) for m in layers]
+    bf16 = torch.bfloat16
+    monkeypatch.setattr(sj, "autocast_for", lambda device: torch.autocast("cpu", dtype=bf16))
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z = sj.embed_long(model, [x], chunk=64000)[0]
+            q = sj.embed_long(model, [x], chunk=64000, instruments=[1])[0]
+        restored = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        for h in hooks:
+            h.remove()
+    close = dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(z, want_z, **close)
+    torch.testing.assert_close(q, want_q, **close)
+    assert len(seen) == 3 and set(seen) == {(torch.float32, False, False)}, seen
+    assert restored == (True, True)
 
 
 def naive_pool(z: torch.Tensor) -> np.ndarray:
@@ -1202,17 +1422,18 @@ def evaluation(trained_run, retrieval_set, tmp_path_factory) -> dict:
         mp.setattr(sj, "retrieval_embeddings", recording_retrieval_embeddings(checkpoint, calls))
         result = sj.evaluate(checkpoint, retrieval_set, split="test", out=root / "eval", cache=root / "cache",
                              listening=2, log=lambda *a: None)
-    tracks = sj.prepare(retrieval_set, "test", cache=root / "cache", chunk_seconds=trained_run[0].config.chunk_seconds,
-                        log=lambda *a: None)
+    tracks = sj.prepare(retrieval_set, "test", cache=root / "cache", training=False,
+                        chunk_seconds=trained_run[0].config.chunk_seconds, log=lambda *a: None)
     return dict(result=result, out=root / "eval", cache=root / "cache", calls=calls, tracks=tracks,
                 checkpoint=checkpoint, data=retrieval_set)
 
 
 def test_evaluate_beats_chance_and_random_weights(evaluation):
     """On 5 held-out toy songs, the trained tiny model (150 steps) puts the true stem far nearer
-    than random weights or chance do: mean normalised rank below 25 % and at least 20 points
-    under both (measured 20.1 % against 47.8 % for random weights and 47.1 % for chance; 12-20 %
-    against 45-51 % on five other toy sets), while random weights stay near chance. At this scale
+    than random weights or chance do: mean normalised rank counted from 0 below 25 % and at least
+    20 points under both (measured 20.1 % against 47.8 % for random weights and 47.1 % for chance;
+    12-20 % against 45-51 % on five other toy sets; counted from 1, all are 100/R points higher),
+    while random weights stay near chance. At this scale
     the gain comes from the instrument (Fig. 2): at least 60 % of the queries have a stem of the
     right instrument as nearest neighbour (measured 13 of 17; about 1/4 by chance), while the song
     is mostly missed ("both correct", which is R@1: 2 of 17). Also checked: the table's rows
@@ -1223,19 +1444,24 @@ def test_evaluate_beats_chance_and_random_weights(evaluation):
     assert (result["N"], result["S"], result["references"]) == (len(tracks), 4, n_refs)
     assert set(result["rows"]) == {"Stem-JEPA, target-encoder refs", "Stem-JEPA, context-encoder refs",
                                    "random weights", "DSP (chroma + tempo)", "chance"}
-    metrics = {"R@1", "R@5", "R@10", "nrank_mean", "nrank_median"}
+    metrics = {"R@1", "R@5", "R@10", "nrank_mean", "nrank_median", "nrank0_mean", "nrank0_median"}
     for name, row in result["rows"].items():
         assert metrics <= set(row), name
         assert all(0 <= row[k] <= 100 for k in metrics), name
     assert set(result["per_instrument"]) == set(TOY_STEMS)
-    assert result["rows"]["chance"] == pytest.approx(sj.chance_metrics(n_refs))
+    chance_row = result["rows"]["chance"]
+    assert {k: chance_row[k] for k in metrics} == pytest.approx(sj.chance_metrics(n_refs))
+    assert chance_row["which_song"] == pytest.approx(sj.chance_metrics(len(tracks), ks=(1,)))
+    for name, row in result["rows"].items():                           # which song? among N, which instrument? among S
+        assert {"which_song", "which_instrument", "query_cosine"} <= set(row), name
     assert json.loads((evaluation["out"] / "retrieval.json").read_text()) == json.loads(json.dumps(result))
     assert (evaluation["out"] / "fig2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     model, random_weights = result["rows"]["Stem-JEPA, target-encoder refs"], result["rows"]["random weights"]
     chance = result["rows"]["chance"]
     assert result["nrank_mean"] == model["nrank_mean"]
-    assert model["nrank_mean"] < 25
+    assert model["nrank0_mean"] < 25
+    assert model["nrank_mean"] == pytest.approx(model["nrank0_mean"] + 100 / n_refs)
     assert model["nrank_mean"] < random_weights["nrank_mean"] - 20, (model, random_weights)
     assert model["nrank_mean"] < chance["nrank_mean"] - 20
     assert abs(random_weights["nrank_mean"] - chance["nrank_mean"]) < 15
@@ -1284,6 +1510,40 @@ def test_evaluate_recomputes_embeddings_when_the_data_changes(trained_run, tmp_p
     after = sj.evaluate(checkpoint, data, out=tmp_path / "b", **run)
     assert calls == ["trained", "random", "trained", "random"]
     assert after["rows"]["Stem-JEPA, target-encoder refs"] != before["rows"]["Stem-JEPA, target-encoder refs"]
+
+
+def untrained_checkpoint(path: Path, cfg: sj.Config, instruments: list) -> Path:
+    """A checkpoint as `train` writes it, of a randomly initialised model (seed 0)."""
+    torch.manual_seed(0)
+    model = sj.build_model(cfg, instruments)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sj.save_checkpoint(path, {"version": sj.VERSION, "config": dataclasses.asdict(cfg), "step": 0,
+                              "instruments": list(instruments), "model": model.state_dict()})
+    return path
+
+
+def test_evaluate_split_all_ranks_among_train_and_test_and_states_r(tmp_path):
+    """Table 1 ranks each query among the stems of all 150 MUSDB18 tracks, train and test together
+    (R = 600). evaluate(split="all") on 3 train and 2 test tracks of 4 stems, one of them quiet
+    (peak 0.05, kept in evaluation), ranks among R = 20 references, and split "test" among R = 8;
+    each printed table states its R, and the chance row is chance_metrics(R)."""
+    data, rng = tmp_path / "data", np.random.default_rng(0)
+    for split, names in (("train", ["a", "b", "c"]), ("test", ["d", "e"])):
+        for name in names:
+            write_track(data / split / name, {s: sine(f * rng.uniform(0.8, 1.25), 3.0, amp=0.05 if
+                                                      name == "e" and s == "other" else 0.5)
+                                              for s, f in MUSDB_FREQS.items()})
+    checkpoint = untrained_checkpoint(tmp_path / "run" / "checkpoint.pt", tiny(), TOY_STEMS)
+    for split, N in (("all", 5), ("test", 2)):
+        printed = []
+        result = sj.evaluate(checkpoint, data, split=split, cache=tmp_path / "cache",
+                             log=printed.append)
+        assert (result["N"], result["references"]) == (N, 4 * N)
+        table = sj.format_table(result)
+        assert f"R = {4 * N} references" in table and table in printed
+        chance = result["rows"]["chance"]
+        assert {k: chance[k] for k in sj.chance_metrics(4 * N)} == pytest.approx(sj.chance_metrics(4 * N))
+        assert (tmp_path / "run" / f"eval-{split}" / "retrieval.json").exists()
 
 
 def where_and_how_loud(clip: np.ndarray, source: np.ndarray) -> tuple[int, float, float]:
@@ -1732,6 +1992,96 @@ def test_probe_learns_a_separable_task_and_not_shuffled_labels():
     g = torch.Generator().manual_seed(9)
     clf = sj.train_probe(xt, yt[torch.randperm(400, generator=g)], xv, yv[torch.randperm(100, generator=g)], **fit)
     assert sj.probe_metrics(clf, xs, ys, task="multiclass")["accuracy"] < 0.4
+
+
+def test_probes_embed_with_the_context_encoder_unless_asked_for_the_target(
+        two_encoders_model, tmp_path, monkeypatch):
+    """4.5's frozen encoder is the context encoder f_theta (the authors' downstream wrapper loads
+    only the encoder.* weights): global_embeddings pools model.encoder's patch embeddings of each
+    file by default, the target encoder's with target=True (the two differ in this model); `probe`
+    passes encoder="context" by default and "target" on request, for the model and the
+    random-weights row alike, and says which in probe.json."""
+    model = two_encoders_model
+    rng = np.random.default_rng(4)
+    files = []
+    for i in range(6):
+        files.append(tmp_path / f"clip{i}.wav")
+        clip = (0.1 * rng.standard_normal(5 * 2560)).astype(np.float32)  # 5 whole patches
+        sf.write(files[-1], clip, SR)
+    x = torch.from_numpy(sj.load_audio(files[0], SR))[None]
+    for target in (False, True):
+        got = sj.global_embeddings(model, files, **({"target": True} if target else {}))
+        with torch.no_grad():
+            want = sj.pool(model.encode(x, target=target)[0])
+        torch.testing.assert_close(got[0], want, rtol=1e-4, atol=1e-6)
+    context, target = (sj.global_embeddings(model, files[:1], target=t) for t in (False, True))
+    assert (context - target).abs().max() > 1e-3
+
+    labels = tmp_path / "labels.csv"
+    splits = ["train", "train", "valid", "valid", "test", "test"]
+    labels.write_text("file,label,split\n"
+                      + "".join(f"clip{i}.wav,{'ab'[i % 2]},{splits[i]}\n" for i in range(6)))
+    checkpoint = untrained_checkpoint(tmp_path / "run" / "checkpoint.pt", sj.make_config("tiny"),
+                                      TOY_STEMS)
+    real, seen = sj.global_embeddings, []
+
+    def recording(m, f, **kw):
+        seen.append(kw.get("target", False))
+        return real(m, f, **kw)
+    monkeypatch.setattr(sj, "global_embeddings", recording)
+    quiet = dict(epochs=1, log=lambda *a: None)
+    assert sj.probe(checkpoint, labels, out=tmp_path / "a", **quiet)["encoder"] == "context"
+    target = sj.probe(checkpoint, labels, encoder="target", out=tmp_path / "b", **quiet)
+    assert target["encoder"] == "target"
+    assert seen == [False, False, True, True]
+    assert json.loads((tmp_path / "b" / "probe.json").read_text())["encoder"] == "target"
+
+
+# (estimate, reference, MIREX weighted score), scored by hand from the rules
+HAND_SCORED_KEYS = [
+    ("C major", "C major", 1.0), ("Db major", "C# major", 1.0),         # same key, spelled two ways
+    ("G major", "C major", 0.5), ("D minor", "G minor", 0.5),           # a fifth above, same mode
+    ("F major", "C major", 0.0), ("G minor", "C major", 0.0),           # fifth below; other mode
+    ("A minor", "C major", 0.3), ("C major", "A minor", 0.3),           # relative minor / major
+    ("E minor", "G major", 0.3), ("Bb major", "G minor", 0.3),
+    ("C minor", "C major", 0.2), ("F# major", "F# minor", 0.2),         # parallel
+    ("Eb minor", "C major", 0.0), ("D major", "C major", 0.0), ("B major", "G# major", 0.0),
+    ("A:min", "C:maj", 0.3), ("Key E", "Em", 0.2),                     # other spellings
+]
+
+
+@pytest.mark.parametrize("estimate, reference, score", HAND_SCORED_KEYS)
+def test_key_score_is_the_mirex_weighted_score(estimate, reference, score):
+    """Table 3's GiantSteps "Acc refined": 1 for the same key, 0.5 for a perfect fifth above in the
+    same mode, 0.3 for the relative major/minor, 0.2 for the parallel one, else 0."""
+    assert sj.key_score(estimate, reference) == score
+
+
+def test_key_probe_reports_refined_accuracy_beside_accuracy():
+    """With key classes, probe_metrics and the chance row add accuracy_refined, the mean
+    MIREX score of the predictions (hand-scored: 1, 0.5, 0.3, 0.2 and 0 -> 0.4, accuracy 0.2); the
+    majority class C major scores (1 + 0 + 0.3 + 0.2 + 0) / 5 against the same truth. A genre task
+    (classes that are no keys, "blues" starting with a note letter) or lower-case letters get
+    plain accuracy only."""
+    classes = ["A minor", "C major", "C minor", "D major", "G major"]
+    truth = torch.tensor([1, 1, 1, 1, 1])                                # all C major
+    predicted = [1, 4, 0, 2, 3]                                           # C, G, Am, Cm, D
+    probe = sj.ProbeMLP(dim=5, hidden=5, classes=5, mean=torch.zeros(5), std=torch.ones(5))
+    with torch.no_grad():                                           # logits = the one-hot input
+        for layer in (probe.net[0], probe.net[2]):
+            layer.weight.copy_(torch.eye(5))
+            layer.bias.zero_()
+    x = torch.eye(5)[predicted]
+    m = sj.probe_metrics(probe, x, truth, task="multiclass", classes=classes)
+    assert m["accuracy"] == pytest.approx(0.2) and m["accuracy_refined"] == pytest.approx(2.0 / 5)
+    chance = sj.chance_probe_metrics(torch.tensor([1, 1, 0]), torch.tensor([1, 4, 0, 2, 3]),
+                                     task="multiclass", classes=classes)
+    assert chance["accuracy"] == pytest.approx(0.2)
+    assert chance["accuracy_refined"] == pytest.approx((1 + 0 + 0.3 + 0.2 + 0) / 5)
+    genres = ["blues", "classical", "country", "disco", "metal"]
+    for other in (genres, ["a", "b", "c", "d", "e"]):
+        assert "accuracy_refined" not in sj.probe_metrics(probe, x, truth, task="multiclass",
+                                                          classes=other)
 
 
 def test_multilabel_probe_scores_tags():
