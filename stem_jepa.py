@@ -477,13 +477,136 @@ MUSDB_STREAMS = {"drums": 1, "bass": 2, "other": 3, "vocals": 4}  # .stem.mp4 st
 LENGTH_TOLERANCE_S = 1.0                    # stems of one track may differ by this much (trimmed)
 
 
-def find_tracks(root, split: str = "train") -> list[tuple[str, dict[str, tuple[str, int | None]]]]:
-    """Tracks of a dataset folder as (name, {stem: (file, mp4 stream or None)}), sorted by name.
+LAYOUTS = (
+    "MUSDB18-HQ or your own multitracks: ROOT/[train|test/]<track>/<stem>.wav (or another audio "
+    "extension), the stem named after its file",
+    "MUSDB18: ROOT/{train,test}/<track>.stem.mp4",
+    "one multichannel WAV per track (the authors' format): ROOT/[split/]<track>.wav, channel i "
+    "named by --channels NAME0,NAME1,...",
+    "MoisesDB: ROOT/<provider>/<track>/<stem>/<file>.wav with <track>/data.json, the files of "
+    "one stem folder summed",
+    "Slakh2100: ROOT/{train,validation,test}/<track>/stems/SNN.flac with <track>/metadata.yaml, "
+    "stems grouped by instrument class (--groups)",
+)
+# Slakh2100 renders MIDI instruments, no vocals: by default its classes go to the MUSDB18 groups it
+# has, so that a Slakh model and a MUSDB18 model share instrument names ("*": every other class).
+SLAKH_GROUPS = {"bass": ["Bass"], "drums": ["Drums"], "other": ["*"]}
 
-    Layouts: MUSDB18-HQ (ROOT/{train,test}/<track>/<stem>.wav, or FLAC), MUSDB18
-    (ROOT/{train,test}/<track>.stem.mp4), and any folder of multitracks (one sub-folder per track,
-    one audio file per stem, the stem named after the file). Without train/ and test/ folders,
-    ROOT itself holds the tracks.
+
+def parse_groups(text: str) -> dict[str, list[str]]:
+    """--groups "bass=Bass;keys=Piano,Organ;other=*" -> {instrument: [class or stem name, ...]}."""
+    groups = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        name, sep, members = part.partition("=")
+        if not sep or not name.strip() or not members.strip():
+            raise StemJEPAError(f"--groups {text!r}: expected NAME=CLASS,CLASS;NAME=... "
+                                f"(e.g. bass=Bass;drums=Drums;other=*), not {part!r}")
+        groups[name.strip()] = [m.strip() for m in members.split(",") if m.strip()]
+    return groups
+
+
+def group_of(member: str, groups: dict[str, list[str]]) -> str | None:
+    """The instrument a Slakh class (or a MoisesDB stem) belongs to: the group naming it, else the
+    group holding "*", else None (left out). Case-insensitive."""
+    for name, members in groups.items():
+        if member.lower() in (m.lower() for m in members):
+            return name
+    return next((name for name, members in groups.items() if "*" in members), None)
+
+
+def _yaml_scalar(text: str):
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("null", "~"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_yaml_mapping(text: str, source="YAML") -> dict:
+    """The YAML subset of Slakh2100's metadata.yaml (no dependency): mappings nested by
+    indentation, scalar values (strings, quoted or not, numbers, true/false, null), comments."""
+    root: dict = {}
+    stack = [(-1, root)]                                    # (indent, mapping) of the open blocks
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw if raw.lstrip().startswith(("'", '"')) else raw.split(" #")[0]
+        if not line.strip() or line.lstrip().startswith("#") or line.strip() in ("---", "..."):
+            continue
+        indent = len(line) - len(line.lstrip(" "))
+        key, sep, value = line.strip().partition(":")
+        if not sep or line.strip().startswith("- "):
+            raise StemJEPAError(f"{source}, line {number}: {raw.strip()!r} is beyond the YAML this "
+                                "file reads (mappings of scalars)")
+        while indent <= stack[-1][0]:
+            stack.pop()
+        parent, key = stack[-1][1], key.strip().strip("'\"")
+        if value.strip():
+            parent[key] = _yaml_scalar(value.strip())
+        else:
+            parent[key] = {}
+            stack.append((indent, parent[key]))
+    return root
+
+
+def _slakh_track(folder: Path, groups: dict) -> dict[str, list[tuple]]:
+    """{instrument: [source, ...]} of a Slakh2100 track: each rendered SNN.flac (or .wav) of
+    stems/, in the group of its metadata's inst_class ("Drums" when is_drum)."""
+    path = folder / "metadata.yaml"
+    meta = parse_yaml_mapping(path.read_text(), source=str(path))
+    stems = {}
+    for sid, info in sorted((meta.get("stems") or {}).items()):
+        files = [f for e in (".flac", ".wav") if (f := folder / "stems" / f"{sid}{e}").is_file()]
+        if not files or not isinstance(info, dict):
+            continue                            # audio_rendered: false, or a stem without a file
+        group = group_of("Drums" if info.get("is_drum") else str(info.get("inst_class")), groups)
+        if group is not None:
+            stems.setdefault(group, []).append((str(files[0]), None, None))
+    return stems
+
+
+def _moisesdb_track(folder: Path, groups: dict | None) -> dict[str, list[tuple]]:
+    """{instrument: [source, ...]} of a MoisesDB track: one folder per stem, its files summed; with
+    `groups`, stem folders grouped under new names (e.g. bass=bass;drums=drums,percussion;...)."""
+    stems = {}
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = [f for f in sorted(sub.iterdir()) if f.suffix.lower() in AUDIO_EXTENSIONS]
+        name = group_of(sub.name, groups) if groups else sub.name.lower()
+        if files and name is not None and name not in MIX_NAMES:
+            stems.setdefault(name, []).extend((str(f), None, None) for f in files)
+    return stems
+
+
+def _multichannel_track(file: Path, channels: list[str]) -> dict[str, list[tuple]]:
+    """{instrument: [source]} of one multichannel file: channel i is the stem channels[i] (the
+    authors' format); channels named mix or mixture are left out."""
+    try:
+        n = sf.info(str(file)).channels
+    except Exception:
+        n = len(channels)                       # unreadable: reported when it is decoded
+    if n != len(channels):
+        raise StemJEPAError(f"{file} has {n} channels and --channels names {len(channels)} "
+                            f"({','.join(channels)}): give one name per channel")
+    return {c: [(str(file), None, i)] for i, c in enumerate(channels) if c not in MIX_NAMES}
+
+
+def find_tracks(root, split: str = "train", *, channels=None,
+                groups=None) -> list[tuple[str, dict[str, list[tuple]]]]:
+    """Tracks of a dataset folder as (name, {stem: [source, ...]}), sorted by name. A source is
+    (file, .stem.mp4 stream or None, channel or None: all channels averaged); a stem is the sum
+    of its sources. Without split folders (train/, test/, ...), ROOT itself holds the tracks.
+
+    Layouts (LAYOUTS), told apart entry by entry: <track>.stem.mp4 (MUSDB18); an audio file
+    directly in the folder (one multichannel file per track, needs `channels`); a folder with
+    metadata.yaml and stems/ (Slakh2100, grouped by `groups`, default SLAKH_GROUPS); a folder with
+    data.json (a MoisesDB track), or of such folders (a MoisesDB provider); any other folder with
+    audio files (MUSDB18-HQ, or your own: one file per stem, named after the file).
     """
     root = Path(root)
     if not root.is_dir():
@@ -491,31 +614,60 @@ def find_tracks(root, split: str = "train") -> list[tuple[str, dict[str, tuple[s
                             "and test/) or a folder with one sub-folder of stems per track")
     base = root / split
     if not base.is_dir():
-        if any((root / s).is_dir() for s in ("train", "test")):
+        if any((root / s).is_dir() for s in ("train", "test", "validation")):
             raise StemJEPAError(f"{root} has no {split}/ folder")
         base = root
-    tracks = []
-    for entry in sorted(base.iterdir()):
-        if entry.name.startswith("."):
-            continue
+    tracks, loose, empty = [], [], []
+    for entry in sorted(p for p in base.iterdir() if not p.name.startswith(".")):
         if entry.name.endswith(".stem.mp4"):
-            tracks.append((entry.name[: -len(".stem.mp4")],
-                           {stem: (str(entry), stream) for stem, stream in MUSDB_STREAMS.items()}))
+            stems = {stem: [(str(entry), stream, None)] for stem, stream in MUSDB_STREAMS.items()}
+            tracks.append((entry.name[: -len(".stem.mp4")], stems))
+        elif entry.is_file() and entry.suffix.lower() in AUDIO_EXTENSIONS:
+            if channels:
+                tracks.append((entry.stem, _multichannel_track(entry, channels)))
+            else:
+                loose.append(entry.name)
+        elif entry.is_dir() and (entry / "metadata.yaml").is_file() and (entry / "stems").is_dir():
+            tracks.append((entry.name, _slakh_track(entry, groups or SLAKH_GROUPS)))
+        elif entry.is_dir() and (entry / "data.json").is_file():
+            tracks.append((entry.name, _moisesdb_track(entry, groups)))
+        elif entry.is_dir() and any((t / "data.json").is_file() for t in entry.iterdir()):
+            tracks += [(t.name, _moisesdb_track(t, groups)) for t in sorted(entry.iterdir())
+                       if (t / "data.json").is_file()]
         elif entry.is_dir():
-            stems = {f.stem.lower(): (str(f), None) for f in sorted(entry.iterdir())
+            stems = {f.stem.lower(): [(str(f), None, None)] for f in sorted(entry.iterdir())
                      if f.suffix.lower() in AUDIO_EXTENSIONS and f.stem.lower() not in MIX_NAMES}
             if stems:
                 tracks.append((entry.name, stems))
+            else:
+                empty.append(entry.name + "/")
+    tracks = [t for t in tracks if t[1]]
+    if loose and not tracks:
+        raise StemJEPAError(f"{base} holds {len(loose)} audio files ({', '.join(loose[:3])}"
+                            f"{', ...' if len(loose) > 3 else ''}) and no track folders: "
+                            "if each is one track with one stem per channel, name the channels "
+                            "with --channels NAME0,NAME1,... (e.g. bass,drums,other,vocals)")
     if not tracks:
-        what = "is empty" if not any(base.iterdir()) else "holds no tracks"
-        raise StemJEPAError(f"{base} {what}: expected one sub-folder of stem audio files per track "
-                            f"({', '.join(AUDIO_EXTENSIONS)}) or MUSDB18 .stem.mp4 files")
+        if not any(base.iterdir()):
+            found = "is empty"
+        else:
+            others = [p.name for p in sorted(base.iterdir())
+                      if not p.name.startswith(".") and p.name + "/" not in empty]
+            found = ("holds no tracks; found " + "; ".join(
+                f"{len(names)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+                for what, names in (("folders without audio files", empty), ("other files", others))
+                if names))
+        raise StemJEPAError(f"{base} {found}. Layouts read "
+                            f"(audio: {', '.join(AUDIO_EXTENSIONS)}):\n"
+                            + "\n".join(f"  {layout}" for layout in LAYOUTS))
     return tracks
 
 
-def load_audio(path, sample_rate: int, stream: int | None = None) -> np.ndarray:
-    """A file (or one stream of a .stem.mp4) as mono float32 at sample_rate: channels averaged,
-    resampled with torchaudio. Raises StemJEPAError naming the file when it cannot be decoded."""
+def load_audio(path, sample_rate: int, stream: int | None = None,
+               channel: int | None = None) -> np.ndarray:
+    """A file (or one stream of a .stem.mp4) as mono float32 at sample_rate: channels averaged, or
+    the one `channel`, resampled with torchaudio. Raises StemJEPAError naming the file when it
+    cannot be decoded."""
     if stream is not None:
         if shutil.which("ffmpeg") is None:
             raise StemJEPAError(f"{path}: decoding MUSDB18 .stem.mp4 needs the ffmpeg program: install it "
@@ -539,18 +691,31 @@ def load_audio(path, sample_rate: int, stream: int | None = None) -> np.ndarray:
         raise StemJEPAError(f"{path}: no audio samples")
     if not np.isfinite(x).all():
         raise StemJEPAError(f"{path}: contains NaN or infinite samples")
-    x = x.mean(axis=1)
+    if channel is not None and channel >= x.shape[1]:
+        raise StemJEPAError(f"{path}: has {x.shape[1]} channels, no channel {channel}")
+    x = x.mean(axis=1) if channel is None else np.ascontiguousarray(x[:, channel])
     if sr != sample_rate:
         x = torchaudio.functional.resample(torch.from_numpy(x), sr, sample_rate).numpy()
     return x
 
 
+def load_stem(sources: list[tuple], sample_rate: int) -> np.ndarray:
+    """A stem from its sources (file, stream, channel) (see find_tracks): their sum, the shorter
+    ones zero-padded at the end (the files of a MoisesDB stem folder, a Slakh group)."""
+    parts = [load_audio(path, sample_rate, stream, channel) for path, stream, channel in sources]
+    out = np.zeros(max(len(x) for x in parts), dtype=np.float32)
+    for x in parts:
+        out[: len(x)] += x
+    return out
+
+
 def _signature(stems: dict, sample_rate: int, threshold: float) -> str:
     """Changes when a source file, the sample rate, the silence threshold or the cache format changes."""
     h = hashlib.sha1(f"{VERSION} {sample_rate} {threshold}".encode())
-    for stem, (path, stream) in sorted(stems.items()):
-        st = os.stat(path)
-        h.update(f"{stem} {path} {stream} {st.st_size} {st.st_mtime_ns}".encode())
+    for stem, sources in sorted(stems.items()):
+        for path, stream, channel in sources:
+            st = os.stat(path)
+            h.update(f"{stem} {path} {stream} {channel} {st.st_size} {st.st_mtime_ns}".encode())
     return h.hexdigest()
 
 
@@ -570,9 +735,9 @@ def _prepare_track(name, stems, *, sample_rate, chunk, threshold) -> dict:
     """Decode one track: its metadata, the problems found as (kind, text) notes, and (unless it is
     excluded) its (S, N) float32 stems."""
     notes, audio = [], {}
-    for stem, (path, stream) in stems.items():
+    for stem, sources in stems.items():
         try:
-            audio[stem] = load_audio(path, sample_rate, stream)
+            audio[stem] = load_stem(sources, sample_rate)
         except StemJEPAError as e:
             notes.append(("unreadable files (skipped)", str(e)))
     meta = {"name": name, "stems": [], "length": 0, "notes": notes}
@@ -621,15 +786,16 @@ def _has_two_active(x: np.ndarray, chunk: int, threshold: float, block: int = 16
 
 
 def prepare(root, split: str = "train", *, cache=None, sample_rate=16000, chunk_seconds=8.0,
-            threshold=0.1, log=print) -> list[dict]:
+            threshold=0.1, layout=None, log=print) -> list[dict]:
     """Decode every track once into a cache of 16 kHz mono stems, one .npy per track (float16,
     memory-mapped at training time, so a chunk costs only its own bytes). Reused while the source
     files are unchanged. One track is in memory at a time. Problems are collected and reported
     together; a track that cannot be used is excluded, and if none remains it is an error.
 
     Returns one dict per usable track: name, stems (sorted), length (samples), npy (path).
+    layout: find_tracks's options (channels, groups) for the layouts that need them.
     """
-    tracks = find_tracks(root, split)
+    tracks = find_tracks(root, split, **(layout or {}))
     cache = Path(cache) if cache else Path(root) / ".stem_jepa_cache"
     folder = cache / f"{sample_rate}hz" / split
     try:
@@ -1886,7 +2052,8 @@ def mix_sources(*, data=None, audio=None, split="test", cache=None, cfg: Config,
     stems of each track of a multitrack dataset (prepared and cached as for training)."""
     if audio:
         return [(f.stem, f.parent, lambda f=f: load_audio(f, cfg.sample_rate)) for f in audio_files(audio)]
-    folders = {name: Path(next(iter(stems.values()))[0]).parent for name, stems in find_tracks(data, split)}
+    folders = {name: Path(next(iter(stems.values()))[0][0]).parent
+               for name, stems in find_tracks(data, split)}
     tracks = prepare(data, split, cache=cache, sample_rate=cfg.sample_rate, chunk_seconds=cfg.chunk_seconds,
                      threshold=cfg.active_threshold, log=log)
     return [(t["name"], folders[t["name"]], lambda t=t: np.load(t["npy"]).astype(np.float32).sum(0))
@@ -2194,10 +2361,11 @@ def toy_probe_labels(data_dir, out_csv, task: str = "key", *, sample_rate=16000,
     rows = []
     for split in ("train", "test"):
         for name, stems in find_tracks(data_dir, split):
-            audio = [load_audio(path, sample_rate, stream) for path, stream in stems.values()]
+            audio = [load_stem(sources, sample_rate) for sources in stems.values()]
             n = min(len(a) for a in audio)
             sf.write(mixes / f"{name}.wav", np.sum([a[:n] for a in audio], axis=0), sample_rate, subtype="FLOAT")
-            labels = json.loads((Path(stems[next(iter(stems))][0]).parent / "labels.json").read_text())
+            folder = Path(next(iter(stems.values()))[0][0]).parent
+            labels = json.loads((folder / "labels.json").read_text())
             rows.append([f"mixes/{name}.wav", labels["key"] if task == "key" else tempo_class(labels["tempo"]), split])
     splits = hold_out([r[2] for r in rows], 0.1, seed)
     with open(out_csv, "w", newline="") as f:
