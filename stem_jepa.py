@@ -383,6 +383,56 @@ class StemJEPA(nn.Module):
         """Context mixes (B, N) and instrument ids (B,) -> predicted target embeddings (B, F, T, D)."""
         return self.predictor(self.encode(wav), instrument)
 
+    # Any length (chunk, encode, concatenate: `embed_long`, as the evaluation does). These take one
+    # mono waveform (N,) at config.sample_rate, numpy or torch, and return CPU tensors.
+
+    def instrument_id(self, instrument) -> int:
+        """An instrument name (e.g. "bass") or id -> its id, or an error listing the known ones."""
+        if isinstance(instrument, str):
+            if instrument not in self.instruments:
+                raise StemJEPAError(f"instrument {instrument!r}: the model knows "
+                                    f"{', '.join(self.instruments)}")
+            return self.instruments.index(instrument)
+        return int(instrument)
+
+    def _long(self, wav, instrument=None, *, target=True, batch=16) -> torch.Tensor:
+        x = wav.detach().cpu().numpy() if torch.is_tensor(wav) else wav
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim != 1:
+            raise StemJEPAError(f"expected one mono waveform (N,), got shape {tuple(x.shape)}")
+        ids = None if instrument is None else [self.instrument_id(instrument)]
+        chunk = int(self.config.chunk_seconds * self.config.sample_rate)
+        return embed_long(self, [x], chunk=chunk, instruments=ids, target=target, batch=batch,
+                          device=next(self.parameters()).device)[0]
+
+    def encode_long(self, wav, *, target: bool = True, batch: int = 16) -> torch.Tensor:
+        """A recording of any length (N,) -> its patch embeddings (F, T, D), one column of patches
+        per 160 ms, T = ceil(N / 2560); the target encoder by default (retrieval's references)."""
+        return self._long(wav, target=target, batch=batch)
+
+    def predict_long(self, mix, instrument, *, batch: int = 16) -> torch.Tensor:
+        """A mix of any length (N,) and the missing instrument (name or id) -> the predicted patch
+        embeddings (F, T, D) of a stem that fits it (retrieval's query before pooling)."""
+        return self._long(mix, instrument, batch=batch)
+
+    def embed(self, wav, instrument=None, *, batch: int = 16) -> torch.Tensor:
+        """One pooled vector (F*D,) (`pool`, 3840-d for ViT-B) for a recording of any length: its
+        target embedding, or with `instrument` the prediction for the stem missing from this mix.
+        The L2 distance between the two is retrieval's (4.1)."""
+        return pool(self._long(wav, instrument, batch=batch))
+
+    def score(self, mix, stem, instrument, *, batch: int = 16) -> dict:
+        """How well `stem` fits `mix` as `instrument` (4.1): the L2 distance between the pooled
+        prediction for the mix and the stem's pooled target embedding (0 to 2, lower fits better),
+        the cosine similarity 1 - d^2 / 2, and the offset at which the stem fits best (4.3:
+        `best_offset`; place the stem offset_s seconds after the start of the mix)."""
+        q, z = self.predict_long(mix, instrument, batch=batch), self.encode_long(stem, batch=batch)
+        distance = (pool(q) - pool(z)).norm().item()
+        offset = best_offset(frames(z), frames(q))
+        step_s = self.frontend.hop_length * self.encoder.patch_size / self.config.sample_rate
+        return {"distance": round(distance, 4), "similarity": round(1 - distance ** 2 / 2, 4),
+                "offset_steps": offset, "offset_s": round(offset * step_s, 2)}
+
     def forward(self, context: torch.Tensor, target: torch.Tensor, instrument: torch.Tensor) -> torch.Tensor:
         pred = self.predict(context, instrument)                        # z~ (B, F, T, D)
         with torch.no_grad():
@@ -1018,9 +1068,35 @@ def pick_device(name: str | None = None) -> torch.device:
     return torch.device(name)
 
 
-def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA (the paper used fp16; bf16 needs no loss scaling); nothing elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def pick_precision(name: str, device: torch.device) -> str:
+    """The training precision: --precision auto picks bf16 on a CUDA GPU that has it natively
+    (Ampere and later), else fp16 with a GradScaler (the paper's choice; T4, V100); fp32 off CUDA.
+    including_emulation=False: older GPUs emulate bf16, slowly."""
+    if name not in PRECISIONS:
+        raise StemJEPAError(f"--precision {name}: choose one of {', '.join(PRECISIONS)}")
+    if device.type != "cuda":
+        if name in ("bf16", "fp16"):
+            raise StemJEPAError(f"--precision {name} is for CUDA GPUs; on {device.type} training "
+                                "runs in fp32 (--precision auto or fp32)")
+        return "fp32"
+    native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    if name == "bf16" and not native_bf16:
+        raise StemJEPAError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no native "
+                            "bf16; use --precision fp16 (or auto)")
+    if name == "auto":
+        return "bf16" if native_bf16 else "fp16"
+    return name
+
+
+def autocast_for(device: torch.device, precision: str = "bf16"):
+    """Autocast in the training precision on CUDA (bf16, or fp16 with a GradScaler); nothing for
+    fp32 or elsewhere. Evaluation (embed_long) runs in fp32."""
+    if device.type != "cuda" or precision == "fp32":
+        return nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -1117,6 +1193,89 @@ def check_resume(ckpt: dict, cfg: Config, data_id: str, force: bool) -> None:
         raise StemJEPAError(f"cannot resume: {text}; pass --force to continue with these changes")
 
 
+# Config fields that fix the shapes of the weights: --init-from needs the checkpoint's values.
+ARCHITECTURE = ("sample_rate", "n_fft", "hop_length", "n_mels", "f_min", "f_max", "patch_size",
+                "dim", "depth", "heads", "mlp_ratio", "predictor", "pred_hidden", "pred_layers",
+                "pred_tf_dim", "pred_tf_depth", "pred_tf_heads")
+
+
+def init_from_checkpoint(model: StemJEPA, ckpt: dict) -> list[str]:
+    """Copy a checkpoint's encoder, target encoder and predictor into a freshly built model, for a
+    new run (fine-tuning, continued pre-training on other data). The instrument embedding is
+    copied row by row by name; instruments the checkpoint does not know keep their fresh rows.
+    Positions are fixed sin-cos buffers, so the chunk length may differ. Returns the new names."""
+    diffs = [f"{k}: {ckpt['config'].get(k)} -> {getattr(model.config, k)}" for k in ARCHITECTURE
+             if ckpt["config"].get(k) != getattr(model.config, k)]
+    if diffs:
+        raise StemJEPAError(f"cannot --init-from a checkpoint of another architecture "
+                            f"({', '.join(diffs)}); pass the checkpoint's preset and options")
+    state = model.state_dict()
+    for name, value in ckpt["model"].items():
+        if name.endswith("instrument.weight"):
+            for row, instrument in enumerate(ckpt["instruments"]):
+                if instrument in model.instruments:
+                    state[name][model.instruments.index(instrument)] = value[row]
+        else:
+            state[name] = value
+    model.load_state_dict(state)
+    return [s for s in model.instruments if s not in ckpt["instruments"]]
+
+
+class RunLock:
+    """OUT/train.lock while a training writes into OUT: a second live training into the same folder
+    is refused, naming the holder's pid. The lock goes on exit (also after an error or Ctrl-C);
+    after a kill -9 it stays, and is recognised as stale because its process is gone."""
+
+    def __init__(self, folder: Path, log=print):
+        self.path, self.log, self.held = Path(folder) / "train.lock", log, False
+
+    def holder(self) -> int | None:
+        """The pid of the live process holding the lock, or None (no lock, or a stale one)."""
+        try:
+            pid_text, _, host = self.path.read_text().partition(" ")
+            pid = int(pid_text)
+        except (OSError, ValueError):
+            return None                         # no lock, or one being written: acquire decides
+        if host.strip() != os.uname().nodename:
+            return pid                          # another machine (shared disk): assume it is alive
+        try:
+            os.kill(pid, 0)                     # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            return pid                          # exists, owned by another user
+        return pid
+
+    def check(self) -> None:
+        pid = self.holder()
+        if pid is not None and pid != os.getpid():
+            raise StemJEPAError(f"{self.path.parent} is in use by another training (pid {pid}): "
+                                f"wait for it, stop it, or choose another --out (if no training "
+                                f"runs there, delete {self.path})")
+
+    def __enter__(self):
+        self.check()
+        if self.path.exists():
+            self.log(f"removing the stale lock {self.path} ({self.path.read_text().strip()}: "
+                     "that process is gone)")
+            self.path.unlink(missing_ok=True)
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)   # atomic: one winner
+        except FileExistsError:
+            self.check()
+            raise StemJEPAError(f"{self.path} appeared while starting: another training is "
+                                "starting in the same folder") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} {os.uname().nodename}\n")
+        self.held = True
+        return self
+
+    def __exit__(self, *exc):
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
 class GracefulStop:
     """Ctrl-C or SIGTERM sets .reason; the loop then saves and exits. A second Ctrl-C exits at once."""
 
@@ -1144,14 +1303,17 @@ def _ignore_sigint(_worker_id):
 
 
 def training_step(model: StemJEPA, optimizer, context, target, instrument, *, lr: float, tau: float,
-                  grad_clip: float = 3.0, grad_accum: int = 1, loss_fn=None) -> tuple[torch.Tensor, bool]:
+                  grad_clip: float = 3.0, grad_accum: int = 1, loss_fn=None,
+                  precision: str = "bf16", scaler=None) -> tuple[torch.Tensor, bool]:
     """One step of 3.3: forward context and target, predict, loss (Eq. 1), backward, clip the
     gradient norm, AdamW step, then the EMA update of the target encoder (Eq. 2).
 
     loss_fn is the model or its DDP / compiled wrapper. The batch is split into grad_accum
     micro-batches whose gradients add up (DDP synchronises only the last). Returns the loss (a
     tensor: reading it would wait for the device) and whether the step was applied: a non-finite
-    gradient norm skips the update entirely.
+    gradient norm skips the update entirely. With a GradScaler (fp16), the loss is scaled before
+    backward and the gradients unscaled before clipping; an overflow skips the step and lowers
+    the scale.
     """
     loss_fn = model if loss_fn is None else loss_fn
     for group in optimizer.param_groups:
@@ -1160,15 +1322,19 @@ def training_step(model: StemJEPA, optimizer, context, target, instrument, *, lr
     for i in range(grad_accum):
         part = slice(i * micro, (i + 1) * micro)
         sync = loss_fn.no_sync() if hasattr(loss_fn, "no_sync") and i < grad_accum - 1 else nullcontext()
-        with sync, autocast_for(context.device):
+        with sync, autocast_for(context.device, precision):
             loss = loss_fn(context[part], target[part], instrument[part]) / grad_accum
-        loss.backward()
+        (loss if scaler is None else scaler.scale(loss)).backward()
         total = total + loss.detach()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     trainable = [p for p in model.parameters() if p.requires_grad]
     grad_norm = nn.utils.clip_grad_norm_(trainable, grad_clip, foreach=True)
     applied = bool(torch.isfinite(grad_norm))       # one host sync per step: the price of skipping bad steps
     if applied:
         optimizer.step()
+    if scaler is not None:
+        scaler.update()                             # halves the scale after an overflow
     optimizer.zero_grad(set_to_none=True)
     if applied:
         ema_update(list(model.target_encoder.parameters()), list(model.encoder.parameters()), tau)
@@ -1176,9 +1342,14 @@ def training_step(model: StemJEPA, optimizer, context, target, instrument, *, lr
 
 
 def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, force=False, device=None,
-          compile=False, workers=None, stop_at=None, log=print) -> StemJEPA:
+          compile=False, workers=None, stop_at=None, init_from=None, precision="auto", layout=None,
+          log=print) -> StemJEPA:
     """Train Stem-JEPA on the `train` split of `data` (3.3). Writes OUT/checkpoint.pt and OUT/log.csv
     and returns the model. stop_at: save and return at this step (continue later with resume=True).
+    init_from: start a new run (fresh optimizer, schedules from step 0) from a checkpoint's weights
+    (`init_from_checkpoint`); resume=True with a checkpoint in OUT takes precedence. precision:
+    `pick_precision`. layout: find_tracks's options. OUT/train.lock (`RunLock`) keeps a second
+    live run out of OUT.
 
     Under torchrun, each process takes batch_size / world_size samples per step and
     DistributedDataParallel averages the gradients; nothing else changes.
@@ -1196,10 +1367,17 @@ def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, 
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise StemJEPAError(f"--out {out} is a file: give a folder for the run "
+                            "(it holds checkpoint.pt and log.csv)")
     is_main = rank == 0
     log = log if is_main else (lambda *a, **k: None)
+    lock = RunLock(out, log=log) if is_main else nullcontext()
+    if is_main:
+        lock.check()                            # before decoding the data; taken by the loop
+    precision = pick_precision(precision, device)
     prep = dict(cache=cache, sample_rate=cfg.sample_rate, chunk_seconds=cfg.chunk_seconds,
-                threshold=cfg.active_threshold)
+                threshold=cfg.active_threshold, layout=layout)
     if is_main:
         tracks = prepare(data, "train", log=log, **prep)                # rank 0 decodes; the others wait
     if distributed:
@@ -1213,6 +1391,9 @@ def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, 
     model = build_model(cfg, instruments).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=0.0, betas=(cfg.beta1, cfg.beta2),
                                   fused=device.type in ("cuda", "cpu"))
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None  # fp16: loss scaling
+    if device.type == "cuda":
+        log(f"precision {precision}" + (" with a gradient scaler" if scaler is not None else ""))
     start, skipped, window = 0, 0, (0.0, 0)   # window: loss sum and count since the last log line
     ckpt_path = out / "checkpoint.pt"
     if resume and (ckpt_path.exists() or ckpt_path.with_name("checkpoint.prev.pt").exists()):
@@ -1224,7 +1405,13 @@ def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, 
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start, skipped, window = ckpt["step"], ckpt.get("skipped", 0), ckpt.get("log_window", window)
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
         log(f"resuming {ckpt_path} at step {start}")
+    elif init_from:
+        new = init_from_checkpoint(model, load_checkpoint(init_from, map_location=device))
+        log(f"initialised from {init_from} (encoder, target encoder, predictor); a new run from "
+            "step 0" + (f"; new instrument embeddings for {', '.join(new)}" if new else ""))
     elif resume:
         log(f"no checkpoint in {out}: starting from scratch")
     if is_main:
@@ -1253,7 +1440,8 @@ def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, 
             save_checkpoint(ckpt_path, {
                 "version": VERSION, "config": dataclasses.asdict(cfg), "instruments": instruments,
                 "step": step, "skipped": skipped, "data": data_id, "log_window": (loss_sum.item(), n_applied),
-                "model": model.state_dict(), "optimizer": optimizer.state_dict()})
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None})
 
     log_file = out / "log.csv"
     if is_main and not log_file.exists():
@@ -1263,7 +1451,7 @@ def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, 
     loss_sum, n_applied = torch.tensor(float(window[0]), device=device), int(window[1])
     n_sum, bad_in_a_row = 0, 0
     t_last, step = time.time(), start
-    with GracefulStop() as stop:
+    with GracefulStop() as stop, lock:
         batches = iter(loader)
         while step < min(cfg.steps, stop_at or cfg.steps) and stop.reason is None:
             try:
@@ -1276,7 +1464,8 @@ def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, 
             lr = lr_at(step, peak_lr=peak_lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps)
             tau = tau_at(step, cfg.steps, cfg.tau_start, cfg.tau_end)
             loss, applied = training_step(model, optimizer, context, target, instrument, lr=lr, tau=tau,
-                                          grad_clip=cfg.grad_clip, grad_accum=cfg.grad_accum, loss_fn=loss_fn)
+                                          grad_clip=cfg.grad_clip, grad_accum=cfg.grad_accum, loss_fn=loss_fn,
+                                          precision=precision, scaler=scaler)
             if applied:
                 loss_sum += loss
                 n_applied, bad_in_a_row = n_applied + 1, 0
@@ -1290,7 +1479,7 @@ def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, 
             if step % cfg.log_every == 0 or step == cfg.steps:
                 mean_loss = loss_sum.item() / max(n_applied, 1)
                 speed = n_sum * cfg.batch_size / (time.time() - t_last)
-                with torch.no_grad(), autocast_for(device):
+                with torch.no_grad(), autocast_for(device, precision):
                     spread = embedding_spread(model.encode(target, target=True))
                 eta = (cfg.steps - step) * cfg.batch_size / speed
                 log(f"step {step}/{cfg.steps}  loss {mean_loss:.4f}  lr {lr:.2e}  tau {tau:.6f}  "
@@ -1323,7 +1512,8 @@ def embed_long(model: StemJEPA, wavs: list[np.ndarray], *, chunk: int, instrumen
     one (F, T, D) tensor per waveform, T covering every frame (the last chunk is zero-padded to a
     whole patch). With `instruments` (one id per waveform), the predictions of the predictor
     conditioned on them, from the context encoder; otherwise the target (or context) encoder's.
-    Full chunks of all waveforms are batched together; last chunks run one by one."""
+    Full chunks of all waveforms are batched together, and last chunks of equal length. In fp32:
+    autocast is for training only."""
     step = model.frontend.hop_length * model.encoder.patch_size        # samples per time patch (160 ms)
     chunk = max(step, chunk - chunk % step)                             # whole patches: no frame left out
     pieces = []                                                         # (wav index, position, samples)
@@ -1333,18 +1523,19 @@ def embed_long(model: StemJEPA, wavs: list[np.ndarray], *, chunk: int, instrumen
             if len(piece) < chunk:                                      # a whole number of patches, at least one
                 piece = np.pad(piece, (0, max(-len(piece) % step, step - len(piece))))
             pieces.append((w, j, piece))
-    full = [p for p in pieces if len(p[2]) == chunk]
-    groups = [full[i: i + batch] for i in range(0, len(full), batch)] + [[p] for p in pieces if len(p[2]) != chunk]
+    by_length = {}
+    for p in pieces:
+        by_length.setdefault(len(p[2]), []).append(p)
+    groups = [same[i: i + batch] for same in by_length.values() for i in range(0, len(same), batch)]
     out = {}
-    with autocast_for(torch.device(device)):
-        for group in groups:
-            x = torch.from_numpy(np.stack([p[2] for p in group])).float().to(device)   # (b, chunk)
-            if instruments is None:
-                z = model.encode(x, target=target)
-            else:
-                z = model.predict(x, torch.tensor([instruments[p[0]] for p in group], device=device))
-            for (w, j, _), zi in zip(group, z.float().cpu()):
-                out[w, j] = zi                                          # (F, T_chunk, D)
+    for group in groups:
+        x = torch.from_numpy(np.stack([p[2] for p in group])).float().to(device)   # (b, samples)
+        if instruments is None:
+            z = model.encode(x, target=target)
+        else:
+            z = model.predict(x, torch.tensor([instruments[p[0]] for p in group], device=device))
+        for (w, j, _), zi in zip(group, z.float().cpu()):
+            out[w, j] = zi                                              # (F, T_chunk, D)
     return [torch.cat([out[w, j] for j in range(sum(1 for p in pieces if p[0] == w))], dim=1)
             for w in range(len(wavs))]
 
@@ -1691,38 +1882,84 @@ def best_offset(stem: torch.Tensor, prediction: torch.Tensor, min_overlap: float
     return shifts[int(shift_similarity(stem, prediction, shifts, circular=False).argmax())]
 
 
+def embed_audio_files(model: StemJEPA, files: list[Path], *, keep=pool, device="cpu", batch=16,
+                      group=8, log=print) -> tuple[list[Path], list]:
+    """keep(z) for each file's target-encoder patch embeddings z (F, T, D), for many files.
+    Files of similar length are embedded together (sorted by duration, `group` at a time, so that
+    their chunks share batches); an unreadable file is reported by name and skipped; a progress
+    line with the ETA every 10 s and at the end. Returns the files embedded, in the given order,
+    and keep(z) of each; an error if none could be read."""
+    sr = model.config.sample_rate
+    chunk = int(model.config.chunk_seconds * sr)
+    seconds = {}
+    for f in files:
+        try:
+            seconds[f] = sf.info(str(f)).duration
+        except Exception:                       # unreadable: decoding below will say why
+            seconds[f] = 0.0
+    order = sorted(files, key=lambda f: seconds[f])
+    total, done, t0, t_log = sum(seconds.values()), 0.0, time.time(), time.time()
+    results, skipped = {}, []
+    for i in range(0, len(order), group):
+        loaded = []
+        for f in order[i: i + group]:
+            try:
+                loaded.append((f, load_audio(f, sr)))
+            except StemJEPAError as e:
+                skipped.append(str(e))
+                log(f"skipped {e}")
+        zs = embed_long(model, [x for _, x in loaded], chunk=chunk, batch=batch, device=device)
+        results.update((f, keep(z)) for (f, _), z in zip(loaded, zs))
+        done += sum(seconds[f] for f in order[i: i + group])
+        n, rate = min(i + group, len(order)), done / max(time.time() - t0, 1e-9)
+        if time.time() - t_log > 10 or n == len(order):
+            t_log = time.time()
+            log(f"embedded {n}/{len(order)} files ({len(skipped)} skipped), {rate:.0f} s of audio "
+                f"per s, ETA {(total - done) / max(rate, 1e-9):.0f} s")
+    if not results:
+        raise StemJEPAError(f"none of the {len(files)} audio files could be read: "
+                            + "; ".join(skipped[:3]) + ("; ..." if len(skipped) > 3 else ""))
+    kept = [f for f in files if f in results]
+    return kept, [results[f] for f in kept]
+
+
 @torch.no_grad()
-def retrieve(checkpoint, mix, library, instrument: str, *, top=10, device=None, batch=16, log=print) -> list[dict]:
+def retrieve(checkpoint, mix, library, instrument: str, *, top=10, device=None, batch=16,
+             log=print) -> list[dict]:
     """Rank every audio file of a library by how well it fits `mix` as `instrument`: the predictor's
     pooled output for the mix against each file's pooled target embedding (L2, as in 4.1), and for
-    the best `top` files the offset at which they fit best. Library embeddings are cached beside it."""
+    the best `top` files the offset at which they fit best. Library embeddings are cached beside it;
+    unreadable library files are reported and left out."""
     device = pick_device(device)
     model = StemJEPA.from_checkpoint(checkpoint).to(device)
     cfg = model.config
     if instrument not in model.instruments:
         raise StemJEPAError(f"--instrument {instrument}: the model knows {', '.join(model.instruments)}")
     files = audio_files(library)
-    mix_audio = load_audio(mix, cfg.sample_rate)                        # a bad --mix fails before the library is embedded
+    mix_audio = load_audio(mix, cfg.sample_rate)  # a bad --mix fails before the library is embedded
     chunk = int(cfg.chunk_seconds * cfg.sample_rate)
     st = os.stat(checkpoint)
     key = _cache_key(str(Path(checkpoint).resolve()), st.st_size, st.st_mtime_ns, VERSION,
-                     [(str(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files])
+                     "files+refs", [(str(f), os.stat(f).st_size, os.stat(f).st_mtime_ns)
+                                    for f in files])
     cache = (Path(library) if Path(library).is_dir() else Path(library).parent) / ".stem_jepa_cache"
     cache_file = cache / f"library-{key}.pt"
     if cache_file.exists():
-        refs = torch.load(cache_file, weights_only=True)
+        cached = torch.load(cache_file, weights_only=True)
     else:
         log(f"embedding {len(files)} library files")
-        refs = torch.stack([pool(z) for f in files for z in
-                            embed_long(model, [load_audio(f, cfg.sample_rate)], chunk=chunk, batch=batch, device=device)])
+        kept, refs = embed_audio_files(model, files, device=device, batch=batch, log=log)
+        cached = {"files": [str(f) for f in kept], "refs": torch.stack(refs)}
         cache.mkdir(exist_ok=True)
-        _write_atomic(cache_file, lambda p: torch.save(refs, p))
+        _write_atomic(cache_file, lambda p: torch.save(cached, p))
+    files, refs = [Path(f) for f in cached["files"]], cached["refs"]
     q_seq = embed_long(model, [mix_audio], chunk=chunk,
                        instruments=[model.instruments.index(instrument)], batch=batch, device=device)[0]
     d = torch.cdist(pool(q_seq)[None].double(), refs.double())[0]
     results = []
     for r, i in enumerate(d.argsort()[:top].tolist()):
-        z_seq = embed_long(model, [load_audio(files[i], cfg.sample_rate)], chunk=chunk, batch=batch, device=device)[0]
+        z_seq = embed_long(model, [load_audio(files[i], cfg.sample_rate)], chunk=chunk, batch=batch,
+                           device=device)[0]
         step_s = cfg.hop_length * cfg.patch_size / cfg.sample_rate
         offset = best_offset(frames(z_seq), frames(q_seq))
         results.append({"rank": r + 1, "file": str(files[i]), "distance": round(d[i].item(), 4),
@@ -1731,27 +1968,91 @@ def retrieve(checkpoint, mix, library, instrument: str, *, top=10, device=None, 
 
 
 @torch.no_grad()
-def embed_files(checkpoint, audio, out, *, sequences=False, device=None, batch=16, log=print) -> np.ndarray:
+def score(checkpoint, mix, stem, instrument: str, *, device=None, batch=16) -> dict:
+    """StemJEPA.score for two audio files: how well `stem` fits `mix` as `instrument` (retrieval's
+    distance for one pair, and the best offset)."""
+    model = StemJEPA.from_checkpoint(checkpoint).to(pick_device(device))
+    model.instrument_id(instrument)             # an unknown instrument fails before decoding
+    sr = model.config.sample_rate
+    return {"mix": str(mix), "stem": str(stem), "instrument": instrument,
+            **model.score(load_audio(mix, sr), load_audio(stem, sr), instrument, batch=batch)}
+
+
+@torch.no_grad()
+def embed_files(checkpoint, audio, out, *, sequences=False, device=None, batch=16,
+                log=print) -> np.ndarray:
     """The pooled 3840-d target-encoder embedding of each audio file (4.1's references, 4.5's
     global embedding) -> OUT (.npy, one row per file) and OUT.txt (the files, in order). With
-    sequences=True also OUT.sequences.npz: per file, one (T, 3840) vector per 160 ms."""
+    sequences=True also OUT.sequences.npz: per file, one (T, 3840) vector per 160 ms. Unreadable
+    files are reported by name and left out of OUT and OUT.txt."""
     device = pick_device(device)
     model = StemJEPA.from_checkpoint(checkpoint).to(device)
-    cfg = model.config
-    files, chunk, rows, seqs = audio_files(audio), int(cfg.chunk_seconds * cfg.sample_rate), [], {}
-    for k, f in enumerate(files):
-        z = embed_long(model, [load_audio(f, cfg.sample_rate)], chunk=chunk, batch=batch, device=device)[0]
-        rows.append(pool(z).numpy())
-        if sequences:
-            seqs[f"file{k}"] = frames(z).numpy()
+    files = audio_files(audio)
+    kept, embedded = embed_audio_files(model, files, device=device, batch=batch, log=log,
+                                       keep=lambda z: (pool(z).numpy(), frames(z).numpy()))
+    rows = np.stack([row for row, _ in embedded])
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out, np.stack(rows))
-    out.with_suffix(".txt").write_text("".join(f"{f}\n" for f in files))
+    np.save(out, rows)
+    out.with_suffix(".txt").write_text("".join(f"{f}\n" for f in kept))
     if sequences:
-        np.savez(out.with_suffix(".sequences.npz"), **seqs)
-    log(f"wrote {len(files)} embeddings of {rows[0].shape[0]} dims to {out}")
-    return np.stack(rows)
+        np.savez(out.with_suffix(".sequences.npz"),
+                 **{f"file{k}": seq for k, (_, seq) in enumerate(embedded)})
+    skipped = len(files) - len(kept)
+    log(f"wrote {len(kept)} embeddings of {rows.shape[1]} dims to {out}"
+        + (f" ({skipped} unreadable files skipped)" if skipped else ""))
+    return rows
+
+
+# --- The HEAR API (hearbenchmark.com): the convention of audio-embedding benchmarks ----------
+
+class HEARModel(nn.Module):
+    """A trained Stem-JEPA as HEAR expects it: sample_rate, scene_embedding_size (the pooled
+    3840-d vector for ViT-B) and timestamp_embedding_size (one F*D vector per 160 ms column)."""
+
+    def __init__(self, model: StemJEPA):
+        super().__init__()
+        self.model = model.eval()
+        self.sample_rate = model.config.sample_rate
+        size = (model.config.n_mels // model.config.patch_size) * model.config.dim
+        self.scene_embedding_size = self.timestamp_embedding_size = size
+
+
+def load_model(model_file_path: str = "", device=None) -> HEARModel:
+    """HEAR: a checkpoint written by `train` -> the model get_*_embeddings take."""
+    if not model_file_path:
+        raise StemJEPAError("load_model needs the path of a checkpoint written by `train`")
+    return HEARModel(StemJEPA.from_checkpoint(model_file_path)).to(pick_device(device))
+
+
+def _hear_patches(audio: torch.Tensor, model: HEARModel, batch: int) -> list[torch.Tensor]:
+    """Each sound of a HEAR batch (n, N) -> its target-encoder patch embeddings (F, T, D)."""
+    if audio.ndim != 2:
+        raise StemJEPAError(f"HEAR audio is (n_sounds, n_samples); got shape {tuple(audio.shape)}")
+    jepa = model.model
+    chunk = int(jepa.config.chunk_seconds * jepa.config.sample_rate)
+    return embed_long(jepa, list(audio.detach().float().cpu().numpy()), chunk=chunk, batch=batch,
+                      device=next(jepa.parameters()).device)
+
+
+@torch.no_grad()
+def get_timestamp_embeddings(audio: torch.Tensor, model: HEARModel,
+                             batch: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """HEAR: audio (n, N) at model.sample_rate -> embeddings (n, T, F*D), the target encoder's patch
+    columns (`frames`), and timestamps (n, T) in ms, the centre of each 160 ms column. Sounds are
+    embedded independently (chunked as `embed_long` does), so a sound's rows do not depend on the
+    others in the batch."""
+    emb = torch.stack([frames(z) for z in _hear_patches(audio, model, batch)])  # (n, T, F*D)
+    step_ms = 1000 * step_seconds(model.model)
+    ts = ((torch.arange(emb.shape[1]) + 0.5) * step_ms).float().expand(len(emb), -1)  # (n, T)
+    return emb.to(audio.device), ts.contiguous().to(audio.device)
+
+
+@torch.no_grad()
+def get_scene_embeddings(audio: torch.Tensor, model: HEARModel, batch: int = 16) -> torch.Tensor:
+    """HEAR: audio (n, N) -> one vector per sound (n, F*D): `pool` of its target embeddings, the
+    global embedding of 4.5 (average over time, frequency rows concatenated, normalised)."""
+    return torch.stack([pool(z) for z in _hear_patches(audio, model, batch)]).to(audio.device)
 
 
 # ---------------------------------------------------------------------------------------------
