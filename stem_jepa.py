@@ -1672,7 +1672,7 @@ def _cache_key(*parts) -> str:
 
 
 def evaluate(checkpoint, data, *, split="test", out=None, cache=None, device=None, batch=16,
-             listening=0, seed=0, log=print) -> dict:
+             listening=0, seed=0, layout=None, log=print) -> dict:
     """Table 1 and Fig. 2 for a checkpoint on a dataset split, with the comparison rows (chance,
     random weights, DSP) measured in the same run. Writes OUT/retrieval.json and OUT/fig2.png.
 
@@ -1684,7 +1684,7 @@ def evaluate(checkpoint, data, *, split="test", out=None, cache=None, device=Non
     model = StemJEPA.from_checkpoint(checkpoint)
     cfg = model.config
     tracks = prepare(data, split, cache=cache, sample_rate=cfg.sample_rate, chunk_seconds=cfg.chunk_seconds,
-                     threshold=cfg.active_threshold, log=log)
+                     threshold=cfg.active_threshold, layout=layout, log=log)
     out = Path(out or Path(checkpoint).parent / f"eval-{split}")
     out.mkdir(parents=True, exist_ok=True)
     emb_dir = Path(tracks[0]["npy"]).parent.parent / "embeddings"
@@ -3111,6 +3111,18 @@ def _add_train_options(p):
     p.add_argument("--ckpt-every", type=int)
 
 
+def _add_layout_options(p):
+    p.add_argument("--channels", help="one multichannel file per track: the names of its channels, "
+                                      "e.g. bass,drums,other,vocals (mix or mixture: left out)")
+    p.add_argument("--groups", help="Slakh2100 classes (or MoisesDB stems) per instrument, e.g. "
+                                    "'bass=Bass;drums=Drums;other=*' (the default for Slakh2100)")
+
+
+def _layout_from(args) -> dict:
+    return {"channels": [c.strip() for c in args.channels.split(",")] if args.channels else None,
+            "groups": parse_groups(args.groups) if args.groups else None}
+
+
 def _config_from(args) -> Config:
     return make_config(args.preset, predictor=args.predictor, steps=args.steps, batch_size=args.batch_size,
                        grad_accum=args.grad_accum, base_lr=args.base_lr, seed=args.seed,
@@ -3125,7 +3137,8 @@ def cmd_toy(args):
 def cmd_train(args):
     model = train(_config_from(args), args.data, out=args.out, cache=args.cache, resume=args.resume,
                   force=args.force, device=args.device, compile=args.compile, workers=args.workers,
-                  stop_at=args.stop_at)
+                  stop_at=args.stop_at, init_from=args.init_from, precision=args.precision,
+                  layout=_layout_from(args))
     if model.interrupted:
         sys.exit(128 + signal.Signals[model.interrupted].value)
 
@@ -3145,12 +3158,12 @@ def cmd_demo(args):
 
 def cmd_evaluate(args):
     evaluate(args.checkpoint, args.data, split=args.split, out=args.out, cache=args.cache, device=args.device,
-             batch=args.batch, listening=args.listening, seed=args.seed)
+             batch=args.batch, listening=args.listening, seed=args.seed, layout=_layout_from(args))
 
 
 def cmd_retrieve(args):
     results = retrieve(args.checkpoint, args.mix, args.library, args.instrument, top=args.top, device=args.device,
-                       log=(lambda *a: None) if args.json else print)
+                       batch=args.batch, log=(lambda *a: None) if args.json else print)
     if args.json:
         print(json.dumps(results, indent=1))
         return
@@ -3159,8 +3172,18 @@ def cmd_retrieve(args):
         print(f"{r['rank']:4d}  {r['distance']:8.4f}  {r['offset_s']:7.2f}s  {r['file']}")
 
 
+def cmd_score(args):
+    r = score(args.checkpoint, args.mix, args.stem, args.instrument, device=args.device)
+    if args.json:
+        print(json.dumps(r, indent=1))
+        return
+    print(f"distance {r['distance']:.4f} (0 to 2, lower fits better), "
+          f"similarity {r['similarity']:.4f}; best offset {r['offset_s']:+.2f} s (start the stem there, relative to the mix)")
+
+
 def cmd_embed(args):
-    embed_files(args.checkpoint, args.audio, args.out, sequences=args.sequences, device=args.device)
+    embed_files(args.checkpoint, args.audio, args.out, sequences=args.sequences, device=args.device,
+                batch=args.batch)
 
 
 def cmd_analyze(args):
@@ -3209,7 +3232,12 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
     p.add_argument("--workers", type=int, help="data loader processes (default: half the cores, at most 8)")
     p.add_argument("--stop-at", type=int, help="save and exit at this step (continue later with --resume)")
+    p.add_argument("--init-from", metavar="CKPT", help="a new run starting from this checkpoint's "
+                   "encoders and predictor (fresh optimizer and schedules)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="autocast on CUDA: auto "
+                   "is bf16 where the GPU has it, else fp16 with loss scaling; fp32 off CUDA")
     _add_train_options(p)
+    _add_layout_options(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="stem retrieval (Table 1, Fig. 2) with comparison rows")
@@ -3222,6 +3250,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=16, help="chunks encoded at once")
     p.add_argument("--listening", type=int, default=0, help="also write N listening-test trials (4.2)")
     p.add_argument("--seed", type=int, default=0)
+    _add_layout_options(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("retrieve", help="rank the stems of a library by how well they fit a mix")
@@ -3232,7 +3261,17 @@ def main(argv=None):
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--device")
+    p.add_argument("--batch", type=int, default=16, help="chunks encoded at once")
     p.set_defaults(func=cmd_retrieve)
+
+    p = sub.add_parser("score", help="how well one stem fits one mix as an instrument, and where")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--mix", required=True, help="audio file of the mix")
+    p.add_argument("--stem", required=True, help="audio file of the candidate stem")
+    p.add_argument("--instrument", required=True, help="the stem's instrument (e.g. bass)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("embed", help="3840-d embeddings of audio files, for other uses")
     p.add_argument("--checkpoint", required=True)
@@ -3240,6 +3279,7 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="FILE.npy (one row per file; the files in FILE.txt)")
     p.add_argument("--sequences", action="store_true", help="also FILE.sequences.npz: one vector per 160 ms")
     p.add_argument("--device")
+    p.add_argument("--batch", type=int, default=16, help="chunks encoded at once")
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("analyze", help="stem alignment (4.3, Fig. 4) and musical plausibility (4.4, Fig. 5)")
