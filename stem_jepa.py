@@ -3178,7 +3178,8 @@ def cmd_score(args):
         print(json.dumps(r, indent=1))
         return
     print(f"distance {r['distance']:.4f} (0 to 2, lower fits better), "
-          f"similarity {r['similarity']:.4f}; best offset {r['offset_s']:+.2f} s (start the stem there, relative to the mix)")
+          f"similarity {r['similarity']:.4f}; best offset {r['offset_s']:+.2f} s "
+          "(start the stem this long after the start of the mix)")
 
 
 def cmd_embed(args):
