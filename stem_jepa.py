@@ -16,7 +16,13 @@ Commands (each has --help):
     python stem_jepa.py demo                           # toy data + tiny model, end to end
     python stem_jepa.py evaluate --checkpoint runs/stem-jepa/checkpoint.pt --data musdb18/
     python stem_jepa.py retrieve --checkpoint CKPT --mix mix.wav --library stems/ --instrument bass
+    python stem_jepa.py score --checkpoint CKPT --mix mix.wav --stem bass.wav --instrument bass
+    python stem_jepa.py embed --checkpoint CKPT --audio songs/ --out emb.npy
+    python stem_jepa.py train --data slakh2100/ --init-from CKPT   # a new run from trained weights
     python stem_jepa.py analyze align|clusters ...; python stem_jepa.py probe ...; python stem_jepa.py bench
+
+From Python, any length: StemJEPA.encode_long, predict_long, embed, score; the HEAR API:
+load_model, get_scene_embeddings, get_timestamp_embeddings.
 
 Paper -> code:
     3.3 front-end (log-mel, 16x16 patches)   LogMel, ViT.patch_embed
@@ -28,6 +34,7 @@ Paper -> code:
     3.3 training (AdamW, warmup + cosine)     lr_at, train
     3.4 training data (multitracks)           find_tracks, prepare, StemChunks, make_toy_song
     4.1 retrieval, Table 1, Fig. 2            embed_long, pool, retrieval_metrics, evaluate, retrieve
+    4.1 + 4.3 one (mix, stem) pair            StemJEPA.score, score
     4.2 listening test                        write_listening_test
     4.3 alignment, Eq. 3, Fig. 4              shift_similarity, alignment_curves, best_offset
     4.4 musical plausibility, Fig. 5          kmeans, cooccurrence, analyze_clusters

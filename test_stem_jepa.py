@@ -1986,8 +1986,8 @@ def write_checkpoint(path: Path, cfg: sj.Config, instruments, *, seed=0) -> Path
         for p in model.target_encoder.parameters():
             p.add_(0.05 * torch.randn_like(p))
     path.parent.mkdir(parents=True, exist_ok=True)
-    sj.save_checkpoint(path, {"version": sj.VERSION, "config": dataclasses.asdict(cfg),
-                              "instruments": list(instruments), "step": 0, "model": model.state_dict()})
+    sj.save_checkpoint(path, {"version": sj.VERSION, "config": dataclasses.asdict(cfg), "step": 0,
+                              "instruments": list(instruments), "model": model.state_dict()})
     return path
 
 
@@ -2018,7 +2018,8 @@ def test_readme_python_example_runs_on_a_three_minute_file(tmp_path, monkeypatch
     write_checkpoint(tmp_path / "runs" / "musdb" / "checkpoint.pt", cfg, TOY_STEMS)
     stems, _ = sj.make_toy_song(np.random.default_rng(0), seconds=180.0)
     sf.write(tmp_path / "song.wav", sum(stems.values()), SR, subtype="FLOAT")
-    sf.write(tmp_path / "mix.wav", stems["drums"] + stems["other"] + stems["vocals"], SR, subtype="FLOAT")
+    sf.write(tmp_path / "mix.wav", stems["drums"] + stems["other"] + stems["vocals"], SR,
+             subtype="FLOAT")
     sf.write(tmp_path / "bass.wav", stems["bass"], SR, subtype="FLOAT")
     monkeypatch.chdir(tmp_path)
     env = {}
@@ -2030,7 +2031,8 @@ def test_readme_python_example_runs_on_a_three_minute_file(tmp_path, monkeypatch
     torch.testing.assert_close(env["z"], sj.embed_long(model, [song], chunk=chunk)[0])
     torch.testing.assert_close(env["v"], sj.pool(env["z"]))
     bass_id = TOY_STEMS.index("bass")
-    torch.testing.assert_close(env["q"], sj.embed_long(model, [mix], chunk=chunk, instruments=[bass_id])[0])
+    q = sj.embed_long(model, [mix], chunk=chunk, instruments=[bass_id])[0]
+    torch.testing.assert_close(env["q"], q)
     torch.testing.assert_close(env["query"], sj.pool(env["q"]))
     d = (env["query"] - model.embed(env["bass"])).norm().item()
     assert model.score(mix, env["bass"], "bass")["distance"] == pytest.approx(d, abs=1e-4)
@@ -2046,7 +2048,7 @@ def test_any_length_methods_refuse_a_batch_and_an_unknown_instrument(mini_checkp
         model.predict_long(np.zeros(16000, np.float32), "piano")
 
 
-# --- 2. HEAR API ------------------------------------------------------------------------------
+# --- 2. HEAR API -----------------------------------------------------------------------------
 
 def test_hear_api_shapes_timestamps_and_batch_independence(mini_checkpoint, paper_model):
     """As the HEAR validator checks: load_model gives an nn.Module with integer sample_rate (16000),
@@ -2081,7 +2083,7 @@ def test_hear_api_shapes_timestamps_and_batch_independence(mini_checkpoint, pape
                                    atol=1e-5, rtol=1e-5)
 
 
-# --- 3. compatibility score --------------------------------------------------------------------
+# --- 3. compatibility score ------------------------------------------------------------------
 
 def test_score_cli_is_the_retrieval_distance_of_one_pair(mini_checkpoint, tmp_path):
     """`score --json` for (mix, stem, bass): the distance is the L2 distance between the pooled
@@ -2143,7 +2145,8 @@ def test_init_from_starts_a_new_run_from_the_checkpoints_weights(tmp_path, monke
 
     def recording_step(model, optimizer, *args, lr, **kwargs):
         if not seen:
-            seen.append(({k: v.clone() for k, v in model.state_dict().items()}, len(optimizer.state), lr))
+            state = {k: v.clone() for k, v in model.state_dict().items()}
+            seen.append((state, len(optimizer.state), lr))
         return real_step(model, optimizer, *args, lr=lr, **kwargs)
 
     monkeypatch.setattr(sj, "training_step", recording_step)
@@ -2164,14 +2167,15 @@ def test_init_from_starts_a_new_run_from_the_checkpoints_weights(tmp_path, monke
     assert torch.equal(state[emb][2], fresh.state_dict()[emb][2])
     assert not any(torch.equal(state[emb][2], row) for row in ckpt["model"][emb])
     assert optimizer_entries == 0
-    assert lr == sj.lr_at(0, peak_lr=cfg.base_lr * cfg.batch_size / 256, warmup_steps=5, total_steps=2)
+    peak = cfg.base_lr * cfg.batch_size / 256
+    assert lr == sj.lr_at(0, peak_lr=peak, warmup_steps=5, total_steps=2)
     assert any("new instrument embeddings for piano" in line for line in lines), lines
     assert sj.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 2
     with pytest.raises(sj.StemJEPAError, match="dim: 32 -> 48"):
         sj.init_from_checkpoint(sj.build_model(mini(dim=48), TOY_STEMS), ckpt)
 
 
-# --- 5. multitrack layouts ------------------------------------------------------------------------
+# --- 5. multitrack layouts -------------------------------------------------------------------
 
 def cached_stems(root, **layout) -> dict[str, dict[str, np.ndarray]]:
     """prepare(root) -> {track: {stem: cached 16 kHz waveform}}."""
@@ -2186,7 +2190,8 @@ def test_authors_multichannel_layout_names_channels_by_option(tmp_path):
     freqs = {"bass": 110.0, "drums": 330.0, "mix": 5000.0, "vocals": 1500.0}
     root = tmp_path / "authors"
     (root / "train").mkdir(parents=True)
-    sf.write(root / "train" / "song.wav", np.stack([sine(f, 3.0) for f in freqs.values()], axis=1), SR)
+    channels = np.stack([sine(f, 3.0) for f in freqs.values()], axis=1)     # (N, 4)
+    sf.write(root / "train" / "song.wav", channels, SR)
     (track,) = cached_stems(root, channels=list(freqs)).items()
     assert track[0] == "song" and sorted(track[1]) == ["bass", "drums", "vocals"]
     for stem, x in track[1].items():
@@ -2209,7 +2214,8 @@ def test_moisesdb_layout_sums_the_files_of_a_stem_folder(tmp_path):
     (track / "data.json").write_text(json.dumps({"song": "t", "artist": "a", "stems": []}))
     got = cached_stems(tmp_path / "moisesdb")["0a1b-track"]
     assert sorted(got) == ["bass", "drums", "guitar"]
-    np.testing.assert_allclose(got["guitar"], parts["guitar/g1.wav"] + parts["guitar/g2.wav"], atol=2e-3)
+    guitar = parts["guitar/g1.wav"] + parts["guitar/g2.wav"]
+    np.testing.assert_allclose(got["guitar"], guitar, atol=2e-3)
     np.testing.assert_allclose(got["bass"], parts["bass/b1.wav"], atol=2e-3)
 
 
@@ -2279,7 +2285,7 @@ def test_unknown_layout_lists_what_was_found_and_the_layouts_read(tmp_path):
         assert layout in message, layout
 
 
-# --- 6. batch embedding that survives bad files -----------------------------------------------
+# --- 6. batch embedding that survives bad files ----------------------------------------------
 
 def test_embed_cli_skips_unreadable_files_and_reports_progress(mini_checkpoint, tmp_path):
     """`embed --batch 3` over a folder with a corrupt file and an empty one among good clips: exit
@@ -2293,9 +2299,11 @@ def test_embed_cli_skips_unreadable_files_and_reports_progress(mini_checkpoint, 
     (audio / "broken.wav").write_bytes(os.urandom(3000))
     (audio / "empty.flac").write_bytes(b"")
     out = tmp_path / "emb.npy"
-    r = run_cli("embed", "--checkpoint", mini_checkpoint, "--audio", audio, "--out", out, "--batch", 3)
+    r = run_cli("embed", "--checkpoint", mini_checkpoint, "--audio", audio, "--out", out,
+                "--batch", 3)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count(str(audio / "broken.wav")) == 1 and r.stdout.count(str(audio / "empty.flac")) == 1
+    assert r.stdout.count(str(audio / "broken.wav")) == 1
+    assert r.stdout.count(str(audio / "empty.flac")) == 1
     assert "ETA" in r.stdout
     assert (tmp_path / "emb.txt").read_text().splitlines() == [str(f) for f in good]
     rows = np.load(out)
@@ -2314,10 +2322,15 @@ def test_files_of_similar_length_are_embedded_together(mini_checkpoint, tmp_path
         files.append(tmp_path / f"f{i}.wav")
         sf.write(files[-1], noise(s, seed=i), SR)
     calls, real = [], sj.embed_long
-    monkeypatch.setattr(sj, "embed_long", lambda m, wavs, **k: calls.append(sorted(len(w) / SR for w in wavs))
-                        or real(m, wavs, **k))
+
+    def recording(model, wavs, **kwargs):
+        calls.append(sorted(len(w) / SR for w in wavs))
+        return real(model, wavs, **kwargs)
+
+    monkeypatch.setattr(sj, "embed_long", recording)
     model = sj.StemJEPA.from_checkpoint(mini_checkpoint)
-    kept, lengths = sj.embed_audio_files(model, files, keep=lambda z: z.shape[1], group=2, log=lambda *a: None)
+    kept, lengths = sj.embed_audio_files(model, files, keep=lambda z: z.shape[1], group=2,
+                                         log=lambda *a: None)
     assert calls == [[1.0, 1.2], [4.0, 4.2], [8.5, 9.0]]
     assert kept == files and lengths == [math.ceil(s * SR / 2560) for s in seconds]
 
@@ -2338,7 +2351,7 @@ def test_retrieve_leaves_out_an_unreadable_library_file(mini_checkpoint, tmp_pat
     assert sum(str(library / "bad.wav") in line for line in lines) == 1
 
 
-# --- 7. precision ---------------------------------------------------------------------------------
+# --- 7. precision ----------------------------------------------------------------------------
 
 def test_pick_precision(monkeypatch):
     """auto: bf16 on a CUDA GPU with native bf16, fp16 on one without (T4, V100), fp32 on a CPU;
@@ -2350,9 +2363,10 @@ def test_pick_precision(monkeypatch):
             sj.pick_precision(name, cpu)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
     for native, auto in ((True, "bf16"), (False, "fp16")):
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation: native)
         assert sj.pick_precision("auto", cuda) == auto
-        assert sj.pick_precision("fp16", cuda) == "fp16" and sj.pick_precision("fp32", cuda) == "fp32"
+        assert sj.pick_precision("fp16", cuda) == "fp16"
+        assert sj.pick_precision("fp32", cuda) == "fp32"
     with pytest.raises(sj.StemJEPAError, match="Tesla T4 has no native bf16"):
         sj.pick_precision("bf16", cuda)
     assert isinstance(sj.autocast_for(cpu, "fp16"), type(contextlib.nullcontext()))
@@ -2393,7 +2407,7 @@ def test_grad_scaler_step_equals_the_unscaled_step_and_skips_an_overflow():
         assert torch.equal(a, b), name
 
 
-# --- 8. runs that collide ---------------------------------------------------------------------
+# --- 8. runs that collide --------------------------------------------------------------------
 
 def test_out_naming_a_file_is_a_clear_error(tmp_path):
     """train --out naming an existing file: exit 2, one error line saying it is a file."""
@@ -2421,7 +2435,8 @@ def test_lock_refuses_a_second_live_run_and_is_stale_after_kill_9(tmp_path):
         first.wait()
     assert (run / "train.lock").exists()
     step = sj.load_checkpoint(run / "checkpoint.pt")["step"]
-    resumed = _cli("train", "--data", data, "--out", run, *mini_run, "--resume", "--stop-at", step + 1)
+    resumed = _cli("train", "--data", data, "--out", run, *mini_run, "--resume",
+                   "--stop-at", step + 1)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "stale lock" in resumed.stdout and f"resuming {run / 'checkpoint.pt'}" in resumed.stdout
     assert not (run / "train.lock").exists()
@@ -2439,12 +2454,13 @@ def test_lock_is_held_while_training_and_released_after_an_error(tmp_path, monke
 
     monkeypatch.setattr(sj, "training_step", failing_step)
     with pytest.raises(RuntimeError, match="boom"):
-        sj.train(mini(steps=3, batch_size=2), data, out=tmp_path / "run", workers=0, log=lambda *a: None)
+        sj.train(mini(steps=3, batch_size=2), data, out=tmp_path / "run", workers=0,
+                 log=lambda *a: None)
     assert held == [str(os.getpid())]
     assert not (tmp_path / "run" / "train.lock").exists()
 
 
-# --- 9. licence -------------------------------------------------------------------------------------
+# --- 9. licence ------------------------------------------------------------------------------
 
 def test_licence_is_mit_and_the_readme_says_so():
     """LICENSE is the MIT licence of the Stem-JEPA reference contributors; the README names it."""
