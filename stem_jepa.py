@@ -16,7 +16,13 @@ Commands (each has --help):
     python stem_jepa.py demo                           # toy data + tiny model, end to end
     python stem_jepa.py evaluate --checkpoint runs/stem-jepa/checkpoint.pt --data musdb18/
     python stem_jepa.py retrieve --checkpoint CKPT --mix mix.wav --library stems/ --instrument bass
+    python stem_jepa.py score --checkpoint CKPT --mix mix.wav --stem bass.wav --instrument bass
+    python stem_jepa.py embed --checkpoint CKPT --audio songs/ --out emb.npy
+    python stem_jepa.py train --data slakh2100/ --init-from CKPT   # a new run from trained weights
     python stem_jepa.py analyze align|clusters ...; python stem_jepa.py probe ...; python stem_jepa.py bench
+
+From Python, any length: StemJEPA.encode_long, predict_long, embed, score; the HEAR API:
+load_model, get_scene_embeddings, get_timestamp_embeddings.
 
 Paper -> code:
     3.3 front-end (log-mel, 16x16 patches)   LogMel, ViT.patch_embed
@@ -28,6 +34,7 @@ Paper -> code:
     3.3 training (AdamW, warmup + cosine)     lr_at, train
     3.4 training data (multitracks)           find_tracks, prepare, StemChunks, make_toy_song
     4.1 retrieval, Table 1, Fig. 2            embed_long, pool, retrieval_metrics, evaluate, retrieve
+    4.1 + 4.3 one (mix, stem) pair            StemJEPA.score, score
     4.2 listening test                        write_listening_test
     4.3 alignment, Eq. 3, Fig. 4              shift_similarity, alignment_curves, best_offset
     4.4 musical plausibility, Fig. 5          kmeans, cooccurrence, analyze_clusters
@@ -428,6 +435,56 @@ class StemJEPA(nn.Module):
         """Context mixes (B, N) and instrument ids (B,) -> predicted target embeddings (B, F, T, D)."""
         return self.predictor(self.encode(wav), instrument)
 
+    # Any length (chunk, encode, concatenate: `embed_long`, as the evaluation does). These take one
+    # mono waveform (N,) at config.sample_rate, numpy or torch, and return CPU tensors.
+
+    def instrument_id(self, instrument) -> int:
+        """An instrument name (e.g. "bass") or id -> its id, or an error listing the known ones."""
+        if isinstance(instrument, str):
+            if instrument not in self.instruments:
+                raise StemJEPAError(f"instrument {instrument!r}: the model knows "
+                                    f"{', '.join(self.instruments)}")
+            return self.instruments.index(instrument)
+        return int(instrument)
+
+    def _long(self, wav, instrument=None, *, target=True, batch=16) -> torch.Tensor:
+        x = wav.detach().cpu().numpy() if torch.is_tensor(wav) else wav
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim != 1:
+            raise StemJEPAError(f"expected one mono waveform (N,), got shape {tuple(x.shape)}")
+        ids = None if instrument is None else [self.instrument_id(instrument)]
+        chunk = int(self.config.chunk_seconds * self.config.sample_rate)
+        return embed_long(self, [x], chunk=chunk, instruments=ids, target=target, batch=batch,
+                          device=next(self.parameters()).device)[0]
+
+    def encode_long(self, wav, *, target: bool = True, batch: int = 16) -> torch.Tensor:
+        """A recording of any length (N,) -> its patch embeddings (F, T, D), one column of patches
+        per 160 ms, T = ceil(N / 2560); the target encoder by default (retrieval's references)."""
+        return self._long(wav, target=target, batch=batch)
+
+    def predict_long(self, mix, instrument, *, batch: int = 16) -> torch.Tensor:
+        """A mix of any length (N,) and the missing instrument (name or id) -> the predicted patch
+        embeddings (F, T, D) of a stem that fits it (retrieval's query before pooling)."""
+        return self._long(mix, instrument, batch=batch)
+
+    def embed(self, wav, instrument=None, *, batch: int = 16) -> torch.Tensor:
+        """One pooled vector (F*D,) (`pool`, 3840-d for ViT-B) for a recording of any length: its
+        target embedding, or with `instrument` the prediction for the stem missing from this mix.
+        The L2 distance between the two is retrieval's (4.1)."""
+        return pool(self._long(wav, instrument, batch=batch))
+
+    def score(self, mix, stem, instrument, *, batch: int = 16) -> dict:
+        """How well `stem` fits `mix` as `instrument` (4.1): the L2 distance between the pooled
+        prediction for the mix and the stem's pooled target embedding (0 to 2, lower fits better),
+        the cosine similarity 1 - d^2 / 2, and the offset at which the stem fits best (4.3:
+        `best_offset`; place the stem offset_s seconds after the start of the mix)."""
+        q, z = self.predict_long(mix, instrument, batch=batch), self.encode_long(stem, batch=batch)
+        distance = (pool(q) - pool(z)).norm().item()
+        offset = best_offset(frames(z), frames(q))
+        step_s = self.frontend.hop_length * self.encoder.patch_size / self.config.sample_rate
+        return {"distance": round(distance, 4), "similarity": round(1 - distance ** 2 / 2, 4),
+                "offset_steps": offset, "offset_s": round(offset * step_s, 2)}
+
     def forward(self, context: torch.Tensor, target: torch.Tensor, instrument: torch.Tensor) -> torch.Tensor:
         pred = self.predict(context, instrument)                        # z~ (B, F, T, D)
         with torch.no_grad():
@@ -529,13 +586,137 @@ MUSDB_STREAMS = {"drums": 1, "bass": 2, "other": 3, "vocals": 4}  # .stem.mp4 st
 LENGTH_TOLERANCE_S = 1.0                    # stems of one track may differ by this much (trimmed)
 
 
-def find_tracks(root, split: str = "train") -> list[tuple[str, dict[str, tuple[str, int | None]]]]:
-    """Tracks of a dataset folder as (name, {stem: (file, mp4 stream or None)}), sorted by name.
+LAYOUTS = (
+    "MUSDB18-HQ or your own multitracks: ROOT/[train|test/]<track>/<stem>.wav (or another audio "
+    "extension), the stem named after its file",
+    "MUSDB18: ROOT/{train,test}/<track>.stem.mp4",
+    "one multichannel WAV per track (the authors' format): ROOT/[split/]<track>.wav, channel i "
+    "named by --channels NAME0,NAME1,...",
+    "MoisesDB: ROOT/<provider>/<track>/<stem>/<file>.wav with <track>/data.json, the files of "
+    "one stem folder summed",
+    "Slakh2100: ROOT/{train,validation,test}/<track>/stems/SNN.flac with <track>/metadata.yaml, "
+    "stems grouped by instrument class (--groups)",
+)
+# Slakh2100 renders MIDI instruments, no vocals: by default its classes go to the MUSDB18 groups it
+# has, so that a Slakh model and a MUSDB18 model share instrument names ("*": every other class).
+SLAKH_GROUPS = {"bass": ["Bass"], "drums": ["Drums"], "other": ["*"]}
 
-    Layouts: MUSDB18-HQ (ROOT/{train,test}/<track>/<stem>.wav, or FLAC), MUSDB18
-    (ROOT/{train,test}/<track>.stem.mp4), and any folder of multitracks (one sub-folder per track,
-    one audio file per stem, the stem named after the file). Without train/ and test/ folders,
-    ROOT itself holds the tracks. split "all": the tracks of train/, then those of test/.
+
+def parse_groups(text: str) -> dict[str, list[str]]:
+    """--groups "bass=Bass;keys=Piano,Organ;other=*" -> {instrument: [class or stem name, ...]}."""
+    groups = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        name, sep, members = part.partition("=")
+        if not sep or not name.strip() or not members.strip():
+            raise StemJEPAError(f"--groups {text!r}: expected NAME=CLASS,CLASS;NAME=... "
+                                f"(e.g. bass=Bass;drums=Drums;other=*), not {part!r}")
+        groups[name.strip()] = [m.strip() for m in members.split(",") if m.strip()]
+    return groups
+
+
+def group_of(member: str, groups: dict[str, list[str]]) -> str | None:
+    """The instrument a Slakh class (or a MoisesDB stem) belongs to: the group naming it, else the
+    group holding "*", else None (left out). Case-insensitive."""
+    for name, members in groups.items():
+        if member.lower() in (m.lower() for m in members):
+            return name
+    return next((name for name, members in groups.items() if "*" in members), None)
+
+
+def _yaml_scalar(text: str):
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("null", "~"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_yaml_mapping(text: str, source="YAML") -> dict:
+    """The YAML subset of Slakh2100's metadata.yaml (no dependency): mappings nested by
+    indentation, scalar values (strings, quoted or not, numbers, true/false, null), comments."""
+    root: dict = {}
+    stack = [(-1, root)]                                    # (indent, mapping) of the open blocks
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw if raw.lstrip().startswith(("'", '"')) else raw.split(" #")[0]
+        if not line.strip() or line.lstrip().startswith("#") or line.strip() in ("---", "..."):
+            continue
+        indent = len(line) - len(line.lstrip(" "))
+        key, sep, value = line.strip().partition(":")
+        if not sep or line.strip().startswith("- "):
+            raise StemJEPAError(f"{source}, line {number}: {raw.strip()!r} is beyond the YAML this "
+                                "file reads (mappings of scalars)")
+        while indent <= stack[-1][0]:
+            stack.pop()
+        parent, key = stack[-1][1], key.strip().strip("'\"")
+        if value.strip():
+            parent[key] = _yaml_scalar(value.strip())
+        else:
+            parent[key] = {}
+            stack.append((indent, parent[key]))
+    return root
+
+
+def _slakh_track(folder: Path, groups: dict) -> dict[str, list[tuple]]:
+    """{instrument: [source, ...]} of a Slakh2100 track: each rendered SNN.flac (or .wav) of
+    stems/, in the group of its metadata's inst_class ("Drums" when is_drum)."""
+    path = folder / "metadata.yaml"
+    meta = parse_yaml_mapping(path.read_text(), source=str(path))
+    stems = {}
+    for sid, info in sorted((meta.get("stems") or {}).items()):
+        files = [f for e in (".flac", ".wav") if (f := folder / "stems" / f"{sid}{e}").is_file()]
+        if not files or not isinstance(info, dict):
+            continue                            # audio_rendered: false, or a stem without a file
+        group = group_of("Drums" if info.get("is_drum") else str(info.get("inst_class")), groups)
+        if group is not None:
+            stems.setdefault(group, []).append((str(files[0]), None, None))
+    return stems
+
+
+def _moisesdb_track(folder: Path, groups: dict | None) -> dict[str, list[tuple]]:
+    """{instrument: [source, ...]} of a MoisesDB track: one folder per stem, its files summed; with
+    `groups`, stem folders grouped under new names (e.g. bass=bass;drums=drums,percussion;...)."""
+    stems = {}
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = [f for f in sorted(sub.iterdir()) if f.suffix.lower() in AUDIO_EXTENSIONS]
+        name = group_of(sub.name, groups) if groups else sub.name.lower()
+        if files and name is not None and name not in MIX_NAMES:
+            stems.setdefault(name, []).extend((str(f), None, None) for f in files)
+    return stems
+
+
+def _multichannel_track(file: Path, channels: list[str]) -> dict[str, list[tuple]]:
+    """{instrument: [source]} of one multichannel file: channel i is the stem channels[i] (the
+    authors' format); channels named mix or mixture are left out."""
+    try:
+        n = sf.info(str(file)).channels
+    except Exception:
+        n = len(channels)                       # unreadable: reported when it is decoded
+    if n != len(channels):
+        raise StemJEPAError(f"{file} has {n} channels and --channels names {len(channels)} "
+                            f"({','.join(channels)}): give one name per channel")
+    return {c: [(str(file), None, i)] for i, c in enumerate(channels) if c not in MIX_NAMES}
+
+
+def find_tracks(root, split: str = "train", *, channels=None,
+                groups=None) -> list[tuple[str, dict[str, list[tuple]]]]:
+    """Tracks of a dataset folder as (name, {stem: [source, ...]}), sorted by name. A source is
+    (file, .stem.mp4 stream or None, channel or None: all channels averaged); a stem is the sum
+    of its sources. Without split folders (train/, test/, ...), ROOT itself holds the tracks; split "all": the
+    tracks of train/, then those of test/.
+
+    Layouts (LAYOUTS), told apart entry by entry: <track>.stem.mp4 (MUSDB18); an audio file
+    directly in the folder (one multichannel file per track, needs `channels`); a folder with
+    metadata.yaml and stems/ (Slakh2100, grouped by `groups`, default SLAKH_GROUPS); a folder with
+    data.json (a MoisesDB track), or of such folders (a MoisesDB provider); any other folder with
+    audio files (MUSDB18-HQ, or your own: one file per stem, named after the file).
     """
     root = Path(root)
     if not root.is_dir():
@@ -545,34 +726,63 @@ def find_tracks(root, split: str = "train") -> list[tuple[str, dict[str, tuple[s
         return [t for s in ("train", "test") if (root / s).is_dir() for t in find_tracks(root, s)]
     base = root / split
     if not base.is_dir():
-        if any((root / s).is_dir() for s in ("train", "test")):
+        if any((root / s).is_dir() for s in ("train", "test", "validation")):
             raise StemJEPAError(f"{root} has no {split}/ folder")
         base = root
-    tracks = []
-    for entry in sorted(base.iterdir()):
-        if entry.name.startswith("."):
-            continue
+    tracks, loose, empty = [], [], []
+    for entry in sorted(p for p in base.iterdir() if not p.name.startswith(".")):
         if entry.name.endswith(".stem.mp4"):
-            tracks.append((entry.name[: -len(".stem.mp4")],
-                           {stem: (str(entry), stream) for stem, stream in MUSDB_STREAMS.items()}))
+            stems = {stem: [(str(entry), stream, None)] for stem, stream in MUSDB_STREAMS.items()}
+            tracks.append((entry.name[: -len(".stem.mp4")], stems))
+        elif entry.is_file() and entry.suffix.lower() in AUDIO_EXTENSIONS:
+            if channels:
+                tracks.append((entry.stem, _multichannel_track(entry, channels)))
+            else:
+                loose.append(entry.name)
+        elif entry.is_dir() and (entry / "metadata.yaml").is_file() and (entry / "stems").is_dir():
+            tracks.append((entry.name, _slakh_track(entry, groups or SLAKH_GROUPS)))
+        elif entry.is_dir() and (entry / "data.json").is_file():
+            tracks.append((entry.name, _moisesdb_track(entry, groups)))
+        elif entry.is_dir() and any((t / "data.json").is_file() for t in entry.iterdir()):
+            tracks += [(t.name, _moisesdb_track(t, groups)) for t in sorted(entry.iterdir())
+                       if (t / "data.json").is_file()]
         elif entry.is_dir():
-            stems = {f.stem.lower(): (str(f), None) for f in sorted(entry.iterdir())
+            stems = {f.stem.lower(): [(str(f), None, None)] for f in sorted(entry.iterdir())
                      if f.suffix.lower() in AUDIO_EXTENSIONS and f.stem.lower() not in MIX_NAMES}
             if stems:
                 tracks.append((entry.name, stems))
+            else:
+                empty.append(entry.name + "/")
+    tracks = [t for t in tracks if t[1]]
+    if loose and not tracks:
+        raise StemJEPAError(f"{base} holds {len(loose)} audio files ({', '.join(loose[:3])}"
+                            f"{', ...' if len(loose) > 3 else ''}) and no track folders: "
+                            "if each is one track with one stem per channel, name the channels "
+                            "with --channels NAME0,NAME1,... (e.g. bass,drums,other,vocals)")
     if not tracks:
-        what = "is empty" if not any(base.iterdir()) else "holds no tracks"
-        raise StemJEPAError(f"{base} {what}: expected one sub-folder of stem audio files per track "
-                            f"({', '.join(AUDIO_EXTENSIONS)}) or MUSDB18 .stem.mp4 files")
+        if not any(base.iterdir()):
+            found = "is empty"
+        else:
+            others = [p.name for p in sorted(base.iterdir())
+                      if not p.name.startswith(".") and p.name + "/" not in empty]
+            found = ("holds no tracks; found " + "; ".join(
+                f"{len(names)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+                for what, names in (("folders without audio files", empty), ("other files", others))
+                if names))
+        raise StemJEPAError(f"{base} {found}. Layouts read "
+                            f"(audio: {', '.join(AUDIO_EXTENSIONS)}):\n"
+                            + "\n".join(f"  {layout}" for layout in LAYOUTS))
     return tracks
 
 
-def load_audio(path, sample_rate: int, stream: int | None = None) -> np.ndarray:
+def load_audio(path, sample_rate: int, stream: int | None = None,
+               channel: int | None = None) -> np.ndarray:
     """A file (or one stream of a .stem.mp4) as mono float32 at sample_rate: the channel mean
-    (L + R) / 2, resampled with torchaudio. A .stem.mp4 stream is decoded by ffmpeg to a float WAV
-    at its own rate and channels and then goes the same way, so both MUSDB18 layouts of a song
-    give the same array (ffmpeg's `-ac 1` would sum to 0.707 (L + R), 3 dB louder, and its
-    resampler differs). Raises StemJEPAError naming the file when it cannot be decoded."""
+    (L + R) / 2, or the one `channel`, resampled with torchaudio. A .stem.mp4 stream is decoded by
+    ffmpeg to a float WAV at its own rate and channels and then goes the same way, so both MUSDB18
+    layouts of a song give the same array (ffmpeg's `-ac 1` would sum to 0.707 (L + R), 3 dB
+    louder, and its resampler differs). Raises StemJEPAError naming the file when it cannot be
+    decoded."""
     source = path
     if stream is not None:
         if shutil.which("ffmpeg") is None:
@@ -597,18 +807,31 @@ def load_audio(path, sample_rate: int, stream: int | None = None) -> np.ndarray:
         raise StemJEPAError(f"{path}: no audio samples")
     if not np.isfinite(x).all():
         raise StemJEPAError(f"{path}: contains NaN or infinite samples")
-    x = x.mean(axis=1)
+    if channel is not None and channel >= x.shape[1]:
+        raise StemJEPAError(f"{path}: has {x.shape[1]} channels, no channel {channel}")
+    x = x.mean(axis=1) if channel is None else np.ascontiguousarray(x[:, channel])
     if sr != sample_rate:
         x = torchaudio.functional.resample(torch.from_numpy(x), sr, sample_rate).numpy()
     return x
 
 
+def load_stem(sources: list[tuple], sample_rate: int) -> np.ndarray:
+    """A stem from its sources (file, stream, channel) (see find_tracks): their sum, the shorter
+    ones zero-padded at the end (the files of a MoisesDB stem folder, a Slakh group)."""
+    parts = [load_audio(path, sample_rate, stream, channel) for path, stream, channel in sources]
+    out = np.zeros(max(len(x) for x in parts), dtype=np.float32)
+    for x in parts:
+        out[: len(x)] += x
+    return out
+
+
 def _signature(stems: dict, sample_rate: int, threshold: float) -> str:
     """Changes when a source file, the sample rate, the silence threshold or the cache format changes."""
     h = hashlib.sha1(f"{VERSION} {CACHE_FORMAT} {sample_rate} {threshold}".encode())
-    for stem, (path, stream) in sorted(stems.items()):
-        st = os.stat(path)
-        h.update(f"{stem} {path} {stream} {st.st_size} {st.st_mtime_ns}".encode())
+    for stem, sources in sorted(stems.items()):
+        for path, stream, channel in sources:
+            st = os.stat(path)
+            h.update(f"{stem} {path} {stream} {channel} {st.st_size} {st.st_mtime_ns}".encode())
     return h.hexdigest()
 
 
@@ -628,9 +851,9 @@ def _prepare_track(name, stems, *, sample_rate, chunk, threshold) -> dict:
     """Decode one track: its metadata, the problems found as (kind, text) notes, and (unless it is
     excluded) its (S, N) float32 stems."""
     notes, audio = [], {}
-    for stem, (path, stream) in stems.items():
+    for stem, sources in stems.items():
         try:
-            audio[stem] = load_audio(path, sample_rate, stream)
+            audio[stem] = load_stem(sources, sample_rate)
         except StemJEPAError as e:
             notes.append(("unreadable files (skipped)", str(e)))
     meta = {"name": name, "stems": [], "length": 0, "notes": notes}
@@ -695,7 +918,7 @@ def _has_two_active(x: np.ndarray, chunk: int, threshold: float, block: int = 16
 
 
 def prepare(root, split: str = "train", *, cache=None, sample_rate=16000, chunk_seconds=8.0,
-            threshold=0.1, training=True, log=print) -> list[dict]:
+            threshold=0.1, training=True, layout=None, log=print) -> list[dict]:
     """Decode every track once into a cache of 16 kHz mono stems, one .npy per track (float16,
     memory-mapped at training time, so a chunk costs only its own bytes). Reused while the source
     files are unchanged. One track is in memory at a time. Problems are collected and reported
@@ -707,13 +930,14 @@ def prepare(root, split: str = "train", *, cache=None, sample_rate=16000, chunk_
     test/ together (the paper's retrieval ranks among all 150 MUSDB18 tracks).
 
     Returns one dict per usable track: name, stems (sorted), length (samples), npy (path).
+    layout: find_tracks's options (channels, groups) for the layouts that need them.
     """
     if split == "all" and any((Path(root) / s).is_dir() for s in ("train", "test")):
         return [t for s in ("train", "test") if (Path(root) / s).is_dir()
                 for t in prepare(root, s, cache=cache, sample_rate=sample_rate,
                                  chunk_seconds=chunk_seconds, threshold=threshold,
-                                 training=training, log=log)]
-    tracks = find_tracks(root, split)
+                                 training=training, layout=layout, log=log)]
+    tracks = find_tracks(root, split, **(layout or {}))
     cache = Path(cache) if cache else Path(root) / ".stem_jepa_cache"
     folder = cache / f"{sample_rate}hz" / split
     try:
@@ -966,11 +1190,35 @@ def pick_device(name: str | None = None) -> torch.device:
     return torch.device(name)
 
 
-def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA for training; nothing elsewhere. The paper's text names no precision;
-    fp16 autocast is the authors' code's configuration, and bf16 (where supported) needs no loss
-    scaling."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def pick_precision(name: str, device: torch.device) -> str:
+    """The training precision: --precision auto picks bf16 on a CUDA GPU that has it natively
+    (Ampere and later), else fp16 with a GradScaler (the authors' code's choice; T4, V100); fp32 off CUDA.
+    including_emulation=False: older GPUs emulate bf16, slowly."""
+    if name not in PRECISIONS:
+        raise StemJEPAError(f"--precision {name}: choose one of {', '.join(PRECISIONS)}")
+    if device.type != "cuda":
+        if name in ("bf16", "fp16"):
+            raise StemJEPAError(f"--precision {name} is for CUDA GPUs; on {device.type} training "
+                                "runs in fp32 (--precision auto or fp32)")
+        return "fp32"
+    native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    if name == "bf16" and not native_bf16:
+        raise StemJEPAError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no native "
+                            "bf16; use --precision fp16 (or auto)")
+    if name == "auto":
+        return "bf16" if native_bf16 else "fp16"
+    return name
+
+
+def autocast_for(device: torch.device, precision: str = "bf16"):
+    """Autocast in the training precision on CUDA (bf16, or fp16 with a GradScaler); nothing for
+    fp32 or elsewhere. Evaluation (embed_long) runs in fp32."""
+    if device.type != "cuda" or precision == "fp32":
+        return nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 @contextmanager
@@ -1114,6 +1362,89 @@ def check_resume(ckpt: dict, cfg: Config, data_id: str, force: bool) -> None:
         raise StemJEPAError(f"cannot resume: {text}; pass --force to continue with these changes")
 
 
+# Config fields that fix the shapes of the weights: --init-from needs the checkpoint's values.
+ARCHITECTURE = ("sample_rate", "n_fft", "hop_length", "n_mels", "f_min", "f_max", "patch_size",
+                "dim", "depth", "heads", "mlp_ratio", "predictor", "pred_hidden", "pred_layers",
+                "pred_tf_dim", "pred_tf_depth", "pred_tf_heads")
+
+
+def init_from_checkpoint(model: StemJEPA, ckpt: dict) -> list[str]:
+    """Copy a checkpoint's encoder, target encoder and predictor into a freshly built model, for a
+    new run (fine-tuning, continued pre-training on other data). The instrument embedding is
+    copied row by row by name; instruments the checkpoint does not know keep their fresh rows.
+    Positions are fixed sin-cos buffers, so the chunk length may differ. Returns the new names."""
+    diffs = [f"{k}: {ckpt['config'].get(k)} -> {getattr(model.config, k)}" for k in ARCHITECTURE
+             if ckpt["config"].get(k) != getattr(model.config, k)]
+    if diffs:
+        raise StemJEPAError(f"cannot --init-from a checkpoint of another architecture "
+                            f"({', '.join(diffs)}); pass the checkpoint's preset and options")
+    state = model.state_dict()
+    for name, value in ckpt["model"].items():
+        if name.endswith("instrument.weight"):
+            for row, instrument in enumerate(ckpt["instruments"]):
+                if instrument in model.instruments:
+                    state[name][model.instruments.index(instrument)] = value[row]
+        else:
+            state[name] = value
+    model.load_state_dict(state)
+    return [s for s in model.instruments if s not in ckpt["instruments"]]
+
+
+class RunLock:
+    """OUT/train.lock while a training writes into OUT: a second live training into the same folder
+    is refused, naming the holder's pid. The lock goes on exit (also after an error or Ctrl-C);
+    after a kill -9 it stays, and is recognised as stale because its process is gone."""
+
+    def __init__(self, folder: Path, log=print):
+        self.path, self.log, self.held = Path(folder) / "train.lock", log, False
+
+    def holder(self) -> int | None:
+        """The pid of the live process holding the lock, or None (no lock, or a stale one)."""
+        try:
+            pid_text, _, host = self.path.read_text().partition(" ")
+            pid = int(pid_text)
+        except (OSError, ValueError):
+            return None                         # no lock, or one being written: acquire decides
+        if host.strip() != os.uname().nodename:
+            return pid                          # another machine (shared disk): assume it is alive
+        try:
+            os.kill(pid, 0)                     # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            return pid                          # exists, owned by another user
+        return pid
+
+    def check(self) -> None:
+        pid = self.holder()
+        if pid is not None and pid != os.getpid():
+            raise StemJEPAError(f"{self.path.parent} is in use by another training (pid {pid}): "
+                                f"wait for it, stop it, or choose another --out (if no training "
+                                f"runs there, delete {self.path})")
+
+    def __enter__(self):
+        self.check()
+        if self.path.exists():
+            self.log(f"removing the stale lock {self.path} ({self.path.read_text().strip()}: "
+                     "that process is gone)")
+            self.path.unlink(missing_ok=True)
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)   # atomic: one winner
+        except FileExistsError:
+            self.check()
+            raise StemJEPAError(f"{self.path} appeared while starting: another training is "
+                                "starting in the same folder") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} {os.uname().nodename}\n")
+        self.held = True
+        return self
+
+    def __exit__(self, *exc):
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
 class GracefulStop:
     """Ctrl-C or SIGTERM sets .reason; the loop then saves and exits. A second Ctrl-C exits at once."""
 
@@ -1141,14 +1472,17 @@ def _ignore_sigint(_worker_id):
 
 
 def training_step(model: StemJEPA, optimizer, context, target, instrument, *, lr: float, tau: float,
-                  grad_clip: float = 3.0, grad_accum: int = 1, loss_fn=None) -> tuple[torch.Tensor, bool]:
+                  grad_clip: float = 3.0, grad_accum: int = 1, loss_fn=None,
+                  precision: str = "bf16", scaler=None) -> tuple[torch.Tensor, bool]:
     """One step of 3.3: forward context and target, predict, loss (Eq. 1), backward, clip the
     gradient norm, AdamW step, then the EMA update of the target encoder (Eq. 2).
 
     loss_fn is the model or its DDP / compiled wrapper. The batch is split into grad_accum
     micro-batches whose gradients add up (DDP synchronises only the last). Returns the loss (a
     tensor: reading it would wait for the device) and whether the step was applied: a non-finite
-    gradient norm skips the update entirely.
+    gradient norm skips the update entirely. With a GradScaler (fp16), the loss is scaled before
+    backward and the gradients unscaled before clipping; an overflow skips the step and lowers
+    the scale.
     """
     loss_fn = model if loss_fn is None else loss_fn
     for group in optimizer.param_groups:
@@ -1157,15 +1491,19 @@ def training_step(model: StemJEPA, optimizer, context, target, instrument, *, lr
     for i in range(grad_accum):
         part = slice(i * micro, (i + 1) * micro)
         sync = loss_fn.no_sync() if hasattr(loss_fn, "no_sync") and i < grad_accum - 1 else nullcontext()
-        with sync, autocast_for(context.device):
+        with sync, autocast_for(context.device, precision):
             loss = loss_fn(context[part], target[part], instrument[part]) / grad_accum
-        loss.backward()
+        (loss if scaler is None else scaler.scale(loss)).backward()
         total = total + loss.detach()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     trainable = [p for p in model.parameters() if p.requires_grad]
     grad_norm = nn.utils.clip_grad_norm_(trainable, grad_clip, foreach=True)
     applied = bool(torch.isfinite(grad_norm))       # one host sync per step: the price of skipping bad steps
     if applied:
         optimizer.step()
+    if scaler is not None:
+        scaler.update()                             # halves the scale after an overflow
     optimizer.zero_grad(set_to_none=True)
     if applied:
         ema_update(list(model.target_encoder.parameters()), list(model.encoder.parameters()), tau)
@@ -1173,9 +1511,14 @@ def training_step(model: StemJEPA, optimizer, context, target, instrument, *, lr
 
 
 def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, force=False, device=None,
-          compile=False, workers=None, stop_at=None, log=print) -> StemJEPA:
+          compile=False, workers=None, stop_at=None, init_from=None, precision="auto", layout=None,
+          log=print) -> StemJEPA:
     """Train Stem-JEPA on the `train` split of `data` (3.3). Writes OUT/checkpoint.pt and OUT/log.csv
     and returns the model. stop_at: save and return at this step (continue later with resume=True).
+    init_from: start a new run (fresh optimizer, schedules from step 0) from a checkpoint's weights
+    (`init_from_checkpoint`); resume=True with a checkpoint in OUT takes precedence. precision:
+    `pick_precision`. layout: find_tracks's options. OUT/train.lock (`RunLock`) keeps a second
+    live run out of OUT.
 
     Under torchrun, each process takes batch_size / world_size samples per step and
     DistributedDataParallel averages the gradients; nothing else changes.
@@ -1193,10 +1536,17 @@ def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, 
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise StemJEPAError(f"--out {out} is a file: give a folder for the run "
+                            "(it holds checkpoint.pt and log.csv)")
     is_main = rank == 0
     log = log if is_main else (lambda *a, **k: None)
+    lock = RunLock(out, log=log) if is_main else nullcontext()
+    if is_main:
+        lock.check()                            # before decoding the data; taken by the loop
+    precision = pick_precision(precision, device)
     prep = dict(cache=cache, sample_rate=cfg.sample_rate, chunk_seconds=cfg.chunk_seconds,
-                threshold=cfg.active_threshold)
+                threshold=cfg.active_threshold, layout=layout)
     if is_main:
         tracks = prepare(data, "train", log=log, **prep)                # rank 0 decodes; the others wait
     if distributed:
@@ -1211,6 +1561,9 @@ def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, 
     groups = param_groups(model, cfg.weight_decay, decay_all=cfg.weight_decay_all)
     optimizer = torch.optim.AdamW(groups, lr=0.0, betas=(cfg.beta1, cfg.beta2),
                                   fused=device.type in ("cuda", "cpu"))
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None  # fp16: loss scaling
+    if device.type == "cuda":
+        log(f"precision {precision}" + (" with a gradient scaler" if scaler is not None else ""))
     start, skipped, window = 0, 0, (0.0, 0)   # window: loss sum and count since the last log line
     ckpt_path = out / "checkpoint.pt"
     if resume and (ckpt_path.exists() or ckpt_path.with_name("checkpoint.prev.pt").exists()):
@@ -1222,7 +1575,13 @@ def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, 
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start, skipped, window = ckpt["step"], ckpt.get("skipped", 0), ckpt.get("log_window", window)
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
         log(f"resuming {ckpt_path} at step {start}")
+    elif init_from:
+        new = init_from_checkpoint(model, load_checkpoint(init_from, map_location=device))
+        log(f"initialised from {init_from} (encoder, target encoder, predictor); a new run from "
+            "step 0" + (f"; new instrument embeddings for {', '.join(new)}" if new else ""))
     elif resume:
         log(f"no checkpoint in {out}: starting from scratch")
     if is_main:
@@ -1251,7 +1610,8 @@ def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, 
             save_checkpoint(ckpt_path, {
                 "version": VERSION, "config": dataclasses.asdict(cfg), "instruments": instruments,
                 "step": step, "skipped": skipped, "data": data_id, "log_window": (loss_sum.item(), n_applied),
-                "model": model.state_dict(), "optimizer": optimizer.state_dict()})
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None})
 
     log_file = out / "log.csv"
     if is_main and not log_file.exists():
@@ -1262,7 +1622,7 @@ def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, 
     loss_sum, n_applied = torch.tensor(float(window[0]), device=device), int(window[1])
     n_sum, bad_in_a_row = 0, 0
     t_last, step = time.time(), start
-    with GracefulStop() as stop:
+    with GracefulStop() as stop, lock:
         batches = iter(loader)
         while step < min(cfg.steps, stop_at or cfg.steps) and stop.reason is None:
             try:
@@ -1276,7 +1636,8 @@ def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, 
                        min_ratio=cfg.min_lr_ratio)
             tau = tau_at(step, cfg.steps, cfg.tau_start, cfg.tau_end)
             loss, applied = training_step(model, optimizer, context, target, instrument, lr=lr, tau=tau,
-                                          grad_clip=cfg.grad_clip, grad_accum=cfg.grad_accum, loss_fn=loss_fn)
+                                          grad_clip=cfg.grad_clip, grad_accum=cfg.grad_accum, loss_fn=loss_fn,
+                                          precision=precision, scaler=scaler)
             if applied:
                 loss_sum += loss
                 n_applied, bad_in_a_row = n_applied + 1, 0
@@ -1290,7 +1651,7 @@ def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, 
             if step % cfg.log_every == 0 or step == cfg.steps:
                 mean_loss = loss_sum.item() / max(n_applied, 1)
                 speed = n_sum * cfg.batch_size / (time.time() - t_last)
-                with torch.no_grad(), autocast_for(device):
+                with torch.no_grad(), autocast_for(device, precision):
                     z_bar = model.encode(target, target=True)
                     c = collapse_measures(model.predict(context, instrument), z_bar, instrument)
                     spread = embedding_spread(z_bar)
@@ -1329,8 +1690,8 @@ def embed_long(model: StemJEPA, wavs: list[np.ndarray], *, chunk: int, instrumen
     one (F, T, D) tensor per waveform, T covering every frame (the last chunk is zero-padded to a
     whole patch). With `instruments` (one id per waveform), the predictions of the predictor
     conditioned on them, from the context encoder; otherwise the target (or context) encoder's.
-    Full chunks of all waveforms are batched together; last chunks run one by one. In float32
-    (`full_precision`), even on a GPU and inside an autocast region."""
+    Full chunks of all waveforms are batched together, and last chunks of equal length. In
+    float32 (`full_precision`), even on a GPU and inside an autocast region."""
     step = model.frontend.hop_length * model.encoder.patch_size        # samples per time patch (160 ms)
     chunk = max(step, chunk - chunk % step)                             # whole patches: no frame left out
     pieces = []                                                         # (wav index, position, samples)
@@ -1340,8 +1701,10 @@ def embed_long(model: StemJEPA, wavs: list[np.ndarray], *, chunk: int, instrumen
             if len(piece) < chunk:                                      # a whole number of patches, at least one
                 piece = np.pad(piece, (0, max(-len(piece) % step, step - len(piece))))
             pieces.append((w, j, piece))
-    full = [p for p in pieces if len(p[2]) == chunk]
-    groups = [full[i: i + batch] for i in range(0, len(full), batch)] + [[p] for p in pieces if len(p[2]) != chunk]
+    by_length = {}
+    for p in pieces:
+        by_length.setdefault(len(p[2]), []).append(p)
+    groups = [same[i: i + batch] for same in by_length.values() for i in range(0, len(same), batch)]
     out = {}
     with full_precision(torch.device(device)):
         for group in groups:
@@ -1527,7 +1890,7 @@ def _cache_key(*parts) -> str:
 
 
 def evaluate(checkpoint, data, *, split="test", out=None, cache=None, device=None, batch=16,
-             listening=0, seed=0, log=print) -> dict:
+             listening=0, seed=0, layout=None, log=print) -> dict:
     """Table 1 and Fig. 2 for a checkpoint on a dataset split, with the comparison rows (chance,
     random weights, DSP) measured in the same run. Writes OUT/retrieval.json and OUT/fig2.png.
 
@@ -1542,7 +1905,7 @@ def evaluate(checkpoint, data, *, split="test", out=None, cache=None, device=Non
     model = StemJEPA.from_checkpoint(checkpoint)
     cfg = model.config
     tracks = prepare(data, split, cache=cache, sample_rate=cfg.sample_rate, chunk_seconds=cfg.chunk_seconds,
-                     threshold=cfg.active_threshold, training=False, log=log)
+                     threshold=cfg.active_threshold, training=False, layout=layout, log=log)
     out = Path(out or Path(checkpoint).parent / f"eval-{split}")
     out.mkdir(parents=True, exist_ok=True)
     emb_dir = Path(tracks[0]["npy"]).parent.parent / "embeddings"
@@ -1754,38 +2117,84 @@ def best_offset(stem: torch.Tensor, prediction: torch.Tensor, min_overlap: float
     return shifts[int(shift_similarity(stem, prediction, shifts, circular=False).argmax())]
 
 
+def embed_audio_files(model: StemJEPA, files: list[Path], *, keep=pool, device="cpu", batch=16,
+                      group=8, log=print) -> tuple[list[Path], list]:
+    """keep(z) for each file's target-encoder patch embeddings z (F, T, D), for many files.
+    Files of similar length are embedded together (sorted by duration, `group` at a time, so that
+    their chunks share batches); an unreadable file is reported by name and skipped; a progress
+    line with the ETA every 10 s and at the end. Returns the files embedded, in the given order,
+    and keep(z) of each; an error if none could be read."""
+    sr = model.config.sample_rate
+    chunk = int(model.config.chunk_seconds * sr)
+    seconds = {}
+    for f in files:
+        try:
+            seconds[f] = sf.info(str(f)).duration
+        except Exception:                       # unreadable: decoding below will say why
+            seconds[f] = 0.0
+    order = sorted(files, key=lambda f: seconds[f])
+    total, done, t0, t_log = sum(seconds.values()), 0.0, time.time(), time.time()
+    results, skipped = {}, []
+    for i in range(0, len(order), group):
+        loaded = []
+        for f in order[i: i + group]:
+            try:
+                loaded.append((f, load_audio(f, sr)))
+            except StemJEPAError as e:
+                skipped.append(str(e))
+                log(f"skipped {e}")
+        zs = embed_long(model, [x for _, x in loaded], chunk=chunk, batch=batch, device=device)
+        results.update((f, keep(z)) for (f, _), z in zip(loaded, zs))
+        done += sum(seconds[f] for f in order[i: i + group])
+        n, rate = min(i + group, len(order)), done / max(time.time() - t0, 1e-9)
+        if time.time() - t_log > 10 or n == len(order):
+            t_log = time.time()
+            log(f"embedded {n}/{len(order)} files ({len(skipped)} skipped), {rate:.0f} s of audio "
+                f"per s, ETA {(total - done) / max(rate, 1e-9):.0f} s")
+    if not results:
+        raise StemJEPAError(f"none of the {len(files)} audio files could be read: "
+                            + "; ".join(skipped[:3]) + ("; ..." if len(skipped) > 3 else ""))
+    kept = [f for f in files if f in results]
+    return kept, [results[f] for f in kept]
+
+
 @torch.no_grad()
-def retrieve(checkpoint, mix, library, instrument: str, *, top=10, device=None, batch=16, log=print) -> list[dict]:
+def retrieve(checkpoint, mix, library, instrument: str, *, top=10, device=None, batch=16,
+             log=print) -> list[dict]:
     """Rank every audio file of a library by how well it fits `mix` as `instrument`: the predictor's
     pooled output for the mix against each file's pooled target embedding (L2, as in 4.1), and for
-    the best `top` files the offset at which they fit best. Library embeddings are cached beside it."""
+    the best `top` files the offset at which they fit best. Library embeddings are cached beside it;
+    unreadable library files are reported and left out."""
     device = pick_device(device)
     model = StemJEPA.from_checkpoint(checkpoint).to(device)
     cfg = model.config
     if instrument not in model.instruments:
         raise StemJEPAError(f"--instrument {instrument}: the model knows {', '.join(model.instruments)}")
     files = audio_files(library)
-    mix_audio = load_audio(mix, cfg.sample_rate)                        # a bad --mix fails before the library is embedded
+    mix_audio = load_audio(mix, cfg.sample_rate)  # a bad --mix fails before the library is embedded
     chunk = int(cfg.chunk_seconds * cfg.sample_rate)
     st = os.stat(checkpoint)
     key = _cache_key(str(Path(checkpoint).resolve()), st.st_size, st.st_mtime_ns, VERSION,
-                     [(str(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files])
+                     "files+refs", [(str(f), os.stat(f).st_size, os.stat(f).st_mtime_ns)
+                                    for f in files])
     cache = (Path(library) if Path(library).is_dir() else Path(library).parent) / ".stem_jepa_cache"
     cache_file = cache / f"library-{key}.pt"
     if cache_file.exists():
-        refs = torch.load(cache_file, weights_only=True)
+        cached = torch.load(cache_file, weights_only=True)
     else:
         log(f"embedding {len(files)} library files")
-        refs = torch.stack([pool(z) for f in files for z in
-                            embed_long(model, [load_audio(f, cfg.sample_rate)], chunk=chunk, batch=batch, device=device)])
+        kept, refs = embed_audio_files(model, files, device=device, batch=batch, log=log)
+        cached = {"files": [str(f) for f in kept], "refs": torch.stack(refs)}
         cache.mkdir(exist_ok=True)
-        _write_atomic(cache_file, lambda p: torch.save(refs, p))
+        _write_atomic(cache_file, lambda p: torch.save(cached, p))
+    files, refs = [Path(f) for f in cached["files"]], cached["refs"]
     q_seq = embed_long(model, [mix_audio], chunk=chunk,
                        instruments=[model.instruments.index(instrument)], batch=batch, device=device)[0]
     d = torch.cdist(pool(q_seq)[None].double(), refs.double())[0]
     results = []
     for r, i in enumerate(d.argsort()[:top].tolist()):
-        z_seq = embed_long(model, [load_audio(files[i], cfg.sample_rate)], chunk=chunk, batch=batch, device=device)[0]
+        z_seq = embed_long(model, [load_audio(files[i], cfg.sample_rate)], chunk=chunk, batch=batch,
+                           device=device)[0]
         step_s = cfg.hop_length * cfg.patch_size / cfg.sample_rate
         offset = best_offset(frames(z_seq), frames(q_seq))
         results.append({"rank": r + 1, "file": str(files[i]), "distance": round(d[i].item(), 4),
@@ -1794,28 +2203,91 @@ def retrieve(checkpoint, mix, library, instrument: str, *, top=10, device=None, 
 
 
 @torch.no_grad()
-def embed_files(checkpoint, audio, out, *, sequences=False, device=None, batch=16, log=print) -> np.ndarray:
-    """The pooled 3840-d target-encoder embedding of each audio file (4.1's references; the probes
-    of 4.5 use the context encoder) -> OUT (.npy, one row per file) and OUT.txt (the files, in
-    order). With sequences=True also OUT.sequences.npz: per file, one (T, 3840) vector per
-    160 ms."""
+def score(checkpoint, mix, stem, instrument: str, *, device=None, batch=16) -> dict:
+    """StemJEPA.score for two audio files: how well `stem` fits `mix` as `instrument` (retrieval's
+    distance for one pair, and the best offset)."""
+    model = StemJEPA.from_checkpoint(checkpoint).to(pick_device(device))
+    model.instrument_id(instrument)             # an unknown instrument fails before decoding
+    sr = model.config.sample_rate
+    return {"mix": str(mix), "stem": str(stem), "instrument": instrument,
+            **model.score(load_audio(mix, sr), load_audio(stem, sr), instrument, batch=batch)}
+
+
+@torch.no_grad()
+def embed_files(checkpoint, audio, out, *, sequences=False, device=None, batch=16,
+                log=print) -> np.ndarray:
+    """The pooled 3840-d target-encoder embedding of each audio file (4.1's references; the
+    probes of 4.5 use the context encoder) -> OUT (.npy, one row per file) and OUT.txt (the files, in order). With
+    sequences=True also OUT.sequences.npz: per file, one (T, 3840) vector per 160 ms. Unreadable
+    files are reported by name and left out of OUT and OUT.txt."""
     device = pick_device(device)
     model = StemJEPA.from_checkpoint(checkpoint).to(device)
-    cfg = model.config
-    files, chunk, rows, seqs = audio_files(audio), int(cfg.chunk_seconds * cfg.sample_rate), [], {}
-    for k, f in enumerate(files):
-        z = embed_long(model, [load_audio(f, cfg.sample_rate)], chunk=chunk, batch=batch, device=device)[0]
-        rows.append(pool(z).numpy())
-        if sequences:
-            seqs[f"file{k}"] = frames(z).numpy()
+    files = audio_files(audio)
+    kept, embedded = embed_audio_files(model, files, device=device, batch=batch, log=log,
+                                       keep=lambda z: (pool(z).numpy(), frames(z).numpy()))
+    rows = np.stack([row for row, _ in embedded])
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out, np.stack(rows))
-    out.with_suffix(".txt").write_text("".join(f"{f}\n" for f in files))
+    np.save(out, rows)
+    out.with_suffix(".txt").write_text("".join(f"{f}\n" for f in kept))
     if sequences:
-        np.savez(out.with_suffix(".sequences.npz"), **seqs)
-    log(f"wrote {len(files)} embeddings of {rows[0].shape[0]} dims to {out}")
-    return np.stack(rows)
+        np.savez(out.with_suffix(".sequences.npz"),
+                 **{f"file{k}": seq for k, (_, seq) in enumerate(embedded)})
+    skipped = len(files) - len(kept)
+    log(f"wrote {len(kept)} embeddings of {rows.shape[1]} dims to {out}"
+        + (f" ({skipped} unreadable files skipped)" if skipped else ""))
+    return rows
+
+
+# --- The HEAR API (hearbenchmark.com): the convention of audio-embedding benchmarks ----------
+
+class HEARModel(nn.Module):
+    """A trained Stem-JEPA as HEAR expects it: sample_rate, scene_embedding_size (the pooled
+    3840-d vector for ViT-B) and timestamp_embedding_size (one F*D vector per 160 ms column)."""
+
+    def __init__(self, model: StemJEPA):
+        super().__init__()
+        self.model = model.eval()
+        self.sample_rate = model.config.sample_rate
+        size = (model.config.n_mels // model.config.patch_size) * model.config.dim
+        self.scene_embedding_size = self.timestamp_embedding_size = size
+
+
+def load_model(model_file_path: str = "", device=None) -> HEARModel:
+    """HEAR: a checkpoint written by `train` -> the model get_*_embeddings take."""
+    if not model_file_path:
+        raise StemJEPAError("load_model needs the path of a checkpoint written by `train`")
+    return HEARModel(StemJEPA.from_checkpoint(model_file_path)).to(pick_device(device))
+
+
+def _hear_patches(audio: torch.Tensor, model: HEARModel, batch: int) -> list[torch.Tensor]:
+    """Each sound of a HEAR batch (n, N) -> its target-encoder patch embeddings (F, T, D)."""
+    if audio.ndim != 2:
+        raise StemJEPAError(f"HEAR audio is (n_sounds, n_samples); got shape {tuple(audio.shape)}")
+    jepa = model.model
+    chunk = int(jepa.config.chunk_seconds * jepa.config.sample_rate)
+    return embed_long(jepa, list(audio.detach().float().cpu().numpy()), chunk=chunk, batch=batch,
+                      device=next(jepa.parameters()).device)
+
+
+@torch.no_grad()
+def get_timestamp_embeddings(audio: torch.Tensor, model: HEARModel,
+                             batch: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """HEAR: audio (n, N) at model.sample_rate -> embeddings (n, T, F*D), the target encoder's patch
+    columns (`frames`), and timestamps (n, T) in ms, the centre of each 160 ms column. Sounds are
+    embedded independently (chunked as `embed_long` does), so a sound's rows do not depend on the
+    others in the batch."""
+    emb = torch.stack([frames(z) for z in _hear_patches(audio, model, batch)])  # (n, T, F*D)
+    step_ms = 1000 * step_seconds(model.model)
+    ts = ((torch.arange(emb.shape[1]) + 0.5) * step_ms).float().expand(len(emb), -1)  # (n, T)
+    return emb.to(audio.device), ts.contiguous().to(audio.device)
+
+
+@torch.no_grad()
+def get_scene_embeddings(audio: torch.Tensor, model: HEARModel, batch: int = 16) -> torch.Tensor:
+    """HEAR: audio (n, N) -> one vector per sound (n, F*D): `pool` of its target embeddings, the
+    global embedding of 4.5 (average over time, frequency rows concatenated, normalised)."""
+    return torch.stack([pool(z) for z in _hear_patches(audio, model, batch)]).to(audio.device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2116,7 +2588,8 @@ def mix_sources(*, data=None, audio=None, split="test", cache=None, cfg: Config,
     stems of each track of a multitrack dataset (prepared and cached as for training)."""
     if audio:
         return [(f.stem, f.parent, lambda f=f: load_audio(f, cfg.sample_rate)) for f in audio_files(audio)]
-    folders = {name: Path(next(iter(stems.values()))[0]).parent for name, stems in find_tracks(data, split)}
+    folders = {name: Path(next(iter(stems.values()))[0][0]).parent
+               for name, stems in find_tracks(data, split)}
     tracks = prepare(data, split, cache=cache, sample_rate=cfg.sample_rate, chunk_seconds=cfg.chunk_seconds,
                      threshold=cfg.active_threshold, training=False, log=log)
     return [(t["name"], folders[t["name"]], lambda t=t: np.load(t["npy"]).astype(np.float32).sum(0))
@@ -2424,10 +2897,11 @@ def toy_probe_labels(data_dir, out_csv, task: str = "key", *, sample_rate=16000,
     rows = []
     for split in ("train", "test"):
         for name, stems in find_tracks(data_dir, split):
-            audio = [load_audio(path, sample_rate, stream) for path, stream in stems.values()]
+            audio = [load_stem(sources, sample_rate) for sources in stems.values()]
             n = min(len(a) for a in audio)
             sf.write(mixes / f"{name}.wav", np.sum([a[:n] for a in audio], axis=0), sample_rate, subtype="FLOAT")
-            labels = json.loads((Path(stems[next(iter(stems))][0]).parent / "labels.json").read_text())
+            folder = Path(next(iter(stems.values()))[0][0]).parent
+            labels = json.loads((folder / "labels.json").read_text())
             rows.append([f"mixes/{name}.wav", labels["key"] if task == "key" else tempo_class(labels["tempo"]), split])
     splits = hold_out([r[2] for r in rows], 0.1, seed)
     with open(out_csv, "w", newline="") as f:
@@ -2940,6 +3414,18 @@ def _add_train_options(p):
     p.add_argument("--lr", type=float, dest="base_lr", help="the same as --base-lr")
 
 
+def _add_layout_options(p):
+    p.add_argument("--channels", help="one multichannel file per track: the names of its channels, "
+                                      "e.g. bass,drums,other,vocals (mix or mixture: left out)")
+    p.add_argument("--groups", help="Slakh2100 classes (or MoisesDB stems) per instrument, e.g. "
+                                    "'bass=Bass;drums=Drums;other=*' (the default for Slakh2100)")
+
+
+def _layout_from(args) -> dict:
+    return {"channels": [c.strip() for c in args.channels.split(",")] if args.channels else None,
+            "groups": parse_groups(args.groups) if args.groups else None}
+
+
 def _config_from(args) -> Config:
     return make_config(args.preset, **{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
 
@@ -2952,7 +3438,8 @@ def cmd_toy(args):
 def cmd_train(args):
     model = train(_config_from(args), args.data, out=args.out, cache=args.cache, resume=args.resume,
                   force=args.force, device=args.device, compile=args.compile, workers=args.workers,
-                  stop_at=args.stop_at)
+                  stop_at=args.stop_at, init_from=args.init_from, precision=args.precision,
+                  layout=_layout_from(args))
     if model.interrupted:
         sys.exit(128 + signal.Signals[model.interrupted].value)
 
@@ -2972,12 +3459,12 @@ def cmd_demo(args):
 
 def cmd_evaluate(args):
     evaluate(args.checkpoint, args.data, split=args.split, out=args.out, cache=args.cache, device=args.device,
-             batch=args.batch, listening=args.listening, seed=args.seed)
+             batch=args.batch, listening=args.listening, seed=args.seed, layout=_layout_from(args))
 
 
 def cmd_retrieve(args):
     results = retrieve(args.checkpoint, args.mix, args.library, args.instrument, top=args.top, device=args.device,
-                       log=(lambda *a: None) if args.json else print)
+                       batch=args.batch, log=(lambda *a: None) if args.json else print)
     if args.json:
         print(json.dumps(results, indent=1))
         return
@@ -2986,8 +3473,19 @@ def cmd_retrieve(args):
         print(f"{r['rank']:4d}  {r['distance']:8.4f}  {r['offset_s']:7.2f}s  {r['file']}")
 
 
+def cmd_score(args):
+    r = score(args.checkpoint, args.mix, args.stem, args.instrument, device=args.device)
+    if args.json:
+        print(json.dumps(r, indent=1))
+        return
+    print(f"distance {r['distance']:.4f} (0 to 2, lower fits better), "
+          f"similarity {r['similarity']:.4f}; best offset {r['offset_s']:+.2f} s "
+          "(start the stem this long after the start of the mix)")
+
+
 def cmd_embed(args):
-    embed_files(args.checkpoint, args.audio, args.out, sequences=args.sequences, device=args.device)
+    embed_files(args.checkpoint, args.audio, args.out, sequences=args.sequences, device=args.device,
+                batch=args.batch)
 
 
 def cmd_analyze(args):
@@ -3037,7 +3535,12 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
     p.add_argument("--workers", type=int, help="data loader processes (default: half the cores, at most 8)")
     p.add_argument("--stop-at", type=int, help="save and exit at this step (continue later with --resume)")
+    p.add_argument("--init-from", metavar="CKPT", help="a new run starting from this checkpoint's "
+                   "encoders and predictor (fresh optimizer and schedules)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="autocast on CUDA: auto "
+                   "is bf16 where the GPU has it, else fp16 with loss scaling; fp32 off CUDA")
     _add_train_options(p)
+    _add_layout_options(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="stem retrieval (Table 1, Fig. 2) with comparison rows")
@@ -3051,6 +3554,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=16, help="chunks encoded at once")
     p.add_argument("--listening", type=int, default=0, help="also write N listening-test trials (4.2)")
     p.add_argument("--seed", type=int, default=0)
+    _add_layout_options(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("retrieve", help="rank the stems of a library by how well they fit a mix")
@@ -3061,7 +3565,17 @@ def main(argv=None):
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--device")
+    p.add_argument("--batch", type=int, default=16, help="chunks encoded at once")
     p.set_defaults(func=cmd_retrieve)
+
+    p = sub.add_parser("score", help="how well one stem fits one mix as an instrument, and where")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--mix", required=True, help="audio file of the mix")
+    p.add_argument("--stem", required=True, help="audio file of the candidate stem")
+    p.add_argument("--instrument", required=True, help="the stem's instrument (e.g. bass)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("embed", help="3840-d embeddings of audio files, for other uses")
     p.add_argument("--checkpoint", required=True)
@@ -3069,6 +3583,7 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="FILE.npy (one row per file; the files in FILE.txt)")
     p.add_argument("--sequences", action="store_true", help="also FILE.sequences.npz: one vector per 160 ms")
     p.add_argument("--device")
+    p.add_argument("--batch", type=int, default=16, help="chunks encoded at once")
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("analyze", help="stem alignment (4.3, Fig. 4) and musical plausibility (4.4, Fig. 5)")

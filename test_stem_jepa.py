@@ -1,6 +1,7 @@
 """Tests of stem_jepa.py, in the module's order: front-end, encoder, predictor, loss (Eq. 1),
 EMA and schedules (Eq. 2, 3.3), sampler (3.2), data loading and cache (3.4), training, CLI and bad
-input, retrieval (4.1-4.2), analyses (4.3-4.5), the tutorial, and reliability (interruption, resume).
+input, retrieval (4.1-4.2), analyses (4.3-4.5), the tutorial, reliability (interruption, resume),
+and use from other code and data (any length, HEAR, score, --init-from, layouts, precision, locks).
 
 Every test states the property it checks, and checks it against an independent computation,
 an invariant, or a measured effect of training. Everything runs on a CPU in a few minutes:
@@ -10,6 +11,8 @@ the tiny preset, 2 s chunks where the chunk length does not matter, and small to
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import csv
 import dataclasses
 import inspect
@@ -2395,3 +2398,508 @@ def test_soak_500_steps_with_a_corrupt_file(tmp_path):
     assert sum(str(bad) in line for line in lines) == 1
     losses = [float(r["loss"]) for r in csv.DictReader(open(tmp_path / "run" / "log.csv"))]
     assert len(losses) == 10 and all(np.isfinite(losses))
+
+
+# ---------------------------------------------------------------------------------------------
+# Using Stem-JEPA from other code and other data: any length, HEAR, score, --init-from, layouts,
+# batch embedding, precision, colliding runs, licence
+# ---------------------------------------------------------------------------------------------
+
+def mini(**overrides) -> sj.Config:
+    """A minimal model (ViT width 32, 1 block) on the tiny preset's path, 2 s chunks: milliseconds
+    a chunk, for tests where what matters is the plumbing, not what the model learnt."""
+    return sj.make_config("tiny", **{"dim": 32, "depth": 1, "heads": 2, "pred_hidden": 64,
+                                     "pred_layers": 2, "chunk_seconds": 2.0, **overrides})
+
+
+def write_checkpoint(path: Path, cfg: sj.Config, instruments, *, seed=0) -> Path:
+    """A checkpoint as `train` writes it, of a randomly initialised model whose target encoder
+    differs from its context encoder (as after training)."""
+    torch.manual_seed(seed)
+    model = sj.build_model(cfg, list(instruments))
+    with torch.no_grad():
+        for p in model.target_encoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sj.save_checkpoint(path, {"version": sj.VERSION, "config": dataclasses.asdict(cfg), "step": 0,
+                              "instruments": list(instruments), "model": model.state_dict()})
+    return path
+
+
+@pytest.fixture(scope="module")
+def mini_checkpoint(tmp_path_factory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("mini") / "checkpoint.pt", mini(), TOY_STEMS)
+
+
+def noise(seconds: float, seed: int, amp: float = 0.2) -> np.ndarray:
+    return (amp * np.random.default_rng(seed).standard_normal(int(seconds * SR))).astype(np.float32)
+
+
+# --- 1. any length from Python ---------------------------------------------------------------
+
+def readme_python_example() -> str:
+    """The README's Python example: the ```python block that calls encode_long."""
+    blocks = (HERE / "README.md").read_text().split("```python\n")[1:]
+    return next(b.split("```")[0] for b in blocks if "encode_long" in b)
+
+
+def test_readme_python_example_runs_on_a_three_minute_file(tmp_path, monkeypatch):
+    """The README's Python example runs as written, on a 3-minute song.wav (and a mix.wav and
+    bass.wav) beside runs/musdb/checkpoint.pt (here a minimal random-weights model): encode_long
+    gives one column of patches per 160 ms over the whole file (T = ceil(N / 2560)) equal to
+    embed_long's chunk-encode-concatenate; embed is pool of it; predict_long is embed_long with the
+    instrument; embed(mix, "bass") pools predict_long; score's distance is the two vectors'."""
+    cfg = mini()
+    write_checkpoint(tmp_path / "runs" / "musdb" / "checkpoint.pt", cfg, TOY_STEMS)
+    stems, _ = sj.make_toy_song(np.random.default_rng(0), seconds=180.0)
+    sf.write(tmp_path / "song.wav", sum(stems.values()), SR, subtype="FLOAT")
+    sf.write(tmp_path / "mix.wav", stems["drums"] + stems["other"] + stems["vocals"], SR,
+             subtype="FLOAT")
+    sf.write(tmp_path / "bass.wav", stems["bass"], SR, subtype="FLOAT")
+    monkeypatch.chdir(tmp_path)
+    env = {}
+    exec(readme_python_example(), env)
+    model, song, mix = env["model"], env["song"], env["mix"]
+    assert len(song) == 180 * SR
+    chunk = int(cfg.chunk_seconds * SR)
+    assert tuple(env["z"].shape) == (5, math.ceil(len(song) / 2560), 32)
+    torch.testing.assert_close(env["z"], sj.embed_long(model, [song], chunk=chunk)[0])
+    torch.testing.assert_close(env["v"], sj.pool(env["z"]))
+    bass_id = TOY_STEMS.index("bass")
+    q = sj.embed_long(model, [mix], chunk=chunk, instruments=[bass_id])[0]
+    torch.testing.assert_close(env["q"], q)
+    torch.testing.assert_close(env["query"], sj.pool(env["q"]))
+    d = (env["query"] - model.embed(env["bass"])).norm().item()
+    assert model.score(mix, env["bass"], "bass")["distance"] == pytest.approx(d, abs=1e-4)
+
+
+def test_any_length_methods_refuse_a_batch_and_an_unknown_instrument(mini_checkpoint):
+    """encode_long takes one waveform: a (B, N) batch is a StemJEPAError naming the shape; an
+    unknown instrument name is an error listing the known ones."""
+    model = sj.StemJEPA.from_checkpoint(mini_checkpoint)
+    with pytest.raises(sj.StemJEPAError, match=r"\(2, 16000\)"):
+        model.encode_long(np.zeros((2, 16000), np.float32))
+    with pytest.raises(sj.StemJEPAError, match="bass, drums, other, vocals"):
+        model.predict_long(np.zeros(16000, np.float32), "piano")
+
+
+# --- 2. HEAR API -----------------------------------------------------------------------------
+
+def test_hear_api_shapes_timestamps_and_batch_independence(mini_checkpoint, paper_model):
+    """As the HEAR validator checks: load_model gives an nn.Module with integer sample_rate (16000),
+    scene and timestamp embedding sizes F*D (3840 for ViT-B, 160 here); for audio (n, N) float32,
+    timestamp embeddings (n, T, F*D) and timestamps (n, T) in ms are float32, T = ceil(N / 2560),
+    timestamps at the centres of the 160 ms columns (80, 240, ...), the same for every sound;
+    scene embeddings (n, F*D) are the normalised time-average of the timestamp embeddings; a
+    sound's embeddings do not depend on the other sounds of the batch."""
+    assert sj.HEARModel(paper_model).scene_embedding_size == 3840
+    model = sj.load_model(str(mini_checkpoint))
+    assert isinstance(model, nn.Module)
+    assert model.sample_rate == 16000 and isinstance(model.sample_rate, int)
+    assert model.scene_embedding_size == model.timestamp_embedding_size == 5 * 32
+    n_samples = int(2.7 * SR)                                           # a chunk and a part of one
+    audio = torch.from_numpy(np.stack([noise(2.7, seed) for seed in range(3)]))
+    emb, ts = sj.get_timestamp_embeddings(audio, model)
+    T = math.ceil(n_samples / 2560)
+    assert emb.shape == (3, T, 160) and emb.dtype == torch.float32
+    assert ts.shape == (3, T) and ts.dtype == torch.float32
+    for row in ts:
+        assert row.tolist() == pytest.approx([160.0 * t + 80.0 for t in range(T)])
+    scene = sj.get_scene_embeddings(audio, model)
+    assert scene.shape == (3, 160) and scene.dtype == torch.float32
+    for i in range(3):
+        v = emb[i].double().mean(0)
+        v = (v - v.mean()) / torch.sqrt(v.var(unbiased=False) + 1e-5)
+        torch.testing.assert_close(scene[i].double(), v / v.norm(), atol=1e-5, rtol=0)
+        alone, ts_alone = sj.get_timestamp_embeddings(audio[i: i + 1], model)
+        torch.testing.assert_close(alone[0], emb[i], atol=1e-5, rtol=1e-5)
+        assert torch.equal(ts_alone[0], ts[i])
+        torch.testing.assert_close(sj.get_scene_embeddings(audio[i: i + 1], model)[0], scene[i],
+                                   atol=1e-5, rtol=1e-5)
+
+
+# --- 3. compatibility score ------------------------------------------------------------------
+
+def test_score_cli_is_the_retrieval_distance_of_one_pair(mini_checkpoint, tmp_path):
+    """`score --json` for (mix, stem, bass): the distance is the L2 distance between the pooled
+    prediction for the mix and the stem's pooled target embedding, computed here from embed_long
+    and pool; similarity = 1 - d^2 / 2 (the cosine of the two unit vectors); and `retrieve` over a
+    library holding that stem reports the same distance and offset for it."""
+    stems, _ = sj.make_toy_song(np.random.default_rng(1), seconds=7.0)
+    mix, stem = tmp_path / "mix.wav", tmp_path / "library" / "bass.wav"
+    stem.parent.mkdir()
+    sf.write(mix, stems["drums"] + stems["other"] + stems["vocals"], SR, subtype="FLOAT")
+    sf.write(stem, stems["bass"], SR, subtype="FLOAT")
+    r = run_cli("score", "--checkpoint", mini_checkpoint, "--mix", mix, "--stem", stem,
+                "--instrument", "bass", "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout)
+    model = sj.StemJEPA.from_checkpoint(mini_checkpoint)
+    chunk = int(model.config.chunk_seconds * SR)
+    q = sj.pool(sj.embed_long(model, [sj.load_audio(mix, SR)], chunk=chunk, instruments=[0])[0])
+    ref = sj.pool(sj.embed_long(model, [sj.load_audio(stem, SR)], chunk=chunk)[0])
+    d = (q - ref).norm().item()
+    assert got["distance"] == pytest.approx(d, abs=2e-4)
+    assert got["similarity"] == pytest.approx(float(q @ ref), abs=2e-4)
+    (ranked,) = sj.retrieve(mini_checkpoint, mix, stem.parent, "bass", log=lambda *a: None)
+    assert (ranked["distance"], ranked["offset_steps"]) == (got["distance"], got["offset_steps"])
+
+
+def test_score_finds_where_the_stem_fits(mini_checkpoint, monkeypatch):
+    """score's offset is best_offset's: with embeddings that depend on the local audio only, a
+    stem equal to the mix fits at 0 with distance 0; the mix delayed by 3.2 s fits at -20 steps
+    (-3.2 s), the mix without its first 3.2 s at +20 (+3.2 s)."""
+    x = noise(9.0, seed=5)
+    monkeypatch.setattr(sj, "embed_long", local_features)
+    model = sj.StemJEPA.from_checkpoint(mini_checkpoint)
+    same = model.score(x, x, "bass")
+    assert same["distance"] == pytest.approx(0, abs=1e-4) and same["offset_steps"] == 0
+    late = model.score(x, np.r_[np.zeros(51200, np.float32), x], "bass")
+    early = model.score(x, x[51200:], "bass")
+    assert (late["offset_steps"], late["offset_s"]) == (-20, -3.2)
+    assert (early["offset_steps"], early["offset_s"]) == (20, 3.2)
+
+
+# --- 4. --init-from --------------------------------------------------------------------------
+
+def test_init_from_starts_a_new_run_from_the_checkpoints_weights(tmp_path, monkeypatch):
+    """train(init_from=CKPT) on data with instruments bass, drums and piano, from a checkpoint
+    that knows bass, drums, other, vocals: at the first step, the encoder, target encoder and
+    predictor equal the checkpoint's; the rows of bass and drums are the checkpoint's rows of those
+    names; piano's row is the fresh initialisation (the model built from the config's seed), none
+    of the checkpoint's; the optimizer is empty and the lr is the schedule's at step 0. The log
+    names piano as new. Another architecture is refused, naming the difference."""
+    cfg = mini(steps=2, batch_size=2, warmup_steps=5)
+    ckpt_path = write_checkpoint(tmp_path / "source" / "checkpoint.pt", cfg, TOY_STEMS, seed=1)
+    for i in range(2):
+        stems, _ = sj.make_toy_song(np.random.default_rng(i), seconds=4.0)
+        write_track(tmp_path / "data" / f"song{i}",
+                    {"bass": stems["bass"], "drums": stems["drums"], "piano": stems["other"]})
+    seen = []
+    real_step = sj.training_step
+
+    def recording_step(model, optimizer, *args, lr, **kwargs):
+        if not seen:
+            state = {k: v.clone() for k, v in model.state_dict().items()}
+            seen.append((state, len(optimizer.state), lr))
+        return real_step(model, optimizer, *args, lr=lr, **kwargs)
+
+    monkeypatch.setattr(sj, "training_step", recording_step)
+    lines = []
+    sj.train(cfg, tmp_path / "data", out=tmp_path / "run", init_from=ckpt_path, workers=0,
+             log=lambda *a: lines.append(" ".join(map(str, a))))
+    state, optimizer_entries, lr = seen[0]
+    ckpt = sj.load_checkpoint(ckpt_path)
+    emb = "predictor.instrument.weight"
+    assert state.keys() == ckpt["model"].keys()
+    for name, value in ckpt["model"].items():
+        if name != emb:
+            assert torch.equal(state[name], value), name
+    assert torch.equal(state[emb][0], ckpt["model"][emb][TOY_STEMS.index("bass")])
+    assert torch.equal(state[emb][1], ckpt["model"][emb][TOY_STEMS.index("drums")])
+    torch.manual_seed(cfg.seed)
+    fresh = sj.build_model(cfg, ["bass", "drums", "piano"])
+    assert torch.equal(state[emb][2], fresh.state_dict()[emb][2])
+    assert not any(torch.equal(state[emb][2], row) for row in ckpt["model"][emb])
+    assert optimizer_entries == 0
+    peak = cfg.base_lr * cfg.batch_size / 256
+    assert lr == sj.lr_at(0, peak_lr=peak, warmup_steps=5, total_steps=2)
+    assert any("new instrument embeddings for piano" in line for line in lines), lines
+    assert sj.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 2
+    with pytest.raises(sj.StemJEPAError, match="dim: 32 -> 48"):
+        sj.init_from_checkpoint(sj.build_model(mini(dim=48), TOY_STEMS), ckpt)
+
+
+# --- 5. multitrack layouts -------------------------------------------------------------------
+
+def cached_stems(root, **layout) -> dict[str, dict[str, np.ndarray]]:
+    """prepare(root) -> {track: {stem: cached 16 kHz waveform}}."""
+    tracks = sj.prepare(root, "train", chunk_seconds=2.0, layout=layout, log=lambda *a: None)
+    return {t["name"]: dict(zip(t["stems"], np.load(t["npy"]).astype(np.float32))) for t in tracks}
+
+
+def test_authors_multichannel_layout_names_channels_by_option(tmp_path):
+    """One 4-channel WAV per track with --channels bass,drums,mix,vocals: each named channel is the
+    stem of that name (its frequency), the channel named mix is left out. Without --channels, or
+    with a wrong count, a StemJEPAError says what to pass."""
+    freqs = {"bass": 110.0, "drums": 330.0, "mix": 5000.0, "vocals": 1500.0}
+    root = tmp_path / "authors"
+    (root / "train").mkdir(parents=True)
+    channels = np.stack([sine(f, 3.0) for f in freqs.values()], axis=1)     # (N, 4)
+    sf.write(root / "train" / "song.wav", channels, SR)
+    (track,) = cached_stems(root, channels=list(freqs)).items()
+    assert track[0] == "song" and sorted(track[1]) == ["bass", "drums", "vocals"]
+    for stem, x in track[1].items():
+        assert dominant_freq(x) == pytest.approx(freqs[stem], abs=1.0)
+    with pytest.raises(sj.StemJEPAError, match="--channels"):
+        sj.find_tracks(root)
+    with pytest.raises(sj.StemJEPAError, match="4 channels"):
+        sj.find_tracks(root, channels=["bass", "drums"])
+
+
+def test_moisesdb_layout_sums_the_files_of_a_stem_folder(tmp_path):
+    """MoisesDB: <provider>/<track>/<stem>/<file>.wav with data.json; each stem folder is a stem
+    named after it, its files summed (two guitar files -> their sum)."""
+    track = tmp_path / "moisesdb" / "provider" / "0a1b-track"
+    parts = {"bass/b1.wav": sine(110, 3.0), "drums/d1.wav": sine(330, 3.0),
+             "guitar/g1.wav": sine(440, 3.0, amp=0.3), "guitar/g2.wav": sine(660, 3.0, amp=0.3)}
+    for name, x in parts.items():
+        (track / name).parent.mkdir(parents=True, exist_ok=True)
+        sf.write(track / name, x, SR, subtype="FLOAT")
+    (track / "data.json").write_text(json.dumps({"song": "t", "artist": "a", "stems": []}))
+    got = cached_stems(tmp_path / "moisesdb")["0a1b-track"]
+    assert sorted(got) == ["bass", "drums", "guitar"]
+    guitar = parts["guitar/g1.wav"] + parts["guitar/g2.wav"]
+    np.testing.assert_allclose(got["guitar"], guitar, atol=2e-3)
+    np.testing.assert_allclose(got["bass"], parts["bass/b1.wav"], atol=2e-3)
+
+
+SLAKH_METADATA = """UUID: 1a81ae092884234f3264e2f45927f00a
+audio_dir: stems
+normalized: true
+overall_gain: 0.18   # a comment
+stems:
+  S00:
+    audio_rendered: true
+    inst_class: Bass
+    is_drum: false
+    midi_program_name: 'Electric Bass (finger)'
+    program_num: 33
+  S01:
+    inst_class: Drums
+    is_drum: true
+    program_num: 0
+  S02:
+    inst_class: Guitar
+    is_drum: false
+  S03:
+    inst_class: Piano
+    is_drum: false
+  S04:
+    audio_rendered: false
+    inst_class: Strings
+    is_drum: false
+target_peak: -1.0
+"""
+
+
+def test_slakh_layout_groups_stems_by_instrument_class(tmp_path):
+    """Slakh2100: <track>/stems/SNN.flac with metadata.yaml (read without a YAML library). By
+    default Bass -> bass, the drum kit -> drums, every other class -> other (guitar + piano
+    summed); S04 has no audio file and is skipped. With a mapping, the groups it names, and the
+    classes it does not name left out."""
+    track = tmp_path / "slakh" / "train" / "Track00001"
+    (track / "stems").mkdir(parents=True)
+    parts = {"S00": sine(110, 3.0), "S01": sine(330, 3.0), "S02": sine(440, 3.0, amp=0.3),
+             "S03": sine(660, 3.0, amp=0.3)}
+    for sid, x in parts.items():
+        sf.write(track / "stems" / f"{sid}.flac", x, SR, subtype="PCM_24")
+    (track / "metadata.yaml").write_text(SLAKH_METADATA)
+    got = cached_stems(tmp_path / "slakh")["Track00001"]
+    assert sorted(got) == ["bass", "drums", "other"]
+    np.testing.assert_allclose(got["other"], parts["S02"] + parts["S03"], atol=2e-3)
+    np.testing.assert_allclose(got["drums"], parts["S01"], atol=2e-3)
+    mine = sj.find_tracks(tmp_path / "slakh", groups=sj.parse_groups("low=Bass;keys=Piano,Organ"))
+    assert {k: [Path(s[0]).name for s in v] for k, v in mine[0][1].items()} == \
+        {"low": ["S00.flac"], "keys": ["S03.flac"]}
+
+
+def test_unknown_layout_lists_what_was_found_and_the_layouts_read(tmp_path):
+    """A folder of folders without audio and a stray file: the error names what it found and
+    lists every accepted layout."""
+    root = tmp_path / "odd"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "notes.txt").write_text("x")
+    (root / "b").mkdir()
+    (root / "readme.md").write_text("x")
+    with pytest.raises(sj.StemJEPAError) as e:
+        sj.find_tracks(root)
+    message = str(e.value)
+    assert "2 folders without audio files (a/, b/)" in message and "readme.md" in message
+    for layout in ("MUSDB18-HQ", ".stem.mp4", "multichannel", "MoisesDB", "Slakh2100"):
+        assert layout in message, layout
+
+
+# --- 6. batch embedding that survives bad files ----------------------------------------------
+
+def test_embed_cli_skips_unreadable_files_and_reports_progress(mini_checkpoint, tmp_path):
+    """`embed --batch 3` over a folder with a corrupt file and an empty one among good clips: exit
+    0, each bad file named once in the output, a progress line with an ETA; the rows and FILE.txt
+    hold the readable files, in order, each row the file's pooled embedding computed here."""
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    good = [audio / f"clip{i}.wav" for i in range(4)]
+    for i, f in enumerate(good):
+        sf.write(f, noise([1.0, 5.5, 1.2, 3.0][i], seed=i), SR)
+    (audio / "broken.wav").write_bytes(os.urandom(3000))
+    (audio / "empty.flac").write_bytes(b"")
+    out = tmp_path / "emb.npy"
+    r = run_cli("embed", "--checkpoint", mini_checkpoint, "--audio", audio, "--out", out,
+                "--batch", 3)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count(str(audio / "broken.wav")) == 1
+    assert r.stdout.count(str(audio / "empty.flac")) == 1
+    assert "ETA" in r.stdout
+    assert (tmp_path / "emb.txt").read_text().splitlines() == [str(f) for f in good]
+    rows = np.load(out)
+    model = sj.StemJEPA.from_checkpoint(mini_checkpoint)
+    for f, row in zip(good, rows):
+        np.testing.assert_allclose(row, model.embed(sj.load_audio(f, SR)).numpy(), atol=1e-5)
+
+
+def test_files_of_similar_length_are_embedded_together(mini_checkpoint, tmp_path, monkeypatch):
+    """embed_audio_files sorts files by duration and embeds `group` at a time: with durations 1, 9,
+    1.2, 8.5, 4 and 4.2 s and groups of 2, the calls get {1, 1.2}, {4, 4.2}, {8.5, 9} s; results
+    come back in the given order."""
+    seconds = [1.0, 9.0, 1.2, 8.5, 4.0, 4.2]
+    files = []
+    for i, s in enumerate(seconds):
+        files.append(tmp_path / f"f{i}.wav")
+        sf.write(files[-1], noise(s, seed=i), SR)
+    calls, real = [], sj.embed_long
+
+    def recording(model, wavs, **kwargs):
+        calls.append(sorted(len(w) / SR for w in wavs))
+        return real(model, wavs, **kwargs)
+
+    monkeypatch.setattr(sj, "embed_long", recording)
+    model = sj.StemJEPA.from_checkpoint(mini_checkpoint)
+    kept, lengths = sj.embed_audio_files(model, files, keep=lambda z: z.shape[1], group=2,
+                                         log=lambda *a: None)
+    assert calls == [[1.0, 1.2], [4.0, 4.2], [8.5, 9.0]]
+    assert kept == files and lengths == [math.ceil(s * SR / 2560) for s in seconds]
+
+
+def test_retrieve_leaves_out_an_unreadable_library_file(mini_checkpoint, tmp_path):
+    """retrieve over a library with a corrupt file: the file is reported by name, every other file
+    is ranked."""
+    library = tmp_path / "library"
+    library.mkdir()
+    for i in range(3):
+        sf.write(library / f"stem{i}.wav", noise(2.5, seed=i), SR)
+    (library / "bad.wav").write_bytes(os.urandom(2000))
+    mix = tmp_path / "mix.wav"
+    sf.write(mix, noise(4.0, seed=9), SR)
+    lines = []
+    results = sj.retrieve(mini_checkpoint, mix, library, "bass", log=lines.append)
+    assert sorted(Path(r["file"]).name for r in results) == ["stem0.wav", "stem1.wav", "stem2.wav"]
+    assert sum(str(library / "bad.wav") in line for line in lines) == 1
+
+
+# --- 7. precision ----------------------------------------------------------------------------
+
+def test_pick_precision(monkeypatch):
+    """auto: bf16 on a CUDA GPU with native bf16, fp16 on one without (T4, V100), fp32 on a CPU;
+    bf16 or fp16 asked for on a CPU, or bf16 on a GPU without it, is a StemJEPAError."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert sj.pick_precision("auto", cpu) == sj.pick_precision("fp32", cpu) == "fp32"
+    for name in ("bf16", "fp16"):
+        with pytest.raises(sj.StemJEPAError, match="CUDA"):
+            sj.pick_precision(name, cpu)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
+    for native, auto in ((True, "bf16"), (False, "fp16")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation: native)
+        assert sj.pick_precision("auto", cuda) == auto
+        assert sj.pick_precision("fp16", cuda) == "fp16"
+        assert sj.pick_precision("fp32", cuda) == "fp32"
+    with pytest.raises(sj.StemJEPAError, match="Tesla T4 has no native bf16"):
+        sj.pick_precision("bf16", cuda)
+    assert isinstance(sj.autocast_for(cpu, "fp16"), type(contextlib.nullcontext()))
+
+
+def test_grad_scaler_step_equals_the_unscaled_step_and_skips_an_overflow():
+    """training_step with a GradScaler (the fp16 path, run here in fp32 on the CPU): with a scale
+    of 2^10 and clipping active, the weights and the target encoder after the step equal those of
+    the step without a scaler (the gradients are unscaled before clipping). With a scale of 2^127
+    and a loss 10^6 times larger the scaled gradients overflow: the step is skipped (weights and
+    EMA target unchanged) and the scale is halved."""
+    torch.manual_seed(0)
+    base = sj.build_model(mini(), TOY_STEMS)
+    context = torch.from_numpy(np.stack([noise(2.0, s) for s in range(4)]))
+    target = torch.from_numpy(np.stack([noise(2.0, s + 10) for s in range(4)]))
+    instrument = torch.tensor([0, 1, 2, 3])
+
+    def step(scaler, loss_factor=1.0):
+        model = copy.deepcopy(base)
+        opt = torch.optim.AdamW(sj.param_groups(model, 0.05), lr=0.0)
+        _, applied = sj.training_step(model, opt, context, target, instrument, lr=1e-3, tau=0.9,
+                                      grad_clip=0.01, precision="fp32", scaler=scaler,
+                                      loss_fn=lambda *batch: loss_factor * model(*batch))
+        return model, applied
+
+    plain, applied = step(None)
+    assert applied
+    scaled, applied = step(torch.amp.GradScaler("cpu", init_scale=2.0 ** 10))
+    assert applied
+    for (name, a), b in zip(plain.state_dict().items(), scaled.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+    moved = plain.state_dict()["encoder.norm.weight"] - base.state_dict()["encoder.norm.weight"]
+    assert moved.abs().max() > 0
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127)
+    skipped, applied = step(scaler, loss_factor=1e6)
+    assert not applied and scaler.get_scale() == 2.0 ** 126
+    for (name, a), b in zip(base.state_dict().items(), skipped.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+# --- 8. runs that collide --------------------------------------------------------------------
+
+def test_out_naming_a_file_is_a_clear_error(tmp_path):
+    """train --out naming an existing file: exit 2, one error line saying it is a file."""
+    (tmp_path / "notes.txt").write_text("x")
+    r = run_cli("train", "--data", tmp_path, "--out", tmp_path / "notes.txt", "--preset", "tiny")
+    assert_user_error(r, "notes.txt", "is a file")
+
+
+def test_lock_refuses_a_second_live_run_and_is_stale_after_kill_9(tmp_path):
+    """While a training runs into OUT, a second one into OUT is refused (exit 2) naming the first's
+    pid; after kill -9 of the first its lock is left behind, recognised as stale (the process is
+    gone), and --resume continues from the checkpoint; when that run ends the lock is gone."""
+    data = sj.write_toy_dataset(tmp_path / "toy", tracks=3, seconds=6.0)
+    run = tmp_path / "run"
+    mini_run = ["--preset", "tiny", "--batch-size", "2", "--workers", "0", "--ckpt-every", "1",
+                "--log-every", "1", "--steps", "100000"]
+    first = _start("train", "--data", data, "--out", run, *mini_run)
+    try:
+        _wait_for_line(first, "step 2/")
+        assert (run / "train.lock").read_text().split()[0] == str(first.pid)
+        second = _cli("train", "--data", data, "--out", run, *mini_run)
+        assert_user_error(second, f"pid {first.pid}", "in use by another training")
+    finally:
+        first.kill()
+        first.wait()
+    assert (run / "train.lock").exists()
+    step = sj.load_checkpoint(run / "checkpoint.pt")["step"]
+    resumed = _cli("train", "--data", data, "--out", run, *mini_run, "--resume",
+                   "--stop-at", step + 1)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "stale lock" in resumed.stdout and f"resuming {run / 'checkpoint.pt'}" in resumed.stdout
+    assert not (run / "train.lock").exists()
+
+
+def test_lock_is_held_while_training_and_released_after_an_error(tmp_path, monkeypatch):
+    """In-process: OUT/train.lock holds this process's pid during the steps, and is gone after the
+    training raised an exception."""
+    data = sj.write_toy_dataset(tmp_path / "toy", tracks=2, seconds=5.0)
+    held = []
+
+    def failing_step(*args, **kwargs):
+        held.append((tmp_path / "run" / "train.lock").read_text().split()[0])
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(sj, "training_step", failing_step)
+    with pytest.raises(RuntimeError, match="boom"):
+        sj.train(mini(steps=3, batch_size=2), data, out=tmp_path / "run", workers=0,
+                 log=lambda *a: None)
+    assert held == [str(os.getpid())]
+    assert not (tmp_path / "run" / "train.lock").exists()
+
+
+# --- 9. licence ------------------------------------------------------------------------------
+
+def test_licence_is_mit_and_the_readme_says_so():
+    """LICENSE is the MIT licence of the Stem-JEPA reference contributors; the README names it."""
+    text = (HERE / "LICENSE").read_text()
+    assert text.startswith("MIT License") and "the Stem-JEPA reference contributors" in text
+    assert "Permission is hereby granted, free of charge" in text
+    assert "MIT" in (HERE / "README.md").read_text().split("## Licence")[1]
