@@ -77,12 +77,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchaudio
 
+
 VERSION = 1  # checkpoint format
+
+
 CACHE_FORMAT = 2  # decoded-stem cache; 2: quiet stems are kept (the silence filter is training's)
 
 
 class StemJEPAError(Exception):
     """A problem the user can fix (bad data, bad arguments). The CLI prints it without a traceback."""
+
+
+# =============================================================================================
+# PART ONE: the method (3.1-3.3) and its measure (4.1), top to bottom
+# =============================================================================================
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,7 +395,7 @@ def song_contrast_loss(pred: torch.Tensor, target: torch.Tensor, instrument: tor
 
 
 # ---------------------------------------------------------------------------------------------
-# Eq. 2: the target encoder is an exponential moving average of the context encoder
+# Eq. 2: the target encoder is an EMA of the context encoder; 3.3: the schedules
 # ---------------------------------------------------------------------------------------------
 
 def tau_at(step: int, total_steps: int, tau_start: float, tau_end: float) -> float:
@@ -411,6 +419,10 @@ def lr_at(step: int, *, peak_lr: float, warmup_steps: int, total_steps: int, min
     floor = min_ratio * peak_lr
     return floor + 0.5 * (peak_lr - floor) * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
+
+# ---------------------------------------------------------------------------------------------
+# Fig. 1: front-end, context encoder, predictor and target encoder together
+# ---------------------------------------------------------------------------------------------
 
 class StemJEPA(nn.Module):
     """Front-end, context encoder f_theta, predictor g_phi and EMA target encoder f_theta_bar (Fig. 1).
@@ -576,13 +588,668 @@ def draw_example(stems: torch.Tensor, chunk: int, rng: np.random.Generator, *, t
     return context_wav, target_wav, target
 
 
+class StemChunks(torch.utils.data.Dataset):
+    """Item i -> (context (N,), target (N,), instrument id): a pure function of (seed, i), so the
+    data order of a resumed run is the uninterrupted run's, whatever the number of workers."""
+
+    def __init__(self, tracks: list[dict], instruments: list[str], *, chunk: int, threshold: float,
+                 tries: int, seed: int):
+        self.tracks, self.chunk, self.threshold, self.tries, self.seed = tracks, chunk, threshold, tries, seed
+        self.instrument_ids = [[instruments.index(s) for s in t["stems"]] for t in tracks]
+        self._open = {}                                                 # track -> memory map, per process
+
+    def __getitem__(self, index: int):
+        rng = np.random.default_rng([self.seed, index])
+        t = int(rng.integers(len(self.tracks)))
+        if t not in self._open:                 # copy-on-write map: writable for torch, never written
+            self._open[t] = torch.from_numpy(np.load(self.tracks[t]["npy"], mmap_mode="c"))
+        context, target, stem = draw_example(self._open[t], self.chunk, rng, threshold=self.threshold,
+                                             tries=self.tries)
+        return context, target, self.instrument_ids[t][stem]
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """The dataset indices of each step's batch for this process: step s, rank r takes
+    [s * B * world + r * B, ... + B). Starting at `start` resumes the same sequence."""
+
+    def __init__(self, *, start: int, steps: int, batch: int, rank: int = 0, world: int = 1):
+        self.start, self.steps, self.batch, self.rank, self.world = start, steps, batch, rank, world
+
+    def __iter__(self):
+        for s in range(self.start, self.steps):
+            first = (s * self.world + self.rank) * self.batch
+            yield list(range(first, first + self.batch))
+
+    def __len__(self):
+        return max(self.steps - self.start, 0)
+
+
 # ---------------------------------------------------------------------------------------------
-# 3.4 Training data: multitrack folders -> a cache of 16 kHz stems -> random chunks
+# 3.3 Training: the step and the loop
+# ---------------------------------------------------------------------------------------------
+
+def param_groups(model: nn.Module, weight_decay: float, *, decay_all: bool = True) -> list[dict]:
+    """AdamW's parameter groups. decay_all: weight decay on every trainable parameter, as the
+    authors' code (the paper's "all other hyperparameters" of M2D leave this open); otherwise M2D's
+    grouping, decay on weight matrices only, not on biases, norms or embeddings. The optimizer is
+    built with fused=True: one kernel over all parameters instead of ~10 passes (on a CPU, 60 ms
+    instead of 400 ms per ViT-B step)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            exempt = not decay_all and (p.ndim < 2 or "instrument" in name)
+            (no_decay if exempt else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def training_step(model: StemJEPA, optimizer, context, target, instrument, *, lr: float, tau: float,
+                  grad_clip: float = 3.0, grad_accum: int = 1, loss_fn=None,
+                  precision: str = "bf16", scaler=None) -> tuple[torch.Tensor, bool]:
+    """One step of 3.3: forward context and target, predict, loss (Eq. 1), backward, clip the
+    gradient norm, AdamW step, then the EMA update of the target encoder (Eq. 2).
+
+    loss_fn is the model or its DDP / compiled wrapper. The batch is split into grad_accum
+    micro-batches whose gradients add up (DDP synchronises only the last). Returns the loss (a
+    tensor: reading it would wait for the device) and whether the step was applied: a non-finite
+    gradient norm skips the update entirely. With a GradScaler (fp16), the loss is scaled before
+    backward and the gradients unscaled before clipping; an overflow skips the step and lowers
+    the scale.
+    """
+    loss_fn = model if loss_fn is None else loss_fn
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    micro, total = len(context) // grad_accum, 0.0
+    for i in range(grad_accum):
+        part = slice(i * micro, (i + 1) * micro)
+        sync = loss_fn.no_sync() if hasattr(loss_fn, "no_sync") and i < grad_accum - 1 else nullcontext()
+        with sync, autocast_for(context.device, precision):
+            loss = loss_fn(context[part], target[part], instrument[part]) / grad_accum
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        total = total + loss.detach()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = nn.utils.clip_grad_norm_(trainable, grad_clip, foreach=True)
+    applied = bool(torch.isfinite(grad_norm))       # one host sync per step: the price of skipping bad steps
+    if applied:
+        optimizer.step()
+    if scaler is not None:
+        scaler.update()                             # halves the scale after an overflow
+    optimizer.zero_grad(set_to_none=True)
+    if applied:
+        ema_update(list(model.target_encoder.parameters()), list(model.encoder.parameters()), tau)
+    return total, applied
+
+
+def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, force=False, device=None,
+          compile=False, workers=None, stop_at=None, init_from=None, precision="auto", layout=None,
+          log=print) -> StemJEPA:
+    """Train Stem-JEPA on the `train` split of `data` (3.3). Writes OUT/checkpoint.pt and OUT/log.csv
+    and returns the model. stop_at: save and return at this step (continue later with resume=True).
+    init_from: start a new run (fresh optimizer, schedules from step 0) from a checkpoint's weights
+    (`init_from_checkpoint`); resume=True with a checkpoint in OUT takes precedence. precision:
+    `pick_precision`. layout: find_tracks's options. OUT/train.lock (`RunLock`) keeps a second
+    live run out of OUT.
+
+    Under torchrun, each process takes batch_size / world_size samples per step and
+    DistributedDataParallel averages the gradients; nothing else changes.
+    """
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise StemJEPAError(f"--batch-size {cfg.batch_size} does not divide among {world} processes x "
+                            f"{cfg.grad_accum} accumulation steps")
+    device = pick_device(device if not distributed or device else
+                         f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else "cpu")
+    if distributed:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise StemJEPAError(f"--out {out} is a file: give a folder for the run "
+                            "(it holds checkpoint.pt and log.csv)")
+    is_main = rank == 0
+    log = log if is_main else (lambda *a, **k: None)
+    lock = RunLock(out, log=log) if is_main else nullcontext()
+    if is_main:
+        lock.check()                            # before decoding the data; taken by the loop
+    precision = pick_precision(precision, device)
+    prep = dict(cache=cache, sample_rate=cfg.sample_rate, chunk_seconds=cfg.chunk_seconds,
+                threshold=cfg.active_threshold, layout=layout)
+    if is_main:
+        tracks = prepare(data, "train", log=log, **prep)                # rank 0 decodes; the others wait
+    if distributed:
+        dist.barrier()
+    if not is_main:
+        tracks = prepare(data, "train", log=log, **prep)
+    instruments = sorted({s for t in tracks for s in t["stems"]})
+    data_id = hashlib.sha1(json.dumps([(t["name"], t["stems"], t["length"]) for t in tracks]).encode()).hexdigest()
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, instruments).to(device)
+    groups = param_groups(model, cfg.weight_decay, decay_all=cfg.weight_decay_all)
+    optimizer = torch.optim.AdamW(groups, lr=0.0, betas=(cfg.beta1, cfg.beta2),
+                                  fused=device.type in ("cuda", "cpu"))
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None  # fp16: loss scaling
+    if device.type == "cuda":
+        log(f"precision {precision}" + (" with a gradient scaler" if scaler is not None else ""))
+    start, skipped, window = 0, 0, (0.0, 0)   # window: loss sum and count since the last log line
+    ckpt_path = out / "checkpoint.pt"
+    if resume and (ckpt_path.exists() or ckpt_path.with_name("checkpoint.prev.pt").exists()):
+        ckpt = load_checkpoint(ckpt_path, map_location=device)
+        check_resume(ckpt, cfg, data_id, force)
+        if ckpt["instruments"] != instruments:
+            raise StemJEPAError(f"cannot resume: the checkpoint knows instruments {ckpt['instruments']}, "
+                                f"the data has {instruments}")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start, skipped, window = ckpt["step"], ckpt.get("skipped", 0), ckpt.get("log_window", window)
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        log(f"resuming {ckpt_path} at step {start}")
+    elif init_from:
+        new = init_from_checkpoint(model, load_checkpoint(init_from, map_location=device))
+        log(f"initialised from {init_from} (encoder, target encoder, predictor); a new run from "
+            "step 0" + (f"; new instrument embeddings for {', '.join(new)}" if new else ""))
+    elif resume:
+        log(f"no checkpoint in {out}: starting from scratch")
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    if device.type == "cpu" and cfg.dim >= 768 and is_main:
+        estimate = cfg.steps * cfg.batch_size * train_flops_per_sample(cfg) / 150e9
+        log(f"note: the paper preset on a CPU needs about {estimate / 86400:.0f} days for {cfg.steps} steps "
+            f"(at ~150 GFLOP/s); use --preset tiny to learn in minutes")
+
+    per_rank = cfg.batch_size // world
+    workers = min(8, max((os.cpu_count() or 2) // 2, 1)) if workers is None else workers
+    dataset = StemChunks(tracks, instruments, chunk=int(cfg.chunk_seconds * cfg.sample_rate),
+                         threshold=cfg.active_threshold, tries=cfg.redraw_tries, seed=cfg.seed)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=StepBatches(start=start, steps=cfg.steps, batch=per_rank, rank=rank, world=world),
+        num_workers=workers, pin_memory=device.type == "cuda", worker_init_fn=_ignore_sigint,
+        persistent_workers=False, prefetch_factor=4 if workers else None)
+    online = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
+        if distributed else model
+    loss_fn = torch.compile(online) if compile else online
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    peak_lr = cfg.base_lr * cfg.batch_size / 256
+
+    def checkpoint(step):
+        if is_main:
+            save_checkpoint(ckpt_path, {
+                "version": VERSION, "config": dataclasses.asdict(cfg), "instruments": instruments,
+                "step": step, "skipped": skipped, "data": data_id, "log_window": (loss_sum.item(), n_applied),
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None})
+
+    log_file = out / "log.csv"
+    if is_main and not log_file.exists():
+        log_file.write_text("step,loss,lr,tau,samples_per_s,spread,batch_loss,avg_stem_loss,pred_spread,"
+                            "target_spread,skipped\n")
+    log(f"training {cfg.predictor} predictor, {sum(p.numel() for p in trainable) / 1e6:.1f} M trainable "
+        f"parameters, {len(tracks)} tracks, instruments {instruments}, on {device} x {world}, steps {start}..{cfg.steps}")
+    loss_sum, n_applied = torch.tensor(float(window[0]), device=device), int(window[1])
+    n_sum, bad_in_a_row = 0, 0
+    t_last, step = time.time(), start
+    with GracefulStop() as stop, lock:
+        batches = iter(loader)
+        while step < min(cfg.steps, stop_at or cfg.steps) and stop.reason is None:
+            try:
+                context, target, instrument = next(batches)
+            except Exception:
+                if stop.reason:                 # a worker interrupted with the main process: just stop
+                    break
+                raise
+            context, target, instrument = (x.to(device, non_blocking=True) for x in (context, target, instrument))
+            lr = lr_at(step, peak_lr=peak_lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
+                       min_ratio=cfg.min_lr_ratio)
+            tau = tau_at(step, cfg.steps, cfg.tau_start, cfg.tau_end)
+            loss, applied = training_step(model, optimizer, context, target, instrument, lr=lr, tau=tau,
+                                          grad_clip=cfg.grad_clip, grad_accum=cfg.grad_accum, loss_fn=loss_fn,
+                                          precision=precision, scaler=scaler)
+            if applied:
+                loss_sum += loss
+                n_applied, bad_in_a_row = n_applied + 1, 0
+            else:
+                skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
+                log(f"step {step}: non-finite loss or gradient, step skipped ({skipped} so far)")
+                if bad_in_a_row >= 5:
+                    raise StemJEPAError(f"step {step}: the loss was not finite for 5 steps in a row; "
+                                        f"{ckpt_path} holds the last good state (try a lower --lr)")
+            step, n_sum = step + 1, n_sum + 1
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                mean_loss = loss_sum.item() / max(n_applied, 1)
+                speed = n_sum * cfg.batch_size / (time.time() - t_last)
+                with torch.no_grad(), autocast_for(device, precision):
+                    z_bar = model.encode(target, target=True)
+                    c = collapse_measures(model.predict(context, instrument), z_bar, instrument)
+                    spread = embedding_spread(z_bar)
+                eta = (cfg.steps - step) * cfg.batch_size / speed
+                log(f"step {step}/{cfg.steps}  loss {mean_loss:.4f} (batch {c['batch_loss']:.4f}, "
+                    f"average stem {c['avg_stem_loss']:.4f})  spread of predictions {c['pred_spread']:.3f} "
+                    f"(targets {c['target_spread']:.3f})  lr {lr:.2e}  tau {tau:.6f}  spread {spread:.3f}  "
+                    f"{speed:.1f} samples/s  ETA {eta / 60:.1f} min")
+                if is_main:
+                    with open(log_file, "a") as f:
+                        f.write(f"{step},{mean_loss:.6f},{lr:.6e},{tau:.8f},{speed:.2f},{spread:.4f},"
+                                f"{c['batch_loss']:.6f},{c['avg_stem_loss']:.6f},{c['pred_spread']:.4f},"
+                                f"{c['target_spread']:.4f},{skipped}\n")
+                loss_sum.zero_()
+                n_sum, n_applied, t_last = 0, 0, time.time()
+            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                checkpoint(step)
+        model.interrupted = stop.reason         # the CLI exits with 128 + signal number
+        if stop.reason or step < cfg.steps:
+            checkpoint(step)
+            log(f"{stop.reason or 'stop_at'}: saved {ckpt_path} at step {step}; "
+                "continue with the same command and --resume")
+    if distributed:
+        dist.destroy_process_group()
+    return model.eval()
+
+
+def embedding_spread(z: torch.Tensor) -> float:
+    """Collapse indicator: the standard deviation across the batch of the (standardised, time- and
+    frequency-averaged) embeddings, averaged over dims. It falls towards 0 when the encoder maps
+    every input to the same point, which a falling loss alone does not reveal."""
+    z = F.layer_norm(z.float(), z.shape[-1:]).mean(dim=(1, 2))          # (B, D)
+    return z.std(dim=0).mean().item() if len(z) > 1 else float("nan")
+
+
+def collapse_measures(pred: torch.Tensor, target: torch.Tensor, instrument: torch.Tensor) -> dict:
+    """Does the predictor use the mix, or only the instrument label? From one batch's predictions
+    and targets (B, F, T, D) and target instruments (B,), over the samples whose instrument occurs
+    at least twice in the batch:
+
+    - avg_stem_loss: Eq. 1 for a predictor that outputs, at each patch, the mean unit target of the
+      *other* samples of the same instrument (leave-one-out): "the average bass". A predictor that
+      ignores the mix cannot beat it; batch_loss (Eq. 1 of the model on the same samples) must.
+    - pred_spread, target_spread: RMS distance of the unit predictions (targets) to their
+      per-(instrument, patch) batch mean. pred_spread is 0 when every song gets the same prediction.
+    """
+    p, t = F.normalize(pred.float(), dim=-1), unit_targets(target)      # (B, F, T, D)
+    same = (instrument[:, None] == instrument[None]).float()            # (B, B)
+    n = same.sum(1)                                                     # samples of my instrument, me included
+    keep = n > 1
+    if not keep.any():
+        return dict.fromkeys(("batch_loss", "avg_stem_loss", "pred_spread", "target_spread"), float("nan"))
+    sums = torch.einsum("ij,jftd->iftd", same, t)                       # (B, F, T, D)
+    others = (sums - t)[keep] / (n[keep] - 1)[:, None, None, None]      # leave-one-out mean target
+    k = n[keep][:, None, None, None]
+
+    def spread(x):
+        mean = torch.einsum("ij,jftd->iftd", same, x)[keep] / k
+        return (x[keep] - mean).pow(2).sum(-1).mean().sqrt().item()
+    return {"batch_loss": (p[keep] - t[keep]).pow(2).sum(-1).mean().item(),
+            "avg_stem_loss": (F.normalize(others, dim=-1) - t[keep]).pow(2).sum(-1).mean().item(),
+            "pred_spread": spread(p), "target_spread": spread(t)}
+
+
+# ---------------------------------------------------------------------------------------------
+# 4.1 Stem retrieval: whole tracks -> pooled embeddings -> Recall@K and normalised rank
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def embed_long(model: StemJEPA, wavs: list[np.ndarray], *, chunk: int, instruments=None, target=True,
+               batch=16, device="cpu") -> list[torch.Tensor]:
+    """Patch embeddings of whole recordings, cut into consecutive chunks (the last one shorter):
+    one (F, T, D) tensor per waveform, T covering every frame (the last chunk is zero-padded to a
+    whole patch). With `instruments` (one id per waveform), the predictions of the predictor
+    conditioned on them, from the context encoder; otherwise the target (or context) encoder's.
+    Full chunks of all waveforms are batched together, and last chunks of equal length. In
+    float32 (`full_precision`), even on a GPU and inside an autocast region."""
+    step = model.frontend.hop_length * model.encoder.patch_size        # samples per time patch (160 ms)
+    chunk = max(step, chunk - chunk % step)                             # whole patches: no frame left out
+    pieces = []                                                         # (wav index, position, samples)
+    for w, x in enumerate(wavs):
+        for j, start in enumerate(range(0, max(len(x), 1), chunk)):
+            piece = x[start: start + chunk]
+            if len(piece) < chunk:                                      # a whole number of patches, at least one
+                piece = np.pad(piece, (0, max(-len(piece) % step, step - len(piece))))
+            pieces.append((w, j, piece))
+    by_length = {}
+    for p in pieces:
+        by_length.setdefault(len(p[2]), []).append(p)
+    groups = [same[i: i + batch] for same in by_length.values() for i in range(0, len(same), batch)]
+    out = {}
+    with full_precision(torch.device(device)):
+        for group in groups:
+            x = torch.from_numpy(np.stack([p[2] for p in group])).float().to(device)   # (b, chunk)
+            if instruments is None:
+                z = model.encode(x, target=target)
+            else:
+                z = model.predict(x, torch.tensor([instruments[p[0]] for p in group], device=device))
+            for (w, j, _), zi in zip(group, z.float().cpu()):
+                out[w, j] = zi                                          # (F, T_chunk, D)
+    return [torch.cat([out[w, j] for j in range(sum(1 for p in pieces if p[0] == w))], dim=1)
+            for w in range(len(wavs))]
+
+
+def pool(z: torch.Tensor) -> torch.Tensor:
+    """(..., F, T, D) -> one vector (..., F*D): average over time, concatenate the frequency rows
+    (3840-d for ViT-B), layer-normalise without affine and L2-normalise (the authors' evaluation)."""
+    v = z.float().mean(dim=-2).flatten(-2)                              # (..., F*D)
+    return F.normalize(F.layer_norm(v, v.shape[-1:]), dim=-1)
+
+
+def retrieval_ranks(queries: torch.Tensor, refs: torch.Tensor, truth: torch.Tensor, candidates=None):
+    """L2 distances from each query (Q, C) to every reference (R, C); for each query, how many
+    references are closer than its true one `truth[q]` and the tie count. The 1-based rank is
+    closer + 1 (1 = nearest); ties are broken at random, in expectation: rank = 1 + (#closer) +
+    (#tied others) / 2, and Recall@K = P(rank <= K). candidates (Q, R) bool, optional: each query
+    competes only with these references."""
+    d = torch.cdist(queries.double(), refs.double())                    # (Q, R)
+    if candidates is not None:
+        d = d.masked_fill(~candidates, float("inf"))
+    d_true = d.gather(1, truth[:, None])                                # (Q, 1)
+    closer = (d < d_true).sum(1)
+    tied = (d == d_true).sum(1)                                         # includes the true reference
+    return closer, tied, d
+
+
+def retrieval_metrics(queries, refs, truth, ks=(1, 5, 10), candidates=None) -> dict:
+    """Recall@K and normalised rank (mean and median over the queries), in percent (4.1.1).
+
+    nrank_mean, nrank_median: rank / R with the rank counted from 1 (nearest = 1), R the number of
+    references, as in the authors' evaluation (evar/musdb_eval.py, compute_recall), the figure
+    comparable with Table 1 (its median 0.5 % is rank 3 of 600). The paper's text says [0, 1);
+    that is nrank0_mean, nrank0_median: the rank counted from 0, exactly 100 / R points lower.
+    With `candidates` (Q, R), each query's R is the number of references it competes with.
+    """
+    closer, tied, _ = retrieval_ranks(queries, refs, truth, candidates)
+    R = refs.shape[0] if candidates is None else candidates.sum(1)
+    rank = 1 + closer + (tied - 1).double() / 2                 # 1-based, ties in expectation
+    m = {f"R@{k}": 100 * ((k - closer) / tied).clamp(0, 1).mean().item() for k in ks}
+    for name, r in (("nrank", rank), ("nrank0", rank - 1)):
+        m[f"{name}_mean"] = 100 * (r / R).mean().item()
+        m[f"{name}_median"] = 100 * (r / R).quantile(0.5).item()    # middle two's mean if even
+    return m
+
+
+def chance_metrics(R: int, ks=(1, 5, 10)) -> dict:
+    """Expected metrics of a random ranking of R references, with the keys of `retrieval_metrics`
+    (nrank: ranks 1..R, nrank0: ranks 0..R-1, each divided by R)."""
+    ranks = np.arange(1, R + 1) / R
+    return {**{f"R@{k}": 100 * min(k / R, 1.0) for k in ks},
+            "nrank_mean": 100 * ranks.mean(), "nrank_median": 100 * float(np.median(ranks)),
+            "nrank0_mean": 100 * (ranks - 1 / R).mean(),
+            "nrank0_median": 100 * float(np.median(ranks - 1 / R))}
+
+
+def which_song_and_instrument(queries, refs, track, instrument) -> dict:
+    """The two questions inside a retrieval rank (query i's true stem is reference i):
+
+    - which song? the rank of the true stem among the references of the *same instrument*
+      (N candidates). This is compatibility: the bass of this song, not any bass.
+    - which instrument? its rank among the stems of the *same song* (S candidates).
+    - query_cosine: the mean cosine between pooled queries of one instrument in different songs.
+      1 means the predictor gives the same query for every song (it has learnt the instrument
+      only); pooled vectors share a large common part, so it stays high even when the ranking
+      by song is informative.
+    Each rank is given as R@1 and mean normalised rank in percent; chance is 100/N (or 100/S) and
+    about 50.
+    """
+    truth = torch.arange(len(queries))
+    same_inst = instrument[:, None] == instrument[None]                 # (Q, R)
+    same_song = track[:, None] == track[None]
+    q = F.normalize(queries.double(), dim=1)
+    others = same_inst & ~same_song
+    cosine = (q @ q.T)[others].mean().item() if others.any() else float("nan")
+    return {"which_song": retrieval_metrics(queries, refs, truth, ks=(1,), candidates=same_inst),
+            "which_instrument": retrieval_metrics(queries, refs, truth, ks=(1,), candidates=same_song),
+            "query_cosine": cosine}
+
+
+# =============================================================================================
+# PART TWO: what a user runs around the method: data, toy songs, the analyses of 4.1-4.5,
+# using a trained model, benchmarks, the command line
+# =============================================================================================
+
+
+# ---------------------------------------------------------------------------------------------
+# Training machinery: device, precision, checkpoints, the run lock, signals
+# ---------------------------------------------------------------------------------------------
+
+def pick_device(name: str | None = None) -> torch.device:
+    """cuda -> mps -> cpu, or the one asked for (an error if it is not available)."""
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    kind = name.split(":")[0]
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if kind not in available:
+        raise StemJEPAError(f"--device {name}: unknown device; use cpu, cuda, cuda:N or mps")
+    if not available[kind]:
+        raise StemJEPAError(f"--device {name}: {kind} is not available on this machine; use --device cpu")
+    return torch.device(name)
+
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def pick_precision(name: str, device: torch.device) -> str:
+    """The training precision: --precision auto picks bf16 on a CUDA GPU that has it natively
+    (Ampere and later), else fp16 with a GradScaler (the authors' code's choice; T4, V100); fp32 off CUDA.
+    including_emulation=False: older GPUs emulate bf16, slowly."""
+    if name not in PRECISIONS:
+        raise StemJEPAError(f"--precision {name}: choose one of {', '.join(PRECISIONS)}")
+    if device.type != "cuda":
+        if name in ("bf16", "fp16"):
+            raise StemJEPAError(f"--precision {name} is for CUDA GPUs; on {device.type} training "
+                                "runs in fp32 (--precision auto or fp32)")
+        return "fp32"
+    native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    if name == "bf16" and not native_bf16:
+        raise StemJEPAError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no native "
+                            "bf16; use --precision fp16 (or auto)")
+    if name == "auto":
+        return "bf16" if native_bf16 else "fp16"
+    return name
+
+
+def autocast_for(device: torch.device, precision: str = "bf16"):
+    """Autocast in the training precision on CUDA (bf16, or fp16 with a GradScaler); nothing for
+    fp32 or elsewhere. Evaluation (embed_long) runs in fp32."""
+    if device.type != "cuda" or precision == "fp32":
+        return nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+@contextmanager
+def full_precision(device: torch.device):
+    """float32 throughout, whatever the caller set: no autocast and no TF32 matmuls or
+    convolutions. Evaluation and every analysis run under it, as the authors evaluate in fp32:
+    pooled vectors of one instrument sit at cosine ~0.98, where bf16 rounding reorders
+    neighbours."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.autocast(device.type, enabled=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write to a temporary file, keep the previous checkpoint as *.prev.pt, then rename: a kill
+    at any moment leaves at least one loadable checkpoint."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    if path.exists():
+        os.replace(path, path.with_name(path.stem + ".prev.pt"))
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """A checkpoint written by `train` (a plain dict, loadable with weights_only=True); falls back
+    to the previous one if the latest is missing or unreadable."""
+    path = Path(path)
+    candidates = [path, path.with_name(path.stem + ".prev.pt")]
+    problems = []
+    for p in candidates:
+        if not p.exists():
+            continue
+        try:
+            ckpt = torch.load(p, map_location=map_location, weights_only=True)
+        except Exception as e:
+            problems.append(f"{p}: not a readable checkpoint ({type(e).__name__})")
+            continue
+        if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+            problems.append(f"{p}: not a Stem-JEPA checkpoint")
+            continue
+        if ckpt.get("version") != VERSION:
+            problems.append(f"{p}: written by checkpoint format {ckpt.get('version')}, this file reads {VERSION}")
+            continue
+        return ckpt
+    raise StemJEPAError("; ".join(problems) or f"{path}: no such checkpoint")
+
+
+# Config fields that may change on --resume with --force: they do not change what the weights mean.
+RESUMABLE_CHANGES = ("steps", "log_every", "ckpt_every", "grad_accum")
+
+
+def check_resume(ckpt: dict, cfg: Config, data_id: str, force: bool) -> None:
+    """Refuse to resume with another configuration or dataset than the checkpoint's, naming the
+    differences; --force lets through the harmless ones (RESUMABLE_CHANGES, the dataset)."""
+    saved = ckpt["config"]
+    diffs = {k: (saved.get(k), v) for k, v in dataclasses.asdict(cfg).items() if saved.get(k) != v}
+    if ckpt.get("data") != data_id:
+        diffs["dataset"] = ("a different track list", "this one")
+    if not diffs:
+        return
+    text = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in diffs.items())
+    fatal = [k for k in diffs if k not in RESUMABLE_CHANGES + ("dataset",)]
+    if fatal:
+        raise StemJEPAError(f"cannot resume: the run was made with another configuration ({text}); "
+                            "pass the same preset and options, or start a new --out")
+    if not force:
+        raise StemJEPAError(f"cannot resume: {text}; pass --force to continue with these changes")
+
+
+# Config fields that fix the shapes of the weights: --init-from needs the checkpoint's values.
+ARCHITECTURE = ("sample_rate", "n_fft", "hop_length", "n_mels", "f_min", "f_max", "patch_size",
+                "dim", "depth", "heads", "mlp_ratio", "predictor", "pred_hidden", "pred_layers",
+                "pred_tf_dim", "pred_tf_depth", "pred_tf_heads")
+
+
+def init_from_checkpoint(model: StemJEPA, ckpt: dict) -> list[str]:
+    """Copy a checkpoint's encoder, target encoder and predictor into a freshly built model, for a
+    new run (fine-tuning, continued pre-training on other data). The instrument embedding is
+    copied row by row by name; instruments the checkpoint does not know keep their fresh rows.
+    Positions are fixed sin-cos buffers, so the chunk length may differ. Returns the new names."""
+    diffs = [f"{k}: {ckpt['config'].get(k)} -> {getattr(model.config, k)}" for k in ARCHITECTURE
+             if ckpt["config"].get(k) != getattr(model.config, k)]
+    if diffs:
+        raise StemJEPAError(f"cannot --init-from a checkpoint of another architecture "
+                            f"({', '.join(diffs)}); pass the checkpoint's preset and options")
+    state = model.state_dict()
+    for name, value in ckpt["model"].items():
+        if name.endswith("instrument.weight"):
+            for row, instrument in enumerate(ckpt["instruments"]):
+                if instrument in model.instruments:
+                    state[name][model.instruments.index(instrument)] = value[row]
+        else:
+            state[name] = value
+    model.load_state_dict(state)
+    return [s for s in model.instruments if s not in ckpt["instruments"]]
+
+
+class RunLock:
+    """OUT/train.lock while a training writes into OUT: a second live training into the same folder
+    is refused, naming the holder's pid. The lock goes on exit (also after an error or Ctrl-C);
+    after a kill -9 it stays, and is recognised as stale because its process is gone."""
+
+    def __init__(self, folder: Path, log=print):
+        self.path, self.log, self.held = Path(folder) / "train.lock", log, False
+
+    def holder(self) -> int | None:
+        """The pid of the live process holding the lock, or None (no lock, or a stale one)."""
+        try:
+            pid_text, _, host = self.path.read_text().partition(" ")
+            pid = int(pid_text)
+        except (OSError, ValueError):
+            return None                         # no lock, or one being written: acquire decides
+        if host.strip() != os.uname().nodename:
+            return pid                          # another machine (shared disk): assume it is alive
+        try:
+            os.kill(pid, 0)                     # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            return pid                          # exists, owned by another user
+        return pid
+
+    def check(self) -> None:
+        pid = self.holder()
+        if pid is not None and pid != os.getpid():
+            raise StemJEPAError(f"{self.path.parent} is in use by another training (pid {pid}): "
+                                f"wait for it, stop it, or choose another --out (if no training "
+                                f"runs there, delete {self.path})")
+
+    def __enter__(self):
+        self.check()
+        if self.path.exists():
+            self.log(f"removing the stale lock {self.path} ({self.path.read_text().strip()}: "
+                     "that process is gone)")
+            self.path.unlink(missing_ok=True)
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)   # atomic: one winner
+        except FileExistsError:
+            self.check()
+            raise StemJEPAError(f"{self.path} appeared while starting: another training is "
+                                "starting in the same folder") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} {os.uname().nodename}\n")
+        self.held = True
+        return self
+
+    def __exit__(self, *exc):
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+class GracefulStop:
+    """Ctrl-C or SIGTERM sets .reason; the loop then saves and exits. A second Ctrl-C exits at once."""
+
+    def __init__(self):
+        self.reason, self.previous = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():   # signals can only be caught there
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.reason = signal.Signals(signum).name
+        signal.signal(signum, signal.SIG_DFL)
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _ignore_sigint(_worker_id):
+    """Loader workers leave Ctrl-C to the main process, which saves and stops them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3.4 Training data: multitrack folders -> a cache of 16 kHz stems
 # ---------------------------------------------------------------------------------------------
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".aiff", ".aif", ".mp3")
+
+
 MIX_NAMES = ("mixture", "mix")              # a track's full mix is not a stem: ignored
+
+
 MUSDB_STREAMS = {"drums": 1, "bass": 2, "other": 3, "vocals": 4}  # .stem.mp4 streams; 0 is the mixture
+
+
 LENGTH_TOLERANCE_S = 1.0                    # stems of one track may differ by this much (trimmed)
 
 
@@ -597,6 +1264,8 @@ LAYOUTS = (
     "Slakh2100: ROOT/{train,validation,test}/<track>/stems/SNN.flac with <track>/metadata.yaml, "
     "stems grouped by instrument class (--groups)",
 )
+
+
 # Slakh2100 renders MIDI instruments, no vocals: by default its classes go to the MUSDB18 groups it
 # has, so that a Slakh model and a MUSDB18 model share instrument names ("*": every other class).
 SLAKH_GROUPS = {"bass": ["Bass"], "drums": ["Drums"], "other": ["*"]}
@@ -985,48 +1654,16 @@ def prepare(root, split: str = "train", *, cache=None, sample_rate=16000, chunk_
     return usable
 
 
-class StemChunks(torch.utils.data.Dataset):
-    """Item i -> (context (N,), target (N,), instrument id): a pure function of (seed, i), so the
-    data order of a resumed run is the uninterrupted run's, whatever the number of workers."""
-
-    def __init__(self, tracks: list[dict], instruments: list[str], *, chunk: int, threshold: float,
-                 tries: int, seed: int):
-        self.tracks, self.chunk, self.threshold, self.tries, self.seed = tracks, chunk, threshold, tries, seed
-        self.instrument_ids = [[instruments.index(s) for s in t["stems"]] for t in tracks]
-        self._open = {}                                                 # track -> memory map, per process
-
-    def __getitem__(self, index: int):
-        rng = np.random.default_rng([self.seed, index])
-        t = int(rng.integers(len(self.tracks)))
-        if t not in self._open:                 # copy-on-write map: writable for torch, never written
-            self._open[t] = torch.from_numpy(np.load(self.tracks[t]["npy"], mmap_mode="c"))
-        context, target, stem = draw_example(self._open[t], self.chunk, rng, threshold=self.threshold,
-                                             tries=self.tries)
-        return context, target, self.instrument_ids[t][stem]
-
-
-class StepBatches(torch.utils.data.Sampler):
-    """The dataset indices of each step's batch for this process: step s, rank r takes
-    [s * B * world + r * B, ... + B). Starting at `start` resumes the same sequence."""
-
-    def __init__(self, *, start: int, steps: int, batch: int, rank: int = 0, world: int = 1):
-        self.start, self.steps, self.batch, self.rank, self.world = start, steps, batch, rank, world
-
-    def __iter__(self):
-        for s in range(self.start, self.steps):
-            first = (s * self.world + self.rank) * self.batch
-            yield list(range(first, first + self.batch))
-
-    def __len__(self):
-        return max(self.steps - self.start, 0)
-
-
 # ---------------------------------------------------------------------------------------------
 # Toy multitracks: procedural songs whose stems share a key, a tempo and chords
 # ---------------------------------------------------------------------------------------------
 
 NOTE_NAMES = ["C", "C#", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B"]
+
+
 SCALES = {"maj": [0, 2, 4, 5, 7, 9, 11], "min": [0, 2, 3, 5, 7, 8, 10]}
+
+
 TOY_STEMS = ("bass", "drums", "other", "vocals")
 
 
@@ -1174,625 +1811,8 @@ def write_toy_dataset(out, *, tracks=20, seconds=30.0, seed=0, sample_rate=16000
 
 
 # ---------------------------------------------------------------------------------------------
-# 3.3 Training
+# 4.1-4.2 Evaluation: Table 1, Fig. 2, comparison rows, listening test
 # ---------------------------------------------------------------------------------------------
-
-def pick_device(name: str | None = None) -> torch.device:
-    """cuda -> mps -> cpu, or the one asked for (an error if it is not available)."""
-    if name is None:
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    kind = name.split(":")[0]
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if kind not in available:
-        raise StemJEPAError(f"--device {name}: unknown device; use cpu, cuda, cuda:N or mps")
-    if not available[kind]:
-        raise StemJEPAError(f"--device {name}: {kind} is not available on this machine; use --device cpu")
-    return torch.device(name)
-
-
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-
-
-def pick_precision(name: str, device: torch.device) -> str:
-    """The training precision: --precision auto picks bf16 on a CUDA GPU that has it natively
-    (Ampere and later), else fp16 with a GradScaler (the authors' code's choice; T4, V100); fp32 off CUDA.
-    including_emulation=False: older GPUs emulate bf16, slowly."""
-    if name not in PRECISIONS:
-        raise StemJEPAError(f"--precision {name}: choose one of {', '.join(PRECISIONS)}")
-    if device.type != "cuda":
-        if name in ("bf16", "fp16"):
-            raise StemJEPAError(f"--precision {name} is for CUDA GPUs; on {device.type} training "
-                                "runs in fp32 (--precision auto or fp32)")
-        return "fp32"
-    native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
-    if name == "bf16" and not native_bf16:
-        raise StemJEPAError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no native "
-                            "bf16; use --precision fp16 (or auto)")
-    if name == "auto":
-        return "bf16" if native_bf16 else "fp16"
-    return name
-
-
-def autocast_for(device: torch.device, precision: str = "bf16"):
-    """Autocast in the training precision on CUDA (bf16, or fp16 with a GradScaler); nothing for
-    fp32 or elsewhere. Evaluation (embed_long) runs in fp32."""
-    if device.type != "cuda" or precision == "fp32":
-        return nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
-@contextmanager
-def full_precision(device: torch.device):
-    """float32 throughout, whatever the caller set: no autocast and no TF32 matmuls or
-    convolutions. Evaluation and every analysis run under it, as the authors evaluate in fp32:
-    pooled vectors of one instrument sit at cosine ~0.98, where bf16 rounding reorders
-    neighbours."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        with torch.autocast(device.type, enabled=False):
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-def param_groups(model: nn.Module, weight_decay: float, *, decay_all: bool = True) -> list[dict]:
-    """AdamW's parameter groups. decay_all: weight decay on every trainable parameter, as the
-    authors' code (the paper's "all other hyperparameters" of M2D leave this open); otherwise M2D's
-    grouping, decay on weight matrices only, not on biases, norms or embeddings. The optimizer is
-    built with fused=True: one kernel over all parameters instead of ~10 passes (on a CPU, 60 ms
-    instead of 400 ms per ViT-B step)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            exempt = not decay_all and (p.ndim < 2 or "instrument" in name)
-            (no_decay if exempt else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def train_flops_per_sample(cfg: Config) -> float:
-    """FLOPs of one training sample, counted from the shapes: a matmul (n x k)(k x m) is 2nkm;
-    backward costs twice the forward. Context encoder and predictor: forward + backward (3x);
-    target encoder: forward only (1x). Front-end, norms and softmax are left out (< 1 %)."""
-    K = (cfg.n_mels // cfg.patch_size) * (int(cfg.chunk_seconds * cfg.sample_rate) // cfg.hop_length // cfg.patch_size)
-    D = cfg.dim
-    block = 2 * K * (4 * D * D + 2 * cfg.mlp_ratio * D * D) + 2 * 2 * K * K * D  # linears + QK^T and AV
-    encoder = cfg.depth * block + 2 * K * cfg.patch_size ** 2 * D
-    if cfg.predictor == "transformer":
-        W = cfg.pred_tf_dim
-        predictor = (cfg.pred_tf_depth * (2 * (K + 1) * (4 + 2 * cfg.mlp_ratio) * W * W + 4 * (K + 1) ** 2 * W)
-                     + 2 * 2 * K * D * W)
-    else:
-        widths = [2 * D if cfg.predictor == "mlp" else D] + [cfg.pred_hidden] * (cfg.pred_layers - 1) + [D]
-        predictor = 2 * K * sum(a * b for a, b in zip(widths[:-1], widths[1:]))
-    return 3 * (encoder + predictor) + encoder
-
-
-def embedding_spread(z: torch.Tensor) -> float:
-    """Collapse indicator: the standard deviation across the batch of the (standardised, time- and
-    frequency-averaged) embeddings, averaged over dims. It falls towards 0 when the encoder maps
-    every input to the same point, which a falling loss alone does not reveal."""
-    z = F.layer_norm(z.float(), z.shape[-1:]).mean(dim=(1, 2))          # (B, D)
-    return z.std(dim=0).mean().item() if len(z) > 1 else float("nan")
-
-
-def collapse_measures(pred: torch.Tensor, target: torch.Tensor, instrument: torch.Tensor) -> dict:
-    """Does the predictor use the mix, or only the instrument label? From one batch's predictions
-    and targets (B, F, T, D) and target instruments (B,), over the samples whose instrument occurs
-    at least twice in the batch:
-
-    - avg_stem_loss: Eq. 1 for a predictor that outputs, at each patch, the mean unit target of the
-      *other* samples of the same instrument (leave-one-out): "the average bass". A predictor that
-      ignores the mix cannot beat it; batch_loss (Eq. 1 of the model on the same samples) must.
-    - pred_spread, target_spread: RMS distance of the unit predictions (targets) to their
-      per-(instrument, patch) batch mean. pred_spread is 0 when every song gets the same prediction.
-    """
-    p, t = F.normalize(pred.float(), dim=-1), unit_targets(target)      # (B, F, T, D)
-    same = (instrument[:, None] == instrument[None]).float()            # (B, B)
-    n = same.sum(1)                                                     # samples of my instrument, me included
-    keep = n > 1
-    if not keep.any():
-        return dict.fromkeys(("batch_loss", "avg_stem_loss", "pred_spread", "target_spread"), float("nan"))
-    sums = torch.einsum("ij,jftd->iftd", same, t)                       # (B, F, T, D)
-    others = (sums - t)[keep] / (n[keep] - 1)[:, None, None, None]      # leave-one-out mean target
-    k = n[keep][:, None, None, None]
-
-    def spread(x):
-        mean = torch.einsum("ij,jftd->iftd", same, x)[keep] / k
-        return (x[keep] - mean).pow(2).sum(-1).mean().sqrt().item()
-    return {"batch_loss": (p[keep] - t[keep]).pow(2).sum(-1).mean().item(),
-            "avg_stem_loss": (F.normalize(others, dim=-1) - t[keep]).pow(2).sum(-1).mean().item(),
-            "pred_spread": spread(p), "target_spread": spread(t)}
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write to a temporary file, keep the previous checkpoint as *.prev.pt, then rename: a kill
-    at any moment leaves at least one loadable checkpoint."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    if path.exists():
-        os.replace(path, path.with_name(path.stem + ".prev.pt"))
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, map_location="cpu") -> dict:
-    """A checkpoint written by `train` (a plain dict, loadable with weights_only=True); falls back
-    to the previous one if the latest is missing or unreadable."""
-    path = Path(path)
-    candidates = [path, path.with_name(path.stem + ".prev.pt")]
-    problems = []
-    for p in candidates:
-        if not p.exists():
-            continue
-        try:
-            ckpt = torch.load(p, map_location=map_location, weights_only=True)
-        except Exception as e:
-            problems.append(f"{p}: not a readable checkpoint ({type(e).__name__})")
-            continue
-        if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-            problems.append(f"{p}: not a Stem-JEPA checkpoint")
-            continue
-        if ckpt.get("version") != VERSION:
-            problems.append(f"{p}: written by checkpoint format {ckpt.get('version')}, this file reads {VERSION}")
-            continue
-        return ckpt
-    raise StemJEPAError("; ".join(problems) or f"{path}: no such checkpoint")
-
-
-# Config fields that may change on --resume with --force: they do not change what the weights mean.
-RESUMABLE_CHANGES = ("steps", "log_every", "ckpt_every", "grad_accum")
-
-
-def check_resume(ckpt: dict, cfg: Config, data_id: str, force: bool) -> None:
-    """Refuse to resume with another configuration or dataset than the checkpoint's, naming the
-    differences; --force lets through the harmless ones (RESUMABLE_CHANGES, the dataset)."""
-    saved = ckpt["config"]
-    diffs = {k: (saved.get(k), v) for k, v in dataclasses.asdict(cfg).items() if saved.get(k) != v}
-    if ckpt.get("data") != data_id:
-        diffs["dataset"] = ("a different track list", "this one")
-    if not diffs:
-        return
-    text = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in diffs.items())
-    fatal = [k for k in diffs if k not in RESUMABLE_CHANGES + ("dataset",)]
-    if fatal:
-        raise StemJEPAError(f"cannot resume: the run was made with another configuration ({text}); "
-                            "pass the same preset and options, or start a new --out")
-    if not force:
-        raise StemJEPAError(f"cannot resume: {text}; pass --force to continue with these changes")
-
-
-# Config fields that fix the shapes of the weights: --init-from needs the checkpoint's values.
-ARCHITECTURE = ("sample_rate", "n_fft", "hop_length", "n_mels", "f_min", "f_max", "patch_size",
-                "dim", "depth", "heads", "mlp_ratio", "predictor", "pred_hidden", "pred_layers",
-                "pred_tf_dim", "pred_tf_depth", "pred_tf_heads")
-
-
-def init_from_checkpoint(model: StemJEPA, ckpt: dict) -> list[str]:
-    """Copy a checkpoint's encoder, target encoder and predictor into a freshly built model, for a
-    new run (fine-tuning, continued pre-training on other data). The instrument embedding is
-    copied row by row by name; instruments the checkpoint does not know keep their fresh rows.
-    Positions are fixed sin-cos buffers, so the chunk length may differ. Returns the new names."""
-    diffs = [f"{k}: {ckpt['config'].get(k)} -> {getattr(model.config, k)}" for k in ARCHITECTURE
-             if ckpt["config"].get(k) != getattr(model.config, k)]
-    if diffs:
-        raise StemJEPAError(f"cannot --init-from a checkpoint of another architecture "
-                            f"({', '.join(diffs)}); pass the checkpoint's preset and options")
-    state = model.state_dict()
-    for name, value in ckpt["model"].items():
-        if name.endswith("instrument.weight"):
-            for row, instrument in enumerate(ckpt["instruments"]):
-                if instrument in model.instruments:
-                    state[name][model.instruments.index(instrument)] = value[row]
-        else:
-            state[name] = value
-    model.load_state_dict(state)
-    return [s for s in model.instruments if s not in ckpt["instruments"]]
-
-
-class RunLock:
-    """OUT/train.lock while a training writes into OUT: a second live training into the same folder
-    is refused, naming the holder's pid. The lock goes on exit (also after an error or Ctrl-C);
-    after a kill -9 it stays, and is recognised as stale because its process is gone."""
-
-    def __init__(self, folder: Path, log=print):
-        self.path, self.log, self.held = Path(folder) / "train.lock", log, False
-
-    def holder(self) -> int | None:
-        """The pid of the live process holding the lock, or None (no lock, or a stale one)."""
-        try:
-            pid_text, _, host = self.path.read_text().partition(" ")
-            pid = int(pid_text)
-        except (OSError, ValueError):
-            return None                         # no lock, or one being written: acquire decides
-        if host.strip() != os.uname().nodename:
-            return pid                          # another machine (shared disk): assume it is alive
-        try:
-            os.kill(pid, 0)                     # signal 0: only asks whether the process exists
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            return pid                          # exists, owned by another user
-        return pid
-
-    def check(self) -> None:
-        pid = self.holder()
-        if pid is not None and pid != os.getpid():
-            raise StemJEPAError(f"{self.path.parent} is in use by another training (pid {pid}): "
-                                f"wait for it, stop it, or choose another --out (if no training "
-                                f"runs there, delete {self.path})")
-
-    def __enter__(self):
-        self.check()
-        if self.path.exists():
-            self.log(f"removing the stale lock {self.path} ({self.path.read_text().strip()}: "
-                     "that process is gone)")
-            self.path.unlink(missing_ok=True)
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)   # atomic: one winner
-        except FileExistsError:
-            self.check()
-            raise StemJEPAError(f"{self.path} appeared while starting: another training is "
-                                "starting in the same folder") from None
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()} {os.uname().nodename}\n")
-        self.held = True
-        return self
-
-    def __exit__(self, *exc):
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
-
-
-class GracefulStop:
-    """Ctrl-C or SIGTERM sets .reason; the loop then saves and exits. A second Ctrl-C exits at once."""
-
-    def __init__(self):
-        self.reason, self.previous = None, {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():   # signals can only be caught there
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.reason = signal.Signals(signum).name
-        signal.signal(signum, signal.SIG_DFL)
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-def _ignore_sigint(_worker_id):
-    """Loader workers leave Ctrl-C to the main process, which saves and stops them."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def training_step(model: StemJEPA, optimizer, context, target, instrument, *, lr: float, tau: float,
-                  grad_clip: float = 3.0, grad_accum: int = 1, loss_fn=None,
-                  precision: str = "bf16", scaler=None) -> tuple[torch.Tensor, bool]:
-    """One step of 3.3: forward context and target, predict, loss (Eq. 1), backward, clip the
-    gradient norm, AdamW step, then the EMA update of the target encoder (Eq. 2).
-
-    loss_fn is the model or its DDP / compiled wrapper. The batch is split into grad_accum
-    micro-batches whose gradients add up (DDP synchronises only the last). Returns the loss (a
-    tensor: reading it would wait for the device) and whether the step was applied: a non-finite
-    gradient norm skips the update entirely. With a GradScaler (fp16), the loss is scaled before
-    backward and the gradients unscaled before clipping; an overflow skips the step and lowers
-    the scale.
-    """
-    loss_fn = model if loss_fn is None else loss_fn
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    micro, total = len(context) // grad_accum, 0.0
-    for i in range(grad_accum):
-        part = slice(i * micro, (i + 1) * micro)
-        sync = loss_fn.no_sync() if hasattr(loss_fn, "no_sync") and i < grad_accum - 1 else nullcontext()
-        with sync, autocast_for(context.device, precision):
-            loss = loss_fn(context[part], target[part], instrument[part]) / grad_accum
-        (loss if scaler is None else scaler.scale(loss)).backward()
-        total = total + loss.detach()
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    grad_norm = nn.utils.clip_grad_norm_(trainable, grad_clip, foreach=True)
-    applied = bool(torch.isfinite(grad_norm))       # one host sync per step: the price of skipping bad steps
-    if applied:
-        optimizer.step()
-    if scaler is not None:
-        scaler.update()                             # halves the scale after an overflow
-    optimizer.zero_grad(set_to_none=True)
-    if applied:
-        ema_update(list(model.target_encoder.parameters()), list(model.encoder.parameters()), tau)
-    return total, applied
-
-
-def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, force=False, device=None,
-          compile=False, workers=None, stop_at=None, init_from=None, precision="auto", layout=None,
-          log=print) -> StemJEPA:
-    """Train Stem-JEPA on the `train` split of `data` (3.3). Writes OUT/checkpoint.pt and OUT/log.csv
-    and returns the model. stop_at: save and return at this step (continue later with resume=True).
-    init_from: start a new run (fresh optimizer, schedules from step 0) from a checkpoint's weights
-    (`init_from_checkpoint`); resume=True with a checkpoint in OUT takes precedence. precision:
-    `pick_precision`. layout: find_tracks's options. OUT/train.lock (`RunLock`) keeps a second
-    live run out of OUT.
-
-    Under torchrun, each process takes batch_size / world_size samples per step and
-    DistributedDataParallel averages the gradients; nothing else changes.
-    """
-    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
-    if cfg.batch_size % (world * cfg.grad_accum):
-        raise StemJEPAError(f"--batch-size {cfg.batch_size} does not divide among {world} processes x "
-                            f"{cfg.grad_accum} accumulation steps")
-    device = pick_device(device if not distributed or device else
-                         f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else "cpu")
-    if distributed:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise StemJEPAError(f"--out {out} is a file: give a folder for the run "
-                            "(it holds checkpoint.pt and log.csv)")
-    is_main = rank == 0
-    log = log if is_main else (lambda *a, **k: None)
-    lock = RunLock(out, log=log) if is_main else nullcontext()
-    if is_main:
-        lock.check()                            # before decoding the data; taken by the loop
-    precision = pick_precision(precision, device)
-    prep = dict(cache=cache, sample_rate=cfg.sample_rate, chunk_seconds=cfg.chunk_seconds,
-                threshold=cfg.active_threshold, layout=layout)
-    if is_main:
-        tracks = prepare(data, "train", log=log, **prep)                # rank 0 decodes; the others wait
-    if distributed:
-        dist.barrier()
-    if not is_main:
-        tracks = prepare(data, "train", log=log, **prep)
-    instruments = sorted({s for t in tracks for s in t["stems"]})
-    data_id = hashlib.sha1(json.dumps([(t["name"], t["stems"], t["length"]) for t in tracks]).encode()).hexdigest()
-
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, instruments).to(device)
-    groups = param_groups(model, cfg.weight_decay, decay_all=cfg.weight_decay_all)
-    optimizer = torch.optim.AdamW(groups, lr=0.0, betas=(cfg.beta1, cfg.beta2),
-                                  fused=device.type in ("cuda", "cpu"))
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None  # fp16: loss scaling
-    if device.type == "cuda":
-        log(f"precision {precision}" + (" with a gradient scaler" if scaler is not None else ""))
-    start, skipped, window = 0, 0, (0.0, 0)   # window: loss sum and count since the last log line
-    ckpt_path = out / "checkpoint.pt"
-    if resume and (ckpt_path.exists() or ckpt_path.with_name("checkpoint.prev.pt").exists()):
-        ckpt = load_checkpoint(ckpt_path, map_location=device)
-        check_resume(ckpt, cfg, data_id, force)
-        if ckpt["instruments"] != instruments:
-            raise StemJEPAError(f"cannot resume: the checkpoint knows instruments {ckpt['instruments']}, "
-                                f"the data has {instruments}")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start, skipped, window = ckpt["step"], ckpt.get("skipped", 0), ckpt.get("log_window", window)
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        log(f"resuming {ckpt_path} at step {start}")
-    elif init_from:
-        new = init_from_checkpoint(model, load_checkpoint(init_from, map_location=device))
-        log(f"initialised from {init_from} (encoder, target encoder, predictor); a new run from "
-            "step 0" + (f"; new instrument embeddings for {', '.join(new)}" if new else ""))
-    elif resume:
-        log(f"no checkpoint in {out}: starting from scratch")
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    if device.type == "cpu" and cfg.dim >= 768 and is_main:
-        estimate = cfg.steps * cfg.batch_size * train_flops_per_sample(cfg) / 150e9
-        log(f"note: the paper preset on a CPU needs about {estimate / 86400:.0f} days for {cfg.steps} steps "
-            f"(at ~150 GFLOP/s); use --preset tiny to learn in minutes")
-
-    per_rank = cfg.batch_size // world
-    workers = min(8, max((os.cpu_count() or 2) // 2, 1)) if workers is None else workers
-    dataset = StemChunks(tracks, instruments, chunk=int(cfg.chunk_seconds * cfg.sample_rate),
-                         threshold=cfg.active_threshold, tries=cfg.redraw_tries, seed=cfg.seed)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=StepBatches(start=start, steps=cfg.steps, batch=per_rank, rank=rank, world=world),
-        num_workers=workers, pin_memory=device.type == "cuda", worker_init_fn=_ignore_sigint,
-        persistent_workers=False, prefetch_factor=4 if workers else None)
-    online = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
-        if distributed else model
-    loss_fn = torch.compile(online) if compile else online
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    peak_lr = cfg.base_lr * cfg.batch_size / 256
-
-    def checkpoint(step):
-        if is_main:
-            save_checkpoint(ckpt_path, {
-                "version": VERSION, "config": dataclasses.asdict(cfg), "instruments": instruments,
-                "step": step, "skipped": skipped, "data": data_id, "log_window": (loss_sum.item(), n_applied),
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None})
-
-    log_file = out / "log.csv"
-    if is_main and not log_file.exists():
-        log_file.write_text("step,loss,lr,tau,samples_per_s,spread,batch_loss,avg_stem_loss,pred_spread,"
-                            "target_spread,skipped\n")
-    log(f"training {cfg.predictor} predictor, {sum(p.numel() for p in trainable) / 1e6:.1f} M trainable "
-        f"parameters, {len(tracks)} tracks, instruments {instruments}, on {device} x {world}, steps {start}..{cfg.steps}")
-    loss_sum, n_applied = torch.tensor(float(window[0]), device=device), int(window[1])
-    n_sum, bad_in_a_row = 0, 0
-    t_last, step = time.time(), start
-    with GracefulStop() as stop, lock:
-        batches = iter(loader)
-        while step < min(cfg.steps, stop_at or cfg.steps) and stop.reason is None:
-            try:
-                context, target, instrument = next(batches)
-            except Exception:
-                if stop.reason:                 # a worker interrupted with the main process: just stop
-                    break
-                raise
-            context, target, instrument = (x.to(device, non_blocking=True) for x in (context, target, instrument))
-            lr = lr_at(step, peak_lr=peak_lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
-                       min_ratio=cfg.min_lr_ratio)
-            tau = tau_at(step, cfg.steps, cfg.tau_start, cfg.tau_end)
-            loss, applied = training_step(model, optimizer, context, target, instrument, lr=lr, tau=tau,
-                                          grad_clip=cfg.grad_clip, grad_accum=cfg.grad_accum, loss_fn=loss_fn,
-                                          precision=precision, scaler=scaler)
-            if applied:
-                loss_sum += loss
-                n_applied, bad_in_a_row = n_applied + 1, 0
-            else:
-                skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
-                log(f"step {step}: non-finite loss or gradient, step skipped ({skipped} so far)")
-                if bad_in_a_row >= 5:
-                    raise StemJEPAError(f"step {step}: the loss was not finite for 5 steps in a row; "
-                                        f"{ckpt_path} holds the last good state (try a lower --lr)")
-            step, n_sum = step + 1, n_sum + 1
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                mean_loss = loss_sum.item() / max(n_applied, 1)
-                speed = n_sum * cfg.batch_size / (time.time() - t_last)
-                with torch.no_grad(), autocast_for(device, precision):
-                    z_bar = model.encode(target, target=True)
-                    c = collapse_measures(model.predict(context, instrument), z_bar, instrument)
-                    spread = embedding_spread(z_bar)
-                eta = (cfg.steps - step) * cfg.batch_size / speed
-                log(f"step {step}/{cfg.steps}  loss {mean_loss:.4f} (batch {c['batch_loss']:.4f}, "
-                    f"average stem {c['avg_stem_loss']:.4f})  spread of predictions {c['pred_spread']:.3f} "
-                    f"(targets {c['target_spread']:.3f})  lr {lr:.2e}  tau {tau:.6f}  spread {spread:.3f}  "
-                    f"{speed:.1f} samples/s  ETA {eta / 60:.1f} min")
-                if is_main:
-                    with open(log_file, "a") as f:
-                        f.write(f"{step},{mean_loss:.6f},{lr:.6e},{tau:.8f},{speed:.2f},{spread:.4f},"
-                                f"{c['batch_loss']:.6f},{c['avg_stem_loss']:.6f},{c['pred_spread']:.4f},"
-                                f"{c['target_spread']:.4f},{skipped}\n")
-                loss_sum.zero_()
-                n_sum, n_applied, t_last = 0, 0, time.time()
-            if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                checkpoint(step)
-        model.interrupted = stop.reason         # the CLI exits with 128 + signal number
-        if stop.reason or step < cfg.steps:
-            checkpoint(step)
-            log(f"{stop.reason or 'stop_at'}: saved {ckpt_path} at step {step}; "
-                "continue with the same command and --resume")
-    if distributed:
-        dist.destroy_process_group()
-    return model.eval()
-
-
-# ---------------------------------------------------------------------------------------------
-# 4.1 Stem retrieval: whole tracks -> pooled embeddings -> Recall@K and normalised rank
-# ---------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def embed_long(model: StemJEPA, wavs: list[np.ndarray], *, chunk: int, instruments=None, target=True,
-               batch=16, device="cpu") -> list[torch.Tensor]:
-    """Patch embeddings of whole recordings, cut into consecutive chunks (the last one shorter):
-    one (F, T, D) tensor per waveform, T covering every frame (the last chunk is zero-padded to a
-    whole patch). With `instruments` (one id per waveform), the predictions of the predictor
-    conditioned on them, from the context encoder; otherwise the target (or context) encoder's.
-    Full chunks of all waveforms are batched together, and last chunks of equal length. In
-    float32 (`full_precision`), even on a GPU and inside an autocast region."""
-    step = model.frontend.hop_length * model.encoder.patch_size        # samples per time patch (160 ms)
-    chunk = max(step, chunk - chunk % step)                             # whole patches: no frame left out
-    pieces = []                                                         # (wav index, position, samples)
-    for w, x in enumerate(wavs):
-        for j, start in enumerate(range(0, max(len(x), 1), chunk)):
-            piece = x[start: start + chunk]
-            if len(piece) < chunk:                                      # a whole number of patches, at least one
-                piece = np.pad(piece, (0, max(-len(piece) % step, step - len(piece))))
-            pieces.append((w, j, piece))
-    by_length = {}
-    for p in pieces:
-        by_length.setdefault(len(p[2]), []).append(p)
-    groups = [same[i: i + batch] for same in by_length.values() for i in range(0, len(same), batch)]
-    out = {}
-    with full_precision(torch.device(device)):
-        for group in groups:
-            x = torch.from_numpy(np.stack([p[2] for p in group])).float().to(device)   # (b, chunk)
-            if instruments is None:
-                z = model.encode(x, target=target)
-            else:
-                z = model.predict(x, torch.tensor([instruments[p[0]] for p in group], device=device))
-            for (w, j, _), zi in zip(group, z.float().cpu()):
-                out[w, j] = zi                                          # (F, T_chunk, D)
-    return [torch.cat([out[w, j] for j in range(sum(1 for p in pieces if p[0] == w))], dim=1)
-            for w in range(len(wavs))]
-
-
-def pool(z: torch.Tensor) -> torch.Tensor:
-    """(..., F, T, D) -> one vector (..., F*D): average over time, concatenate the frequency rows
-    (3840-d for ViT-B), layer-normalise without affine and L2-normalise (the authors' evaluation)."""
-    v = z.float().mean(dim=-2).flatten(-2)                              # (..., F*D)
-    return F.normalize(F.layer_norm(v, v.shape[-1:]), dim=-1)
-
-
-def retrieval_ranks(queries: torch.Tensor, refs: torch.Tensor, truth: torch.Tensor, candidates=None):
-    """L2 distances from each query (Q, C) to every reference (R, C); for each query, how many
-    references are closer than its true one `truth[q]` and the tie count. The 1-based rank is
-    closer + 1 (1 = nearest); ties are broken at random, in expectation: rank = 1 + (#closer) +
-    (#tied others) / 2, and Recall@K = P(rank <= K). candidates (Q, R) bool, optional: each query
-    competes only with these references."""
-    d = torch.cdist(queries.double(), refs.double())                    # (Q, R)
-    if candidates is not None:
-        d = d.masked_fill(~candidates, float("inf"))
-    d_true = d.gather(1, truth[:, None])                                # (Q, 1)
-    closer = (d < d_true).sum(1)
-    tied = (d == d_true).sum(1)                                         # includes the true reference
-    return closer, tied, d
-
-
-def retrieval_metrics(queries, refs, truth, ks=(1, 5, 10), candidates=None) -> dict:
-    """Recall@K and normalised rank (mean and median over the queries), in percent (4.1.1).
-
-    nrank_mean, nrank_median: rank / R with the rank counted from 1 (nearest = 1), R the number of
-    references, as in the authors' evaluation (evar/musdb_eval.py, compute_recall), the figure
-    comparable with Table 1 (its median 0.5 % is rank 3 of 600). The paper's text says [0, 1);
-    that is nrank0_mean, nrank0_median: the rank counted from 0, exactly 100 / R points lower.
-    With `candidates` (Q, R), each query's R is the number of references it competes with.
-    """
-    closer, tied, _ = retrieval_ranks(queries, refs, truth, candidates)
-    R = refs.shape[0] if candidates is None else candidates.sum(1)
-    rank = 1 + closer + (tied - 1).double() / 2                 # 1-based, ties in expectation
-    m = {f"R@{k}": 100 * ((k - closer) / tied).clamp(0, 1).mean().item() for k in ks}
-    for name, r in (("nrank", rank), ("nrank0", rank - 1)):
-        m[f"{name}_mean"] = 100 * (r / R).mean().item()
-        m[f"{name}_median"] = 100 * (r / R).quantile(0.5).item()    # middle two's mean if even
-    return m
-
-
-def chance_metrics(R: int, ks=(1, 5, 10)) -> dict:
-    """Expected metrics of a random ranking of R references, with the keys of `retrieval_metrics`
-    (nrank: ranks 1..R, nrank0: ranks 0..R-1, each divided by R)."""
-    ranks = np.arange(1, R + 1) / R
-    return {**{f"R@{k}": 100 * min(k / R, 1.0) for k in ks},
-            "nrank_mean": 100 * ranks.mean(), "nrank_median": 100 * float(np.median(ranks)),
-            "nrank0_mean": 100 * (ranks - 1 / R).mean(),
-            "nrank0_median": 100 * float(np.median(ranks - 1 / R))}
-
-
-def which_song_and_instrument(queries, refs, track, instrument) -> dict:
-    """The two questions inside a retrieval rank (query i's true stem is reference i):
-
-    - which song? the rank of the true stem among the references of the *same instrument*
-      (N candidates). This is compatibility: the bass of this song, not any bass.
-    - which instrument? its rank among the stems of the *same song* (S candidates).
-    - query_cosine: the mean cosine between pooled queries of one instrument in different songs.
-      1 means the predictor gives the same query for every song (it has learnt the instrument
-      only); pooled vectors share a large common part, so it stays high even when the ranking
-      by song is informative.
-    Each rank is given as R@1 and mean normalised rank in percent; chance is 100/N (or 100/S) and
-    about 50.
-    """
-    truth = torch.arange(len(queries))
-    same_inst = instrument[:, None] == instrument[None]                 # (Q, R)
-    same_song = track[:, None] == track[None]
-    q = F.normalize(queries.double(), dim=1)
-    others = same_inst & ~same_song
-    cosine = (q @ q.T)[others].mean().item() if others.any() else float("nan")
-    return {"which_song": retrieval_metrics(queries, refs, truth, ks=(1,), candidates=same_inst),
-            "which_instrument": retrieval_metrics(queries, refs, truth, ks=(1,), candidates=same_song),
-            "query_cosine": cosine}
-
 
 def failure_analysis(queries, refs, query_track, query_inst, ref_track, ref_inst, instruments) -> dict:
     """Fig. 2: the category of each query's nearest reference z* per instrument ("both correct",
@@ -2072,19 +2092,9 @@ def write_listening_test(tracks, emb, instruments, out, *, trials, sample_rate, 
     return {"trials": len(key_rows), "folder": str(out)}
 
 
-def audio_files(path) -> list[Path]:
-    """The audio files of a file or a folder (recursively, skipping hidden folders), sorted."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise StemJEPAError(f"{path}: no such file or folder")
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS
-                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
-    if not files:
-        raise StemJEPAError(f"{path} holds no audio files ({', '.join(AUDIO_EXTENSIONS)})")
-    return files
-
+# ---------------------------------------------------------------------------------------------
+# 4.3 Stem alignment: target patches against shifted predictions (Eq. 3, Fig. 4)
+# ---------------------------------------------------------------------------------------------
 
 def frames(z: torch.Tensor) -> torch.Tensor:
     """(F, T, D) -> (T, F*D): one vector per time patch (160 ms), the frequency rows concatenated (4.3)."""
@@ -2116,183 +2126,6 @@ def best_offset(stem: torch.Tensor, prediction: torch.Tensor, min_overlap: float
     shifts = list(range(-(M - need), Mq - need + 1))
     return shifts[int(shift_similarity(stem, prediction, shifts, circular=False).argmax())]
 
-
-def embed_audio_files(model: StemJEPA, files: list[Path], *, keep=pool, device="cpu", batch=16,
-                      group=8, log=print) -> tuple[list[Path], list]:
-    """keep(z) for each file's target-encoder patch embeddings z (F, T, D), for many files.
-    Files of similar length are embedded together (sorted by duration, `group` at a time, so that
-    their chunks share batches); an unreadable file is reported by name and skipped; a progress
-    line with the ETA every 10 s and at the end. Returns the files embedded, in the given order,
-    and keep(z) of each; an error if none could be read."""
-    sr = model.config.sample_rate
-    chunk = int(model.config.chunk_seconds * sr)
-    seconds = {}
-    for f in files:
-        try:
-            seconds[f] = sf.info(str(f)).duration
-        except Exception:                       # unreadable: decoding below will say why
-            seconds[f] = 0.0
-    order = sorted(files, key=lambda f: seconds[f])
-    total, done, t0, t_log = sum(seconds.values()), 0.0, time.time(), time.time()
-    results, skipped = {}, []
-    for i in range(0, len(order), group):
-        loaded = []
-        for f in order[i: i + group]:
-            try:
-                loaded.append((f, load_audio(f, sr)))
-            except StemJEPAError as e:
-                skipped.append(str(e))
-                log(f"skipped {e}")
-        zs = embed_long(model, [x for _, x in loaded], chunk=chunk, batch=batch, device=device)
-        results.update((f, keep(z)) for (f, _), z in zip(loaded, zs))
-        done += sum(seconds[f] for f in order[i: i + group])
-        n, rate = min(i + group, len(order)), done / max(time.time() - t0, 1e-9)
-        if time.time() - t_log > 10 or n == len(order):
-            t_log = time.time()
-            log(f"embedded {n}/{len(order)} files ({len(skipped)} skipped), {rate:.0f} s of audio "
-                f"per s, ETA {(total - done) / max(rate, 1e-9):.0f} s")
-    if not results:
-        raise StemJEPAError(f"none of the {len(files)} audio files could be read: "
-                            + "; ".join(skipped[:3]) + ("; ..." if len(skipped) > 3 else ""))
-    kept = [f for f in files if f in results]
-    return kept, [results[f] for f in kept]
-
-
-@torch.no_grad()
-def retrieve(checkpoint, mix, library, instrument: str, *, top=10, device=None, batch=16,
-             log=print) -> list[dict]:
-    """Rank every audio file of a library by how well it fits `mix` as `instrument`: the predictor's
-    pooled output for the mix against each file's pooled target embedding (L2, as in 4.1), and for
-    the best `top` files the offset at which they fit best. Library embeddings are cached beside it;
-    unreadable library files are reported and left out."""
-    device = pick_device(device)
-    model = StemJEPA.from_checkpoint(checkpoint).to(device)
-    cfg = model.config
-    if instrument not in model.instruments:
-        raise StemJEPAError(f"--instrument {instrument}: the model knows {', '.join(model.instruments)}")
-    files = audio_files(library)
-    mix_audio = load_audio(mix, cfg.sample_rate)  # a bad --mix fails before the library is embedded
-    chunk = int(cfg.chunk_seconds * cfg.sample_rate)
-    st = os.stat(checkpoint)
-    key = _cache_key(str(Path(checkpoint).resolve()), st.st_size, st.st_mtime_ns, VERSION,
-                     "files+refs", [(str(f), os.stat(f).st_size, os.stat(f).st_mtime_ns)
-                                    for f in files])
-    cache = (Path(library) if Path(library).is_dir() else Path(library).parent) / ".stem_jepa_cache"
-    cache_file = cache / f"library-{key}.pt"
-    if cache_file.exists():
-        cached = torch.load(cache_file, weights_only=True)
-    else:
-        log(f"embedding {len(files)} library files")
-        kept, refs = embed_audio_files(model, files, device=device, batch=batch, log=log)
-        cached = {"files": [str(f) for f in kept], "refs": torch.stack(refs)}
-        cache.mkdir(exist_ok=True)
-        _write_atomic(cache_file, lambda p: torch.save(cached, p))
-    files, refs = [Path(f) for f in cached["files"]], cached["refs"]
-    q_seq = embed_long(model, [mix_audio], chunk=chunk,
-                       instruments=[model.instruments.index(instrument)], batch=batch, device=device)[0]
-    d = torch.cdist(pool(q_seq)[None].double(), refs.double())[0]
-    results = []
-    for r, i in enumerate(d.argsort()[:top].tolist()):
-        z_seq = embed_long(model, [load_audio(files[i], cfg.sample_rate)], chunk=chunk, batch=batch,
-                           device=device)[0]
-        step_s = cfg.hop_length * cfg.patch_size / cfg.sample_rate
-        offset = best_offset(frames(z_seq), frames(q_seq))
-        results.append({"rank": r + 1, "file": str(files[i]), "distance": round(d[i].item(), 4),
-                        "offset_steps": offset, "offset_s": round(offset * step_s, 2)})
-    return results
-
-
-@torch.no_grad()
-def score(checkpoint, mix, stem, instrument: str, *, device=None, batch=16) -> dict:
-    """StemJEPA.score for two audio files: how well `stem` fits `mix` as `instrument` (retrieval's
-    distance for one pair, and the best offset)."""
-    model = StemJEPA.from_checkpoint(checkpoint).to(pick_device(device))
-    model.instrument_id(instrument)             # an unknown instrument fails before decoding
-    sr = model.config.sample_rate
-    return {"mix": str(mix), "stem": str(stem), "instrument": instrument,
-            **model.score(load_audio(mix, sr), load_audio(stem, sr), instrument, batch=batch)}
-
-
-@torch.no_grad()
-def embed_files(checkpoint, audio, out, *, sequences=False, device=None, batch=16,
-                log=print) -> np.ndarray:
-    """The pooled 3840-d target-encoder embedding of each audio file (4.1's references; the
-    probes of 4.5 use the context encoder) -> OUT (.npy, one row per file) and OUT.txt (the files, in order). With
-    sequences=True also OUT.sequences.npz: per file, one (T, 3840) vector per 160 ms. Unreadable
-    files are reported by name and left out of OUT and OUT.txt."""
-    device = pick_device(device)
-    model = StemJEPA.from_checkpoint(checkpoint).to(device)
-    files = audio_files(audio)
-    kept, embedded = embed_audio_files(model, files, device=device, batch=batch, log=log,
-                                       keep=lambda z: (pool(z).numpy(), frames(z).numpy()))
-    rows = np.stack([row for row, _ in embedded])
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out, rows)
-    out.with_suffix(".txt").write_text("".join(f"{f}\n" for f in kept))
-    if sequences:
-        np.savez(out.with_suffix(".sequences.npz"),
-                 **{f"file{k}": seq for k, (_, seq) in enumerate(embedded)})
-    skipped = len(files) - len(kept)
-    log(f"wrote {len(kept)} embeddings of {rows.shape[1]} dims to {out}"
-        + (f" ({skipped} unreadable files skipped)" if skipped else ""))
-    return rows
-
-
-# --- The HEAR API (hearbenchmark.com): the convention of audio-embedding benchmarks ----------
-
-class HEARModel(nn.Module):
-    """A trained Stem-JEPA as HEAR expects it: sample_rate, scene_embedding_size (the pooled
-    3840-d vector for ViT-B) and timestamp_embedding_size (one F*D vector per 160 ms column)."""
-
-    def __init__(self, model: StemJEPA):
-        super().__init__()
-        self.model = model.eval()
-        self.sample_rate = model.config.sample_rate
-        size = (model.config.n_mels // model.config.patch_size) * model.config.dim
-        self.scene_embedding_size = self.timestamp_embedding_size = size
-
-
-def load_model(model_file_path: str = "", device=None) -> HEARModel:
-    """HEAR: a checkpoint written by `train` -> the model get_*_embeddings take."""
-    if not model_file_path:
-        raise StemJEPAError("load_model needs the path of a checkpoint written by `train`")
-    return HEARModel(StemJEPA.from_checkpoint(model_file_path)).to(pick_device(device))
-
-
-def _hear_patches(audio: torch.Tensor, model: HEARModel, batch: int) -> list[torch.Tensor]:
-    """Each sound of a HEAR batch (n, N) -> its target-encoder patch embeddings (F, T, D)."""
-    if audio.ndim != 2:
-        raise StemJEPAError(f"HEAR audio is (n_sounds, n_samples); got shape {tuple(audio.shape)}")
-    jepa = model.model
-    chunk = int(jepa.config.chunk_seconds * jepa.config.sample_rate)
-    return embed_long(jepa, list(audio.detach().float().cpu().numpy()), chunk=chunk, batch=batch,
-                      device=next(jepa.parameters()).device)
-
-
-@torch.no_grad()
-def get_timestamp_embeddings(audio: torch.Tensor, model: HEARModel,
-                             batch: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """HEAR: audio (n, N) at model.sample_rate -> embeddings (n, T, F*D), the target encoder's patch
-    columns (`frames`), and timestamps (n, T) in ms, the centre of each 160 ms column. Sounds are
-    embedded independently (chunked as `embed_long` does), so a sound's rows do not depend on the
-    others in the batch."""
-    emb = torch.stack([frames(z) for z in _hear_patches(audio, model, batch)])  # (n, T, F*D)
-    step_ms = 1000 * step_seconds(model.model)
-    ts = ((torch.arange(emb.shape[1]) + 0.5) * step_ms).float().expand(len(emb), -1)  # (n, T)
-    return emb.to(audio.device), ts.contiguous().to(audio.device)
-
-
-@torch.no_grad()
-def get_scene_embeddings(audio: torch.Tensor, model: HEARModel, batch: int = 16) -> torch.Tensor:
-    """HEAR: audio (n, N) -> one vector per sound (n, F*D): `pool` of its target embeddings, the
-    global embedding of 4.5 (average over time, frequency rows concatenated, normalised)."""
-    return torch.stack([pool(z) for z in _hear_patches(audio, model, batch)]).to(audio.device)
-
-
-# ---------------------------------------------------------------------------------------------
-# 4.3 Stem alignment: target patches against shifted predictions (Eq. 3, Fig. 4)
-# ---------------------------------------------------------------------------------------------
 
 def step_seconds(model: StemJEPA) -> float:
     """Audio per time patch: hop x patch width / sample rate (160 ms for the paper's front-end)."""
@@ -2864,7 +2697,7 @@ def plot_fig5(result: dict, path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# 4.5 Downstream probes: frozen encoder -> 3840-d global embedding -> MLP (Table 3)
+# 4.5 Downstream probes on frozen embeddings (Table 3)
 # ---------------------------------------------------------------------------------------------
 
 def tempo_class(bpm: float) -> str:
@@ -3205,6 +3038,195 @@ def format_probe_table(results: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Using a trained model: retrieve, score, embed, any length, the HEAR API
+# ---------------------------------------------------------------------------------------------
+
+def audio_files(path) -> list[Path]:
+    """The audio files of a file or a folder (recursively, skipping hidden folders), sorted."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise StemJEPAError(f"{path}: no such file or folder")
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    if not files:
+        raise StemJEPAError(f"{path} holds no audio files ({', '.join(AUDIO_EXTENSIONS)})")
+    return files
+
+
+def embed_audio_files(model: StemJEPA, files: list[Path], *, keep=pool, device="cpu", batch=16,
+                      group=8, log=print) -> tuple[list[Path], list]:
+    """keep(z) for each file's target-encoder patch embeddings z (F, T, D), for many files.
+    Files of similar length are embedded together (sorted by duration, `group` at a time, so that
+    their chunks share batches); an unreadable file is reported by name and skipped; a progress
+    line with the ETA every 10 s and at the end. Returns the files embedded, in the given order,
+    and keep(z) of each; an error if none could be read."""
+    sr = model.config.sample_rate
+    chunk = int(model.config.chunk_seconds * sr)
+    seconds = {}
+    for f in files:
+        try:
+            seconds[f] = sf.info(str(f)).duration
+        except Exception:                       # unreadable: decoding below will say why
+            seconds[f] = 0.0
+    order = sorted(files, key=lambda f: seconds[f])
+    total, done, t0, t_log = sum(seconds.values()), 0.0, time.time(), time.time()
+    results, skipped = {}, []
+    for i in range(0, len(order), group):
+        loaded = []
+        for f in order[i: i + group]:
+            try:
+                loaded.append((f, load_audio(f, sr)))
+            except StemJEPAError as e:
+                skipped.append(str(e))
+                log(f"skipped {e}")
+        zs = embed_long(model, [x for _, x in loaded], chunk=chunk, batch=batch, device=device)
+        results.update((f, keep(z)) for (f, _), z in zip(loaded, zs))
+        done += sum(seconds[f] for f in order[i: i + group])
+        n, rate = min(i + group, len(order)), done / max(time.time() - t0, 1e-9)
+        if time.time() - t_log > 10 or n == len(order):
+            t_log = time.time()
+            log(f"embedded {n}/{len(order)} files ({len(skipped)} skipped), {rate:.0f} s of audio "
+                f"per s, ETA {(total - done) / max(rate, 1e-9):.0f} s")
+    if not results:
+        raise StemJEPAError(f"none of the {len(files)} audio files could be read: "
+                            + "; ".join(skipped[:3]) + ("; ..." if len(skipped) > 3 else ""))
+    kept = [f for f in files if f in results]
+    return kept, [results[f] for f in kept]
+
+
+@torch.no_grad()
+def retrieve(checkpoint, mix, library, instrument: str, *, top=10, device=None, batch=16,
+             log=print) -> list[dict]:
+    """Rank every audio file of a library by how well it fits `mix` as `instrument`: the predictor's
+    pooled output for the mix against each file's pooled target embedding (L2, as in 4.1), and for
+    the best `top` files the offset at which they fit best. Library embeddings are cached beside it;
+    unreadable library files are reported and left out."""
+    device = pick_device(device)
+    model = StemJEPA.from_checkpoint(checkpoint).to(device)
+    cfg = model.config
+    if instrument not in model.instruments:
+        raise StemJEPAError(f"--instrument {instrument}: the model knows {', '.join(model.instruments)}")
+    files = audio_files(library)
+    mix_audio = load_audio(mix, cfg.sample_rate)  # a bad --mix fails before the library is embedded
+    chunk = int(cfg.chunk_seconds * cfg.sample_rate)
+    st = os.stat(checkpoint)
+    key = _cache_key(str(Path(checkpoint).resolve()), st.st_size, st.st_mtime_ns, VERSION,
+                     "files+refs", [(str(f), os.stat(f).st_size, os.stat(f).st_mtime_ns)
+                                    for f in files])
+    cache = (Path(library) if Path(library).is_dir() else Path(library).parent) / ".stem_jepa_cache"
+    cache_file = cache / f"library-{key}.pt"
+    if cache_file.exists():
+        cached = torch.load(cache_file, weights_only=True)
+    else:
+        log(f"embedding {len(files)} library files")
+        kept, refs = embed_audio_files(model, files, device=device, batch=batch, log=log)
+        cached = {"files": [str(f) for f in kept], "refs": torch.stack(refs)}
+        cache.mkdir(exist_ok=True)
+        _write_atomic(cache_file, lambda p: torch.save(cached, p))
+    files, refs = [Path(f) for f in cached["files"]], cached["refs"]
+    q_seq = embed_long(model, [mix_audio], chunk=chunk,
+                       instruments=[model.instruments.index(instrument)], batch=batch, device=device)[0]
+    d = torch.cdist(pool(q_seq)[None].double(), refs.double())[0]
+    results = []
+    for r, i in enumerate(d.argsort()[:top].tolist()):
+        z_seq = embed_long(model, [load_audio(files[i], cfg.sample_rate)], chunk=chunk, batch=batch,
+                           device=device)[0]
+        step_s = cfg.hop_length * cfg.patch_size / cfg.sample_rate
+        offset = best_offset(frames(z_seq), frames(q_seq))
+        results.append({"rank": r + 1, "file": str(files[i]), "distance": round(d[i].item(), 4),
+                        "offset_steps": offset, "offset_s": round(offset * step_s, 2)})
+    return results
+
+
+@torch.no_grad()
+def score(checkpoint, mix, stem, instrument: str, *, device=None, batch=16) -> dict:
+    """StemJEPA.score for two audio files: how well `stem` fits `mix` as `instrument` (retrieval's
+    distance for one pair, and the best offset)."""
+    model = StemJEPA.from_checkpoint(checkpoint).to(pick_device(device))
+    model.instrument_id(instrument)             # an unknown instrument fails before decoding
+    sr = model.config.sample_rate
+    return {"mix": str(mix), "stem": str(stem), "instrument": instrument,
+            **model.score(load_audio(mix, sr), load_audio(stem, sr), instrument, batch=batch)}
+
+
+@torch.no_grad()
+def embed_files(checkpoint, audio, out, *, sequences=False, device=None, batch=16,
+                log=print) -> np.ndarray:
+    """The pooled 3840-d target-encoder embedding of each audio file (4.1's references; the
+    probes of 4.5 use the context encoder) -> OUT (.npy, one row per file) and OUT.txt (the files, in order). With
+    sequences=True also OUT.sequences.npz: per file, one (T, 3840) vector per 160 ms. Unreadable
+    files are reported by name and left out of OUT and OUT.txt."""
+    device = pick_device(device)
+    model = StemJEPA.from_checkpoint(checkpoint).to(device)
+    files = audio_files(audio)
+    kept, embedded = embed_audio_files(model, files, device=device, batch=batch, log=log,
+                                       keep=lambda z: (pool(z).numpy(), frames(z).numpy()))
+    rows = np.stack([row for row, _ in embedded])
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, rows)
+    out.with_suffix(".txt").write_text("".join(f"{f}\n" for f in kept))
+    if sequences:
+        np.savez(out.with_suffix(".sequences.npz"),
+                 **{f"file{k}": seq for k, (_, seq) in enumerate(embedded)})
+    skipped = len(files) - len(kept)
+    log(f"wrote {len(kept)} embeddings of {rows.shape[1]} dims to {out}"
+        + (f" ({skipped} unreadable files skipped)" if skipped else ""))
+    return rows
+
+
+class HEARModel(nn.Module):
+    """A trained Stem-JEPA as HEAR expects it: sample_rate, scene_embedding_size (the pooled
+    3840-d vector for ViT-B) and timestamp_embedding_size (one F*D vector per 160 ms column)."""
+
+    def __init__(self, model: StemJEPA):
+        super().__init__()
+        self.model = model.eval()
+        self.sample_rate = model.config.sample_rate
+        size = (model.config.n_mels // model.config.patch_size) * model.config.dim
+        self.scene_embedding_size = self.timestamp_embedding_size = size
+
+
+def load_model(model_file_path: str = "", device=None) -> HEARModel:
+    """HEAR: a checkpoint written by `train` -> the model get_*_embeddings take."""
+    if not model_file_path:
+        raise StemJEPAError("load_model needs the path of a checkpoint written by `train`")
+    return HEARModel(StemJEPA.from_checkpoint(model_file_path)).to(pick_device(device))
+
+
+def _hear_patches(audio: torch.Tensor, model: HEARModel, batch: int) -> list[torch.Tensor]:
+    """Each sound of a HEAR batch (n, N) -> its target-encoder patch embeddings (F, T, D)."""
+    if audio.ndim != 2:
+        raise StemJEPAError(f"HEAR audio is (n_sounds, n_samples); got shape {tuple(audio.shape)}")
+    jepa = model.model
+    chunk = int(jepa.config.chunk_seconds * jepa.config.sample_rate)
+    return embed_long(jepa, list(audio.detach().float().cpu().numpy()), chunk=chunk, batch=batch,
+                      device=next(jepa.parameters()).device)
+
+
+@torch.no_grad()
+def get_timestamp_embeddings(audio: torch.Tensor, model: HEARModel,
+                             batch: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """HEAR: audio (n, N) at model.sample_rate -> embeddings (n, T, F*D), the target encoder's patch
+    columns (`frames`), and timestamps (n, T) in ms, the centre of each 160 ms column. Sounds are
+    embedded independently (chunked as `embed_long` does), so a sound's rows do not depend on the
+    others in the batch."""
+    emb = torch.stack([frames(z) for z in _hear_patches(audio, model, batch)])  # (n, T, F*D)
+    step_ms = 1000 * step_seconds(model.model)
+    ts = ((torch.arange(emb.shape[1]) + 0.5) * step_ms).float().expand(len(emb), -1)  # (n, T)
+    return emb.to(audio.device), ts.contiguous().to(audio.device)
+
+
+@torch.no_grad()
+def get_scene_embeddings(audio: torch.Tensor, model: HEARModel, batch: int = 16) -> torch.Tensor:
+    """HEAR: audio (n, N) -> one vector per sound (n, F*D): `pool` of its target embeddings, the
+    global embedding of 4.5 (average over time, frequency rows concatenated, normalised)."""
+    return torch.stack([pool(z) for z in _hear_patches(audio, model, batch)]).to(audio.device)
+
+
+# ---------------------------------------------------------------------------------------------
 # Performance: `bench` measures the machine's peak and how close the training step gets to it
 # ---------------------------------------------------------------------------------------------
 
@@ -3239,6 +3261,24 @@ def matmul_peak(device: torch.device, dtype=torch.float32) -> float:
         _sync(device)
         best = min(best, time.perf_counter() - t)
     return 2 * n ** 3 / best
+
+
+def train_flops_per_sample(cfg: Config) -> float:
+    """FLOPs of one training sample, counted from the shapes: a matmul (n x k)(k x m) is 2nkm;
+    backward costs twice the forward. Context encoder and predictor: forward + backward (3x);
+    target encoder: forward only (1x). Front-end, norms and softmax are left out (< 1 %)."""
+    K = (cfg.n_mels // cfg.patch_size) * (int(cfg.chunk_seconds * cfg.sample_rate) // cfg.hop_length // cfg.patch_size)
+    D = cfg.dim
+    block = 2 * K * (4 * D * D + 2 * cfg.mlp_ratio * D * D) + 2 * 2 * K * K * D  # linears + QK^T and AV
+    encoder = cfg.depth * block + 2 * K * cfg.patch_size ** 2 * D
+    if cfg.predictor == "transformer":
+        W = cfg.pred_tf_dim
+        predictor = (cfg.pred_tf_depth * (2 * (K + 1) * (4 + 2 * cfg.mlp_ratio) * W * W + 4 * (K + 1) ** 2 * W)
+                     + 2 * 2 * K * D * W)
+    else:
+        widths = [2 * D if cfg.predictor == "mlp" else D] + [cfg.pred_hidden] * (cfg.pred_layers - 1) + [D]
+        predictor = 2 * K * sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+    return 3 * (encoder + predictor) + encoder
 
 
 def obvious_step(cfg: Config, device, context, target, instrument):
