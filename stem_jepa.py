@@ -53,6 +53,7 @@ import argparse
 import copy
 import csv
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -67,6 +68,7 @@ import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
@@ -170,6 +172,22 @@ def make_config(preset: str = "paper", **overrides) -> Config:
         raise StemJEPAError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     fields = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
     return dataclasses.replace(Config(), **fields)
+
+
+def chunk_samples(cfg: Config) -> int:
+    """The training chunk in samples (8 s at 16 kHz: 128000); evaluation embeds in chunks of it."""
+    return int(cfg.chunk_seconds * cfg.sample_rate)
+
+
+def patch_seconds(cfg: Config) -> float:
+    """Audio per time patch, one column of patches: hop x patch width / sample rate (160 ms)."""
+    return cfg.hop_length * cfg.patch_size / cfg.sample_rate
+
+
+def prepare_options(cfg: Config) -> dict:
+    """What `prepare` takes from a config: the sample rate, the chunk and the silence threshold."""
+    return dict(sample_rate=cfg.sample_rate, chunk_seconds=cfg.chunk_seconds,
+                threshold=cfg.active_threshold)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,26 +443,33 @@ def lr_at(step: int, *, peak_lr: float, warmup_steps: int, total_steps: int, min
 # ---------------------------------------------------------------------------------------------
 
 class StemJEPA(nn.Module):
-    """Front-end, context encoder f_theta, predictor g_phi and EMA target encoder f_theta_bar (Fig. 1).
+    """Front-end, context encoder f_theta, predictor g_phi and EMA target encoder f_theta_bar
+    (Fig. 1). forward(context, target, instrument) returns the loss of Eq. 1 for a batch of
+    waveforms (B, N); it is what the training step differentiates.
 
-    forward(context, target, instrument) returns the loss of Eq. 1 for a batch of waveforms
-    (B, N); it is what the training step differentiates.
+    `config` is the Config the parts were built from (`build_model`); the any-length methods read
+    its chunk length and sample rate, and checkpoints store it.
     """
 
-    def __init__(self, *, frontend: LogMel, encoder: ViT, predictor: nn.Module, instruments: list[str],
-                 song_contrast: float = 0.0, song_temperature: float = 0.1):
+    def __init__(self, *, frontend: LogMel, encoder: ViT, predictor: nn.Module,
+                 instruments: list[str], config: Config, song_contrast: float = 0.0,
+                 song_temperature: float = 0.1):
         super().__init__()
-        self.frontend, self.encoder, self.predictor = frontend, encoder, predictor
+        self.frontend = frontend
+        self.encoder = encoder
+        self.predictor = predictor
         self.target_encoder = copy.deepcopy(encoder).requires_grad_(False)
         self.instruments = list(instruments)
-        self.song_contrast, self.song_temperature = song_contrast, song_temperature
+        self.config = config
+        self.song_contrast = song_contrast
+        self.song_temperature = song_temperature
 
     def encode(self, wav: torch.Tensor, *, target: bool = False) -> torch.Tensor:
-        """Waveforms (B, N) -> patch embeddings (B, F, T, D) from the context or the target encoder."""
+        """Waveforms (B, N) -> patch embeddings (B, F, T, D), context or target encoder."""
         return (self.target_encoder if target else self.encoder)(self.frontend(wav))
 
     def predict(self, wav: torch.Tensor, instrument: torch.Tensor) -> torch.Tensor:
-        """Context mixes (B, N) and instrument ids (B,) -> predicted target embeddings (B, F, T, D)."""
+        """Context mixes (B, N), instrument ids (B,) -> predicted targets (B, F, T, D)."""
         return self.predictor(self.encode(wav), instrument)
 
     # Any length (chunk, encode, concatenate: `embed_long`, as the evaluation does). These take one
@@ -465,9 +490,8 @@ class StemJEPA(nn.Module):
         if x.ndim != 1:
             raise StemJEPAError(f"expected one mono waveform (N,), got shape {tuple(x.shape)}")
         ids = None if instrument is None else [self.instrument_id(instrument)]
-        chunk = int(self.config.chunk_seconds * self.config.sample_rate)
-        return embed_long(self, [x], chunk=chunk, instruments=ids, target=target, batch=batch,
-                          device=next(self.parameters()).device)[0]
+        return embed_long(self, [x], chunk=chunk_samples(self.config), instruments=ids,
+                          target=target, batch=batch, device=next(self.parameters()).device)[0]
 
     def encode_long(self, wav, *, target: bool = True, batch: int = 16) -> torch.Tensor:
         """A recording of any length (N,) -> its patch embeddings (F, T, D), one column of patches
@@ -490,26 +514,28 @@ class StemJEPA(nn.Module):
         prediction for the mix and the stem's pooled target embedding (0 to 2, lower fits better),
         the cosine similarity 1 - d^2 / 2, and the offset at which the stem fits best (4.3:
         `best_offset`; place the stem offset_s seconds after the start of the mix)."""
-        q, z = self.predict_long(mix, instrument, batch=batch), self.encode_long(stem, batch=batch)
+        q = self.predict_long(mix, instrument, batch=batch)
+        z = self.encode_long(stem, batch=batch)
         distance = (pool(q) - pool(z)).norm().item()
         offset = best_offset(frames(z), frames(q))
-        step_s = self.frontend.hop_length * self.encoder.patch_size / self.config.sample_rate
         return {"distance": round(distance, 4), "similarity": round(1 - distance ** 2 / 2, 4),
-                "offset_steps": offset, "offset_s": round(offset * step_s, 2)}
+                "offset_patches": offset,
+                "offset_s": round(offset * patch_seconds(self.config), 2)}
 
-    def forward(self, context: torch.Tensor, target: torch.Tensor, instrument: torch.Tensor) -> torch.Tensor:
+    def forward(self, context: torch.Tensor, target: torch.Tensor,
+                instrument: torch.Tensor) -> torch.Tensor:
         pred = self.predict(context, instrument)                        # z~ (B, F, T, D)
         with torch.no_grad():
-            z_bar = self.encode(target, target=True)                     # z_bar (B, F, T, D): no gradient
+            z_bar = self.encode(target, target=True)                    # (B, F, T, D), no gradient
         loss = jepa_loss(pred, z_bar)
         if self.song_contrast:
-            loss = loss + self.song_contrast * song_contrast_loss(pred, z_bar, instrument,
-                                                                  temperature=self.song_temperature)
+            loss = loss + self.song_contrast * song_contrast_loss(
+                pred, z_bar, instrument, temperature=self.song_temperature)
         return loss
 
     @classmethod
     def from_checkpoint(cls, path, map_location="cpu") -> "StemJEPA":
-        """A trained model from a checkpoint written by `train`, in eval mode, with .config set."""
+        """A trained model from a checkpoint written by `train`, in eval mode."""
         ckpt = load_checkpoint(path, map_location=map_location)
         model = build_model(Config(**ckpt["config"]), ckpt["instruments"])
         model.load_state_dict(ckpt["model"])
@@ -518,25 +544,26 @@ class StemJEPA(nn.Module):
 
 def build_model(cfg: Config, instruments: list[str]) -> StemJEPA:
     """The model of a config: the only place (with `train`) that reads Config."""
-    max_frames = int(cfg.chunk_seconds * cfg.sample_rate) // cfg.hop_length
+    max_frames = chunk_samples(cfg) // cfg.hop_length
     frontend = LogMel(sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, hop_length=cfg.hop_length,
                       n_mels=cfg.n_mels, f_min=cfg.f_min, f_max=cfg.f_max)
     encoder = ViT(n_mels=cfg.n_mels, max_frames=max_frames, patch_size=cfg.patch_size, dim=cfg.dim,
                   depth=cfg.depth, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio)
     if cfg.predictor in ("mlp", "mlp-nocond"):
+        conditioned = len(instruments) if cfg.predictor == "mlp" else 0
         predictor = MLPPredictor(dim=cfg.dim, hidden=cfg.pred_hidden, layers=cfg.pred_layers,
-                                 n_instruments=len(instruments) if cfg.predictor == "mlp" else 0)
+                                 n_instruments=conditioned)
     elif cfg.predictor == "transformer":
-        predictor = TransformerPredictor(dim=cfg.dim, width=cfg.pred_tf_dim, depth=cfg.pred_tf_depth,
-                                         heads=cfg.pred_tf_heads, mlp_ratio=cfg.mlp_ratio,
-                                         n_instruments=len(instruments), n_freq=cfg.n_mels // cfg.patch_size,
-                                         max_time=max_frames // cfg.patch_size)
+        predictor = TransformerPredictor(
+            dim=cfg.dim, width=cfg.pred_tf_dim, depth=cfg.pred_tf_depth, heads=cfg.pred_tf_heads,
+            mlp_ratio=cfg.mlp_ratio, n_instruments=len(instruments),
+            n_freq=cfg.n_mels // cfg.patch_size, max_time=max_frames // cfg.patch_size)
     else:
-        raise StemJEPAError(f"unknown predictor {cfg.predictor!r}; choose mlp, mlp-nocond or transformer")
-    model = StemJEPA(frontend=frontend, encoder=encoder, predictor=predictor, instruments=instruments,
-                     song_contrast=cfg.song_contrast, song_temperature=cfg.song_temperature)
-    model.config = cfg
-    return model
+        raise StemJEPAError(f"unknown predictor {cfg.predictor!r}; "
+                            "choose mlp, mlp-nocond or transformer")
+    return StemJEPA(frontend=frontend, encoder=encoder, predictor=predictor,
+                    instruments=instruments, config=cfg, song_contrast=cfg.song_contrast,
+                    song_temperature=cfg.song_temperature)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -681,173 +708,290 @@ def training_step(model: StemJEPA, optimizer, context, target, instrument, *, lr
     return total, applied
 
 
-def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, force=False, device=None,
-          compile=False, workers=None, stop_at=None, init_from=None, precision="auto", layout=None,
-          log=print) -> StemJEPA:
-    """Train Stem-JEPA on the `train` split of `data` (3.3). Writes OUT/checkpoint.pt and OUT/log.csv
-    and returns the model. stop_at: save and return at this step (continue later with resume=True).
-    init_from: start a new run (fresh optimizer, schedules from step 0) from a checkpoint's weights
-    (`init_from_checkpoint`); resume=True with a checkpoint in OUT takes precedence. precision:
-    `pick_precision`. layout: find_tracks's options. OUT/train.lock (`RunLock`) keeps a second
-    live run out of OUT.
+class Trained(NamedTuple):
+    """What `train` returns: the model, in eval mode, and why the run stopped before its last
+    step: "SIGINT" or "SIGTERM" (the CLI exits with 128 + the signal's number), else None."""
+    model: StemJEPA
+    interrupted: str | None
+
+
+def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, force=False,
+          device=None, compile=False, workers=None, stop_at=None, init_from=None,
+          precision="auto", layout=None, log=print) -> Trained:
+    """Train Stem-JEPA on the `train` split of `data` (3.3). Writes OUT/checkpoint.pt and
+    OUT/log.csv. stop_at: save and return at this step (continue later with resume=True).
+    init_from: start a new run (fresh optimizer, schedules from step 0) from a checkpoint's
+    weights (`init_from_checkpoint`); resume=True with a checkpoint in OUT takes precedence.
+    precision: `pick_precision`. layout: find_tracks's options. OUT/train.lock (`RunLock`)
+    keeps a second live run out of OUT.
 
     Under torchrun, each process takes batch_size / world_size samples per step and
     DistributedDataParallel averages the gradients; nothing else changes.
     """
+    run = _start_run(cfg, data, out=Path(out), cache=cache, device=device, precision=precision,
+                     layout=layout, log=log)
+    _restore(run, resume=resume, force=force, init_from=init_from)
+    loader = _loader(run, workers)
+    loss_fn = _wrap(run, compile)
+    peak_lr = cfg.base_lr * cfg.batch_size / 256
+    with GracefulStop() as stop, run.lock:
+        batches = iter(loader)
+        while run.step < min(cfg.steps, stop_at or cfg.steps) and stop.reason is None:
+            batch = _next_batch(batches, stop)
+            if batch is None:
+                break
+            context, target, instrument = (x.to(run.device, non_blocking=True) for x in batch)
+            lr = lr_at(run.step, peak_lr=peak_lr, warmup_steps=cfg.warmup_steps,
+                       total_steps=cfg.steps, min_ratio=cfg.min_lr_ratio)
+            tau = tau_at(run.step, cfg.steps, cfg.tau_start, cfg.tau_end)
+            loss, applied = training_step(run.model, run.optimizer, context, target, instrument,
+                                          lr=lr, tau=tau, grad_clip=cfg.grad_clip,
+                                          grad_accum=cfg.grad_accum, loss_fn=loss_fn,
+                                          precision=run.precision, scaler=run.scaler)
+            run.count(loss, applied)
+            if run.step % cfg.log_every == 0 or run.step == cfg.steps:
+                _log_progress(run, context, target, instrument, lr=lr, tau=tau)
+            if run.step % cfg.ckpt_every == 0 or run.step == cfg.steps:
+                _save_run(run)
+        if stop.reason or run.step < cfg.steps:
+            _save_run(run)
+            run.log(f"{stop.reason or 'stop_at'}: saved {run.ckpt_path} at step {run.step}; "
+                    "continue with the same command and --resume")
+    if run.distributed:
+        dist.destroy_process_group()
+    return Trained(run.model.eval(), stop.reason)
+
+
+LOG_COLUMNS = ("step,loss,lr,tau,samples_per_s,spread,batch_loss,avg_stem_loss,pred_spread,"
+               "target_spread,skipped")
+
+
+@dataclass
+class _Run:
+    """One training run's state beyond the weights: what the loop, the log lines and the
+    checkpoints share. step, skipped and the log window (loss_sum, n_applied: the applied
+    steps since the last log line) are checkpointed, so a resumed run logs what an
+    uninterrupted one would."""
+    cfg: Config
+    out: Path
+    device: torch.device
+    precision: str
+    rank: int
+    world: int
+    tracks: list[dict]
+    instruments: list[str]
+    data_id: str
+    model: StemJEPA
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    log: object
+    step: int = 0
+    skipped: int = 0
+    bad_in_a_row: int = 0
+    loss_sum: float | torch.Tensor = 0.0
+    n_applied: int = 0
+    n_seen: int = 0                             # steps since the last log line, skipped included
+    t_last: float = 0.0
+
+    @property
+    def distributed(self) -> bool:
+        return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    @property
+    def lock(self):
+        return RunLock(self.out, log=self.log) if self.is_main else nullcontext()
+
+    def count(self, loss: torch.Tensor, applied: bool) -> None:
+        """Add a step's loss to the log window, or count it as skipped; 5 in a row is an error."""
+        if applied:
+            self.loss_sum += loss
+            self.n_applied += 1
+            self.bad_in_a_row = 0
+        else:
+            self.skipped += 1
+            self.bad_in_a_row += 1
+            self.log(f"step {self.step}: non-finite loss or gradient, step skipped "
+                     f"({self.skipped} so far)")
+            if self.bad_in_a_row >= 5:
+                raise StemJEPAError(f"step {self.step}: the loss was not finite for 5 steps in a "
+                                    f"row; {self.ckpt_path} holds the last good state "
+                                    "(try a lower --lr)")
+        self.step += 1
+        self.n_seen += 1
+
+
+def _start_run(cfg: Config, data, *, out: Path, cache, device, precision, layout, log) -> _Run:
+    """Processes and device (torchrun's environment variables), the data (rank 0 decodes, the
+    others wait for its cache), the model, AdamW and, for fp16, a GradScaler."""
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
+    rank = int(os.environ["RANK"]) if distributed else 0
+    world = int(os.environ["WORLD_SIZE"]) if distributed else 1
     if cfg.batch_size % (world * cfg.grad_accum):
-        raise StemJEPAError(f"--batch-size {cfg.batch_size} does not divide among {world} processes x "
-                            f"{cfg.grad_accum} accumulation steps")
-    device = pick_device(device if not distributed or device else
-                         f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else "cpu")
+        raise StemJEPAError(f"--batch-size {cfg.batch_size} does not divide among {world} "
+                            f"processes x {cfg.grad_accum} accumulation steps")
+    if distributed and device is None:
+        device = f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else "cpu"
+    device = pick_device(device)
     if distributed:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    out = Path(out)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if out.exists() and not out.is_dir():
         raise StemJEPAError(f"--out {out} is a file: give a folder for the run "
                             "(it holds checkpoint.pt and log.csv)")
-    is_main = rank == 0
-    log = log if is_main else (lambda *a, **k: None)
-    lock = RunLock(out, log=log) if is_main else nullcontext()
-    if is_main:
-        lock.check()                            # before decoding the data; taken by the loop
+    if rank != 0:
+        log = _quiet
+    else:
+        RunLock(out, log=log).check()           # before decoding the data; taken by the loop
     precision = pick_precision(precision, device)
-    prep = dict(cache=cache, sample_rate=cfg.sample_rate, chunk_seconds=cfg.chunk_seconds,
-                threshold=cfg.active_threshold, layout=layout)
-    if is_main:
-        tracks = prepare(data, "train", log=log, **prep)                # rank 0 decodes; the others wait
+    if rank == 0:
+        tracks = prepare(data, "train", cache=cache, layout=layout, log=log, **prepare_options(cfg))
     if distributed:
-        dist.barrier()
-    if not is_main:
-        tracks = prepare(data, "train", log=log, **prep)
+        dist.barrier()                          # the other processes then read rank 0's cache
+    if rank != 0:
+        tracks = prepare(data, "train", cache=cache, layout=layout, log=log, **prepare_options(cfg))
     instruments = sorted({s for t in tracks for s in t["stems"]})
-    data_id = hashlib.sha1(json.dumps([(t["name"], t["stems"], t["length"]) for t in tracks]).encode()).hexdigest()
-
+    names = [(t["name"], t["stems"], t["length"]) for t in tracks]
+    data_id = hashlib.sha1(json.dumps(names).encode()).hexdigest()
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, instruments).to(device)
     groups = param_groups(model, cfg.weight_decay, decay_all=cfg.weight_decay_all)
     optimizer = torch.optim.AdamW(groups, lr=0.0, betas=(cfg.beta1, cfg.beta2),
                                   fused=device.type in ("cuda", "cpu"))
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None  # fp16: loss scaling
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None  # loss scaling
     if device.type == "cuda":
         log(f"precision {precision}" + (" with a gradient scaler" if scaler is not None else ""))
-    start, skipped, window = 0, 0, (0.0, 0)   # window: loss sum and count since the last log line
-    ckpt_path = out / "checkpoint.pt"
-    if resume and (ckpt_path.exists() or ckpt_path.with_name("checkpoint.prev.pt").exists()):
-        ckpt = load_checkpoint(ckpt_path, map_location=device)
-        check_resume(ckpt, cfg, data_id, force)
-        if ckpt["instruments"] != instruments:
-            raise StemJEPAError(f"cannot resume: the checkpoint knows instruments {ckpt['instruments']}, "
-                                f"the data has {instruments}")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start, skipped, window = ckpt["step"], ckpt.get("skipped", 0), ckpt.get("log_window", window)
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        log(f"resuming {ckpt_path} at step {start}")
+    return _Run(cfg=cfg, out=out, device=device, precision=precision, rank=rank, world=world,
+                tracks=tracks, instruments=instruments, data_id=data_id, model=model,
+                optimizer=optimizer, scaler=scaler, log=log)
+
+
+def _quiet(*args, **kwargs) -> None:
+    """The log of processes other than rank 0."""
+
+
+def _restore(run: _Run, *, resume: bool, force: bool, init_from) -> None:
+    """Resume from OUT's checkpoint, or start from another run's weights (--init-from), or from
+    scratch; then create OUT and the log's header."""
+    cfg, path, log = run.cfg, run.ckpt_path, run.log
+    window = (0.0, 0)                           # loss sum and count since the last log line
+    if resume and (path.exists() or path.with_name("checkpoint.prev.pt").exists()):
+        ckpt = load_checkpoint(path, map_location=run.device)
+        check_resume(ckpt, cfg, run.data_id, force)
+        if ckpt["instruments"] != run.instruments:
+            raise StemJEPAError(f"cannot resume: the checkpoint knows instruments "
+                                f"{ckpt['instruments']}, the data has {run.instruments}")
+        run.model.load_state_dict(ckpt["model"])
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        run.step = ckpt["step"]
+        run.skipped = ckpt.get("skipped", 0)
+        window = ckpt.get("log_window", window)
+        if run.scaler is not None and ckpt.get("scaler"):
+            run.scaler.load_state_dict(ckpt["scaler"])
+        log(f"resuming {path} at step {run.step}")
     elif init_from:
-        new = init_from_checkpoint(model, load_checkpoint(init_from, map_location=device))
+        new = init_from_checkpoint(run.model, load_checkpoint(init_from, map_location=run.device))
         log(f"initialised from {init_from} (encoder, target encoder, predictor); a new run from "
             "step 0" + (f"; new instrument embeddings for {', '.join(new)}" if new else ""))
     elif resume:
-        log(f"no checkpoint in {out}: starting from scratch")
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    if device.type == "cpu" and cfg.dim >= 768 and is_main:
-        estimate = cfg.steps * cfg.batch_size * train_flops_per_sample(cfg) / 150e9
-        log(f"note: the paper preset on a CPU needs about {estimate / 86400:.0f} days for {cfg.steps} steps "
+        log(f"no checkpoint in {run.out}: starting from scratch")
+    run.loss_sum = torch.tensor(float(window[0]), device=run.device)
+    run.n_applied = int(window[1])
+    if run.is_main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        if not (run.out / "log.csv").exists():
+            (run.out / "log.csv").write_text(LOG_COLUMNS + "\n")
+    if run.device.type == "cpu" and cfg.dim >= 768:
+        days = cfg.steps * cfg.batch_size * train_flops_per_sample(cfg) / 150e9 / 86400
+        log(f"note: the paper preset on a CPU needs about {days:.0f} days for {cfg.steps} steps "
             f"(at ~150 GFLOP/s); use --preset tiny to learn in minutes")
+    trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+    log(f"training {cfg.predictor} predictor, {trainable / 1e6:.1f} M trainable parameters, "
+        f"{len(run.tracks)} tracks, instruments {run.instruments}, on {run.device} x "
+        f"{run.world}, steps {run.step}..{cfg.steps}")
+    run.t_last = time.time()
 
-    per_rank = cfg.batch_size // world
-    workers = min(8, max((os.cpu_count() or 2) // 2, 1)) if workers is None else workers
-    dataset = StemChunks(tracks, instruments, chunk=int(cfg.chunk_seconds * cfg.sample_rate),
+
+def _loader(run: _Run, workers: int | None) -> torch.utils.data.DataLoader:
+    """This process's share of each step's batch, from step run.step on (`StepBatches`)."""
+    cfg = run.cfg
+    if workers is None:
+        workers = min(8, max((os.cpu_count() or 2) // 2, 1))
+    dataset = StemChunks(run.tracks, run.instruments, chunk=chunk_samples(cfg),
                          threshold=cfg.active_threshold, tries=cfg.redraw_tries, seed=cfg.seed)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=StepBatches(start=start, steps=cfg.steps, batch=per_rank, rank=rank, world=world),
-        num_workers=workers, pin_memory=device.type == "cuda", worker_init_fn=_ignore_sigint,
-        persistent_workers=False, prefetch_factor=4 if workers else None)
-    online = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
-        if distributed else model
-    loss_fn = torch.compile(online) if compile else online
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    peak_lr = cfg.base_lr * cfg.batch_size / 256
+    batches = StepBatches(start=run.step, steps=cfg.steps, batch=cfg.batch_size // run.world,
+                          rank=run.rank, world=run.world)
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=batches, num_workers=workers, pin_memory=run.device.type == "cuda",
+        worker_init_fn=_ignore_sigint, persistent_workers=False,
+        prefetch_factor=4 if workers else None)
 
-    def checkpoint(step):
-        if is_main:
-            save_checkpoint(ckpt_path, {
-                "version": VERSION, "config": dataclasses.asdict(cfg), "instruments": instruments,
-                "step": step, "skipped": skipped, "data": data_id, "log_window": (loss_sum.item(), n_applied),
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None})
 
-    log_file = out / "log.csv"
-    if is_main and not log_file.exists():
-        log_file.write_text("step,loss,lr,tau,samples_per_s,spread,batch_loss,avg_stem_loss,pred_spread,"
-                            "target_spread,skipped\n")
-    log(f"training {cfg.predictor} predictor, {sum(p.numel() for p in trainable) / 1e6:.1f} M trainable "
-        f"parameters, {len(tracks)} tracks, instruments {instruments}, on {device} x {world}, steps {start}..{cfg.steps}")
-    loss_sum, n_applied = torch.tensor(float(window[0]), device=device), int(window[1])
-    n_sum, bad_in_a_row = 0, 0
-    t_last, step = time.time(), start
-    with GracefulStop() as stop, lock:
-        batches = iter(loader)
-        while step < min(cfg.steps, stop_at or cfg.steps) and stop.reason is None:
-            try:
-                context, target, instrument = next(batches)
-            except Exception:
-                if stop.reason:                 # a worker interrupted with the main process: just stop
-                    break
-                raise
-            context, target, instrument = (x.to(device, non_blocking=True) for x in (context, target, instrument))
-            lr = lr_at(step, peak_lr=peak_lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
-                       min_ratio=cfg.min_lr_ratio)
-            tau = tau_at(step, cfg.steps, cfg.tau_start, cfg.tau_end)
-            loss, applied = training_step(model, optimizer, context, target, instrument, lr=lr, tau=tau,
-                                          grad_clip=cfg.grad_clip, grad_accum=cfg.grad_accum, loss_fn=loss_fn,
-                                          precision=precision, scaler=scaler)
-            if applied:
-                loss_sum += loss
-                n_applied, bad_in_a_row = n_applied + 1, 0
-            else:
-                skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
-                log(f"step {step}: non-finite loss or gradient, step skipped ({skipped} so far)")
-                if bad_in_a_row >= 5:
-                    raise StemJEPAError(f"step {step}: the loss was not finite for 5 steps in a row; "
-                                        f"{ckpt_path} holds the last good state (try a lower --lr)")
-            step, n_sum = step + 1, n_sum + 1
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                mean_loss = loss_sum.item() / max(n_applied, 1)
-                speed = n_sum * cfg.batch_size / (time.time() - t_last)
-                with torch.no_grad(), autocast_for(device, precision):
-                    z_bar = model.encode(target, target=True)
-                    c = collapse_measures(model.predict(context, instrument), z_bar, instrument)
-                    spread = embedding_spread(z_bar)
-                eta = (cfg.steps - step) * cfg.batch_size / speed
-                log(f"step {step}/{cfg.steps}  loss {mean_loss:.4f} (batch {c['batch_loss']:.4f}, "
-                    f"average stem {c['avg_stem_loss']:.4f})  spread of predictions {c['pred_spread']:.3f} "
-                    f"(targets {c['target_spread']:.3f})  lr {lr:.2e}  tau {tau:.6f}  spread {spread:.3f}  "
-                    f"{speed:.1f} samples/s  ETA {eta / 60:.1f} min")
-                if is_main:
-                    with open(log_file, "a") as f:
-                        f.write(f"{step},{mean_loss:.6f},{lr:.6e},{tau:.8f},{speed:.2f},{spread:.4f},"
-                                f"{c['batch_loss']:.6f},{c['avg_stem_loss']:.6f},{c['pred_spread']:.4f},"
-                                f"{c['target_spread']:.4f},{skipped}\n")
-                loss_sum.zero_()
-                n_sum, n_applied, t_last = 0, 0, time.time()
-            if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                checkpoint(step)
-        model.interrupted = stop.reason         # the CLI exits with 128 + signal number
-        if stop.reason or step < cfg.steps:
-            checkpoint(step)
-            log(f"{stop.reason or 'stop_at'}: saved {ckpt_path} at step {step}; "
-                "continue with the same command and --resume")
-    if distributed:
-        dist.destroy_process_group()
-    return model.eval()
+def _wrap(run: _Run, compile: bool) -> nn.Module:
+    """The loss function the step calls: the model, in DDP under torchrun, compiled on request."""
+    online = run.model
+    if run.distributed:
+        ids = [run.device] if run.device.type == "cuda" else None
+        online = nn.parallel.DistributedDataParallel(run.model, device_ids=ids)
+    return torch.compile(online) if compile else online
+
+
+def _next_batch(batches, stop: GracefulStop):
+    """The next batch, or None when a signal also interrupted a loader worker."""
+    try:
+        return next(batches)
+    except Exception:
+        if stop.reason:
+            return None
+        raise
+
+
+@torch.no_grad()
+def _log_progress(run: _Run, context, target, instrument, *, lr: float, tau: float) -> None:
+    """A log line and a row of log.csv (LOG_COLUMNS): the mean loss since the last line, and the
+    collapse measures of the last batch (`collapse_measures`, `embedding_spread`)."""
+    cfg = run.cfg
+    mean_loss = run.loss_sum.item() / max(run.n_applied, 1)
+    speed = run.n_seen * cfg.batch_size / (time.time() - run.t_last)
+    with autocast_for(run.device, run.precision):
+        z_bar = run.model.encode(target, target=True)
+        c = collapse_measures(run.model.predict(context, instrument), z_bar, instrument)
+        spread = embedding_spread(z_bar)
+    eta = (cfg.steps - run.step) * cfg.batch_size / speed
+    run.log(f"step {run.step}/{cfg.steps}  loss {mean_loss:.4f} (batch {c['batch_loss']:.4f}, "
+            f"average stem {c['avg_stem_loss']:.4f})  spread of predictions "
+            f"{c['pred_spread']:.3f} (targets {c['target_spread']:.3f})  lr {lr:.2e}  "
+            f"tau {tau:.6f}  spread {spread:.3f}  {speed:.1f} samples/s  ETA {eta / 60:.1f} min")
+    if run.is_main:
+        with open(run.out / "log.csv", "a") as f:
+            f.write(f"{run.step},{mean_loss:.6f},{lr:.6e},{tau:.8f},{speed:.2f},{spread:.4f},"
+                    f"{c['batch_loss']:.6f},{c['avg_stem_loss']:.6f},{c['pred_spread']:.4f},"
+                    f"{c['target_spread']:.4f},{run.skipped}\n")
+    run.loss_sum.zero_()
+    run.n_seen = 0
+    run.n_applied = 0
+    run.t_last = time.time()
+
+
+def _save_run(run: _Run) -> None:
+    """OUT/checkpoint.pt (`save_checkpoint`), written by rank 0."""
+    if run.is_main:
+        save_checkpoint(run.ckpt_path, {
+            "version": VERSION, "config": dataclasses.asdict(run.cfg),
+            "instruments": run.instruments, "step": run.step, "skipped": run.skipped,
+            "data": run.data_id, "log_window": (run.loss_sum.item(), run.n_applied),
+            "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scaler": run.scaler.state_dict() if run.scaler is not None else None})
 
 
 def embedding_spread(z: torch.Tensor) -> float:
@@ -1071,15 +1215,38 @@ def full_precision(device: torch.device):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write to a temporary file, keep the previous checkpoint as *.prev.pt, then rename: a kill
-    at any moment leaves at least one loadable checkpoint."""
+def _write_atomic(path: Path, write, *, keep_previous: bool = False) -> None:
+    """write(tmp) then rename: a reader never sees a half-written file. keep_previous: the old
+    file becomes *.prev<suffix> just before the rename, so a kill at any moment leaves at least
+    one complete file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    if path.exists():
-        os.replace(path, path.with_name(path.stem + ".prev.pt"))
+    write(tmp)
+    if keep_previous and path.exists():
+        os.replace(path, path.with_name(path.stem + ".prev" + path.suffix))
     os.replace(tmp, path)
+
+
+def _write_json(path: Path, data) -> None:
+    _write_atomic(path, lambda p: p.write_text(json.dumps(data, indent=1)))
+
+
+def _file_id(path) -> tuple:
+    """What identifies a file's version in a cache key: its path, size and modification time."""
+    st = os.stat(path)
+    return str(path), st.st_size, st.st_mtime_ns
+
+
+def _cache_key(*parts) -> str:
+    """The one cache-key scheme (decoded stems, embeddings, libraries): a hash of the parts,
+    files given as `_file_id`, and of the checkpoint and cache formats."""
+    text = json.dumps([VERSION, CACHE_FORMAT, *parts], default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Keep the previous checkpoint as *.prev.pt and write atomically (`_write_atomic`)."""
+    _write_atomic(path, lambda p: torch.save(state, p), keep_previous=True)
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
@@ -1104,6 +1271,29 @@ def load_checkpoint(path, map_location="cpu") -> dict:
             continue
         return ckpt
     raise StemJEPAError("; ".join(problems) or f"{path}: no such checkpoint")
+
+
+def open_trained(checkpoint, device=None, data=None, *, split="test", cache=None, layout=None,
+                 log=print) -> tuple[StemJEPA, torch.device, list[dict] | None]:
+    """What every command on a trained model starts with: the model from `checkpoint` on the
+    device (`pick_device`), in eval mode, and, given `data`, the split's prepared tracks for
+    evaluation (every track and stem kept: `prepare` with training=False)."""
+    device = pick_device(device)
+    model = StemJEPA.from_checkpoint(checkpoint).to(device)
+    prepared = None
+    if data is not None:
+        prepared = prepare(data, split, cache=cache, training=False, layout=layout, log=log,
+                           **prepare_options(model.config))
+    return model, device, prepared
+
+
+def random_twin(model: StemJEPA, seed: int | None = None) -> StemJEPA:
+    """The comparison row "random weights": the same architecture and instruments, untrained,
+    on the model's device, in eval mode."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    twin = build_model(model.config, model.instruments)
+    return twin.to(next(model.parameters()).device).eval()
 
 
 # Config fields that may change on --resume with --force: they do not change what the weights mean.
@@ -1494,23 +1684,6 @@ def load_stem(sources: list[tuple], sample_rate: int) -> np.ndarray:
     return out
 
 
-def _signature(stems: dict, sample_rate: int, threshold: float) -> str:
-    """Changes when a source file, the sample rate, the silence threshold or the cache format changes."""
-    h = hashlib.sha1(f"{VERSION} {CACHE_FORMAT} {sample_rate} {threshold}".encode())
-    for stem, sources in sorted(stems.items()):
-        for path, stream, channel in sources:
-            st = os.stat(path)
-            h.update(f"{stem} {path} {stream} {channel} {st.st_size} {st.st_mtime_ns}".encode())
-    return h.hexdigest()
-
-
-def _write_atomic(path: Path, write) -> None:
-    """write(tmp) then rename: a reader never sees a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _save_npy(path: Path, array: np.ndarray) -> None:
     with open(path, "wb") as f:                 # a file object: np.save would append ".npy" to a path
         np.save(f, array)
@@ -1598,35 +1771,44 @@ def prepare(root, split: str = "train", *, cache=None, sample_rate=16000, chunk_
     and the analyses pass training=False and keep every track and stem. split "all": train/ and
     test/ together (the paper's retrieval ranks among all 150 MUSDB18 tracks).
 
-    Returns one dict per usable track: name, stems (sorted), length (samples), npy (path).
+    Returns the prepared tracks, one dict per usable track: name, stems (sorted), length
+    (samples), npy (path). (`find_tracks` returns the found tracks: names and source files.)
     layout: find_tracks's options (channels, groups) for the layouts that need them.
     """
+    options = dict(cache=cache, sample_rate=sample_rate, chunk_seconds=chunk_seconds,
+                   threshold=threshold, training=training, layout=layout, log=log)
     if split == "all" and any((Path(root) / s).is_dir() for s in ("train", "test")):
         return [t for s in ("train", "test") if (Path(root) / s).is_dir()
-                for t in prepare(root, s, cache=cache, sample_rate=sample_rate,
-                                 chunk_seconds=chunk_seconds, threshold=threshold,
-                                 training=training, layout=layout, log=log)]
-    tracks = find_tracks(root, split, **(layout or {}))
+                for t in prepare(root, s, **options)]
+    found = find_tracks(root, split, **(layout or {}))
     cache = Path(cache) if cache else Path(root) / ".stem_jepa_cache"
     folder = cache / f"{sample_rate}hz" / split
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise StemJEPAError(f"cannot write the cache in {folder} ({e.strerror}): pass --cache DIR") from None
+        raise StemJEPAError(f"cannot write the cache in {folder} ({e.strerror}): "
+                            "pass --cache DIR") from None
     chunk = int(chunk_seconds * sample_rate)
-    notes, usable, t0, decoded = [], [], time.time(), 0
-    for i, (name, stems) in enumerate(tracks):
-        safe = hashlib.sha1(name.encode()).hexdigest()[:8] + "_" + "".join(c if c.isalnum() else "_" for c in name)[:60]
-        meta_path, npy_path = folder / f"{safe}.json", folder / f"{safe}.npy"
-        signature = _signature(stems, sample_rate, threshold)
+    notes, prepared = [], []
+    decoded = 0
+    t0 = time.time()
+    for i, (name, stems) in enumerate(found):
+        safe = "".join(c if c.isalnum() else "_" for c in name)[:60]
+        safe = hashlib.sha1(name.encode()).hexdigest()[:8] + "_" + safe
+        meta_path = folder / f"{safe}.json"
+        npy_path = folder / f"{safe}.npy"
+        sources = [(stem, _file_id(path), stream, channel)
+                   for stem, parts in sorted(stems.items()) for path, stream, channel in parts]
+        signature = _cache_key(sample_rate, threshold, chunk, sources)
         try:
             meta = json.loads(meta_path.read_text())
         except (OSError, ValueError):
             meta = None
-        fresh = (meta is not None and meta.get("signature") == signature and meta.get("chunk") == chunk
+        fresh = (meta is not None and meta.get("signature") == signature
                  and ("excluded" in meta or npy_path.exists()))
-        if not fresh:                           # new, changed, or left half-written by an interruption
-            meta = _prepare_track(name, stems, sample_rate=sample_rate, chunk=chunk, threshold=threshold)
+        if not fresh:                           # new, changed, or left half-written by a kill
+            meta = _prepare_track(name, stems, sample_rate=sample_rate, chunk=chunk,
+                                  threshold=threshold)
             audio = meta.pop("audio", None)
             if audio is not None:
                 _write_atomic(npy_path, lambda p: _save_npy(p, audio.astype(np.float16)))
@@ -1634,7 +1816,7 @@ def prepare(root, split: str = "train", *, cache=None, sample_rate=16000, chunk_
             _write_atomic(meta_path, lambda p: p.write_text(json.dumps(meta)))
             decoded += 1
             if decoded % 10 == 0:
-                log(f"prepare {split}: {i + 1}/{len(tracks)} tracks ({time.time() - t0:.0f} s)")
+                log(f"prepare {split}: {i + 1}/{len(found)} tracks ({time.time() - t0:.0f} s)")
         notes += [tuple(n) for n in meta["notes"]]
         if "excluded" in meta:
             continue
@@ -1644,14 +1826,15 @@ def prepare(root, split: str = "train", *, cache=None, sample_rate=16000, chunk_
             notes += more + ([("tracks excluded", f"{name}: {why}")] if why else [])
             if why:
                 continue
-        usable.append({**{k: meta[k] for k in ("name", "stems", "length")}, "npy": str(npy_path)})
+        prepared.append({**{k: meta[k] for k in ("name", "stems", "length")},
+                         "npy": str(npy_path)})
     report = "".join(f"  {kind}:\n" + "".join(f"    {text}\n" for k, text in notes if k == kind)
                      for kind in dict.fromkeys(k for k, _ in notes))
-    if not usable:
+    if not prepared:
         raise StemJEPAError(f"no usable track in {root} ({split}):\n{report}".rstrip())
     if report:
-        log(f"prepare {split}: {len(usable)} of {len(tracks)} tracks usable; notes:\n{report}")
-    return usable
+        log(f"prepare {split}: {len(prepared)} of {len(found)} tracks usable; notes:\n{report}")
+    return prepared
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1853,45 +2036,59 @@ def dsp_features(x: np.ndarray, sample_rate: int = 16000) -> np.ndarray:
     return torch.cat([F.normalize(chroma, dim=0), F.normalize(ac.clamp(min=0), dim=0)]).numpy() / np.sqrt(2)
 
 
-def _audio_seconds(tracks, sample_rate):
-    return sum(t["length"] * 2 * len(t["stems"]) for t in tracks) / sample_rate
+@dataclass
+class RetrievalEmbeddings:
+    """The pooled vectors of 4.1, one row per (track, stem) pair: the queries q_s^(n) and the
+    references z_s^(n) (Q = R rows, row i's true reference is row i), with each row's track and
+    instrument index. refs_context: the references from the context encoder (None for the DSP
+    baseline)."""
+    queries: torch.Tensor                       # (Q, C)
+    refs_target: torch.Tensor                   # (R, C)
+    track: torch.Tensor                         # (R,)
+    instrument: torch.Tensor                    # (R,)
+    refs_context: torch.Tensor | None = None    # (R, C)
 
 
 @torch.no_grad()
-def retrieval_embeddings(model: StemJEPA, tracks: list[dict], *, device="cpu", batch=16, log=print) -> dict:
-    """For each track n and stem s known to the model: the query q_s^(n) (predictor conditioned on s
-    over the mix of the other stems, 4.1.1) and the references z_s^(n) from the target and the
-    context encoders, each pooled by `pool`. Returns stacked tensors and the (track, instrument)
-    of every row."""
+def retrieval_embeddings(model: StemJEPA, tracks: list[dict], *, device="cpu", batch=16,
+                         log=print) -> RetrievalEmbeddings:
+    """For each prepared track n and stem s known to the model: the query q_s^(n) (predictor
+    conditioned on s over the mix of the other stems, 4.1.1) and the references z_s^(n) from the
+    target and the context encoders, each pooled by `pool`."""
     model = model.to(device).eval()
-    chunk = int(model.config.chunk_seconds * model.config.sample_rate)
-    rows = {"queries": [], "refs_target": [], "refs_context": [], "track": [], "instrument": []}
-    t0, done_seconds, total = time.time(), 0.0, _audio_seconds(tracks, model.config.sample_rate)
+    chunk = chunk_samples(model.config)
+    sr = model.config.sample_rate
+    queries, refs_target, refs_context, track, instrument = [], [], [], [], []
+    total = sum(t["length"] * 2 * len(t["stems"]) for t in tracks) / sr
+    done = 0.0
+    t0 = time.time()
     for n, t in enumerate(tracks):
         x = np.load(t["npy"]).astype(np.float32)                        # (S, N)
         known = [i for i, s in enumerate(t["stems"]) if s in model.instruments]
         ids = [model.instruments.index(t["stems"][i]) for i in known]
-        mixes = [x.sum(0) - x[i] for i in known]                        # x_{not s}: all stems but s
-        rows["queries"] += [pool(q) for q in embed_long(model, mixes, chunk=chunk, instruments=ids,
-                                                        batch=batch, device=device)]
+        mixes = [x.sum(0) - x[i] for i in known]                        # x_{not s}: all but s
         stems = [x[i] for i in known]
-        rows["refs_target"] += [pool(z) for z in embed_long(model, stems, chunk=chunk, batch=batch, device=device)]
-        rows["refs_context"] += [pool(z) for z in embed_long(model, stems, chunk=chunk, target=False,
-                                                             batch=batch, device=device)]
-        rows["track"] += [n] * len(known)
-        rows["instrument"] += ids
-        done_seconds += t["length"] * 2 * len(t["stems"]) / model.config.sample_rate
-        rate = done_seconds / (time.time() - t0)
+        embed = functools.partial(embed_long, model, chunk=chunk, batch=batch, device=device)
+        queries += [pool(q) for q in embed(mixes, instruments=ids)]
+        refs_target += [pool(z) for z in embed(stems)]
+        refs_context += [pool(z) for z in embed(stems, target=False)]
+        track += [n] * len(known)
+        instrument += ids
+        done += t["length"] * 2 * len(t["stems"]) / sr
+        rate = done / (time.time() - t0)
         if (n + 1) % 10 == 0 or n + 1 == len(tracks):
             log(f"  embedded {n + 1}/{len(tracks)} tracks, {rate:.0f} s of audio per s, "
-                f"ETA {(total - done_seconds) / rate:.0f} s")
-    return {k: torch.stack(v) if k.startswith(("q", "r")) else torch.tensor(v) for k, v in rows.items()}
+                f"ETA {(total - done) / rate:.0f} s")
+    return RetrievalEmbeddings(queries=torch.stack(queries), refs_target=torch.stack(refs_target),
+                               refs_context=torch.stack(refs_context), track=torch.tensor(track),
+                               instrument=torch.tensor(instrument))
 
 
-def dsp_embeddings(tracks: list[dict], instruments: list[str], sample_rate: int) -> dict:
-    """The DSP baseline's queries (features of the mix of the other stems) and references (features
-    of each stem). It has no notion of instrument: the same query for every missing stem would be
-    unfair, so the query is the mix without s, as for the model."""
+def dsp_embeddings(tracks: list[dict], instruments: list[str],
+                   sample_rate: int) -> RetrievalEmbeddings:
+    """The DSP baseline's queries (features of the mix of the other stems) and references
+    (features of each stem). It has no notion of instrument: the same query for every missing
+    stem would be unfair, so the query is the mix without s, as for the model."""
     q, r, tr, ins = [], [], [], []
     for n, t in enumerate(tracks):
         x = np.load(t["npy"]).astype(np.float32)
@@ -1901,12 +2098,25 @@ def dsp_embeddings(tracks: list[dict], instruments: list[str], sample_rate: int)
                 r.append(dsp_features(x[i], sample_rate))
                 tr.append(n)
                 ins.append(instruments.index(s))
-    return {"queries": torch.tensor(np.stack(q)), "refs": torch.tensor(np.stack(r)),
-            "track": torch.tensor(tr), "instrument": torch.tensor(ins)}
+    return RetrievalEmbeddings(queries=torch.tensor(np.stack(q)), refs_target=torch.tensor(np.stack(r)),
+                               track=torch.tensor(tr), instrument=torch.tensor(ins))
 
 
-def _cache_key(*parts) -> str:
-    return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+def _cached_retrieval_embeddings(model: StemJEPA, checkpoint, tracks: list[dict], *, device,
+                                 batch, log) -> RetrievalEmbeddings:
+    """`retrieval_embeddings`, kept beside the decoded stems and reused while the checkpoint and
+    the stems are unchanged."""
+    folder = Path(tracks[0]["npy"]).parent.parent / "embeddings"
+    folder.mkdir(exist_ok=True)
+    key = _cache_key(_file_id(Path(checkpoint).resolve()), [_file_id(t["npy"]) for t in tracks])
+    path = folder / f"{key}.pt"
+    if path.exists():
+        log(f"embeddings from {path}")
+        return RetrievalEmbeddings(**torch.load(path, weights_only=True))
+    log(f"embedding {len(tracks)} tracks with {checkpoint}")
+    emb = retrieval_embeddings(model, tracks, device=device, batch=batch, log=log)
+    _write_atomic(path, lambda p: torch.save(dataclasses.asdict(emb), p))
+    return emb
 
 
 def evaluate(checkpoint, data, *, split="test", out=None, cache=None, device=None, batch=16,
@@ -1921,37 +2131,23 @@ def evaluate(checkpoint, data, *, split="test", out=None, cache=None, device=Non
     split "all" ranks among train/ and test/ together, as Table 1 (MUSDB18: 150 tracks, R = 600).
     The normalised rank is 1-based, as the authors' evaluation (`retrieval_metrics`).
     """
-    device = pick_device(device)
-    model = StemJEPA.from_checkpoint(checkpoint)
+    model, device, tracks = open_trained(checkpoint, device, data, split=split, cache=cache,
+                                         layout=layout, log=log)
     cfg = model.config
-    tracks = prepare(data, split, cache=cache, sample_rate=cfg.sample_rate, chunk_seconds=cfg.chunk_seconds,
-                     threshold=cfg.active_threshold, training=False, layout=layout, log=log)
     out = Path(out or Path(checkpoint).parent / f"eval-{split}")
     out.mkdir(parents=True, exist_ok=True)
-    emb_dir = Path(tracks[0]["npy"]).parent.parent / "embeddings"
-    emb_dir.mkdir(exist_ok=True)
-    st = os.stat(checkpoint)
-    key = _cache_key(str(Path(checkpoint).resolve()), st.st_size, st.st_mtime_ns,
-                     [(t["npy"], os.stat(t["npy"]).st_size, os.stat(t["npy"]).st_mtime_ns) for t in tracks], VERSION)
-    emb_file = emb_dir / f"{key}.pt"
-    if emb_file.exists():
-        log(f"embeddings from {emb_file}")
-        emb = torch.load(emb_file, weights_only=True)
-    else:
-        log(f"embedding {len(tracks)} tracks with {checkpoint}")
-        emb = retrieval_embeddings(model, tracks, device=device, batch=batch, log=log)
-        _write_atomic(emb_file, lambda p: torch.save(emb, p))
-    torch.manual_seed(seed)
+    emb = _cached_retrieval_embeddings(model, checkpoint, tracks, device=device, batch=batch,
+                                       log=log)
     log("embedding with random weights")
-    random_model = build_model(cfg, model.instruments)
-    rand = retrieval_embeddings(random_model, tracks, device=device, batch=batch, log=log)
+    rand = retrieval_embeddings(random_twin(model, seed), tracks, device=device, batch=batch,
+                                log=log)
     dsp = dsp_embeddings(tracks, model.instruments, cfg.sample_rate)
-    truth = torch.arange(len(emb["queries"]))                           # query i's stem is reference i
+    truth = torch.arange(len(emb.queries))                           # query i's stem is reference i
     rows = {
-        "Stem-JEPA, target-encoder refs": (emb["queries"], emb["refs_target"]),
-        "Stem-JEPA, context-encoder refs": (emb["queries"], emb["refs_context"]),
-        "random weights": (rand["queries"], rand["refs_target"]),
-        "DSP (chroma + tempo)": (dsp["queries"], dsp["refs"]),
+        "Stem-JEPA, target-encoder refs": (emb.queries, emb.refs_target),
+        "Stem-JEPA, context-encoder refs": (emb.queries, emb.refs_context),
+        "random weights": (rand.queries, rand.refs_target),
+        "DSP (chroma + tempo)": (dsp.queries, dsp.refs_target),
     }
     results = {"N": len(tracks), "S": len(model.instruments), "references": len(truth),
                "checkpoint": str(checkpoint), "split": split, "rows": {},
@@ -1959,17 +2155,17 @@ def evaluate(checkpoint, data, *, split="test", out=None, cache=None, device=Non
                                   "nrank0_*: 0-based rank / references"}
     for name, (q, r) in rows.items():
         row = retrieval_metrics(q, r, truth)
-        row.update(which_song_and_instrument(q, r, emb["track"], emb["instrument"]))
+        row.update(which_song_and_instrument(q, r, emb.track, emb.instrument))
         row["per_instrument"] = {s: retrieval_metrics(q[m], r, truth[m])
-                                 for i, s in enumerate(model.instruments) if (m := emb["instrument"] == i).any()}
+                                 for i, s in enumerate(model.instruments) if (m := emb.instrument == i).any()}
         results["rows"][name] = row
     results["rows"]["chance"] = chance_metrics(len(truth))
     results["rows"]["chance"].update(
         which_song=chance_metrics(len(tracks), ks=(1,)), which_instrument=chance_metrics(len(model.instruments), ks=(1,)),
         query_cosine=float("nan"))
     results.update(results["rows"]["Stem-JEPA, target-encoder refs"])  # the headline numbers at top level
-    results["fig2"] = failure_analysis(emb["queries"], emb["refs_target"], emb["track"], emb["instrument"],
-                                       emb["track"], emb["instrument"], model.instruments)
+    results["fig2"] = failure_analysis(emb.queries, emb.refs_target, emb.track, emb.instrument,
+                                       emb.track, emb.instrument, model.instruments)
     plot_fig2(results["fig2"], out / "fig2.png")
     if listening:
         results["listening"] = write_listening_test(tracks, emb, model.instruments, out / "listening",
@@ -2039,7 +2235,7 @@ def write_listening_test(tracks, emb, instruments, out, *, trials, sample_rate, 
     rng = np.random.default_rng(seed)
     out = Path(out)
     (out / "trials").mkdir(parents=True, exist_ok=True)
-    d = torch.cdist(emb["queries"].double(), emb["refs_target"].double())
+    d = torch.cdist(emb.queries.double(), emb.refs_target.double())
     key_rows, n_ex, n_crop = [], int(excerpt_s * sample_rate), int(crop_s * sample_rate)
 
     def busiest_start(y):                       # the excerpt with the most active 0.1 s blocks
@@ -2055,16 +2251,16 @@ def write_listening_test(tracks, emb, instruments, out, *, trials, sample_rate, 
         c = int(rng.integers(0, max(len(seg) - n_crop, 0) + 1))
         return seg[c: c + n_crop]
 
-    candidates = [q for q in range(len(d)) if ((emb["instrument"] == emb["instrument"][q])
-                                               & (emb["track"] != emb["track"][q])).sum() >= 2]
+    candidates = [q for q in range(len(d)) if ((emb.instrument == emb.instrument[q])
+                                               & (emb.track != emb.track[q])).sum() >= 2]
     for k, q in enumerate(rng.permutation(candidates)[:trials]):
-        n, inst = int(emb["track"][q]), int(emb["instrument"][q])
-        others = torch.nonzero((emb["instrument"] == inst) & (emb["track"] != n)).flatten()
+        n, inst = int(emb.track[q]), int(emb.instrument[q])
+        others = torch.nonzero((emb.instrument == inst) & (emb.track != n)).flatten()
         retrieved = int(others[d[q, others].argmin()])
         random_pick = int(rng.choice([o for o in others.tolist() if o != retrieved]))
 
         def stem_audio(row):
-            t = tracks[int(emb["track"][row])]
+            t = tracks[int(emb.track[row])]
             return np.load(t["npy"], mmap_mode="r")[t["stems"].index(instruments[inst])].astype(np.float32)
         t = tracks[n]
         x = np.load(t["npy"]).astype(np.float32)
@@ -2083,8 +2279,8 @@ def write_listening_test(tracks, emb, instruments, out, *, trials, sample_rate, 
             sf.write(folder / f"{name}.wav", gain * c, sample_rate)
         key_rows.append({"trial": f"trial{k:02d}", "track": t["name"], "instrument": instruments[inst],
                          **{letter: what for letter, what in zip("ABC", order)},
-                         "retrieved_from": tracks[int(emb["track"][retrieved])]["name"],
-                         "random_from": tracks[int(emb["track"][random_pick])]["name"]})
+                         "retrieved_from": tracks[int(emb.track[retrieved])]["name"],
+                         "random_from": tracks[int(emb.track[random_pick])]["name"]})
     with open(out / "key.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(key_rows[0]) if key_rows else ["trial"])
         w.writeheader()
@@ -2097,61 +2293,62 @@ def write_listening_test(tracks, emb, instruments, out, *, trials, sample_rate, 
 # ---------------------------------------------------------------------------------------------
 
 def frames(z: torch.Tensor) -> torch.Tensor:
-    """(F, T, D) -> (T, F*D): one vector per time patch (160 ms), the frequency rows concatenated (4.3)."""
+    """(F, T, D) -> (T, F*D): one vector per time patch (160 ms), the frequency rows concatenated
+    (4.3)."""
     return z.permute(1, 0, 2).reshape(z.shape[1], -1)
 
 
-def shift_similarity(z: torch.Tensor, q: torch.Tensor, shifts, circular: bool = True) -> torch.Tensor:
-    """Eq. 3 for one stem: s(z, q, j) = 1/M sum_i <z[i], q[(i + j) % M]>, z and q (M, C) sequences
-    of unit vectors (normalised here), for each shift j. With circular=False (sequences of different
-    lengths, as in `retrieve`), the mean over the overlapping steps only."""
-    sims = F.normalize(z.float(), dim=-1) @ F.normalize(q.float(), dim=-1).T   # (M, M')
+def shift_similarity(z: torch.Tensor, q: torch.Tensor, shifts,
+                     circular: bool = True) -> torch.Tensor:
+    """Eq. 3 for one stem: s(z, q, j) = 1/T sum_i <z[i], q[(i + j) % T]> (the paper's M is T
+    here, the number of time patches), z and q (T, C) sequences of unit vectors (normalised
+    here), for each shift j. With circular=False (sequences of different lengths, as in
+    `retrieve`), the mean over the overlapping patches only."""
+    sims = F.normalize(z.float(), dim=-1) @ F.normalize(q.float(), dim=-1).T   # (T, T')
     i = torch.arange(sims.shape[0])
     out = []
     for j in shifts:
         if circular:
             out.append(sims[i, (i + j) % sims.shape[1]].mean())
-        else:
-            ok = (i + j >= 0) & (i + j < sims.shape[1])
-            out.append(sims[i[ok], i[ok] + j].mean() if ok.any() else torch.tensor(float("nan")))
+            continue
+        ok = (i + j >= 0) & (i + j < sims.shape[1])
+        out.append(sims[i[ok], i[ok] + j].mean() if ok.any() else torch.tensor(float("nan")))
     return torch.stack(out)
 
 
 def best_offset(stem: torch.Tensor, prediction: torch.Tensor, min_overlap: float = 0.5) -> int:
-    """The shift j (in time patches) at which a stem's sequence (M, C) best matches the predicted
-    sequence for a mix (M', C): place the stem j patches after the start of the mix. Shifts leaving
-    less than min_overlap of the shorter sequence in common are not considered."""
-    M, Mq = len(stem), len(prediction)
-    need = max(1, int(min_overlap * min(M, Mq)))
-    shifts = list(range(-(M - need), Mq - need + 1))
+    """The shift j (in time patches) at which a stem's sequence (T, C) best matches the predicted
+    sequence for a mix (T', C): place the stem j patches after the start of the mix. Shifts
+    leaving less than min_overlap of the shorter sequence in common are not considered."""
+    T, Tq = len(stem), len(prediction)
+    need = max(1, int(min_overlap * min(T, Tq)))
+    shifts = list(range(-(T - need), Tq - need + 1))
     return shifts[int(shift_similarity(stem, prediction, shifts, circular=False).argmax())]
 
 
-def step_seconds(model: StemJEPA) -> float:
-    """Audio per time patch: hop x patch width / sample rate (160 ms for the paper's front-end)."""
-    return model.frontend.hop_length * model.encoder.patch_size / model.config.sample_rate
+def alignment_curve(z_seqs: list[torch.Tensor], q_seqs: list[torch.Tensor],
+                    shifts) -> torch.Tensor:
+    """Eq. 3 for one track: s(z, q, j) = 1/(TS) sum_s sum_i <z_s[i], q_s[(i + j) % T]>, each j.
 
-
-def alignment_curve(z_seqs: list[torch.Tensor], q_seqs: list[torch.Tensor], shifts) -> torch.Tensor:
-    """Eq. 3 for one track: s(z, q, j) = 1/(MS) sum_s sum_i <z_s[i], q_s[(i + j) % M]>, for each j.
-
-    z_seqs[s], q_seqs[s]: (M, C) sequences of one stem's target patches and of the predictions
-    for it (cosines: both are normalised). The sign: if the prediction runs m steps late
+    z_seqs[s], q_seqs[s]: (T, C) sequences of one stem's target patches and of the predictions
+    for it (cosines: both are normalised). The sign: if the prediction runs m patches late
     (q[i] = z[i - m]), the curve peaks at j = +m.
     """
-    return torch.stack([shift_similarity(z, q, shifts, circular=True) for z, q in zip(z_seqs, q_seqs)]).mean(0)
+    curves = [shift_similarity(z, q, shifts, circular=True) for z, q in zip(z_seqs, q_seqs)]
+    return torch.stack(curves).mean(0)
 
 
-def random_pair_level(z_means: torch.Tensor, q_means: torch.Tensor, track: torch.Tensor) -> float | None:
+def random_pair_level(z_means: torch.Tensor, q_means: torch.Tensor,
+                      track: torch.Tensor) -> float | None:
     """The level of unrelated pairs, the reference of footnote 5 ("the average cosine similarity
     between random representations and predictions is approximately 0.17"): the mean cosine
-    between a target patch z_s^(n)[i] and a prediction q_s'^(n')[i'] of another track n' != n, any
-    stems s, s' and any steps i, i'.
+    between a target patch z_s^(n)[i] and a prediction q_s'^(n')[i'] of another track n' != n,
+    any stems s, s' and any patches i, i'.
 
-    Exact, not sampled: the mean of <z[i], q[i']> over all i, i' equals <mean_i z[i], mean_i' q[i']>
-    of the unit vectors, so it takes only each sequence's mean unit vector, z_means and q_means
-    (P, C), and the track of each row, track (P,). Each pair of sequences weighs the same.
-    None with a single track.
+    Exact, not sampled: the mean of <z[i], q[i']> over all i, i' equals
+    <mean_i z[i], mean_i' q[i']> of the unit vectors, so it takes only each sequence's mean unit
+    vector, z_means and q_means (P, C), and the track of each row, track (P,). Each pair of
+    sequences weighs the same. None with a single track.
     """
     other_track = track[:, None] != track[None, :]                      # (P, P)
     if not other_track.any():
@@ -2159,10 +2356,11 @@ def random_pair_level(z_means: torch.Tensor, q_means: torch.Tensor, track: torch
     return (z_means @ q_means.T)[other_track].mean().item()
 
 
-def stem_sequences(model: StemJEPA, x: np.ndarray, stems: list[str], *, chunk: int, device, batch: int):
-    """One track's stems x (S, N) -> [(stem, z, q)] for the stems the model knows: z (M, C) the target
-    encoder's patches of the stem, q (M, C) the predictor's for the mix of the other stems,
-    conditioned on the stem's instrument; one vector per 160 ms, C = F*D (4.3)."""
+def stem_sequences(model: StemJEPA, x: np.ndarray, stems: list[str], *, chunk: int, device,
+                   batch: int):
+    """One track's stems x (S, N) -> [(stem, z, q)] for the stems the model knows: z (T, C) the
+    target encoder's patches of the stem, q (T, C) the predictor's for the mix of the other
+    stems, conditioned on the stem's instrument; one vector per 160 ms, C = F*D (4.3)."""
     known = [i for i, s in enumerate(stems) if s in model.instruments]
     ids = [model.instruments.index(stems[i]) for i in known]
     mixes = [x.sum(0) - x[i] for i in known]                            # x_{not s}
@@ -2172,74 +2370,73 @@ def stem_sequences(model: StemJEPA, x: np.ndarray, stems: list[str], *, chunk: i
 
 
 @torch.no_grad()
-def alignment_curves(model: StemJEPA, tracks: list[dict], *, max_shift: int, device="cpu", batch=16,
-                     log=print) -> dict:
-    """Fig. 4: the curve of Eq. 3 of each track (as from `prepare`) over shifts j = -J..J, in time
-    patches, their mean, and the random-pair level (`random_pair_level`).
+def alignment_curves(model: StemJEPA, tracks: list[dict], *, max_shift: int, device="cpu",
+                     batch=16, log=print) -> dict:
+    """Fig. 4: the curve of Eq. 3 of each prepared track over shifts j = -J..J, in time patches,
+    their mean, and the random-pair level (`random_pair_level`).
 
-    Shifts are circular (Eq. 3's (i + j) % M): j and j - M are the same shift, so J is capped at
-    half the shortest track, (M - 1) // 2. "A sharp peak in similarity at j = 0, followed by a
+    Shifts are circular (Eq. 3's (i + j) % T): j and j - T are the same shift, so J is capped at
+    half the shortest track, (T - 1) // 2. "A sharp peak in similarity at j = 0, followed by a
     rapid decrease, suggests that the embeddings are rich in local information" (4.3).
     Sequences are held one track at a time; only their mean vectors are kept.
     """
     if not tracks:
         raise StemJEPAError("no track to analyse")
     model = model.to(device).eval()
-    cfg = model.config
-    chunk = int(cfg.chunk_seconds * cfg.sample_rate)
-    step = model.frontend.hop_length * model.encoder.patch_size       # samples per time patch
-    shortest = min(-(-t["length"] // step) for t in tracks)            # M of the shortest track
+    patch_s = patch_seconds(model.config)
+    patch = model.frontend.hop_length * model.encoder.patch_size      # samples per time patch
+    shortest = min(-(-t["length"] // patch) for t in tracks)           # T of the shortest track
     J = min(max_shift, (shortest - 1) // 2)
     if J < max_shift:
-        log(f"shifts capped at +-{J} steps: half the shortest track ({shortest} steps)")
+        log(f"shifts capped at +-{J} patches: half the shortest track ({shortest} patches)")
     shifts = list(range(-J, J + 1))
     rows, z_means, q_means, owner = [], [], [], []
     for n, t in enumerate(tracks):
         x = np.load(t["npy"]).astype(np.float32)                        # (S, N)
-        seqs = stem_sequences(model, x, t["stems"], chunk=chunk, device=device, batch=batch)
+        seqs = stem_sequences(model, x, t["stems"], chunk=chunk_samples(model.config),
+                              device=device, batch=batch)
         if not seqs:
             log(f"  {t['name']}: no stem the model knows; skipped")
             continue
-        curve = alignment_curve([z for _, z, _ in seqs], [q for _, _, q in seqs], shifts)   # (2J + 1,)
+        curve = alignment_curve([z for _, z, _ in seqs], [q for _, _, q in seqs], shifts)
         best = shifts[int(curve.argmax())]
         rows.append({"name": t["name"], "stems": [s for s, _, _ in seqs], "curve": curve.tolist(),
-                     "best_shift": best, "best_shift_s": round(best * step_seconds(model), 3)})
+                     "best_shift": best, "best_shift_s": round(best * patch_s, 3)})
         for _, z, q in seqs:
             z_means.append(F.normalize(z.float(), dim=-1).mean(0))
             q_means.append(F.normalize(q.float(), dim=-1).mean(0))
             owner.append(n)
-        log(f"  {t['name']}: s(j=0) {curve[J]:.3f}, peak at {best:+d} steps")
+        log(f"  {t['name']}: s(j=0) {curve[J]:.3f}, peak at {best:+d} patches")
     if not rows:
         raise StemJEPAError("no track has a stem the model knows")
-    mean = torch.tensor([r["curve"] for r in rows]).mean(0)
-    return {"step_s": step_seconds(model), "shifts": shifts,
-            "shifts_s": [round(j * step_seconds(model), 3) for j in shifts],
-            "tracks": rows, "mean": mean.tolist(),
-            "random_level": random_pair_level(torch.stack(z_means), torch.stack(q_means), torch.tensor(owner)),
+    level = random_pair_level(torch.stack(z_means), torch.stack(q_means), torch.tensor(owner))
+    return {"patch_s": patch_s, "shifts": shifts,
+            "shifts_s": [round(j * patch_s, 3) for j in shifts], "tracks": rows,
+            "mean": torch.tensor([r["curve"] for r in rows]).mean(0).tolist(),
+            "random_level": level,
             "peak_at_zero": sum(r["best_shift"] == 0 for r in rows) / len(rows)}
 
 
-def analyze_alignment(checkpoint, data, *, split="test", tracks=None, max_shift_s=10.0, out=None, cache=None,
-                      device=None, batch=16, log=print) -> dict:
-    """4.3 on a dataset split: OUT/align.json (the curves of `alignment_curves`) and OUT/fig4.png.
-    tracks: only the first K tracks (the paper draws 8)."""
-    device = pick_device(device)
-    model = StemJEPA.from_checkpoint(checkpoint)
-    cfg = model.config
-    items = prepare(data, split, cache=cache, sample_rate=cfg.sample_rate, chunk_seconds=cfg.chunk_seconds,
-                    threshold=cfg.active_threshold, training=False, log=log)[:tracks]
+def analyze_alignment(checkpoint, data, *, split="test", tracks=None, max_shift_s=10.0, out=None,
+                      cache=None, device=None, batch=16, log=print) -> dict:
+    """4.3 on a dataset split: OUT/align.json (the curves of `alignment_curves`) and
+    OUT/fig4.png. tracks: only the first K tracks (the paper draws 8)."""
+    model, device, prepared = open_trained(checkpoint, device, data, split=split, cache=cache,
+                                           log=log)
+    prepared = prepared[:tracks]
     out = Path(out or Path(checkpoint).parent / f"align-{split}")
     out.mkdir(parents=True, exist_ok=True)
-    log(f"alignment (Eq. 3) on {len(items)} tracks of {split}")
-    result = alignment_curves(model, items, max_shift=round(max_shift_s / step_seconds(model)), device=device,
-                              batch=batch, log=log)
+    log(f"alignment (Eq. 3) on {len(prepared)} tracks of {split}")
+    result = alignment_curves(model, prepared, device=device, batch=batch, log=log,
+                              max_shift=round(max_shift_s / patch_seconds(model.config)))
     result.update(checkpoint=str(checkpoint), split=split)
-    _write_atomic(out / "align.json", lambda p: p.write_text(json.dumps(result, indent=1)))
-    plot_fig4(result, out / "fig4.png", chunk_seconds=cfg.chunk_seconds)
+    _write_json(out / "align.json", result)
+    plot_fig4(result, out / "fig4.png", chunk_seconds=model.config.chunk_seconds)
     zero = result["shifts"].index(0)
     level = result["random_level"]
-    log(f"mean s(j=0) {result['mean'][zero]:.3f}, mean over shifts {np.mean(result['mean']):.3f}, "
-        f"random pairs {'n/a (one track)' if level is None else f'{level:.3f}'}; "
+    level_text = "n/a (one track)" if level is None else f"{level:.3f}"
+    log(f"mean s(j=0) {result['mean'][zero]:.3f}, mean over shifts "
+        f"{np.mean(result['mean']):.3f}, random pairs {level_text}; "
         f"{100 * result['peak_at_zero']:.0f} % of tracks peak at j = 0")
     log(f"wrote {out / 'align.json'} and {out / 'fig4.png'}")
     return result
@@ -2367,11 +2564,11 @@ def normalise_chord(label: str) -> str | None:
     return NOTE_NAMES[pitch_class(root)] + family
 
 
-def patch_labels(keys, chords, *, steps: int, step_s: float) -> list:
-    """The "key/chord" label of each of `steps` patches, read at the patch's centre
-    ((i + 0.5) * step_s seconds) from raw key and chord segments; None where either is missing
+def patch_labels(keys, chords, *, patches: int, patch_s: float) -> list:
+    """The "key/chord" label of each of `patches` time patches, read at the patch's centre
+    ((i + 0.5) * patch_s seconds) from raw key and chord segments; None where either is missing
     (silence, no chord)."""
-    times = (np.arange(steps) + 0.5) * step_s
+    times = (np.arange(patches) + 0.5) * patch_s
     k = labels_at([(s, e, normalise_key(l)) for s, e, l in keys], times)
     c = labels_at([(s, e, normalise_chord(l)) for s, e, l in chords], times)
     return [f"{a}/{b}" if a and b else None for a, b in zip(k, c)]
@@ -2415,18 +2612,19 @@ def track_annotations(name: str, folder, index=None):
     return [(0.0, math.inf, labels["key"])], [(float(s), float(e), c) for s, e, c in labels["chords"]]
 
 
-def mix_sources(*, data=None, audio=None, split="test", cache=None, cfg: Config, log=print) -> list[tuple]:
-    """The full mixes to analyse, as (name, folder of its labels.json, load() -> mono waveform): the
-    audio files of `audio` (e.g. the Beatles albums, named as their .lab files), or the sum of the
-    stems of each track of a multitrack dataset (prepared and cached as for training)."""
+def mix_sources(*, data=None, audio=None, split="test", cache=None, cfg: Config,
+                log=print) -> list[tuple]:
+    """The full mixes to analyse, as (name, folder of its labels.json, load() -> mono waveform):
+    the audio files of `audio` (e.g. the Beatles albums, named as their .lab files), or the sum
+    of the stems of each track of a multitrack dataset (prepared and cached as for training)."""
     if audio:
-        return [(f.stem, f.parent, lambda f=f: load_audio(f, cfg.sample_rate)) for f in audio_files(audio)]
+        return [(f.stem, f.parent, lambda f=f: load_audio(f, cfg.sample_rate))
+                for f in audio_files(audio)]
     folders = {name: Path(next(iter(stems.values()))[0][0]).parent
                for name, stems in find_tracks(data, split)}
-    tracks = prepare(data, split, cache=cache, sample_rate=cfg.sample_rate, chunk_seconds=cfg.chunk_seconds,
-                     threshold=cfg.active_threshold, training=False, log=log)
-    return [(t["name"], folders[t["name"]], lambda t=t: np.load(t["npy"]).astype(np.float32).sum(0))
-            for t in tracks]
+    prepared = prepare(data, split, cache=cache, training=False, log=log, **prepare_options(cfg))
+    return [(t["name"], folders[t["name"]],
+             lambda t=t: np.load(t["npy"]).astype(np.float32).sum(0)) for t in prepared]
 
 
 @torch.no_grad()
@@ -2444,12 +2642,13 @@ def labelled_patches(model: StemJEPA, sources: list[tuple], *, device="cpu", bat
     or None) and the index of its track.
     """
     model = model.to(device).eval()
-    chunk = int(model.config.chunk_seconds * model.config.sample_rate)
+    chunk = chunk_samples(model.config)
     xs, labels, owner = [], [], []
     for n, (name, load, keys, chords) in enumerate(sources):
-        z = frames(embed_long(model, [load()], chunk=chunk, batch=batch, device=device)[0])   # (M, C)
+        z = embed_long(model, [load()], chunk=chunk, batch=batch, device=device)[0]
+        z = frames(z)                                                   # (T, C)
         xs.append(F.normalize(z.float(), dim=-1))
-        labels += patch_labels(keys, chords, steps=len(z), step_s=step_seconds(model))
+        labels += patch_labels(keys, chords, patches=len(z), patch_s=patch_seconds(model.config))
         owner += [n] * len(z)
     return torch.cat(xs), labels, torch.tensor(owner)
 
@@ -2613,8 +2812,7 @@ def analyze_clusters(checkpoint, *, data=None, audio=None, split="test", labels=
     a random-weights encoder, since clusters that merely group the patches of one song (one key)
     also raise it.
     """
-    device = pick_device(device)
-    model = StemJEPA.from_checkpoint(checkpoint)
+    model, device, _ = open_trained(checkpoint, device)
     cfg = model.config
     index = lab_index(labels) if labels else None
     annotated, missing = [], []
@@ -2642,8 +2840,8 @@ def analyze_clusters(checkpoint, *, data=None, audio=None, split="test", labels=
     stats = cluster_statistics(x, patch_label, track, k=k, iters=iters, seed=seed, shuffles=shuffles)
     del x                                               # P x 3840 floats: 2.6 GB for the Beatles' 174 songs
     log("the same with random weights")
-    torch.manual_seed(seed)
-    x_rand, _, _ = labelled_patches(build_model(cfg, model.instruments), annotated, device=device, batch=batch)
+    x_rand, _, _ = labelled_patches(random_twin(model, seed), annotated, device=device,
+                                    batch=batch)
     rand = cluster_statistics(x_rand, patch_label, track, k=k, iters=iters, seed=seed)
     chosen, block = top_combinations(stats["names"], stats["counts"], patch_label, top=top)
     result = {
@@ -2809,8 +3007,9 @@ def global_embeddings(model: StemJEPA, files: list[Path], *, device="cpu", batch
     rows = []
     for i in range(0, len(files), group):
         wavs = [load_audio(f, cfg.sample_rate) for f in files[i: i + group]]
-        rows += [pool(z) for z in embed_long(model, wavs, chunk=int(cfg.chunk_seconds * cfg.sample_rate),
-                                             target=target, batch=batch, device=device)]
+        zs = embed_long(model, wavs, chunk=chunk_samples(cfg), target=target, batch=batch,
+                        device=device)
+        rows += [pool(z) for z in zs]
     return torch.stack(rows).float()
 
 
@@ -2994,16 +3193,14 @@ def probe(checkpoint, labels, *, audio=None, task="multiclass", encoder="context
         raise StemJEPAError(f"--task {task}: choose multiclass or multilabel")
     if encoder not in ("context", "target"):
         raise StemJEPAError(f"--encoder {encoder}: choose context or target")
-    device = pick_device(device)
-    model = StemJEPA.from_checkpoint(checkpoint)
+    model, device, _ = open_trained(checkpoint, device)
     files, label_lists, splits = read_probe_labels(labels, Path(audio) if audio else Path(labels).parent,
                                                    task=task, seed=seed)
     classes = sorted({l for row in label_lists for l in row})
     y = encode_targets(label_lists, classes, task=task)
     part = {s: torch.tensor([i for i, x in enumerate(splits) if x == s], dtype=torch.long)
             for s in ("train", "valid", "test")}
-    torch.manual_seed(seed)
-    encoders = {"Stem-JEPA": model, "random weights": build_model(model.config, model.instruments)}
+    encoders = {"Stem-JEPA": model, "random weights": random_twin(model, seed)}
     results = {"checkpoint": str(checkpoint), "labels": str(labels), "task": task,
                "encoder": encoder, "classes": classes, "n": {s: len(i) for s, i in part.items()},
                "rows": {}}
@@ -3063,7 +3260,7 @@ def embed_audio_files(model: StemJEPA, files: list[Path], *, keep=pool, device="
     line with the ETA every 10 s and at the end. Returns the files embedded, in the given order,
     and keep(z) of each; an error if none could be read."""
     sr = model.config.sample_rate
-    chunk = int(model.config.chunk_seconds * sr)
+    chunk = chunk_samples(model.config)
     seconds = {}
     for f in files:
         try:
@@ -3071,7 +3268,9 @@ def embed_audio_files(model: StemJEPA, files: list[Path], *, keep=pool, device="
         except Exception:                       # unreadable: decoding below will say why
             seconds[f] = 0.0
     order = sorted(files, key=lambda f: seconds[f])
-    total, done, t0, t_log = sum(seconds.values()), 0.0, time.time(), time.time()
+    total = sum(seconds.values())
+    done = 0.0
+    t0 = t_log = time.time()
     results, skipped = {}, []
     for i in range(0, len(order), group):
         loaded = []
@@ -3084,7 +3283,8 @@ def embed_audio_files(model: StemJEPA, files: list[Path], *, keep=pool, device="
         zs = embed_long(model, [x for _, x in loaded], chunk=chunk, batch=batch, device=device)
         results.update((f, keep(z)) for (f, _), z in zip(loaded, zs))
         done += sum(seconds[f] for f in order[i: i + group])
-        n, rate = min(i + group, len(order)), done / max(time.time() - t0, 1e-9)
+        n = min(i + group, len(order))
+        rate = done / max(time.time() - t0, 1e-9)
         if time.time() - t_log > 10 or n == len(order):
             t_log = time.time()
             log(f"embedded {n}/{len(order)} files ({len(skipped)} skipped), {rate:.0f} s of audio "
@@ -3103,18 +3303,16 @@ def retrieve(checkpoint, mix, library, instrument: str, *, top=10, device=None, 
     pooled output for the mix against each file's pooled target embedding (L2, as in 4.1), and for
     the best `top` files the offset at which they fit best. Library embeddings are cached beside it;
     unreadable library files are reported and left out."""
-    device = pick_device(device)
-    model = StemJEPA.from_checkpoint(checkpoint).to(device)
+    model, device, _ = open_trained(checkpoint, device)
     cfg = model.config
     if instrument not in model.instruments:
-        raise StemJEPAError(f"--instrument {instrument}: the model knows {', '.join(model.instruments)}")
+        raise StemJEPAError(f"--instrument {instrument}: the model knows "
+                            f"{', '.join(model.instruments)}")
     files = audio_files(library)
     mix_audio = load_audio(mix, cfg.sample_rate)  # a bad --mix fails before the library is embedded
-    chunk = int(cfg.chunk_seconds * cfg.sample_rate)
-    st = os.stat(checkpoint)
-    key = _cache_key(str(Path(checkpoint).resolve()), st.st_size, st.st_mtime_ns, VERSION,
-                     "files+refs", [(str(f), os.stat(f).st_size, os.stat(f).st_mtime_ns)
-                                    for f in files])
+    chunk = chunk_samples(cfg)
+    key = _cache_key(_file_id(Path(checkpoint).resolve()), "files+refs",
+                     [_file_id(f) for f in files])
     cache = (Path(library) if Path(library).is_dir() else Path(library).parent) / ".stem_jepa_cache"
     cache_file = cache / f"library-{key}.pt"
     if cache_file.exists():
@@ -3125,18 +3323,19 @@ def retrieve(checkpoint, mix, library, instrument: str, *, top=10, device=None, 
         cached = {"files": [str(f) for f in kept], "refs": torch.stack(refs)}
         cache.mkdir(exist_ok=True)
         _write_atomic(cache_file, lambda p: torch.save(cached, p))
-    files, refs = [Path(f) for f in cached["files"]], cached["refs"]
-    q_seq = embed_long(model, [mix_audio], chunk=chunk,
-                       instruments=[model.instruments.index(instrument)], batch=batch, device=device)[0]
+    files = [Path(f) for f in cached["files"]]
+    refs = cached["refs"]
+    q_seq = embed_long(model, [mix_audio], chunk=chunk, batch=batch, device=device,
+                       instruments=[model.instruments.index(instrument)])[0]
     d = torch.cdist(pool(q_seq)[None].double(), refs.double())[0]
     results = []
     for r, i in enumerate(d.argsort()[:top].tolist()):
-        z_seq = embed_long(model, [load_audio(files[i], cfg.sample_rate)], chunk=chunk, batch=batch,
-                           device=device)[0]
-        step_s = cfg.hop_length * cfg.patch_size / cfg.sample_rate
+        z_seq = embed_long(model, [load_audio(files[i], cfg.sample_rate)], chunk=chunk,
+                           batch=batch, device=device)[0]
         offset = best_offset(frames(z_seq), frames(q_seq))
         results.append({"rank": r + 1, "file": str(files[i]), "distance": round(d[i].item(), 4),
-                        "offset_steps": offset, "offset_s": round(offset * step_s, 2)})
+                        "offset_patches": offset,
+                        "offset_s": round(offset * patch_seconds(cfg), 2)})
     return results
 
 
@@ -3144,7 +3343,7 @@ def retrieve(checkpoint, mix, library, instrument: str, *, top=10, device=None, 
 def score(checkpoint, mix, stem, instrument: str, *, device=None, batch=16) -> dict:
     """StemJEPA.score for two audio files: how well `stem` fits `mix` as `instrument` (retrieval's
     distance for one pair, and the best offset)."""
-    model = StemJEPA.from_checkpoint(checkpoint).to(pick_device(device))
+    model, _, _ = open_trained(checkpoint, device)
     model.instrument_id(instrument)             # an unknown instrument fails before decoding
     sr = model.config.sample_rate
     return {"mix": str(mix), "stem": str(stem), "instrument": instrument,
@@ -3158,8 +3357,7 @@ def embed_files(checkpoint, audio, out, *, sequences=False, device=None, batch=1
     probes of 4.5 use the context encoder) -> OUT (.npy, one row per file) and OUT.txt (the files, in order). With
     sequences=True also OUT.sequences.npz: per file, one (T, 3840) vector per 160 ms. Unreadable
     files are reported by name and left out of OUT and OUT.txt."""
-    device = pick_device(device)
-    model = StemJEPA.from_checkpoint(checkpoint).to(device)
+    model, device, _ = open_trained(checkpoint, device)
     files = audio_files(audio)
     kept, embedded = embed_audio_files(model, files, device=device, batch=batch, log=log,
                                        keep=lambda z: (pool(z).numpy(), frames(z).numpy()))
@@ -3186,14 +3384,15 @@ class HEARModel(nn.Module):
         self.model = model.eval()
         self.sample_rate = model.config.sample_rate
         size = (model.config.n_mels // model.config.patch_size) * model.config.dim
-        self.scene_embedding_size = self.timestamp_embedding_size = size
+        self.scene_embedding_size = size
+        self.timestamp_embedding_size = size
 
 
 def load_model(model_file_path: str = "", device=None) -> HEARModel:
     """HEAR: a checkpoint written by `train` -> the model get_*_embeddings take."""
     if not model_file_path:
         raise StemJEPAError("load_model needs the path of a checkpoint written by `train`")
-    return HEARModel(StemJEPA.from_checkpoint(model_file_path)).to(pick_device(device))
+    return HEARModel(open_trained(model_file_path, device)[0])
 
 
 def _hear_patches(audio: torch.Tensor, model: HEARModel, batch: int) -> list[torch.Tensor]:
@@ -3201,8 +3400,8 @@ def _hear_patches(audio: torch.Tensor, model: HEARModel, batch: int) -> list[tor
     if audio.ndim != 2:
         raise StemJEPAError(f"HEAR audio is (n_sounds, n_samples); got shape {tuple(audio.shape)}")
     jepa = model.model
-    chunk = int(jepa.config.chunk_seconds * jepa.config.sample_rate)
-    return embed_long(jepa, list(audio.detach().float().cpu().numpy()), chunk=chunk, batch=batch,
+    return embed_long(jepa, list(audio.detach().float().cpu().numpy()),
+                      chunk=chunk_samples(jepa.config), batch=batch,
                       device=next(jepa.parameters()).device)
 
 
@@ -3214,8 +3413,8 @@ def get_timestamp_embeddings(audio: torch.Tensor, model: HEARModel,
     embedded independently (chunked as `embed_long` does), so a sound's rows do not depend on the
     others in the batch."""
     emb = torch.stack([frames(z) for z in _hear_patches(audio, model, batch)])  # (n, T, F*D)
-    step_ms = 1000 * step_seconds(model.model)
-    ts = ((torch.arange(emb.shape[1]) + 0.5) * step_ms).float().expand(len(emb), -1)  # (n, T)
+    patch_ms = 1000 * patch_seconds(model.model.config)
+    ts = ((torch.arange(emb.shape[1]) + 0.5) * patch_ms).float().expand(len(emb), -1)  # (n, T)
     return emb.to(audio.device), ts.contiguous().to(audio.device)
 
 
@@ -3267,7 +3466,8 @@ def train_flops_per_sample(cfg: Config) -> float:
     """FLOPs of one training sample, counted from the shapes: a matmul (n x k)(k x m) is 2nkm;
     backward costs twice the forward. Context encoder and predictor: forward + backward (3x);
     target encoder: forward only (1x). Front-end, norms and softmax are left out (< 1 %)."""
-    K = (cfg.n_mels // cfg.patch_size) * (int(cfg.chunk_seconds * cfg.sample_rate) // cfg.hop_length // cfg.patch_size)
+    T = chunk_samples(cfg) // cfg.hop_length // cfg.patch_size        # time patches
+    K = (cfg.n_mels // cfg.patch_size) * T                              # tokens
     D = cfg.dim
     block = 2 * K * (4 * D * D + 2 * cfg.mlp_ratio * D * D) + 2 * 2 * K * K * D  # linears + QK^T and AV
     encoder = cfg.depth * block + 2 * K * cfg.patch_size ** 2 * D
@@ -3287,7 +3487,7 @@ def obvious_step(cfg: Config, device, context, target, instrument):
     EMA as a Python loop over parameters, AdamW with its defaults, the mel front-end rebuilt and a
     loss read back (.item()) at every step. Returns the step as a function of no arguments."""
     D, hidden = cfg.dim, cfg.pred_hidden
-    frames = int(cfg.chunk_seconds * cfg.sample_rate) // cfg.hop_length
+    frames = chunk_samples(cfg) // cfg.hop_length
     tokens = (cfg.n_mels // cfg.patch_size) * (frames // cfg.patch_size)
 
     class Encoder(nn.Module):
@@ -3335,14 +3535,15 @@ def obvious_step(cfg: Config, device, context, target, instrument):
     return step
 
 
-def bench(*, preset="paper", batch_size=2, device=None, compile=False, steps=5, data=None, baseline=False,
-          log=print) -> dict:
+def bench(*, preset="paper", batch_size=2, device=None, compile=False, steps=5, data=None,
+          baseline=False, log=print, **overrides) -> dict:
     """Peak matmul throughput, the training step (samples/s, FLOP/s, MFU), the data loader
-    (chunks/s of one worker from the prepared cache), evaluation speed and peak memory."""
+    (chunks/s of one worker from the prepared cache), evaluation speed and peak memory.
+    overrides: Config fields replacing the preset's, as for `make_config`."""
     import resource
     import tempfile
     device = pick_device(device)
-    cfg = make_config(preset, batch_size=batch_size)
+    cfg = make_config(preset, batch_size=batch_size, **overrides)
     r = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type}, "
          f"{torch.get_num_threads()} threads", "preset": preset, "batch_size": batch_size, "compile": compile}
     r["peak_fp32_flops"] = matmul_peak(device)
@@ -3357,7 +3558,7 @@ def bench(*, preset="paper", batch_size=2, device=None, compile=False, steps=5, 
     optimizer = torch.optim.AdamW(groups, betas=(cfg.beta1, cfg.beta2),
                                   fused=device.type in ("cuda", "cpu"))
     loss_fn = torch.compile(model) if compile else model
-    n = int(cfg.chunk_seconds * cfg.sample_rate)
+    n = chunk_samples(cfg)
     context, target = (0.1 * torch.randn(batch_size, n, device=device) for _ in range(2))
     instrument = torch.arange(batch_size, device=device) % len(TOY_STEMS)
     step_s = _median_time(lambda: training_step(model, optimizer, context, target, instrument, lr=1e-4, tau=0.999,
@@ -3384,8 +3585,8 @@ def bench(*, preset="paper", batch_size=2, device=None, compile=False, steps=5, 
     with tempfile.TemporaryDirectory() as tmp:
         if data is None:
             data = write_toy_dataset(Path(tmp) / "toy", tracks=10, seconds=30.0)
-        tracks = prepare(data, "train", cache=Path(tmp) / "cache", sample_rate=cfg.sample_rate,
-                         chunk_seconds=cfg.chunk_seconds, threshold=cfg.active_threshold, log=lambda *a: None)
+        tracks = prepare(data, "train", cache=Path(tmp) / "cache", log=_quiet,
+                         **prepare_options(cfg))
         dataset = StemChunks(tracks, sorted({s for t in tracks for s in t["stems"]}), chunk=n,
                              threshold=cfg.active_threshold, tries=cfg.redraw_tries, seed=0)
         batches, per_batch = 40, 32
@@ -3441,12 +3642,17 @@ def _config_help() -> dict[str, str]:
     return helps
 
 
-def _add_train_options(p):
-    """One option per Config field (--batch-size for batch_size, ...), defaulting to the preset's."""
-    p.add_argument("--preset", choices=list(PRESETS), default="paper", help="paper (GPU) or tiny (CPU, minutes)")
+def _add_train_options(p, exclude=()):
+    """One option per Config field (--batch-size for batch_size, ...), defaulting to the preset's;
+    the field's comment is its help."""
+    p.add_argument("--preset", choices=list(PRESETS), default="paper",
+                   help="paper (GPU) or tiny (CPU, minutes)")
     helps = _config_help()
     for f in dataclasses.fields(Config):
-        flag, text = "--" + f.name.replace("_", "-"), helps.get(f.name, "")
+        if f.name in exclude:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        text = helps.get(f.name, "")
         if f.type == "bool":
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
         else:
@@ -3462,12 +3668,17 @@ def _add_layout_options(p):
 
 
 def _layout_from(args) -> dict:
-    return {"channels": [c.strip() for c in args.channels.split(",")] if args.channels else None,
-            "groups": parse_groups(args.groups) if args.groups else None}
+    channels = [c.strip() for c in args.channels.split(",")] if args.channels else None
+    return {"channels": channels, "groups": parse_groups(args.groups) if args.groups else None}
+
+
+def _config_overrides(args) -> dict:
+    """The Config fields given on the command line (the others are None: the preset's)."""
+    return {f.name: getattr(args, f.name, None) for f in dataclasses.fields(Config)}
 
 
 def _config_from(args) -> Config:
-    return make_config(args.preset, **{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
+    return make_config(args.preset, **_config_overrides(args))
 
 
 def cmd_toy(args):
@@ -3476,16 +3687,17 @@ def cmd_toy(args):
 
 
 def cmd_train(args):
-    model = train(_config_from(args), args.data, out=args.out, cache=args.cache, resume=args.resume,
-                  force=args.force, device=args.device, compile=args.compile, workers=args.workers,
-                  stop_at=args.stop_at, init_from=args.init_from, precision=args.precision,
-                  layout=_layout_from(args))
-    if model.interrupted:
-        sys.exit(128 + signal.Signals[model.interrupted].value)
+    run = train(_config_from(args), args.data, out=args.out, cache=args.cache, resume=args.resume,
+                force=args.force, device=args.device, compile=args.compile, workers=args.workers,
+                stop_at=args.stop_at, init_from=args.init_from, precision=args.precision,
+                layout=_layout_from(args))
+    if run.interrupted:
+        sys.exit(128 + signal.Signals[run.interrupted].value)
 
 
 def cmd_demo(args):
-    data, out = Path(args.dir) / "toy", Path(args.dir) / "run"
+    data = Path(args.dir) / "toy"
+    out = Path(args.dir) / "run"
     if not (data / "train").is_dir():
         print(f"writing {args.tracks} toy songs to {data}")
         write_toy_dataset(data, tracks=args.tracks, seconds=30.0, seed=0)
@@ -3546,8 +3758,12 @@ def cmd_probe(args):
 
 
 def cmd_bench(args):
-    r = bench(preset=args.preset, batch_size=args.batch_size, device=args.device, compile=args.compile,
-              steps=args.steps, data=args.data, baseline=args.baseline)
+    overrides = _config_overrides(args)
+    overrides.pop("steps")                      # bench's --steps: the timed steps
+    overrides.pop("batch_size")
+    r = bench(preset=args.preset, batch_size=args.batch_size, device=args.device,
+              compile=args.compile, steps=args.steps, data=args.data, baseline=args.baseline,
+              **overrides)
     print(format_bench(r))
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=1))
@@ -3672,8 +3888,8 @@ def main(argv=None):
     p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("bench", help="measure peak FLOP/s, the training step, the loader and evaluation")
-    p.add_argument("--preset", choices=list(PRESETS), default="paper")
-    p.add_argument("--batch-size", type=int, default=2)
+    _add_train_options(p, exclude=("steps",))
+    p.set_defaults(batch_size=2)
     p.add_argument("--device")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--steps", type=int, default=5, help="timed steps (after warm-up)")
