@@ -38,22 +38,41 @@ import torch.nn.functional as F
 
 import stem_jepa as sj
 
-HERE = Path(__file__).resolve().parent
-SR = 16000
-TOY_STEMS = ["bass", "drums", "other", "vocals"]
-
 
 # ---------------------------------------------------------------------------------------------
 # Helpers and shared fixtures
 # ---------------------------------------------------------------------------------------------
+
+HERE = Path(__file__).resolve().parent
+
+
+SR = 16000
+
+
+TOY_STEMS = ["bass", "drums", "other", "vocals"]
+
+
+MUSDB_FREQS = {"bass": 110.0, "drums": 330.0, "other": 770.0, "vocals": 1500.0}
+
 
 def tiny(**overrides) -> sj.Config:
     """The tiny preset with 2 s chunks (5 x 12 patches): the same code path, several times faster."""
     return sj.make_config("tiny", **{"chunk_seconds": 2.0, **overrides})
 
 
+def mini(**overrides) -> sj.Config:
+    """A minimal model (ViT width 32, 1 block) on the tiny preset's path, 2 s chunks: milliseconds
+    a chunk, for tests where what matters is the plumbing, not what the model learnt."""
+    return sj.make_config("tiny", **{"dim": 32, "depth": 1, "heads": 2, "pred_hidden": 64,
+                                     "pred_layers": 2, "chunk_seconds": 2.0, **overrides})
+
+
 def sine(freq: float, seconds: float, sr: int = SR, amp: float = 0.5) -> np.ndarray:
     return (amp * np.sin(2 * np.pi * freq * np.arange(int(seconds * sr)) / sr)).astype(np.float32)
+
+
+def noise(seconds: float, seed: int, amp: float = 0.2) -> np.ndarray:
+    return (amp * np.random.default_rng(seed).standard_normal(int(seconds * SR))).astype(np.float32)
 
 
 def write_track(folder: Path, stems: dict, sr: int = SR, ext: str = "wav") -> Path:
@@ -62,6 +81,10 @@ def write_track(folder: Path, stems: dict, sr: int = SR, ext: str = "wav") -> Pa
     for name, x in stems.items():
         sf.write(folder / f"{name}.{ext}", x, sr)
     return folder
+
+
+def good_track(folder: Path, seconds: float = 5.0) -> Path:
+    return write_track(folder, {s: sine(f, seconds) for s, f in MUSDB_FREQS.items()})
 
 
 def dominant_freq(x: np.ndarray, sr: int = SR) -> float:
@@ -80,17 +103,86 @@ def read_log(path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def run_cli(*args, cwd=HERE, timeout=300) -> subprocess.CompletedProcess:
-    """`python stem_jepa.py ARGS` in a subprocess, as a user runs it."""
+def start_cli(*args, merge_stderr=False) -> subprocess.Popen:
+    """`python stem_jepa.py ARGS` started in a subprocess, as a user runs it: the one way the
+    tests run the command line. merge_stderr: one stream, for reading progress lines."""
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, str(HERE / "stem_jepa.py"), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    stderr = subprocess.STDOUT if merge_stderr else subprocess.PIPE
+    return subprocess.Popen([sys.executable, str(HERE / "stem_jepa.py"), *map(str, args)],
+                            cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout=300) -> subprocess.CompletedProcess:
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run_cli(*args, timeout=300) -> subprocess.CompletedProcess:
+    """`python stem_jepa.py ARGS`, to its end."""
+    return finish(start_cli(*args), timeout)
+
+
+def run_cli_together(*commands) -> list[subprocess.CompletedProcess]:
+    """Several `python stem_jepa.py ARGS` at once (most of each run is importing torch)."""
+    return [finish(p) for p in [start_cli(*c) for c in commands]]
+
+
+def train_cli(data, tmp_path, *extra):
+    return run_cli("train", "--data", data, "--preset", "tiny", "--steps", 1, "--batch-size", 2,
+                   "--workers", 0, "--out", tmp_path / "run", *extra)
+
+
+def assert_user_error(result, *words):
+    """Exit status 2, one short `error:` message naming the problem, no traceback. (Decoders may
+    print their own warnings to stderr before it.)"""
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr
+    assert "\nerror: " in "\n" + result.stderr and result.stderr.count("error: ") == 1, result.stderr
+    message = result.stderr[result.stderr.index("error: "):]
+    assert len(message.splitlines()) <= 10, message
+    for word in words:
+        assert word in message, (word, message)
+
+
+def assert_trained(result, tmp_path):
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 1
+
+
+def _wait_for_line(proc, needle, timeout=120):
+    """Read the process's output until a line containing `needle`; returns everything read."""
+    seen, t0 = [], time.time()
+    while time.time() - t0 < timeout:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if needle in line:
+            return "".join(seen)
+    raise AssertionError(f"never saw {needle!r}:\n{''.join(seen)}")
+
+
+TINY_RUN = ["--preset", "tiny", "--batch-size", "4", "--workers", "0"]
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def write_checkpoint(path: Path, cfg: sj.Config, instruments, *, seed=0) -> Path:
+    """A checkpoint as `train` writes it, of a randomly initialised model whose target encoder
+    differs from its context encoder (as after training)."""
+    torch.manual_seed(seed)
+    model = sj.build_model(cfg, list(instruments))
+    with torch.no_grad():
+        for p in model.target_encoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sj.save_checkpoint(path, {"version": sj.VERSION, "config": dataclasses.asdict(cfg), "step": 0,
+                              "instruments": list(instruments), "model": model.state_dict()})
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -104,13 +196,40 @@ def trained_run(toy_data, tmp_path_factory):
     """One tiny model trained for 150 steps of batch 8 on the toy songs: (model, run folder)."""
     out = tmp_path_factory.mktemp("trained")
     cfg = tiny(steps=150, batch_size=8, log_every=10)
-    model = sj.train(cfg, toy_data, out=out, workers=0, log=lambda *a, **k: None)
+    model = sj.train(cfg, toy_data, out=out, workers=0, log=lambda *a, **k: None).model
     return model, out
 
 
+@pytest.fixture(scope="module")
+def mini_checkpoint(tmp_path_factory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("mini") / "checkpoint.pt", mini(), TOY_STEMS)
+
+
+# =============================================================================================
+# PART ONE: the method and its measure
+# =============================================================================================
+
 # ---------------------------------------------------------------------------------------------
-# 3.3 Front-end
+# Configuration and the 3.3 front-end
 # ---------------------------------------------------------------------------------------------
+
+def test_values_from_the_authors_code_say_so():
+    """Where the paper's text is silent, the Config comment marks the value as the authors' code's
+    ("[code]"): 16 kHz, f_min/f_max, the AdamW betas, weight decay, clipping at 3.0, both tau values
+    and the 0.1 activity threshold. The docstrings that describe the authors' code say so too."""
+    source = inspect.getsource(sj.Config)
+    for field in ("sample_rate", "f_min", "f_max", "beta1", "weight_decay:", "grad_clip",
+                  "tau_start", "tau_end", "active_threshold"):
+        line = next(l for l in source.splitlines() if l.strip().startswith(field))
+        assert "[code]" in line, line
+    assert "No CLS token" in sj.ViT.__doc__ and "sin-cos" in sj.ViT.__doc__
+    assert "N(0, 1)" in sj.MLPPredictor.__doc__ and "N(0, 1)" in sj.TransformerPredictor.__doc__
+    sampler = " ".join(sj.draw_example.__doc__.split())
+    for words in ("redraws only when no stem is active", "silent context when exactly one is",
+                  "random target with all the other stems"):
+        assert words in sampler, words
+    assert "fp16 autocast is the authors' code's" in " ".join(sj.autocast_for.__doc__.split())
+
 
 def slaney_mel_filterbank(*, sr, n_fft, n_mels, f_min, f_max) -> np.ndarray:
     """(n_mels, n_fft // 2 + 1) triangles equally spaced on the Slaney mel scale (linear below
@@ -159,6 +278,10 @@ def test_logmel_matches_an_independent_stft_and_slaney_filterbank():
     torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-4)
 
 
+# ---------------------------------------------------------------------------------------------
+# 3.3 Encoder: ViT-Base, 2D sin-cos positions
+# ---------------------------------------------------------------------------------------------
+
 def test_vit_tokens_are_frequency_major():
     """Token k of the (F, T) patch grid is k = f * T + t (f = 0 the lowest 16 mel bins), its
     position code is pos[f, t], and the output grid (B, F, T, D) puts it back at (f, t).
@@ -192,10 +315,6 @@ def test_vit_tokens_are_frequency_major():
     assert out.shape == (1, Fp, T, 8)
     assert out[0].abs().sum(-1).nonzero().tolist() == [[f0, t0]]
 
-
-# ---------------------------------------------------------------------------------------------
-# 3.3 Encoder
-# ---------------------------------------------------------------------------------------------
 
 def test_sincos_2d_codes_time_in_the_first_half_and_frequency_in_the_second():
     """sincos_2d(F, T, D) is (F, T, D); dims [0, D/2) depend on the time index only and equal
@@ -233,6 +352,7 @@ def paper_model():
     return sj.build_model(sj.make_config("paper"), TOY_STEMS)
 
 
+@pytest.mark.slow
 def test_paper_encoder_is_vit_base_with_85253376_parameters(paper_model):
     """The paper preset's context encoder is ViT-B/16 without a CLS token or learned positions:
     exactly 85,253,376 trainable parameters; the target encoder is a frozen copy of the same size."""
@@ -242,6 +362,7 @@ def test_paper_encoder_is_vit_base_with_85253376_parameters(paper_model):
     assert not any(p.requires_grad for p in target.parameters())
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_paper_encoder_output_shapes(paper_model):
     """An 8 s chunk gives (B, 5, 50, 768) embeddings; a 3 s input uses the first 18 time
@@ -287,24 +408,6 @@ def test_instrument_embeddings_are_initialised_standard_normal():
         assert abs(weight.mean().item()) < 0.1 and 0.9 < weight.std().item() < 1.1
 
 
-def test_values_from_the_authors_code_say_so():
-    """Where the paper's text is silent, the Config comment marks the value as the authors' code's
-    ("[code]"): 16 kHz, f_min/f_max, the AdamW betas, weight decay, clipping at 3.0, both tau values
-    and the 0.1 activity threshold. The docstrings that describe the authors' code say so too."""
-    source = inspect.getsource(sj.Config)
-    for field in ("sample_rate", "f_min", "f_max", "beta1", "weight_decay:", "grad_clip",
-                  "tau_start", "tau_end", "active_threshold"):
-        line = next(l for l in source.splitlines() if l.strip().startswith(field))
-        assert "[code]" in line, line
-    assert "No CLS token" in sj.ViT.__doc__ and "sin-cos" in sj.ViT.__doc__
-    assert "N(0, 1)" in sj.MLPPredictor.__doc__ and "N(0, 1)" in sj.TransformerPredictor.__doc__
-    sampler = " ".join(sj.draw_example.__doc__.split())
-    for words in ("redraws only when no stem is active", "silent context when exactly one is",
-                  "random target with all the other stems"):
-        assert words in sampler, words
-    assert "fp16 autocast is the authors' code's" in " ".join(sj.autocast_for.__doc__.split())
-
-
 @torch.no_grad()
 def test_mlp_predictor_acts_on_each_patch_independently():
     """The MLP predictor is patch-wise (3.1): permuting the patches permutes the predictions."""
@@ -316,7 +419,7 @@ def test_mlp_predictor_acts_on_each_patch_independently():
 
 
 # ---------------------------------------------------------------------------------------------
-# Eq. 1 loss
+# Eq. 1 loss (and the song-contrast term)
 # ---------------------------------------------------------------------------------------------
 
 def naive_jepa_loss(pred: torch.Tensor, target: torch.Tensor) -> float:
@@ -377,32 +480,8 @@ def test_song_contrast_loss_equals_infonce_among_the_same_instrument_by_hand():
     assert got.item() == pytest.approx(want, rel=1e-5)
 
 
-def test_collapse_measures_tell_a_mix_blind_predictor_from_one_that_reads_the_mix():
-    """A predictor that outputs one vector per instrument has prediction spread 0; the average-stem
-    loss is Eq. 1 of the leave-one-out mean unit target of the same instrument (computed here
-    sample by sample); a predictor that outputs the (standardised) target itself gets batch
-    loss 0, below the average stem."""
-    torch.manual_seed(0)
-    target = torch.randn(6, 2, 3, 16) + 0.5
-    inst = torch.tensor([0, 0, 0, 1, 1, 2])                             # instrument 2 occurs once: left out
-    blind = torch.randn(3, 1, 1, 16)[inst].expand(-1, 2, 3, -1)
-    m = sj.collapse_measures(blind, target, inst)
-    assert m["pred_spread"] == pytest.approx(0.0, abs=1e-6) and m["target_spread"] > 0.5
-    unit = sj.unit_targets(target)
-    want = []
-    for i in range(5):
-        others = [j for j in range(5) if inst[j] == inst[i] and j != i]
-        mean = F.normalize(unit[others].mean(0), dim=-1)
-        want.append((mean - unit[i]).pow(2).sum(-1).mean().item())
-    assert m["avg_stem_loss"] == pytest.approx(np.mean(want), rel=1e-5)
-    reader = sj.collapse_measures(target - target.mean(-1, keepdim=True), target, inst)
-    assert reader["batch_loss"] == pytest.approx(0.0, abs=1e-6)
-    assert reader["avg_stem_loss"] > 0.1
-    assert reader["pred_spread"] == pytest.approx(reader["target_spread"], rel=1e-5)
-
-
 # ---------------------------------------------------------------------------------------------
-# Eq. 2 EMA target encoder, tau and lr schedules
+# Eq. 2 EMA and the 3.3 schedules
 # ---------------------------------------------------------------------------------------------
 
 def test_ema_update_is_tau_target_plus_one_minus_tau_online():
@@ -451,119 +530,6 @@ def test_lr_schedule_with_a_floor_anneals_to_the_floor():
     lr = [sj.lr_at(s, peak_lr=1.0, warmup_steps=10, total_steps=110, min_ratio=0.1) for s in range(111)]
     assert lr[9] == pytest.approx(1.0) and lr[110] == pytest.approx(0.1) and lr[60] == pytest.approx(0.55)
     assert min(lr[10:]) == pytest.approx(0.1)
-
-
-def test_no_gradient_reaches_the_target_encoder():
-    """After StemJEPA.forward and backward, the target encoder (a full copy of the context
-    encoder at init) has no gradients and no trainable parameters, while every parameter of the
-    context encoder and of the predictor received one."""
-    torch.manual_seed(0)
-    model = sj.build_model(tiny(), TOY_STEMS)
-    for a, b in zip(model.encoder.state_dict().values(), model.target_encoder.state_dict().values()):
-        assert torch.equal(a, b)
-    context, target = 0.3 * torch.randn(2, 32000), 0.3 * torch.randn(2, 32000)
-    model(context, target, torch.tensor([0, 2])).backward()
-    for p in model.target_encoder.parameters():
-        assert p.grad is None and not p.requires_grad
-    for name, p in [*model.encoder.named_parameters(), *model.predictor.named_parameters()]:
-        assert p.grad is not None, name
-    assert all(p.grad.abs().sum() > 0 for p in model.encoder.parameters())
-
-
-def test_training_step_under_bf16_autocast_matches_float32():
-    """The GPU path runs the step under bf16 autocast. Exercised here with the CPU's bf16 autocast:
-    the front-end stays float32 (an STFT in bf16 would lose the quiet bins), the loss is computed
-    in float32 and is within bf16 rounding of the float32 loss, and the step applies."""
-    torch.manual_seed(0)
-    model = sj.build_model(tiny(), TOY_STEMS)
-    context, target, instrument = 0.3 * torch.randn(2, 32000), 0.3 * torch.randn(2, 32000), torch.tensor([0, 2])
-    with torch.no_grad():
-        exact = model(context, target, instrument)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert model.frontend(context).dtype == torch.float32
-            low = model(context, target, instrument)
-    assert low.dtype == torch.float32 and low.item() != exact.item()        # the matmuls did run in bf16
-    assert abs(low.item() - exact.item()) < 0.03 * exact.item()
-    optimizer = torch.optim.AdamW(sj.param_groups(model, 0.05), lr=1e-3, fused=True)
-    before = model.encoder.blocks[0].attn.qkv.weight.clone()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, applied = sj.training_step(model, optimizer, context, target, instrument, lr=1e-3, tau=0.99)
-    assert applied and torch.isfinite(loss) and not torch.equal(before, model.encoder.blocks[0].attn.qkv.weight)
-
-
-def test_training_step_through_torch_compile_matches_eager():
-    """--compile wraps the model in torch.compile; the step must accept the wrapper and give the
-    eager step's loss and update. Dynamo traces the model here (backend "eager" skips the C++
-    code generation, which takes minutes on a CPU)."""
-    context, target, instrument = 0.3 * torch.randn(2, 32000), 0.3 * torch.randn(2, 32000), torch.tensor([0, 2])
-    results = []
-    for compiled in (False, True):
-        torch.manual_seed(0)
-        model = sj.build_model(tiny(), TOY_STEMS)
-        optimizer = torch.optim.AdamW(sj.param_groups(model, 0.05), lr=1e-3, fused=True)
-        loss_fn = torch.compile(model, backend="eager") if compiled else None
-        loss, applied = sj.training_step(model, optimizer, context, target, instrument, lr=1e-3, tau=0.99,
-                                         loss_fn=loss_fn)
-        results.append((loss.item(), model.encoder.blocks[0].attn.qkv.weight.detach().clone()))
-    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
-    assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
-
-
-def test_paper_preset_decays_every_parameter_and_m2d_grouping_is_an_option():
-    """The authors' code applies weight decay 0.05 to every parameter, norms, biases and the
-    instrument embedding included: so do the paper preset's parameter groups. With
-    weight_decay_all=False (M2D's grouping) exactly the parameters with fewer than 2 dims and
-    the instrument embedding go undecayed, and every weight matrix is decayed."""
-    paper = sj.make_config("paper")
-    assert paper.weight_decay_all is True and paper.weight_decay == 0.05
-    model = sj.build_model(sj.make_config("tiny"), TOY_STEMS)
-    trainable = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
-    for decay_all in (True, False):
-        decay = {id(p): g["weight_decay"] for g in sj.param_groups(model, 0.05, decay_all=decay_all)
-                 for p in g["params"]}
-        assert decay.keys() == trainable.keys()
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                exempt = not decay_all and (p.ndim < 2 or name.startswith("predictor.instrument"))
-                assert decay[id(p)] == (0.0 if exempt else 0.05), (decay_all, name)
-    names = [trainable[i] for i, wd in decay.items() if wd == 0.0]                  # M2D's
-    assert "predictor.instrument.weight" in names and "encoder.norm.bias" in names
-    assert "encoder.blocks.0.attn.qkv.weight" not in names
-
-
-def test_train_builds_the_optimizer_from_weight_decay_all(tmp_path):
-    """`train` decays every parameter with weight_decay_all (the paper preset's setting): its
-    checkpoint's optimizer has weight decay 0.05 on all trainable parameters; the tiny preset's
-    M2D grouping leaves the 1-d ones and the instrument embedding at 0."""
-    data = tmp_path / "data"
-    write_track(data / "song", {s: sine(f, 2.0) for s, f in MUSDB_FREQS.items()})
-    for decay_all in (True, False):
-        cfg = tiny(steps=1, batch_size=2, weight_decay_all=decay_all)
-        out = tmp_path / f"run{decay_all}"
-        model = sj.train(cfg, data, out=out, workers=0, log=lambda *a: None)
-        groups = torch.load(out / "checkpoint.pt", weights_only=True)["optimizer"]
-        decayed = sum(len(g["params"]) for g in groups["param_groups"] if g["weight_decay"] == 0.05)
-        n = sum(p.requires_grad for p in model.parameters())
-        exempt = sum(p.requires_grad and (p.ndim < 2 or name.startswith("predictor.instrument"))
-                     for name, p in model.named_parameters())
-        assert decayed == (n if decay_all else n - exempt), (decay_all, decayed, n, exempt)
-    assert sj.make_config("tiny").weight_decay_all is False
-
-
-def test_grad_accumulation_gives_the_full_batch_gradient():
-    """grad_accum micro-batches add up to the gradient of the whole batch (the loss of each is
-    divided by their number), so the update does not depend on how the batch is split."""
-    cfg = tiny()
-    context, target, instrument = 0.3 * torch.randn(4, 32000), 0.3 * torch.randn(4, 32000), torch.tensor([0, 1, 2, 3])
-    weights = []
-    for accum in (1, 2):
-        torch.manual_seed(0)
-        model = sj.build_model(cfg, TOY_STEMS)
-        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-        sj.training_step(model, optimizer, context, target, instrument, lr=1.0, tau=1.0, grad_clip=1e9,
-                         grad_accum=accum)
-        weights.append(model.encoder.blocks[0].mlp[0].weight.detach().clone())
-    assert torch.allclose(weights[0], weights[1], atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -663,168 +629,184 @@ def test_draw_example_zero_pads_a_track_shorter_than_the_chunk():
 
 
 # ---------------------------------------------------------------------------------------------
-# 3.4 Training data: layouts, decoding to 16 kHz mono, cache
+# 3.3 Training: the step, the loop, and what keeps a run alive
 # ---------------------------------------------------------------------------------------------
 
-MUSDB_FREQS = {"bass": 110.0, "drums": 330.0, "other": 770.0, "vocals": 1500.0}
-
-
-def test_prepare_musdb18hq_stereo_44k_to_16k_mono(tmp_path):
-    """MUSDB18-HQ layout (44.1 kHz stereo, with mixture.wav): the cache holds (S, N) 16 kHz mono
-    arrays, stems sorted, no mixture, each stem's dominant frequency kept, channels averaged
-    (left 0.6 sin, right 0.2 sin -> 0.4 sin)."""
-    seconds = 3.0
-    t = np.arange(int(seconds * 44100)) / 44100
-    stems = {s: np.stack([0.6 * np.sin(2 * np.pi * f * t), 0.2 * np.sin(2 * np.pi * f * t)], axis=1)
-             for s, f in {**MUSDB_FREQS, "mixture": 5000.0}.items()}
-    write_track(tmp_path / "musdb" / "train" / "Artist - Title", stems, sr=44100)
-    (tracks,) = sj.prepare(tmp_path / "musdb", "train", chunk_seconds=2.0, log=lambda *a: None)
-    assert tracks["name"] == "Artist - Title" and tracks["stems"] == sorted(MUSDB_FREQS)
-    x = np.load(tracks["npy"]).astype(np.float32)
-    assert x.shape == (4, tracks["length"]) and abs(x.shape[1] - seconds * SR) <= 16
-    for row, stem in zip(x, tracks["stems"]):
-        assert dominant_freq(row) == pytest.approx(MUSDB_FREQS[stem], abs=1.0)
-        assert np.abs(row[SR:2 * SR]).max() == pytest.approx(0.4, abs=0.02)
-
-
-def test_prepare_custom_folder_names_stems_after_files(tmp_path):
-    """A folder of multitracks without train/ or test/: each sub-folder is a track, its stems are
-    named after the files (any supported extension), and mixture.wav is not a stem."""
-    freqs = {"guitar": 220.0, "piano": 440.0, "strings": 660.0}
-    folder = tmp_path / "mine" / "my song"
-    write_track(folder, {"guitar": sine(220, 2.0)}, ext="flac")
-    write_track(folder, {"piano": sine(440, 2.0), "strings": sine(660, 2.0), "mixture": sine(3000, 2.0)})
-    (folder / "notes.txt").write_text("not audio")
-    (track,) = sj.prepare(tmp_path / "mine", chunk_seconds=2.0, log=lambda *a: None)
-    assert track["name"] == "my song" and track["stems"] == ["guitar", "piano", "strings"]
-    x = np.load(track["npy"]).astype(np.float32)
-    assert [dominant_freq(r) for r in x] == pytest.approx([freqs[s] for s in track["stems"]], abs=1.0)
-
-
-def test_prepare_musdb18_stem_mp4_maps_streams_to_stems(tmp_path):
-    """A MUSDB18 .stem.mp4 (streams 0 mixture, 1 drums, 2 bass, 3 other, 4 vocals, AAC) decodes
-    each stem from its own stream: each cached stem has its stream's frequency."""
-    if shutil.which("ffmpeg") is None:
-        pytest.skip("ffmpeg is not installed")
-    seconds, sr = 3.0, 44100
-    order = {"mixture": 5000.0, "drums": MUSDB_FREQS["drums"], "bass": MUSDB_FREQS["bass"],
-             "other": MUSDB_FREQS["other"], "vocals": MUSDB_FREQS["vocals"]}
-    inputs = []
-    for name, f in order.items():
-        sf.write(tmp_path / f"{name}.wav", sine(f, seconds, sr), sr)
-        inputs += ["-i", str(tmp_path / f"{name}.wav")]
-    mp4 = tmp_path / "musdb" / "train" / "Artist - Song.stem.mp4"
-    mp4.parent.mkdir(parents=True)
-    maps = [a for i in range(5) for a in ("-map", str(i))]
-    subprocess.run(["ffmpeg", "-v", "error", "-y", *inputs, *maps, "-c:a", "aac", str(mp4)], check=True)
-    (track,) = sj.prepare(tmp_path / "musdb", chunk_seconds=2.0, log=lambda *a: None)
-    assert track["name"] == "Artist - Song" and track["stems"] == ["bass", "drums", "other", "vocals"]
-    x = np.load(track["npy"]).astype(np.float32)
-    assert abs(x.shape[1] - seconds * SR) < 0.1 * SR
-    assert [dominant_freq(r) for r in x] == pytest.approx([order[s] for s in track["stems"]], abs=1.0)
-
-
-def test_quiet_stem_is_kept_for_evaluation_and_never_sampled_in_training(tmp_path):
-    """The silence filter is training's only. A stem whose whole-track peak is 0.05 (under the 0.1
-    activity threshold) stays in the cache, in evaluation's tracks and among the retrieval
-    references (the authors' evaluation keeps all four stems), its reference being that stem's own
-    embedding; a track with one loud stem and one quiet one is evaluated too. Training's sampler
-    never draws the quiet stem, as target or in the context (no 770 Hz in any context), and the
-    one-loud-stem track cannot train. An all-zero stem is left out, and a note says so."""
-    data, n = tmp_path / "data", 2 * SR
-    song = {"bass": sine(110, 2.0), "drums": sine(330, 2.0), "other": sine(770, 2.0, amp=0.05),
-            "vocals": sine(1500, 2.0), "piano": np.zeros(n, np.float32)}
-    write_track(data / "song", song)
-    write_track(data / "duo", {"bass": sine(110, 2.0), "other": sine(770, 2.0, amp=0.05)})
-    notes = []
-    evaluation = sj.prepare(data, chunk_seconds=2.0, training=False, log=notes.append)
-    assert [(t["name"], t["stems"]) for t in evaluation] == [
-        ("duo", ["bass", "other"]), ("song", ["bass", "drums", "other", "vocals"])]
-    assert "silent stems (all zero: left out)" in notes[-1] and "song/piano" in notes[-1]
-    x = np.load(evaluation[1]["npy"]).astype(np.float32)
-    assert np.abs(x[2]).max() == pytest.approx(0.05, abs=1e-3)
-
+def test_no_gradient_reaches_the_target_encoder():
+    """After StemJEPA.forward and backward, the target encoder (a full copy of the context
+    encoder at init) has no gradients and no trainable parameters, while every parameter of the
+    context encoder and of the predictor received one."""
     torch.manual_seed(0)
-    model = sj.build_model(tiny(), TOY_STEMS).eval()
-    emb = sj.retrieval_embeddings(model, evaluation, log=lambda *a: None)
-    assert list(zip(emb["track"].tolist(), emb["instrument"].tolist())) == [
-        (0, 0), (0, 2), (1, 0), (1, 1), (1, 2), (1, 3)]
-    own = sj.pool(sj.embed_long(model, [x[2]], chunk=n)[0])           # the quiet stem alone
-    torch.testing.assert_close(emb["refs_target"][4], own)
-
-    notes.clear()
-    (train,) = sj.prepare(data, chunk_seconds=2.0, log=notes.append)
-    assert train["name"] == "song"
-    assert "song/other" in notes[-1] and "duo: 1 non-silent" in notes[-1]
-    dataset = sj.StemChunks([train], train["stems"], chunk=n, threshold=0.1, tries=10, seed=0)
-    for i in range(40):
-        context, _, instrument = dataset[i]
-        assert train["stems"][instrument] != "other"
-        spectrum = np.abs(np.fft.rfft(context.numpy().astype(np.float64)))   # 0.5 Hz bins
-        assert spectrum[770 * 2] < 1.0                                   # a 0.05 sine gives 800
+    model = sj.build_model(tiny(), TOY_STEMS)
+    for a, b in zip(model.encoder.state_dict().values(), model.target_encoder.state_dict().values()):
+        assert torch.equal(a, b)
+    context, target = 0.3 * torch.randn(2, 32000), 0.3 * torch.randn(2, 32000)
+    model(context, target, torch.tensor([0, 2])).backward()
+    for p in model.target_encoder.parameters():
+        assert p.grad is None and not p.requires_grad
+    for name, p in [*model.encoder.named_parameters(), *model.predictor.named_parameters()]:
+        assert p.grad is not None, name
+    assert all(p.grad.abs().sum() > 0 for p in model.encoder.parameters())
 
 
-def test_stem_mp4_and_wav_of_the_same_stereo_audio_give_equal_arrays(tmp_path):
-    """One level for both MUSDB18 layouts: the same stereo 44.1 kHz stems as WAV files (MUSDB18-HQ)
-    and as the lossless (ALAC) streams of a .stem.mp4 (MUSDB18) load as equal 16 kHz mono arrays,
-    the channel mean (L + R) / 2 resampled alike; its RMS level is that of (L + R) / 2 (ffmpeg's
-    `-ac 1` sums to 0.707 (L + R), 3 dB louder)."""
-    if shutil.which("ffmpeg") is None:
-        pytest.skip("ffmpeg is not installed")
-    sr, rng = 44100, np.random.default_rng(0)
-    t = np.arange(int(1.5 * sr)) / sr
-    inputs, mean = [], {}
-    for name in ["mixture", *sj.MUSDB_STREAMS]:                        # the .stem.mp4 stream order
-        f = rng.uniform(100, 1000)
-        x = np.stack([0.6 * np.sin(2 * np.pi * f * t), 0.2 * np.sin(3 * np.pi * f * t)], axis=1)
-        sf.write(tmp_path / f"{name}.wav", x, sr, subtype="PCM_16")
-        mean[name] = sf.read(tmp_path / f"{name}.wav", dtype="float64")[0].mean(axis=1)
-        inputs += ["-i", str(tmp_path / f"{name}.wav")]
-    mp4 = tmp_path / "Artist - Song.stem.mp4"
-    maps = [a for i in range(5) for a in ("-map", str(i))]
-    subprocess.run(["ffmpeg", "-v", "error", "-y", *inputs, *maps, "-c:a", "alac", str(mp4)],
-                   check=True)
-    for name, stream in sj.MUSDB_STREAMS.items():
-        from_mp4 = sj.load_audio(mp4, SR, stream)
-        from_wav = sj.load_audio(tmp_path / f"{name}.wav", SR)
-        assert from_mp4.dtype == from_wav.dtype == np.float32
-        np.testing.assert_array_equal(from_mp4, from_wav)
-        assert np.sqrt(np.mean(from_mp4.astype(np.float64) ** 2)) == pytest.approx(
-            np.sqrt(np.mean(mean[name] ** 2)), rel=0.01)
+def test_training_step_under_bf16_autocast_matches_float32():
+    """The GPU path runs the step under bf16 autocast. Exercised here with the CPU's bf16 autocast:
+    the front-end stays float32 (an STFT in bf16 would lose the quiet bins), the loss is computed
+    in float32 and is within bf16 rounding of the float32 loss, and the step applies."""
+    torch.manual_seed(0)
+    model = sj.build_model(tiny(), TOY_STEMS)
+    context, target, instrument = 0.3 * torch.randn(2, 32000), 0.3 * torch.randn(2, 32000), torch.tensor([0, 2])
+    with torch.no_grad():
+        exact = model(context, target, instrument)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model.frontend(context).dtype == torch.float32
+            low = model(context, target, instrument)
+    assert low.dtype == torch.float32 and low.item() != exact.item()        # the matmuls did run in bf16
+    assert abs(low.item() - exact.item()) < 0.03 * exact.item()
+    optimizer = torch.optim.AdamW(sj.param_groups(model, 0.05), lr=1e-3, fused=True)
+    before = model.encoder.blocks[0].attn.qkv.weight.clone()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, applied = sj.training_step(model, optimizer, context, target, instrument, lr=1e-3, tau=0.99)
+    assert applied and torch.isfinite(loss) and not torch.equal(before, model.encoder.blocks[0].attn.qkv.weight)
 
 
-def test_prepare_reuses_the_cache_and_redecodes_a_changed_track(tmp_path, monkeypatch):
-    """A second prepare decodes nothing (load_audio is never called) and returns the same
-    tracks; after one file changes, only that file's track is decoded again, with the new audio."""
-    root = tmp_path / "data"
-    write_track(root / "a", {"bass": sine(110, 2.0), "drums": sine(330, 2.0)})
-    write_track(root / "b", {"bass": sine(220, 2.0), "drums": sine(440, 2.0)})
-    first = sj.prepare(root, chunk_seconds=2.0, log=lambda *a: None)
-    real, decoded = sj.load_audio, []
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("decoded again")
-
-    monkeypatch.setattr(sj, "load_audio", refuse)
-    assert sj.prepare(root, chunk_seconds=2.0, log=lambda *a: None) == first
-
-    def counting(path, *args, **kwargs):
-        decoded.append(Path(path).parent.name)
-        return real(path, *args, **kwargs)
-
-    monkeypatch.setattr(sj, "load_audio", counting)
-    sf.write(root / "b" / "bass.wav", sine(550, 2.0), SR)
-    os.utime(root / "b" / "bass.wav", ns=(1, 1))                      # a different mtime for certain
-    again = sj.prepare(root, chunk_seconds=2.0, log=lambda *a: None)
-    assert decoded == ["b", "b"]
-    b = next(t for t in again if t["name"] == "b")
-    assert dominant_freq(np.load(b["npy"])[0]) == pytest.approx(550.0, abs=1.0)
+@pytest.mark.slow
+def test_training_step_through_torch_compile_matches_eager():
+    """--compile wraps the model in torch.compile; the step must accept the wrapper and give the
+    eager step's loss and update. Dynamo traces the model here (backend "eager" skips the C++
+    code generation, which takes minutes on a CPU)."""
+    context, target, instrument = 0.3 * torch.randn(2, 32000), 0.3 * torch.randn(2, 32000), torch.tensor([0, 2])
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = sj.build_model(tiny(), TOY_STEMS)
+        optimizer = torch.optim.AdamW(sj.param_groups(model, 0.05), lr=1e-3, fused=True)
+        loss_fn = torch.compile(model, backend="eager") if compiled else None
+        loss, applied = sj.training_step(model, optimizer, context, target, instrument, lr=1e-3, tau=0.99,
+                                         loss_fn=loss_fn)
+        results.append((loss.item(), model.encoder.blocks[0].attn.qkv.weight.detach().clone()))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
 
 
-# ---------------------------------------------------------------------------------------------
-# 3.3 Training
-# ---------------------------------------------------------------------------------------------
+def test_grad_scaler_step_equals_the_unscaled_step_and_skips_an_overflow():
+    """training_step with a GradScaler (the fp16 path, run here in fp32 on the CPU): with a scale
+    of 2^10 and clipping active, the weights and the target encoder after the step equal those of
+    the step without a scaler (the gradients are unscaled before clipping). With a scale of 2^127
+    and a loss 10^6 times larger the scaled gradients overflow: the step is skipped (weights and
+    EMA target unchanged) and the scale is halved."""
+    torch.manual_seed(0)
+    base = sj.build_model(mini(), TOY_STEMS)
+    context = torch.from_numpy(np.stack([noise(2.0, s) for s in range(4)]))
+    target = torch.from_numpy(np.stack([noise(2.0, s + 10) for s in range(4)]))
+    instrument = torch.tensor([0, 1, 2, 3])
 
+    def step(scaler, loss_factor=1.0):
+        model = copy.deepcopy(base)
+        opt = torch.optim.AdamW(sj.param_groups(model, 0.05), lr=0.0)
+        _, applied = sj.training_step(model, opt, context, target, instrument, lr=1e-3, tau=0.9,
+                                      grad_clip=0.01, precision="fp32", scaler=scaler,
+                                      loss_fn=lambda *batch: loss_factor * model(*batch))
+        return model, applied
+
+    plain, applied = step(None)
+    assert applied
+    scaled, applied = step(torch.amp.GradScaler("cpu", init_scale=2.0 ** 10))
+    assert applied
+    for (name, a), b in zip(plain.state_dict().items(), scaled.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+    moved = plain.state_dict()["encoder.norm.weight"] - base.state_dict()["encoder.norm.weight"]
+    assert moved.abs().max() > 0
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127)
+    skipped, applied = step(scaler, loss_factor=1e6)
+    assert not applied and scaler.get_scale() == 2.0 ** 126
+    for (name, a), b in zip(base.state_dict().items(), skipped.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_grad_accumulation_gives_the_full_batch_gradient():
+    """grad_accum micro-batches add up to the gradient of the whole batch (the loss of each is
+    divided by their number), so the update does not depend on how the batch is split."""
+    cfg = tiny()
+    context, target, instrument = 0.3 * torch.randn(4, 32000), 0.3 * torch.randn(4, 32000), torch.tensor([0, 1, 2, 3])
+    weights = []
+    for accum in (1, 2):
+        torch.manual_seed(0)
+        model = sj.build_model(cfg, TOY_STEMS)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        sj.training_step(model, optimizer, context, target, instrument, lr=1.0, tau=1.0, grad_clip=1e9,
+                         grad_accum=accum)
+        weights.append(model.encoder.blocks[0].mlp[0].weight.detach().clone())
+    assert torch.allclose(weights[0], weights[1], atol=1e-5)
+
+
+def test_paper_preset_decays_every_parameter_and_m2d_grouping_is_an_option():
+    """The authors' code applies weight decay 0.05 to every parameter, norms, biases and the
+    instrument embedding included: so do the paper preset's parameter groups. With
+    weight_decay_all=False (M2D's grouping) exactly the parameters with fewer than 2 dims and
+    the instrument embedding go undecayed, and every weight matrix is decayed."""
+    paper = sj.make_config("paper")
+    assert paper.weight_decay_all is True and paper.weight_decay == 0.05
+    model = sj.build_model(sj.make_config("tiny"), TOY_STEMS)
+    trainable = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
+    for decay_all in (True, False):
+        decay = {id(p): g["weight_decay"] for g in sj.param_groups(model, 0.05, decay_all=decay_all)
+                 for p in g["params"]}
+        assert decay.keys() == trainable.keys()
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                exempt = not decay_all and (p.ndim < 2 or name.startswith("predictor.instrument"))
+                assert decay[id(p)] == (0.0 if exempt else 0.05), (decay_all, name)
+    names = [trainable[i] for i, wd in decay.items() if wd == 0.0]                  # M2D's
+    assert "predictor.instrument.weight" in names and "encoder.norm.bias" in names
+    assert "encoder.blocks.0.attn.qkv.weight" not in names
+
+
+@pytest.mark.slow
+def test_train_builds_the_optimizer_from_weight_decay_all(tmp_path):
+    """`train` decays every parameter with weight_decay_all (the paper preset's setting): its
+    checkpoint's optimizer has weight decay 0.05 on all trainable parameters; the tiny preset's
+    M2D grouping leaves the 1-d ones and the instrument embedding at 0."""
+    data = tmp_path / "data"
+    write_track(data / "song", {s: sine(f, 2.0) for s, f in MUSDB_FREQS.items()})
+    for decay_all in (True, False):
+        cfg = tiny(steps=1, batch_size=2, weight_decay_all=decay_all)
+        out = tmp_path / f"run{decay_all}"
+        model = sj.train(cfg, data, out=out, workers=0, log=lambda *a: None).model
+        groups = torch.load(out / "checkpoint.pt", weights_only=True)["optimizer"]
+        decayed = sum(len(g["params"]) for g in groups["param_groups"] if g["weight_decay"] == 0.05)
+        n = sum(p.requires_grad for p in model.parameters())
+        exempt = sum(p.requires_grad and (p.ndim < 2 or name.startswith("predictor.instrument"))
+                     for name, p in model.named_parameters())
+        assert decayed == (n if decay_all else n - exempt), (decay_all, decayed, n, exempt)
+    assert sj.make_config("tiny").weight_decay_all is False
+
+
+def test_collapse_measures_tell_a_mix_blind_predictor_from_one_that_reads_the_mix():
+    """A predictor that outputs one vector per instrument has prediction spread 0; the average-stem
+    loss is Eq. 1 of the leave-one-out mean unit target of the same instrument (computed here
+    sample by sample); a predictor that outputs the (standardised) target itself gets batch
+    loss 0, below the average stem."""
+    torch.manual_seed(0)
+    target = torch.randn(6, 2, 3, 16) + 0.5
+    inst = torch.tensor([0, 0, 0, 1, 1, 2])                             # instrument 2 occurs once: left out
+    blind = torch.randn(3, 1, 1, 16)[inst].expand(-1, 2, 3, -1)
+    m = sj.collapse_measures(blind, target, inst)
+    assert m["pred_spread"] == pytest.approx(0.0, abs=1e-6) and m["target_spread"] > 0.5
+    unit = sj.unit_targets(target)
+    want = []
+    for i in range(5):
+        others = [j for j in range(5) if inst[j] == inst[i] and j != i]
+        mean = F.normalize(unit[others].mean(0), dim=-1)
+        want.append((mean - unit[i]).pow(2).sum(-1).mean().item())
+    assert m["avg_stem_loss"] == pytest.approx(np.mean(want), rel=1e-5)
+    reader = sj.collapse_measures(target - target.mean(-1, keepdim=True), target, inst)
+    assert reader["batch_loss"] == pytest.approx(0.0, abs=1e-6)
+    assert reader["avg_stem_loss"] > 0.1
+    assert reader["pred_spread"] == pytest.approx(reader["target_spread"], rel=1e-5)
+
+
+@pytest.mark.slow
 def test_training_lowers_the_loss(trained_run):
     """150 steps of batch 8 on 8 toy songs lower the loss: the mean of the last three logged
     losses (steps 121-150) lies below the first (steps 1-10) by more than 0.65 (measured:
@@ -839,17 +821,18 @@ def test_training_lowers_the_loss(trained_run):
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 150
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(toy_data, tmp_path):
     """Training 6 steps straight, or 3 steps (stop_at) and then 3 more with resume=True, gives
     the same log (loss, lr, tau, spread per step) and bit-identical weights, optimizer included;
     the resumed part runs with a loader worker, so the data order does not depend on workers."""
     cfg = tiny(steps=6, batch_size=4, warmup_steps=2, log_every=1)
     quiet = dict(log=lambda *a, **k: None)
-    a = sj.train(cfg, toy_data, out=tmp_path / "a", workers=0, **quiet)
+    a = sj.train(cfg, toy_data, out=tmp_path / "a", workers=0, **quiet).model
     sj.train(cfg, toy_data, out=tmp_path / "b", workers=0, stop_at=3, **quiet)
     assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 3
     assert len(read_log(tmp_path / "b" / "log.csv")) == 3
-    b = sj.train(cfg, toy_data, out=tmp_path / "b", workers=1, resume=True, **quiet)
+    b = sj.train(cfg, toy_data, out=tmp_path / "b", workers=1, resume=True, **quiet).model
 
     columns = ("step", "loss", "lr", "tau", "spread", "skipped")
     log_a, log_b = read_log(tmp_path / "a" / "log.csv"), read_log(tmp_path / "b" / "log.csv")
@@ -866,6 +849,7 @@ def test_resume_reproduces_the_uninterrupted_run(toy_data, tmp_path):
             assert torch.equal(opt_a[i][k], opt_b[i][k])
 
 
+@pytest.mark.slow
 def test_resume_mid_log_window_reproduces_the_log(toy_data, tmp_path):
     """A run interrupted between two log lines (log_every 2, stopped at step 3) and resumed
     writes the same log as the uninterrupted run: the row of step 4 is the mean over steps 3-4."""
@@ -885,11 +869,12 @@ TORCHRUN_SCRIPT = textwrap.dedent("""
     import stem_jepa as sj
     data, out = sys.argv[2], sys.argv[3]
     cfg = sj.make_config("tiny", steps=5, batch_size=4, chunk_seconds=2.0, log_every=1)
-    model = sj.train(cfg, data, out=os.path.join(out, "run"), workers=0)
+    model = sj.train(cfg, data, out=os.path.join(out, "run"), workers=0).model
     torch.save(model.state_dict(), os.path.join(out, f"rank{os.environ['RANK']}.pt"))
 """)
 
 
+@pytest.mark.slow
 def test_torchrun_replicas_train_in_step(toy_data, tmp_path):
     """Two processes under torchrun (gloo, CPU) end with identical weights (DDP averages the
     gradients, the EMA follows identical online weights), different from the initial weights,
@@ -918,156 +903,159 @@ def test_torchrun_replicas_train_in_step(toy_data, tmp_path):
         assert changed, prefix
 
 
+@pytest.mark.slow
+def test_batch_that_does_not_divide_among_processes(tmp_path, toy_data):
+    """Under torchrun with 2 processes, an odd batch size is one clear error line."""
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", str(free_port()), str(HERE / 'stem_jepa.py'), "train", "--data", str(toy_data),
+                        "--out", str(tmp_path / "run"), "--preset", "tiny", "--batch-size", "3", "--steps", "1"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode != 0
+    assert "--batch-size 3 does not divide among 2 processes" in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_a_checkpoint_and_resume_appends_to_the_log(tmp_path, toy_data, sig):
+    """Ctrl-C / SIGTERM: a checkpoint at the current step, exit status 128 + signal, a message
+    saying how to resume; --resume then finishes the run and log.csv is appended, not rewritten."""
+    run = tmp_path / "run"
+    proc = start_cli("train", "--data", toy_data, "--out", run, "--steps", "2000", "--log-every", "5",
+                     *TINY_RUN, merge_stderr=True)
+    _wait_for_line(proc, "step 10/")
+    proc.send_signal(sig)
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig.value, rest
+    assert "--resume" in rest and "Traceback" not in rest
+    stopped_at = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
+    assert 10 <= stopped_at < 2000
+    resumed = run_cli("train", "--data", toy_data, "--out", run, "--steps", "2000", "--log-every", "5",
+                   "--resume", "--stop-at", stopped_at + 10, *TINY_RUN)
+    assert resumed.returncode == 0, resumed.stderr
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == stopped_at + 10
+    steps = [int(r["step"]) for r in csv.DictReader(open(run / "log.csv"))]
+    assert steps == list(range(5, stopped_at + 11, 5))             # one row per 5 steps, none lost or repeated
+
+
+@pytest.mark.slow
+def test_sigkill_while_saving_leaves_a_loadable_checkpoint(tmp_path, toy_data):
+    """With a checkpoint written at every step, kill -9 at arbitrary moments: what is on disk always
+    loads (the latest or the previous one), and the run resumes from it."""
+    run = tmp_path / "run"
+    for delay in (0.05, 0.2, 0.5):
+        proc = start_cli("train", "--data", toy_data, "--out", run, "--steps", "100000", "--ckpt-every", "1",
+                         "--log-every", "1", "--resume", *TINY_RUN, merge_stderr=True)
+        _wait_for_line(proc, "step ")
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+        ckpt = sj.load_checkpoint(run / "checkpoint.pt")
+        assert ckpt["step"] >= 1
+    resumed = run_cli("train", "--data", toy_data, "--out", run, "--steps", "100000", "--ckpt-every", "1",
+                   "--log-every", "1", "--resume", "--stop-at", ckpt["step"] + 2, *TINY_RUN)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming {run / 'checkpoint.pt'} at step" in resumed.stdout
+
+
+@pytest.mark.slow
+def test_resume_with_another_configuration_is_refused(tmp_path, toy_data):
+    """A different architecture is refused, naming the difference; a different number of steps
+    needs --force, and then trains on."""
+    run = tmp_path / "run"
+    assert run_cli("train", "--data", toy_data, "--out", run, "--steps", "4", *TINY_RUN).returncode == 0
+    other = run_cli("train", "--data", toy_data, "--out", run, "--steps", "4", "--predictor", "transformer",
+                 "--resume", *TINY_RUN)
+    assert other.returncode == 2 and "predictor: mlp -> transformer" in other.stderr
+    assert "Traceback" not in other.stderr
+    longer = run_cli("train", "--data", toy_data, "--out", run, "--steps", "6", "--resume", *TINY_RUN)
+    assert longer.returncode == 2 and "steps: 4 -> 6" in longer.stderr and "--force" in longer.stderr
+    forced = run_cli("train", "--data", toy_data, "--out", run, "--steps", "6", "--resume", "--force", *TINY_RUN)
+    assert forced.returncode == 0, forced.stderr
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 6
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, toy_data):
+    """An absurd learning rate makes the loss non-finite: steps are skipped and counted, training
+    stops after 5 in a row with a message, and the checkpoint on disk holds finite weights."""
+    run = tmp_path / "run"
+    bad = run_cli("train", "--data", toy_data, "--out", run, "--steps", "40", "--lr", "1e30", "--ckpt-every", "1",
+               *TINY_RUN)
+    assert bad.returncode == 2, bad.stdout + bad.stderr
+    assert "not finite for 5 steps in a row" in bad.stderr and "Traceback" not in bad.stderr
+    assert "step skipped" in bad.stdout
+    ckpt = sj.load_checkpoint(run / "checkpoint.pt")
+    assert ckpt["skipped"] >= 4
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.slow
+def test_init_from_starts_a_new_run_from_the_checkpoints_weights(tmp_path, monkeypatch):
+    """train(init_from=CKPT) on data with instruments bass, drums and piano, from a checkpoint
+    that knows bass, drums, other, vocals: at the first step, the encoder, target encoder and
+    predictor equal the checkpoint's; the rows of bass and drums are the checkpoint's rows of those
+    names; piano's row is the fresh initialisation (the model built from the config's seed), none
+    of the checkpoint's; the optimizer is empty and the lr is the schedule's at step 0. The log
+    names piano as new. Another architecture is refused, naming the difference."""
+    cfg = mini(steps=2, batch_size=2, warmup_steps=5)
+    ckpt_path = write_checkpoint(tmp_path / "source" / "checkpoint.pt", cfg, TOY_STEMS, seed=1)
+    for i in range(2):
+        stems, _ = sj.make_toy_song(np.random.default_rng(i), seconds=4.0)
+        write_track(tmp_path / "data" / f"song{i}",
+                    {"bass": stems["bass"], "drums": stems["drums"], "piano": stems["other"]})
+    seen = []
+    real_step = sj.training_step
+
+    def recording_step(model, optimizer, *args, lr, **kwargs):
+        if not seen:
+            state = {k: v.clone() for k, v in model.state_dict().items()}
+            seen.append((state, len(optimizer.state), lr))
+        return real_step(model, optimizer, *args, lr=lr, **kwargs)
+
+    monkeypatch.setattr(sj, "training_step", recording_step)
+    lines = []
+    sj.train(cfg, tmp_path / "data", out=tmp_path / "run", init_from=ckpt_path, workers=0,
+             log=lambda *a: lines.append(" ".join(map(str, a))))
+    state, optimizer_entries, lr = seen[0]
+    ckpt = sj.load_checkpoint(ckpt_path)
+    emb = "predictor.instrument.weight"
+    assert state.keys() == ckpt["model"].keys()
+    for name, value in ckpt["model"].items():
+        if name != emb:
+            assert torch.equal(state[name], value), name
+    assert torch.equal(state[emb][0], ckpt["model"][emb][TOY_STEMS.index("bass")])
+    assert torch.equal(state[emb][1], ckpt["model"][emb][TOY_STEMS.index("drums")])
+    torch.manual_seed(cfg.seed)
+    fresh = sj.build_model(cfg, ["bass", "drums", "piano"])
+    assert torch.equal(state[emb][2], fresh.state_dict()[emb][2])
+    assert not any(torch.equal(state[emb][2], row) for row in ckpt["model"][emb])
+    assert optimizer_entries == 0
+    peak = cfg.base_lr * cfg.batch_size / 256
+    assert lr == sj.lr_at(0, peak_lr=peak, warmup_steps=5, total_steps=2)
+    assert any("new instrument embeddings for piano" in line for line in lines), lines
+    assert sj.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 2
+    with pytest.raises(sj.StemJEPAError, match="dim: 32 -> 48"):
+        sj.init_from_checkpoint(sj.build_model(mini(dim=48), TOY_STEMS), ckpt)
+
+
+@pytest.mark.slow
+def test_soak_500_steps_with_a_corrupt_file(tmp_path):
+    """500 steps of a minimal model on toy data with a corrupt file in the set: the file is reported
+    once, the run finishes, and every logged loss is finite."""
+    data = sj.write_toy_dataset(tmp_path / "toy", tracks=5, seconds=6.0)
+    bad = sorted((data / "train").iterdir())[0] / "drums.wav"
+    bad.write_bytes(os.urandom(3000))
+    cfg = sj.make_config("tiny", dim=32, depth=1, heads=2, pred_hidden=64, pred_layers=2, chunk_seconds=1.28,
+                         batch_size=4, steps=500, warmup_steps=20, log_every=50, ckpt_every=250)
+    lines = []
+    sj.train(cfg, data, out=tmp_path / "run", workers=0, log=lambda *a: lines.append(" ".join(map(str, a))))
+    assert sum(str(bad) in line for line in lines) == 1
+    losses = [float(r["loss"]) for r in csv.DictReader(open(tmp_path / "run" / "log.csv"))]
+    assert len(losses) == 10 and all(np.isfinite(losses))
+
+
 # ---------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------
-
-def test_cli_toy_then_train_writes_data_checkpoint_and_log(tmp_path):
-    """`toy` writes train/<song>/{bass,drums,other,vocals}.wav + labels.json; `train` on it for
-    3 steps writes a checkpoint loadable with weights_only=True at step 3, from which the model
-    loads, and a log with one row per step."""
-    data, run = tmp_path / "toy", tmp_path / "run"
-    toy = run_cli("toy", "--out", data, "--tracks", 3, "--seconds", 10)
-    assert toy.returncode == 0, toy.stderr
-    songs = sorted((data / "train").iterdir())
-    assert len(songs) == 2 and len(list((data / "test").iterdir())) == 1
-    for song in songs:
-        assert sorted(p.name for p in song.iterdir()) == sorted([f"{s}.wav" for s in TOY_STEMS] + ["labels.json"])
-        assert sf.info(str(song / "bass.wav")).duration == pytest.approx(10.0)
-
-    train = run_cli("train", "--data", data, "--preset", "tiny", "--steps", 3, "--batch-size", 4,
-                    "--out", run, "--log-every", 1, "--workers", 0)
-    assert train.returncode == 0, train.stderr
-    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
-    assert ckpt["step"] == 3 and ckpt["instruments"] == TOY_STEMS
-    assert [r["step"] for r in read_log(run / "log.csv")] == ["1", "2", "3"]
-    model = sj.StemJEPA.from_checkpoint(run / "checkpoint.pt")
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, ckpt["model"][k]), k
-
-
-@pytest.mark.parametrize("command, options", [
-    ("toy", ["--out", "--tracks", "--seconds", "--seed"]),
-    ("train", ["--data", "--out", "--cache", "--resume", "--device", "--preset", "--predictor",
-               "--steps", "--batch-size", "--stop-at", "--workers"]),
-    ("demo", ["--dir", "--tracks", "--steps"]),
-    ("probe", ["--checkpoint", "--labels", "--task", "--encoder"]),
-    ("evaluate", ["--checkpoint", "--data", "--split", "all"]),
-])
-def test_cli_help_lists_the_options(command, options):
-    """`stem_jepa.py COMMAND --help` exits 0 and mentions each of its options."""
-    result = run_cli(command, "--help")
-    assert result.returncode == 0
-    for option in options:
-        assert option in result.stdout, option
-
-
-# ---------------------------------------------------------------------------------------------
-# Bad input: a clear one-line error (exit 2, no traceback), or a warning and training goes on
-# ---------------------------------------------------------------------------------------------
-
-def good_track(folder: Path, seconds: float = 5.0) -> Path:
-    return write_track(folder, {s: sine(f, seconds) for s, f in MUSDB_FREQS.items()})
-
-
-def train_cli(data, tmp_path, *extra):
-    return run_cli("train", "--data", data, "--preset", "tiny", "--steps", 1, "--batch-size", 2,
-                   "--workers", 0, "--out", tmp_path / "run", *extra)
-
-
-def assert_user_error(result, *words):
-    """Exit status 2, one short `error:` message naming the problem, no traceback. (Decoders may
-    print their own warnings to stderr before it.)"""
-    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
-    assert "Traceback" not in result.stderr
-    assert "\nerror: " in "\n" + result.stderr and result.stderr.count("error: ") == 1, result.stderr
-    message = result.stderr[result.stderr.index("error: "):]
-    assert len(message.splitlines()) <= 10, message
-    for word in words:
-        assert word in message, (word, message)
-
-
-def assert_trained(result, tmp_path):
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 1
-
-
-def test_cli_error_missing_folder(tmp_path):
-    """--data pointing nowhere: exit 2, the message names the folder."""
-    assert_user_error(train_cli(tmp_path / "nowhere", tmp_path), "nowhere", "no such folder")
-
-
-def test_cli_error_empty_folder(tmp_path):
-    """An empty --data folder: exit 2, 'is empty'."""
-    (tmp_path / "empty").mkdir()
-    assert_user_error(train_cli(tmp_path / "empty", tmp_path), "empty", "is empty")
-
-
-def test_cli_error_folder_without_tracks(tmp_path):
-    """A folder with only a README: exit 2, 'holds no tracks' and the expected layouts."""
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "README.txt").write_text("hello")
-    assert_user_error(train_cli(tmp_path / "data", tmp_path), "holds no tracks", ".stem.mp4")
-
-
-def test_cli_error_track_with_one_stem(tmp_path):
-    """The only track has a single stem: nothing to predict from; exit 2 naming the track."""
-    write_track(tmp_path / "data" / "solo", {"piano": sine(440, 5.0)})
-    assert_user_error(train_cli(tmp_path / "data", tmp_path), "solo", "nothing to predict from")
-
-
-def test_cli_error_stems_differ_in_length_by_more_than_a_second(tmp_path):
-    """Stems of 3 s and 5 s: the track is refused, the message names it and the lengths."""
-    write_track(tmp_path / "data" / "ragged", {"bass": sine(110, 3.0), "drums": sine(330, 5.0)})
-    assert_user_error(train_cli(tmp_path / "data", tmp_path), "ragged", "bass 3.00 s", "drums 5.00 s")
-
-
-def test_cli_stems_within_a_second_are_trimmed_and_training_proceeds(tmp_path):
-    """Stems of 5 s and 5.5 s: trimmed to the shortest, with a note naming the track."""
-    write_track(tmp_path / "data" / "almost", {"bass": sine(110, 5.0), "drums": sine(330, 5.5)})
-    result = train_cli(tmp_path / "data", tmp_path)
-    assert_trained(result, tmp_path)
-    assert "trimmed" in result.stdout and "almost" in result.stdout
-
-
-def test_cli_corrupt_and_empty_files_are_skipped_with_a_warning(tmp_path):
-    """A track with a random-bytes bass.wav and a zero-byte drums.wav beside a good track:
-    training proceeds, and the warning names both files."""
-    good_track(tmp_path / "data" / "good")
-    bad = good_track(tmp_path / "data" / "bad")
-    (bad / "bass.wav").write_bytes(np.random.default_rng(0).bytes(5000))
-    (bad / "drums.wav").write_bytes(b"")
-    result = train_cli(tmp_path / "data", tmp_path)
-    assert_trained(result, tmp_path)
-    assert str(bad / "bass.wav") in result.stdout and str(bad / "drums.wav") in result.stdout
-
-
-def test_cli_error_when_the_only_track_is_corrupt(tmp_path):
-    """Every file of the only track is unreadable: exit 2, the message names the files."""
-    bad = tmp_path / "data" / "bad"
-    bad.mkdir(parents=True)
-    for i, stem in enumerate(TOY_STEMS):
-        (bad / f"{stem}.wav").write_bytes(np.random.default_rng(i).bytes(5000))
-    assert_user_error(train_cli(tmp_path / "data", tmp_path), "no usable track", str(bad / "bass.wav"))
-
-
-def test_cli_track_shorter_than_a_chunk_is_padded(tmp_path):
-    """A 2 s track with the tiny preset's 4 s chunks: zero-padded, a note says so, training runs."""
-    good_track(tmp_path / "data" / "short", seconds=2.0)
-    result = train_cli(tmp_path / "data", tmp_path)
-    assert_trained(result, tmp_path)
-    assert "zero-padded" in result.stdout and "short (2.0 s)" in result.stdout
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_cli_error_device_not_available(tmp_path):
-    """--device cuda without CUDA: exit 2, 'cuda is not available'."""
-    good_track(tmp_path / "data" / "good")
-    assert_user_error(train_cli(tmp_path / "data", tmp_path, "--device", "cuda"), "cuda", "not available")
-
-
-# ---------------------------------------------------------------------------------------------
-# 4.1-4.2 Stem retrieval: metrics, chunking, pooling, Fig. 2, evaluation, listening test, CLI
+# 4.1 Retrieval metrics
 # ---------------------------------------------------------------------------------------------
 
 def on_a_line(*xs) -> torch.Tensor:
@@ -1361,6 +1349,511 @@ def test_pool_equals_the_naive_computation():
     assert got.norm().item() == pytest.approx(1.0, abs=1e-6) and abs(got.mean().item()) < 1e-6
 
 
+# =============================================================================================
+# PART TWO: what runs around the method
+# =============================================================================================
+
+# ---------------------------------------------------------------------------------------------
+# Training machinery: precision, checkpoints, the run lock
+# ---------------------------------------------------------------------------------------------
+
+def test_pick_precision(monkeypatch):
+    """auto: bf16 on a CUDA GPU with native bf16, fp16 on one without (T4, V100), fp32 on a CPU;
+    bf16 or fp16 asked for on a CPU, or bf16 on a GPU without it, is a StemJEPAError."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert sj.pick_precision("auto", cpu) == sj.pick_precision("fp32", cpu) == "fp32"
+    for name in ("bf16", "fp16"):
+        with pytest.raises(sj.StemJEPAError, match="CUDA"):
+            sj.pick_precision(name, cpu)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
+    for native, auto in ((True, "bf16"), (False, "fp16")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation: native)
+        assert sj.pick_precision("auto", cuda) == auto
+        assert sj.pick_precision("fp16", cuda) == "fp16"
+        assert sj.pick_precision("fp32", cuda) == "fp32"
+    with pytest.raises(sj.StemJEPAError, match="Tesla T4 has no native bf16"):
+        sj.pick_precision("bf16", cuda)
+    assert isinstance(sj.autocast_for(cpu, "fp16"), type(contextlib.nullcontext()))
+
+
+@pytest.mark.slow
+def test_not_a_checkpoint_and_other_versions_are_refused(tmp_path, toy_data):
+    """`evaluate` on a file that is not a checkpoint, or one of another format version: one clear line."""
+    junk = tmp_path / "junk.pt"
+    junk.write_text("hello")
+    r = run_cli("evaluate", "--checkpoint", junk, "--data", toy_data)
+    assert r.returncode == 2 and "not a readable checkpoint" in r.stderr and "Traceback" not in r.stderr
+    old = tmp_path / "old.pt"
+    torch.save({"version": 0, "config": {}, "model": {}}, old)
+    r = run_cli("evaluate", "--checkpoint", old, "--data", toy_data)
+    assert r.returncode == 2 and "format 0" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_from_checkpoint_gives_the_trained_model_in_eval_mode(trained_run):
+    """StemJEPA.from_checkpoint rebuilds the model that `train` returned: eval mode, the same
+    config and instruments, and the same context and target embeddings and predictions for the
+    same input (not those of a freshly initialised model)."""
+    trained, run = trained_run
+    loaded = sj.StemJEPA.from_checkpoint(run / "checkpoint.pt")
+    assert not any(m.training for m in loaded.modules())
+    assert loaded.config == trained.config and loaded.instruments == trained.instruments == TOY_STEMS
+    wav = torch.from_numpy(0.1 * np.random.default_rng(0).standard_normal((2, 2 * SR)).astype(np.float32))
+    with torch.no_grad():
+        for target in (False, True):
+            assert torch.equal(loaded.encode(wav, target=target), trained.encode(wav, target=target))
+        ids = torch.tensor([0, 3])
+        assert torch.equal(loaded.predict(wav, ids), trained.predict(wav, ids))
+        torch.manual_seed(trained.config.seed)
+        fresh = sj.build_model(trained.config, TOY_STEMS).eval()
+        assert (fresh.encode(wav) - loaded.encode(wav)).abs().max() > 1e-3
+
+
+@pytest.mark.slow
+def test_out_naming_a_file_is_a_clear_error(tmp_path):
+    """train --out naming an existing file: exit 2, one error line saying it is a file."""
+    (tmp_path / "notes.txt").write_text("x")
+    r = run_cli("train", "--data", tmp_path, "--out", tmp_path / "notes.txt", "--preset", "tiny")
+    assert_user_error(r, "notes.txt", "is a file")
+
+
+@pytest.mark.slow
+def test_lock_refuses_a_second_live_run_and_is_stale_after_kill_9(tmp_path):
+    """While a training runs into OUT, a second one into OUT is refused (exit 2) naming the first's
+    pid; after kill -9 of the first its lock is left behind, recognised as stale (the process is
+    gone), and --resume continues from the checkpoint; when that run ends the lock is gone."""
+    data = sj.write_toy_dataset(tmp_path / "toy", tracks=3, seconds=6.0)
+    run = tmp_path / "run"
+    mini_run = ["--preset", "tiny", "--batch-size", "2", "--workers", "0", "--ckpt-every", "1",
+                "--log-every", "1", "--steps", "100000"]
+    first = start_cli("train", "--data", data, "--out", run, *mini_run, merge_stderr=True)
+    try:
+        _wait_for_line(first, "step 2/")
+        assert (run / "train.lock").read_text().split()[0] == str(first.pid)
+        second = run_cli("train", "--data", data, "--out", run, *mini_run)
+        assert_user_error(second, f"pid {first.pid}", "in use by another training")
+    finally:
+        first.kill()
+        first.wait()
+    assert (run / "train.lock").exists()
+    step = sj.load_checkpoint(run / "checkpoint.pt")["step"]
+    resumed = run_cli("train", "--data", data, "--out", run, *mini_run, "--resume",
+                   "--stop-at", step + 1)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "stale lock" in resumed.stdout and f"resuming {run / 'checkpoint.pt'}" in resumed.stdout
+    assert not (run / "train.lock").exists()
+
+
+@pytest.mark.slow
+def test_lock_is_held_while_training_and_released_after_an_error(tmp_path, monkeypatch):
+    """In-process: OUT/train.lock holds this process's pid during the steps, and is gone after the
+    training raised an exception."""
+    data = sj.write_toy_dataset(tmp_path / "toy", tracks=2, seconds=5.0)
+    held = []
+
+    def failing_step(*args, **kwargs):
+        held.append((tmp_path / "run" / "train.lock").read_text().split()[0])
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(sj, "training_step", failing_step)
+    with pytest.raises(RuntimeError, match="boom"):
+        sj.train(mini(steps=3, batch_size=2), data, out=tmp_path / "run", workers=0,
+                 log=lambda *a: None)
+    assert held == [str(os.getpid())]
+    assert not (tmp_path / "run" / "train.lock").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 3.4 Data: layouts, decoding, the cache, bad input
+# ---------------------------------------------------------------------------------------------
+
+def test_prepare_musdb18hq_stereo_44k_to_16k_mono(tmp_path):
+    """MUSDB18-HQ layout (44.1 kHz stereo, with mixture.wav): the cache holds (S, N) 16 kHz mono
+    arrays, stems sorted, no mixture, each stem's dominant frequency kept, channels averaged
+    (left 0.6 sin, right 0.2 sin -> 0.4 sin)."""
+    seconds = 3.0
+    t = np.arange(int(seconds * 44100)) / 44100
+    stems = {s: np.stack([0.6 * np.sin(2 * np.pi * f * t), 0.2 * np.sin(2 * np.pi * f * t)], axis=1)
+             for s, f in {**MUSDB_FREQS, "mixture": 5000.0}.items()}
+    write_track(tmp_path / "musdb" / "train" / "Artist - Title", stems, sr=44100)
+    (tracks,) = sj.prepare(tmp_path / "musdb", "train", chunk_seconds=2.0, log=lambda *a: None)
+    assert tracks["name"] == "Artist - Title" and tracks["stems"] == sorted(MUSDB_FREQS)
+    x = np.load(tracks["npy"]).astype(np.float32)
+    assert x.shape == (4, tracks["length"]) and abs(x.shape[1] - seconds * SR) <= 16
+    for row, stem in zip(x, tracks["stems"]):
+        assert dominant_freq(row) == pytest.approx(MUSDB_FREQS[stem], abs=1.0)
+        assert np.abs(row[SR:2 * SR]).max() == pytest.approx(0.4, abs=0.02)
+
+
+def test_prepare_custom_folder_names_stems_after_files(tmp_path):
+    """A folder of multitracks without train/ or test/: each sub-folder is a track, its stems are
+    named after the files (any supported extension), and mixture.wav is not a stem."""
+    freqs = {"guitar": 220.0, "piano": 440.0, "strings": 660.0}
+    folder = tmp_path / "mine" / "my song"
+    write_track(folder, {"guitar": sine(220, 2.0)}, ext="flac")
+    write_track(folder, {"piano": sine(440, 2.0), "strings": sine(660, 2.0), "mixture": sine(3000, 2.0)})
+    (folder / "notes.txt").write_text("not audio")
+    (track,) = sj.prepare(tmp_path / "mine", chunk_seconds=2.0, log=lambda *a: None)
+    assert track["name"] == "my song" and track["stems"] == ["guitar", "piano", "strings"]
+    x = np.load(track["npy"]).astype(np.float32)
+    assert [dominant_freq(r) for r in x] == pytest.approx([freqs[s] for s in track["stems"]], abs=1.0)
+
+
+def test_prepare_musdb18_stem_mp4_maps_streams_to_stems(tmp_path):
+    """A MUSDB18 .stem.mp4 (streams 0 mixture, 1 drums, 2 bass, 3 other, 4 vocals, AAC) decodes
+    each stem from its own stream: each cached stem has its stream's frequency."""
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("ffmpeg is not installed")
+    seconds, sr = 3.0, 44100
+    order = {"mixture": 5000.0, "drums": MUSDB_FREQS["drums"], "bass": MUSDB_FREQS["bass"],
+             "other": MUSDB_FREQS["other"], "vocals": MUSDB_FREQS["vocals"]}
+    inputs = []
+    for name, f in order.items():
+        sf.write(tmp_path / f"{name}.wav", sine(f, seconds, sr), sr)
+        inputs += ["-i", str(tmp_path / f"{name}.wav")]
+    mp4 = tmp_path / "musdb" / "train" / "Artist - Song.stem.mp4"
+    mp4.parent.mkdir(parents=True)
+    maps = [a for i in range(5) for a in ("-map", str(i))]
+    subprocess.run(["ffmpeg", "-v", "error", "-y", *inputs, *maps, "-c:a", "aac", str(mp4)], check=True)
+    (track,) = sj.prepare(tmp_path / "musdb", chunk_seconds=2.0, log=lambda *a: None)
+    assert track["name"] == "Artist - Song" and track["stems"] == ["bass", "drums", "other", "vocals"]
+    x = np.load(track["npy"]).astype(np.float32)
+    assert abs(x.shape[1] - seconds * SR) < 0.1 * SR
+    assert [dominant_freq(r) for r in x] == pytest.approx([order[s] for s in track["stems"]], abs=1.0)
+
+
+def test_stem_mp4_and_wav_of_the_same_stereo_audio_give_equal_arrays(tmp_path):
+    """One level for both MUSDB18 layouts: the same stereo 44.1 kHz stems as WAV files (MUSDB18-HQ)
+    and as the lossless (ALAC) streams of a .stem.mp4 (MUSDB18) load as equal 16 kHz mono arrays,
+    the channel mean (L + R) / 2 resampled alike; its RMS level is that of (L + R) / 2 (ffmpeg's
+    `-ac 1` sums to 0.707 (L + R), 3 dB louder)."""
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("ffmpeg is not installed")
+    sr, rng = 44100, np.random.default_rng(0)
+    t = np.arange(int(1.5 * sr)) / sr
+    inputs, mean = [], {}
+    for name in ["mixture", *sj.MUSDB_STREAMS]:                        # the .stem.mp4 stream order
+        f = rng.uniform(100, 1000)
+        x = np.stack([0.6 * np.sin(2 * np.pi * f * t), 0.2 * np.sin(3 * np.pi * f * t)], axis=1)
+        sf.write(tmp_path / f"{name}.wav", x, sr, subtype="PCM_16")
+        mean[name] = sf.read(tmp_path / f"{name}.wav", dtype="float64")[0].mean(axis=1)
+        inputs += ["-i", str(tmp_path / f"{name}.wav")]
+    mp4 = tmp_path / "Artist - Song.stem.mp4"
+    maps = [a for i in range(5) for a in ("-map", str(i))]
+    subprocess.run(["ffmpeg", "-v", "error", "-y", *inputs, *maps, "-c:a", "alac", str(mp4)],
+                   check=True)
+    for name, stream in sj.MUSDB_STREAMS.items():
+        from_mp4 = sj.load_audio(mp4, SR, stream)
+        from_wav = sj.load_audio(tmp_path / f"{name}.wav", SR)
+        assert from_mp4.dtype == from_wav.dtype == np.float32
+        np.testing.assert_array_equal(from_mp4, from_wav)
+        assert np.sqrt(np.mean(from_mp4.astype(np.float64) ** 2)) == pytest.approx(
+            np.sqrt(np.mean(mean[name] ** 2)), rel=0.01)
+
+
+def cached_stems(root, **layout) -> dict[str, dict[str, np.ndarray]]:
+    """prepare(root) -> {track: {stem: cached 16 kHz waveform}}."""
+    tracks = sj.prepare(root, "train", chunk_seconds=2.0, layout=layout, log=lambda *a: None)
+    return {t["name"]: dict(zip(t["stems"], np.load(t["npy"]).astype(np.float32))) for t in tracks}
+
+
+def test_authors_multichannel_layout_names_channels_by_option(tmp_path):
+    """One 4-channel WAV per track with --channels bass,drums,mix,vocals: each named channel is the
+    stem of that name (its frequency), the channel named mix is left out. Without --channels, or
+    with a wrong count, a StemJEPAError says what to pass."""
+    freqs = {"bass": 110.0, "drums": 330.0, "mix": 5000.0, "vocals": 1500.0}
+    root = tmp_path / "authors"
+    (root / "train").mkdir(parents=True)
+    channels = np.stack([sine(f, 3.0) for f in freqs.values()], axis=1)     # (N, 4)
+    sf.write(root / "train" / "song.wav", channels, SR)
+    (track,) = cached_stems(root, channels=list(freqs)).items()
+    assert track[0] == "song" and sorted(track[1]) == ["bass", "drums", "vocals"]
+    for stem, x in track[1].items():
+        assert dominant_freq(x) == pytest.approx(freqs[stem], abs=1.0)
+    with pytest.raises(sj.StemJEPAError, match="--channels"):
+        sj.find_tracks(root)
+    with pytest.raises(sj.StemJEPAError, match="4 channels"):
+        sj.find_tracks(root, channels=["bass", "drums"])
+
+
+def test_moisesdb_layout_sums_the_files_of_a_stem_folder(tmp_path):
+    """MoisesDB: <provider>/<track>/<stem>/<file>.wav with data.json; each stem folder is a stem
+    named after it, its files summed (two guitar files -> their sum)."""
+    track = tmp_path / "moisesdb" / "provider" / "0a1b-track"
+    parts = {"bass/b1.wav": sine(110, 3.0), "drums/d1.wav": sine(330, 3.0),
+             "guitar/g1.wav": sine(440, 3.0, amp=0.3), "guitar/g2.wav": sine(660, 3.0, amp=0.3)}
+    for name, x in parts.items():
+        (track / name).parent.mkdir(parents=True, exist_ok=True)
+        sf.write(track / name, x, SR, subtype="FLOAT")
+    (track / "data.json").write_text(json.dumps({"song": "t", "artist": "a", "stems": []}))
+    got = cached_stems(tmp_path / "moisesdb")["0a1b-track"]
+    assert sorted(got) == ["bass", "drums", "guitar"]
+    guitar = parts["guitar/g1.wav"] + parts["guitar/g2.wav"]
+    np.testing.assert_allclose(got["guitar"], guitar, atol=2e-3)
+    np.testing.assert_allclose(got["bass"], parts["bass/b1.wav"], atol=2e-3)
+
+
+SLAKH_METADATA = """UUID: 1a81ae092884234f3264e2f45927f00a
+audio_dir: stems
+normalized: true
+overall_gain: 0.18   # a comment
+stems:
+  S00:
+    audio_rendered: true
+    inst_class: Bass
+    is_drum: false
+    midi_program_name: 'Electric Bass (finger)'
+    program_num: 33
+  S01:
+    inst_class: Drums
+    is_drum: true
+    program_num: 0
+  S02:
+    inst_class: Guitar
+    is_drum: false
+  S03:
+    inst_class: Piano
+    is_drum: false
+  S04:
+    audio_rendered: false
+    inst_class: Strings
+    is_drum: false
+target_peak: -1.0
+"""
+
+
+def test_slakh_layout_groups_stems_by_instrument_class(tmp_path):
+    """Slakh2100: <track>/stems/SNN.flac with metadata.yaml (read without a YAML library). By
+    default Bass -> bass, the drum kit -> drums, every other class -> other (guitar + piano
+    summed); S04 has no audio file and is skipped. With a mapping, the groups it names, and the
+    classes it does not name left out."""
+    track = tmp_path / "slakh" / "train" / "Track00001"
+    (track / "stems").mkdir(parents=True)
+    parts = {"S00": sine(110, 3.0), "S01": sine(330, 3.0), "S02": sine(440, 3.0, amp=0.3),
+             "S03": sine(660, 3.0, amp=0.3)}
+    for sid, x in parts.items():
+        sf.write(track / "stems" / f"{sid}.flac", x, SR, subtype="PCM_24")
+    (track / "metadata.yaml").write_text(SLAKH_METADATA)
+    got = cached_stems(tmp_path / "slakh")["Track00001"]
+    assert sorted(got) == ["bass", "drums", "other"]
+    np.testing.assert_allclose(got["other"], parts["S02"] + parts["S03"], atol=2e-3)
+    np.testing.assert_allclose(got["drums"], parts["S01"], atol=2e-3)
+    mine = sj.find_tracks(tmp_path / "slakh", groups=sj.parse_groups("low=Bass;keys=Piano,Organ"))
+    assert {k: [Path(s[0]).name for s in v] for k, v in mine[0][1].items()} == \
+        {"low": ["S00.flac"], "keys": ["S03.flac"]}
+
+
+def test_unknown_layout_lists_what_was_found_and_the_layouts_read(tmp_path):
+    """A folder of folders without audio and a stray file: the error names what it found and
+    lists every accepted layout."""
+    root = tmp_path / "odd"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "notes.txt").write_text("x")
+    (root / "b").mkdir()
+    (root / "readme.md").write_text("x")
+    with pytest.raises(sj.StemJEPAError) as e:
+        sj.find_tracks(root)
+    message = str(e.value)
+    assert "2 folders without audio files (a/, b/)" in message and "readme.md" in message
+    for layout in ("MUSDB18-HQ", ".stem.mp4", "multichannel", "MoisesDB", "Slakh2100"):
+        assert layout in message, layout
+
+
+def test_quiet_stem_is_kept_for_evaluation_and_never_sampled_in_training(tmp_path):
+    """The silence filter is training's only. A stem whose whole-track peak is 0.05 (under the 0.1
+    activity threshold) stays in the cache, in evaluation's tracks and among the retrieval
+    references (the authors' evaluation keeps all four stems), its reference being that stem's own
+    embedding; a track with one loud stem and one quiet one is evaluated too. Training's sampler
+    never draws the quiet stem, as target or in the context (no 770 Hz in any context), and the
+    one-loud-stem track cannot train. An all-zero stem is left out, and a note says so."""
+    data, n = tmp_path / "data", 2 * SR
+    song = {"bass": sine(110, 2.0), "drums": sine(330, 2.0), "other": sine(770, 2.0, amp=0.05),
+            "vocals": sine(1500, 2.0), "piano": np.zeros(n, np.float32)}
+    write_track(data / "song", song)
+    write_track(data / "duo", {"bass": sine(110, 2.0), "other": sine(770, 2.0, amp=0.05)})
+    notes = []
+    evaluation = sj.prepare(data, chunk_seconds=2.0, training=False, log=notes.append)
+    assert [(t["name"], t["stems"]) for t in evaluation] == [
+        ("duo", ["bass", "other"]), ("song", ["bass", "drums", "other", "vocals"])]
+    assert "silent stems (all zero: left out)" in notes[-1] and "song/piano" in notes[-1]
+    x = np.load(evaluation[1]["npy"]).astype(np.float32)
+    assert np.abs(x[2]).max() == pytest.approx(0.05, abs=1e-3)
+
+    torch.manual_seed(0)
+    model = sj.build_model(tiny(), TOY_STEMS).eval()
+    emb = sj.retrieval_embeddings(model, evaluation, log=lambda *a: None)
+    assert list(zip(emb.track.tolist(), emb.instrument.tolist())) == [
+        (0, 0), (0, 2), (1, 0), (1, 1), (1, 2), (1, 3)]
+    own = sj.pool(sj.embed_long(model, [x[2]], chunk=n)[0])           # the quiet stem alone
+    torch.testing.assert_close(emb.refs_target[4], own)
+
+    notes.clear()
+    (train,) = sj.prepare(data, chunk_seconds=2.0, log=notes.append)
+    assert train["name"] == "song"
+    assert "song/other" in notes[-1] and "duo: 1 non-silent" in notes[-1]
+    dataset = sj.StemChunks([train], train["stems"], chunk=n, threshold=0.1, tries=10, seed=0)
+    for i in range(40):
+        context, _, instrument = dataset[i]
+        assert train["stems"][instrument] != "other"
+        spectrum = np.abs(np.fft.rfft(context.numpy().astype(np.float64)))   # 0.5 Hz bins
+        assert spectrum[770 * 2] < 1.0                                   # a 0.05 sine gives 800
+
+
+def test_prepare_reuses_the_cache_and_redecodes_a_changed_track(tmp_path, monkeypatch):
+    """A second prepare decodes nothing (load_audio is never called) and returns the same
+    tracks; after one file changes, only that file's track is decoded again, with the new audio."""
+    root = tmp_path / "data"
+    write_track(root / "a", {"bass": sine(110, 2.0), "drums": sine(330, 2.0)})
+    write_track(root / "b", {"bass": sine(220, 2.0), "drums": sine(440, 2.0)})
+    first = sj.prepare(root, chunk_seconds=2.0, log=lambda *a: None)
+    real, decoded = sj.load_audio, []
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(sj, "load_audio", refuse)
+    assert sj.prepare(root, chunk_seconds=2.0, log=lambda *a: None) == first
+
+    def counting(path, *args, **kwargs):
+        decoded.append(Path(path).parent.name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(sj, "load_audio", counting)
+    sf.write(root / "b" / "bass.wav", sine(550, 2.0), SR)
+    os.utime(root / "b" / "bass.wav", ns=(1, 1))                      # a different mtime for certain
+    again = sj.prepare(root, chunk_seconds=2.0, log=lambda *a: None)
+    assert decoded == ["b", "b"]
+    b = next(t for t in again if t["name"] == "b")
+    assert dominant_freq(np.load(b["npy"])[0]) == pytest.approx(550.0, abs=1.0)
+
+
+def test_half_written_cache_is_rebuilt(tmp_path):
+    """A track whose cache entry was left half-written (metadata missing, array truncated) is decoded
+    again; intact entries are reused."""
+    data = sj.write_toy_dataset(tmp_path / "toy", tracks=3, seconds=6.0)
+    cache = tmp_path / "cache"
+    first = sj.prepare(data, "train", cache=cache, chunk_seconds=4.0, log=lambda *a: None)
+    npy = Path(first[0]["npy"])
+    npy.write_bytes(npy.read_bytes()[:1000])                           # an interrupted write ...
+    npy.with_suffix(".json").unlink()                                  # ... never got its metadata
+    decoded = []
+    real = sj.load_audio
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sj, "load_audio", lambda *a, **k: decoded.append(a[0]) or real(*a, **k))
+        again = sj.prepare(data, "train", cache=cache, chunk_seconds=4.0, log=lambda *a: None)
+    assert {Path(p).parent.name for p in decoded} == {first[0]["name"]}
+    assert again == first and np.load(again[0]["npy"]).shape == (len(first[0]["stems"]), first[0]["length"])
+
+
+@pytest.mark.slow
+def test_bad_files_are_reported_together_by_name(tmp_path):
+    """A non-audio file with an audio extension, a zero-byte file and a file with NaN samples are
+    skipped and listed once, by path, in one message; a silent stem is excluded; training goes on."""
+    data = sj.write_toy_dataset(tmp_path / "toy", tracks=4, seconds=6.0)
+    tracks = sorted((data / "train").iterdir())
+    (tracks[0] / "vocals.wav").write_text("not audio at all")
+    (tracks[1] / "bass.wav").write_bytes(b"")
+    sf.write(tracks[2] / "drums.wav", np.full(16000, np.nan, dtype=np.float32), 16000, subtype="FLOAT")
+    sf.write(tracks[2] / "other.wav", np.zeros(96000, dtype=np.float32), 16000)
+    r = run_cli("train", "--data", data, "--out", tmp_path / "run", "--steps", "2", *TINY_RUN)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert out.count(str(tracks[0] / "vocals.wav")) == 1 and "not a readable audio file" in out
+    assert out.count(str(tracks[1] / "bass.wav")) == 1 and "empty file" in out
+    assert "NaN" in out and str(tracks[2] / "drums.wav") in out
+    assert f"{tracks[2].name}/other" in out and "silent stems" in out
+
+
+@pytest.mark.slow
+def test_unknown_stem_names_become_instruments(tmp_path):
+    """A custom folder with guitar/piano/strings stems trains a model that knows exactly those."""
+    for i in range(2):
+        stems, _ = sj.make_toy_song(np.random.default_rng(i), seconds=5.0)
+        folder = tmp_path / "mine" / f"song{i}"
+        folder.mkdir(parents=True)
+        for name, src in (("guitar", "other"), ("piano", "bass"), ("strings", "vocals")):
+            sf.write(folder / f"{name}.flac", stems[src], 16000)
+    r = run_cli("train", "--data", tmp_path / "mine", "--out", tmp_path / "run", "--steps", "1", *TINY_RUN)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("['guitar', 'piano', 'strings']") == 1
+    assert sj.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["instruments"] == ["guitar", "piano", "strings"]
+
+
+@pytest.mark.slow
+def test_cli_error_missing_folder(tmp_path):
+    """--data pointing nowhere: exit 2, the message names the folder."""
+    assert_user_error(train_cli(tmp_path / "nowhere", tmp_path), "nowhere", "no such folder")
+
+
+@pytest.mark.slow
+def test_cli_error_empty_folder(tmp_path):
+    """An empty --data folder: exit 2, 'is empty'."""
+    (tmp_path / "empty").mkdir()
+    assert_user_error(train_cli(tmp_path / "empty", tmp_path), "empty", "is empty")
+
+
+@pytest.mark.slow
+def test_cli_error_folder_without_tracks(tmp_path):
+    """A folder with only a README: exit 2, 'holds no tracks' and the expected layouts."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "README.txt").write_text("hello")
+    assert_user_error(train_cli(tmp_path / "data", tmp_path), "holds no tracks", ".stem.mp4")
+
+
+@pytest.mark.slow
+def test_cli_error_track_with_one_stem(tmp_path):
+    """The only track has a single stem: nothing to predict from; exit 2 naming the track."""
+    write_track(tmp_path / "data" / "solo", {"piano": sine(440, 5.0)})
+    assert_user_error(train_cli(tmp_path / "data", tmp_path), "solo", "nothing to predict from")
+
+
+@pytest.mark.slow
+def test_cli_error_stems_differ_in_length_by_more_than_a_second(tmp_path):
+    """Stems of 3 s and 5 s: the track is refused, the message names it and the lengths."""
+    write_track(tmp_path / "data" / "ragged", {"bass": sine(110, 3.0), "drums": sine(330, 5.0)})
+    assert_user_error(train_cli(tmp_path / "data", tmp_path), "ragged", "bass 3.00 s", "drums 5.00 s")
+
+
+@pytest.mark.slow
+def test_cli_stems_within_a_second_are_trimmed_and_training_proceeds(tmp_path):
+    """Stems of 5 s and 5.5 s: trimmed to the shortest, with a note naming the track."""
+    write_track(tmp_path / "data" / "almost", {"bass": sine(110, 5.0), "drums": sine(330, 5.5)})
+    result = train_cli(tmp_path / "data", tmp_path)
+    assert_trained(result, tmp_path)
+    assert "trimmed" in result.stdout and "almost" in result.stdout
+
+
+@pytest.mark.slow
+def test_cli_error_when_the_only_track_is_corrupt(tmp_path):
+    """Every file of the only track is unreadable: exit 2, the message names the files."""
+    bad = tmp_path / "data" / "bad"
+    bad.mkdir(parents=True)
+    for i, stem in enumerate(TOY_STEMS):
+        (bad / f"{stem}.wav").write_bytes(np.random.default_rng(i).bytes(5000))
+    assert_user_error(train_cli(tmp_path / "data", tmp_path), "no usable track", str(bad / "bass.wav"))
+
+
+@pytest.mark.slow
+def test_cli_track_shorter_than_a_chunk_is_padded(tmp_path):
+    """A 2 s track with the tiny preset's 4 s chunks: zero-padded, a note says so, training runs."""
+    good_track(tmp_path / "data" / "short", seconds=2.0)
+    result = train_cli(tmp_path / "data", tmp_path)
+    assert_trained(result, tmp_path)
+    assert "zero-padded" in result.stdout and "short (2.0 s)" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cli_error_device_not_available(tmp_path):
+    """--device cuda without CUDA: exit 2, 'cuda is not available'."""
+    good_track(tmp_path / "data" / "good")
+    assert_user_error(train_cli(tmp_path / "data", tmp_path, "--device", "cuda"), "cuda", "not available")
+
+
+# ---------------------------------------------------------------------------------------------
+# 4.1-4.2 Evaluation: Table 1, Fig. 2, the listening test
+# ---------------------------------------------------------------------------------------------
+
 def test_failure_analysis_categories_and_confusion_by_hand():
     """Fig. 2 on a constructed case: references are orthogonal unit vectors (3 songs x 4
     instruments); each query is a reference z* plus a smaller pull towards its true stem, so its
@@ -1392,8 +1885,6 @@ def test_failure_analysis_categories_and_confusion_by_hand():
         np.testing.assert_allclose(confusion[i], row, atol=1e-6)
     assert sj.retrieval_metrics(queries, refs, true_ref)["R@1"] == pytest.approx(100 * 3 / 8)
 
-
-# --- end to end: a trained tiny model on held-out toy songs ----------------------------------
 
 @pytest.fixture(scope="module")
 def retrieval_set(tmp_path_factory) -> Path:
@@ -1431,6 +1922,7 @@ def evaluation(trained_run, retrieval_set, tmp_path_factory) -> dict:
                 checkpoint=checkpoint, data=retrieval_set)
 
 
+@pytest.mark.slow
 def test_evaluate_beats_chance_and_random_weights(evaluation):
     """On 5 held-out toy songs, the trained tiny model (150 steps) puts the true stem far nearer
     than random weights or chance do: mean normalised rank counted from 0 below 25 % and at least
@@ -1450,7 +1942,6 @@ def test_evaluate_beats_chance_and_random_weights(evaluation):
     metrics = {"R@1", "R@5", "R@10", "nrank_mean", "nrank_median", "nrank0_mean", "nrank0_median"}
     for name, row in result["rows"].items():
         assert metrics <= set(row), name
-        assert all(0 <= row[k] <= 100 for k in metrics), name
     assert set(result["per_instrument"]) == set(TOY_STEMS)
     chance_row = result["rows"]["chance"]
     assert {k: chance_row[k] for k in metrics} == pytest.approx(sj.chance_metrics(n_refs))
@@ -1482,6 +1973,7 @@ def test_evaluate_beats_chance_and_random_weights(evaluation):
     assert right_instrument >= 0.6, fig2
 
 
+@pytest.mark.slow
 def test_evaluate_reuses_the_trained_models_embeddings(evaluation, tmp_path, monkeypatch):
     """A second evaluation of the same checkpoint on the same data reads the trained model's
     embeddings from the cache (retrieval_embeddings ran on it once across the two runs) and
@@ -1496,6 +1988,7 @@ def test_evaluate_reuses_the_trained_models_embeddings(evaluation, tmp_path, mon
     assert again["rows"] == evaluation["result"]["rows"]
 
 
+@pytest.mark.slow
 def test_evaluate_recomputes_embeddings_when_the_data_changes(trained_run, tmp_path, monkeypatch):
     """The cached retrieval embeddings belong to the audio they were computed from: after a stem
     file of the data changes, the next evaluation embeds with the trained model again instead
@@ -1525,6 +2018,7 @@ def untrained_checkpoint(path: Path, cfg: sj.Config, instruments: list) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_evaluate_split_all_ranks_among_train_and_test_and_states_r(tmp_path):
     """Table 1 ranks each query among the stems of all 150 MUSDB18 tracks, train and test together
     (R = 600). evaluate(split="all") on 3 train and 2 test tracks of 4 stems, one of them quiet
@@ -1575,6 +2069,7 @@ def check_trial_audio(folder: Path, sources: dict, *, excerpt_s=16.0, crop_s=10.
     return offsets
 
 
+@pytest.mark.slow
 def test_listening_test_material(evaluation):
     """evaluate(listening=2) writes trials/trial00 and trial01, each with mix.wav (the song without
     one stem) and A/B/C.wav: the true stem, the stem of that instrument the model retrieves among
@@ -1648,195 +2143,9 @@ def test_listening_crops_ten_seconds_of_a_common_sixteen_second_excerpt(tmp_path
         assert abs(offsets[0] - true_clip) <= 6 * SR, offsets      # the mix and its true stem: one 16 s excerpt
 
 
-# --- retrieve and embed: the command line ---------------------------------------------------
-
-@pytest.fixture(scope="module")
-def bass_library(retrieval_set, tmp_path_factory):
-    """A query mix (a held-out song without its bass, as float WAV so that nothing clips) and a
-    library of that song's bass and the vocal stems of all the held-out songs."""
-    root = tmp_path_factory.mktemp("bass_library")
-    songs = sorted((retrieval_set / "test").iterdir())
-    song = next(s for s in songs if all(np.abs(sf.read(s / f"{stem}.wav")[0]).max() > 0.1
-                                        for stem in ("bass", "vocals")))
-    stems = {s: sf.read(song / f"{s}.wav", dtype="float32")[0] for s in TOY_STEMS}
-    mix = root / "mix.wav"
-    sf.write(mix, stems["drums"] + stems["other"] + stems["vocals"], SR, subtype="FLOAT")
-    library = root / "library"
-    library.mkdir()
-    shutil.copy(song / "bass.wav", library / f"{song.name}_bass.wav")
-    for s in songs:
-        if np.abs(sf.read(s / "vocals.wav")[0]).max() > 0.1:
-            shutil.copy(s / "vocals.wav", library / f"{s.name}_vocals.wav")
-    return mix, library, library / f"{song.name}_bass.wav"
-
-
-def test_retrieve_cli_ranks_the_true_bass_first_and_reuses_the_library_cache(trained_run, bass_library):
-    """`retrieve --json` for the mix without its bass, asking for bass, over a library of that
-    bass and vocal stems (an instrument the tiny model tells from bass; it is not yet good at
-    telling songs apart): the true bass ranks first (measured distance 0.23, the vocals 0.81 and
-    more); every file is listed once, by increasing
-    distance, each distance being the L2 distance between the pooled prediction for the mix and
-    the file's pooled target embedding, computed here. The library's embeddings are cached in
-    LIBRARY/.stem_jepa_cache; a second query reads no library file again but the one it
-    reports an offset for."""
-    mix, library, true_bass = bass_library
-    checkpoint = trained_run[1] / "checkpoint.pt"
-    r = run_cli("retrieve", "--checkpoint", checkpoint, "--mix", mix, "--library", library,
-                "--instrument", "bass", "--json")
-    assert r.returncode == 0, r.stderr[-3000:]
-    results = json.loads(r.stdout)
-    files = sorted(library.glob("*.wav"))
-    assert [x["rank"] for x in results] == list(range(1, len(files) + 1))
-    assert sorted(x["file"] for x in results) == [str(f) for f in files]
-    assert results[0]["file"] == str(true_bass), results
-    distances = [x["distance"] for x in results]
-    assert distances == sorted(distances)
-    assert all(isinstance(x["offset_steps"], int) for x in results)
-
-    model = sj.StemJEPA.from_checkpoint(checkpoint)
-    chunk = int(model.config.chunk_seconds * SR)
-    q = sj.pool(sj.embed_long(model, [sj.load_audio(mix, SR)], chunk=chunk, instruments=[0])[0])
-    for x in results:
-        ref = sj.pool(sj.embed_long(model, [sj.load_audio(x["file"], SR)], chunk=chunk)[0])
-        assert x["distance"] == pytest.approx((q - ref).norm().item(), abs=2e-4), x
-
-    assert len(list((library / ".stem_jepa_cache").glob("library-*.pt"))) == 1
-    read = []
-    real_load = sj.load_audio
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sj, "load_audio", lambda path, *a, **k: read.append(Path(path)) or real_load(path, *a, **k))
-        again = sj.retrieve(checkpoint, mix, library, "bass", top=1, log=lambda *a: None)
-    assert read == [mix, true_bass]
-    assert again == results[:1]
-
-
-def local_features(model, wavs, *, chunk, instruments=None, target=True, batch=16, device="cpu"):
-    """A stand-in for embed_long whose embeddings depend on the local audio only: one (1, T, 64)
-    sequence per waveform, row t the log band energies of samples [2560 t, 2560 (t + 1))."""
-    out = []
-    for x in wavs:
-        x = np.pad(x, (0, -len(x) % 2560))
-        spectrum = np.abs(np.fft.rfft(x.reshape(-1, 2560), axis=1))[:, 1:1281]
-        out.append(torch.from_numpy(np.log1p(spectrum.reshape(len(spectrum), 64, 20).sum(-1))).float()[None])
-    return out
-
-
-def test_retrieve_offsets_follow_best_offsets_convention(trained_run, bass_library, tmp_path, monkeypatch):
-    """The offset retrieve reports is best_offset's j: place the file j steps of 160 ms after the
-    start of the mix. With embeddings that depend on the local audio only (embed_long replaced),
-    the mix itself gets offset 0 (and distance 0: ranked first), the mix delayed by 3.2 s of
-    silence j = -20 (-3.2 s: start it 3.2 s before the mix), the mix without its first 3.2 s
-    j = +20 (+3.2 s)."""
-    mix = bass_library[0]
-    x, _ = sf.read(mix, dtype="float32")
-    library = tmp_path / "library"
-    library.mkdir()
-    sf.write(library / "same.wav", x, SR, subtype="FLOAT")
-    sf.write(library / "late.wav", np.r_[np.zeros(51200, np.float32), x], SR, subtype="FLOAT")
-    sf.write(library / "early.wav", x[51200:], SR, subtype="FLOAT")
-    monkeypatch.setattr(sj, "embed_long", local_features)
-    results = sj.retrieve(trained_run[1] / "checkpoint.pt", mix, library, "bass", log=lambda *a: None)
-    by_name = {Path(r["file"]).name: r for r in results}
-    assert results[0]["file"] == str(library / "same.wav") and results[0]["distance"] == pytest.approx(0, abs=1e-4)
-    assert [(by_name[f]["offset_steps"], by_name[f]["offset_s"]) for f in ("same.wav", "late.wav", "early.wav")] == \
-        [(0, 0.0), (-20, -3.2), (20, 3.2)]
-
-
-def test_embed_cli_writes_rows_names_and_sequences(trained_run, tmp_path):
-    """`embed --sequences` on a folder (a sub-folder searched, a hidden one and non-audio files
-    skipped) writes FILE.npy (n_files, F*D = 960), FILE.txt with the files in the same order,
-    and FILE.sequences.npz with one (T, 960) array per file whose time-average, layer-normalised
-    and L2-normalised as in pool, is that file's row; a row equals the file embedded here."""
-    audio = tmp_path / "audio"
-    rng = np.random.default_rng(0)
-    clips = {audio / "a.wav": 1.5, audio / "sub" / "b.flac": 3.3, audio / ".hidden" / "c.wav": 1.0}
-    for path, seconds in clips.items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        sf.write(path, (0.2 * rng.standard_normal(int(seconds * SR))).astype(np.float32), SR)
-    (audio / "notes.txt").write_text("not audio")
-    out = tmp_path / "emb.npy"
-    r = run_cli("embed", "--checkpoint", trained_run[1] / "checkpoint.pt", "--audio", audio, "--out", out,
-                "--sequences")
-    assert r.returncode == 0, r.stderr[-3000:]
-    files = [audio / "a.wav", audio / "sub" / "b.flac"]
-    assert (tmp_path / "emb.txt").read_text().splitlines() == [str(f) for f in files]
-    rows = np.load(out)
-    assert rows.shape == (2, 960)
-    seqs = np.load(tmp_path / "emb.sequences.npz")
-    assert sorted(seqs.files) == ["file0", "file1"]
-    for k in range(2):
-        seq = seqs[f"file{k}"]
-        assert seq.ndim == 2 and seq.shape[1] == 960 and seq.shape[0] >= 1
-        v = seq.mean(0)
-        v = (v - v.mean()) / np.sqrt(v.var() + 1e-5)
-        np.testing.assert_allclose(v / np.linalg.norm(v), rows[k], atol=1e-5)
-    model = sj.StemJEPA.from_checkpoint(trained_run[1] / "checkpoint.pt")
-    chunk = int(model.config.chunk_seconds * SR)
-    b = sj.pool(sj.embed_long(model, [sj.load_audio(files[1], SR)], chunk=chunk)[0]).numpy()
-    np.testing.assert_allclose(rows[1], b, atol=1e-5)
-
-
-def run_cli_together(*commands) -> list[subprocess.CompletedProcess]:
-    """Several `python stem_jepa.py ARGS` at once (most of each run is importing torch)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    procs = [subprocess.Popen([sys.executable, str(HERE / "stem_jepa.py"), *map(str, c)], cwd=HERE, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands]
-    done = []
-    for p in procs:
-        out, err = p.communicate(timeout=300)
-        done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
-    return done
-
-
-def test_cli_retrieval_errors(trained_run, bass_library, tmp_path):
-    """Bad input to embed/retrieve: exit status 2, one `error:` line naming the problem, no
-    traceback: a checkpoint that is a text file; a library folder with no audio; an instrument the
-    model does not know (the message lists the known ones); a --mix file that does not exist."""
-    checkpoint = trained_run[1] / "checkpoint.pt"
-    mix, library, _ = bass_library
-    text = tmp_path / "notes.txt"
-    text.write_text("not a checkpoint")
-    (tmp_path / "no_audio").mkdir()
-    (tmp_path / "no_audio" / "README.txt").write_text("hello")
-    small = tmp_path / "small"
-    small.mkdir()
-    sf.write(small / "x.wav", 0.1 * np.ones(SR // 2, np.float32), SR)
-    retrieve = ["retrieve", "--checkpoint", checkpoint, "--instrument", "bass"]
-    not_a_checkpoint, no_audio, unknown, no_mix = run_cli_together(
-        ["embed", "--checkpoint", text, "--audio", small, "--out", tmp_path / "emb.npy"],
-        [*retrieve, "--mix", mix, "--library", tmp_path / "no_audio"],
-        ["retrieve", "--checkpoint", checkpoint, "--instrument", "piano", "--mix", mix, "--library", small],
-        [*retrieve, "--mix", tmp_path / "missing.wav", "--library", small])
-    assert_user_error(not_a_checkpoint, "notes.txt", "not a readable checkpoint")
-    assert_user_error(no_audio, "no_audio", "holds no audio files")
-    assert_user_error(unknown, "piano", "bass, drums, other, vocals")
-    assert_user_error(no_mix, "missing.wav", "no such file")
-
-
-def test_from_checkpoint_gives_the_trained_model_in_eval_mode(trained_run):
-    """StemJEPA.from_checkpoint rebuilds the model that `train` returned: eval mode, the same
-    config and instruments, and the same context and target embeddings and predictions for the
-    same input (not those of a freshly initialised model)."""
-    trained, run = trained_run
-    loaded = sj.StemJEPA.from_checkpoint(run / "checkpoint.pt")
-    assert not any(m.training for m in loaded.modules())
-    assert loaded.config == trained.config and loaded.instruments == trained.instruments == TOY_STEMS
-    wav = torch.from_numpy(0.1 * np.random.default_rng(0).standard_normal((2, 2 * SR)).astype(np.float32))
-    with torch.no_grad():
-        for target in (False, True):
-            assert torch.equal(loaded.encode(wav, target=target), trained.encode(wav, target=target))
-        ids = torch.tensor([0, 3])
-        assert torch.equal(loaded.predict(wav, ids), trained.predict(wav, ids))
-        torch.manual_seed(trained.config.seed)
-        fresh = sj.build_model(trained.config, TOY_STEMS).eval()
-        assert (fresh.encode(wav) - loaded.encode(wav)).abs().max() > 1e-3
-
-
 # ---------------------------------------------------------------------------------------------
-# Analyses 4.3-4.5
+# 4.3-4.5 Analyses: alignment (Eq. 3), clusters, probes
 # ---------------------------------------------------------------------------------------------
-
-# --- 4.3 alignment ---------------------------------------------------------------------------
 
 def test_eq3_matches_a_naive_double_loop():
     """alignment_curve is Eq. 3: 1/(MS) sum_s sum_i cos(z_s[i], q_s[(i + j) % M]), for negative shifts too."""
@@ -1882,8 +2191,6 @@ def test_random_pair_level_is_the_mean_cosine_of_all_cross_track_patch_pairs():
     assert level == pytest.approx(np.mean(brute), abs=1e-6)
     assert sj.random_pair_level(torch.ones(2, 3), torch.ones(2, 3), torch.tensor([0, 0])) is None
 
-
-# --- 4.4 clusters ----------------------------------------------------------------------------
 
 def blobs(seed):
     """Three well-separated Gaussian blobs of 100 points in 8-d, and their true labels."""
@@ -1953,7 +2260,7 @@ def test_lab_files_parse_and_normalise(tmp_path):
     assert sj.normalise_key("Key C#:minor") == "C#m" and sj.normalise_key("Bb:min") == "Bbm"
     assert sj.normalise_chord("C:dim") == "Co" and sj.normalise_chord("Db:7") == "C#"
     assert sj.label_at(chords, 3.0) == "C:min7" and sj.label_at(chords, 9.0) is None
-    assert sj.patch_labels(keys, chords, steps=3, step_s=2.0) == [None, "E/Cm", "E/A"]
+    assert sj.patch_labels(keys, chords, patches=3, patch_s=2.0) == [None, "E/Cm", "E/A"]
     index = sj.lab_index(tmp_path)
     assert index == {"song": {"keys": tmp_path / "song.keys.lab", "chords": tmp_path / "song.chords.lab"}}
 
@@ -1974,8 +2281,6 @@ def test_malformed_lab_line_names_the_file_and_line(tmp_path):
     with pytest.raises(sj.StemJEPAError, match="bad.lab:2"):
         sj.parse_lab(tmp_path / "bad.lab")
 
-
-# --- 4.5 probes ------------------------------------------------------------------------------
 
 def separable(n, seed, classes=4, dim=20):
     """Points of `classes` classes, linearly separable with a margin, in `dim` dims."""
@@ -2125,8 +2430,6 @@ def test_hold_out_takes_ten_percent_of_train_and_leaves_test():
     assert out.count("valid") == 3 and out.count("train") == 27 and out[30:] == ["test"] * 5
 
 
-# --- end to end on toy data ------------------------------------------------------------------
-
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
     """4 toy songs of 12 s (3 train, 1 test) and a tiny checkpoint after 3 steps."""
@@ -2149,7 +2452,7 @@ def check_e2e_outputs(out):
     """The JSON holds what Fig. 4, Fig. 5 and Table 3 need; the PNGs are written."""
     align = json.loads((out / "align" / "align.json").read_text())
     assert align["shifts"] == list(range(-19, 20)) and len(align["tracks"]) == 3    # 3 s = 19 steps of 160 ms
-    assert all(len(t["curve"]) == 39 for t in align["tracks"]) and -1 <= align["random_level"] <= 1
+    assert all(len(t["curve"]) == 39 for t in align["tracks"])
     clusters = json.loads((out / "clusters" / "clusters.json").read_text())
     assert clusters["patches"] == 3 * 75 and clusters["labelled_patches"] == 3 * 75   # 12 s = 75 steps
     assert sum(map(sum, clusters["matrix"])) > 0 and len(clusters["top"]) == len(clusters["matrix"])
@@ -2157,369 +2460,162 @@ def check_e2e_outputs(out):
                                             "shuffled within tracks"}
     result = json.loads((out / "probe" / "probe.json").read_text())
     assert set(result["rows"]) == {"Stem-JEPA", "random weights", "chance"}
-    assert all(0 <= r["accuracy"] <= 1 for r in result["rows"].values())
     assert (out / "align" / "fig4.png").stat().st_size > 0 and (out / "clusters" / "fig5.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_commands_in_a_subprocess(toy_run):
     """`python stem_jepa.py analyze align|clusters` and `probe` run as a user would run them and write
     their JSON and PNG (the three at once: most of each run is importing torch)."""
     root, data, ckpt = toy_run
     labels = sj.toy_probe_labels(data, root / "probe_tempo" / "labels.csv", task="tempo")
     out = root / "subprocess"
-    runs = [subprocess.Popen([sys.executable, sj.__file__, *map(str, argv)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True) for argv in e2e_commands(data, ckpt, labels, out)]
-    for run in runs:
-        _, err = run.communicate(timeout=300)
-        assert run.returncode == 0, err
+    for run in run_cli_together(*e2e_commands(data, ckpt, labels, out)):
+        assert run.returncode == 0, run.stderr
     check_e2e_outputs(out)
 
 
 # ---------------------------------------------------------------------------------------------
-# The tutorial (a block to append to test_stem_jepa.py; it uses HERE and pytest from the top)
+# Using a trained model: retrieve, score, embed, any length, HEAR
 # ---------------------------------------------------------------------------------------------
-
-TUTORIAL = HERE / "tutorial.ipynb"
-
-
-def test_committed_tutorial_shows_every_result_and_stays_under_5_mb():
-    """The notebook is committed executed, so that a reader sees the results without running it:
-    every code cell has outputs, none of them an error, the setting is the fast one, and the file
-    (figures and embedded audio included) stays under 5 MB."""
-    nbformat = pytest.importorskip("nbformat")
-    nb = nbformat.read(TUTORIAL, as_version=4)
-    code = [(i, c) for i, c in enumerate(nb.cells) if c.cell_type == "code"]
-    assert code
-    assert 'SETTING = "fast"' in code[0][1].source
-    assert [i for i, c in code if not c.outputs] == [], "code cells without outputs"
-    assert [i for i, c in code if any(o.output_type == "error" for o in c.outputs)] == []
-    assert TUTORIAL.stat().st_size < 5_000_000
-
-
-def test_tutorial_runs_top_to_bottom_in_the_fast_setting(tmp_path, monkeypatch):
-    """Every cell executes without error from a clean slate, as a reader runs it: headless, in the
-    repository root, in the fast setting, with the notebook's files (toy data, runs) in a fresh
-    folder, so nothing cached by an earlier run is reused. Every code cell produces output."""
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    nb = nbformat.read(TUTORIAL, as_version=4)
-    monkeypatch.setenv("STEM_JEPA_TUTORIAL_RUNS", str(tmp_path / "tutorial_runs"))   # the kernel inherits it
-    client = nbclient.NotebookClient(nb, timeout=1200, kernel_name="python3",
-                                     resources={"metadata": {"path": str(HERE)}})
-    client.execute()                                  # raises CellExecutionError on the first failing cell
-    code = [(i, c) for i, c in enumerate(nb.cells) if c.cell_type == "code"]
-    assert [i for i, c in code if not c.outputs] == [], "code cells without outputs"
-    assert (tmp_path / "tutorial_runs" / "mlp" / "checkpoint.pt").exists()   # it trained, not reused
-
-
-# ---------------------------------------------------------------------------------------------
-# Reliability: interruption, resume, bad data (each test builds its bad input in a temp folder)
-# ---------------------------------------------------------------------------------------------
-
-def _cli(*args, timeout=300, **kw):
-    """Run `python stem_jepa.py ARGS` and return the completed process (text output)."""
-    return subprocess.run([sys.executable, str(HERE / 'stem_jepa.py'), *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=HERE, **kw)
-
-
-def _start(*args):
-    return subprocess.Popen([sys.executable, str(HERE / 'stem_jepa.py'), *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=HERE)
-
-
-def _wait_for_line(proc, needle, timeout=120):
-    """Read the process's output until a line containing `needle`; returns everything read."""
-    seen, t0 = [], time.time()
-    while time.time() - t0 < timeout:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        seen.append(line)
-        if needle in line:
-            return "".join(seen)
-    raise AssertionError(f"never saw {needle!r}:\n{''.join(seen)}")
-
-
-TINY_RUN = ["--preset", "tiny", "--batch-size", "4", "--workers", "0"]
-
-
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_signal_saves_a_checkpoint_and_resume_appends_to_the_log(tmp_path, toy_data, sig):
-    """Ctrl-C / SIGTERM: a checkpoint at the current step, exit status 128 + signal, a message
-    saying how to resume; --resume then finishes the run and log.csv is appended, not rewritten."""
-    run = tmp_path / "run"
-    proc = _start("train", "--data", toy_data, "--out", run, "--steps", "2000", "--log-every", "5", *TINY_RUN)
-    _wait_for_line(proc, "step 10/")
-    proc.send_signal(sig)
-    rest, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + sig.value, rest
-    assert "--resume" in rest and "Traceback" not in rest
-    stopped_at = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
-    assert 10 <= stopped_at < 2000
-    resumed = _cli("train", "--data", toy_data, "--out", run, "--steps", "2000", "--log-every", "5",
-                   "--resume", "--stop-at", stopped_at + 10, *TINY_RUN)
-    assert resumed.returncode == 0, resumed.stderr
-    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == stopped_at + 10
-    steps = [int(r["step"]) for r in csv.DictReader(open(run / "log.csv"))]
-    assert steps == list(range(5, stopped_at + 11, 5))             # one row per 5 steps, none lost or repeated
-
-
-def test_sigkill_while_saving_leaves_a_loadable_checkpoint(tmp_path, toy_data):
-    """With a checkpoint written at every step, kill -9 at arbitrary moments: what is on disk always
-    loads (the latest or the previous one), and the run resumes from it."""
-    run = tmp_path / "run"
-    for delay in (0.05, 0.2, 0.5):
-        proc = _start("train", "--data", toy_data, "--out", run, "--steps", "100000", "--ckpt-every", "1",
-                      "--log-every", "1", "--resume", *TINY_RUN)
-        _wait_for_line(proc, "step ")
-        time.sleep(delay)
-        proc.kill()
-        proc.wait()
-        ckpt = sj.load_checkpoint(run / "checkpoint.pt")
-        assert ckpt["step"] >= 1
-    resumed = _cli("train", "--data", toy_data, "--out", run, "--steps", "100000", "--ckpt-every", "1",
-                   "--log-every", "1", "--resume", "--stop-at", ckpt["step"] + 2, *TINY_RUN)
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming {run / 'checkpoint.pt'} at step" in resumed.stdout
-
-
-def test_resume_with_another_configuration_is_refused(tmp_path, toy_data):
-    """A different architecture is refused, naming the difference; a different number of steps
-    needs --force, and then trains on."""
-    run = tmp_path / "run"
-    assert _cli("train", "--data", toy_data, "--out", run, "--steps", "4", *TINY_RUN).returncode == 0
-    other = _cli("train", "--data", toy_data, "--out", run, "--steps", "4", "--predictor", "transformer",
-                 "--resume", *TINY_RUN)
-    assert other.returncode == 2 and "predictor: mlp -> transformer" in other.stderr
-    assert "Traceback" not in other.stderr
-    longer = _cli("train", "--data", toy_data, "--out", run, "--steps", "6", "--resume", *TINY_RUN)
-    assert longer.returncode == 2 and "steps: 4 -> 6" in longer.stderr and "--force" in longer.stderr
-    forced = _cli("train", "--data", toy_data, "--out", run, "--steps", "6", "--resume", "--force", *TINY_RUN)
-    assert forced.returncode == 0, forced.stderr
-    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 6
-
-
-def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, toy_data):
-    """An absurd learning rate makes the loss non-finite: steps are skipped and counted, training
-    stops after 5 in a row with a message, and the checkpoint on disk holds finite weights."""
-    run = tmp_path / "run"
-    bad = _cli("train", "--data", toy_data, "--out", run, "--steps", "40", "--lr", "1e30", "--ckpt-every", "1",
-               *TINY_RUN)
-    assert bad.returncode == 2, bad.stdout + bad.stderr
-    assert "not finite for 5 steps in a row" in bad.stderr and "Traceback" not in bad.stderr
-    assert "step skipped" in bad.stdout
-    ckpt = sj.load_checkpoint(run / "checkpoint.pt")
-    assert ckpt["skipped"] >= 4
-    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
-
-
-def test_half_written_cache_is_rebuilt(tmp_path):
-    """A track whose cache entry was left half-written (metadata missing, array truncated) is decoded
-    again; intact entries are reused."""
-    data = sj.write_toy_dataset(tmp_path / "toy", tracks=3, seconds=6.0)
-    cache = tmp_path / "cache"
-    first = sj.prepare(data, "train", cache=cache, chunk_seconds=4.0, log=lambda *a: None)
-    npy = Path(first[0]["npy"])
-    npy.write_bytes(npy.read_bytes()[:1000])                           # an interrupted write ...
-    npy.with_suffix(".json").unlink()                                  # ... never got its metadata
-    decoded = []
-    real = sj.load_audio
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sj, "load_audio", lambda *a, **k: decoded.append(a[0]) or real(*a, **k))
-        again = sj.prepare(data, "train", cache=cache, chunk_seconds=4.0, log=lambda *a: None)
-    assert {Path(p).parent.name for p in decoded} == {first[0]["name"]}
-    assert again == first and np.load(again[0]["npy"]).shape == (len(first[0]["stems"]), first[0]["length"])
-
-
-def test_not_a_checkpoint_and_other_versions_are_refused(tmp_path, toy_data):
-    """`evaluate` on a file that is not a checkpoint, or one of another format version: one clear line."""
-    junk = tmp_path / "junk.pt"
-    junk.write_text("hello")
-    r = _cli("evaluate", "--checkpoint", junk, "--data", toy_data)
-    assert r.returncode == 2 and "not a readable checkpoint" in r.stderr and "Traceback" not in r.stderr
-    old = tmp_path / "old.pt"
-    torch.save({"version": 0, "config": {}, "model": {}}, old)
-    r = _cli("evaluate", "--checkpoint", old, "--data", toy_data)
-    assert r.returncode == 2 and "format 0" in r.stderr and "Traceback" not in r.stderr
-
-
-def test_bad_files_are_reported_together_by_name(tmp_path):
-    """A non-audio file with an audio extension, a zero-byte file and a file with NaN samples are
-    skipped and listed once, by path, in one message; a silent stem is excluded; training goes on."""
-    data = sj.write_toy_dataset(tmp_path / "toy", tracks=4, seconds=6.0)
-    tracks = sorted((data / "train").iterdir())
-    (tracks[0] / "vocals.wav").write_text("not audio at all")
-    (tracks[1] / "bass.wav").write_bytes(b"")
-    sf.write(tracks[2] / "drums.wav", np.full(16000, np.nan, dtype=np.float32), 16000, subtype="FLOAT")
-    sf.write(tracks[2] / "other.wav", np.zeros(96000, dtype=np.float32), 16000)
-    r = _cli("train", "--data", data, "--out", tmp_path / "run", "--steps", "2", *TINY_RUN)
-    assert r.returncode == 0, r.stderr
-    out = r.stdout
-    assert out.count(str(tracks[0] / "vocals.wav")) == 1 and "not a readable audio file" in out
-    assert out.count(str(tracks[1] / "bass.wav")) == 1 and "empty file" in out
-    assert "NaN" in out and str(tracks[2] / "drums.wav") in out
-    assert f"{tracks[2].name}/other" in out and "silent stems" in out
-
-
-def test_unknown_stem_names_become_instruments(tmp_path):
-    """A custom folder with guitar/piano/strings stems trains a model that knows exactly those."""
-    for i in range(2):
-        stems, _ = sj.make_toy_song(np.random.default_rng(i), seconds=5.0)
-        folder = tmp_path / "mine" / f"song{i}"
-        folder.mkdir(parents=True)
-        for name, src in (("guitar", "other"), ("piano", "bass"), ("strings", "vocals")):
-            sf.write(folder / f"{name}.flac", stems[src], 16000)
-    r = _cli("train", "--data", tmp_path / "mine", "--out", tmp_path / "run", "--steps", "1", *TINY_RUN)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.count("['guitar', 'piano', 'strings']") == 1
-    assert sj.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["instruments"] == ["guitar", "piano", "strings"]
-
-
-def test_batch_that_does_not_divide_among_processes(tmp_path, toy_data):
-    """Under torchrun with 2 processes, an odd batch size is one clear error line."""
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", str(free_port()), str(HERE / 'stem_jepa.py'), "train", "--data", str(toy_data),
-                        "--out", str(tmp_path / "run"), "--preset", "tiny", "--batch-size", "3", "--steps", "1"],
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode != 0
-    assert "--batch-size 3 does not divide among 2 processes" in r.stderr
-
-
-def test_soak_500_steps_with_a_corrupt_file(tmp_path):
-    """500 steps of a minimal model on toy data with a corrupt file in the set: the file is reported
-    once, the run finishes, and every logged loss is finite."""
-    data = sj.write_toy_dataset(tmp_path / "toy", tracks=5, seconds=6.0)
-    bad = sorted((data / "train").iterdir())[0] / "drums.wav"
-    bad.write_bytes(os.urandom(3000))
-    cfg = sj.make_config("tiny", dim=32, depth=1, heads=2, pred_hidden=64, pred_layers=2, chunk_seconds=1.28,
-                         batch_size=4, steps=500, warmup_steps=20, log_every=50, ckpt_every=250)
-    lines = []
-    sj.train(cfg, data, out=tmp_path / "run", workers=0, log=lambda *a: lines.append(" ".join(map(str, a))))
-    assert sum(str(bad) in line for line in lines) == 1
-    losses = [float(r["loss"]) for r in csv.DictReader(open(tmp_path / "run" / "log.csv"))]
-    assert len(losses) == 10 and all(np.isfinite(losses))
-
-
-# ---------------------------------------------------------------------------------------------
-# Using Stem-JEPA from other code and other data: any length, HEAR, score, --init-from, layouts,
-# batch embedding, precision, colliding runs, licence
-# ---------------------------------------------------------------------------------------------
-
-def mini(**overrides) -> sj.Config:
-    """A minimal model (ViT width 32, 1 block) on the tiny preset's path, 2 s chunks: milliseconds
-    a chunk, for tests where what matters is the plumbing, not what the model learnt."""
-    return sj.make_config("tiny", **{"dim": 32, "depth": 1, "heads": 2, "pred_hidden": 64,
-                                     "pred_layers": 2, "chunk_seconds": 2.0, **overrides})
-
-
-def write_checkpoint(path: Path, cfg: sj.Config, instruments, *, seed=0) -> Path:
-    """A checkpoint as `train` writes it, of a randomly initialised model whose target encoder
-    differs from its context encoder (as after training)."""
-    torch.manual_seed(seed)
-    model = sj.build_model(cfg, list(instruments))
-    with torch.no_grad():
-        for p in model.target_encoder.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sj.save_checkpoint(path, {"version": sj.VERSION, "config": dataclasses.asdict(cfg), "step": 0,
-                              "instruments": list(instruments), "model": model.state_dict()})
-    return path
-
 
 @pytest.fixture(scope="module")
-def mini_checkpoint(tmp_path_factory) -> Path:
-    return write_checkpoint(tmp_path_factory.mktemp("mini") / "checkpoint.pt", mini(), TOY_STEMS)
+def bass_library(retrieval_set, tmp_path_factory):
+    """A query mix (a held-out song without its bass, as float WAV so that nothing clips) and a
+    library of that song's bass and the vocal stems of all the held-out songs."""
+    root = tmp_path_factory.mktemp("bass_library")
+    songs = sorted((retrieval_set / "test").iterdir())
+    song = next(s for s in songs if all(np.abs(sf.read(s / f"{stem}.wav")[0]).max() > 0.1
+                                        for stem in ("bass", "vocals")))
+    stems = {s: sf.read(song / f"{s}.wav", dtype="float32")[0] for s in TOY_STEMS}
+    mix = root / "mix.wav"
+    sf.write(mix, stems["drums"] + stems["other"] + stems["vocals"], SR, subtype="FLOAT")
+    library = root / "library"
+    library.mkdir()
+    shutil.copy(song / "bass.wav", library / f"{song.name}_bass.wav")
+    for s in songs:
+        if np.abs(sf.read(s / "vocals.wav")[0]).max() > 0.1:
+            shutil.copy(s / "vocals.wav", library / f"{s.name}_vocals.wav")
+    return mix, library, library / f"{song.name}_bass.wav"
 
 
-def noise(seconds: float, seed: int, amp: float = 0.2) -> np.ndarray:
-    return (amp * np.random.default_rng(seed).standard_normal(int(seconds * SR))).astype(np.float32)
+@pytest.mark.slow
+def test_retrieve_cli_ranks_the_true_bass_first_and_reuses_the_library_cache(trained_run, bass_library):
+    """`retrieve --json` for the mix without its bass, asking for bass, over a library of that
+    bass and vocal stems (an instrument the tiny model tells from bass; it is not yet good at
+    telling songs apart): the true bass ranks first (measured distance 0.23, the vocals 0.81 and
+    more); every file is listed once, by increasing
+    distance, each distance being the L2 distance between the pooled prediction for the mix and
+    the file's pooled target embedding, computed here. The library's embeddings are cached in
+    LIBRARY/.stem_jepa_cache; a second query reads no library file again but the one it
+    reports an offset for."""
+    mix, library, true_bass = bass_library
+    checkpoint = trained_run[1] / "checkpoint.pt"
+    r = run_cli("retrieve", "--checkpoint", checkpoint, "--mix", mix, "--library", library,
+                "--instrument", "bass", "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads(r.stdout)
+    files = sorted(library.glob("*.wav"))
+    assert [x["rank"] for x in results] == list(range(1, len(files) + 1))
+    assert sorted(x["file"] for x in results) == [str(f) for f in files]
+    assert results[0]["file"] == str(true_bass), results
+    distances = [x["distance"] for x in results]
+    assert distances == sorted(distances)
+    assert all(isinstance(x["offset_patches"], int) for x in results)
+
+    model = sj.StemJEPA.from_checkpoint(checkpoint)
+    chunk = int(model.config.chunk_seconds * SR)
+    q = sj.pool(sj.embed_long(model, [sj.load_audio(mix, SR)], chunk=chunk, instruments=[0])[0])
+    for x in results:
+        ref = sj.pool(sj.embed_long(model, [sj.load_audio(x["file"], SR)], chunk=chunk)[0])
+        assert x["distance"] == pytest.approx((q - ref).norm().item(), abs=2e-4), x
+
+    assert len(list((library / ".stem_jepa_cache").glob("library-*.pt"))) == 1
+    read = []
+    real_load = sj.load_audio
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sj, "load_audio", lambda path, *a, **k: read.append(Path(path)) or real_load(path, *a, **k))
+        again = sj.retrieve(checkpoint, mix, library, "bass", top=1, log=lambda *a: None)
+    assert read == [mix, true_bass]
+    assert again == results[:1]
 
 
-# --- 1. any length from Python ---------------------------------------------------------------
-
-def readme_python_example() -> str:
-    """The README's Python example: the ```python block that calls encode_long."""
-    blocks = (HERE / "README.md").read_text().split("```python\n")[1:]
-    return next(b.split("```")[0] for b in blocks if "encode_long" in b)
-
-
-def test_readme_python_example_runs_on_a_three_minute_file(tmp_path, monkeypatch):
-    """The README's Python example runs as written, on a 3-minute song.wav (and a mix.wav and
-    bass.wav) beside runs/musdb/checkpoint.pt (here a minimal random-weights model): encode_long
-    gives one column of patches per 160 ms over the whole file (T = ceil(N / 2560)) equal to
-    embed_long's chunk-encode-concatenate; embed is pool of it; predict_long is embed_long with the
-    instrument; embed(mix, "bass") pools predict_long; score's distance is the two vectors'."""
-    cfg = mini()
-    write_checkpoint(tmp_path / "runs" / "musdb" / "checkpoint.pt", cfg, TOY_STEMS)
-    stems, _ = sj.make_toy_song(np.random.default_rng(0), seconds=180.0)
-    sf.write(tmp_path / "song.wav", sum(stems.values()), SR, subtype="FLOAT")
-    sf.write(tmp_path / "mix.wav", stems["drums"] + stems["other"] + stems["vocals"], SR,
-             subtype="FLOAT")
-    sf.write(tmp_path / "bass.wav", stems["bass"], SR, subtype="FLOAT")
-    monkeypatch.chdir(tmp_path)
-    env = {}
-    exec(readme_python_example(), env)
-    model, song, mix = env["model"], env["song"], env["mix"]
-    assert len(song) == 180 * SR
-    chunk = int(cfg.chunk_seconds * SR)
-    assert tuple(env["z"].shape) == (5, math.ceil(len(song) / 2560), 32)
-    torch.testing.assert_close(env["z"], sj.embed_long(model, [song], chunk=chunk)[0])
-    torch.testing.assert_close(env["v"], sj.pool(env["z"]))
-    bass_id = TOY_STEMS.index("bass")
-    q = sj.embed_long(model, [mix], chunk=chunk, instruments=[bass_id])[0]
-    torch.testing.assert_close(env["q"], q)
-    torch.testing.assert_close(env["query"], sj.pool(env["q"]))
-    d = (env["query"] - model.embed(env["bass"])).norm().item()
-    assert model.score(mix, env["bass"], "bass")["distance"] == pytest.approx(d, abs=1e-4)
+def local_features(model, wavs, *, chunk, instruments=None, target=True, batch=16, device="cpu"):
+    """A stand-in for embed_long whose embeddings depend on the local audio only: one (1, T, 64)
+    sequence per waveform, row t the log band energies of samples [2560 t, 2560 (t + 1))."""
+    out = []
+    for x in wavs:
+        x = np.pad(x, (0, -len(x) % 2560))
+        spectrum = np.abs(np.fft.rfft(x.reshape(-1, 2560), axis=1))[:, 1:1281]
+        out.append(torch.from_numpy(np.log1p(spectrum.reshape(len(spectrum), 64, 20).sum(-1))).float()[None])
+    return out
 
 
-def test_any_length_methods_refuse_a_batch_and_an_unknown_instrument(mini_checkpoint):
-    """encode_long takes one waveform: a (B, N) batch is a StemJEPAError naming the shape; an
-    unknown instrument name is an error listing the known ones."""
-    model = sj.StemJEPA.from_checkpoint(mini_checkpoint)
-    with pytest.raises(sj.StemJEPAError, match=r"\(2, 16000\)"):
-        model.encode_long(np.zeros((2, 16000), np.float32))
-    with pytest.raises(sj.StemJEPAError, match="bass, drums, other, vocals"):
-        model.predict_long(np.zeros(16000, np.float32), "piano")
+@pytest.mark.slow
+def test_retrieve_offsets_follow_best_offsets_convention(trained_run, bass_library, tmp_path, monkeypatch):
+    """The offset retrieve reports is best_offset's j: place the file j steps of 160 ms after the
+    start of the mix. With embeddings that depend on the local audio only (embed_long replaced),
+    the mix itself gets offset 0 (and distance 0: ranked first), the mix delayed by 3.2 s of
+    silence j = -20 (-3.2 s: start it 3.2 s before the mix), the mix without its first 3.2 s
+    j = +20 (+3.2 s)."""
+    mix = bass_library[0]
+    x, _ = sf.read(mix, dtype="float32")
+    library = tmp_path / "library"
+    library.mkdir()
+    sf.write(library / "same.wav", x, SR, subtype="FLOAT")
+    sf.write(library / "late.wav", np.r_[np.zeros(51200, np.float32), x], SR, subtype="FLOAT")
+    sf.write(library / "early.wav", x[51200:], SR, subtype="FLOAT")
+    monkeypatch.setattr(sj, "embed_long", local_features)
+    results = sj.retrieve(trained_run[1] / "checkpoint.pt", mix, library, "bass", log=lambda *a: None)
+    by_name = {Path(r["file"]).name: r for r in results}
+    assert results[0]["file"] == str(library / "same.wav") and results[0]["distance"] == pytest.approx(0, abs=1e-4)
+    assert [(by_name[f]["offset_patches"], by_name[f]["offset_s"]) for f in ("same.wav", "late.wav", "early.wav")] == \
+        [(0, 0.0), (-20, -3.2), (20, 3.2)]
 
 
-# --- 2. HEAR API -----------------------------------------------------------------------------
-
-def test_hear_api_shapes_timestamps_and_batch_independence(mini_checkpoint, paper_model):
-    """As the HEAR validator checks: load_model gives an nn.Module with integer sample_rate (16000),
-    scene and timestamp embedding sizes F*D (3840 for ViT-B, 160 here); for audio (n, N) float32,
-    timestamp embeddings (n, T, F*D) and timestamps (n, T) in ms are float32, T = ceil(N / 2560),
-    timestamps at the centres of the 160 ms columns (80, 240, ...), the same for every sound;
-    scene embeddings (n, F*D) are the normalised time-average of the timestamp embeddings; a
-    sound's embeddings do not depend on the other sounds of the batch."""
-    assert sj.HEARModel(paper_model).scene_embedding_size == 3840
-    model = sj.load_model(str(mini_checkpoint))
-    assert isinstance(model, nn.Module)
-    assert model.sample_rate == 16000 and isinstance(model.sample_rate, int)
-    assert model.scene_embedding_size == model.timestamp_embedding_size == 5 * 32
-    n_samples = int(2.7 * SR)                                           # a chunk and a part of one
-    audio = torch.from_numpy(np.stack([noise(2.7, seed) for seed in range(3)]))
-    emb, ts = sj.get_timestamp_embeddings(audio, model)
-    T = math.ceil(n_samples / 2560)
-    assert emb.shape == (3, T, 160) and emb.dtype == torch.float32
-    assert ts.shape == (3, T) and ts.dtype == torch.float32
-    for row in ts:
-        assert row.tolist() == pytest.approx([160.0 * t + 80.0 for t in range(T)])
-    scene = sj.get_scene_embeddings(audio, model)
-    assert scene.shape == (3, 160) and scene.dtype == torch.float32
+def test_retrieve_leaves_out_an_unreadable_library_file(mini_checkpoint, tmp_path):
+    """retrieve over a library with a corrupt file: the file is reported by name, every other file
+    is ranked."""
+    library = tmp_path / "library"
+    library.mkdir()
     for i in range(3):
-        v = emb[i].double().mean(0)
-        v = (v - v.mean()) / torch.sqrt(v.var(unbiased=False) + 1e-5)
-        torch.testing.assert_close(scene[i].double(), v / v.norm(), atol=1e-5, rtol=0)
-        alone, ts_alone = sj.get_timestamp_embeddings(audio[i: i + 1], model)
-        torch.testing.assert_close(alone[0], emb[i], atol=1e-5, rtol=1e-5)
-        assert torch.equal(ts_alone[0], ts[i])
-        torch.testing.assert_close(sj.get_scene_embeddings(audio[i: i + 1], model)[0], scene[i],
-                                   atol=1e-5, rtol=1e-5)
+        sf.write(library / f"stem{i}.wav", noise(2.5, seed=i), SR)
+    (library / "bad.wav").write_bytes(os.urandom(2000))
+    mix = tmp_path / "mix.wav"
+    sf.write(mix, noise(4.0, seed=9), SR)
+    lines = []
+    results = sj.retrieve(mini_checkpoint, mix, library, "bass", log=lines.append)
+    assert sorted(Path(r["file"]).name for r in results) == ["stem0.wav", "stem1.wav", "stem2.wav"]
+    assert sum(str(library / "bad.wav") in line for line in lines) == 1
 
 
-# --- 3. compatibility score ------------------------------------------------------------------
+@pytest.mark.slow
+def test_cli_retrieval_errors(trained_run, bass_library, tmp_path):
+    """Bad input to embed/retrieve: exit status 2, one `error:` line naming the problem, no
+    traceback: a checkpoint that is a text file; a library folder with no audio; an instrument the
+    model does not know (the message lists the known ones); a --mix file that does not exist."""
+    checkpoint = trained_run[1] / "checkpoint.pt"
+    mix, library, _ = bass_library
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint")
+    (tmp_path / "no_audio").mkdir()
+    (tmp_path / "no_audio" / "README.txt").write_text("hello")
+    small = tmp_path / "small"
+    small.mkdir()
+    sf.write(small / "x.wav", 0.1 * np.ones(SR // 2, np.float32), SR)
+    retrieve = ["retrieve", "--checkpoint", checkpoint, "--instrument", "bass"]
+    not_a_checkpoint, no_audio, unknown, no_mix = run_cli_together(
+        ["embed", "--checkpoint", text, "--audio", small, "--out", tmp_path / "emb.npy"],
+        [*retrieve, "--mix", mix, "--library", tmp_path / "no_audio"],
+        ["retrieve", "--checkpoint", checkpoint, "--instrument", "piano", "--mix", mix, "--library", small],
+        [*retrieve, "--mix", tmp_path / "missing.wav", "--library", small])
+    assert_user_error(not_a_checkpoint, "notes.txt", "not a readable checkpoint")
+    assert_user_error(no_audio, "no_audio", "holds no audio files")
+    assert_user_error(unknown, "piano", "bass, drums, other, vocals")
+    assert_user_error(no_mix, "missing.wav", "no such file")
 
+
+@pytest.mark.slow
 def test_score_cli_is_the_retrieval_distance_of_one_pair(mini_checkpoint, tmp_path):
     """`score --json` for (mix, stem, bass): the distance is the L2 distance between the pooled
     prediction for the mix and the stem's pooled target embedding, computed here from embed_long
@@ -2542,7 +2638,7 @@ def test_score_cli_is_the_retrieval_distance_of_one_pair(mini_checkpoint, tmp_pa
     assert got["distance"] == pytest.approx(d, abs=2e-4)
     assert got["similarity"] == pytest.approx(float(q @ ref), abs=2e-4)
     (ranked,) = sj.retrieve(mini_checkpoint, mix, stem.parent, "bass", log=lambda *a: None)
-    assert (ranked["distance"], ranked["offset_steps"]) == (got["distance"], got["offset_steps"])
+    assert (ranked["distance"], ranked["offset_patches"]) == (got["distance"], got["offset_patches"])
 
 
 def test_score_finds_where_the_stem_fits(mini_checkpoint, monkeypatch):
@@ -2553,175 +2649,49 @@ def test_score_finds_where_the_stem_fits(mini_checkpoint, monkeypatch):
     monkeypatch.setattr(sj, "embed_long", local_features)
     model = sj.StemJEPA.from_checkpoint(mini_checkpoint)
     same = model.score(x, x, "bass")
-    assert same["distance"] == pytest.approx(0, abs=1e-4) and same["offset_steps"] == 0
+    assert same["distance"] == pytest.approx(0, abs=1e-4) and same["offset_patches"] == 0
     late = model.score(x, np.r_[np.zeros(51200, np.float32), x], "bass")
     early = model.score(x, x[51200:], "bass")
-    assert (late["offset_steps"], late["offset_s"]) == (-20, -3.2)
-    assert (early["offset_steps"], early["offset_s"]) == (20, 3.2)
+    assert (late["offset_patches"], late["offset_s"]) == (-20, -3.2)
+    assert (early["offset_patches"], early["offset_s"]) == (20, 3.2)
 
 
-# --- 4. --init-from --------------------------------------------------------------------------
-
-def test_init_from_starts_a_new_run_from_the_checkpoints_weights(tmp_path, monkeypatch):
-    """train(init_from=CKPT) on data with instruments bass, drums and piano, from a checkpoint
-    that knows bass, drums, other, vocals: at the first step, the encoder, target encoder and
-    predictor equal the checkpoint's; the rows of bass and drums are the checkpoint's rows of those
-    names; piano's row is the fresh initialisation (the model built from the config's seed), none
-    of the checkpoint's; the optimizer is empty and the lr is the schedule's at step 0. The log
-    names piano as new. Another architecture is refused, naming the difference."""
-    cfg = mini(steps=2, batch_size=2, warmup_steps=5)
-    ckpt_path = write_checkpoint(tmp_path / "source" / "checkpoint.pt", cfg, TOY_STEMS, seed=1)
-    for i in range(2):
-        stems, _ = sj.make_toy_song(np.random.default_rng(i), seconds=4.0)
-        write_track(tmp_path / "data" / f"song{i}",
-                    {"bass": stems["bass"], "drums": stems["drums"], "piano": stems["other"]})
-    seen = []
-    real_step = sj.training_step
-
-    def recording_step(model, optimizer, *args, lr, **kwargs):
-        if not seen:
-            state = {k: v.clone() for k, v in model.state_dict().items()}
-            seen.append((state, len(optimizer.state), lr))
-        return real_step(model, optimizer, *args, lr=lr, **kwargs)
-
-    monkeypatch.setattr(sj, "training_step", recording_step)
-    lines = []
-    sj.train(cfg, tmp_path / "data", out=tmp_path / "run", init_from=ckpt_path, workers=0,
-             log=lambda *a: lines.append(" ".join(map(str, a))))
-    state, optimizer_entries, lr = seen[0]
-    ckpt = sj.load_checkpoint(ckpt_path)
-    emb = "predictor.instrument.weight"
-    assert state.keys() == ckpt["model"].keys()
-    for name, value in ckpt["model"].items():
-        if name != emb:
-            assert torch.equal(state[name], value), name
-    assert torch.equal(state[emb][0], ckpt["model"][emb][TOY_STEMS.index("bass")])
-    assert torch.equal(state[emb][1], ckpt["model"][emb][TOY_STEMS.index("drums")])
-    torch.manual_seed(cfg.seed)
-    fresh = sj.build_model(cfg, ["bass", "drums", "piano"])
-    assert torch.equal(state[emb][2], fresh.state_dict()[emb][2])
-    assert not any(torch.equal(state[emb][2], row) for row in ckpt["model"][emb])
-    assert optimizer_entries == 0
-    peak = cfg.base_lr * cfg.batch_size / 256
-    assert lr == sj.lr_at(0, peak_lr=peak, warmup_steps=5, total_steps=2)
-    assert any("new instrument embeddings for piano" in line for line in lines), lines
-    assert sj.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 2
-    with pytest.raises(sj.StemJEPAError, match="dim: 32 -> 48"):
-        sj.init_from_checkpoint(sj.build_model(mini(dim=48), TOY_STEMS), ckpt)
+@pytest.mark.slow
+def test_embed_cli_writes_rows_names_and_sequences(trained_run, tmp_path):
+    """`embed --sequences` on a folder (a sub-folder searched, a hidden one and non-audio files
+    skipped) writes FILE.npy (n_files, F*D = 960), FILE.txt with the files in the same order,
+    and FILE.sequences.npz with one (T, 960) array per file whose time-average, layer-normalised
+    and L2-normalised as in pool, is that file's row; a row equals the file embedded here."""
+    audio = tmp_path / "audio"
+    rng = np.random.default_rng(0)
+    clips = {audio / "a.wav": 1.5, audio / "sub" / "b.flac": 3.3, audio / ".hidden" / "c.wav": 1.0}
+    for path, seconds in clips.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sf.write(path, (0.2 * rng.standard_normal(int(seconds * SR))).astype(np.float32), SR)
+    (audio / "notes.txt").write_text("not audio")
+    out = tmp_path / "emb.npy"
+    r = run_cli("embed", "--checkpoint", trained_run[1] / "checkpoint.pt", "--audio", audio, "--out", out,
+                "--sequences")
+    assert r.returncode == 0, r.stderr[-3000:]
+    files = [audio / "a.wav", audio / "sub" / "b.flac"]
+    assert (tmp_path / "emb.txt").read_text().splitlines() == [str(f) for f in files]
+    rows = np.load(out)
+    assert rows.shape == (2, 960)
+    seqs = np.load(tmp_path / "emb.sequences.npz")
+    assert sorted(seqs.files) == ["file0", "file1"]
+    for k in range(2):
+        seq = seqs[f"file{k}"]
+        assert seq.ndim == 2 and seq.shape[1] == 960 and seq.shape[0] >= 1
+        v = seq.mean(0)
+        v = (v - v.mean()) / np.sqrt(v.var() + 1e-5)
+        np.testing.assert_allclose(v / np.linalg.norm(v), rows[k], atol=1e-5)
+    model = sj.StemJEPA.from_checkpoint(trained_run[1] / "checkpoint.pt")
+    chunk = int(model.config.chunk_seconds * SR)
+    b = sj.pool(sj.embed_long(model, [sj.load_audio(files[1], SR)], chunk=chunk)[0]).numpy()
+    np.testing.assert_allclose(rows[1], b, atol=1e-5)
 
 
-# --- 5. multitrack layouts -------------------------------------------------------------------
-
-def cached_stems(root, **layout) -> dict[str, dict[str, np.ndarray]]:
-    """prepare(root) -> {track: {stem: cached 16 kHz waveform}}."""
-    tracks = sj.prepare(root, "train", chunk_seconds=2.0, layout=layout, log=lambda *a: None)
-    return {t["name"]: dict(zip(t["stems"], np.load(t["npy"]).astype(np.float32))) for t in tracks}
-
-
-def test_authors_multichannel_layout_names_channels_by_option(tmp_path):
-    """One 4-channel WAV per track with --channels bass,drums,mix,vocals: each named channel is the
-    stem of that name (its frequency), the channel named mix is left out. Without --channels, or
-    with a wrong count, a StemJEPAError says what to pass."""
-    freqs = {"bass": 110.0, "drums": 330.0, "mix": 5000.0, "vocals": 1500.0}
-    root = tmp_path / "authors"
-    (root / "train").mkdir(parents=True)
-    channels = np.stack([sine(f, 3.0) for f in freqs.values()], axis=1)     # (N, 4)
-    sf.write(root / "train" / "song.wav", channels, SR)
-    (track,) = cached_stems(root, channels=list(freqs)).items()
-    assert track[0] == "song" and sorted(track[1]) == ["bass", "drums", "vocals"]
-    for stem, x in track[1].items():
-        assert dominant_freq(x) == pytest.approx(freqs[stem], abs=1.0)
-    with pytest.raises(sj.StemJEPAError, match="--channels"):
-        sj.find_tracks(root)
-    with pytest.raises(sj.StemJEPAError, match="4 channels"):
-        sj.find_tracks(root, channels=["bass", "drums"])
-
-
-def test_moisesdb_layout_sums_the_files_of_a_stem_folder(tmp_path):
-    """MoisesDB: <provider>/<track>/<stem>/<file>.wav with data.json; each stem folder is a stem
-    named after it, its files summed (two guitar files -> their sum)."""
-    track = tmp_path / "moisesdb" / "provider" / "0a1b-track"
-    parts = {"bass/b1.wav": sine(110, 3.0), "drums/d1.wav": sine(330, 3.0),
-             "guitar/g1.wav": sine(440, 3.0, amp=0.3), "guitar/g2.wav": sine(660, 3.0, amp=0.3)}
-    for name, x in parts.items():
-        (track / name).parent.mkdir(parents=True, exist_ok=True)
-        sf.write(track / name, x, SR, subtype="FLOAT")
-    (track / "data.json").write_text(json.dumps({"song": "t", "artist": "a", "stems": []}))
-    got = cached_stems(tmp_path / "moisesdb")["0a1b-track"]
-    assert sorted(got) == ["bass", "drums", "guitar"]
-    guitar = parts["guitar/g1.wav"] + parts["guitar/g2.wav"]
-    np.testing.assert_allclose(got["guitar"], guitar, atol=2e-3)
-    np.testing.assert_allclose(got["bass"], parts["bass/b1.wav"], atol=2e-3)
-
-
-SLAKH_METADATA = """UUID: 1a81ae092884234f3264e2f45927f00a
-audio_dir: stems
-normalized: true
-overall_gain: 0.18   # a comment
-stems:
-  S00:
-    audio_rendered: true
-    inst_class: Bass
-    is_drum: false
-    midi_program_name: 'Electric Bass (finger)'
-    program_num: 33
-  S01:
-    inst_class: Drums
-    is_drum: true
-    program_num: 0
-  S02:
-    inst_class: Guitar
-    is_drum: false
-  S03:
-    inst_class: Piano
-    is_drum: false
-  S04:
-    audio_rendered: false
-    inst_class: Strings
-    is_drum: false
-target_peak: -1.0
-"""
-
-
-def test_slakh_layout_groups_stems_by_instrument_class(tmp_path):
-    """Slakh2100: <track>/stems/SNN.flac with metadata.yaml (read without a YAML library). By
-    default Bass -> bass, the drum kit -> drums, every other class -> other (guitar + piano
-    summed); S04 has no audio file and is skipped. With a mapping, the groups it names, and the
-    classes it does not name left out."""
-    track = tmp_path / "slakh" / "train" / "Track00001"
-    (track / "stems").mkdir(parents=True)
-    parts = {"S00": sine(110, 3.0), "S01": sine(330, 3.0), "S02": sine(440, 3.0, amp=0.3),
-             "S03": sine(660, 3.0, amp=0.3)}
-    for sid, x in parts.items():
-        sf.write(track / "stems" / f"{sid}.flac", x, SR, subtype="PCM_24")
-    (track / "metadata.yaml").write_text(SLAKH_METADATA)
-    got = cached_stems(tmp_path / "slakh")["Track00001"]
-    assert sorted(got) == ["bass", "drums", "other"]
-    np.testing.assert_allclose(got["other"], parts["S02"] + parts["S03"], atol=2e-3)
-    np.testing.assert_allclose(got["drums"], parts["S01"], atol=2e-3)
-    mine = sj.find_tracks(tmp_path / "slakh", groups=sj.parse_groups("low=Bass;keys=Piano,Organ"))
-    assert {k: [Path(s[0]).name for s in v] for k, v in mine[0][1].items()} == \
-        {"low": ["S00.flac"], "keys": ["S03.flac"]}
-
-
-def test_unknown_layout_lists_what_was_found_and_the_layouts_read(tmp_path):
-    """A folder of folders without audio and a stray file: the error names what it found and
-    lists every accepted layout."""
-    root = tmp_path / "odd"
-    (root / "a").mkdir(parents=True)
-    (root / "a" / "notes.txt").write_text("x")
-    (root / "b").mkdir()
-    (root / "readme.md").write_text("x")
-    with pytest.raises(sj.StemJEPAError) as e:
-        sj.find_tracks(root)
-    message = str(e.value)
-    assert "2 folders without audio files (a/, b/)" in message and "readme.md" in message
-    for layout in ("MUSDB18-HQ", ".stem.mp4", "multichannel", "MoisesDB", "Slakh2100"):
-        assert layout in message, layout
-
-
-# --- 6. batch embedding that survives bad files ----------------------------------------------
-
+@pytest.mark.slow
 def test_embed_cli_skips_unreadable_files_and_reports_progress(mini_checkpoint, tmp_path):
     """`embed --batch 3` over a folder with a corrupt file and an empty one among good clips: exit
     0, each bad file named once in the output, a progress line with an ETA; the rows and FILE.txt
@@ -2770,132 +2740,198 @@ def test_files_of_similar_length_are_embedded_together(mini_checkpoint, tmp_path
     assert kept == files and lengths == [math.ceil(s * SR / 2560) for s in seconds]
 
 
-def test_retrieve_leaves_out_an_unreadable_library_file(mini_checkpoint, tmp_path):
-    """retrieve over a library with a corrupt file: the file is reported by name, every other file
-    is ranked."""
-    library = tmp_path / "library"
-    library.mkdir()
+def readme_python_example() -> str:
+    """The README's Python example: the ```python block that calls encode_long."""
+    blocks = (HERE / "README.md").read_text().split("```python\n")[1:]
+    return next(b.split("```")[0] for b in blocks if "encode_long" in b)
+
+
+def test_readme_python_example_runs_on_a_three_minute_file(tmp_path, monkeypatch):
+    """The README's Python example runs as written, on a 3-minute song.wav (and a mix.wav and
+    bass.wav) beside runs/musdb/checkpoint.pt (here a minimal random-weights model): encode_long
+    gives one column of patches per 160 ms over the whole file (T = ceil(N / 2560)) equal to
+    embed_long's chunk-encode-concatenate; embed is pool of it; predict_long is embed_long with the
+    instrument; embed(mix, "bass") pools predict_long; score's distance is the two vectors'."""
+    cfg = mini()
+    write_checkpoint(tmp_path / "runs" / "musdb" / "checkpoint.pt", cfg, TOY_STEMS)
+    stems, _ = sj.make_toy_song(np.random.default_rng(0), seconds=180.0)
+    sf.write(tmp_path / "song.wav", sum(stems.values()), SR, subtype="FLOAT")
+    sf.write(tmp_path / "mix.wav", stems["drums"] + stems["other"] + stems["vocals"], SR,
+             subtype="FLOAT")
+    sf.write(tmp_path / "bass.wav", stems["bass"], SR, subtype="FLOAT")
+    monkeypatch.chdir(tmp_path)
+    env = {}
+    exec(readme_python_example(), env)
+    model, song, mix = env["model"], env["song"], env["mix"]
+    assert len(song) == 180 * SR
+    chunk = int(cfg.chunk_seconds * SR)
+    assert tuple(env["z"].shape) == (5, math.ceil(len(song) / 2560), 32)
+    torch.testing.assert_close(env["z"], sj.embed_long(model, [song], chunk=chunk)[0])
+    torch.testing.assert_close(env["v"], sj.pool(env["z"]))
+    bass_id = TOY_STEMS.index("bass")
+    q = sj.embed_long(model, [mix], chunk=chunk, instruments=[bass_id])[0]
+    torch.testing.assert_close(env["q"], q)
+    torch.testing.assert_close(env["query"], sj.pool(env["q"]))
+    d = (env["query"] - model.embed(env["bass"])).norm().item()
+    assert model.score(mix, env["bass"], "bass")["distance"] == pytest.approx(d, abs=1e-4)
+
+
+def test_any_length_methods_refuse_a_batch_and_an_unknown_instrument(mini_checkpoint):
+    """encode_long takes one waveform: a (B, N) batch is a StemJEPAError naming the shape; an
+    unknown instrument name is an error listing the known ones."""
+    model = sj.StemJEPA.from_checkpoint(mini_checkpoint)
+    with pytest.raises(sj.StemJEPAError, match=r"\(2, 16000\)"):
+        model.encode_long(np.zeros((2, 16000), np.float32))
+    with pytest.raises(sj.StemJEPAError, match="bass, drums, other, vocals"):
+        model.predict_long(np.zeros(16000, np.float32), "piano")
+
+
+@pytest.mark.slow
+def test_hear_api_shapes_timestamps_and_batch_independence(mini_checkpoint, paper_model):
+    """As the HEAR validator checks: load_model gives an nn.Module with integer sample_rate (16000),
+    scene and timestamp embedding sizes F*D (3840 for ViT-B, 160 here); for audio (n, N) float32,
+    timestamp embeddings (n, T, F*D) and timestamps (n, T) in ms are float32, T = ceil(N / 2560),
+    timestamps at the centres of the 160 ms columns (80, 240, ...), the same for every sound;
+    scene embeddings (n, F*D) are the normalised time-average of the timestamp embeddings; a
+    sound's embeddings do not depend on the other sounds of the batch."""
+    assert sj.HEARModel(paper_model).scene_embedding_size == 3840
+    model = sj.load_model(str(mini_checkpoint))
+    assert isinstance(model, nn.Module)
+    assert model.sample_rate == 16000 and isinstance(model.sample_rate, int)
+    assert model.scene_embedding_size == model.timestamp_embedding_size == 5 * 32
+    n_samples = int(2.7 * SR)                                           # a chunk and a part of one
+    audio = torch.from_numpy(np.stack([noise(2.7, seed) for seed in range(3)]))
+    emb, ts = sj.get_timestamp_embeddings(audio, model)
+    T = math.ceil(n_samples / 2560)
+    assert emb.shape == (3, T, 160) and emb.dtype == torch.float32
+    assert ts.shape == (3, T) and ts.dtype == torch.float32
+    for row in ts:
+        assert row.tolist() == pytest.approx([160.0 * t + 80.0 for t in range(T)])
+    scene = sj.get_scene_embeddings(audio, model)
+    assert scene.shape == (3, 160) and scene.dtype == torch.float32
     for i in range(3):
-        sf.write(library / f"stem{i}.wav", noise(2.5, seed=i), SR)
-    (library / "bad.wav").write_bytes(os.urandom(2000))
-    mix = tmp_path / "mix.wav"
-    sf.write(mix, noise(4.0, seed=9), SR)
-    lines = []
-    results = sj.retrieve(mini_checkpoint, mix, library, "bass", log=lines.append)
-    assert sorted(Path(r["file"]).name for r in results) == ["stem0.wav", "stem1.wav", "stem2.wav"]
-    assert sum(str(library / "bad.wav") in line for line in lines) == 1
+        v = emb[i].double().mean(0)
+        v = (v - v.mean()) / torch.sqrt(v.var(unbiased=False) + 1e-5)
+        torch.testing.assert_close(scene[i].double(), v / v.norm(), atol=1e-5, rtol=0)
+        alone, ts_alone = sj.get_timestamp_embeddings(audio[i: i + 1], model)
+        torch.testing.assert_close(alone[0], emb[i], atol=1e-5, rtol=1e-5)
+        assert torch.equal(ts_alone[0], ts[i])
+        torch.testing.assert_close(sj.get_scene_embeddings(audio[i: i + 1], model)[0], scene[i],
+                                   atol=1e-5, rtol=1e-5)
 
 
-# --- 7. precision ----------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
+# Performance: bench
+# ---------------------------------------------------------------------------------------------
 
-def test_pick_precision(monkeypatch):
-    """auto: bf16 on a CUDA GPU with native bf16, fp16 on one without (T4, V100), fp32 on a CPU;
-    bf16 or fp16 asked for on a CPU, or bf16 on a GPU without it, is a StemJEPAError."""
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert sj.pick_precision("auto", cpu) == sj.pick_precision("fp32", cpu) == "fp32"
-    for name in ("bf16", "fp16"):
-        with pytest.raises(sj.StemJEPAError, match="CUDA"):
-            sj.pick_precision(name, cpu)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
-    for native, auto in ((True, "bf16"), (False, "fp16")):
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation: native)
-        assert sj.pick_precision("auto", cuda) == auto
-        assert sj.pick_precision("fp16", cuda) == "fp16"
-        assert sj.pick_precision("fp32", cuda) == "fp32"
-    with pytest.raises(sj.StemJEPAError, match="Tesla T4 has no native bf16"):
-        sj.pick_precision("bf16", cuda)
-    assert isinstance(sj.autocast_for(cpu, "fp16"), type(contextlib.nullcontext()))
+@pytest.mark.slow
+def test_bench_counts_flops_by_hand_and_divides_by_the_peak(tmp_path, monkeypatch):
+    """train_flops_per_sample against a hand count for a config small enough to count, and
+    bench's arithmetic: samples/s = batch / step time, achieved = FLOPs per sample x samples/s,
+    MFU = achieved / peak (step time and peak fixed here, so only the arithmetic is tested)."""
+    fields = dict(n_mels=32, chunk_seconds=0.32, dim=8, depth=1, heads=2, mlp_ratio=4,
+                  pred_hidden=16, pred_layers=2)
+    # 2 frequency x 1 time patch: K = 2 tokens of D = 8
+    K, D = 2, 8
+    block = (2 * K * D * 3 * D          # qkv
+             + 2 * K * D * D            # attention output projection
+             + 2 * K * D * 4 * D * 2    # MLP, two linears
+             + 2 * K * K * D * 2)       # QK^T and AV
+    encoder = block + 2 * K * 16 * 16 * D                               # + patch embedding
+    predictor = 2 * K * (2 * D * 16 + 16 * D)       # [z, emb(l)] (2D) -> 16 -> D
+    assert (block, encoder, predictor) == (3200, 11392, 1536)
+    hand = 3 * (encoder + predictor) + encoder      # forward + backward, and the target forward
+    assert sj.train_flops_per_sample(sj.make_config("tiny", **fields)) == hand == 50176
 
-
-def test_grad_scaler_step_equals_the_unscaled_step_and_skips_an_overflow():
-    """training_step with a GradScaler (the fp16 path, run here in fp32 on the CPU): with a scale
-    of 2^10 and clipping active, the weights and the target encoder after the step equal those of
-    the step without a scaler (the gradients are unscaled before clipping). With a scale of 2^127
-    and a loss 10^6 times larger the scaled gradients overflow: the step is skipped (weights and
-    EMA target unchanged) and the scale is halved."""
-    torch.manual_seed(0)
-    base = sj.build_model(mini(), TOY_STEMS)
-    context = torch.from_numpy(np.stack([noise(2.0, s) for s in range(4)]))
-    target = torch.from_numpy(np.stack([noise(2.0, s + 10) for s in range(4)]))
-    instrument = torch.tensor([0, 1, 2, 3])
-
-    def step(scaler, loss_factor=1.0):
-        model = copy.deepcopy(base)
-        opt = torch.optim.AdamW(sj.param_groups(model, 0.05), lr=0.0)
-        _, applied = sj.training_step(model, opt, context, target, instrument, lr=1e-3, tau=0.9,
-                                      grad_clip=0.01, precision="fp32", scaler=scaler,
-                                      loss_fn=lambda *batch: loss_factor * model(*batch))
-        return model, applied
-
-    plain, applied = step(None)
-    assert applied
-    scaled, applied = step(torch.amp.GradScaler("cpu", init_scale=2.0 ** 10))
-    assert applied
-    for (name, a), b in zip(plain.state_dict().items(), scaled.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
-    moved = plain.state_dict()["encoder.norm.weight"] - base.state_dict()["encoder.norm.weight"]
-    assert moved.abs().max() > 0
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127)
-    skipped, applied = step(scaler, loss_factor=1e6)
-    assert not applied and scaler.get_scale() == 2.0 ** 126
-    for (name, a), b in zip(base.state_dict().items(), skipped.state_dict().values()):
-        assert torch.equal(a, b), name
+    monkeypatch.setattr(sj, "matmul_peak", lambda device, dtype=torch.float32: 1e6)
+    monkeypatch.setattr(sj, "_median_time", lambda fn, device, *, warmup, repeats: 0.25)
+    data = sj.write_toy_dataset(tmp_path / "toy", tracks=3, seconds=2.0)
+    r = sj.bench(preset="tiny", batch_size=2, device="cpu", steps=1, data=data, **fields)
+    assert r["samples_per_s"] == 2 / 0.25
+    assert r["flops_per_sample"] == hand
+    assert r["achieved_flops"] == hand * 8
+    assert r["mfu"] == pytest.approx(hand * 8 / 1e6)
 
 
-# --- 8. runs that collide --------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
+# Command line, the tutorial, the licence
+# ---------------------------------------------------------------------------------------------
 
-def test_out_naming_a_file_is_a_clear_error(tmp_path):
-    """train --out naming an existing file: exit 2, one error line saying it is a file."""
-    (tmp_path / "notes.txt").write_text("x")
-    r = run_cli("train", "--data", tmp_path, "--out", tmp_path / "notes.txt", "--preset", "tiny")
-    assert_user_error(r, "notes.txt", "is a file")
+@pytest.mark.slow
+def test_cli_toy_then_train_writes_data_checkpoint_and_log(tmp_path):
+    """`toy` writes train/<song>/{bass,drums,other,vocals}.wav + labels.json; `train` on it for
+    3 steps writes a checkpoint loadable with weights_only=True at step 3, from which the model
+    loads, and a log with one row per step."""
+    data, run = tmp_path / "toy", tmp_path / "run"
+    toy = run_cli("toy", "--out", data, "--tracks", 3, "--seconds", 10)
+    assert toy.returncode == 0, toy.stderr
+    songs = sorted((data / "train").iterdir())
+    assert len(songs) == 2 and len(list((data / "test").iterdir())) == 1
+    for song in songs:
+        assert sorted(p.name for p in song.iterdir()) == sorted([f"{s}.wav" for s in TOY_STEMS] + ["labels.json"])
+        assert sf.info(str(song / "bass.wav")).duration == pytest.approx(10.0)
 
-
-def test_lock_refuses_a_second_live_run_and_is_stale_after_kill_9(tmp_path):
-    """While a training runs into OUT, a second one into OUT is refused (exit 2) naming the first's
-    pid; after kill -9 of the first its lock is left behind, recognised as stale (the process is
-    gone), and --resume continues from the checkpoint; when that run ends the lock is gone."""
-    data = sj.write_toy_dataset(tmp_path / "toy", tracks=3, seconds=6.0)
-    run = tmp_path / "run"
-    mini_run = ["--preset", "tiny", "--batch-size", "2", "--workers", "0", "--ckpt-every", "1",
-                "--log-every", "1", "--steps", "100000"]
-    first = _start("train", "--data", data, "--out", run, *mini_run)
-    try:
-        _wait_for_line(first, "step 2/")
-        assert (run / "train.lock").read_text().split()[0] == str(first.pid)
-        second = _cli("train", "--data", data, "--out", run, *mini_run)
-        assert_user_error(second, f"pid {first.pid}", "in use by another training")
-    finally:
-        first.kill()
-        first.wait()
-    assert (run / "train.lock").exists()
-    step = sj.load_checkpoint(run / "checkpoint.pt")["step"]
-    resumed = _cli("train", "--data", data, "--out", run, *mini_run, "--resume",
-                   "--stop-at", step + 1)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "stale lock" in resumed.stdout and f"resuming {run / 'checkpoint.pt'}" in resumed.stdout
-    assert not (run / "train.lock").exists()
+    train = run_cli("train", "--data", data, "--preset", "tiny", "--steps", 3, "--batch-size", 4,
+                    "--out", run, "--log-every", 1, "--workers", 0)
+    assert train.returncode == 0, train.stderr
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 3 and ckpt["instruments"] == TOY_STEMS
+    assert [r["step"] for r in read_log(run / "log.csv")] == ["1", "2", "3"]
+    model = sj.StemJEPA.from_checkpoint(run / "checkpoint.pt")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ckpt["model"][k]), k
 
 
-def test_lock_is_held_while_training_and_released_after_an_error(tmp_path, monkeypatch):
-    """In-process: OUT/train.lock holds this process's pid during the steps, and is gone after the
-    training raised an exception."""
-    data = sj.write_toy_dataset(tmp_path / "toy", tracks=2, seconds=5.0)
-    held = []
+@pytest.mark.slow
+@pytest.mark.parametrize("command, options", [
+    ("toy", ["--out", "--tracks", "--seconds", "--seed"]),
+    ("train", ["--data", "--out", "--cache", "--resume", "--device", "--preset", "--predictor",
+               "--steps", "--batch-size", "--stop-at", "--workers"]),
+    ("demo", ["--dir", "--tracks", "--steps"]),
+    ("probe", ["--checkpoint", "--labels", "--task", "--encoder"]),
+    ("evaluate", ["--checkpoint", "--data", "--split", "all"]),
+])
+def test_cli_help_lists_the_options(command, options):
+    """`stem_jepa.py COMMAND --help` exits 0 and mentions each of its options."""
+    result = run_cli(command, "--help")
+    assert result.returncode == 0
+    for option in options:
+        assert option in result.stdout, option
 
-    def failing_step(*args, **kwargs):
-        held.append((tmp_path / "run" / "train.lock").read_text().split()[0])
-        raise RuntimeError("boom")
 
-    monkeypatch.setattr(sj, "training_step", failing_step)
-    with pytest.raises(RuntimeError, match="boom"):
-        sj.train(mini(steps=3, batch_size=2), data, out=tmp_path / "run", workers=0,
-                 log=lambda *a: None)
-    assert held == [str(os.getpid())]
-    assert not (tmp_path / "run" / "train.lock").exists()
+TUTORIAL = HERE / "tutorial.ipynb"
 
 
-# --- 9. licence ------------------------------------------------------------------------------
+def test_committed_tutorial_shows_every_result_and_stays_under_5_mb():
+    """The notebook is committed executed, so that a reader sees the results without running it:
+    every code cell has outputs, none of them an error, the setting is the fast one, and the file
+    (figures and embedded audio included) stays under 5 MB."""
+    nbformat = pytest.importorskip("nbformat")
+    nb = nbformat.read(TUTORIAL, as_version=4)
+    code = [(i, c) for i, c in enumerate(nb.cells) if c.cell_type == "code"]
+    assert code
+    assert 'SETTING = "fast"' in code[0][1].source
+    assert [i for i, c in code if not c.outputs] == [], "code cells without outputs"
+    assert [i for i, c in code if any(o.output_type == "error" for o in c.outputs)] == []
+    assert TUTORIAL.stat().st_size < 5_000_000
+
+
+@pytest.mark.slow
+def test_tutorial_runs_top_to_bottom_in_the_fast_setting(tmp_path, monkeypatch):
+    """Every cell executes without error from a clean slate, as a reader runs it: headless, in the
+    repository root, in the fast setting, with the notebook's files (toy data, runs) in a fresh
+    folder, so nothing cached by an earlier run is reused. Every code cell produces output."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    nb = nbformat.read(TUTORIAL, as_version=4)
+    monkeypatch.setenv("STEM_JEPA_TUTORIAL_RUNS", str(tmp_path / "tutorial_runs"))   # the kernel inherits it
+    client = nbclient.NotebookClient(nb, timeout=1200, kernel_name="python3",
+                                     resources={"metadata": {"path": str(HERE)}})
+    client.execute()                                  # raises CellExecutionError on the first failing cell
+    code = [(i, c) for i, c in enumerate(nb.cells) if c.cell_type == "code"]
+    assert [i for i, c in code if not c.outputs] == [], "code cells without outputs"
+    assert (tmp_path / "tutorial_runs" / "mlp" / "checkpoint.pt").exists()   # it trained, not reused
+
 
 def test_licence_is_mit_and_the_readme_says_so():
     """LICENSE is the MIT licence of the Stem-JEPA reference contributors; the README names it."""
