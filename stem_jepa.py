@@ -87,7 +87,8 @@ CACHE_FORMAT = 2  # decoded-stem cache; 2: quiet stems are kept (the silence fil
 
 
 class StemJEPAError(Exception):
-    """A problem the user can fix (bad data, bad arguments). The CLI prints it without a traceback."""
+    """A problem the user can fix (bad data, bad arguments). The CLI prints it without a
+    traceback."""
 
 
 # =============================================================================================
@@ -262,7 +263,8 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim=dim, heads=heads)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(),
+                                 nn.Linear(mlp_ratio * dim, dim))
 
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
@@ -270,7 +272,8 @@ class Block(nn.Module):
 
 
 def init_vit_weights(module: nn.Module) -> None:
-    """M2D/MAE initialisation: xavier-uniform Linear and (flattened) patch-conv weights, zero biases."""
+    """M2D/MAE initialisation: xavier-uniform Linear and (flattened) patch-conv weights, zero
+    biases."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
@@ -292,13 +295,15 @@ class ViT(nn.Module):
     first T time positions; longer inputs are the caller's to chunk.
     """
 
-    def __init__(self, *, n_mels=80, max_frames=800, patch_size=16, dim=768, depth=12, heads=12, mlp_ratio=4):
+    def __init__(self, *, n_mels=80, max_frames=800, patch_size=16, dim=768, depth=12, heads=12,
+                 mlp_ratio=4):
         super().__init__()
         self.patch_size = patch_size
         self.patch_embed = nn.Conv2d(1, dim, kernel_size=patch_size, stride=patch_size)
         self.register_buffer("pos", sincos_2d(n_mels // patch_size, max_frames // patch_size, dim),
                              persistent=False)                          # (F, T_max, D), not trained
-        self.blocks = nn.ModuleList(Block(dim=dim, heads=heads, mlp_ratio=mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(dim=dim, heads=heads, mlp_ratio=mlp_ratio)
+                                    for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         init_vit_weights(self)
 
@@ -306,7 +311,8 @@ class ViT(nn.Module):
         x = self.patch_embed(mel[:, None])                              # (B, D, F, T)
         B, D, Fp, T = x.shape
         if T > self.pos.shape[1]:
-            raise ValueError(f"input has {T} time patches; the positional grid has {self.pos.shape[1]}: chunk it")
+            raise ValueError(f"input has {T} time patches; the positional grid has "
+                             f"{self.pos.shape[1]}: chunk it")
         x = x.flatten(2).transpose(1, 2)                                # (B, K, D), k = f * T + t
         x = x + self.pos[:, :T].reshape(Fp * T, D)
         for block in self.blocks:
@@ -340,7 +346,8 @@ class MLPPredictor(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, z: torch.Tensor, instrument: torch.Tensor) -> torch.Tensor:
-        if self.instrument is not None:                                 # z: (B, F, T, D), instrument: (B,)
+        # z: (B, F, T, D), instrument: (B,)
+        if self.instrument is not None:
             e = self.instrument(instrument)[:, None, None].expand_as(z)  # (B, F, T, D)
             z = torch.cat([z, e], dim=-1)                               # (B, F, T, 2D)
         return self.norm(self.net(z))                                   # (B, F, T, D)
@@ -358,7 +365,8 @@ class TransformerPredictor(nn.Module):
         self.embed = nn.Linear(dim, width)
         self.register_buffer("pos", sincos_2d(n_freq, max_time, width), persistent=False)
         self.instrument = nn.Embedding(n_instruments, width)
-        self.blocks = nn.ModuleList(Block(dim=width, heads=heads, mlp_ratio=mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(dim=width, heads=heads, mlp_ratio=mlp_ratio)
+                                    for _ in range(depth))
         self.norm = nn.LayerNorm(width)
         self.out = nn.Linear(width, dim)
         init_vit_weights(self)
@@ -367,7 +375,8 @@ class TransformerPredictor(nn.Module):
     def forward(self, z: torch.Tensor, instrument: torch.Tensor) -> torch.Tensor:
         B, Fp, T, _ = z.shape
         x = self.embed(z) + self.pos[:, :T]                             # (B, F, T, W)
-        x = torch.cat([self.instrument(instrument)[:, None], x.flatten(1, 2)], dim=1)  # (B, 1 + K, W)
+        # (B, 1 + K, W)
+        x = torch.cat([self.instrument(instrument)[:, None], x.flatten(1, 2)], dim=1)
         for block in self.blocks:
             x = block(x)
         return self.out(self.norm(x[:, 1:])).view(B, Fp, T, -1)         # (B, F, T, D)
@@ -571,7 +580,8 @@ def build_model(cfg: Config, instruments: list[str]) -> StemJEPA:
 # ---------------------------------------------------------------------------------------------
 
 def choose_stems(peaks: np.ndarray, rng: np.random.Generator, threshold: float):
-    """Pick (target, context) from the stems' peak amplitudes in one chunk, or None if < 2 are active.
+    """Pick (target, context) from the stems' peak amplitudes in one chunk, or None if < 2 are
+    active.
 
     "Let A be the indices of active (i.e. non-silent) stems. We first pick a random index t in A
     as target. Then, we randomly select a subset C of A minus {t} [...]. The number of stems |C|
@@ -586,8 +596,10 @@ def choose_stems(peaks: np.ndarray, rng: np.random.Generator, threshold: float):
     return int(target), np.sort(rng.choice(others, size=k, replace=False))
 
 
-def draw_example(stems: torch.Tensor, chunk: int, rng: np.random.Generator, *, threshold: float, tries: int):
-    """One training example from one track's stems (S, N): (context (chunk,), target (chunk,), target stem).
+def draw_example(stems: torch.Tensor, chunk: int, rng: np.random.Generator, *, threshold: float,
+                 tries: int):
+    """One training example from one track's stems (S, N): (context (chunk,), target (chunk,),
+    target stem).
 
     A chunk at a uniformly random offset (zero-padded at the end when the track is shorter). "If
     |A| < 2 [...] we resample another audio chunk from the same track" (footnote 2), up to `tries`
@@ -621,17 +633,23 @@ class StemChunks(torch.utils.data.Dataset):
 
     def __init__(self, tracks: list[dict], instruments: list[str], *, chunk: int, threshold: float,
                  tries: int, seed: int):
-        self.tracks, self.chunk, self.threshold, self.tries, self.seed = tracks, chunk, threshold, tries, seed
+        self.tracks = tracks
+        self.chunk = chunk
+        self.threshold = threshold
+        self.tries = tries
+        self.seed = seed
         self.instrument_ids = [[instruments.index(s) for s in t["stems"]] for t in tracks]
-        self._open = {}                                                 # track -> memory map, per process
+        # track -> memory map, per process
+        self._open = {}
 
     def __getitem__(self, index: int):
         rng = np.random.default_rng([self.seed, index])
         t = int(rng.integers(len(self.tracks)))
-        if t not in self._open:                 # copy-on-write map: writable for torch, never written
+        # copy-on-write map: writable for torch, never written
+        if t not in self._open:
             self._open[t] = torch.from_numpy(np.load(self.tracks[t]["npy"], mmap_mode="c"))
-        context, target, stem = draw_example(self._open[t], self.chunk, rng, threshold=self.threshold,
-                                             tries=self.tries)
+        context, target, stem = draw_example(self._open[t], self.chunk, rng,
+                                             threshold=self.threshold, tries=self.tries)
         return context, target, self.instrument_ids[t][stem]
 
 
@@ -666,7 +684,8 @@ def param_groups(model: nn.Module, weight_decay: float, *, decay_all: bool = Tru
         if p.requires_grad:
             exempt = not decay_all and (p.ndim < 2 or "instrument" in name)
             (no_decay if exempt else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
 
 
 def training_step(model: StemJEPA, optimizer, context, target, instrument, *, lr: float, tau: float,
@@ -685,10 +704,12 @@ def training_step(model: StemJEPA, optimizer, context, target, instrument, *, lr
     loss_fn = model if loss_fn is None else loss_fn
     for group in optimizer.param_groups:
         group["lr"] = lr
-    micro, total = len(context) // grad_accum, 0.0
+    micro = len(context) // grad_accum
+    total = 0.0
     for i in range(grad_accum):
         part = slice(i * micro, (i + 1) * micro)
-        sync = loss_fn.no_sync() if hasattr(loss_fn, "no_sync") and i < grad_accum - 1 else nullcontext()
+        last = i == grad_accum - 1
+        sync = nullcontext() if last or not hasattr(loss_fn, "no_sync") else loss_fn.no_sync()
         with sync, autocast_for(context.device, precision):
             loss = loss_fn(context[part], target[part], instrument[part]) / grad_accum
         (loss if scaler is None else scaler.scale(loss)).backward()
@@ -697,7 +718,8 @@ def training_step(model: StemJEPA, optimizer, context, target, instrument, *, lr
         scaler.unscale_(optimizer)
     trainable = [p for p in model.parameters() if p.requires_grad]
     grad_norm = nn.utils.clip_grad_norm_(trainable, grad_clip, foreach=True)
-    applied = bool(torch.isfinite(grad_norm))       # one host sync per step: the price of skipping bad steps
+    # one host sync per step: the price of skipping bad steps
+    applied = bool(torch.isfinite(grad_norm))
     if applied:
         optimizer.step()
     if scaler is not None:
@@ -1036,21 +1058,25 @@ def collapse_measures(pred: torch.Tensor, target: torch.Tensor, instrument: torc
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def embed_long(model: StemJEPA, wavs: list[np.ndarray], *, chunk: int, instruments=None, target=True,
-               batch=16, device="cpu") -> list[torch.Tensor]:
+def embed_long(model: StemJEPA, wavs: list[np.ndarray], *, chunk: int, instruments=None,
+               target=True, batch=16, device="cpu") -> list[torch.Tensor]:
     """Patch embeddings of whole recordings, cut into consecutive chunks (the last one shorter):
     one (F, T, D) tensor per waveform, T covering every frame (the last chunk is zero-padded to a
     whole patch). With `instruments` (one id per waveform), the predictions of the predictor
     conditioned on them, from the context encoder; otherwise the target (or context) encoder's.
     Full chunks of all waveforms are batched together, and last chunks of equal length. In
     float32 (`full_precision`), even on a GPU and inside an autocast region."""
-    step = model.frontend.hop_length * model.encoder.patch_size        # samples per time patch (160 ms)
-    chunk = max(step, chunk - chunk % step)                             # whole patches: no frame left out
-    pieces = []                                                         # (wav index, position, samples)
+    # samples per time patch (160 ms)
+    step = model.frontend.hop_length * model.encoder.patch_size
+    # whole patches: no frame left out
+    chunk = max(step, chunk - chunk % step)
+    # (wav index, position, samples)
+    pieces = []
     for w, x in enumerate(wavs):
         for j, start in enumerate(range(0, max(len(x), 1), chunk)):
             piece = x[start: start + chunk]
-            if len(piece) < chunk:                                      # a whole number of patches, at least one
+            # a whole number of patches, at least one
+            if len(piece) < chunk:
                 piece = np.pad(piece, (0, max(-len(piece) % step, step - len(piece))))
             pieces.append((w, j, piece))
     by_length = {}
@@ -1064,7 +1090,8 @@ def embed_long(model: StemJEPA, wavs: list[np.ndarray], *, chunk: int, instrumen
             if instruments is None:
                 z = model.encode(x, target=target)
             else:
-                z = model.predict(x, torch.tensor([instruments[p[0]] for p in group], device=device))
+                z = model.predict(x,
+                                  torch.tensor([instruments[p[0]] for p in group], device=device))
             for (w, j, _), zi in zip(group, z.float().cpu()):
                 out[w, j] = zi                                          # (F, T_chunk, D)
     return [torch.cat([out[w, j] for j in range(sum(1 for p in pieces if p[0] == w))], dim=1)
@@ -1073,12 +1100,14 @@ def embed_long(model: StemJEPA, wavs: list[np.ndarray], *, chunk: int, instrumen
 
 def pool(z: torch.Tensor) -> torch.Tensor:
     """(..., F, T, D) -> one vector (..., F*D): average over time, concatenate the frequency rows
-    (3840-d for ViT-B), layer-normalise without affine and L2-normalise (the authors' evaluation)."""
+    (3840-d for ViT-B), layer-normalise without affine and L2-normalise (the authors'
+    evaluation)."""
     v = z.float().mean(dim=-2).flatten(-2)                              # (..., F*D)
     return F.normalize(F.layer_norm(v, v.shape[-1:]), dim=-1)
 
 
-def retrieval_ranks(queries: torch.Tensor, refs: torch.Tensor, truth: torch.Tensor, candidates=None):
+def retrieval_ranks(queries: torch.Tensor, refs: torch.Tensor, truth: torch.Tensor,
+                    candidates=None):
     """L2 distances from each query (Q, C) to every reference (R, C); for each query, how many
     references are closer than its true one `truth[q]` and the tie count. The 1-based rank is
     closer + 1 (1 = nearest); ties are broken at random, in expectation: rank = 1 + (#closer) +
@@ -1089,7 +1118,8 @@ def retrieval_ranks(queries: torch.Tensor, refs: torch.Tensor, truth: torch.Tens
         d = d.masked_fill(~candidates, float("inf"))
     d_true = d.gather(1, truth[:, None])                                # (Q, 1)
     closer = (d < d_true).sum(1)
-    tied = (d == d_true).sum(1)                                         # includes the true reference
+    # includes the true reference
+    tied = (d == d_true).sum(1)
     return closer, tied, d
 
 
@@ -1142,7 +1172,8 @@ def which_song_and_instrument(queries, refs, track, instrument) -> dict:
     others = same_inst & ~same_song
     cosine = (q @ q.T)[others].mean().item() if others.any() else float("nan")
     return {"which_song": retrieval_metrics(queries, refs, truth, ks=(1,), candidates=same_inst),
-            "which_instrument": retrieval_metrics(queries, refs, truth, ks=(1,), candidates=same_song),
+            "which_instrument": retrieval_metrics(queries, refs, truth, ks=(1,),
+                                                  candidates=same_song),
             "query_cosine": cosine}
 
 
@@ -1159,13 +1190,19 @@ def which_song_and_instrument(queries, refs, track, instrument) -> dict:
 def pick_device(name: str | None = None) -> torch.device:
     """cuda -> mps -> cpu, or the one asked for (an error if it is not available)."""
     if name is None:
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        name = "cpu"
+        if torch.backends.mps.is_available():
+            name = "mps"
+        if torch.cuda.is_available():
+            name = "cuda"
     kind = name.split(":")[0]
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": torch.backends.mps.is_available()}
     if kind not in available:
         raise StemJEPAError(f"--device {name}: unknown device; use cpu, cuda, cuda:N or mps")
     if not available[kind]:
-        raise StemJEPAError(f"--device {name}: {kind} is not available on this machine; use --device cpu")
+        raise StemJEPAError(f"--device {name}: {kind} is not available on this machine; "
+                            "use --device cpu")
     return torch.device(name)
 
 
@@ -1174,8 +1211,8 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 def pick_precision(name: str, device: torch.device) -> str:
     """The training precision: --precision auto picks bf16 on a CUDA GPU that has it natively
-    (Ampere and later), else fp16 with a GradScaler (the authors' code's choice; T4, V100); fp32 off CUDA.
-    including_emulation=False: older GPUs emulate bf16, slowly."""
+    (Ampere and later), else fp16 with a GradScaler (the authors' code's choice; T4, V100); fp32 off
+    CUDA. including_emulation=False: older GPUs emulate bf16, slowly."""
     if name not in PRECISIONS:
         raise StemJEPAError(f"--precision {name}: choose one of {', '.join(PRECISIONS)}")
     if device.type != "cuda":
@@ -1193,8 +1230,9 @@ def pick_precision(name: str, device: torch.device) -> str:
 
 
 def autocast_for(device: torch.device, precision: str = "bf16"):
-    """Autocast in the training precision on CUDA (bf16, or fp16 with a GradScaler); nothing for
-    fp32 or elsewhere. Evaluation (embed_long) runs in fp32."""
+    """Autocast in the training precision on CUDA (bf16, or fp16 with a GradScaler: fp16
+    autocast is the authors' code's choice); nothing for fp32 or elsewhere. Evaluation
+    (embed_long) runs in fp32."""
     if device.type != "cuda" or precision == "fp32":
         return nullcontext()
     return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
@@ -1267,7 +1305,8 @@ def load_checkpoint(path, map_location="cpu") -> dict:
             problems.append(f"{p}: not a Stem-JEPA checkpoint")
             continue
         if ckpt.get("version") != VERSION:
-            problems.append(f"{p}: written by checkpoint format {ckpt.get('version')}, this file reads {VERSION}")
+            problems.append(f"{p}: written by checkpoint format {ckpt.get('version')}, "
+                            f"this file reads {VERSION}")
             continue
         return ckpt
     raise StemJEPAError("; ".join(problems) or f"{path}: no such checkpoint")
@@ -1402,13 +1441,15 @@ class RunLock:
 
 
 class GracefulStop:
-    """Ctrl-C or SIGTERM sets .reason; the loop then saves and exits. A second Ctrl-C exits at once."""
+    """Ctrl-C or SIGTERM sets .reason; the loop then saves and exits. A second Ctrl-C exits at
+    once."""
 
     def __init__(self):
         self.reason, self.previous = None, {}
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():   # signals can only be caught there
+        # signals can only be caught there
+        if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self.previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -1437,7 +1478,8 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".aiff", ".aif", ".mp3")
 MIX_NAMES = ("mixture", "mix")              # a track's full mix is not a stem: ignored
 
 
-MUSDB_STREAMS = {"drums": 1, "bass": 2, "other": 3, "vocals": 4}  # .stem.mp4 streams; 0 is the mixture
+# .stem.mp4 streams; 0 is the mixture
+MUSDB_STREAMS = {"drums": 1, "bass": 2, "other": 3, "vocals": 4}
 
 
 LENGTH_TOLERANCE_S = 1.0                    # stems of one track may differ by this much (trimmed)
@@ -1567,9 +1609,9 @@ def _multichannel_track(file: Path, channels: list[str]) -> dict[str, list[tuple
 def find_tracks(root, split: str = "train", *, channels=None,
                 groups=None) -> list[tuple[str, dict[str, list[tuple]]]]:
     """Tracks of a dataset folder as (name, {stem: [source, ...]}), sorted by name. A source is
-    (file, .stem.mp4 stream or None, channel or None: all channels averaged); a stem is the sum
-    of its sources. Without split folders (train/, test/, ...), ROOT itself holds the tracks; split "all": the
-    tracks of train/, then those of test/.
+    (file, .stem.mp4 stream or None, channel or None: all channels averaged); a stem is the sum of
+    its sources. Without split folders (train/, test/, ...), ROOT itself holds the tracks; split
+    "all": the tracks of train/, then those of test/.
 
     Layouts (LAYOUTS), told apart entry by entry: <track>.stem.mp4 (MUSDB18); an audio file
     directly in the folder (one multichannel file per track, needs `channels`); a folder with
@@ -1659,8 +1701,10 @@ def load_audio(path, sample_rate: int, stream: int | None = None,
         raise StemJEPAError(f"{path}: empty file (0 bytes)")
     try:
         x, sr = sf.read(source, dtype="float32", always_2d=True)        # (N, C)
-    except Exception as e:                                              # libsndfile's errors vary by version
-        reason = str(e).rsplit(":", 1)[-1].strip()                      # libsndfile repeats the path first
+    # libsndfile's errors vary by version
+    except Exception as e:
+        # libsndfile repeats the path first
+        reason = str(e).rsplit(":", 1)[-1].strip()
         raise StemJEPAError(f"{path}: not a readable audio file ({reason})") from None
     if len(x) == 0:
         raise StemJEPAError(f"{path}: no audio samples")
@@ -1685,7 +1729,8 @@ def load_stem(sources: list[tuple], sample_rate: int) -> np.ndarray:
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as f:                 # a file object: np.save would append ".npy" to a path
+    # a file object: np.save would append ".npy" to a path
+    with open(path, "wb") as f:
         np.save(f, array)
 
 
@@ -1864,7 +1909,8 @@ def _tone(freq, dur, sr, harmonics, *, attack=0.01, decay=0.5, vibrato=0.0):
     k = np.arange(1, len(harmonics) + 1)
     amps = np.where(k * freq < sr / 2, harmonics, 0.0)
     wave = np.sin(phase[:, None] * k[None]) @ amps
-    return wave * np.minimum(t / attack, 1.0) * np.exp(-t / decay) * np.minimum((dur - t) / 0.01, 1.0)
+    envelope = np.minimum(t / attack, 1.0) * np.exp(-t / decay) * np.minimum((dur - t) / 0.01, 1.0)
+    return wave * envelope
 
 
 def _drum(kind, sr, rng, params):
@@ -1874,7 +1920,8 @@ def _drum(kind, sr, rng, params):
         return np.sin(2 * np.pi * np.cumsum(freq) / sr) * np.exp(-t / params["kick_decay"])
     noise = rng.standard_normal(len(t))
     if kind == "snare":
-        return 0.6 * noise * np.exp(-t / params["snare_decay"]) + np.sin(2 * np.pi * 190 * t) * np.exp(-t / 0.04)
+        tone = np.sin(2 * np.pi * 190 * t) * np.exp(-t / 0.04)
+        return 0.6 * noise * np.exp(-t / params["snare_decay"]) + tone
     return 0.5 * np.diff(noise, prepend=0.0) * np.exp(-t / 0.015)      # hi-hat: high-passed noise
 
 
@@ -1977,14 +2024,16 @@ def make_toy_song(rng: np.random.Generator, *, seconds=30.0, sample_rate=16000):
     return stems, labels
 
 
-def write_toy_dataset(out, *, tracks=20, seconds=30.0, seed=0, sample_rate=16000, test_fraction=0.2) -> Path:
+def write_toy_dataset(out, *, tracks=20, seconds=30.0, seed=0, sample_rate=16000,
+                      test_fraction=0.2) -> Path:
     """`tracks` toy songs in the MUSDB18-HQ layout, OUT/{train,test}/songNNN/{stem}.wav, with each
     song's labels (key, tempo, chords, active stems per section) in labels.json beside its stems.
     Deterministic from the seed."""
     out = Path(out)
     n_test = max(1, round(tracks * test_fraction)) if tracks > 1 else 0
     for i in range(tracks):
-        stems, labels = make_toy_song(np.random.default_rng([seed, i]), seconds=seconds, sample_rate=sample_rate)
+        stems, labels = make_toy_song(np.random.default_rng([seed, i]), seconds=seconds,
+                                      sample_rate=sample_rate)
         folder = out / ("test" if i >= tracks - n_test else "train") / f"song{i:03d}"
         folder.mkdir(parents=True, exist_ok=True)
         for name, x in stems.items():
@@ -1997,7 +2046,8 @@ def write_toy_dataset(out, *, tracks=20, seconds=30.0, seed=0, sample_rate=16000
 # 4.1-4.2 Evaluation: Table 1, Fig. 2, comparison rows, listening test
 # ---------------------------------------------------------------------------------------------
 
-def failure_analysis(queries, refs, query_track, query_inst, ref_track, ref_inst, instruments) -> dict:
+def failure_analysis(queries, refs, query_track, query_inst, ref_track, ref_inst,
+                     instruments) -> dict:
     """Fig. 2: the category of each query's nearest reference z* per instrument ("both correct",
     "right instrument" (other song), "right song" (other instrument), "both wrong"), as fractions,
     and the confusion matrix conditioning instrument -> instrument of z* (rows sum to 1)."""
@@ -2009,7 +2059,7 @@ def failure_analysis(queries, refs, query_track, query_inst, ref_track, ref_inst
     out = {"categories": {}, "confusion": [], "instruments": list(instruments)}
     for i, name in enumerate(instruments):
         rows = query_inst == i
-        out["categories"][name] = {c: (v[rows].float().mean().item() if rows.any() else float("nan"))
+        out["categories"][name] = {c: v[rows].float().mean().item() if rows.any() else float("nan")
                                    for c, v in cats.items()}
         counts = torch.bincount(ref_inst[nearest][rows], minlength=len(instruments)).float()
         out["confusion"].append((counts / counts.sum().clamp(min=1)).tolist())
@@ -2021,19 +2071,23 @@ def dsp_features(x: np.ndarray, sample_rate: int = 16000) -> np.ndarray:
     harmonic and rhythmic "mashability": time-averaged chroma (12) and the autocorrelation of the
     onset envelope at tempi 60-180 BPM (25), each L2-normalised."""
     x = torch.from_numpy(np.asarray(x, dtype=np.float32))
-    spec = torch.stft(x, 4096, 1024, window=torch.hann_window(4096), return_complex=True).abs()  # (bins, frames)
+    # (bins, frames)
+    spec = torch.stft(x, 4096, 1024, window=torch.hann_window(4096), return_complex=True).abs()
     freqs = torch.fft.rfftfreq(4096, 1 / sample_rate)
     band = (freqs > 55) & (freqs < 4000)
     pitch_class = (torch.round(12 * torch.log2(freqs[band] / 440.0)).long() + 9) % 12
     chroma = torch.zeros(12).index_add_(0, pitch_class, spec[band].mean(1))
     hop = 256
-    logspec = torch.log1p(torch.stft(x, 1024, hop, window=torch.hann_window(1024), return_complex=True).abs())
+    logspec = torch.log1p(torch.stft(x, 1024, hop, window=torch.hann_window(1024),
+                                     return_complex=True).abs())
     flux = (logspec[:, 1:] - logspec[:, :-1]).clamp(min=0).sum(0)
     flux = flux - flux.mean()
     fps = sample_rate / hop
     lags = (60 * fps / torch.linspace(60, 180, 25)).round().long()
-    ac = torch.stack([(flux[:-lag] * flux[lag:]).mean() if lag < len(flux) else torch.zeros(()) for lag in lags])
-    return torch.cat([F.normalize(chroma, dim=0), F.normalize(ac.clamp(min=0), dim=0)]).numpy() / np.sqrt(2)
+    ac = torch.stack([(flux[:-lag] * flux[lag:]).mean() if lag < len(flux) else torch.zeros(())
+                      for lag in lags])
+    return torch.cat([F.normalize(chroma, dim=0),
+                      F.normalize(ac.clamp(min=0), dim=0)]).numpy() / np.sqrt(2)
 
 
 @dataclass
@@ -2098,7 +2152,8 @@ def dsp_embeddings(tracks: list[dict], instruments: list[str],
                 r.append(dsp_features(x[i], sample_rate))
                 tr.append(n)
                 ins.append(instruments.index(s))
-    return RetrievalEmbeddings(queries=torch.tensor(np.stack(q)), refs_target=torch.tensor(np.stack(r)),
+    return RetrievalEmbeddings(queries=torch.tensor(np.stack(q)),
+                               refs_target=torch.tensor(np.stack(r)),
                                track=torch.tensor(tr), instrument=torch.tensor(ins))
 
 
@@ -2157,19 +2212,25 @@ def evaluate(checkpoint, data, *, split="test", out=None, cache=None, device=Non
         row = retrieval_metrics(q, r, truth)
         row.update(which_song_and_instrument(q, r, emb.track, emb.instrument))
         row["per_instrument"] = {s: retrieval_metrics(q[m], r, truth[m])
-                                 for i, s in enumerate(model.instruments) if (m := emb.instrument == i).any()}
+                                 for i, s in enumerate(model.instruments)
+                                 if (m := emb.instrument == i).any()}
         results["rows"][name] = row
     results["rows"]["chance"] = chance_metrics(len(truth))
     results["rows"]["chance"].update(
-        which_song=chance_metrics(len(tracks), ks=(1,)), which_instrument=chance_metrics(len(model.instruments), ks=(1,)),
+        which_song=chance_metrics(len(tracks), ks=(1,)),
+                                     which_instrument=chance_metrics(len(model.instruments),
+                                                                     ks=(1,)),
         query_cosine=float("nan"))
-    results.update(results["rows"]["Stem-JEPA, target-encoder refs"])  # the headline numbers at top level
+    # the headline numbers at top level
+    results.update(results["rows"]["Stem-JEPA, target-encoder refs"])
     results["fig2"] = failure_analysis(emb.queries, emb.refs_target, emb.track, emb.instrument,
                                        emb.track, emb.instrument, model.instruments)
     plot_fig2(results["fig2"], out / "fig2.png")
     if listening:
-        results["listening"] = write_listening_test(tracks, emb, model.instruments, out / "listening",
-                                                    trials=listening, sample_rate=cfg.sample_rate, seed=seed,
+        results["listening"] = write_listening_test(tracks, emb, model.instruments,
+                                                    out / "listening",
+                                                    trials=listening, sample_rate=cfg.sample_rate,
+                                                    seed=seed,
                                                     threshold=cfg.active_threshold)
     (out / "retrieval.json").write_text(json.dumps(results, indent=1))
     log(format_table(results))
@@ -2199,7 +2260,8 @@ def format_table(results: dict) -> str:
 
 
 def plot_fig2(fig2: dict, path) -> None:
-    """Fig. 2: failure categories per instrument (left) and the instrument confusion matrix (right)."""
+    """Fig. 2: failure categories per instrument (left) and the instrument confusion matrix
+    (right)."""
     from matplotlib.figure import Figure        # not pyplot: leaves a notebook's backend alone
     names = fig2["instruments"]
     fig = Figure(figsize=(9, 3.5))
@@ -2244,7 +2306,8 @@ def write_listening_test(tracks, emb, instruments, out, *, trials, sample_rate, 
         if len(y) <= n_ex or nb == 0:
             return 0
         active = (np.abs(y[: nb * block]).reshape(nb, block).max(1) > threshold).astype(np.int64)
-        return int(np.convolve(active, np.ones(min(n_ex // block, nb), np.int64), "valid").argmax()) * block
+        return int(np.convolve(active, np.ones(min(n_ex // block, nb), np.int64),
+                               "valid").argmax()) * block
 
     def excerpt(x, start):
         seg = x[start: start + n_ex]
@@ -2261,23 +2324,27 @@ def write_listening_test(tracks, emb, instruments, out, *, trials, sample_rate, 
 
         def stem_audio(row):
             t = tracks[int(emb.track[row])]
-            return np.load(t["npy"], mmap_mode="r")[t["stems"].index(instruments[inst])].astype(np.float32)
+            row = t["stems"].index(instruments[inst])
+            return np.load(t["npy"], mmap_mode="r")[row].astype(np.float32)
         t = tracks[n]
         x = np.load(t["npy"]).astype(np.float32)
         start = int(rng.integers(0, max(x.shape[1] - n_ex, 0) + 1))
         folder = out / "trials" / f"trial{k:02d}"
         folder.mkdir(exist_ok=True)
         clips = {"mix": excerpt(x.sum(0) - x[t["stems"].index(instruments[inst])], start)}
-        options = {"true": stem_audio(q), "retrieved": stem_audio(retrieved), "random": stem_audio(random_pick)}
+        options = {"true": stem_audio(q), "retrieved": stem_audio(retrieved),
+                   "random": stem_audio(random_pick)}
         order = rng.permutation(list(options))
         for letter, what in zip("ABC", order):
             y = options[what]
             at = min(start, max(len(y) - n_ex, 0)) if what == "true" else busiest_start(y)
             clips[letter] = excerpt(y, at)
-        gain = min(1.0, 0.99 / max(max(float(np.abs(c).max()) for c in clips.values()), 1e-9))  # one per trial: no clipping
+        # one per trial: no clipping
+        gain = min(1.0, 0.99 / max(max(float(np.abs(c).max()) for c in clips.values()), 1e-9))
         for name, c in clips.items():
             sf.write(folder / f"{name}.wav", gain * c, sample_rate)
-        key_rows.append({"trial": f"trial{k:02d}", "track": t["name"], "instrument": instruments[inst],
+        key_rows.append({"trial": f"trial{k:02d}", "track": t["name"],
+                         "instrument": instruments[inst],
                          **{letter: what for letter, what in zip("ABC", order)},
                          "retrieved_from": tracks[int(emb.track[retrieved])]["name"],
                          "random_from": tracks[int(emb.track[random_pick])]["name"]})
@@ -2505,7 +2572,8 @@ def label_at(segments: list[tuple[float, float, str]], t: float):
 
 
 def _split_root(label: str) -> tuple[str, str]:
-    """'Bb:min7' -> ('Bb', ':min7'); 'Ebm' -> ('Eb', 'm'): the letter and its accidentals, the rest."""
+    """'Bb:min7' -> ('Bb', ':min7'); 'Ebm' -> ('Eb', 'm'): the letter and its accidentals, the
+    rest."""
     i = 1
     while i < len(label) and label[i] in "#b":
         i += 1
@@ -2575,9 +2643,9 @@ def patch_labels(keys, chords, *, patches: int, patch_s: float) -> list:
 
 
 def lab_index(labels_dir) -> dict[str, dict[str, Path]]:
-    """The .lab files of a folder by track name: {name: {"keys": path, "chords": path}}. Two layouts:
-    LABELS/<name>.keys.lab and LABELS/<name>.chords.lab (any sub-folder), or Isophonics' own tree,
-    where <name>.lab sits under a keylab/ folder and under a chordlab/ folder, e.g.
+    """The .lab files of a folder by track name: {name: {"keys": path, "chords": path}}. Two
+    layouts: LABELS/<name>.keys.lab and LABELS/<name>.chords.lab (any sub-folder), or Isophonics'
+    own tree, where <name>.lab sits under a keylab/ folder and under a chordlab/ folder, e.g.
     keylab/The Beatles/01_-_Please_Please_Me/06_-_Boys.lab."""
     labels_dir = Path(labels_dir)
     if not labels_dir.is_dir():
@@ -2586,7 +2654,8 @@ def lab_index(labels_dir) -> dict[str, dict[str, Path]]:
     for p in sorted(labels_dir.rglob("*.lab")):
         name = p.name[: -len(".lab")]
         folders = {part.lower() for part in p.parent.relative_to(labels_dir).parts}
-        for kind, suffix, folder in (("keys", ".keys", "keylab"), ("chords", ".chords", "chordlab")):
+        for kind, suffix, folder in (("keys", ".keys", "keylab"),
+                                     ("chords", ".chords", "chordlab")):
             if name.endswith(suffix):
                 index.setdefault(name[: -len(suffix)], {})[kind] = p
             elif folder in folders:
@@ -2609,7 +2678,8 @@ def track_annotations(name: str, folder, index=None):
     labels = json.loads(path.read_text())
     if "key" not in labels or "chords" not in labels:
         return None
-    return [(0.0, math.inf, labels["key"])], [(float(s), float(e), c) for s, e, c in labels["chords"]]
+    return [(0.0, math.inf, labels["key"])], [(float(s), float(e), c) for s, e,
+                                              c in labels["chords"]]
 
 
 def mix_sources(*, data=None, audio=None, split="test", cache=None, cfg: Config,
@@ -2654,7 +2724,8 @@ def labelled_patches(model: StemJEPA, sources: list[tuple], *, device="cpu", bat
 
 
 def squared_distances(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """||x_p - c_k||^2 for rows x (P, C) and c (K, C) -> (P, K), without the (P, K, C) difference tensor."""
+    """||x_p - c_k||^2 for rows x (P, C) and c (K, C) -> (P, K), without the (P, K, C) difference
+    tensor."""
     return ((x * x).sum(1)[:, None] - 2 * x @ c.T + (c * c).sum(1)[None]).clamp(min=0)
 
 
@@ -2666,15 +2737,18 @@ def kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator) -> torc
     for _ in range(1, k):
         if d2.sum() > 0:
             i = int(torch.multinomial(d2 / d2.sum(), 1, generator=generator))
-        else:                                                           # fewer distinct points than k
+        # fewer distinct points than k
+        else:
             i = int(torch.randint(len(x), (1,), generator=generator))
         chosen.append(i)
         d2 = torch.minimum(d2, squared_distances(x, x[i: i + 1]).squeeze(1))
     return x[chosen].clone()
 
 
-def kmeans(x: torch.Tensor, k: int, *, iters: int = 100, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lloyd's k-means on the rows of x (P, C) with k-means++ seeding -> (centroids (k, C), assignment (P,)).
+def kmeans(x: torch.Tensor, k: int, *, iters: int = 100, seed: int = 0) -> tuple[torch.Tensor,
+                                                                                 torch.Tensor]:
+    """Lloyd's k-means on the rows of x (P, C) with k-means++ seeding -> (centroids (k, C),
+    assignment (P,)).
 
     "We then conduct k-means clustering on the latent space with k = 32 clusters" (4.4). Every
     random draw comes from one torch.Generator seeded with `seed`: the same seed, the same clusters.
@@ -2692,18 +2766,23 @@ def kmeans(x: torch.Tensor, k: int, *, iters: int = 100, seed: int = 0) -> tuple
         if previous is not None and torch.equal(assignment, previous):
             break
         counts = torch.bincount(assignment, minlength=k)                # (k,)
-        centroids = torch.zeros_like(centroids).index_add_(0, assignment, x) / counts.clamp(min=1)[:, None]
-        own = d2.gather(1, assignment[:, None]).squeeze(1)              # (P,) distance to own centroid
+        centroids = torch.zeros_like(centroids).index_add_(0, assignment,
+                                                           x) / counts.clamp(min=1)[:, None]
+        # (P,) distance to own centroid
+        own = d2.gather(1, assignment[:, None]).squeeze(1)
         for c in torch.nonzero(counts == 0).flatten().tolist():
             far = int(own.argmax())
-            centroids[c], own[far] = x[far], 0.0                        # the next empty one takes another point
+            # the next empty one takes another point
+            centroids[c], own[far] = x[far], 0.0
         previous = assignment
     else:
-        assignment = squared_distances(x, centroids).argmin(1)          # the last update moved the centroids
+        # the last update moved the centroids
+        assignment = squared_distances(x, centroids).argmin(1)
     return centroids, assignment
 
 
-def cooccurrence(labels: list, assignment: torch.Tensor, n_clusters: int) -> tuple[list, torch.Tensor]:
+def cooccurrence(labels: list, assignment: torch.Tensor, n_clusters: int) -> tuple[list,
+                                                                                   torch.Tensor]:
     """Within-cluster co-occurrence of labels -> (names (L,), counts (L, L)).
 
     "Within each cluster, we calculate the co-occurrence of all key and chord pairs and aggregate
@@ -2716,8 +2795,10 @@ def cooccurrence(labels: list, assignment: torch.Tensor, n_clusters: int) -> tup
     keep = [i for i, label in enumerate(labels) if label is not None]
     names = sorted({labels[i] for i in keep})
     column = {name: j for j, name in enumerate(names)}
-    per_cluster = torch.zeros(n_clusters, len(names), dtype=torch.float64)     # n_c(a), exact below 2^53
-    per_cluster.index_put_((assignment[keep], torch.tensor([column[labels[i]] for i in keep], dtype=torch.long)),
+    # n_c(a), exact below 2^53
+    per_cluster = torch.zeros(n_clusters, len(names), dtype=torch.float64)
+    per_cluster.index_put_((assignment[keep],
+                            torch.tensor([column[labels[i]] for i in keep], dtype=torch.long)),
                            torch.ones(len(keep), dtype=torch.float64), accumulate=True)
     counts = per_cluster.T @ per_cluster - torch.diag(per_cluster.sum(0))
     return names, counts.round().long()
@@ -2730,8 +2811,10 @@ def interval_profile(names: list[str], counts: torch.Tensor) -> torch.Tensor:
     5 (subdominant) and 7 (dominant, "C/F, G")."""
     tonic = torch.tensor([pitch_class(n.split("/")[0]) for n in names])
     root = torch.tensor([pitch_class(n.split("/")[1]) for n in names])
-    interval = (root[None, :] - tonic[:, None]) % 12                    # (L, L): key of row, chord of column
-    mass = torch.zeros(12, dtype=torch.float64).index_add_(0, interval.flatten(), counts.flatten().double())
+    # (L, L): key of row, chord of column
+    interval = (root[None, :] - tonic[:, None]) % 12
+    mass = torch.zeros(12, dtype=torch.float64).index_add_(0, interval.flatten(),
+                                                           counts.flatten().double())
     return mass / mass.sum().clamp(min=1)
 
 
@@ -2742,7 +2825,8 @@ def shuffled_labels(labels: list, groups: torch.Tensor | None, generator: torch.
     """The labelled entries permuted at random, across all of them (groups None) or within each
     group (e.g. each track); None entries stay in place."""
     group_of = groups.tolist() if groups is not None else [0] * len(labels)
-    members = {}                                                        # group -> labelled positions
+    # group -> labelled positions
+    members = {}
     for i, label in enumerate(labels):
         if label is not None:
             members.setdefault(group_of[i], []).append(i)
@@ -2753,7 +2837,8 @@ def shuffled_labels(labels: list, groups: torch.Tensor | None, generator: torch.
     return out
 
 
-def cluster_statistics(x: torch.Tensor, labels: list, track: torch.Tensor, *, k: int, iters: int, seed: int,
+def cluster_statistics(x: torch.Tensor, labels: list, track: torch.Tensor, *, k: int, iters: int,
+                       seed: int,
                        shuffles: int = 0) -> dict:
     """k-means on x, then the co-occurrence counts of the labels, their interval profile, the
     tonal share (mass on TONAL_INTERVALS) and the share of pairs from the same track (clusters of
@@ -2763,7 +2848,8 @@ def cluster_statistics(x: torch.Tensor, labels: list, track: torch.Tensor, *, k:
     _, assignment = kmeans(x, k, iters=iters, seed=seed)
     names, counts = cooccurrence(labels, assignment, k)
     profile = interval_profile(names, counts)
-    _, same = cooccurrence([t if label is not None else None for t, label in zip(track.tolist(), labels)],
+    _, same = cooccurrence([t if label is not None else None for t,
+                            label in zip(track.tolist(), labels)],
                            assignment, k)
     stats = {"names": names, "counts": counts, "interval_profile": profile.tolist(),
              "tonal_share": profile[list(TONAL_INTERVALS)].sum().item(),
@@ -2798,8 +2884,10 @@ def top_combinations(names: list[str], counts: torch.Tensor, labels: list, top: 
     return chosen, counts[idx][:, idx]
 
 
-def analyze_clusters(checkpoint, *, data=None, audio=None, split="test", labels=None, k=32, iters=100, top=80,
-                     shuffles=5, out=None, cache=None, device=None, batch=16, seed=0, log=print) -> dict:
+def analyze_clusters(checkpoint, *, data=None, audio=None, split="test", labels=None, k=32,
+                     iters=100, top=80,
+                     shuffles=5, out=None, cache=None, device=None, batch=16, seed=0,
+                     log=print) -> dict:
     """4.4 and Fig. 5: label the patch embeddings of every annotated track with its key and chord
     (`labelled_patches`), k-means with k clusters, co-occurrence of the "key/chord" labels within
     clusters (`cooccurrence`); OUT/clusters.json and OUT/fig5.png.
@@ -2816,7 +2904,8 @@ def analyze_clusters(checkpoint, *, data=None, audio=None, split="test", labels=
     cfg = model.config
     index = lab_index(labels) if labels else None
     annotated, missing = [], []
-    for name, folder, load in mix_sources(data=data, audio=audio, split=split, cache=cache, cfg=cfg, log=log):
+    for name, folder, load in mix_sources(data=data, audio=audio, split=split, cache=cache, cfg=cfg,
+                                          log=log):
         ann = track_annotations(name, folder, index)
         if ann is None:
             missing.append(name)
@@ -2837,8 +2926,10 @@ def analyze_clusters(checkpoint, *, data=None, audio=None, split="test", labels=
         raise StemJEPAError(f"only {n_labelled} patches have both a key and a chord: nothing to count")
     n_patches = len(x)
     log(f"k-means (k = {k}) on {n_patches} patches, {n_labelled} labelled")
-    stats = cluster_statistics(x, patch_label, track, k=k, iters=iters, seed=seed, shuffles=shuffles)
-    del x                                               # P x 3840 floats: 2.6 GB for the Beatles' 174 songs
+    stats = cluster_statistics(x, patch_label, track, k=k, iters=iters, seed=seed,
+                               shuffles=shuffles)
+    # P x 3840 floats: 2.6 GB for the Beatles' 174 songs
+    del x
     log("the same with random weights")
     x_rand, _, _ = labelled_patches(random_twin(model, seed), annotated, device=device,
                                     batch=batch)
@@ -2849,9 +2940,12 @@ def analyze_clusters(checkpoint, *, data=None, audio=None, split="test", labels=
         "labelled_patches": n_labelled, "combinations": len(stats["names"]),
         "tonal_intervals": list(TONAL_INTERVALS),
         "tonal_share": {"Stem-JEPA": stats["tonal_share"], "random weights": rand["tonal_share"],
-                        **{w: stats[w] for w in ("shuffled across patches", "shuffled within tracks") if w in stats}},
-        "same_track_pairs": {"Stem-JEPA": stats["same_track_pairs"], "random weights": rand["same_track_pairs"]},
-        "interval_profile": {"Stem-JEPA": stats["interval_profile"], "random weights": rand["interval_profile"]},
+                        **{w: stats[w] for w in ("shuffled across patches",
+                                                 "shuffled within tracks") if w in stats}},
+        "same_track_pairs": {"Stem-JEPA": stats["same_track_pairs"],
+                             "random weights": rand["same_track_pairs"]},
+        "interval_profile": {"Stem-JEPA": stats["interval_profile"],
+                             "random weights": rand["interval_profile"]},
         "cluster_sizes": stats["cluster_sizes"],
         "top": chosen, "matrix": block.tolist(),
         "definition": "counts[a][b]: ordered pairs of different patches in the same k-means cluster, labelled "
@@ -2879,7 +2973,8 @@ def plot_fig5(result: dict, path) -> None:
     a, b = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
     names, m = result["top"], np.array(result["matrix"], dtype=float)
     a.imshow(np.log1p(m), cmap="viridis")
-    size = min(7.0, max(3.0, 320 / max(len(names), 1)))                 # 80 labels still fit, at 4 pt
+    # 80 labels still fit, at 4 pt
+    size = min(7.0, max(3.0, 320 / max(len(names), 1)))
     a.set_xticks(range(len(names)), names, rotation=90, fontsize=size)
     a.set_yticks(range(len(names)), names, fontsize=size)
     a.set_title(f"key/chord co-occurrence within {result['k']} clusters (log)", fontsize=9)
@@ -2930,10 +3025,12 @@ def toy_probe_labels(data_dir, out_csv, task: str = "key", *, sample_rate=16000,
         for name, stems in find_tracks(data_dir, split):
             audio = [load_stem(sources, sample_rate) for sources in stems.values()]
             n = min(len(a) for a in audio)
-            sf.write(mixes / f"{name}.wav", np.sum([a[:n] for a in audio], axis=0), sample_rate, subtype="FLOAT")
+            sf.write(mixes / f"{name}.wav", np.sum([a[:n] for a in audio], axis=0), sample_rate,
+                     subtype="FLOAT")
             folder = Path(next(iter(stems.values()))[0][0]).parent
             labels = json.loads((folder / "labels.json").read_text())
-            rows.append([f"mixes/{name}.wav", labels["key"] if task == "key" else tempo_class(labels["tempo"]), split])
+            rows.append([f"mixes/{name}.wav",
+                         labels["key"] if task == "key" else tempo_class(labels["tempo"]), split])
     splits = hold_out([r[2] for r in rows], 0.1, seed)
     with open(out_csv, "w", newline="") as f:
         w = csv.writer(f)
@@ -2942,10 +3039,12 @@ def toy_probe_labels(data_dir, out_csv, task: str = "key", *, sample_rate=16000,
     return out_csv
 
 
-SPLIT_NAMES = {"train": "train", "valid": "valid", "val": "valid", "validation": "valid", "test": "test"}
+SPLIT_NAMES = {"train": "train", "valid": "valid", "val": "valid", "validation": "valid",
+               "test": "test"}
 
 
-def read_probe_labels(path, audio_root, *, task: str, seed=0) -> tuple[list[Path], list[list[str]], list[str]]:
+def read_probe_labels(path, audio_root, *, task: str, seed=0) -> tuple[list[Path], list[list[str]],
+                                                                       list[str]]:
     """labels.csv -> (files, label lists, splits). Columns: file (relative to audio_root unless
     absolute), label (multilabel: labels separated by ';'), split (train, valid or test). Without
     valid rows, 10 % of train is held out (`hold_out`)."""
@@ -3020,7 +3119,8 @@ class ProbeMLP(nn.Module):
     embeddings are unit vectors whose coordinates are about 1/sqrt(3840), far from the scale the
     default init and lr expect)."""
 
-    def __init__(self, *, dim: int, hidden: int, classes: int, mean: torch.Tensor, std: torch.Tensor):
+    def __init__(self, *, dim: int, hidden: int, classes: int, mean: torch.Tensor,
+                 std: torch.Tensor):
         super().__init__()
         self.register_buffer("mean", mean)
         self.register_buffer("std", std)
@@ -3037,19 +3137,23 @@ def probe_loss(logits: torch.Tensor, y: torch.Tensor, *, task: str) -> torch.Ten
     return F.binary_cross_entropy_with_logits(logits, y)
 
 
-def train_probe(x_train, y_train, x_valid, y_valid, *, task: str, n_classes=None, hidden=512, epochs=200,
-                lr=1e-3, weight_decay=1e-2, batch=64, patience=20, seed=0, device="cpu") -> ProbeMLP:
+def train_probe(x_train, y_train, x_valid, y_valid, *, task: str, n_classes=None, hidden=512,
+                epochs=200,
+                lr=1e-3, weight_decay=1e-2, batch=64, patience=20, seed=0,
+                device="cpu") -> ProbeMLP:
     """Fit a `ProbeMLP` with AdamW on minibatches; after each epoch the validation loss decides:
     the best epoch's weights are kept, and training stops after `patience` epochs without a better
     one (early stopping). Deterministic for a seed (init and batch order); the global RNG is left
     as it was."""
-    classes = y_train.shape[1] if task == "multilabel" else n_classes or int(max(y_train.max(), y_valid.max())) + 1
+    classes = y_train.shape[1] if task == "multilabel" else n_classes or int(max(y_train.max(),
+                                                                                 y_valid.max())) + 1
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = ProbeMLP(dim=x_train.shape[1], hidden=hidden, classes=classes, mean=x_train.mean(0),
                          std=x_train.std(0).clamp(min=1e-6) if len(x_train) > 1 else torch.ones(x_train.shape[1]))
     model = model.to(device)
-    x_train, y_train, x_valid, y_valid = (t.to(device) for t in (x_train, y_train, x_valid, y_valid))
+    x_train, y_train, x_valid, y_valid = (t.to(device) for t in (x_train, y_train, x_valid,
+                                                                 y_valid))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     order = torch.Generator().manual_seed(seed)
     best, best_state, waited = math.inf, copy.deepcopy(model.state_dict()), 0
@@ -3076,7 +3180,8 @@ def train_probe(x_train, y_train, x_valid, y_valid, *, task: str, n_classes=None
 def average_ranks(x: torch.Tensor) -> torch.Tensor:
     """1-based ranks of x (N,) in ascending order, tied values sharing the mean of their ranks."""
     _, inverse, counts = torch.unique(x, sorted=True, return_inverse=True, return_counts=True)
-    last = counts.cumsum(0).double()                                    # rank of each value's last copy
+    # rank of each value's last copy
+    last = counts.cumsum(0).double()
     return ((last - counts + 1 + last) / 2)[inverse]
 
 
@@ -3099,7 +3204,8 @@ def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float:
         return float("nan")
     values, inverse = torch.unique(scores, sorted=True, return_inverse=True)
     tp = torch.zeros(len(values), dtype=torch.float64).index_add_(0, inverse, pos).flip(0).cumsum(0)
-    seen = torch.zeros(len(values), dtype=torch.float64).index_add_(0, inverse, torch.ones_like(pos)).flip(0).cumsum(0)
+    seen = torch.zeros(len(values), dtype=torch.float64).index_add_(0, inverse,
+                                                                    torch.ones_like(pos)).flip(0).cumsum(0)
     recall = tp / pos.sum()
     precision = tp / seen
     return (torch.diff(recall, prepend=recall.new_zeros(1)) * precision).sum().item()
@@ -3178,7 +3284,8 @@ def chance_probe_metrics(y_train: torch.Tensor, y_test: torch.Tensor, *, task: s
         refined = refined_accuracy([int(majority)] * len(y_test), y_test.tolist(), classes)
         return m if refined is None else {**m, "accuracy_refined": refined}
     scored = [c for c in range(y_test.shape[1]) if 0 < y_test[:, c].sum() < len(y_test)]
-    return {"roc_auc": 0.5, "average_precision": float(np.mean([y_test[:, c].mean().item() for c in scored]))
+    return {"roc_auc": 0.5,
+            "average_precision": float(np.mean([y_test[:, c].mean().item() for c in scored]))
             if scored else float("nan"), "classes_scored": len(scored)}
 
 
@@ -3194,7 +3301,8 @@ def probe(checkpoint, labels, *, audio=None, task="multiclass", encoder="context
     if encoder not in ("context", "target"):
         raise StemJEPAError(f"--encoder {encoder}: choose context or target")
     model, device, _ = open_trained(checkpoint, device)
-    files, label_lists, splits = read_probe_labels(labels, Path(audio) if audio else Path(labels).parent,
+    files, label_lists, splits = read_probe_labels(labels,
+                                                   Path(audio) if audio else Path(labels).parent,
                                                    task=task, seed=seed)
     classes = sorted({l for row in label_lists for l in row})
     y = encode_targets(label_lists, classes, task=task)
@@ -3207,8 +3315,10 @@ def probe(checkpoint, labels, *, audio=None, task="multiclass", encoder="context
     for name, m in encoders.items():
         log(f"embedding {len(files)} files ({name}, {encoder} encoder)")
         x = global_embeddings(m, files, device=device, batch=batch, target=encoder == "target")
-        clf = train_probe(x[part["train"]], y[part["train"]], x[part["valid"]], y[part["valid"]], task=task,
-                          n_classes=len(classes), epochs=epochs, lr=lr, patience=patience, seed=seed, device=device)
+        clf = train_probe(x[part["train"]], y[part["train"]], x[part["valid"]], y[part["valid"]],
+                          task=task,
+                          n_classes=len(classes), epochs=epochs, lr=lr, patience=patience,
+                          seed=seed, device=device)
         results["rows"][name] = probe_metrics(clf, x[part["test"]], y[part["test"]], task=task,
                                               classes=classes)
     results["rows"]["chance"] = chance_probe_metrics(y[part["train"]], y[part["test"]], task=task,
@@ -3353,10 +3463,10 @@ def score(checkpoint, mix, stem, instrument: str, *, device=None, batch=16) -> d
 @torch.no_grad()
 def embed_files(checkpoint, audio, out, *, sequences=False, device=None, batch=16,
                 log=print) -> np.ndarray:
-    """The pooled 3840-d target-encoder embedding of each audio file (4.1's references; the
-    probes of 4.5 use the context encoder) -> OUT (.npy, one row per file) and OUT.txt (the files, in order). With
-    sequences=True also OUT.sequences.npz: per file, one (T, 3840) vector per 160 ms. Unreadable
-    files are reported by name and left out of OUT and OUT.txt."""
+    """The pooled 3840-d target-encoder embedding of each audio file (4.1's references; the probes
+    of 4.5 use the context encoder) -> OUT (.npy, one row per file) and OUT.txt (the files, in
+    order). With sequences=True also OUT.sequences.npz: per file, one (T, 3840) vector per 160 ms.
+    Unreadable files are reported by name and left out of OUT and OUT.txt."""
     model, device, _ = open_trained(checkpoint, device)
     files = audio_files(audio)
     kept, embedded = embed_audio_files(model, files, device=device, batch=batch, log=log,
@@ -3469,14 +3579,16 @@ def train_flops_per_sample(cfg: Config) -> float:
     T = chunk_samples(cfg) // cfg.hop_length // cfg.patch_size        # time patches
     K = (cfg.n_mels // cfg.patch_size) * T                              # tokens
     D = cfg.dim
-    block = 2 * K * (4 * D * D + 2 * cfg.mlp_ratio * D * D) + 2 * 2 * K * K * D  # linears + QK^T and AV
+    # linears + QK^T and AV
+    block = 2 * K * (4 * D * D + 2 * cfg.mlp_ratio * D * D) + 2 * 2 * K * K * D
     encoder = cfg.depth * block + 2 * K * cfg.patch_size ** 2 * D
     if cfg.predictor == "transformer":
         W = cfg.pred_tf_dim
-        predictor = (cfg.pred_tf_depth * (2 * (K + 1) * (4 + 2 * cfg.mlp_ratio) * W * W + 4 * (K + 1) ** 2 * W)
-                     + 2 * 2 * K * D * W)
+        tf_block = 2 * (K + 1) * (4 + 2 * cfg.mlp_ratio) * W * W + 4 * (K + 1) ** 2 * W
+        predictor = cfg.pred_tf_depth * tf_block + 2 * 2 * K * D * W
     else:
-        widths = [2 * D if cfg.predictor == "mlp" else D] + [cfg.pred_hidden] * (cfg.pred_layers - 1) + [D]
+        first = 2 * D if cfg.predictor == "mlp" else D
+        widths = [first] + [cfg.pred_hidden] * (cfg.pred_layers - 1) + [D]
         predictor = 2 * K * sum(a * b for a, b in zip(widths[:-1], widths[1:]))
     return 3 * (encoder + predictor) + encoder
 
@@ -3495,13 +3607,15 @@ def obvious_step(cfg: Config, device, context, target, instrument):
             super().__init__()
             self.patch = nn.Conv2d(1, D, cfg.patch_size, cfg.patch_size)
             self.pos = nn.Parameter(torch.zeros(1, tokens, D))
-            layer = nn.TransformerEncoderLayer(D, cfg.heads, cfg.mlp_ratio * D, dropout=0.0, activation="gelu",
+            layer = nn.TransformerEncoderLayer(D, cfg.heads, cfg.mlp_ratio * D, dropout=0.0,
+                                               activation="gelu",
                                                batch_first=True, norm_first=True)
             self.body = nn.TransformerEncoder(layer, cfg.depth, enable_nested_tensor=False)
             self.norm = nn.LayerNorm(D)
 
         def forward(self, mel):
-            return self.norm(self.body(self.patch(mel[:, None]).flatten(2).transpose(1, 2) + self.pos))
+            return self.norm(self.body(self.patch(mel[:, None]).flatten(2).transpose(1,
+                                                                                     2) + self.pos))
 
     online = Encoder().to(device)
     target_net = copy.deepcopy(online).requires_grad_(False)
@@ -3514,8 +3628,10 @@ def obvious_step(cfg: Config, device, context, target, instrument):
     optimizer = torch.optim.AdamW(params, lr=1e-4)
 
     def step():
-        mel = torchaudio.transforms.MelSpectrogram(cfg.sample_rate, n_fft=cfg.n_fft, hop_length=cfg.hop_length,
-                                                   f_min=cfg.f_min, f_max=cfg.f_max, n_mels=cfg.n_mels,
+        mel = torchaudio.transforms.MelSpectrogram(cfg.sample_rate, n_fft=cfg.n_fft,
+                                                   hop_length=cfg.hop_length,
+                                                   f_min=cfg.f_min, f_max=cfg.f_max,
+                                                   n_mels=cfg.n_mels,
                                                    norm="slaney", mel_scale="slaney").to(device)
         logmel = lambda w: (torch.log(mel(w)[..., :frames] + 1e-7) + 9.453) / 3.569   # noqa: E731
         z = online(logmel(context))
@@ -3544,8 +3660,10 @@ def bench(*, preset="paper", batch_size=2, device=None, compile=False, steps=5, 
     import tempfile
     device = pick_device(device)
     cfg = make_config(preset, batch_size=batch_size, **overrides)
-    r = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type}, "
-         f"{torch.get_num_threads()} threads", "preset": preset, "batch_size": batch_size, "compile": compile}
+    r = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+         f"{device.type}, "
+         f"{torch.get_num_threads()} threads", "preset": preset, "batch_size": batch_size,
+         "compile": compile}
     r["peak_fp32_flops"] = matmul_peak(device)
     if device.type == "cuda":
         r["peak_bf16_flops"] = matmul_peak(device, torch.bfloat16)
@@ -3561,7 +3679,8 @@ def bench(*, preset="paper", batch_size=2, device=None, compile=False, steps=5, 
     n = chunk_samples(cfg)
     context, target = (0.1 * torch.randn(batch_size, n, device=device) for _ in range(2))
     instrument = torch.arange(batch_size, device=device) % len(TOY_STEMS)
-    step_s = _median_time(lambda: training_step(model, optimizer, context, target, instrument, lr=1e-4, tau=0.999,
+    step_s = _median_time(lambda: training_step(model, optimizer, context, target, instrument,
+                                                lr=1e-4, tau=0.999,
                                                 grad_clip=cfg.grad_clip, loss_fn=loss_fn),
                           device, warmup=3 if compile else 2, repeats=steps)
     r["step_s"] = step_s
@@ -3570,12 +3689,15 @@ def bench(*, preset="paper", batch_size=2, device=None, compile=False, steps=5, 
     r["achieved_flops"] = r["flops_per_sample"] * r["samples_per_s"]
     r["mfu"] = r["achieved_flops"] / peak
     if baseline:
-        del optimizer                                                   # free its state before the baseline's
+        # free its state before the baseline's
+        del optimizer
         step = obvious_step(cfg, device, context, target, instrument)
-        r["baseline_samples_per_s"] = batch_size / _median_time(step, device, warmup=2, repeats=steps)
+        r["baseline_samples_per_s"] = batch_size / _median_time(step, device, warmup=2,
+                                                                repeats=steps)
 
     # evaluation: seconds of audio embedded per second by the target encoder
-    audio = 0.1 * np.random.default_rng(0).standard_normal(int(4 * 60 * cfg.sample_rate)).astype(np.float32)
+    audio = np.random.default_rng(0).standard_normal(4 * 60 * cfg.sample_rate)
+    audio = (0.1 * audio).astype(np.float32)
     t = time.perf_counter()
     embed_long(model, [audio], chunk=n, batch=16, device=device)
     _sync(device)
@@ -3590,7 +3712,9 @@ def bench(*, preset="paper", batch_size=2, device=None, compile=False, steps=5, 
         dataset = StemChunks(tracks, sorted({s for t in tracks for s in t["stems"]}), chunk=n,
                              threshold=cfg.active_threshold, tries=cfg.redraw_tries, seed=0)
         batches, per_batch = 40, 32
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=StepBatches(start=0, steps=batches, batch=per_batch),
+        loader = torch.utils.data.DataLoader(dataset,
+                                             batch_sampler=StepBatches(start=0, steps=batches,
+                                                                       batch=per_batch),
                                              num_workers=1, prefetch_factor=4)
         it = iter(loader)
         next(it)                                                        # worker start-up excluded
@@ -3613,8 +3737,10 @@ def format_bench(r: dict) -> str:
     if "peak_bf16_flops" in r:
         rows.append(("peak bf16 matmul", f"{r['peak_bf16_flops'] / g:.0f} GFLOP/s"))
     rows += [("training step", f"{r['step_s'] * 1000:.0f} ms, {r['samples_per_s']:.2f} samples/s"),
-             ("FLOPs per sample", f"{r['flops_per_sample'] / g:.1f} GFLOP (counted from the shapes)"),
-             ("achieved", f"{r['achieved_flops'] / g:.0f} GFLOP/s, MFU {100 * r['mfu']:.0f} % of peak"),
+             ("FLOPs per sample",
+              f"{r['flops_per_sample'] / g:.1f} GFLOP (counted from the shapes)"),
+             ("achieved",
+              f"{r['achieved_flops'] / g:.0f} GFLOP/s, MFU {100 * r['mfu']:.0f} % of peak"),
              ("evaluation", f"{r['eval_audio_s_per_s']:.0f} s of audio per s"),
              *([("obvious baseline step", f"{r['baseline_samples_per_s']:.2f} samples/s: ours is "
                                           f"{r['samples_per_s'] / r['baseline_samples_per_s']:.2f}x")]
@@ -3710,12 +3836,14 @@ def cmd_demo(args):
 
 
 def cmd_evaluate(args):
-    evaluate(args.checkpoint, args.data, split=args.split, out=args.out, cache=args.cache, device=args.device,
+    evaluate(args.checkpoint, args.data, split=args.split, out=args.out, cache=args.cache,
+             device=args.device,
              batch=args.batch, listening=args.listening, seed=args.seed, layout=_layout_from(args))
 
 
 def cmd_retrieve(args):
-    results = retrieve(args.checkpoint, args.mix, args.library, args.instrument, top=args.top, device=args.device,
+    results = retrieve(args.checkpoint, args.mix, args.library, args.instrument, top=args.top,
+                       device=args.device,
                        batch=args.batch, log=(lambda *a: None) if args.json else print)
     if args.json:
         print(json.dumps(results, indent=1))
@@ -3743,11 +3871,14 @@ def cmd_embed(args):
 def cmd_analyze(args):
     if args.analysis == "align":
         analyze_alignment(args.checkpoint, args.data, split=args.split, tracks=args.tracks,
-                          max_shift_s=args.max_shift_s, out=args.out, cache=args.cache, device=args.device,
+                          max_shift_s=args.max_shift_s, out=args.out, cache=args.cache,
+                          device=args.device,
                           batch=args.batch)
     else:
-        analyze_clusters(args.checkpoint, data=args.data, audio=args.audio, split=args.split, labels=args.labels,
-                         k=args.k, iters=args.iters, top=args.top, shuffles=args.shuffles, out=args.out,
+        analyze_clusters(args.checkpoint, data=args.data, audio=args.audio, split=args.split,
+                         labels=args.labels,
+                         k=args.k, iters=args.iters, top=args.top, shuffles=args.shuffles,
+                         out=args.out,
                          cache=args.cache, device=args.device, batch=args.batch, seed=args.seed)
 
 
@@ -3782,15 +3913,20 @@ def main(argv=None):
     p.set_defaults(func=cmd_toy)
 
     p = sub.add_parser("train", help="train Stem-JEPA on a multitrack folder")
-    p.add_argument("--data", required=True, help="MUSDB18(-HQ) root or a folder of multitrack folders")
+    p.add_argument("--data", required=True,
+                   help="MUSDB18(-HQ) root or a folder of multitrack folders")
     p.add_argument("--out", default="runs/stem-jepa", help="run folder: checkpoint.pt and log.csv")
-    p.add_argument("--cache", help="where decoded 16 kHz stems are kept (default DATA/.stem_jepa_cache)")
+    p.add_argument("--cache",
+                   help="where decoded 16 kHz stems are kept (default DATA/.stem_jepa_cache)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--force", action="store_true", help="resume despite harmless changes (e.g. --steps)")
+    p.add_argument("--force", action="store_true",
+                   help="resume despite harmless changes (e.g. --steps)")
     p.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: the best available)")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
-    p.add_argument("--workers", type=int, help="data loader processes (default: half the cores, at most 8)")
-    p.add_argument("--stop-at", type=int, help="save and exit at this step (continue later with --resume)")
+    p.add_argument("--workers", type=int,
+                   help="data loader processes (default: half the cores, at most 8)")
+    p.add_argument("--stop-at", type=int,
+                   help="save and exit at this step (continue later with --resume)")
     p.add_argument("--init-from", metavar="CKPT", help="a new run starting from this checkpoint's "
                    "encoders and predictor (fresh optimizer and schedules)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="autocast on CUDA: auto "
@@ -3808,7 +3944,8 @@ def main(argv=None):
     p.add_argument("--cache", help="decoded-stem cache (default DATA/.stem_jepa_cache)")
     p.add_argument("--device")
     p.add_argument("--batch", type=int, default=16, help="chunks encoded at once")
-    p.add_argument("--listening", type=int, default=0, help="also write N listening-test trials (4.2)")
+    p.add_argument("--listening", type=int, default=0,
+                   help="also write N listening-test trials (4.2)")
     p.add_argument("--seed", type=int, default=0)
     _add_layout_options(p)
     p.set_defaults(func=cmd_evaluate)
@@ -3817,7 +3954,8 @@ def main(argv=None):
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--mix", required=True, help="audio file of the mix")
     p.add_argument("--library", required=True, help="folder of candidate stems (any audio files)")
-    p.add_argument("--instrument", required=True, help="which instrument the stem should be (e.g. bass)")
+    p.add_argument("--instrument", required=True,
+                   help="which instrument the stem should be (e.g. bass)")
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--device")
@@ -3836,23 +3974,31 @@ def main(argv=None):
     p = sub.add_parser("embed", help="3840-d embeddings of audio files, for other uses")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--audio", required=True, help="an audio file or a folder")
-    p.add_argument("--out", required=True, help="FILE.npy (one row per file; the files in FILE.txt)")
-    p.add_argument("--sequences", action="store_true", help="also FILE.sequences.npz: one vector per 160 ms")
+    p.add_argument("--out", required=True,
+                   help="FILE.npy (one row per file; the files in FILE.txt)")
+    p.add_argument("--sequences", action="store_true",
+                   help="also FILE.sequences.npz: one vector per 160 ms")
     p.add_argument("--device")
     p.add_argument("--batch", type=int, default=16, help="chunks encoded at once")
     p.set_defaults(func=cmd_embed)
 
-    p = sub.add_parser("analyze", help="stem alignment (4.3, Fig. 4) and musical plausibility (4.4, Fig. 5)")
+    p = sub.add_parser("analyze",
+                       help="stem alignment (4.3, Fig. 4) and musical plausibility (4.4, Fig. 5)")
     kinds = p.add_subparsers(dest="analysis", required=True)
     a = kinds.add_parser("align", help="Eq. 3: target patches against shifted predictions (Fig. 4)")
     a.add_argument("--data", required=True, help="multitrack dataset root (as for train)")
-    a.add_argument("--tracks", type=int, help="only the first K tracks (default all; the figure draws 8)")
+    a.add_argument("--tracks", type=int,
+                   help="only the first K tracks (default all; the figure draws 8)")
     a.add_argument("--max-shift-s", type=float, default=10.0, help="largest shift, in seconds")
-    c = kinds.add_parser("clusters", help="k-means on patch embeddings, key/chord co-occurrence (Fig. 5)")
+    c = kinds.add_parser("clusters",
+                         help="k-means on patch embeddings, key/chord co-occurrence (Fig. 5)")
     source = c.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", help="multitrack dataset root: the mix of each track's stems is embedded")
-    source.add_argument("--audio", help="folder of full mixes (e.g. the Beatles), named as their .lab files")
-    c.add_argument("--labels", help="folder of NAME.keys.lab and NAME.chords.lab files, or Isophonics' keylab/ "
+    source.add_argument("--data",
+                        help="multitrack dataset root: the mix of each track's stems is embedded")
+    source.add_argument("--audio",
+                        help="folder of full mixes (e.g. the Beatles), named as their .lab files")
+    c.add_argument("--labels",
+                   help="folder of NAME.keys.lab and NAME.chords.lab files, or Isophonics' keylab/ "
                                     "and chordlab/ tree (default: labels.json beside each track's stems)")
     c.add_argument("--k", type=int, default=32, help="k-means clusters")
     c.add_argument("--iters", type=int, default=100, help="k-means iterations at most")
@@ -3869,10 +4015,13 @@ def main(argv=None):
         q.add_argument("--batch", type=int, default=16, help="chunks encoded at once")
         q.set_defaults(func=cmd_analyze)
 
-    p = sub.add_parser("probe", help="downstream probe on frozen embeddings (4.5, Table 3), with random weights")
+    p = sub.add_parser("probe",
+                       help="downstream probe on frozen embeddings (4.5, Table 3), with random weights")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--labels", required=True, help="CSV with columns file,label,split (train/valid/test)")
-    p.add_argument("--audio", help="folder the CSV's relative paths start from (default: the CSV's folder)")
+    p.add_argument("--labels", required=True,
+                   help="CSV with columns file,label,split (train/valid/test)")
+    p.add_argument("--audio",
+                   help="folder the CSV's relative paths start from (default: the CSV's folder)")
     p.add_argument("--task", choices=["multiclass", "multilabel"], default="multiclass",
                    help="one label per file (accuracy), or ';'-separated tags (ROC-AUC, AP)")
     p.add_argument("--encoder", choices=["context", "target"], default="context",
@@ -3880,21 +4029,24 @@ def main(argv=None):
                         "or the EMA target")
     p.add_argument("--out", help="output folder (default: beside the checkpoint, probe/)")
     p.add_argument("--epochs", type=int, default=200, help="at most; early stopping on valid")
-    p.add_argument("--patience", type=int, default=20, help="epochs without a better valid loss before stopping")
+    p.add_argument("--patience", type=int, default=20,
+                   help="epochs without a better valid loss before stopping")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch", type=int, default=16, help="chunks encoded at once")
     p.add_argument("--device")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_probe)
 
-    p = sub.add_parser("bench", help="measure peak FLOP/s, the training step, the loader and evaluation")
+    p = sub.add_parser("bench",
+                       help="measure peak FLOP/s, the training step, the loader and evaluation")
     _add_train_options(p, exclude=("steps",))
     p.set_defaults(batch_size=2)
     p.add_argument("--device")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--steps", type=int, default=5, help="timed steps (after warm-up)")
     p.add_argument("--data", help="dataset for the loader measurement (default: 10 toy songs)")
-    p.add_argument("--baseline", action="store_true", help="also time the same step assembled the obvious way")
+    p.add_argument("--baseline", action="store_true",
+                   help="also time the same step assembled the obvious way")
     p.add_argument("--json", help="also write the numbers to this file")
     p.set_defaults(func=cmd_bench)
 

@@ -56,7 +56,8 @@ MUSDB_FREQS = {"bass": 110.0, "drums": 330.0, "other": 770.0, "vocals": 1500.0}
 
 
 def tiny(**overrides) -> sj.Config:
-    """The tiny preset with 2 s chunks (5 x 12 patches): the same code path, several times faster."""
+    """The tiny preset with 2 s chunks (5 x 12 patches): the same code path, several times
+    faster."""
     return sj.make_config("tiny", **{"chunk_seconds": 2.0, **overrides})
 
 
@@ -94,7 +95,8 @@ def dominant_freq(x: np.ndarray, sr: int = SR) -> float:
 
 def draw(stems: np.ndarray, chunk: int, rng, *, threshold=0.1, tries=10):
     """sj.draw_example on a (S, N) numpy array (it takes a tensor), outputs as numpy arrays."""
-    context, target, t = sj.draw_example(torch.from_numpy(stems), chunk, rng, threshold=threshold, tries=tries)
+    context, target, t = sj.draw_example(torch.from_numpy(stems), chunk, rng, threshold=threshold,
+                                         tries=tries)
     return np.asarray(context), np.asarray(target), int(t)
 
 
@@ -269,7 +271,8 @@ def test_logmel_matches_an_independent_stft_and_slaney_filterbank():
 
     spec = torch.stft(wav.double(), n_fft=400, hop_length=160, win_length=400,
                       window=torch.hann_window(400, periodic=True, dtype=torch.float64),
-                      center=True, pad_mode="reflect", return_complex=True).abs() ** 2   # (B, 201, 801)
+                      center=True, pad_mode="reflect",
+                      return_complex=True).abs() ** 2   # (B, 201, 801)
     assert spec.shape[-1] == 801
     fb = torch.tensor(slaney_mel_filterbank(sr=SR, n_fft=400, n_mels=80, f_min=50.0, f_max=8000.0))
     mel = torch.einsum("mf,bfl->bml", fb, spec)[..., :800]
@@ -335,7 +338,8 @@ def test_sincos_2d_codes_time_in_the_first_half_and_frequency_in_the_second():
     naive = torch.tensor([[math.sin(p * 10000 ** (-i / (half // 2))) for i in range(half // 2)]
                           + [math.cos(p * 10000 ** (-i / (half // 2))) for i in range(half // 2)]
                           for p in range(T)])
-    torch.testing.assert_close(sj.sincos_1d(torch.arange(T), half), naive.float(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(sj.sincos_1d(torch.arange(T), half), naive.float(), rtol=0,
+                               atol=1e-6)
 
 
 def test_vit_positions_are_a_fixed_buffer_not_a_parameter():
@@ -355,7 +359,8 @@ def paper_model():
 @pytest.mark.slow
 def test_paper_encoder_is_vit_base_with_85253376_parameters(paper_model):
     """The paper preset's context encoder is ViT-B/16 without a CLS token or learned positions:
-    exactly 85,253,376 trainable parameters; the target encoder is a frozen copy of the same size."""
+    exactly 85,253,376 trainable parameters; the target encoder is a frozen copy of the same
+    size."""
     encoder, target = paper_model.encoder, paper_model.target_encoder
     assert sum(p.numel() for p in encoder.parameters() if p.requires_grad) == 85_253_376
     assert sum(p.numel() for p in target.parameters()) == 85_253_376
@@ -415,7 +420,8 @@ def test_mlp_predictor_acts_on_each_patch_independently():
     predictor = sj.build_model(tiny(), TOY_STEMS).predictor
     z, instrument = torch.randn(2, 5, 12, 192), torch.tensor([1, 2])
     perm = torch.randperm(12)
-    torch.testing.assert_close(predictor(z[:, :, perm], instrument), predictor(z, instrument)[:, :, perm])
+    torch.testing.assert_close(predictor(z[:, :, perm], instrument),
+                               predictor(z, instrument)[:, :, perm])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,7 +451,8 @@ def test_jepa_loss_equals_eq1_with_standardised_targets():
     torch.manual_seed(0)
     pred = torch.randn(2, 2, 3, 16)
     target = 3.0 * torch.randn(2, 2, 3, 16) + 1.5                       # non-zero mean and scale
-    assert sj.jepa_loss(pred, target).item() == pytest.approx(naive_jepa_loss(pred, target), rel=1e-5)
+    assert sj.jepa_loss(pred, target).item() == pytest.approx(naive_jepa_loss(pred, target),
+                                                              rel=1e-5)
 
 
 def test_jepa_loss_is_zero_for_the_centred_target_and_not_for_the_raw_one():
@@ -515,7 +522,8 @@ def test_lr_schedule_warms_up_linearly_then_anneals_to_zero():
     """lr rises linearly to the peak at the end of warmup, then follows a half cosine reaching 0
     at the last step."""
     peak, warmup, total = 1e-3, 10, 110
-    lr = [sj.lr_at(s, peak_lr=peak, warmup_steps=warmup, total_steps=total) for s in range(total + 1)]
+    lr = [sj.lr_at(s, peak_lr=peak, warmup_steps=warmup,
+                   total_steps=total) for s in range(total + 1)]
     assert lr[0] == pytest.approx(peak / warmup)
     assert lr[warmup - 1] == pytest.approx(peak) and lr[warmup] == pytest.approx(peak)
     assert all(b - a == pytest.approx(peak / warmup) for a, b in zip(lr[:warmup - 1], lr[1:warmup]))
@@ -526,8 +534,10 @@ def test_lr_schedule_warms_up_linearly_then_anneals_to_zero():
 
 
 def test_lr_schedule_with_a_floor_anneals_to_the_floor():
-    """min_ratio: the cosine goes from the peak to min_ratio x peak instead of 0; warmup unchanged."""
-    lr = [sj.lr_at(s, peak_lr=1.0, warmup_steps=10, total_steps=110, min_ratio=0.1) for s in range(111)]
+    """min_ratio: the cosine goes from the peak to min_ratio x peak instead of 0; warmup
+    unchanged."""
+    lr = [sj.lr_at(s, peak_lr=1.0, warmup_steps=10, total_steps=110,
+                   min_ratio=0.1) for s in range(111)]
     assert lr[9] == pytest.approx(1.0) and lr[110] == pytest.approx(0.1) and lr[60] == pytest.approx(0.55)
     assert min(lr[10:]) == pytest.approx(0.1)
 
@@ -638,7 +648,8 @@ def test_no_gradient_reaches_the_target_encoder():
     context encoder and of the predictor received one."""
     torch.manual_seed(0)
     model = sj.build_model(tiny(), TOY_STEMS)
-    for a, b in zip(model.encoder.state_dict().values(), model.target_encoder.state_dict().values()):
+    for a, b in zip(model.encoder.state_dict().values(),
+                    model.target_encoder.state_dict().values()):
         assert torch.equal(a, b)
     context, target = 0.3 * torch.randn(2, 32000), 0.3 * torch.randn(2, 32000)
     model(context, target, torch.tensor([0, 2])).backward()
@@ -655,19 +666,23 @@ def test_training_step_under_bf16_autocast_matches_float32():
     in float32 and is within bf16 rounding of the float32 loss, and the step applies."""
     torch.manual_seed(0)
     model = sj.build_model(tiny(), TOY_STEMS)
-    context, target, instrument = 0.3 * torch.randn(2, 32000), 0.3 * torch.randn(2, 32000), torch.tensor([0, 2])
+    context, target, instrument = 0.3 * torch.randn(2, 32000), 0.3 * torch.randn(2,
+                                                                                 32000), torch.tensor([0, 2])
     with torch.no_grad():
         exact = model(context, target, instrument)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert model.frontend(context).dtype == torch.float32
             low = model(context, target, instrument)
-    assert low.dtype == torch.float32 and low.item() != exact.item()        # the matmuls did run in bf16
+    # the matmuls did run in bf16
+    assert low.dtype == torch.float32 and low.item() != exact.item()
     assert abs(low.item() - exact.item()) < 0.03 * exact.item()
     optimizer = torch.optim.AdamW(sj.param_groups(model, 0.05), lr=1e-3, fused=True)
     before = model.encoder.blocks[0].attn.qkv.weight.clone()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, applied = sj.training_step(model, optimizer, context, target, instrument, lr=1e-3, tau=0.99)
-    assert applied and torch.isfinite(loss) and not torch.equal(before, model.encoder.blocks[0].attn.qkv.weight)
+        loss, applied = sj.training_step(model, optimizer, context, target, instrument, lr=1e-3,
+                                         tau=0.99)
+    assert applied and torch.isfinite(loss) and not torch.equal(before,
+                                                                model.encoder.blocks[0].attn.qkv.weight)
 
 
 @pytest.mark.slow
@@ -675,14 +690,16 @@ def test_training_step_through_torch_compile_matches_eager():
     """--compile wraps the model in torch.compile; the step must accept the wrapper and give the
     eager step's loss and update. Dynamo traces the model here (backend "eager" skips the C++
     code generation, which takes minutes on a CPU)."""
-    context, target, instrument = 0.3 * torch.randn(2, 32000), 0.3 * torch.randn(2, 32000), torch.tensor([0, 2])
+    context, target, instrument = 0.3 * torch.randn(2, 32000), 0.3 * torch.randn(2,
+                                                                                 32000), torch.tensor([0, 2])
     results = []
     for compiled in (False, True):
         torch.manual_seed(0)
         model = sj.build_model(tiny(), TOY_STEMS)
         optimizer = torch.optim.AdamW(sj.param_groups(model, 0.05), lr=1e-3, fused=True)
         loss_fn = torch.compile(model, backend="eager") if compiled else None
-        loss, applied = sj.training_step(model, optimizer, context, target, instrument, lr=1e-3, tau=0.99,
+        loss, applied = sj.training_step(model, optimizer, context, target, instrument, lr=1e-3,
+                                         tau=0.99,
                                          loss_fn=loss_fn)
         results.append((loss.item(), model.encoder.blocks[0].attn.qkv.weight.detach().clone()))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
@@ -728,13 +745,15 @@ def test_grad_accumulation_gives_the_full_batch_gradient():
     """grad_accum micro-batches add up to the gradient of the whole batch (the loss of each is
     divided by their number), so the update does not depend on how the batch is split."""
     cfg = tiny()
-    context, target, instrument = 0.3 * torch.randn(4, 32000), 0.3 * torch.randn(4, 32000), torch.tensor([0, 1, 2, 3])
+    context, target, instrument = 0.3 * torch.randn(4, 32000), 0.3 * torch.randn(4,
+                                                                                 32000), torch.tensor([0, 1, 2, 3])
     weights = []
     for accum in (1, 2):
         torch.manual_seed(0)
         model = sj.build_model(cfg, TOY_STEMS)
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-        sj.training_step(model, optimizer, context, target, instrument, lr=1.0, tau=1.0, grad_clip=1e9,
+        sj.training_step(model, optimizer, context, target, instrument, lr=1.0, tau=1.0,
+                         grad_clip=1e9,
                          grad_accum=accum)
         weights.append(model.encoder.blocks[0].mlp[0].weight.detach().clone())
     assert torch.allclose(weights[0], weights[1], atol=1e-5)
@@ -789,7 +808,8 @@ def test_collapse_measures_tell_a_mix_blind_predictor_from_one_that_reads_the_mi
     loss 0, below the average stem."""
     torch.manual_seed(0)
     target = torch.randn(6, 2, 3, 16) + 0.5
-    inst = torch.tensor([0, 0, 0, 1, 1, 2])                             # instrument 2 occurs once: left out
+    # instrument 2 occurs once: left out
+    inst = torch.tensor([0, 0, 0, 1, 1, 2])
     blind = torch.randn(3, 1, 1, 16)[inst].expand(-1, 2, 3, -1)
     m = sj.collapse_measures(blind, target, inst)
     assert m["pred_spread"] == pytest.approx(0.0, abs=1e-6) and m["target_spread"] > 0.5
@@ -883,7 +903,8 @@ def test_torchrun_replicas_train_in_step(toy_data, tmp_path):
     script.write_text(TORCHRUN_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", str(free_port()), str(script), str(HERE), str(toy_data), str(tmp_path)],
+                          "--master_port", str(free_port()), str(script), str(HERE), str(toy_data),
+                          str(tmp_path)],
                          capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
@@ -907,9 +928,12 @@ def test_torchrun_replicas_train_in_step(toy_data, tmp_path):
 def test_batch_that_does_not_divide_among_processes(tmp_path, toy_data):
     """Under torchrun with 2 processes, an odd batch size is one clear error line."""
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", str(free_port()), str(HERE / 'stem_jepa.py'), "train", "--data", str(toy_data),
-                        "--out", str(tmp_path / "run"), "--preset", "tiny", "--batch-size", "3", "--steps", "1"],
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                        "--master_port", str(free_port()), str(HERE / 'stem_jepa.py'), "train",
+                        "--data", str(toy_data),
+                        "--out", str(tmp_path / "run"), "--preset", "tiny", "--batch-size", "3",
+                        "--steps", "1"],
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode != 0
     assert "--batch-size 3 does not divide among 2 processes" in r.stderr
 
@@ -920,7 +944,8 @@ def test_signal_saves_a_checkpoint_and_resume_appends_to_the_log(tmp_path, toy_d
     """Ctrl-C / SIGTERM: a checkpoint at the current step, exit status 128 + signal, a message
     saying how to resume; --resume then finishes the run and log.csv is appended, not rewritten."""
     run = tmp_path / "run"
-    proc = start_cli("train", "--data", toy_data, "--out", run, "--steps", "2000", "--log-every", "5",
+    proc = start_cli("train", "--data", toy_data, "--out", run, "--steps", "2000", "--log-every",
+                     "5",
                      *TINY_RUN, merge_stderr=True)
     _wait_for_line(proc, "step 10/")
     proc.send_signal(sig)
@@ -929,12 +954,14 @@ def test_signal_saves_a_checkpoint_and_resume_appends_to_the_log(tmp_path, toy_d
     assert "--resume" in rest and "Traceback" not in rest
     stopped_at = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
     assert 10 <= stopped_at < 2000
-    resumed = run_cli("train", "--data", toy_data, "--out", run, "--steps", "2000", "--log-every", "5",
+    resumed = run_cli("train", "--data", toy_data, "--out", run, "--steps", "2000", "--log-every",
+                      "5",
                    "--resume", "--stop-at", stopped_at + 10, *TINY_RUN)
     assert resumed.returncode == 0, resumed.stderr
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == stopped_at + 10
     steps = [int(r["step"]) for r in csv.DictReader(open(run / "log.csv"))]
-    assert steps == list(range(5, stopped_at + 11, 5))             # one row per 5 steps, none lost or repeated
+    # one row per 5 steps, none lost or repeated
+    assert steps == list(range(5, stopped_at + 11, 5))
 
 
 @pytest.mark.slow
@@ -943,7 +970,8 @@ def test_sigkill_while_saving_leaves_a_loadable_checkpoint(tmp_path, toy_data):
     loads (the latest or the previous one), and the run resumes from it."""
     run = tmp_path / "run"
     for delay in (0.05, 0.2, 0.5):
-        proc = start_cli("train", "--data", toy_data, "--out", run, "--steps", "100000", "--ckpt-every", "1",
+        proc = start_cli("train", "--data", toy_data, "--out", run, "--steps", "100000",
+                         "--ckpt-every", "1",
                          "--log-every", "1", "--resume", *TINY_RUN, merge_stderr=True)
         _wait_for_line(proc, "step ")
         time.sleep(delay)
@@ -951,7 +979,8 @@ def test_sigkill_while_saving_leaves_a_loadable_checkpoint(tmp_path, toy_data):
         proc.wait()
         ckpt = sj.load_checkpoint(run / "checkpoint.pt")
         assert ckpt["step"] >= 1
-    resumed = run_cli("train", "--data", toy_data, "--out", run, "--steps", "100000", "--ckpt-every", "1",
+    resumed = run_cli("train", "--data", toy_data, "--out", run, "--steps", "100000",
+                      "--ckpt-every", "1",
                    "--log-every", "1", "--resume", "--stop-at", ckpt["step"] + 2, *TINY_RUN)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming {run / 'checkpoint.pt'} at step" in resumed.stdout
@@ -962,14 +991,18 @@ def test_resume_with_another_configuration_is_refused(tmp_path, toy_data):
     """A different architecture is refused, naming the difference; a different number of steps
     needs --force, and then trains on."""
     run = tmp_path / "run"
-    assert run_cli("train", "--data", toy_data, "--out", run, "--steps", "4", *TINY_RUN).returncode == 0
-    other = run_cli("train", "--data", toy_data, "--out", run, "--steps", "4", "--predictor", "transformer",
+    assert run_cli("train", "--data", toy_data, "--out", run, "--steps", "4",
+                   *TINY_RUN).returncode == 0
+    other = run_cli("train", "--data", toy_data, "--out", run, "--steps", "4", "--predictor",
+                    "transformer",
                  "--resume", *TINY_RUN)
     assert other.returncode == 2 and "predictor: mlp -> transformer" in other.stderr
     assert "Traceback" not in other.stderr
-    longer = run_cli("train", "--data", toy_data, "--out", run, "--steps", "6", "--resume", *TINY_RUN)
+    longer = run_cli("train", "--data", toy_data, "--out", run, "--steps", "6", "--resume",
+                     *TINY_RUN)
     assert longer.returncode == 2 and "steps: 4 -> 6" in longer.stderr and "--force" in longer.stderr
-    forced = run_cli("train", "--data", toy_data, "--out", run, "--steps", "6", "--resume", "--force", *TINY_RUN)
+    forced = run_cli("train", "--data", toy_data, "--out", run, "--steps", "6", "--resume",
+                     "--force", *TINY_RUN)
     assert forced.returncode == 0, forced.stderr
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 6
 
@@ -979,7 +1012,8 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, toy_data)
     """An absurd learning rate makes the loss non-finite: steps are skipped and counted, training
     stops after 5 in a row with a message, and the checkpoint on disk holds finite weights."""
     run = tmp_path / "run"
-    bad = run_cli("train", "--data", toy_data, "--out", run, "--steps", "40", "--lr", "1e30", "--ckpt-every", "1",
+    bad = run_cli("train", "--data", toy_data, "--out", run, "--steps", "40", "--lr", "1e30",
+                  "--ckpt-every", "1",
                *TINY_RUN)
     assert bad.returncode == 2, bad.stdout + bad.stderr
     assert "not finite for 5 steps in a row" in bad.stderr and "Traceback" not in bad.stderr
@@ -1045,10 +1079,12 @@ def test_soak_500_steps_with_a_corrupt_file(tmp_path):
     data = sj.write_toy_dataset(tmp_path / "toy", tracks=5, seconds=6.0)
     bad = sorted((data / "train").iterdir())[0] / "drums.wav"
     bad.write_bytes(os.urandom(3000))
-    cfg = sj.make_config("tiny", dim=32, depth=1, heads=2, pred_hidden=64, pred_layers=2, chunk_seconds=1.28,
+    cfg = sj.make_config("tiny", dim=32, depth=1, heads=2, pred_hidden=64, pred_layers=2,
+                         chunk_seconds=1.28,
                          batch_size=4, steps=500, warmup_steps=20, log_every=50, ckpt_every=250)
     lines = []
-    sj.train(cfg, data, out=tmp_path / "run", workers=0, log=lambda *a: lines.append(" ".join(map(str, a))))
+    sj.train(cfg, data, out=tmp_path / "run", workers=0,
+             log=lambda *a: lines.append(" ".join(map(str, a))))
     assert sum(str(bad) in line for line in lines) == 1
     losses = [float(r["loss"]) for r in csv.DictReader(open(tmp_path / "run" / "log.csv"))]
     assert len(losses) == 10 and all(np.isfinite(losses))
@@ -1086,10 +1122,10 @@ def metrics_by_enumeration(queries, refs, truth, ks) -> dict:
 
 
 def test_queries_that_ignore_the_mix_find_the_instrument_but_not_the_song():
-    """A predictor that gives every song the same query for an instrument (the collapse the
-    project watches for): which song? is at chance (R@1 = 1/N, normalised 1-based rank (N + 1) / 2N) and
-    the same-instrument query cosine is 1, while queries equal to their references get both
-    questions right."""
+    """A predictor that gives every song the same query for an instrument (the collapse the project
+    watches for): which song? is at chance (R@1 = 1/N, normalised 1-based rank (N + 1) / 2N) and the
+    same-instrument query cosine is 1, while queries equal to their references get both questions
+    right."""
     torch.manual_seed(0)
     N, S = 6, 4
     refs = F.normalize(torch.randn(N * S, 16), dim=1)
@@ -1278,7 +1314,9 @@ def test_embed_long_equals_encode_and_predict_chunk_by_chunk(two_encoders_model)
     wavs = [x, x[:70000], (0.1 * rng.standard_normal(64000)).astype(np.float32)]
     together = sj.embed_long(model, wavs, chunk=64000, instruments=[0, 3, 1], batch=3)
     for w, i, zt in zip(wavs, [0, 3, 1], together):
-        torch.testing.assert_close(zt, sj.embed_long(model, [w], chunk=64000, instruments=[i], batch=1)[0], **close)
+        torch.testing.assert_close(zt,
+                                   sj.embed_long(model, [w], chunk=64000, instruments=[i],
+                                                 batch=1)[0], **close)
 
 
 @torch.no_grad()
@@ -1323,7 +1361,8 @@ def test_embeddings_are_float32_even_where_training_uses_autocast(two_encoders_m
 
 def naive_pool(z: torch.Tensor) -> np.ndarray:
     """pool, one number at a time: the time-average of each frequency row, the rows one after the
-    other (row 0 first), minus their mean, over sqrt(population variance + 1e-5), over its L2 norm."""
+    other (row 0 first), minus their mean, over sqrt(population variance + 1e-5), over its L2
+    norm."""
     n_freq, n_time, dim = z.shape
     v = []
     for f in range(n_freq):
@@ -1378,7 +1417,8 @@ def test_pick_precision(monkeypatch):
 
 @pytest.mark.slow
 def test_not_a_checkpoint_and_other_versions_are_refused(tmp_path, toy_data):
-    """`evaluate` on a file that is not a checkpoint, or one of another format version: one clear line."""
+    """`evaluate` on a file that is not a checkpoint, or one of another format version: one clear
+    line."""
     junk = tmp_path / "junk.pt"
     junk.write_text("hello")
     r = run_cli("evaluate", "--checkpoint", junk, "--data", toy_data)
@@ -1398,10 +1438,12 @@ def test_from_checkpoint_gives_the_trained_model_in_eval_mode(trained_run):
     loaded = sj.StemJEPA.from_checkpoint(run / "checkpoint.pt")
     assert not any(m.training for m in loaded.modules())
     assert loaded.config == trained.config and loaded.instruments == trained.instruments == TOY_STEMS
-    wav = torch.from_numpy(0.1 * np.random.default_rng(0).standard_normal((2, 2 * SR)).astype(np.float32))
+    wav = torch.from_numpy(0.1 * np.random.default_rng(0).standard_normal((2,
+                                                                           2 * SR)).astype(np.float32))
     with torch.no_grad():
         for target in (False, True):
-            assert torch.equal(loaded.encode(wav, target=target), trained.encode(wav, target=target))
+            assert torch.equal(loaded.encode(wav, target=target),
+                               trained.encode(wav, target=target))
         ids = torch.tensor([0, 3])
         assert torch.equal(loaded.predict(wav, ids), trained.predict(wav, ids))
         torch.manual_seed(trained.config.seed)
@@ -1491,12 +1533,14 @@ def test_prepare_custom_folder_names_stems_after_files(tmp_path):
     freqs = {"guitar": 220.0, "piano": 440.0, "strings": 660.0}
     folder = tmp_path / "mine" / "my song"
     write_track(folder, {"guitar": sine(220, 2.0)}, ext="flac")
-    write_track(folder, {"piano": sine(440, 2.0), "strings": sine(660, 2.0), "mixture": sine(3000, 2.0)})
+    write_track(folder,
+                {"piano": sine(440, 2.0), "strings": sine(660, 2.0), "mixture": sine(3000, 2.0)})
     (folder / "notes.txt").write_text("not audio")
     (track,) = sj.prepare(tmp_path / "mine", chunk_seconds=2.0, log=lambda *a: None)
     assert track["name"] == "my song" and track["stems"] == ["guitar", "piano", "strings"]
     x = np.load(track["npy"]).astype(np.float32)
-    assert [dominant_freq(r) for r in x] == pytest.approx([freqs[s] for s in track["stems"]], abs=1.0)
+    assert [dominant_freq(r) for r in x] == pytest.approx([freqs[s] for s in track["stems"]],
+                                                          abs=1.0)
 
 
 def test_prepare_musdb18_stem_mp4_maps_streams_to_stems(tmp_path):
@@ -1514,12 +1558,15 @@ def test_prepare_musdb18_stem_mp4_maps_streams_to_stems(tmp_path):
     mp4 = tmp_path / "musdb" / "train" / "Artist - Song.stem.mp4"
     mp4.parent.mkdir(parents=True)
     maps = [a for i in range(5) for a in ("-map", str(i))]
-    subprocess.run(["ffmpeg", "-v", "error", "-y", *inputs, *maps, "-c:a", "aac", str(mp4)], check=True)
+    subprocess.run(["ffmpeg", "-v", "error", "-y", *inputs, *maps, "-c:a", "aac", str(mp4)],
+                   check=True)
     (track,) = sj.prepare(tmp_path / "musdb", chunk_seconds=2.0, log=lambda *a: None)
-    assert track["name"] == "Artist - Song" and track["stems"] == ["bass", "drums", "other", "vocals"]
+    assert track["name"] == "Artist - Song" and track["stems"] == ["bass", "drums", "other",
+                                                                   "vocals"]
     x = np.load(track["npy"]).astype(np.float32)
     assert abs(x.shape[1] - seconds * SR) < 0.1 * SR
-    assert [dominant_freq(r) for r in x] == pytest.approx([order[s] for s in track["stems"]], abs=1.0)
+    assert [dominant_freq(r) for r in x] == pytest.approx([order[s] for s in track["stems"]],
+                                                          abs=1.0)
 
 
 def test_stem_mp4_and_wav_of_the_same_stereo_audio_give_equal_arrays(tmp_path):
@@ -1720,7 +1767,8 @@ def test_prepare_reuses_the_cache_and_redecodes_a_changed_track(tmp_path, monkey
 
     monkeypatch.setattr(sj, "load_audio", counting)
     sf.write(root / "b" / "bass.wav", sine(550, 2.0), SR)
-    os.utime(root / "b" / "bass.wav", ns=(1, 1))                      # a different mtime for certain
+    # a different mtime for certain
+    os.utime(root / "b" / "bass.wav", ns=(1, 1))
     again = sj.prepare(root, chunk_seconds=2.0, log=lambda *a: None)
     assert decoded == ["b", "b"]
     b = next(t for t in again if t["name"] == "b")
@@ -1728,8 +1776,8 @@ def test_prepare_reuses_the_cache_and_redecodes_a_changed_track(tmp_path, monkey
 
 
 def test_half_written_cache_is_rebuilt(tmp_path):
-    """A track whose cache entry was left half-written (metadata missing, array truncated) is decoded
-    again; intact entries are reused."""
+    """A track whose cache entry was left half-written (metadata missing, array truncated) is
+    decoded again; intact entries are reused."""
     data = sj.write_toy_dataset(tmp_path / "toy", tracks=3, seconds=6.0)
     cache = tmp_path / "cache"
     first = sj.prepare(data, "train", cache=cache, chunk_seconds=4.0, log=lambda *a: None)
@@ -1742,18 +1790,21 @@ def test_half_written_cache_is_rebuilt(tmp_path):
         mp.setattr(sj, "load_audio", lambda *a, **k: decoded.append(a[0]) or real(*a, **k))
         again = sj.prepare(data, "train", cache=cache, chunk_seconds=4.0, log=lambda *a: None)
     assert {Path(p).parent.name for p in decoded} == {first[0]["name"]}
-    assert again == first and np.load(again[0]["npy"]).shape == (len(first[0]["stems"]), first[0]["length"])
+    assert again == first and np.load(again[0]["npy"]).shape == (len(first[0]["stems"]),
+                                                                 first[0]["length"])
 
 
 @pytest.mark.slow
 def test_bad_files_are_reported_together_by_name(tmp_path):
     """A non-audio file with an audio extension, a zero-byte file and a file with NaN samples are
-    skipped and listed once, by path, in one message; a silent stem is excluded; training goes on."""
+    skipped and listed once, by path, in one message; a silent stem is excluded; training goes
+    on."""
     data = sj.write_toy_dataset(tmp_path / "toy", tracks=4, seconds=6.0)
     tracks = sorted((data / "train").iterdir())
     (tracks[0] / "vocals.wav").write_text("not audio at all")
     (tracks[1] / "bass.wav").write_bytes(b"")
-    sf.write(tracks[2] / "drums.wav", np.full(16000, np.nan, dtype=np.float32), 16000, subtype="FLOAT")
+    sf.write(tracks[2] / "drums.wav", np.full(16000, np.nan, dtype=np.float32), 16000,
+             subtype="FLOAT")
     sf.write(tracks[2] / "other.wav", np.zeros(96000, dtype=np.float32), 16000)
     r = run_cli("train", "--data", data, "--out", tmp_path / "run", "--steps", "2", *TINY_RUN)
     assert r.returncode == 0, r.stderr
@@ -1773,10 +1824,13 @@ def test_unknown_stem_names_become_instruments(tmp_path):
         folder.mkdir(parents=True)
         for name, src in (("guitar", "other"), ("piano", "bass"), ("strings", "vocals")):
             sf.write(folder / f"{name}.flac", stems[src], 16000)
-    r = run_cli("train", "--data", tmp_path / "mine", "--out", tmp_path / "run", "--steps", "1", *TINY_RUN)
+    r = run_cli("train", "--data", tmp_path / "mine", "--out", tmp_path / "run", "--steps", "1",
+                *TINY_RUN)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("['guitar', 'piano', 'strings']") == 1
-    assert sj.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["instruments"] == ["guitar", "piano", "strings"]
+    assert sj.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["instruments"] == ["guitar",
+                                                                                     "piano",
+                                                                                     "strings"]
 
 
 @pytest.mark.slow
@@ -1811,7 +1865,8 @@ def test_cli_error_track_with_one_stem(tmp_path):
 def test_cli_error_stems_differ_in_length_by_more_than_a_second(tmp_path):
     """Stems of 3 s and 5 s: the track is refused, the message names it and the lengths."""
     write_track(tmp_path / "data" / "ragged", {"bass": sine(110, 3.0), "drums": sine(330, 5.0)})
-    assert_user_error(train_cli(tmp_path / "data", tmp_path), "ragged", "bass 3.00 s", "drums 5.00 s")
+    assert_user_error(train_cli(tmp_path / "data", tmp_path), "ragged", "bass 3.00 s",
+                      "drums 5.00 s")
 
 
 @pytest.mark.slow
@@ -1830,7 +1885,8 @@ def test_cli_error_when_the_only_track_is_corrupt(tmp_path):
     bad.mkdir(parents=True)
     for i, stem in enumerate(TOY_STEMS):
         (bad / f"{stem}.wav").write_bytes(np.random.default_rng(i).bytes(5000))
-    assert_user_error(train_cli(tmp_path / "data", tmp_path), "no usable track", str(bad / "bass.wav"))
+    assert_user_error(train_cli(tmp_path / "data", tmp_path), "no usable track",
+                      str(bad / "bass.wav"))
 
 
 @pytest.mark.slow
@@ -1847,7 +1903,8 @@ def test_cli_track_shorter_than_a_chunk_is_padded(tmp_path):
 def test_cli_error_device_not_available(tmp_path):
     """--device cuda without CUDA: exit 2, 'cuda is not available'."""
     good_track(tmp_path / "data" / "good")
-    assert_user_error(train_cli(tmp_path / "data", tmp_path, "--device", "cuda"), "cuda", "not available")
+    assert_user_error(train_cli(tmp_path / "data", tmp_path, "--device", "cuda"), "cuda",
+                      "not available")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1862,7 +1919,8 @@ def test_failure_analysis_categories_and_confusion_by_hand():
     "other" has no query (NaN). Confusion rows (instrument of z*): bass [2/3, 1/3, 0, 0], drums
     [0, 2/3, 0, 1/3], vocals [1/2, 0, 0, 1/2]. "Both correct" is exactly Recall@1 (footnote 3)."""
     instruments = ["bass", "drums", "other", "vocals"]
-    refs = torch.eye(12, dtype=torch.float64)                           # ref 4 n + s: song n, instrument s
+    # ref 4 n + s: song n, instrument s
+    refs = torch.eye(12, dtype=torch.float64)
     ref_track, ref_inst = torch.arange(12) // 4, torch.arange(12) % 4
     cases = [((0, 0), (0, 0)), ((1, 0), (2, 0)), ((2, 0), (2, 1)),      # (query song, inst) -> nearest
              ((0, 1), (1, 3)), ((1, 1), (1, 1)), ((2, 1), (0, 1)),
@@ -1870,12 +1928,16 @@ def test_failure_analysis_categories_and_confusion_by_hand():
     true_ref = torch.tensor([4 * n + s for (n, s), _ in cases])
     nearest = torch.tensor([4 * n + s for _, (n, s) in cases])
     queries = refs[nearest] + 0.3 * refs[true_ref]
-    fig2 = sj.failure_analysis(queries, refs, true_ref // 4, true_ref % 4, ref_track, ref_inst, instruments)
+    fig2 = sj.failure_analysis(queries, refs, true_ref // 4, true_ref % 4, ref_track, ref_inst,
+                               instruments)
 
     third, half = 1 / 3, 1 / 2
-    want = {"bass": {"both correct": third, "right instrument": third, "right song": third, "both wrong": 0.0},
-            "drums": {"both correct": third, "right instrument": third, "right song": 0.0, "both wrong": third},
-            "vocals": {"both correct": half, "right instrument": 0.0, "right song": half, "both wrong": 0.0}}
+    want = {"bass": {"both correct": third, "right instrument": third, "right song": third,
+                     "both wrong": 0.0},
+            "drums": {"both correct": third, "right instrument": third, "right song": 0.0,
+                      "both wrong": third},
+            "vocals": {"both correct": half, "right instrument": 0.0, "right song": half,
+                       "both wrong": 0.0}}
     assert fig2["instruments"] == instruments
     for s, cats in want.items():
         assert fig2["categories"][s] == pytest.approx(cats), s
@@ -1889,7 +1951,8 @@ def test_failure_analysis_categories_and_confusion_by_hand():
 @pytest.fixture(scope="module")
 def retrieval_set(tmp_path_factory) -> Path:
     """5 held-out toy songs of 8 s (all in test/, other seeds than the training songs)."""
-    return sj.write_toy_dataset(tmp_path_factory.mktemp("retrieval") / "toy", tracks=5, seconds=8.0, seed=1,
+    return sj.write_toy_dataset(tmp_path_factory.mktemp("retrieval") / "toy", tracks=5, seconds=8.0,
+                                seed=1,
                                 test_fraction=1.0)
 
 
@@ -1900,7 +1963,8 @@ def recording_retrieval_embeddings(checkpoint, calls: list):
     trained = torch.load(checkpoint, weights_only=True)["model"]["encoder.patch_embed.weight"]
 
     def wrapper(model, tracks, **kw):
-        calls.append("trained" if torch.equal(model.encoder.patch_embed.weight.detach().cpu(), trained) else "random")
+        calls.append("trained" if torch.equal(model.encoder.patch_embed.weight.detach().cpu(),
+                                              trained) else "random")
         return real(model, tracks, **kw)
     return wrapper
 
@@ -1914,7 +1978,8 @@ def evaluation(trained_run, retrieval_set, tmp_path_factory) -> dict:
     calls = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sj, "retrieval_embeddings", recording_retrieval_embeddings(checkpoint, calls))
-        result = sj.evaluate(checkpoint, retrieval_set, split="test", out=root / "eval", cache=root / "cache",
+        result = sj.evaluate(checkpoint, retrieval_set, split="test", out=root / "eval",
+                             cache=root / "cache",
                              listening=2, log=lambda *a: None)
     tracks = sj.prepare(retrieval_set, "test", cache=root / "cache", training=False,
                         chunk_seconds=trained_run[0].config.chunk_seconds, log=lambda *a: None)
@@ -1937,7 +2002,8 @@ def test_evaluate_beats_chance_and_random_weights(evaluation):
     result, tracks = evaluation["result"], evaluation["tracks"]
     n_refs = sum(len(t["stems"]) for t in tracks)
     assert (result["N"], result["S"], result["references"]) == (len(tracks), 4, n_refs)
-    assert set(result["rows"]) == {"Stem-JEPA, target-encoder refs", "Stem-JEPA, context-encoder refs",
+    assert set(result["rows"]) == {"Stem-JEPA, target-encoder refs",
+                                   "Stem-JEPA, context-encoder refs",
                                    "random weights", "DSP (chroma + tempo)", "chance"}
     metrics = {"R@1", "R@5", "R@10", "nrank_mean", "nrank_median", "nrank0_mean", "nrank0_median"}
     for name, row in result["rows"].items():
@@ -1946,7 +2012,8 @@ def test_evaluate_beats_chance_and_random_weights(evaluation):
     chance_row = result["rows"]["chance"]
     assert {k: chance_row[k] for k in metrics} == pytest.approx(sj.chance_metrics(n_refs))
     assert chance_row["which_song"] == pytest.approx(sj.chance_metrics(len(tracks), ks=(1,)))
-    for name, row in result["rows"].items():                           # which song? among N, which instrument? among S
+    # which song? among N, which instrument? among S
+    for name, row in result["rows"].items():
         assert {"which_song", "which_instrument", "query_cosine"} <= set(row), name
     assert json.loads((evaluation["out"] / "retrieval.json").read_text()) == json.loads(json.dumps(result))
     assert (evaluation["out"] / "fig2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -1961,14 +2028,17 @@ def test_evaluate_beats_chance_and_random_weights(evaluation):
     assert abs(random_weights["nrank_mean"] - chance["nrank_mean"]) < 15
 
     fig2 = result["fig2"]
-    counts = np.array([sum(s in t["stems"] for t in tracks) for s in fig2["instruments"]])   # queries per instrument
+    # queries per instrument
+    counts = np.array([sum(s in t["stems"] for t in tracks) for s in fig2["instruments"]])
     cats = {c: np.array([fig2["categories"][s][c] for s in fig2["instruments"]]) for c in
             ("both correct", "right instrument", "right song", "both wrong")}
     confusion = np.array(fig2["confusion"])
     np.testing.assert_allclose(confusion.sum(1), 1.0, atol=1e-6)
-    np.testing.assert_allclose(np.diag(confusion), cats["both correct"] + cats["right instrument"], atol=1e-6)
+    np.testing.assert_allclose(np.diag(confusion), cats["both correct"] + cats["right instrument"],
+                               atol=1e-6)
     np.testing.assert_allclose(sum(cats.values()), 1.0, atol=1e-6)
-    assert (counts * cats["both correct"]).sum() / counts.sum() == pytest.approx(model["R@1"] / 100, abs=1e-6)
+    assert (counts * cats["both correct"]).sum() / counts.sum() == pytest.approx(model["R@1"] / 100,
+                                                                                 abs=1e-6)
     right_instrument = (counts * np.diag(confusion)).sum() / counts.sum()
     assert right_instrument >= 0.6, fig2
 
@@ -1981,7 +2051,8 @@ def test_evaluate_reuses_the_trained_models_embeddings(evaluation, tmp_path, mon
     the same."""
     assert evaluation["calls"] == ["trained", "random"]
     calls = []
-    monkeypatch.setattr(sj, "retrieval_embeddings", recording_retrieval_embeddings(evaluation["checkpoint"], calls))
+    monkeypatch.setattr(sj, "retrieval_embeddings",
+                        recording_retrieval_embeddings(evaluation["checkpoint"], calls))
     again = sj.evaluate(evaluation["checkpoint"], evaluation["data"], split="test", out=tmp_path,
                         cache=evaluation["cache"], log=lambda *a: None)
     assert calls == ["random"]
@@ -1996,12 +2067,14 @@ def test_evaluate_recomputes_embeddings_when_the_data_changes(trained_run, tmp_p
     checkpoint = trained_run[1] / "checkpoint.pt"
     data = sj.write_toy_dataset(tmp_path / "toy", tracks=3, seconds=4.0, seed=2, test_fraction=1.0)
     calls = []
-    monkeypatch.setattr(sj, "retrieval_embeddings", recording_retrieval_embeddings(checkpoint, calls))
+    monkeypatch.setattr(sj, "retrieval_embeddings",
+                        recording_retrieval_embeddings(checkpoint, calls))
     run = dict(split="test", cache=tmp_path / "cache", log=lambda *a: None)
     before = sj.evaluate(checkpoint, data, out=tmp_path / "a", **run)
     song = sorted((data / "test").iterdir())[0]
     others = sorted((data / "test").iterdir())[1]
-    for stem in TOY_STEMS:                                             # song 0 now holds song 1's stems
+    # song 0 now holds song 1's stems
+    for stem in TOY_STEMS:
         (song / f"{stem}.wav").write_bytes((others / f"{stem}.wav").read_bytes())
     after = sj.evaluate(checkpoint, data, out=tmp_path / "b", **run)
     assert calls == ["trained", "random", "trained", "random"]
@@ -2082,7 +2155,8 @@ def test_listening_test_material(evaluation):
         key = list(csv.DictReader(f))
     tracks = evaluation["tracks"]
     names = [t["name"] for t in tracks]
-    emb = torch.load(next((evaluation["cache"] / "16000hz" / "embeddings").glob("*.pt")), weights_only=True)
+    emb = torch.load(next((evaluation["cache"] / "16000hz" / "embeddings").glob("*.pt")),
+                     weights_only=True)
     d = torch.cdist(emb["queries"].double(), emb["refs_target"].double())
     assert [row["trial"] for row in key] == ["trial00", "trial01"]
     for row in key:
@@ -2099,7 +2173,8 @@ def test_listening_test_material(evaluation):
             return np.load(t["npy"]).astype(np.float64)[t["stems"].index(row["instrument"])]
         t = tracks[n]
         x = np.load(t["npy"]).astype(np.float64)
-        origin = {"true": row["track"], "retrieved": row["retrieved_from"], "random": row["random_from"]}
+        origin = {"true": row["track"], "retrieved": row["retrieved_from"],
+                  "random": row["random_from"]}
         sources = {"mix": x.sum(0) - x[t["stems"].index(row["instrument"])],
                    **{c: stem(origin[row[c]]) for c in "ABC"}}
         assert sorted(p.name for p in (folder / "trials" / row["trial"]).iterdir()) == \
@@ -2118,12 +2193,14 @@ def test_listening_crops_ten_seconds_of_a_common_sixteen_second_excerpt(tmp_path
     for i in range(n_tracks):
         x = rng.uniform(-0.3, 0.3, (2, n)).astype(np.float16)
         np.save(tmp_path / f"t{i}.npy", x)
-        tracks.append({"name": f"t{i}", "stems": ["bass", "vocals"], "length": n, "npy": str(tmp_path / f"t{i}.npy")})
+        tracks.append({"name": f"t{i}", "stems": ["bass", "vocals"], "length": n,
+                       "npy": str(tmp_path / f"t{i}.npy")})
     refs = torch.randn(2 * n_tracks, 8, generator=torch.Generator().manual_seed(0))
     rows = [(i, s) for i in range(n_tracks) for s in range(2)]
     nearest = torch.tensor([2 * ((i + 1) % n_tracks) + s for i, s in rows])
-    emb = {"queries": refs[nearest] + 0.01, "refs_target": refs,
-           "track": torch.tensor([i for i, _ in rows]), "instrument": torch.tensor([s for _, s in rows])}
+    emb = sj.RetrievalEmbeddings(queries=refs[nearest] + 0.01, refs_target=refs,
+                                 track=torch.tensor([i for i, _ in rows]),
+                                 instrument=torch.tensor([s for _, s in rows]))
     out = sj.write_listening_test(tracks, emb, ["bass", "vocals"], tmp_path / "listening", trials=3,
                                   sample_rate=SR, seed=0)
     assert out["trials"] == 3
@@ -2134,13 +2211,16 @@ def test_listening_crops_ten_seconds_of_a_common_sixteen_second_excerpt(tmp_path
         s = ["bass", "vocals"].index(row["instrument"])
         assert row["retrieved_from"] == f"t{(int(row['track'][1:]) + 1) % n_tracks}"
         assert row["random_from"] not in (row["track"], row["retrieved_from"])
-        origin = {"true": row["track"], "retrieved": row["retrieved_from"], "random": row["random_from"]}
-        sources = {"mix": audio[row["track"]][1 - s], **{c: audio[origin[row[c]]][s] for c in "ABC"}}
+        origin = {"true": row["track"], "retrieved": row["retrieved_from"],
+                  "random": row["random_from"]}
+        sources = {"mix": audio[row["track"]][1 - s],
+                   **{c: audio[origin[row[c]]][s] for c in "ABC"}}
         offsets = check_trial_audio(tmp_path / "listening" / "trials" / row["trial"], sources)
         for c in ["mix", *"ABC"]:
             assert sf.info(str(tmp_path / "listening" / "trials" / row["trial"] / f"{c}.wav")).frames == 10 * SR
         true_clip = offsets[1 + "ABC".index(next(c for c in "ABC" if row[c] == "true"))]
-        assert abs(offsets[0] - true_clip) <= 6 * SR, offsets      # the mix and its true stem: one 16 s excerpt
+        # the mix and its true stem: one 16 s excerpt
+        assert abs(offsets[0] - true_clip) <= 6 * SR, offsets
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2148,14 +2228,16 @@ def test_listening_crops_ten_seconds_of_a_common_sixteen_second_excerpt(tmp_path
 # ---------------------------------------------------------------------------------------------
 
 def test_eq3_matches_a_naive_double_loop():
-    """alignment_curve is Eq. 3: 1/(MS) sum_s sum_i cos(z_s[i], q_s[(i + j) % M]), for negative shifts too."""
+    """alignment_curve is Eq. 3: 1/(MS) sum_s sum_i cos(z_s[i], q_s[(i + j) % M]), for negative
+    shifts too."""
     g = torch.Generator().manual_seed(0)
     S, M, C = 3, 13, 6
     z = [torch.randn(M, C, generator=g) for _ in range(S)]
     q = [torch.randn(M, C, generator=g) for _ in range(S)]
     shifts = list(range(-6, 7))
     cos = lambda a, b: float(a @ b / (a.norm() * b.norm()))              # noqa: E731
-    naive = [sum(cos(z[s][i], q[s][(i + j) % M]) for s in range(S) for i in range(M)) / (M * S) for j in shifts]
+    naive = [sum(cos(z[s][i],
+                     q[s][(i + j) % M]) for s in range(S) for i in range(M)) / (M * S) for j in shifts]
     assert torch.allclose(sj.alignment_curve(z, q, shifts), torch.tensor(naive), atol=1e-5)
 
 
@@ -2201,7 +2283,8 @@ def blobs(seed):
 
 
 def test_kmeans_separates_well_separated_blobs_and_is_deterministic():
-    """Each blob is one cluster (assignment = truth up to a permutation); the same seed gives the same result."""
+    """Each blob is one cluster (assignment = truth up to a permutation); the same seed gives the
+    same result."""
     x, truth = blobs(4)
     centroids, assignment = sj.kmeans(x, 3, iters=50, seed=0)
     clusters_of_blob = [set(assignment[truth == b].tolist()) for b in range(3)]
@@ -2219,7 +2302,8 @@ def test_kmeans_keeps_k_clusters_when_there_are_more_clusters_than_blobs():
 
 
 def test_cooccurrence_counts_ordered_pairs_of_different_members_by_hand():
-    """Clusters {a, a, b} and {b, c} (and an unlabelled member): a-a 2, a-b 2, b-c 1 ordered pairs."""
+    """Clusters {a, a, b} and {b, c} (and an unlabelled member): a-a 2, a-b 2, b-c 1 ordered
+    pairs."""
     labels = ["a", "a", "b", "b", "c", None]
     names, counts = sj.cooccurrence(labels, torch.tensor([0, 0, 0, 1, 1, 1]), 2)
     assert names == ["a", "b", "c"]
@@ -2238,7 +2322,8 @@ def test_interval_profile_reads_key_of_the_first_member_and_chord_of_the_second(
 
 
 def test_shuffled_labels_permute_within_groups_and_keep_gaps():
-    """Within-track shuffling keeps each track's multiset of labels and the None entries in place."""
+    """Within-track shuffling keeps each track's multiset of labels and the None entries in
+    place."""
     labels = ["a", "b", None, "c", "d", "e"]
     groups = torch.tensor([0, 0, 0, 1, 1, 1])
     out = sj.shuffled_labels(labels, groups, torch.Generator().manual_seed(0))
@@ -2262,7 +2347,8 @@ def test_lab_files_parse_and_normalise(tmp_path):
     assert sj.label_at(chords, 3.0) == "C:min7" and sj.label_at(chords, 9.0) is None
     assert sj.patch_labels(keys, chords, patches=3, patch_s=2.0) == [None, "E/Cm", "E/A"]
     index = sj.lab_index(tmp_path)
-    assert index == {"song": {"keys": tmp_path / "song.keys.lab", "chords": tmp_path / "song.chords.lab"}}
+    assert index == {"song": {"keys": tmp_path / "song.keys.lab",
+                              "chords": tmp_path / "song.chords.lab"}}
 
 
 def test_lab_index_reads_the_isophonics_tree(tmp_path):
@@ -2292,13 +2378,15 @@ def separable(n, seed, classes=4, dim=20):
 
 
 def test_probe_learns_a_separable_task_and_not_shuffled_labels():
-    """Accuracy > 0.9 on a linearly separable 4-class task; trained on shuffled labels, near chance (0.25)."""
+    """Accuracy > 0.9 on a linearly separable 4-class task; trained on shuffled labels, near chance
+    (0.25)."""
     (xt, yt), (xv, yv), (xs, ys) = separable(400, 0), separable(100, 1), separable(400, 2)
     fit = dict(task="multiclass", n_classes=4, hidden=64, batch=100, epochs=40, patience=8, seed=0)
     clf = sj.train_probe(xt, yt, xv, yv, **fit)
     assert sj.probe_metrics(clf, xs, ys, task="multiclass")["accuracy"] > 0.9
     g = torch.Generator().manual_seed(9)
-    clf = sj.train_probe(xt, yt[torch.randperm(400, generator=g)], xv, yv[torch.randperm(100, generator=g)], **fit)
+    clf = sj.train_probe(xt, yt[torch.randperm(400, generator=g)], xv,
+                         yv[torch.randperm(100, generator=g)], **fit)
     assert sj.probe_metrics(clf, xs, ys, task="multiclass")["accuracy"] < 0.4
 
 
@@ -2397,7 +2485,8 @@ def test_multilabel_probe_scores_tags():
     g = torch.Generator().manual_seed(5)
     x = torch.randn(500, 10, generator=g)
     y = torch.stack([x[:, 0] > 0, x[:, 1] + x[:, 2] > 0], dim=1).float()
-    clf = sj.train_probe(x[:300], y[:300], x[300:400], y[300:400], task="multilabel", hidden=64, batch=100,
+    clf = sj.train_probe(x[:300], y[:300], x[300:400], y[300:400], task="multilabel", hidden=64,
+                         batch=100,
                          epochs=40, patience=8, seed=0)
     m = sj.probe_metrics(clf, x[400:], y[400:], task="multilabel")
     assert m["roc_auc"] > 0.95 and m["average_precision"] > 0.9 and m["classes_scored"] == 2
@@ -2435,28 +2524,36 @@ def toy_run(tmp_path_factory):
     """4 toy songs of 12 s (3 train, 1 test) and a tiny checkpoint after 3 steps."""
     root = tmp_path_factory.mktemp("e2e")
     data = sj.write_toy_dataset(root / "toy", tracks=4, seconds=12)
-    sj.train(sj.make_config("tiny", steps=3, batch_size=4), data, out=root / "run", workers=0, log=lambda *a: None)
+    sj.train(sj.make_config("tiny", steps=3, batch_size=4), data, out=root / "run", workers=0,
+             log=lambda *a: None)
     return root, data, root / "run" / "checkpoint.pt"
 
 
 def e2e_commands(data, ckpt, labels, out):
-    """The three commands on the toy train split (3 songs, so that random pairs across tracks exist)."""
-    return [["analyze", "align", "--checkpoint", ckpt, "--data", data, "--split", "train", "--max-shift-s", 3,
+    """The three commands on the toy train split (3 songs, so that random pairs across tracks
+    exist)."""
+    return [["analyze", "align", "--checkpoint", ckpt, "--data", data, "--split", "train",
+             "--max-shift-s", 3,
              "--out", out / "align"],
-            ["analyze", "clusters", "--checkpoint", ckpt, "--data", data, "--split", "train", "--k", 8,
+            ["analyze", "clusters", "--checkpoint", ckpt, "--data", data, "--split", "train", "--k",
+             8,
              "--shuffles", 2, "--out", out / "clusters"],
-            ["probe", "--checkpoint", ckpt, "--labels", labels, "--epochs", 5, "--out", out / "probe"]]
+            ["probe", "--checkpoint", ckpt, "--labels", labels, "--epochs", 5, "--out",
+             out / "probe"]]
 
 
 def check_e2e_outputs(out):
     """The JSON holds what Fig. 4, Fig. 5 and Table 3 need; the PNGs are written."""
     align = json.loads((out / "align" / "align.json").read_text())
-    assert align["shifts"] == list(range(-19, 20)) and len(align["tracks"]) == 3    # 3 s = 19 steps of 160 ms
+    # 3 s = 19 steps of 160 ms
+    assert align["shifts"] == list(range(-19, 20)) and len(align["tracks"]) == 3
     assert all(len(t["curve"]) == 39 for t in align["tracks"])
     clusters = json.loads((out / "clusters" / "clusters.json").read_text())
-    assert clusters["patches"] == 3 * 75 and clusters["labelled_patches"] == 3 * 75   # 12 s = 75 steps
+    # 12 s = 75 steps
+    assert clusters["patches"] == 3 * 75 and clusters["labelled_patches"] == 3 * 75
     assert sum(map(sum, clusters["matrix"])) > 0 and len(clusters["top"]) == len(clusters["matrix"])
-    assert set(clusters["tonal_share"]) == {"Stem-JEPA", "random weights", "shuffled across patches",
+    assert set(clusters["tonal_share"]) == {"Stem-JEPA", "random weights",
+                                            "shuffled across patches",
                                             "shuffled within tracks"}
     result = json.loads((out / "probe" / "probe.json").read_text())
     assert set(result["rows"]) == {"Stem-JEPA", "random weights", "chance"}
@@ -2465,8 +2562,8 @@ def check_e2e_outputs(out):
 
 @pytest.mark.slow
 def test_commands_in_a_subprocess(toy_run):
-    """`python stem_jepa.py analyze align|clusters` and `probe` run as a user would run them and write
-    their JSON and PNG (the three at once: most of each run is importing torch)."""
+    """`python stem_jepa.py analyze align|clusters` and `probe` run as a user would run them and
+    write their JSON and PNG (the three at once: most of each run is importing torch)."""
     root, data, ckpt = toy_run
     labels = sj.toy_probe_labels(data, root / "probe_tempo" / "labels.csv", task="tempo")
     out = root / "subprocess"
@@ -2500,7 +2597,8 @@ def bass_library(retrieval_set, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_retrieve_cli_ranks_the_true_bass_first_and_reuses_the_library_cache(trained_run, bass_library):
+def test_retrieve_cli_ranks_the_true_bass_first_and_reuses_the_library_cache(trained_run,
+                                                                             bass_library):
     """`retrieve --json` for the mix without its bass, asking for bass, over a library of that
     bass and vocal stems (an instrument the tiny model tells from bass; it is not yet good at
     telling songs apart): the true bass ranks first (measured distance 0.23, the vocals 0.81 and
@@ -2534,7 +2632,8 @@ def test_retrieve_cli_ranks_the_true_bass_first_and_reuses_the_library_cache(tra
     read = []
     real_load = sj.load_audio
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sj, "load_audio", lambda path, *a, **k: read.append(Path(path)) or real_load(path, *a, **k))
+        mp.setattr(sj, "load_audio", lambda path, *a,
+                   **k: read.append(Path(path)) or real_load(path, *a, **k))
         again = sj.retrieve(checkpoint, mix, library, "bass", top=1, log=lambda *a: None)
     assert read == [mix, true_bass]
     assert again == results[:1]
@@ -2547,12 +2646,14 @@ def local_features(model, wavs, *, chunk, instruments=None, target=True, batch=1
     for x in wavs:
         x = np.pad(x, (0, -len(x) % 2560))
         spectrum = np.abs(np.fft.rfft(x.reshape(-1, 2560), axis=1))[:, 1:1281]
-        out.append(torch.from_numpy(np.log1p(spectrum.reshape(len(spectrum), 64, 20).sum(-1))).float()[None])
+        out.append(torch.from_numpy(np.log1p(spectrum.reshape(len(spectrum), 64,
+                                                              20).sum(-1))).float()[None])
     return out
 
 
 @pytest.mark.slow
-def test_retrieve_offsets_follow_best_offsets_convention(trained_run, bass_library, tmp_path, monkeypatch):
+def test_retrieve_offsets_follow_best_offsets_convention(trained_run, bass_library, tmp_path,
+                                                         monkeypatch):
     """The offset retrieve reports is best_offset's j: place the file j steps of 160 ms after the
     start of the mix. With embeddings that depend on the local audio only (embed_long replaced),
     the mix itself gets offset 0 (and distance 0: ranked first), the mix delayed by 3.2 s of
@@ -2566,10 +2667,12 @@ def test_retrieve_offsets_follow_best_offsets_convention(trained_run, bass_libra
     sf.write(library / "late.wav", np.r_[np.zeros(51200, np.float32), x], SR, subtype="FLOAT")
     sf.write(library / "early.wav", x[51200:], SR, subtype="FLOAT")
     monkeypatch.setattr(sj, "embed_long", local_features)
-    results = sj.retrieve(trained_run[1] / "checkpoint.pt", mix, library, "bass", log=lambda *a: None)
+    results = sj.retrieve(trained_run[1] / "checkpoint.pt", mix, library, "bass",
+                          log=lambda *a: None)
     by_name = {Path(r["file"]).name: r for r in results}
     assert results[0]["file"] == str(library / "same.wav") and results[0]["distance"] == pytest.approx(0, abs=1e-4)
-    assert [(by_name[f]["offset_patches"], by_name[f]["offset_s"]) for f in ("same.wav", "late.wav", "early.wav")] == \
+    assert [(by_name[f]["offset_patches"], by_name[f]["offset_s"]) for f in ("same.wav", "late.wav",
+                                                                             "early.wav")] == \
         [(0, 0.0), (-20, -3.2), (20, 3.2)]
 
 
@@ -2607,7 +2710,8 @@ def test_cli_retrieval_errors(trained_run, bass_library, tmp_path):
     not_a_checkpoint, no_audio, unknown, no_mix = run_cli_together(
         ["embed", "--checkpoint", text, "--audio", small, "--out", tmp_path / "emb.npy"],
         [*retrieve, "--mix", mix, "--library", tmp_path / "no_audio"],
-        ["retrieve", "--checkpoint", checkpoint, "--instrument", "piano", "--mix", mix, "--library", small],
+        ["retrieve", "--checkpoint", checkpoint, "--instrument", "piano", "--mix", mix, "--library",
+         small],
         [*retrieve, "--mix", tmp_path / "missing.wav", "--library", small])
     assert_user_error(not_a_checkpoint, "notes.txt", "not a readable checkpoint")
     assert_user_error(no_audio, "no_audio", "holds no audio files")
@@ -2638,7 +2742,8 @@ def test_score_cli_is_the_retrieval_distance_of_one_pair(mini_checkpoint, tmp_pa
     assert got["distance"] == pytest.approx(d, abs=2e-4)
     assert got["similarity"] == pytest.approx(float(q @ ref), abs=2e-4)
     (ranked,) = sj.retrieve(mini_checkpoint, mix, stem.parent, "bass", log=lambda *a: None)
-    assert (ranked["distance"], ranked["offset_patches"]) == (got["distance"], got["offset_patches"])
+    assert (ranked["distance"], ranked["offset_patches"]) == (got["distance"],
+                                                              got["offset_patches"])
 
 
 def test_score_finds_where_the_stem_fits(mini_checkpoint, monkeypatch):
@@ -2670,7 +2775,8 @@ def test_embed_cli_writes_rows_names_and_sequences(trained_run, tmp_path):
         sf.write(path, (0.2 * rng.standard_normal(int(seconds * SR))).astype(np.float32), SR)
     (audio / "notes.txt").write_text("not audio")
     out = tmp_path / "emb.npy"
-    r = run_cli("embed", "--checkpoint", trained_run[1] / "checkpoint.pt", "--audio", audio, "--out", out,
+    r = run_cli("embed", "--checkpoint", trained_run[1] / "checkpoint.pt", "--audio", audio,
+                "--out", out,
                 "--sequences")
     assert r.returncode == 0, r.stderr[-3000:]
     files = [audio / "a.wav", audio / "sub" / "b.flac"]
@@ -2924,13 +3030,16 @@ def test_tutorial_runs_top_to_bottom_in_the_fast_setting(tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     nb = nbformat.read(TUTORIAL, as_version=4)
-    monkeypatch.setenv("STEM_JEPA_TUTORIAL_RUNS", str(tmp_path / "tutorial_runs"))   # the kernel inherits it
+    # the kernel inherits it
+    monkeypatch.setenv("STEM_JEPA_TUTORIAL_RUNS", str(tmp_path / "tutorial_runs"))
     client = nbclient.NotebookClient(nb, timeout=1200, kernel_name="python3",
                                      resources={"metadata": {"path": str(HERE)}})
-    client.execute()                                  # raises CellExecutionError on the first failing cell
+    # raises CellExecutionError on the first failing cell
+    client.execute()
     code = [(i, c) for i, c in enumerate(nb.cells) if c.cell_type == "code"]
     assert [i for i, c in code if not c.outputs] == [], "code cells without outputs"
-    assert (tmp_path / "tutorial_runs" / "mlp" / "checkpoint.pt").exists()   # it trained, not reused
+    # it trained, not reused
+    assert (tmp_path / "tutorial_runs" / "mlp" / "checkpoint.pt").exists()
 
 
 def test_licence_is_mit_and_the_readme_says_so():
