@@ -9,43 +9,55 @@ instrument label predicts, patch by patch, the embedding of a stem that fits the
 (the *target*). Targets come from an EMA copy of the encoder; nothing is reconstructed.
 
 Commands (each has --help):
-    python stem_jepa.py toy --out toy/                 # procedural multitracks, MUSDB18-HQ layout
-    python stem_jepa.py train --data musdb18/          # the paper's configuration (GPU)
+    python stem_jepa.py toy --out toy/          # procedural multitracks, MUSDB18-HQ layout
+    python stem_jepa.py train --data musdb18/   # the paper's configuration (GPU)
     python stem_jepa.py train --data toy/ --preset tiny --steps 300   # minutes on a CPU
     torchrun --nproc_per_node 4 stem_jepa.py train --data musdb18/    # several GPUs
-    python stem_jepa.py demo                           # toy data + tiny model, end to end
+    python stem_jepa.py demo                    # toy data + tiny model, end to end
     python stem_jepa.py evaluate --checkpoint runs/stem-jepa/checkpoint.pt --data musdb18/
     python stem_jepa.py retrieve --checkpoint CKPT --mix mix.wav --library stems/ --instrument bass
     python stem_jepa.py score --checkpoint CKPT --mix mix.wav --stem bass.wav --instrument bass
     python stem_jepa.py embed --checkpoint CKPT --audio songs/ --out emb.npy
     python stem_jepa.py train --data slakh2100/ --init-from CKPT   # a new run from trained weights
-    python stem_jepa.py analyze align|clusters ...; python stem_jepa.py probe ...; python stem_jepa.py bench
+    python stem_jepa.py analyze align|clusters ...; python stem_jepa.py probe ...
+    python stem_jepa.py bench
 
 From Python, any length: StemJEPA.encode_long, predict_long, embed, score; the HEAR API:
 load_model, get_scene_embeddings, get_timestamp_embeddings.
 
-Paper -> code:
-    3.3 front-end (log-mel, 16x16 patches)   LogMel, ViT.patch_embed
+Part one, the method, top to bottom (paper -> code):
+    configuration                             Config, PRESETS, make_config, chunk_samples
+    3.3 front-end (log-mel, 16x16 patches)    LogMel, ViT.patch_embed
     3.3 encoder (ViT-Base)                    ViT, sincos_2d
     3.1 predictor g_phi, emb(l)               MLPPredictor, TransformerPredictor
     Eq. 1 loss                                jepa_loss
     Eq. 2 EMA target encoder, tau_i           ema_update, tau_at
-    3.2 sampling context and target           choose_stems, draw_example
-    3.3 training (AdamW, warmup + cosine)     lr_at, train
-    3.4 training data (multitracks)           find_tracks, prepare, StemChunks, make_toy_song
-    4.1 retrieval, Table 1, Fig. 2            embed_long, pool, retrieval_metrics, evaluate, retrieve
-    4.1 + 4.3 one (mix, stem) pair            StemJEPA.score, score
-    4.2 listening test                        write_listening_test
+    3.3 lr schedule (warmup + cosine)         lr_at
+    Fig. 1 the model                          StemJEPA, build_model
+    3.2 sampling context and target           choose_stems, draw_example, StemChunks, StepBatches
+    3.3 training step and loop (AdamW)        training_step, train
+    4.1 retrieval metrics                     embed_long, pool, retrieval_metrics
+Part two, around it:
+    training machinery                        pick_device, pick_precision, save_checkpoint,
+                                              load_checkpoint, open_trained, RunLock
+    3.4 training data (multitracks)           find_tracks, load_audio, prepare
+    toy multitracks                           make_toy_song, write_toy_dataset
+    4.1 Table 1, Fig. 2; 4.2 listening test   evaluate, failure_analysis, write_listening_test
     4.3 alignment, Eq. 3, Fig. 4              shift_similarity, alignment_curves, best_offset
     4.4 musical plausibility, Fig. 5          kmeans, cooccurrence, analyze_clusters
     4.5 downstream probes, Table 3            global_embeddings, train_probe, key_score, probe
+    using a trained model                     retrieve, score, embed_files, HEARModel
     performance                               bench, train_flops_per_sample
+    command line                              main
 
 Shape letters: B batch, S stems, N samples, M mel bins, L frames, F frequency patches,
-T time patches, K = F*T tokens, D embedding width, H heads, h head width.
+T time patches (Eq. 3's M: one vector per 160 ms), K = F*T tokens, D embedding width,
+W Transformer-predictor width, H heads, h head width, C = F*D a patch column's width (pooled
+vectors, `frames`), Q queries, R references, P positions or patches, n sounds (HEAR), J the
+largest shift of Eq. 3.
 
 Where this file follows the authors' code (SonyCSLParis/Stem-JEPA) rather than the paper's
-text, the docstring says so.
+text, the docstring says so ([code] in Config).
 """
 from __future__ import annotations
 
@@ -120,7 +132,7 @@ class Config:
     heads: int = 12
     mlp_ratio: int = 4
     # predictor (3.1, 3.3, Table 1)
-    predictor: str = "mlp"            # "mlp" (conditioned: the paper's), "mlp-nocond", "transformer"
+    predictor: str = "mlp"            # "mlp" (the paper's), "mlp-nocond", "transformer"
     pred_hidden: int = 1024           # MLP hidden width
     pred_layers: int = 6              # MLP Linear layers
     pred_tf_dim: int = 512            # Transformer predictor width (M2D's)
@@ -128,7 +140,7 @@ class Config:
     pred_tf_heads: int = 16
     # sampler (3.2)
     active_threshold: float = 0.1     # [code] active: peak |amplitude| in the chunk above this
-    redraw_tries: int = 10            # chunks drawn from the same track before the fallback (footnote 2)
+    redraw_tries: int = 10            # chunks drawn per track before the fallback (footnote 2)
     # optimisation (3.3)
     steps: int = 300_000
     batch_size: int = 256             # global, over all processes and accumulation steps
