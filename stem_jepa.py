@@ -1633,8 +1633,8 @@ def find_tracks(root, split: str = "train", *, channels=None,
     """
     root = Path(root)
     if not root.is_dir():
-        raise StemJEPAError(f"{root}: no such folder. --data must be a MUSDB18(-HQ) root (with train/ "
-                            "and test/) or a folder with one sub-folder of stems per track")
+        raise StemJEPAError(f"{root}: no such folder. --data must be a MUSDB18(-HQ) root (with "
+                            "train/ and test/) or a folder with one sub-folder of stems per track")
     if split == "all" and any((root / s).is_dir() for s in ("train", "test")):
         return [t for s in ("train", "test") if (root / s).is_dir() for t in find_tracks(root, s)]
     base = root / split
@@ -1699,8 +1699,9 @@ def load_audio(path, sample_rate: int, stream: int | None = None,
     source = path
     if stream is not None:
         if shutil.which("ffmpeg") is None:
-            raise StemJEPAError(f"{path}: decoding MUSDB18 .stem.mp4 needs the ffmpeg program: install it "
-                                "(e.g. apt install ffmpeg, brew install ffmpeg) or use MUSDB18-HQ")
+            raise StemJEPAError(f"{path}: decoding MUSDB18 .stem.mp4 needs the ffmpeg program: "
+                                "install it (e.g. apt install ffmpeg, brew install ffmpeg) or use "
+                                "MUSDB18-HQ")
         run = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-map", f"0:{stream}",
                               "-c:a", "pcm_f32le", "-f", "wav", "-"], capture_output=True)
         if run.returncode != 0:
@@ -1763,8 +1764,8 @@ def _prepare_track(name, stems, *, sample_rate, chunk, threshold) -> dict:
     lengths = {s: len(x) for s, x in audio.items()}
     n = min(lengths.values())
     if max(lengths.values()) - n > LENGTH_TOLERANCE_S * sample_rate:
-        meta["excluded"] = ("stems differ in length by more than "
-                            f"{LENGTH_TOLERANCE_S:g} s: " + ", ".join(f"{s} {l / sample_rate:.2f} s" for s, l in lengths.items()))
+        found = ", ".join(f"{s} {l / sample_rate:.2f} s" for s, l in lengths.items())
+        meta["excluded"] = f"stems differ in length by more than {LENGTH_TOLERANCE_S:g} s: {found}"
         notes.append(("tracks excluded", f"{name}: {meta['excluded']}"))
         return meta
     if max(lengths.values()) > n:
@@ -2257,13 +2258,15 @@ def format_table(results: dict) -> str:
     of the same song), and the cosine between one instrument's queries across songs."""
     lines = [f"retrieval on {results['N']} tracks x {results['S']} instruments, "
              f"R = {results['references']} references; nrank = rank / R, nearest = rank 1",
-             f"{'model':34s} {'R@1':>6s} {'R@5':>6s} {'R@10':>6s} {'nrank mean':>11s} {'median':>7s}"
-             f" | {'song R@1':>8s} {'song nrank':>10s} | {'inst R@1':>8s} {'inst nrank':>10s} | {'q cos':>6s}"]
+             f"{'model':34s} {'R@1':>6s} {'R@5':>6s} {'R@10':>6s} {'nrank mean':>11s} "
+             f"{'median':>7s} | {'song R@1':>8s} {'song nrank':>10s} | {'inst R@1':>8s} "
+             f"{'inst nrank':>10s} | {'q cos':>6s}"]
     for name, m in results["rows"].items():
         lines.append(f"{name:34s} {m['R@1']:6.1f} {m['R@5']:6.1f} {m['R@10']:6.1f} "
                      f"{m['nrank_mean']:11.1f} {m['nrank_median']:7.1f}"
                      f" | {m['which_song']['R@1']:8.1f} {m['which_song']['nrank_mean']:10.1f}"
-                     f" | {m['which_instrument']['R@1']:8.1f} {m['which_instrument']['nrank_mean']:10.1f}"
+                     f" | {m['which_instrument']['R@1']:8.1f}"
+                     f" {m['which_instrument']['nrank_mean']:10.1f}"
                      f" | {m['query_cosine']:6.3f}")
     for s, m in results["rows"]["Stem-JEPA, target-encoder refs"].get("per_instrument", {}).items():
         lines.append(f"{'  ' + s:34s} {m['R@1']:6.1f} {m['R@5']:6.1f} {m['R@10']:6.1f} "
@@ -2924,10 +2927,12 @@ def analyze_clusters(checkpoint, *, data=None, audio=None, split="test", labels=
         else:
             annotated.append((name, load, *ann))
     if missing:
-        log(f"{len(missing)} tracks without key and chord annotations skipped: {', '.join(missing[:5])}"
-            + (" ..." if len(missing) > 5 else ""))
+        log(f"{len(missing)} tracks without key and chord annotations skipped: "
+            f"{', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
     if not annotated:
-        where = f"{labels}/<track>.keys.lab and .chords.lab" if labels else "labels.json beside the stems"
+        where = "labels.json beside the stems"
+        if labels:
+            where = f"{labels}/<track>.keys.lab and .chords.lab"
         raise StemJEPAError(f"no track has key and chord annotations (looked for {where})")
     out = Path(out or Path(checkpoint).parent / ("clusters" if audio else f"clusters-{split}"))
     out.mkdir(parents=True, exist_ok=True)
@@ -2935,7 +2940,8 @@ def analyze_clusters(checkpoint, *, data=None, audio=None, split="test", labels=
     x, patch_label, track = labelled_patches(model, annotated, device=device, batch=batch)
     n_labelled = sum(label is not None for label in patch_label)
     if n_labelled < 2:
-        raise StemJEPAError(f"only {n_labelled} patches have both a key and a chord: nothing to count")
+        raise StemJEPAError(f"only {n_labelled} patches have both a key and a chord: "
+                            "nothing to count")
     n_patches = len(x)
     log(f"k-means (k = {k}) on {n_patches} patches, {n_labelled} labelled")
     stats = cluster_statistics(x, patch_label, track, k=k, iters=iters, seed=seed,
@@ -2960,13 +2966,15 @@ def analyze_clusters(checkpoint, *, data=None, audio=None, split="test", labels=
                              "random weights": rand["interval_profile"]},
         "cluster_sizes": stats["cluster_sizes"],
         "top": chosen, "matrix": block.tolist(),
-        "definition": "counts[a][b]: ordered pairs of different patches in the same k-means cluster, labelled "
-                      "a and b ('key/chord'), summed over clusters; tonal share: fraction of those pairs where "
-                      "the root of b's chord is 0, 5 or 7 semitones above the tonic of a's key",
+        "definition": "counts[a][b]: ordered pairs of different patches in the same k-means "
+                      "cluster, labelled a and b ('key/chord'), summed over clusters; tonal share: "
+                      "fraction of those pairs where the root of b's chord is 0, 5 or 7 semitones "
+                      "above the tonic of a's key",
     }
     _write_atomic(out / "clusters.json", lambda p: p.write_text(json.dumps(result, indent=1)))
     plot_fig5(result, out / "fig5.png")
-    log("tonal share of within-cluster pairs (chord root on the tonic, subdominant or dominant of the key):\n"
+    log("tonal share of within-cluster pairs (chord root on the tonic, subdominant or dominant "
+        "of the key):\n"
         + "\n".join(f"  {name:26s} {100 * v:5.1f} %" for name, v in result["tonal_share"].items()))
     log(f"pairs from the same track: {100 * stats['same_track_pairs']:.1f} % "
         f"(random weights {100 * rand['same_track_pairs']:.1f} %)")
@@ -3064,13 +3072,16 @@ def read_probe_labels(path, audio_root, *, task: str, seed=0) -> tuple[list[Path
         reader = csv.DictReader(f)
         missing = {"file", "label", "split"} - set(reader.fieldnames or [])
         if missing:
-            raise StemJEPAError(f"{path}: missing column(s) {', '.join(sorted(missing))}; expected file,label,split")
+            raise StemJEPAError(f"{path}: missing column(s) {', '.join(sorted(missing))}; "
+                                "expected file,label,split")
         rows = list(reader)
     files, labels, splits, problems = [], [], [], []
     for n, r in enumerate(rows, 2):
         file = Path(r["file"].strip())
         file = file if file.is_absolute() else Path(audio_root) / file
-        label = [l.strip() for l in r["label"].split(";") if l.strip()] if task == "multilabel" else [r["label"].strip()]
+        label = [r["label"].strip()]
+        if task == "multilabel":
+            label = [l.strip() for l in r["label"].split(";") if l.strip()]
         split = SPLIT_NAMES.get(r["split"].strip().lower())
         if not file.exists():
             problems.append(f"line {n}: {file} does not exist")
@@ -3161,8 +3172,11 @@ def train_probe(x_train, y_train, x_valid, y_valid, *, task: str, n_classes=None
                                                                                  y_valid.max())) + 1
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        std = torch.ones(x_train.shape[1])
+        if len(x_train) > 1:
+            std = x_train.std(0).clamp(min=1e-6)
         model = ProbeMLP(dim=x_train.shape[1], hidden=hidden, classes=classes, mean=x_train.mean(0),
-                         std=x_train.std(0).clamp(min=1e-6) if len(x_train) > 1 else torch.ones(x_train.shape[1]))
+                         std=std)
     model = model.to(device)
     x_train, y_train, x_valid, y_valid = (t.to(device) for t in (x_train, y_train, x_valid,
                                                                  y_valid))
@@ -3216,8 +3230,9 @@ def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float:
         return float("nan")
     values, inverse = torch.unique(scores, sorted=True, return_inverse=True)
     tp = torch.zeros(len(values), dtype=torch.float64).index_add_(0, inverse, pos).flip(0).cumsum(0)
-    seen = torch.zeros(len(values), dtype=torch.float64).index_add_(0, inverse,
-                                                                    torch.ones_like(pos)).flip(0).cumsum(0)
+    ones = torch.ones_like(pos)
+    seen = torch.zeros(len(values), dtype=torch.float64).index_add_(0, inverse, ones)
+    seen = seen.flip(0).cumsum(0)
     recall = tp / pos.sum()
     precision = tp / seen
     return (torch.diff(recall, prepend=recall.new_zeros(1)) * precision).sum().item()
@@ -3754,8 +3769,9 @@ def format_bench(r: dict) -> str:
              ("achieved",
               f"{r['achieved_flops'] / g:.0f} GFLOP/s, MFU {100 * r['mfu']:.0f} % of peak"),
              ("evaluation", f"{r['eval_audio_s_per_s']:.0f} s of audio per s"),
-             *([("obvious baseline step", f"{r['baseline_samples_per_s']:.2f} samples/s: ours is "
-                                          f"{r['samples_per_s'] / r['baseline_samples_per_s']:.2f}x")]
+             *([("obvious baseline step",
+                 f"{r['baseline_samples_per_s']:.2f} samples/s: ours is "
+                 f"{r['samples_per_s'] / r['baseline_samples_per_s']:.2f}x")]
                if "baseline_samples_per_s" in r else []),
              ("data loader (1 worker)", f"{r['loader_chunks_per_s']:.0f} chunks/s, "
                                         f"{r['loader_to_step_ratio']:.0f}x what the step consumes"),
@@ -3842,8 +3858,10 @@ def cmd_demo(args):
     cfg = make_config("tiny", steps=args.steps)
     train(cfg, data, out=out, device=args.device, resume=True)
     rows = list(csv.DictReader(open(out / "log.csv")))
-    print(f"\nloss {float(rows[0]['loss']):.3f} (step {rows[0]['step']}) -> {float(rows[-1]['loss']):.3f} "
-          f"(step {rows[-1]['step']}); checkpoint in {out / 'checkpoint.pt'}\n")
+    first, last = rows[0], rows[-1]
+    print(f"\nloss {float(first['loss']):.3f} (step {first['step']}) -> "
+          f"{float(last['loss']):.3f} (step {last['step']}); checkpoint in "
+          f"{out / 'checkpoint.pt'}\n")
     evaluate(out / "checkpoint.pt", data, split="test", device=args.device)
 
 
@@ -4010,8 +4028,9 @@ def main(argv=None):
     source.add_argument("--audio",
                         help="folder of full mixes (e.g. the Beatles), named as their .lab files")
     c.add_argument("--labels",
-                   help="folder of NAME.keys.lab and NAME.chords.lab files, or Isophonics' keylab/ "
-                                    "and chordlab/ tree (default: labels.json beside each track's stems)")
+                   help="folder of NAME.keys.lab and NAME.chords.lab files, or Isophonics' "
+                        "keylab/ and chordlab/ tree (default: labels.json beside each track's "
+                        "stems)")
     c.add_argument("--k", type=int, default=32, help="k-means clusters")
     c.add_argument("--iters", type=int, default=100, help="k-means iterations at most")
     c.add_argument("--top", type=int, default=80, help="key/chord combinations shown in fig5.png")
@@ -4028,7 +4047,8 @@ def main(argv=None):
         q.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("probe",
-                       help="downstream probe on frozen embeddings (4.5, Table 3), with random weights")
+                       help="downstream probe on frozen embeddings (4.5, Table 3), with "
+                            "random weights")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--labels", required=True,
                    help="CSV with columns file,label,split (train/valid/test)")

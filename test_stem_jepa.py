@@ -139,7 +139,8 @@ def assert_user_error(result, *words):
     print their own warnings to stderr before it.)"""
     assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
     assert "Traceback" not in result.stderr
-    assert "\nerror: " in "\n" + result.stderr and result.stderr.count("error: ") == 1, result.stderr
+    assert "\nerror: " in "\n" + result.stderr, result.stderr
+    assert result.stderr.count("error: ") == 1, result.stderr
     message = result.stderr[result.stderr.index("error: "):]
     assert len(message.splitlines()) <= 10, message
     for word in words:
@@ -529,7 +530,8 @@ def test_lr_schedule_warms_up_linearly_then_anneals_to_zero():
     assert all(b - a == pytest.approx(peak / warmup) for a, b in zip(lr[:warmup - 1], lr[1:warmup]))
     assert lr[total] == pytest.approx(0.0, abs=1e-15)
     for s in (30, 60, 100):
-        assert lr[s] == pytest.approx(0.5 * peak * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))))
+        progress = (s - warmup) / (total - warmup)
+        assert lr[s] == pytest.approx(0.5 * peak * (1 + math.cos(math.pi * progress)))
     assert all(a >= b for a, b in zip(lr[warmup:], lr[warmup + 1:]))
 
 
@@ -538,7 +540,7 @@ def test_lr_schedule_with_a_floor_anneals_to_the_floor():
     unchanged."""
     lr = [sj.lr_at(s, peak_lr=1.0, warmup_steps=10, total_steps=110,
                    min_ratio=0.1) for s in range(111)]
-    assert lr[9] == pytest.approx(1.0) and lr[110] == pytest.approx(0.1) and lr[60] == pytest.approx(0.55)
+    assert (lr[9], lr[110], lr[60]) == pytest.approx((1.0, 0.1, 0.55))
     assert min(lr[10:]) == pytest.approx(0.1)
 
 
@@ -666,8 +668,9 @@ def test_training_step_under_bf16_autocast_matches_float32():
     in float32 and is within bf16 rounding of the float32 loss, and the step applies."""
     torch.manual_seed(0)
     model = sj.build_model(tiny(), TOY_STEMS)
-    context, target, instrument = 0.3 * torch.randn(2, 32000), 0.3 * torch.randn(2,
-                                                                                 32000), torch.tensor([0, 2])
+    context = 0.3 * torch.randn(2, 32000)
+    target = 0.3 * torch.randn(2, 32000)
+    instrument = torch.tensor([0, 2])
     with torch.no_grad():
         exact = model(context, target, instrument)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -681,8 +684,8 @@ def test_training_step_under_bf16_autocast_matches_float32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, applied = sj.training_step(model, optimizer, context, target, instrument, lr=1e-3,
                                          tau=0.99)
-    assert applied and torch.isfinite(loss) and not torch.equal(before,
-                                                                model.encoder.blocks[0].attn.qkv.weight)
+    after = model.encoder.blocks[0].attn.qkv.weight
+    assert applied and torch.isfinite(loss) and not torch.equal(before, after)
 
 
 @pytest.mark.slow
@@ -690,8 +693,9 @@ def test_training_step_through_torch_compile_matches_eager():
     """--compile wraps the model in torch.compile; the step must accept the wrapper and give the
     eager step's loss and update. Dynamo traces the model here (backend "eager" skips the C++
     code generation, which takes minutes on a CPU)."""
-    context, target, instrument = 0.3 * torch.randn(2, 32000), 0.3 * torch.randn(2,
-                                                                                 32000), torch.tensor([0, 2])
+    context = 0.3 * torch.randn(2, 32000)
+    target = 0.3 * torch.randn(2, 32000)
+    instrument = torch.tensor([0, 2])
     results = []
     for compiled in (False, True):
         torch.manual_seed(0)
@@ -745,8 +749,9 @@ def test_grad_accumulation_gives_the_full_batch_gradient():
     """grad_accum micro-batches add up to the gradient of the whole batch (the loss of each is
     divided by their number), so the update does not depend on how the batch is split."""
     cfg = tiny()
-    context, target, instrument = 0.3 * torch.randn(4, 32000), 0.3 * torch.randn(4,
-                                                                                 32000), torch.tensor([0, 1, 2, 3])
+    context = 0.3 * torch.randn(4, 32000)
+    target = 0.3 * torch.randn(4, 32000)
+    instrument = torch.tensor([0, 1, 2, 3])
     weights = []
     for accum in (1, 2):
         torch.manual_seed(0)
@@ -1000,7 +1005,8 @@ def test_resume_with_another_configuration_is_refused(tmp_path, toy_data):
     assert "Traceback" not in other.stderr
     longer = run_cli("train", "--data", toy_data, "--out", run, "--steps", "6", "--resume",
                      *TINY_RUN)
-    assert longer.returncode == 2 and "steps: 4 -> 6" in longer.stderr and "--force" in longer.stderr
+    assert longer.returncode == 2
+    assert "steps: 4 -> 6" in longer.stderr and "--force" in longer.stderr
     forced = run_cli("train", "--data", toy_data, "--out", run, "--steps", "6", "--resume",
                      "--force", *TINY_RUN)
     assert forced.returncode == 0, forced.stderr
@@ -1422,7 +1428,8 @@ def test_not_a_checkpoint_and_other_versions_are_refused(tmp_path, toy_data):
     junk = tmp_path / "junk.pt"
     junk.write_text("hello")
     r = run_cli("evaluate", "--checkpoint", junk, "--data", toy_data)
-    assert r.returncode == 2 and "not a readable checkpoint" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "not a readable checkpoint" in r.stderr
     old = tmp_path / "old.pt"
     torch.save({"version": 0, "config": {}, "model": {}}, old)
     r = run_cli("evaluate", "--checkpoint", old, "--data", toy_data)
@@ -1437,9 +1444,10 @@ def test_from_checkpoint_gives_the_trained_model_in_eval_mode(trained_run):
     trained, run = trained_run
     loaded = sj.StemJEPA.from_checkpoint(run / "checkpoint.pt")
     assert not any(m.training for m in loaded.modules())
-    assert loaded.config == trained.config and loaded.instruments == trained.instruments == TOY_STEMS
-    wav = torch.from_numpy(0.1 * np.random.default_rng(0).standard_normal((2,
-                                                                           2 * SR)).astype(np.float32))
+    assert loaded.config == trained.config
+    assert loaded.instruments == trained.instruments == TOY_STEMS
+    wav = 0.1 * np.random.default_rng(0).standard_normal((2, 2 * SR))
+    wav = torch.from_numpy(wav.astype(np.float32))
     with torch.no_grad():
         for target in (False, True):
             assert torch.equal(loaded.encode(wav, target=target),
@@ -1922,7 +1930,8 @@ def test_failure_analysis_categories_and_confusion_by_hand():
     # ref 4 n + s: song n, instrument s
     refs = torch.eye(12, dtype=torch.float64)
     ref_track, ref_inst = torch.arange(12) // 4, torch.arange(12) % 4
-    cases = [((0, 0), (0, 0)), ((1, 0), (2, 0)), ((2, 0), (2, 1)),      # (query song, inst) -> nearest
+    # (query song, inst) -> nearest
+    cases = [((0, 0), (0, 0)), ((1, 0), (2, 0)), ((2, 0), (2, 1)),
              ((0, 1), (1, 3)), ((1, 1), (1, 1)), ((2, 1), (0, 1)),
              ((0, 3), (0, 3)), ((1, 3), (1, 0))]
     true_ref = torch.tensor([4 * n + s for (n, s), _ in cases])
@@ -2015,10 +2024,12 @@ def test_evaluate_beats_chance_and_random_weights(evaluation):
     # which song? among N, which instrument? among S
     for name, row in result["rows"].items():
         assert {"which_song", "which_instrument", "query_cosine"} <= set(row), name
-    assert json.loads((evaluation["out"] / "retrieval.json").read_text()) == json.loads(json.dumps(result))
+    written = json.loads((evaluation["out"] / "retrieval.json").read_text())
+    assert written == json.loads(json.dumps(result))
     assert (evaluation["out"] / "fig2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    model, random_weights = result["rows"]["Stem-JEPA, target-encoder refs"], result["rows"]["random weights"]
+    model = result["rows"]["Stem-JEPA, target-encoder refs"]
+    random_weights = result["rows"]["random weights"]
     chance = result["rows"]["chance"]
     assert result["nrank_mean"] == model["nrank_mean"]
     assert model["nrank0_mean"] < 25
@@ -2078,7 +2089,8 @@ def test_evaluate_recomputes_embeddings_when_the_data_changes(trained_run, tmp_p
         (song / f"{stem}.wav").write_bytes((others / f"{stem}.wav").read_bytes())
     after = sj.evaluate(checkpoint, data, out=tmp_path / "b", **run)
     assert calls == ["trained", "random", "trained", "random"]
-    assert after["rows"]["Stem-JEPA, target-encoder refs"] != before["rows"]["Stem-JEPA, target-encoder refs"]
+    row = "Stem-JEPA, target-encoder refs"
+    assert after["rows"][row] != before["rows"][row]
 
 
 def untrained_checkpoint(path: Path, cfg: sj.Config, instruments: list) -> Path:
@@ -2112,7 +2124,8 @@ def test_evaluate_split_all_ranks_among_train_and_test_and_states_r(tmp_path):
         table = sj.format_table(result)
         assert f"R = {4 * N} references" in table and table in printed
         chance = result["rows"]["chance"]
-        assert {k: chance[k] for k in sj.chance_metrics(4 * N)} == pytest.approx(sj.chance_metrics(4 * N))
+        expected = sj.chance_metrics(4 * N)
+        assert {k: chance[k] for k in expected} == pytest.approx(expected)
         assert (tmp_path / "run" / f"eval-{split}" / "retrieval.json").exists()
 
 
@@ -2217,7 +2230,8 @@ def test_listening_crops_ten_seconds_of_a_common_sixteen_second_excerpt(tmp_path
                    **{c: audio[origin[row[c]]][s] for c in "ABC"}}
         offsets = check_trial_audio(tmp_path / "listening" / "trials" / row["trial"], sources)
         for c in ["mix", *"ABC"]:
-            assert sf.info(str(tmp_path / "listening" / "trials" / row["trial"] / f"{c}.wav")).frames == 10 * SR
+            clip = tmp_path / "listening" / "trials" / row["trial"] / f"{c}.wav"
+            assert sf.info(str(clip)).frames == 10 * SR
         true_clip = offsets[1 + "ABC".index(next(c for c in "ABC" if row[c] == "true"))]
         # the mix and its true stem: one 16 s excerpt
         assert abs(offsets[0] - true_clip) <= 6 * SR, offsets
@@ -2236,8 +2250,8 @@ def test_eq3_matches_a_naive_double_loop():
     q = [torch.randn(M, C, generator=g) for _ in range(S)]
     shifts = list(range(-6, 7))
     cos = lambda a, b: float(a @ b / (a.norm() * b.norm()))              # noqa: E731
-    naive = [sum(cos(z[s][i],
-                     q[s][(i + j) % M]) for s in range(S) for i in range(M)) / (M * S) for j in shifts]
+    naive = [sum(cos(z[s][i], q[s][(i + j) % M]) for s in range(S) for i in range(M)) / (M * S)
+             for j in shifts]
     assert torch.allclose(sj.alignment_curve(z, q, shifts), torch.tensor(naive), atol=1e-5)
 
 
@@ -2334,7 +2348,8 @@ def test_shuffled_labels_permute_within_groups_and_keep_gaps():
 def test_lab_files_parse_and_normalise(tmp_path):
     """parse_lab keeps 'Key E' whole; N -> no chord, C:min7 -> Cm, A/3 -> A, Silence -> no key;
     label_at finds the segment sounding at t and None in a gap."""
-    (tmp_path / "song.chords.lab").write_text("0.000 2.500 N\n2.500 5.000 C:min7\n\n5.0\t7.5\tA/3\n")
+    (tmp_path / "song.chords.lab").write_text(
+        "0.000 2.500 N\n2.500 5.000 C:min7\n\n5.0\t7.5\tA/3\n")
     (tmp_path / "song.keys.lab").write_text("0.000\t0.394\tSilence\n0.394\t150.0\tKey\tE\n")
     chords = sj.parse_lab(tmp_path / "song.chords.lab")
     keys = sj.parse_lab(tmp_path / "song.keys.lab")
@@ -2557,7 +2572,8 @@ def check_e2e_outputs(out):
                                             "shuffled within tracks"}
     result = json.loads((out / "probe" / "probe.json").read_text())
     assert set(result["rows"]) == {"Stem-JEPA", "random weights", "chance"}
-    assert (out / "align" / "fig4.png").stat().st_size > 0 and (out / "clusters" / "fig5.png").stat().st_size > 0
+    assert (out / "align" / "fig4.png").stat().st_size > 0
+    assert (out / "clusters" / "fig5.png").stat().st_size > 0
 
 
 @pytest.mark.slow
@@ -2670,7 +2686,8 @@ def test_retrieve_offsets_follow_best_offsets_convention(trained_run, bass_libra
     results = sj.retrieve(trained_run[1] / "checkpoint.pt", mix, library, "bass",
                           log=lambda *a: None)
     by_name = {Path(r["file"]).name: r for r in results}
-    assert results[0]["file"] == str(library / "same.wav") and results[0]["distance"] == pytest.approx(0, abs=1e-4)
+    assert results[0]["file"] == str(library / "same.wav")
+    assert results[0]["distance"] == pytest.approx(0, abs=1e-4)
     assert [(by_name[f]["offset_patches"], by_name[f]["offset_s"]) for f in ("same.wav", "late.wav",
                                                                              "early.wav")] == \
         [(0, 0.0), (-20, -3.2), (20, 3.2)]
@@ -2974,7 +2991,8 @@ def test_cli_toy_then_train_writes_data_checkpoint_and_log(tmp_path):
     songs = sorted((data / "train").iterdir())
     assert len(songs) == 2 and len(list((data / "test").iterdir())) == 1
     for song in songs:
-        assert sorted(p.name for p in song.iterdir()) == sorted([f"{s}.wav" for s in TOY_STEMS] + ["labels.json"])
+        expected = sorted([f"{s}.wav" for s in TOY_STEMS] + ["labels.json"])
+        assert sorted(p.name for p in song.iterdir()) == expected
         assert sf.info(str(song / "bass.wav")).duration == pytest.approx(10.0)
 
     train = run_cli("train", "--data", data, "--preset", "tiny", "--steps", 3, "--batch-size", 4,
