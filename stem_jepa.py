@@ -1078,18 +1078,14 @@ def embed_long(model: StemJEPA, wavs: list[np.ndarray], *, chunk: int, instrumen
     conditioned on them, from the context encoder; otherwise the target (or context) encoder's.
     Full chunks of all waveforms are batched together, and last chunks of equal length. In
     float32 (`full_precision`), even on a GPU and inside an autocast region."""
-    # samples per time patch (160 ms)
-    step = model.frontend.hop_length * model.encoder.patch_size
-    # whole patches: no frame left out
-    chunk = max(step, chunk - chunk % step)
-    # (wav index, position, samples)
-    pieces = []
+    patch = model.frontend.hop_length * model.encoder.patch_size       # samples per time patch
+    chunk = max(patch, chunk - chunk % patch)                           # whole patches only
+    pieces = []                                                         # (wav, position, samples)
     for w, x in enumerate(wavs):
         for j, start in enumerate(range(0, max(len(x), 1), chunk)):
             piece = x[start: start + chunk]
-            # a whole number of patches, at least one
-            if len(piece) < chunk:
-                piece = np.pad(piece, (0, max(-len(piece) % step, step - len(piece))))
+            if len(piece) < chunk:                                      # whole patches, >= 1
+                piece = np.pad(piece, (0, max(-len(piece) % patch, patch - len(piece))))
             pieces.append((w, j, piece))
     by_length = {}
     for p in pieces:
