@@ -1,13 +1,16 @@
-"""Tests of stem_jepa.py, in the module's order: front-end, encoder, predictor, loss (Eq. 1),
-EMA and schedules (Eq. 2, 3.3), sampler (3.2), data loading and cache (3.4), training, CLI and bad
-input, retrieval (4.1-4.2), analyses (4.3-4.5), the tutorial, reliability (interruption, resume),
-and use from other code and data (any length, HEAR, score, --init-from, layouts, precision, locks).
+"""Tests of stem_jepa.py, in the module's order. Part one, the method: configuration and
+front-end, encoder, predictor, loss (Eq. 1), EMA and schedules (Eq. 2, 3.3), sampler (3.2),
+training (the step, the loop, resume, signals, torchrun), retrieval metrics (4.1). Part two:
+checkpoints and locks, data (3.4) and bad input, evaluation (4.1-4.2), analyses (4.3-4.5), use of a
+trained model (retrieve, score, embed, any length, HEAR), bench, command line, the tutorial.
 
 Every test states the property it checks, and checks it against an independent computation,
-an invariant, or a measured effect of training. Everything runs on a CPU in a few minutes:
-the tiny preset, 2 s chunks where the chunk length does not matter, and small toy data sets.
+an invariant, or a measured effect of training. Everything runs on a CPU: the tiny preset, 2 s
+chunks where the chunk length does not matter, and small toy data sets. Tests that run the
+command line in a subprocess, train for more than a few steps, or take over ~3 s are marked slow.
 
-    python -m pytest -q test_stem_jepa.py
+    python -m pytest -q test_stem_jepa.py                   # everything (what .ci/run runs)
+    python -m pytest -q -m "not slow" test_stem_jepa.py     # the fast loop, under a minute
 """
 from __future__ import annotations
 
