@@ -964,7 +964,7 @@ def test_signal_saves_a_checkpoint_and_resume_appends_to_the_log(tmp_path, toy_d
     assert 10 <= stopped_at < 2000
     resumed = run_cli("train", "--data", toy_data, "--out", run, "--steps", "2000", "--log-every",
                       "5",
-                   "--resume", "--stop-at", stopped_at + 10, *TINY_RUN)
+                      "--resume", "--stop-at", stopped_at + 10, *TINY_RUN)
     assert resumed.returncode == 0, resumed.stderr
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == stopped_at + 10
     steps = [int(r["step"]) for r in csv.DictReader(open(run / "log.csv"))]
@@ -989,7 +989,7 @@ def test_sigkill_while_saving_leaves_a_loadable_checkpoint(tmp_path, toy_data):
         assert ckpt["step"] >= 1
     resumed = run_cli("train", "--data", toy_data, "--out", run, "--steps", "100000",
                       "--ckpt-every", "1",
-                   "--log-every", "1", "--resume", "--stop-at", ckpt["step"] + 2, *TINY_RUN)
+                      "--log-every", "1", "--resume", "--stop-at", ckpt["step"] + 2, *TINY_RUN)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming {run / 'checkpoint.pt'} at step" in resumed.stdout
 
@@ -1003,7 +1003,7 @@ def test_resume_with_another_configuration_is_refused(tmp_path, toy_data):
                    *TINY_RUN).returncode == 0
     other = run_cli("train", "--data", toy_data, "--out", run, "--steps", "4", "--predictor",
                     "transformer",
-                 "--resume", *TINY_RUN)
+                    "--resume", *TINY_RUN)
     assert other.returncode == 2 and "predictor: mlp -> transformer" in other.stderr
     assert "Traceback" not in other.stderr
     longer = run_cli("train", "--data", toy_data, "--out", run, "--steps", "6", "--resume",
@@ -1023,7 +1023,7 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, toy_data)
     run = tmp_path / "run"
     bad = run_cli("train", "--data", toy_data, "--out", run, "--steps", "40", "--lr", "1e30",
                   "--ckpt-every", "1",
-               *TINY_RUN)
+                  *TINY_RUN)
     assert bad.returncode == 2, bad.stdout + bad.stderr
     assert "not finite for 5 steps in a row" in bad.stderr and "Traceback" not in bad.stderr
     assert "step skipped" in bad.stdout
@@ -1491,7 +1491,7 @@ def test_lock_refuses_a_second_live_run_and_is_stale_after_kill_9(tmp_path):
     assert (run / "train.lock").exists()
     step = sj.load_checkpoint(run / "checkpoint.pt")["step"]
     resumed = run_cli("train", "--data", data, "--out", run, *mini_run, "--resume",
-                   "--stop-at", step + 1)
+                      "--stop-at", step + 1)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "stale lock" in resumed.stdout and f"resuming {run / 'checkpoint.pt'}" in resumed.stdout
     assert not (run / "train.lock").exists()
