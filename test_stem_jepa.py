@@ -982,6 +982,8 @@ def test_sigkill_while_saving_leaves_a_loadable_checkpoint(tmp_path, toy_data):
                          "--ckpt-every", "1",
                          "--log-every", "1", "--resume", *TINY_RUN, merge_stderr=True)
         _wait_for_line(proc, "step ")
+        while not (run / "checkpoint.pt").exists():     # output is unbuffered: the line can come
+            time.sleep(0.01)                            # before the first checkpoint is written
         time.sleep(delay)
         proc.kill()
         proc.wait()
