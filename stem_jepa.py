@@ -3011,7 +3011,9 @@ def plot_fig5(result: dict, path) -> None:
 
 def tempo_class(bpm: float) -> str:
     """Three equal tempo bins over the toy set's 80-160 BPM: slow, mid, fast."""
-    return "slow" if bpm < 80 + 80 / 3 else "mid" if bpm < 80 + 160 / 3 else "fast"
+    if bpm < 80 + 80 / 3:
+        return "slow"
+    return "mid" if bpm < 80 + 160 / 3 else "fast"
 
 
 def hold_out(splits: list[str], fraction: float, seed: int) -> list[str]:
