@@ -1215,7 +1215,8 @@ def pick_precision(name: str, device: torch.device) -> str:
 
 def autocast_for(device: torch.device, precision: str = "bf16"):
     """Autocast in the training precision on CUDA (bf16, or fp16 with a GradScaler); nothing for
-    fp32 or elsewhere. Evaluation (embed_long) runs in fp32."""
+    fp32 or elsewhere. Evaluation (embed_long) runs in fp32. The paper's text names no precision;
+    fp16 autocast is the authors' code's configuration, and bf16 needs no loss scaling."""
     if device.type != "cuda" or precision == "fp32":
         return nullcontext()
     return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
