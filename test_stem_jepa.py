@@ -2288,6 +2288,8 @@ def test_sigkill_while_saving_leaves_a_loadable_checkpoint(tmp_path, toy_data):
         proc = _start("train", "--data", toy_data, "--out", run, "--steps", "100000", "--ckpt-every", "1",
                       "--log-every", "1", "--resume", *TINY_RUN)
         _wait_for_line(proc, "step ")
+        while not (run / "checkpoint.pt").exists():     # the log line comes before the first
+            time.sleep(0.01)                            # checkpoint is written
         time.sleep(delay)
         proc.kill()
         proc.wait()
