@@ -2227,9 +2227,8 @@ def evaluate(checkpoint, data, *, split="test", out=None, cache=None, device=Non
     results["rows"]["chance"] = chance_metrics(len(truth))
     results["rows"]["chance"].update(
         which_song=chance_metrics(len(tracks), ks=(1,)),
-                                     which_instrument=chance_metrics(len(model.instruments),
-                                                                     ks=(1,)),
-        query_cosine=float("nan"))
+        which_instrument=chance_metrics(len(model.instruments), ks=(1,)),
+        query_cosine=None)
     # the headline numbers at top level
     results.update(results["rows"]["Stem-JEPA, target-encoder refs"])
     results["fig2"] = failure_analysis(emb.queries, emb.refs_target, emb.track, emb.instrument,
@@ -2263,7 +2262,7 @@ def format_table(results: dict) -> str:
                      f" | {m['which_song']['R@1']:8.1f} {m['which_song']['nrank_mean']:10.1f}"
                      f" | {m['which_instrument']['R@1']:8.1f}"
                      f" {m['which_instrument']['nrank_mean']:10.1f}"
-                     f" | {m['query_cosine']:6.3f}")
+                     f" | {'-' if m['query_cosine'] is None else format(m['query_cosine'], '.3f'):>6s}")
     for s, m in results["rows"]["Stem-JEPA, target-encoder refs"].get("per_instrument", {}).items():
         lines.append(f"{'  ' + s:34s} {m['R@1']:6.1f} {m['R@5']:6.1f} {m['R@10']:6.1f} "
                      f"{m['nrank_mean']:11.1f} {m['nrank_median']:7.1f}")

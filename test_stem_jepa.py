@@ -3013,6 +3013,23 @@ def test_cli_toy_then_train_writes_data_checkpoint_and_log(tmp_path):
 
 
 @pytest.mark.slow
+def test_every_config_field_is_a_train_option():
+    """The train options come from the Config fields: each field has its --flag, a given flag sets
+    the field (the GPU check's --warmup-steps and --tau-start among them), and unset flags keep
+    the preset's values."""
+    import argparse
+    parser = argparse.ArgumentParser()
+    sj._add_train_options(parser)
+    flags = {a for action in parser._actions for a in action.option_strings}
+    assert {"--" + f.name.replace("_", "-") for f in dataclasses.fields(sj.Config)} <= flags
+    args = parser.parse_args(["--preset", "tiny", "--warmup-steps", "7", "--tau-start", "0.9",
+                              "--song-contrast", "0.5", "--no-weight-decay-all"])
+    cfg = sj._config_from(args)
+    assert (cfg.warmup_steps, cfg.tau_start, cfg.song_contrast, cfg.weight_decay_all) == \
+        (7, 0.9, 0.5, False)
+    assert cfg.dim == sj.make_config("tiny").dim and cfg.steps == sj.make_config("tiny").steps
+
+
 @pytest.mark.parametrize("command, options", [
     ("toy", ["--out", "--tracks", "--seconds", "--seed"]),
     ("train", ["--data", "--out", "--cache", "--resume", "--device", "--preset", "--predictor",
