@@ -402,7 +402,7 @@ def jepa_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """L = 1/K sum_k || z~_k/||z~_k|| - z_k/||z_k|| ||^2  (Eq. 1), averaged over patches and batch.
 
     As in the authors' code (not in the paper's text), each target patch vector is first
-    standardised over its D dims: (t - mean) / sqrt(var + 1e-6), with the unbiased variance.
+    standardised over its D dims (`unit_targets`).
     """
     diff = F.normalize(pred.float(), dim=-1) - unit_targets(target)
     return diff.pow(2).sum(-1).mean()
@@ -507,8 +507,7 @@ class StemJEPA(nn.Module):
         return int(instrument)
 
     def _long(self, wav, instrument=None, *, target=True, batch=16) -> torch.Tensor:
-        x = wav.detach().cpu().numpy() if torch.is_tensor(wav) else wav
-        x = np.asarray(x, dtype=np.float32)
+        x = np.asarray(wav.detach().cpu() if torch.is_tensor(wav) else wav, dtype=np.float32)
         if x.ndim != 1:
             raise StemJEPAError(f"expected one mono waveform (N,), got shape {tuple(x.shape)}")
         ids = None if instrument is None else [self.instrument_id(instrument)]
@@ -541,8 +540,7 @@ class StemJEPA(nn.Module):
         distance = (pool(q) - pool(z)).norm().item()
         offset = best_offset(frames(z), frames(q))
         return {"distance": round(distance, 4), "similarity": round(1 - distance ** 2 / 2, 4),
-                "offset_patches": offset,
-                "offset_s": round(offset * patch_seconds(self.config), 2)}
+                "offset_patches": offset, "offset_s": round(offset * patch_seconds(self.config), 2)}
 
     def forward(self, context: torch.Tensor, target: torch.Tensor,
                 instrument: torch.Tensor) -> torch.Tensor:
@@ -757,11 +755,10 @@ def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, 
     run = _start_run(cfg, data, out=Path(out), cache=cache, device=device, precision=precision,
                      layout=layout, log=log)
     _restore(run, resume=resume, force=force, init_from=init_from)
-    loader = _loader(run, workers)
     loss_fn = _wrap(run, compile)
     peak_lr = cfg.base_lr * cfg.batch_size / 256
     with GracefulStop() as stop, run.lock:
-        batches = iter(loader)
+        batches = iter(_loader(run, workers))
         while run.step < min(cfg.steps, stop_at or cfg.steps) and stop.reason is None:
             batch = _next_batch(batches, stop)
             if batch is None:
@@ -1165,15 +1162,11 @@ def which_song_and_instrument(queries, refs, track, instrument) -> dict:
 
 def pick_device(name: str | None = None) -> torch.device:
     """cuda -> mps -> cpu, or the one asked for (an error if it is not available)."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(),
+                 "cpu": True}
     if name is None:
-        name = "cpu"
-        if torch.backends.mps.is_available():
-            name = "mps"
-        if torch.cuda.is_available():
-            name = "cuda"
+        name = next(kind for kind, ok in available.items() if ok)
     kind = name.split(":")[0]
-    available = {"cpu": True, "cuda": torch.cuda.is_available(),
-                 "mps": torch.backends.mps.is_available()}
     if kind not in available:
         raise StemJEPAError(f"--device {name}: unknown device; use cpu, cuda, cuda:N or mps")
     if not available[kind]:
@@ -1186,9 +1179,9 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 def pick_precision(name: str, device: torch.device) -> str:
-    """The training precision: --precision auto picks bf16 on a CUDA GPU that has it natively
-    (Ampere and later), else fp16 with a GradScaler (the authors' code's choice; T4, V100); fp32 off
-    CUDA. including_emulation=False: older GPUs emulate bf16, slowly."""
+    """The training precision: auto picks bf16 on a CUDA GPU that has it natively (Ampere and
+    later; older GPUs emulate it, slowly), else fp16 with a GradScaler (the authors' code's choice;
+    T4, V100); fp32 off CUDA."""
     if name not in PRECISIONS:
         raise StemJEPAError(f"--precision {name}: choose one of {', '.join(PRECISIONS)}")
     if device.type != "cuda":
@@ -1216,10 +1209,9 @@ def autocast_for(device: torch.device, precision: str = "bf16"):
 
 @contextmanager
 def full_precision(device: torch.device):
-    """float32 throughout, whatever the caller set: no autocast and no TF32 matmuls or
-    convolutions. Evaluation and every analysis run under it, as the authors evaluate in fp32:
-    pooled vectors of one instrument sit at cosine ~0.98, where bf16 rounding reorders
-    neighbours."""
+    """float32 throughout, whatever the caller set: no autocast, no TF32 matmuls or convolutions.
+    Evaluation and every analysis run under it, as the authors evaluate in fp32: pooled vectors of
+    one instrument sit at cosine ~0.98, where bf16 rounding reorders neighbours."""
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
@@ -1267,9 +1259,8 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     """A checkpoint written by `train` (a plain dict, loadable with weights_only=True); falls back
     to the previous one if the latest is missing or unreadable."""
     path = Path(path)
-    candidates = [path, path.with_name(path.stem + ".prev.pt")]
     problems = []
-    for p in candidates:
+    for p in (path, path.with_name(path.stem + ".prev.pt")):
         if not p.exists():
             continue
         try:
@@ -1279,12 +1270,11 @@ def load_checkpoint(path, map_location="cpu") -> dict:
             continue
         if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
             problems.append(f"{p}: not a Stem-JEPA checkpoint")
-            continue
-        if ckpt.get("version") != VERSION:
+        elif ckpt.get("version") != VERSION:
             problems.append(f"{p}: written by checkpoint format {ckpt.get('version')}, "
                             f"this file reads {VERSION}")
-            continue
-        return ckpt
+        else:
+            return ckpt
     raise StemJEPAError("; ".join(problems) or f"{path}: no such checkpoint")
 
 
@@ -1295,11 +1285,10 @@ def open_trained(checkpoint, device=None, data=None, *, split="test", cache=None
     evaluation (every track and stem kept: `prepare` with training=False)."""
     device = pick_device(device)
     model = StemJEPA.from_checkpoint(checkpoint).to(device)
-    prepared = None
-    if data is not None:
-        prepared = prepare(data, split, cache=cache, training=False, layout=layout, log=log,
-                           **prepare_options(model.config))
-    return model, device, prepared
+    if data is None:
+        return model, device, None
+    return model, device, prepare(data, split, cache=cache, training=False, layout=layout,
+                                  log=log, **prepare_options(model.config))
 
 
 def random_twin(model: StemJEPA, seed: int | None = None) -> StemJEPA:
@@ -1424,8 +1413,7 @@ class GracefulStop:
         self.reason, self.previous = None, {}
 
     def __enter__(self):
-        # signals can only be caught there
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread():  # the only one that may set them
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self.previous[sig] = signal.signal(sig, self._handle)
         return self
