@@ -1296,8 +1296,7 @@ def random_twin(model: StemJEPA, seed: int | None = None) -> StemJEPA:
     on the model's device, in eval mode."""
     if seed is not None:
         torch.manual_seed(seed)
-    twin = build_model(model.config, model.instruments)
-    return twin.to(next(model.parameters()).device).eval()
+    return build_model(model.config, model.instruments).to(next(model.parameters()).device).eval()
 
 
 # Config fields that may change on --resume with --force: they do not change what the weights mean.
@@ -1314,8 +1313,7 @@ def check_resume(ckpt: dict, cfg: Config, data_id: str, force: bool) -> None:
     if not diffs:
         return
     text = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in diffs.items())
-    fatal = [k for k in diffs if k not in RESUMABLE_CHANGES + ("dataset",)]
-    if fatal:
+    if any(k not in RESUMABLE_CHANGES + ("dataset",) for k in diffs):
         raise StemJEPAError(f"cannot resume: the run was made with another configuration ({text}); "
                             "pass the same preset and options, or start a new --out")
     if not force:
