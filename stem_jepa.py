@@ -402,7 +402,7 @@ def jepa_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """L = 1/K sum_k || z~_k/||z~_k|| - z_k/||z_k|| ||^2  (Eq. 1), averaged over patches and batch.
 
     As in the authors' code (not in the paper's text), each target patch vector is first
-    standardised over its D dims: (t - mean) / sqrt(var + 1e-6), with the unbiased variance.
+    standardised over its D dims (`unit_targets`).
     """
     diff = F.normalize(pred.float(), dim=-1) - unit_targets(target)
     return diff.pow(2).sum(-1).mean()
@@ -449,7 +449,8 @@ def ema_update(target: list[torch.Tensor], online: list[torch.Tensor], tau: floa
     torch._foreach_lerp_(target, online, 1.0 - tau)
 
 
-def lr_at(step: int, *, peak_lr: float, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
+def lr_at(step: int, *, peak_lr: float, warmup_steps: int, total_steps: int,
+          min_ratio: float = 0.0) -> float:
     """Linear warmup to peak_lr over warmup_steps, then cosine annealing to min_ratio x peak_lr
     (the paper: to 0) at total_steps (3.3)."""
     if step < warmup_steps:
@@ -506,8 +507,7 @@ class StemJEPA(nn.Module):
         return int(instrument)
 
     def _long(self, wav, instrument=None, *, target=True, batch=16) -> torch.Tensor:
-        x = wav.detach().cpu().numpy() if torch.is_tensor(wav) else wav
-        x = np.asarray(x, dtype=np.float32)
+        x = np.asarray(wav.detach().cpu() if torch.is_tensor(wav) else wav, dtype=np.float32)
         if x.ndim != 1:
             raise StemJEPAError(f"expected one mono waveform (N,), got shape {tuple(x.shape)}")
         ids = None if instrument is None else [self.instrument_id(instrument)]
@@ -540,8 +540,7 @@ class StemJEPA(nn.Module):
         distance = (pool(q) - pool(z)).norm().item()
         offset = best_offset(frames(z), frames(q))
         return {"distance": round(distance, 4), "similarity": round(1 - distance ** 2 / 2, 4),
-                "offset_patches": offset,
-                "offset_s": round(offset * patch_seconds(self.config), 2)}
+                "offset_patches": offset, "offset_s": round(offset * patch_seconds(self.config), 2)}
 
     def forward(self, context: torch.Tensor, target: torch.Tensor,
                 instrument: torch.Tensor) -> torch.Tensor:
@@ -688,9 +687,7 @@ class StepBatches(torch.utils.data.Sampler):
 def param_groups(model: nn.Module, weight_decay: float, *, decay_all: bool = True) -> list[dict]:
     """AdamW's parameter groups. decay_all: weight decay on every trainable parameter, as the
     authors' code (the paper's "all other hyperparameters" of M2D leave this open); otherwise M2D's
-    grouping, decay on weight matrices only, not on biases, norms or embeddings. The optimizer is
-    built with fused=True: one kernel over all parameters instead of ~10 passes (on a CPU, 60 ms
-    instead of 400 ms per ViT-B step)."""
+    grouping, decay on weight matrices only, not on biases, norms or embeddings."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -706,12 +703,11 @@ def training_step(model: StemJEPA, optimizer, context, target, instrument, *, lr
     """One step of 3.3: forward context and target, predict, loss (Eq. 1), backward, clip the
     gradient norm, AdamW step, then the EMA update of the target encoder (Eq. 2).
 
-    loss_fn is the model or its DDP / compiled wrapper. The batch is split into grad_accum
+    loss_fn: the model or its DDP / compiled wrapper. The batch is split into grad_accum
     micro-batches whose gradients add up (DDP synchronises only the last). Returns the loss (a
     tensor: reading it would wait for the device) and whether the step was applied: a non-finite
-    gradient norm skips the update entirely. With a GradScaler (fp16), the loss is scaled before
-    backward and the gradients unscaled before clipping; an overflow skips the step and lowers
-    the scale.
+    gradient norm (with fp16's GradScaler: an overflow, which also lowers the scale) skips the
+    update and the EMA.
     """
     loss_fn = model if loss_fn is None else loss_fn
     for group in optimizer.param_groups:
@@ -730,15 +726,13 @@ def training_step(model: StemJEPA, optimizer, context, target, instrument, *, lr
         scaler.unscale_(optimizer)
     trainable = [p for p in model.parameters() if p.requires_grad]
     grad_norm = nn.utils.clip_grad_norm_(trainable, grad_clip, foreach=True)
-    # one host sync per step: the price of skipping bad steps
-    applied = bool(torch.isfinite(grad_norm))
+    applied = bool(torch.isfinite(grad_norm))   # one host sync: the price of skipping bad steps
     if applied:
         optimizer.step()
+        ema_update(list(model.target_encoder.parameters()), list(model.encoder.parameters()), tau)
     if scaler is not None:
         scaler.update()                             # halves the scale after an overflow
     optimizer.zero_grad(set_to_none=True)
-    if applied:
-        ema_update(list(model.target_encoder.parameters()), list(model.encoder.parameters()), tau)
     return total, applied
 
 
@@ -752,24 +746,19 @@ class Trained(NamedTuple):
 def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, force=False,
           device=None, compile=False, workers=None, stop_at=None, init_from=None,
           precision="auto", layout=None, log=print) -> Trained:
-    """Train Stem-JEPA on the `train` split of `data` (3.3). Writes OUT/checkpoint.pt and
-    OUT/log.csv. stop_at: save and return at this step (continue later with resume=True).
-    init_from: start a new run (fresh optimizer, schedules from step 0) from a checkpoint's
-    weights (`init_from_checkpoint`); resume=True with a checkpoint in OUT takes precedence.
-    precision: `pick_precision`. layout: find_tracks's options. OUT/train.lock (`RunLock`)
-    keeps a second live run out of OUT.
-
-    Under torchrun, each process takes batch_size / world_size samples per step and
-    DistributedDataParallel averages the gradients; nothing else changes.
-    """
+    """Train Stem-JEPA on the `train` split of `data` (3.3) into OUT/checkpoint.pt and OUT/log.csv.
+    stop_at: save and return at this step (continue with resume=True). init_from: a new run (fresh
+    optimizer, schedules from step 0) from a checkpoint's weights; resume=True with a checkpoint in
+    OUT takes precedence. precision: `pick_precision`; layout: `find_tracks`'s options. Under
+    torchrun, each process takes batch_size / world_size samples per step and DDP averages the
+    gradients; OUT/train.lock (`RunLock`) keeps a second live run out of OUT."""
     run = _start_run(cfg, data, out=Path(out), cache=cache, device=device, precision=precision,
                      layout=layout, log=log)
     _restore(run, resume=resume, force=force, init_from=init_from)
-    loader = _loader(run, workers)
     loss_fn = _wrap(run, compile)
     peak_lr = cfg.base_lr * cfg.batch_size / 256
     with GracefulStop() as stop, run.lock:
-        batches = iter(loader)
+        batches = iter(_loader(run, workers))
         while run.step < min(cfg.steps, stop_at or cfg.steps) and stop.reason is None:
             batch = _next_batch(batches, stop)
             if batch is None:
@@ -802,38 +791,30 @@ LOG_COLUMNS = ("step,loss,lr,tau,samples_per_s,spread,batch_loss,avg_stem_loss,p
 
 @dataclass
 class _Run:
-    """One training run's state beyond the weights: what the loop, the log lines and the
-    checkpoints share. step, skipped and the log window (loss_sum, n_applied: the applied
-    steps since the last log line) are checkpointed, so a resumed run logs what an
-    uninterrupted one would."""
+    """One training run's state beyond the weights, shared by the loop, the log lines and the
+    checkpoints. step, skipped and the log window (loss_sum over the n_applied applied steps since
+    the last log line) are checkpointed, so a resumed run logs what an uninterrupted one would."""
     cfg: Config
     out: Path
     device: torch.device
     precision: str
+    distributed: bool                           # launched by torchrun
     rank: int
     world: int
     tracks: list[dict]
     instruments: list[str]
-    data_id: str
+    data_id: str                                # a hash of the track list, checked on resume
     model: StemJEPA
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
+    loss_sum: torch.Tensor                      # on the device: adding a loss does not sync
     log: object
     step: int = 0
     skipped: int = 0
     bad_in_a_row: int = 0
-    loss_sum: float | torch.Tensor = 0.0
     n_applied: int = 0
     n_seen: int = 0                             # steps since the last log line, skipped included
     t_last: float = 0.0
-
-    @property
-    def distributed(self) -> bool:
-        return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
     @property
     def ckpt_path(self) -> Path:
@@ -841,7 +822,7 @@ class _Run:
 
     @property
     def lock(self):
-        return RunLock(self.out, log=self.log) if self.is_main else nullcontext()
+        return RunLock(self.out, log=self.log) if self.rank == 0 else nullcontext()
 
     def count(self, loss: torch.Tensor, applied: bool) -> None:
         """Add a step's loss to the log window, or count it as skipped; 5 in a row is an error."""
@@ -883,31 +864,31 @@ def _start_run(cfg: Config, data, *, out: Path, cache, device, precision, layout
     if out.exists() and not out.is_dir():
         raise StemJEPAError(f"--out {out} is a file: give a folder for the run "
                             "(it holds checkpoint.pt and log.csv)")
-    if rank != 0:
-        log = _quiet
-    else:
-        RunLock(out, log=log).check()           # before decoding the data; taken by the loop
     precision = pick_precision(precision, device)
     if rank == 0:
-        tracks = prepare(data, "train", cache=cache, layout=layout, log=log, **prepare_options(cfg))
-    if distributed:
-        dist.barrier()                          # the other processes then read rank 0's cache
-    if rank != 0:
-        tracks = prepare(data, "train", cache=cache, layout=layout, log=log, **prepare_options(cfg))
+        RunLock(out, log=log).check()           # before decoding the data; taken by the loop
+    else:
+        log = _quiet
+        dist.barrier()                          # rank 0 decodes the data; the others read its cache
+    tracks = prepare(data, "train", cache=cache, layout=layout, log=log, **prepare_options(cfg))
+    if distributed and rank == 0:
+        dist.barrier()
     instruments = sorted({s for t in tracks for s in t["stems"]})
     names = [(t["name"], t["stems"], t["length"]) for t in tracks]
-    data_id = hashlib.sha1(json.dumps(names).encode()).hexdigest()
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, instruments).to(device)
     groups = param_groups(model, cfg.weight_decay, decay_all=cfg.weight_decay_all)
+    # fused: one kernel over all parameters, not ~10 passes (a CPU ViT-B step: 60 ms, not 400 ms)
     optimizer = torch.optim.AdamW(groups, lr=0.0, betas=(cfg.beta1, cfg.beta2),
                                   fused=device.type in ("cuda", "cpu"))
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None  # loss scaling
     if device.type == "cuda":
         log(f"precision {precision}" + (" with a gradient scaler" if scaler is not None else ""))
-    return _Run(cfg=cfg, out=out, device=device, precision=precision, rank=rank, world=world,
-                tracks=tracks, instruments=instruments, data_id=data_id, model=model,
-                optimizer=optimizer, scaler=scaler, log=log)
+    return _Run(cfg=cfg, out=out, device=device, precision=precision, distributed=distributed,
+                rank=rank, world=world, tracks=tracks, instruments=instruments,
+                data_id=hashlib.sha1(json.dumps(names).encode()).hexdigest(), model=model,
+                optimizer=optimizer, scaler=scaler, loss_sum=torch.zeros((), device=device),
+                log=log)
 
 
 def _quiet(*args, **kwargs) -> None:
@@ -918,7 +899,6 @@ def _restore(run: _Run, *, resume: bool, force: bool, init_from) -> None:
     """Resume from OUT's checkpoint, or start from another run's weights (--init-from), or from
     scratch; then create OUT and the log's header."""
     cfg, path, log = run.cfg, run.ckpt_path, run.log
-    window = (0.0, 0)                           # loss sum and count since the last log line
     if resume and (path.exists() or path.with_name("checkpoint.prev.pt").exists()):
         ckpt = load_checkpoint(path, map_location=run.device)
         check_resume(ckpt, cfg, run.data_id, force)
@@ -929,7 +909,9 @@ def _restore(run: _Run, *, resume: bool, force: bool, init_from) -> None:
         run.optimizer.load_state_dict(ckpt["optimizer"])
         run.step = ckpt["step"]
         run.skipped = ckpt.get("skipped", 0)
-        window = ckpt.get("log_window", window)
+        window = ckpt.get("log_window", (0.0, 0))
+        run.loss_sum.fill_(float(window[0]))
+        run.n_applied = int(window[1])
         if run.scaler is not None and ckpt.get("scaler"):
             run.scaler.load_state_dict(ckpt["scaler"])
         log(f"resuming {path} at step {run.step}")
@@ -939,9 +921,7 @@ def _restore(run: _Run, *, resume: bool, force: bool, init_from) -> None:
             "step 0" + (f"; new instrument embeddings for {', '.join(new)}" if new else ""))
     elif resume:
         log(f"no checkpoint in {run.out}: starting from scratch")
-    run.loss_sum = torch.tensor(float(window[0]), device=run.device)
-    run.n_applied = int(window[1])
-    if run.is_main:
+    if run.rank == 0:
         run.out.mkdir(parents=True, exist_ok=True)
         if not (run.out / "log.csv").exists():
             (run.out / "log.csv").write_text(LOG_COLUMNS + "\n")
@@ -967,8 +947,7 @@ def _loader(run: _Run, workers: int | None) -> torch.utils.data.DataLoader:
                           rank=run.rank, world=run.world)
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=batches, num_workers=workers, pin_memory=run.device.type == "cuda",
-        worker_init_fn=_ignore_sigint, persistent_workers=False,
-        prefetch_factor=4 if workers else None)
+        worker_init_fn=_ignore_sigint, prefetch_factor=4 if workers else None)
 
 
 def _wrap(run: _Run, compile: bool) -> nn.Module:
@@ -1006,20 +985,19 @@ def _log_progress(run: _Run, context, target, instrument, *, lr: float, tau: flo
             f"average stem {c['avg_stem_loss']:.4f})  spread of predictions "
             f"{c['pred_spread']:.3f} (targets {c['target_spread']:.3f})  lr {lr:.2e}  "
             f"tau {tau:.6f}  spread {spread:.3f}  {speed:.1f} samples/s  ETA {eta / 60:.1f} min")
-    if run.is_main:
+    if run.rank == 0:
         with open(run.out / "log.csv", "a") as f:
             f.write(f"{run.step},{mean_loss:.6f},{lr:.6e},{tau:.8f},{speed:.2f},{spread:.4f},"
                     f"{c['batch_loss']:.6f},{c['avg_stem_loss']:.6f},{c['pred_spread']:.4f},"
                     f"{c['target_spread']:.4f},{run.skipped}\n")
     run.loss_sum.zero_()
-    run.n_seen = 0
-    run.n_applied = 0
+    run.n_seen = run.n_applied = 0
     run.t_last = time.time()
 
 
 def _save_run(run: _Run) -> None:
     """OUT/checkpoint.pt (`save_checkpoint`), written by rank 0."""
-    if run.is_main:
+    if run.rank == 0:
         save_checkpoint(run.ckpt_path, {
             "version": VERSION, "config": dataclasses.asdict(run.cfg),
             "instruments": run.instruments, "step": run.step, "skipped": run.skipped,
@@ -1049,13 +1027,13 @@ def collapse_measures(pred: torch.Tensor, target: torch.Tensor, instrument: torc
     """
     p, t = F.normalize(pred.float(), dim=-1), unit_targets(target)      # (B, F, T, D)
     same = (instrument[:, None] == instrument[None]).float()            # (B, B)
-    n = same.sum(1)                                                     # samples of my instrument, me included
+    n = same.sum(1)                                 # samples of each one's instrument, itself in
     keep = n > 1
     if not keep.any():
-        return dict.fromkeys(("batch_loss", "avg_stem_loss", "pred_spread", "target_spread"), float("nan"))
-    sums = torch.einsum("ij,jftd->iftd", same, t)                       # (B, F, T, D)
-    others = (sums - t)[keep] / (n[keep] - 1)[:, None, None, None]      # leave-one-out mean target
+        return dict.fromkeys(("batch_loss", "avg_stem_loss", "pred_spread", "target_spread"),
+                             float("nan"))
     k = n[keep][:, None, None, None]
+    others = (torch.einsum("ij,jftd->iftd", same, t) - t)[keep] / (k - 1)   # leave-one-out mean
 
     def spread(x):
         mean = torch.einsum("ij,jftd->iftd", same, x)[keep] / k
@@ -1072,38 +1050,33 @@ def collapse_measures(pred: torch.Tensor, target: torch.Tensor, instrument: torc
 @torch.no_grad()
 def embed_long(model: StemJEPA, wavs: list[np.ndarray], *, chunk: int, instruments=None,
                target=True, batch=16, device="cpu") -> list[torch.Tensor]:
-    """Patch embeddings of whole recordings, cut into consecutive chunks (the last one shorter):
-    one (F, T, D) tensor per waveform, T covering every frame (the last chunk is zero-padded to a
-    whole patch). With `instruments` (one id per waveform), the predictions of the predictor
-    conditioned on them, from the context encoder; otherwise the target (or context) encoder's.
-    Full chunks of all waveforms are batched together, and last chunks of equal length. In
-    float32 (`full_precision`), even on a GPU and inside an autocast region."""
+    """Patch embeddings of whole recordings, one (F, T, D) tensor per waveform, T covering every
+    frame: each is cut into consecutive chunks, the last one zero-padded to whole patches. With
+    `instruments` (one id per waveform), the predictions conditioned on them (context encoder);
+    otherwise the target (or context) encoder's. Chunks of equal length are batched together,
+    across waveforms. In float32 (`full_precision`), even on a GPU and inside an autocast region."""
     patch = model.frontend.hop_length * model.encoder.patch_size       # samples per time patch
     chunk = max(patch, chunk - chunk % patch)                           # whole patches only
-    pieces = []                                                         # (wav, position, samples)
+    by_length = {}                                      # length -> [(wav, position, samples)]
     for w, x in enumerate(wavs):
         for j, start in enumerate(range(0, max(len(x), 1), chunk)):
             piece = x[start: start + chunk]
             if len(piece) < chunk:                                      # whole patches, >= 1
                 piece = np.pad(piece, (0, max(-len(piece) % patch, patch - len(piece))))
-            pieces.append((w, j, piece))
-    by_length = {}
-    for p in pieces:
-        by_length.setdefault(len(p[2]), []).append(p)
+            by_length.setdefault(len(piece), []).append((w, j, piece))
     groups = [same[i: i + batch] for same in by_length.values() for i in range(0, len(same), batch)]
-    out = {}
+    out = [{} for _ in wavs]                                    # position -> (F, T_chunk, D)
     with full_precision(torch.device(device)):
         for group in groups:
             x = torch.from_numpy(np.stack([p[2] for p in group])).float().to(device)   # (b, chunk)
             if instruments is None:
                 z = model.encode(x, target=target)
             else:
-                z = model.predict(x,
-                                  torch.tensor([instruments[p[0]] for p in group], device=device))
+                ids = torch.tensor([instruments[w] for w, _, _ in group], device=device)
+                z = model.predict(x, ids)
             for (w, j, _), zi in zip(group, z.float().cpu()):
-                out[w, j] = zi                                          # (F, T_chunk, D)
-    return [torch.cat([out[w, j] for j in range(sum(1 for p in pieces if p[0] == w))], dim=1)
-            for w in range(len(wavs))]
+                out[w][j] = zi
+    return [torch.cat([chunks[j] for j in sorted(chunks)], dim=1) for chunks in out]
 
 
 def pool(z: torch.Tensor) -> torch.Tensor:
@@ -1116,19 +1089,15 @@ def pool(z: torch.Tensor) -> torch.Tensor:
 
 def retrieval_ranks(queries: torch.Tensor, refs: torch.Tensor, truth: torch.Tensor,
                     candidates=None):
-    """L2 distances from each query (Q, C) to every reference (R, C); for each query, how many
-    references are closer than its true one `truth[q]` and the tie count. The 1-based rank is
-    closer + 1 (1 = nearest); ties are broken at random, in expectation: rank = 1 + (#closer) +
-    (#tied others) / 2, and Recall@K = P(rank <= K). candidates (Q, R) bool, optional: each query
-    competes only with these references."""
+    """L2 distances d from each query (Q, C) to every reference (R, C); for each query, how many
+    references are closer than its true one `truth[q]` and how many tie with it (itself included).
+    Ties are broken at random, in expectation: rank = 1 + closer + (tied - 1) / 2 (1 = nearest).
+    candidates (Q, R) bool, optional: each query competes only with these references."""
     d = torch.cdist(queries.double(), refs.double())                    # (Q, R)
     if candidates is not None:
         d = d.masked_fill(~candidates, float("inf"))
     d_true = d.gather(1, truth[:, None])                                # (Q, 1)
-    closer = (d < d_true).sum(1)
-    # includes the true reference
-    tied = (d == d_true).sum(1)
-    return closer, tied, d
+    return (d < d_true).sum(1), (d == d_true).sum(1), d                 # closer, tied, d
 
 
 def retrieval_metrics(queries, refs, truth, ks=(1, 5, 10), candidates=None) -> dict:
@@ -1161,28 +1130,24 @@ def chance_metrics(R: int, ks=(1, 5, 10)) -> dict:
 
 
 def which_song_and_instrument(queries, refs, track, instrument) -> dict:
-    """The two questions inside a retrieval rank (query i's true stem is reference i):
+    """The two questions inside a retrieval rank (query i's true stem is reference i), each as R@1
+    and mean normalised rank in percent (chance: 100/N or 100/S, and about 50):
 
     - which song? the rank of the true stem among the references of the *same instrument*
       (N candidates). This is compatibility: the bass of this song, not any bass.
     - which instrument? its rank among the stems of the *same song* (S candidates).
-    - query_cosine: the mean cosine between pooled queries of one instrument in different songs.
-      1 means the predictor gives the same query for every song (it has learnt the instrument
-      only); pooled vectors share a large common part, so it stays high even when the ranking
-      by song is informative.
-    Each rank is given as R@1 and mean normalised rank in percent; chance is 100/N (or 100/S) and
-    about 50.
+    - query_cosine: the mean cosine between pooled queries of one instrument in different songs;
+      1 when the predictor has learnt the instrument only. Pooled vectors share a large common
+      part, so it stays high even when the ranking by song is informative.
     """
-    truth = torch.arange(len(queries))
     same_inst = instrument[:, None] == instrument[None]                 # (Q, R)
     same_song = track[:, None] == track[None]
     q = F.normalize(queries.double(), dim=1)
     others = same_inst & ~same_song
     cosine = (q @ q.T)[others].mean().item() if others.any() else float("nan")
-    return {"which_song": retrieval_metrics(queries, refs, truth, ks=(1,), candidates=same_inst),
-            "which_instrument": retrieval_metrics(queries, refs, truth, ks=(1,),
-                                                  candidates=same_song),
-            "query_cosine": cosine}
+    ranks = functools.partial(retrieval_metrics, queries, refs, torch.arange(len(queries)), ks=(1,))
+    return {"which_song": ranks(candidates=same_inst),
+            "which_instrument": ranks(candidates=same_song), "query_cosine": cosine}
 
 
 # =============================================================================================
@@ -1197,15 +1162,11 @@ def which_song_and_instrument(queries, refs, track, instrument) -> dict:
 
 def pick_device(name: str | None = None) -> torch.device:
     """cuda -> mps -> cpu, or the one asked for (an error if it is not available)."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(),
+                 "cpu": True}
     if name is None:
-        name = "cpu"
-        if torch.backends.mps.is_available():
-            name = "mps"
-        if torch.cuda.is_available():
-            name = "cuda"
+        name = next(kind for kind, ok in available.items() if ok)
     kind = name.split(":")[0]
-    available = {"cpu": True, "cuda": torch.cuda.is_available(),
-                 "mps": torch.backends.mps.is_available()}
     if kind not in available:
         raise StemJEPAError(f"--device {name}: unknown device; use cpu, cuda, cuda:N or mps")
     if not available[kind]:
@@ -1218,9 +1179,9 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 def pick_precision(name: str, device: torch.device) -> str:
-    """The training precision: --precision auto picks bf16 on a CUDA GPU that has it natively
-    (Ampere and later), else fp16 with a GradScaler (the authors' code's choice; T4, V100); fp32 off
-    CUDA. including_emulation=False: older GPUs emulate bf16, slowly."""
+    """The training precision: auto picks bf16 on a CUDA GPU that has it natively (Ampere and
+    later; older GPUs emulate it, slowly), else fp16 with a GradScaler (the authors' code's choice;
+    T4, V100); fp32 off CUDA."""
     if name not in PRECISIONS:
         raise StemJEPAError(f"--precision {name}: choose one of {', '.join(PRECISIONS)}")
     if device.type != "cuda":
@@ -1248,10 +1209,9 @@ def autocast_for(device: torch.device, precision: str = "bf16"):
 
 @contextmanager
 def full_precision(device: torch.device):
-    """float32 throughout, whatever the caller set: no autocast and no TF32 matmuls or
-    convolutions. Evaluation and every analysis run under it, as the authors evaluate in fp32:
-    pooled vectors of one instrument sit at cosine ~0.98, where bf16 rounding reorders
-    neighbours."""
+    """float32 throughout, whatever the caller set: no autocast, no TF32 matmuls or convolutions.
+    Evaluation and every analysis run under it, as the authors evaluate in fp32: pooled vectors of
+    one instrument sit at cosine ~0.98, where bf16 rounding reorders neighbours."""
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
@@ -1299,9 +1259,8 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     """A checkpoint written by `train` (a plain dict, loadable with weights_only=True); falls back
     to the previous one if the latest is missing or unreadable."""
     path = Path(path)
-    candidates = [path, path.with_name(path.stem + ".prev.pt")]
     problems = []
-    for p in candidates:
+    for p in (path, path.with_name(path.stem + ".prev.pt")):
         if not p.exists():
             continue
         try:
@@ -1311,12 +1270,11 @@ def load_checkpoint(path, map_location="cpu") -> dict:
             continue
         if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
             problems.append(f"{p}: not a Stem-JEPA checkpoint")
-            continue
-        if ckpt.get("version") != VERSION:
+        elif ckpt.get("version") != VERSION:
             problems.append(f"{p}: written by checkpoint format {ckpt.get('version')}, "
                             f"this file reads {VERSION}")
-            continue
-        return ckpt
+        else:
+            return ckpt
     raise StemJEPAError("; ".join(problems) or f"{path}: no such checkpoint")
 
 
@@ -1327,11 +1285,10 @@ def open_trained(checkpoint, device=None, data=None, *, split="test", cache=None
     evaluation (every track and stem kept: `prepare` with training=False)."""
     device = pick_device(device)
     model = StemJEPA.from_checkpoint(checkpoint).to(device)
-    prepared = None
-    if data is not None:
-        prepared = prepare(data, split, cache=cache, training=False, layout=layout, log=log,
-                           **prepare_options(model.config))
-    return model, device, prepared
+    if data is None:
+        return model, device, None
+    return model, device, prepare(data, split, cache=cache, training=False, layout=layout,
+                                  log=log, **prepare_options(model.config))
 
 
 def random_twin(model: StemJEPA, seed: int | None = None) -> StemJEPA:
@@ -1339,8 +1296,7 @@ def random_twin(model: StemJEPA, seed: int | None = None) -> StemJEPA:
     on the model's device, in eval mode."""
     if seed is not None:
         torch.manual_seed(seed)
-    twin = build_model(model.config, model.instruments)
-    return twin.to(next(model.parameters()).device).eval()
+    return build_model(model.config, model.instruments).to(next(model.parameters()).device).eval()
 
 
 # Config fields that may change on --resume with --force: they do not change what the weights mean.
@@ -1357,8 +1313,7 @@ def check_resume(ckpt: dict, cfg: Config, data_id: str, force: bool) -> None:
     if not diffs:
         return
     text = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in diffs.items())
-    fatal = [k for k in diffs if k not in RESUMABLE_CHANGES + ("dataset",)]
-    if fatal:
+    if any(k not in RESUMABLE_CHANGES + ("dataset",) for k in diffs):
         raise StemJEPAError(f"cannot resume: the run was made with another configuration ({text}); "
                             "pass the same preset and options, or start a new --out")
     if not force:
@@ -1456,8 +1411,7 @@ class GracefulStop:
         self.reason, self.previous = None, {}
 
     def __enter__(self):
-        # signals can only be caught there
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread():  # the only one that may set them
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self.previous[sig] = signal.signal(sig, self._handle)
         return self
