@@ -1481,17 +1481,9 @@ def _ignore_sigint(_worker_id):
 # ---------------------------------------------------------------------------------------------
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".aiff", ".aif", ".mp3")
-
-
 MIX_NAMES = ("mixture", "mix")              # a track's full mix is not a stem: ignored
-
-
-# .stem.mp4 streams; 0 is the mixture
-MUSDB_STREAMS = {"drums": 1, "bass": 2, "other": 3, "vocals": 4}
-
-
+MUSDB_STREAMS = {"drums": 1, "bass": 2, "other": 3, "vocals": 4}   # .stem.mp4; 0 is the mixture
 LENGTH_TOLERANCE_S = 1.0                    # stems of one track may differ by this much (trimmed)
-
 
 LAYOUTS = (
     "MUSDB18-HQ or your own multitracks: ROOT/[train|test/]<track>/<stem>.wav (or another audio "
@@ -1535,11 +1527,9 @@ def group_of(member: str, groups: dict[str, list[str]]) -> str | None:
 def _yaml_scalar(text: str):
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
         return text[1:-1]
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered in ("null", "~"):
-        return None
+    constants = {"true": True, "false": False, "null": None, "~": None}
+    if text.lower() in constants:
+        return constants[text.lower()]
     for kind in (int, float):
         try:
             return kind(text)
@@ -1621,12 +1611,10 @@ def find_tracks(root, split: str = "train", *, channels=None,
     its sources. Without split folders (train/, test/, ...), ROOT itself holds the tracks; split
     "all": the tracks of train/, then those of test/.
 
-    Layouts (LAYOUTS), told apart entry by entry: <track>.stem.mp4 (MUSDB18); an audio file
-    directly in the folder (one multichannel file per track, needs `channels`); a folder with
-    metadata.yaml and stems/ (Slakh2100, grouped by `groups`, default SLAKH_GROUPS); a folder with
-    data.json (a MoisesDB track), or of such folders (a MoisesDB provider); any other folder with
-    audio files (MUSDB18-HQ, or your own: one file per stem, named after the file).
-    """
+    The LAYOUTS are told apart entry by entry: <track>.stem.mp4; an audio file (multichannel,
+    needs `channels`); a folder with metadata.yaml and stems/ (Slakh2100, grouped by `groups`,
+    default SLAKH_GROUPS); a folder with data.json, or of such folders (MoisesDB); any other
+    folder with audio files (one file per stem)."""
     root = Path(root)
     if not root.is_dir():
         raise StemJEPAError(f"{root}: no such folder. --data must be a MUSDB18(-HQ) root (with "
@@ -1669,15 +1657,14 @@ def find_tracks(root, split: str = "train", *, channels=None,
                             "if each is one track with one stem per channel, name the channels "
                             "with --channels NAME0,NAME1,... (e.g. bass,drums,other,vocals)")
     if not tracks:
+        others = [p.name for p in sorted(base.iterdir())
+                  if not p.name.startswith(".") and p.name + "/" not in empty]
+        found = "holds no tracks; found " + "; ".join(
+            f"{len(names)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+            for what, names in (("folders without audio files", empty), ("other files", others))
+            if names)
         if not any(base.iterdir()):
             found = "is empty"
-        else:
-            others = [p.name for p in sorted(base.iterdir())
-                      if not p.name.startswith(".") and p.name + "/" not in empty]
-            found = ("holds no tracks; found " + "; ".join(
-                f"{len(names)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
-                for what, names in (("folders without audio files", empty), ("other files", others))
-                if names))
         raise StemJEPAError(f"{base} {found}. Layouts read "
                             f"(audio: {', '.join(AUDIO_EXTENSIONS)}):\n"
                             + "\n".join(f"  {layout}" for layout in LAYOUTS))
@@ -1687,11 +1674,10 @@ def find_tracks(root, split: str = "train", *, channels=None,
 def load_audio(path, sample_rate: int, stream: int | None = None,
                channel: int | None = None) -> np.ndarray:
     """A file (or one stream of a .stem.mp4) as mono float32 at sample_rate: the channel mean
-    (L + R) / 2, or the one `channel`, resampled with torchaudio. A .stem.mp4 stream is decoded by
-    ffmpeg to a float WAV at its own rate and channels and then goes the same way, so both MUSDB18
-    layouts of a song give the same array (ffmpeg's `-ac 1` would sum to 0.707 (L + R), 3 dB
-    louder, and its resampler differs). Raises StemJEPAError naming the file when it cannot be
-    decoded."""
+    (L + R) / 2, or the one `channel`, resampled with torchaudio. ffmpeg decodes a .stem.mp4
+    stream to a float WAV at its own rate and channels, so both MUSDB18 layouts of a song give the
+    same array (ffmpeg's `-ac 1` would sum to 0.707 (L + R), 3 dB louder, and resample
+    differently)."""
     source = path
     if stream is not None:
         if shutil.which("ffmpeg") is None:
@@ -1710,10 +1696,8 @@ def load_audio(path, sample_rate: int, stream: int | None = None,
         raise StemJEPAError(f"{path}: empty file (0 bytes)")
     try:
         x, sr = sf.read(source, dtype="float32", always_2d=True)        # (N, C)
-    # libsndfile's errors vary by version
-    except Exception as e:
-        # libsndfile repeats the path first
-        reason = str(e).rsplit(":", 1)[-1].strip()
+    except Exception as e:                      # libsndfile's errors vary by version
+        reason = str(e).rsplit(":", 1)[-1].strip()                      # after the path it repeats
         raise StemJEPAError(f"{path}: not a readable audio file ({reason})") from None
     if len(x) == 0:
         raise StemJEPAError(f"{path}: no audio samples")
@@ -1738,8 +1722,7 @@ def load_stem(sources: list[tuple], sample_rate: int) -> np.ndarray:
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    # a file object: np.save would append ".npy" to a path
-    with open(path, "wb") as f:
+    with open(path, "wb") as f:                 # a file object: np.save would append ".npy"
         np.save(f, array)
 
 
@@ -1753,26 +1736,23 @@ def _prepare_track(name, stems, *, sample_rate, chunk, threshold) -> dict:
         except StemJEPAError as e:
             notes.append(("unreadable files (skipped)", str(e)))
     meta = {"name": name, "stems": [], "length": 0, "notes": notes}
-    if not audio:
-        meta["excluded"] = "no readable stem"
-        notes.append(("tracks excluded", f"{name}: {meta['excluded']}"))
-        return meta
     lengths = {s: len(x) for s, x in audio.items()}
-    n = min(lengths.values())
-    if max(lengths.values()) - n > LENGTH_TOLERANCE_S * sample_rate:
-        found = ", ".join(f"{s} {l / sample_rate:.2f} s" for s, l in lengths.items())
-        meta["excluded"] = f"stems differ in length by more than {LENGTH_TOLERANCE_S:g} s: {found}"
-        notes.append(("tracks excluded", f"{name}: {meta['excluded']}"))
-        return meta
-    if max(lengths.values()) > n:
-        notes.append(("stems trimmed to the shortest", name))
-    for s in [s for s, x in audio.items() if not np.any(x[:n])]:
-        notes.append(("silent stems (all zero: left out)", f"{name}/{s}"))
-        del audio[s]
+    n = min(lengths.values(), default=0)
     if not audio:
-        meta["excluded"] = "every stem is all zero"
-        notes.append(("tracks excluded", f"{name}: {meta['excluded']}"))
-        return meta
+        why = "no readable stem"
+    elif max(lengths.values()) - n > LENGTH_TOLERANCE_S * sample_rate:
+        found = ", ".join(f"{s} {l / sample_rate:.2f} s" for s, l in lengths.items())
+        why = f"stems differ in length by more than {LENGTH_TOLERANCE_S:g} s: {found}"
+    else:
+        if max(lengths.values()) > n:
+            notes.append(("stems trimmed to the shortest", name))
+        for s in [s for s, x in audio.items() if not np.any(x[:n])]:
+            notes.append(("silent stems (all zero: left out)", f"{name}/{s}"))
+            del audio[s]
+        why = None if audio else "every stem is all zero"
+    if why:
+        notes.append(("tracks excluded", f"{name}: {why}"))
+        return {**meta, "excluded": why}
     x = np.stack([audio[s][:n] for s in sorted(audio)])                 # (S, N)
     meta.update(stems=sorted(audio), length=n, peaks=np.abs(x).max(axis=1).tolist(),
                 two_active=_has_two_active(x, chunk, threshold))
@@ -1781,15 +1761,13 @@ def _prepare_track(name, stems, *, sample_rate, chunk, threshold) -> dict:
 
 
 def _training_exclusion(meta: dict, *, threshold: float, chunk: int, sample_rate: int):
-    """The silence filter, applied to training only: (why the track cannot train, or None; notes).
-    A stem whose whole-track peak is <= threshold is never active, so the sampler never picks it
-    (it stays in the cache and in evaluation, as in the authors' evaluation, which keeps all
-    four)."""
-    name, notes = meta["name"], []
+    """The silence filter, training's only: (why the track cannot train, or None; notes). A stem
+    whose whole-track peak is <= threshold is never active, so never sampled; it stays in the
+    cache and in evaluation (the authors' evaluation keeps all four stems)."""
+    name = meta["name"]
     quiet = [s for s, p in zip(meta["stems"], meta["peaks"]) if p <= threshold]
-    for s in quiet:
-        notes.append((f"quiet stems (peak <= {threshold:g}: never sampled in training)",
-                      f"{name}/{s}"))
+    notes = [(f"quiet stems (peak <= {threshold:g}: never sampled in training)", f"{name}/{s}")
+             for s in quiet]
     if len(meta["stems"]) - len(quiet) < 2:
         why = f"{len(meta['stems']) - len(quiet)} non-silent stem(s): nothing to predict from"
     elif not meta["two_active"]:
@@ -1815,20 +1793,16 @@ def _has_two_active(x: np.ndarray, chunk: int, threshold: float, block: int = 16
 
 def prepare(root, split: str = "train", *, cache=None, sample_rate=16000, chunk_seconds=8.0,
             threshold=0.1, training=True, layout=None, log=print) -> list[dict]:
-    """Decode every track once into a cache of 16 kHz mono stems, one .npy per track (float16,
-    memory-mapped at training time, so a chunk costs only its own bytes). Reused while the source
-    files are unchanged. One track is in memory at a time. Problems are collected and reported
+    """Decode every track once into a cache of 16 kHz mono stems, one float16 .npy per track
+    (memory-mapped at training time, so a chunk costs only its own bytes), reused while the source
+    files are unchanged; one track is in memory at a time. Problems are collected and reported
     together; a track that cannot be used is excluded, and if none remains it is an error.
 
-    Every stem is kept but an all-zero one. With training=True the silence filter applies
-    (`_training_exclusion`: tracks without two stems above threshold are left out); evaluation
-    and the analyses pass training=False and keep every track and stem. split "all": train/ and
-    test/ together (the paper's retrieval ranks among all 150 MUSDB18 tracks).
-
-    Returns the prepared tracks, one dict per usable track: name, stems (sorted), length
-    (samples), npy (path). (`find_tracks` returns the found tracks: names and source files.)
-    layout: find_tracks's options (channels, groups) for the layouts that need them.
-    """
+    Every stem is kept but an all-zero one. training=True applies the silence filter
+    (`_training_exclusion`); evaluation and the analyses keep every track and stem. split "all":
+    train/ and test/ together (Table 1 ranks among all 150 MUSDB18 tracks). layout:
+    find_tracks's options (channels, groups). Returns one dict per usable track: name, stems
+    (sorted), length (samples), npy (path)."""
     options = dict(cache=cache, sample_rate=sample_rate, chunk_seconds=chunk_seconds,
                    threshold=threshold, training=training, layout=layout, log=log)
     if split == "all" and any((Path(root) / s).is_dir() for s in ("train", "test")):
