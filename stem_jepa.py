@@ -1854,8 +1854,7 @@ def prepare(root, split: str = "train", *, cache=None, sample_rate=16000, chunk_
             notes += more + ([("tracks excluded", f"{name}: {why}")] if why else [])
             if why:
                 continue
-        prepared.append({**{k: meta[k] for k in ("name", "stems", "length")},
-                         "npy": str(npy_path)})
+        prepared.append({**{k: meta[k] for k in ("name", "stems", "length")}, "npy": str(npy_path)})
     report = "".join(f"  {kind}:\n" + "".join(f"    {text}\n" for k, text in notes if k == kind)
                      for kind in dict.fromkeys(k for k, _ in notes))
     if not prepared:
@@ -1870,11 +1869,7 @@ def prepare(root, split: str = "train", *, cache=None, sample_rate=16000, chunk_
 # ---------------------------------------------------------------------------------------------
 
 NOTE_NAMES = ["C", "C#", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B"]
-
-
 SCALES = {"maj": [0, 2, 4, 5, 7, 9, 11], "min": [0, 2, 3, 5, 7, 8, 10]}
-
-
 TOY_STEMS = ("bass", "drums", "other", "vocals")
 
 
@@ -1892,7 +1887,8 @@ def _tone(freq, dur, sr, harmonics, *, attack=0.01, decay=0.5, vibrato=0.0):
     k = np.arange(1, len(harmonics) + 1)
     amps = np.where(k * freq < sr / 2, harmonics, 0.0)
     wave = np.sin(phase[:, None] * k[None]) @ amps
-    envelope = np.minimum(t / attack, 1.0) * np.exp(-t / decay) * np.minimum((dur - t) / 0.01, 1.0)
+    envelope = (np.minimum(t / attack, 1.0) * np.exp(-t / decay)
+                * np.minimum((dur - t) / 0.01, 1.0))
     return wave * envelope
 
 
@@ -1914,7 +1910,7 @@ def _room(x: np.ndarray, sr: int, *, cutoff: float, decay: float, wet: float, rn
     a = np.exp(-2 * np.pi * cutoff / sr)
     spectrum = np.fft.rfft(x, 2 * len(x))
     freqs = np.fft.rfftfreq(2 * len(x))                                 # cycles per sample
-    spectrum *= (1 - a) / (1 - a * np.exp(-2j * np.pi * freqs))         # the one-pole filter's response
+    spectrum *= (1 - a) / (1 - a * np.exp(-2j * np.pi * freqs))         # the one-pole response
     t = np.arange(int(4 * decay * sr)) / sr
     ir = rng.standard_normal(len(t)) * np.exp(-t / decay)
     ir *= wet / np.sqrt(np.sum(ir ** 2))
@@ -1923,27 +1919,25 @@ def _room(x: np.ndarray, sr: int, *, cutoff: float, decay: float, wet: float, rn
 
 
 def make_toy_song(rng: np.random.Generator, *, seconds=30.0, sample_rate=16000):
-    """One procedural song: ({stem: waveform}, labels). The song has a key, a tempo, a four-bar
-    chord progression, a timbre family and a room; bass plays the chord roots, drums a per-song
-    pattern at the tempo, "other" the chords, "vocals" a melody in the key with vibrato. Each 4-bar
-    section mutes a random subset of stems (leaving at least two).
-
-    Like the stems of a real recording, the stems of one song share traits that the mix reveals:
-    key, chords, tempo, one spectral tilt (bright or dull harmonics) and one recording chain
-    (`_room`). That is what makes "which song?" answerable from the mix alone."""
+    """One procedural song: ({stem: waveform}, labels). Bass plays the roots of a four-bar chord
+    progression, drums a per-song pattern at the tempo, "other" the chords, "vocals" a melody in
+    the key with vibrato; each 4-bar section mutes a random subset of stems (leaving two or more).
+    Like a real recording's, the stems share what the mix reveals: key, chords, tempo, a spectral
+    tilt (bright or dull harmonics) and a recording chain (`_room`), so "which song?" is
+    answerable from the mix alone."""
     sr, n = sample_rate, int(seconds * sample_rate)
     root, mode = int(rng.integers(12)), str(rng.choice(["maj", "min"]))
     scale = np.array(SCALES[mode]) + root
     tempo = float(rng.uniform(80, 160))
     beat = 60.0 / tempo
     bar = 4 * beat
-    progression = [0] + [int(d) for d in rng.choice([1, 2, 3, 4, 5], size=3)]   # scale degrees, 1 bar each
-    tilt = rng.uniform(0.5, 2.0)                                               # the song's timbre family
+    progression = [0] + [int(d) for d in rng.choice([1, 2, 3, 4, 5], size=3)]   # degrees, 1 bar
+    tilt = rng.uniform(0.5, 2.0)                                        # the song's timbre family
     timbre = {s: rng.uniform(0.1, 1.0, 8) / np.arange(1, 9) ** (tilt + rng.uniform(-0.15, 0.15))
               for s in TOY_STEMS}
     room = dict(cutoff=float(rng.uniform(1500, 7000)), decay=float(rng.uniform(0.05, 0.4)),
                 wet=float(rng.uniform(0.1, 0.6)))
-    bass_steps = np.flatnonzero(np.r_[1, rng.random(7) < 0.45])                 # eighth notes of a bar
+    bass_steps = np.flatnonzero(np.r_[1, rng.random(7) < 0.45])         # eighth notes of a bar
     drum_params = dict(kick_low=rng.uniform(40, 60), kick_decay=rng.uniform(0.08, 0.2),
                        snare_decay=rng.uniform(0.05, 0.15))
     kicks = set(np.flatnonzero(np.r_[1, rng.random(15) < 0.2]).tolist()) - {4, 12}
@@ -1961,11 +1955,14 @@ def make_toy_song(rng: np.random.Generator, *, seconds=30.0, sample_rate=16000):
     for b in range(int(np.ceil(seconds / bar))):
         t0, d = b * bar, progression[b % 4]
         triad = [scale[(d + i) % 7] + 12 * ((d + i) // 7) for i in (0, 2, 4)]  # semitones above C
-        quality = {(4, 7): "maj", (3, 7): "min", (3, 6): "dim"}[((triad[1] - triad[0]) % 12, (triad[2] - triad[0]) % 12)]
-        chords.append([round(t0, 3), round(min(t0 + bar, seconds), 3), f"{NOTE_NAMES[triad[0] % 12]}:{quality}"])
+        intervals = ((triad[1] - triad[0]) % 12, (triad[2] - triad[0]) % 12)
+        quality = {(4, 7): "maj", (3, 7): "min", (3, 6): "dim"}[intervals]
+        chords.append([round(t0, 3), round(min(t0 + bar, seconds), 3),
+                       f"{NOTE_NAMES[triad[0] % 12]}:{quality}"])
         for step in bass_steps:
             note = 36 + triad[0] % 12 + (7 if step == 4 and rng.random() < 0.3 else 0)
-            add("bass", t0 + step * beat / 2, _tone(_midi_hz(note), beat / 2, sr, timbre["bass"], decay=0.3))
+            add("bass", t0 + step * beat / 2,
+                _tone(_midi_hz(note), beat / 2, sr, timbre["bass"], decay=0.3))
         for step in range(16):
             t = t0 + step * beat / 4
             if step in kicks:
@@ -1978,32 +1975,35 @@ def make_toy_song(rng: np.random.Generator, *, seconds=30.0, sample_rate=16000):
             f = _midi_hz(60 + semitone % 12)
             if arpeggio:
                 for k in range(j, 8, 3):
-                    add("other", t0 + k * beat / 2, _tone(f, beat / 2, sr, timbre["other"], decay=0.4))
+                    add("other", t0 + k * beat / 2,
+                        _tone(f, beat / 2, sr, timbre["other"], decay=0.4))
             else:
                 add("other", t0, _tone(f, bar, sr, timbre["other"], attack=0.05, decay=2.0))
-        for k in range(int(round(bar / melody_step))):                  # a random walk on the scale,
-            candidates = [m for m in range(pitch - 4, pitch + 5)         # chord tones on strong beats
-                          if (m % 12) in {s % 12 for s in (triad if k % 2 == 0 else scale)} and 57 <= m <= 79]
+        for k in range(int(round(bar / melody_step))):          # melody: a walk on the scale,
+            allowed = {s % 12 for s in (triad if k % 2 == 0 else scale)}    # chord tones on beats
+            candidates = [m for m in range(pitch - 4, pitch + 5)
+                          if m % 12 in allowed and 57 <= m <= 79]
             pitch = int(rng.choice(candidates))
             if rng.random() < 0.85:
-                add("vocals", t0 + k * melody_step, _tone(_midi_hz(pitch), melody_step * 0.95, sr,
-                                                          timbre["vocals"], attack=0.03, decay=1.0, vibrato=0.012))
+                add("vocals", t0 + k * melody_step,
+                    _tone(_midi_hz(pitch), melody_step * 0.95, sr, timbre["vocals"], attack=0.03,
+                          decay=1.0, vibrato=0.012))
     sections, section = [], 4 * bar
     for s0 in np.arange(0, seconds, section):
         on = rng.random(len(TOY_STEMS)) > 0.25
         while on.sum() < 2:
             on[rng.integers(len(TOY_STEMS))] = True
-        for stem, keep in zip(TOY_STEMS, on):
-            if not keep:
-                out[stem][int(s0 * sr): int((s0 + section) * sr)] = 0.0
-        sections.append([round(float(s0), 3), round(float(min(s0 + section, seconds)), 3),
-                         [s for s, keep in zip(TOY_STEMS, on) if keep]])
+        playing = [s for s, keep in zip(TOY_STEMS, on) if keep]
+        for stem in (s for s in TOY_STEMS if s not in playing):
+            out[stem][int(s0 * sr): int((s0 + section) * sr)] = 0.0
+        sections.append([round(float(s0), 3), round(float(min(s0 + section, seconds)), 3), playing])
     stems = {}
     for s in TOY_STEMS:
         x = _room(out[s][:n], sr, rng=rng, **room)
         stems[s] = (x * rng.uniform(0.3, 0.6) / max(np.abs(x).max(), 1e-9)).astype(np.float32)
     labels = {"key": f"{NOTE_NAMES[root]}:{mode}", "tempo": round(tempo, 2), "chords": chords,
-              "sections": sections, "tilt": round(tilt, 3), "room": {k: round(v, 3) for k, v in room.items()}}
+              "sections": sections, "tilt": round(tilt, 3),
+              "room": {k: round(v, 3) for k, v in room.items()}}
     return stems, labels
 
 
