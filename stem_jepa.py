@@ -2054,8 +2054,8 @@ def dsp_features(x: np.ndarray, sample_rate: int = 16000) -> np.ndarray:
     harmonic and rhythmic "mashability": time-averaged chroma (12) and the autocorrelation of the
     onset envelope at tempi 60-180 BPM (25), each L2-normalised."""
     x = torch.from_numpy(np.asarray(x, dtype=np.float32))
-    # (bins, frames)
-    spec = torch.stft(x, 4096, 1024, window=torch.hann_window(4096), return_complex=True).abs()
+    spec = torch.stft(x, 4096, 1024, window=torch.hann_window(4096),
+                      return_complex=True).abs()                        # (bins, frames)
     freqs = torch.fft.rfftfreq(4096, 1 / sample_rate)
     band = (freqs > 55) & (freqs < 4000)
     pitch_class = (torch.round(12 * torch.log2(freqs[band] / 440.0)).long() + 9) % 12
@@ -2065,8 +2065,7 @@ def dsp_features(x: np.ndarray, sample_rate: int = 16000) -> np.ndarray:
                                      return_complex=True).abs())
     flux = (logspec[:, 1:] - logspec[:, :-1]).clamp(min=0).sum(0)
     flux = flux - flux.mean()
-    fps = sample_rate / hop
-    lags = (60 * fps / torch.linspace(60, 180, 25)).round().long()
+    lags = (60 * (sample_rate / hop) / torch.linspace(60, 180, 25)).round().long()  # frames/beat
     ac = torch.stack([(flux[:-lag] * flux[lag:]).mean() if lag < len(flux) else torch.zeros(())
                       for lag in lags])
     return torch.cat([F.normalize(chroma, dim=0),
@@ -2093,7 +2092,8 @@ def retrieval_embeddings(model: StemJEPA, tracks: list[dict], *, device="cpu", b
     conditioned on s over the mix of the other stems, 4.1.1) and the references z_s^(n) from the
     target and the context encoders, each pooled by `pool`."""
     model = model.to(device).eval()
-    chunk = chunk_samples(model.config)
+    embed = functools.partial(embed_long, model, chunk=chunk_samples(model.config), batch=batch,
+                              device=device)
     sr = model.config.sample_rate
     queries, refs_target, refs_context, track, instrument = [], [], [], [], []
     total = sum(t["length"] * 2 * len(t["stems"]) for t in tracks) / sr
@@ -2103,9 +2103,8 @@ def retrieval_embeddings(model: StemJEPA, tracks: list[dict], *, device="cpu", b
         x = np.load(t["npy"]).astype(np.float32)                        # (S, N)
         known = [i for i, s in enumerate(t["stems"]) if s in model.instruments]
         ids = [model.instruments.index(t["stems"][i]) for i in known]
-        mixes = [x.sum(0) - x[i] for i in known]                        # x_{not s}: all but s
         stems = [x[i] for i in known]
-        embed = functools.partial(embed_long, model, chunk=chunk, batch=batch, device=device)
+        mixes = [x.sum(0) - x[i] for i in known]                        # x_{not s}: all but s
         queries += [pool(q) for q in embed(mixes, instruments=ids)]
         refs_target += [pool(z) for z in embed(stems)]
         refs_context += [pool(z) for z in embed(stems, target=False)]
@@ -2162,13 +2161,10 @@ def evaluate(checkpoint, data, *, split="test", out=None, cache=None, device=Non
     """Table 1 and Fig. 2 for a checkpoint on a dataset split, with the comparison rows (chance,
     random weights, DSP) measured in the same run. Writes OUT/retrieval.json and OUT/fig2.png.
 
-    Beyond the paper's text, as in the authors' code: the per-stem vectors concatenate the 5
-    frequency rows (3840-d) instead of averaging over frequency, and are layer- and L2-normalised
-    before the L2 distances. Rows are (track, stem) pairs of the stems the model knows; every
-    stem is kept, quiet ones too (only all-zero stems are left out, and `prepare` says so).
-    split "all" ranks among train/ and test/ together, as Table 1 (MUSDB18: 150 tracks, R = 600).
-    The normalised rank is 1-based, as the authors' evaluation (`retrieval_metrics`).
-    """
+    Rows are (track, stem) pairs of the stems the model knows, quiet stems too (`prepare` leaves
+    out only all-zero ones). split "all" ranks among train/ and test/ together, as Table 1
+    (MUSDB18: 150 tracks, R = 600). [code] Pooling (`pool`: 3840-d, normalised) and the 1-based
+    normalised rank (`retrieval_metrics`) follow the authors' code, not the paper's text."""
     model, device, tracks = open_trained(checkpoint, device, data, split=split, cache=cache,
                                          layout=layout, log=log)
     cfg = model.config
@@ -2181,12 +2177,10 @@ def evaluate(checkpoint, data, *, split="test", out=None, cache=None, device=Non
                                 log=log)
     dsp = dsp_embeddings(tracks, model.instruments, cfg.sample_rate)
     truth = torch.arange(len(emb.queries))                           # query i's stem is reference i
-    rows = {
-        "Stem-JEPA, target-encoder refs": (emb.queries, emb.refs_target),
-        "Stem-JEPA, context-encoder refs": (emb.queries, emb.refs_context),
-        "random weights": (rand.queries, rand.refs_target),
-        "DSP (chroma + tempo)": (dsp.queries, dsp.refs_target),
-    }
+    rows = {"Stem-JEPA, target-encoder refs": (emb.queries, emb.refs_target),
+            "Stem-JEPA, context-encoder refs": (emb.queries, emb.refs_context),
+            "random weights": (rand.queries, rand.refs_target),
+            "DSP (chroma + tempo)": (dsp.queries, dsp.refs_target)}
     results = {"N": len(tracks), "S": len(model.instruments), "references": len(truth),
                "checkpoint": str(checkpoint), "split": split, "rows": {},
                "rank_convention": "nrank_*: 1-based rank / references (nearest = 1, Table 1's); "
@@ -2198,22 +2192,18 @@ def evaluate(checkpoint, data, *, split="test", out=None, cache=None, device=Non
                                  for i, s in enumerate(model.instruments)
                                  if (m := emb.instrument == i).any()}
         results["rows"][name] = row
-    results["rows"]["chance"] = chance_metrics(len(truth))
-    results["rows"]["chance"].update(
-        which_song=chance_metrics(len(tracks), ks=(1,)),
-        which_instrument=chance_metrics(len(model.instruments), ks=(1,)),
-        query_cosine=None)
-    # the headline numbers at top level
-    results.update(results["rows"]["Stem-JEPA, target-encoder refs"])
+    results["rows"]["chance"] = {**chance_metrics(len(truth)),
+                                 "which_song": chance_metrics(len(tracks), ks=(1,)),
+                                 "which_instrument": chance_metrics(results["S"], ks=(1,)),
+                                 "query_cosine": None}
+    results.update(results["rows"]["Stem-JEPA, target-encoder refs"])  # headline numbers on top
     results["fig2"] = failure_analysis(emb.queries, emb.refs_target, emb.track, emb.instrument,
                                        emb.track, emb.instrument, model.instruments)
     plot_fig2(results["fig2"], out / "fig2.png")
     if listening:
-        results["listening"] = write_listening_test(tracks, emb, model.instruments,
-                                                    out / "listening",
-                                                    trials=listening, sample_rate=cfg.sample_rate,
-                                                    seed=seed,
-                                                    threshold=cfg.active_threshold)
+        results["listening"] = write_listening_test(
+            tracks, emb, model.instruments, out / "listening", trials=listening,
+            sample_rate=cfg.sample_rate, seed=seed, threshold=cfg.active_threshold)
     (out / "retrieval.json").write_text(json.dumps(results, indent=1))
     log(format_table(results))
     log(f"wrote {out / 'retrieval.json'} and {out / 'fig2.png'}")
@@ -2221,22 +2211,21 @@ def evaluate(checkpoint, data, *, split="test", out=None, cache=None, device=Non
 
 
 def format_table(results: dict) -> str:
-    """Table 1's layout, one row per model, metrics in percent; the title states R and the rank
-    convention (nrank = 1-based rank / R, as Table 1). Then the two questions inside the rank:
-    which song? (among the stems of the same instrument) and which instrument? (among the stems
-    of the same song), and the cosine between one instrument's queries across songs."""
+    """Table 1's layout, one row per model, metrics in percent, R and the rank convention in the
+    title; then the two questions inside the rank, which song? and which instrument?, and the
+    queries' cosine (`which_song_and_instrument`)."""
     lines = [f"retrieval on {results['N']} tracks x {results['S']} instruments, "
              f"R = {results['references']} references; nrank = rank / R, nearest = rank 1",
              f"{'model':34s} {'R@1':>6s} {'R@5':>6s} {'R@10':>6s} {'nrank mean':>11s} "
              f"{'median':>7s} | {'song R@1':>8s} {'song nrank':>10s} | {'inst R@1':>8s} "
              f"{'inst nrank':>10s} | {'q cos':>6s}"]
     for name, m in results["rows"].items():
+        cosine = "-" if m["query_cosine"] is None else format(m["query_cosine"], ".3f")
         lines.append(f"{name:34s} {m['R@1']:6.1f} {m['R@5']:6.1f} {m['R@10']:6.1f} "
                      f"{m['nrank_mean']:11.1f} {m['nrank_median']:7.1f}"
                      f" | {m['which_song']['R@1']:8.1f} {m['which_song']['nrank_mean']:10.1f}"
                      f" | {m['which_instrument']['R@1']:8.1f}"
-                     f" {m['which_instrument']['nrank_mean']:10.1f}"
-                     f" | {'-' if m['query_cosine'] is None else format(m['query_cosine'], '.3f'):>6s}")
+                     f" {m['which_instrument']['nrank_mean']:10.1f} | {cosine:>6s}")
     for s, m in results["rows"]["Stem-JEPA, target-encoder refs"].get("per_instrument", {}).items():
         lines.append(f"{'  ' + s:34s} {m['R@1']:6.1f} {m['R@5']:6.1f} {m['R@10']:6.1f} "
                      f"{m['nrank_mean']:11.1f} {m['nrank_median']:7.1f}")
@@ -2244,8 +2233,7 @@ def format_table(results: dict) -> str:
 
 
 def plot_fig2(fig2: dict, path) -> None:
-    """Fig. 2: failure categories per instrument (left) and the instrument confusion matrix
-    (right)."""
+    """Fig. 2: failure categories per instrument (left), instrument confusion matrix (right)."""
     from matplotlib.figure import Figure        # not pyplot: leaves a notebook's backend alone
     names = fig2["instruments"]
     fig = Figure(figsize=(9, 3.5))
@@ -2259,9 +2247,8 @@ def plot_fig2(fig2: dict, path) -> None:
     a.legend(fontsize=7)
     c = np.array(fig2["confusion"])
     b.imshow(c, cmap="Blues", vmin=0, vmax=1)
-    for i in range(len(names)):
-        for j in range(len(names)):
-            b.text(j, i, f"{c[i, j]:.2f}", ha="center", va="center", fontsize=7)
+    for (i, j), v in np.ndenumerate(c):
+        b.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
     b.set_xticks(range(len(names)), names, rotation=45)
     b.set_yticks(range(len(names)), names)
     b.set_xlabel("retrieved instrument")
@@ -2282,7 +2269,9 @@ def write_listening_test(tracks, emb, instruments, out, *, trials, sample_rate, 
     out = Path(out)
     (out / "trials").mkdir(parents=True, exist_ok=True)
     d = torch.cdist(emb.queries.double(), emb.refs_target.double())
-    key_rows, n_ex, n_crop = [], int(excerpt_s * sample_rate), int(crop_s * sample_rate)
+    n_ex = int(excerpt_s * sample_rate)
+    n_crop = int(crop_s * sample_rate)
+    key_rows = []
 
     def busiest_start(y):                       # the excerpt with the most active 0.1 s blocks
         block = sample_rate // 10
@@ -2298,6 +2287,11 @@ def write_listening_test(tracks, emb, instruments, out, *, trials, sample_rate, 
         c = int(rng.integers(0, max(len(seg) - n_crop, 0) + 1))
         return seg[c: c + n_crop]
 
+    def stem_audio(row):
+        t = tracks[int(emb.track[row])]
+        stem = t["stems"].index(instruments[int(emb.instrument[row])])
+        return np.load(t["npy"], mmap_mode="r")[stem].astype(np.float32)
+
     candidates = [q for q in range(len(d)) if ((emb.instrument == emb.instrument[q])
                                                & (emb.track != emb.track[q])).sum() >= 2]
     for k, q in enumerate(rng.permutation(candidates)[:trials]):
@@ -2305,11 +2299,6 @@ def write_listening_test(tracks, emb, instruments, out, *, trials, sample_rate, 
         others = torch.nonzero((emb.instrument == inst) & (emb.track != n)).flatten()
         retrieved = int(others[d[q, others].argmin()])
         random_pick = int(rng.choice([o for o in others.tolist() if o != retrieved]))
-
-        def stem_audio(row):
-            t = tracks[int(emb.track[row])]
-            row = t["stems"].index(instruments[inst])
-            return np.load(t["npy"], mmap_mode="r")[row].astype(np.float32)
         t = tracks[n]
         x = np.load(t["npy"]).astype(np.float32)
         start = int(rng.integers(0, max(x.shape[1] - n_ex, 0) + 1))
@@ -2323,13 +2312,12 @@ def write_listening_test(tracks, emb, instruments, out, *, trials, sample_rate, 
             y = options[what]
             at = min(start, max(len(y) - n_ex, 0)) if what == "true" else busiest_start(y)
             clips[letter] = excerpt(y, at)
-        # one per trial: no clipping
+        # one gain per trial: no clipping
         gain = min(1.0, 0.99 / max(max(float(np.abs(c).max()) for c in clips.values()), 1e-9))
         for name, c in clips.items():
             sf.write(folder / f"{name}.wav", gain * c, sample_rate)
-        key_rows.append({"trial": f"trial{k:02d}", "track": t["name"],
-                         "instrument": instruments[inst],
-                         **{letter: what for letter, what in zip("ABC", order)},
+        key_rows.append({"trial": folder.name, "track": t["name"], "instrument": instruments[inst],
+                         **dict(zip("ABC", order)),
                          "retrieved_from": tracks[int(emb.track[retrieved])]["name"],
                          "random_from": tracks[int(emb.track[random_pick])]["name"]})
     with open(out / "key.csv", "w", newline="") as f:
