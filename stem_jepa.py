@@ -1497,7 +1497,6 @@ LAYOUTS = (
     "stems grouped by instrument class (--groups)",
 )
 
-
 # Slakh2100 renders MIDI instruments, no vocals: by default its classes go to the MUSDB18 groups it
 # has, so that a Slakh model and a MUSDB18 model share instrument names ("*": every other class).
 SLAKH_GROUPS = {"bass": ["Bass"], "drums": ["Drums"], "other": ["*"]}
@@ -1609,12 +1608,9 @@ def find_tracks(root, split: str = "train", *, channels=None,
     """Tracks of a dataset folder as (name, {stem: [source, ...]}), sorted by name. A source is
     (file, .stem.mp4 stream or None, channel or None: all channels averaged); a stem is the sum of
     its sources. Without split folders (train/, test/, ...), ROOT itself holds the tracks; split
-    "all": the tracks of train/, then those of test/.
-
-    The LAYOUTS are told apart entry by entry: <track>.stem.mp4; an audio file (multichannel,
-    needs `channels`); a folder with metadata.yaml and stems/ (Slakh2100, grouped by `groups`,
-    default SLAKH_GROUPS); a folder with data.json, or of such folders (MoisesDB); any other
-    folder with audio files (one file per stem)."""
+    "all": the tracks of train/, then those of test/. The LAYOUTS are told apart entry by entry;
+    `channels` names the channels of multichannel files, `groups` groups Slakh2100 classes
+    (default SLAKH_GROUPS) or MoisesDB stem folders."""
     root = Path(root)
     if not root.is_dir():
         raise StemJEPAError(f"{root}: no such folder. --data must be a MUSDB18(-HQ) root (with "
@@ -1755,8 +1751,7 @@ def _prepare_track(name, stems, *, sample_rate, chunk, threshold) -> dict:
         return {**meta, "excluded": why}
     x = np.stack([audio[s][:n] for s in sorted(audio)])                 # (S, N)
     meta.update(stems=sorted(audio), length=n, peaks=np.abs(x).max(axis=1).tolist(),
-                two_active=_has_two_active(x, chunk, threshold))
-    meta["audio"] = x
+                two_active=_has_two_active(x, chunk, threshold), audio=x)
     return meta
 
 
