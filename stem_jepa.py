@@ -1435,17 +1435,9 @@ def _ignore_sigint(_worker_id):
 # ---------------------------------------------------------------------------------------------
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".aiff", ".aif", ".mp3")
-
-
 MIX_NAMES = ("mixture", "mix")              # a track's full mix is not a stem: ignored
-
-
-# .stem.mp4 streams; 0 is the mixture
-MUSDB_STREAMS = {"drums": 1, "bass": 2, "other": 3, "vocals": 4}
-
-
+MUSDB_STREAMS = {"drums": 1, "bass": 2, "other": 3, "vocals": 4}   # .stem.mp4; 0 is the mixture
 LENGTH_TOLERANCE_S = 1.0                    # stems of one track may differ by this much (trimmed)
-
 
 LAYOUTS = (
     "MUSDB18-HQ or your own multitracks: ROOT/[train|test/]<track>/<stem>.wav (or another audio "
@@ -1458,7 +1450,6 @@ LAYOUTS = (
     "Slakh2100: ROOT/{train,validation,test}/<track>/stems/SNN.flac with <track>/metadata.yaml, "
     "stems grouped by instrument class (--groups)",
 )
-
 
 # Slakh2100 renders MIDI instruments, no vocals: by default its classes go to the MUSDB18 groups it
 # has, so that a Slakh model and a MUSDB18 model share instrument names ("*": every other class).
@@ -1489,11 +1480,9 @@ def group_of(member: str, groups: dict[str, list[str]]) -> str | None:
 def _yaml_scalar(text: str):
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
         return text[1:-1]
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered in ("null", "~"):
-        return None
+    constants = {"true": True, "false": False, "null": None, "~": None}
+    if text.lower() in constants:
+        return constants[text.lower()]
     for kind in (int, float):
         try:
             return kind(text)
@@ -1573,14 +1562,9 @@ def find_tracks(root, split: str = "train", *, channels=None,
     """Tracks of a dataset folder as (name, {stem: [source, ...]}), sorted by name. A source is
     (file, .stem.mp4 stream or None, channel or None: all channels averaged); a stem is the sum of
     its sources. Without split folders (train/, test/, ...), ROOT itself holds the tracks; split
-    "all": the tracks of train/, then those of test/.
-
-    Layouts (LAYOUTS), told apart entry by entry: <track>.stem.mp4 (MUSDB18); an audio file
-    directly in the folder (one multichannel file per track, needs `channels`); a folder with
-    metadata.yaml and stems/ (Slakh2100, grouped by `groups`, default SLAKH_GROUPS); a folder with
-    data.json (a MoisesDB track), or of such folders (a MoisesDB provider); any other folder with
-    audio files (MUSDB18-HQ, or your own: one file per stem, named after the file).
-    """
+    "all": the tracks of train/, then those of test/. The LAYOUTS are told apart entry by entry;
+    `channels` names the channels of multichannel files, `groups` groups Slakh2100 classes
+    (default SLAKH_GROUPS) or MoisesDB stem folders."""
     root = Path(root)
     if not root.is_dir():
         raise StemJEPAError(f"{root}: no such folder. --data must be a MUSDB18(-HQ) root (with "
@@ -1623,15 +1607,14 @@ def find_tracks(root, split: str = "train", *, channels=None,
                             "if each is one track with one stem per channel, name the channels "
                             "with --channels NAME0,NAME1,... (e.g. bass,drums,other,vocals)")
     if not tracks:
+        others = [p.name for p in sorted(base.iterdir())
+                  if not p.name.startswith(".") and p.name + "/" not in empty]
+        found = "holds no tracks; found " + "; ".join(
+            f"{len(names)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+            for what, names in (("folders without audio files", empty), ("other files", others))
+            if names)
         if not any(base.iterdir()):
             found = "is empty"
-        else:
-            others = [p.name for p in sorted(base.iterdir())
-                      if not p.name.startswith(".") and p.name + "/" not in empty]
-            found = ("holds no tracks; found " + "; ".join(
-                f"{len(names)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
-                for what, names in (("folders without audio files", empty), ("other files", others))
-                if names))
         raise StemJEPAError(f"{base} {found}. Layouts read "
                             f"(audio: {', '.join(AUDIO_EXTENSIONS)}):\n"
                             + "\n".join(f"  {layout}" for layout in LAYOUTS))
@@ -1641,11 +1624,10 @@ def find_tracks(root, split: str = "train", *, channels=None,
 def load_audio(path, sample_rate: int, stream: int | None = None,
                channel: int | None = None) -> np.ndarray:
     """A file (or one stream of a .stem.mp4) as mono float32 at sample_rate: the channel mean
-    (L + R) / 2, or the one `channel`, resampled with torchaudio. A .stem.mp4 stream is decoded by
-    ffmpeg to a float WAV at its own rate and channels and then goes the same way, so both MUSDB18
-    layouts of a song give the same array (ffmpeg's `-ac 1` would sum to 0.707 (L + R), 3 dB
-    louder, and its resampler differs). Raises StemJEPAError naming the file when it cannot be
-    decoded."""
+    (L + R) / 2, or the one `channel`, resampled with torchaudio. ffmpeg decodes a .stem.mp4
+    stream to a float WAV at its own rate and channels, so both MUSDB18 layouts of a song give the
+    same array (ffmpeg's `-ac 1` would sum to 0.707 (L + R), 3 dB louder, and resample
+    differently)."""
     source = path
     if stream is not None:
         if shutil.which("ffmpeg") is None:
@@ -1664,10 +1646,8 @@ def load_audio(path, sample_rate: int, stream: int | None = None,
         raise StemJEPAError(f"{path}: empty file (0 bytes)")
     try:
         x, sr = sf.read(source, dtype="float32", always_2d=True)        # (N, C)
-    # libsndfile's errors vary by version
-    except Exception as e:
-        # libsndfile repeats the path first
-        reason = str(e).rsplit(":", 1)[-1].strip()
+    except Exception as e:                      # libsndfile's errors vary by version
+        reason = str(e).rsplit(":", 1)[-1].strip()                      # after the path it repeats
         raise StemJEPAError(f"{path}: not a readable audio file ({reason})") from None
     if len(x) == 0:
         raise StemJEPAError(f"{path}: no audio samples")
@@ -1692,8 +1672,7 @@ def load_stem(sources: list[tuple], sample_rate: int) -> np.ndarray:
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    # a file object: np.save would append ".npy" to a path
-    with open(path, "wb") as f:
+    with open(path, "wb") as f:                 # a file object: np.save would append ".npy"
         np.save(f, array)
 
 
@@ -1707,43 +1686,37 @@ def _prepare_track(name, stems, *, sample_rate, chunk, threshold) -> dict:
         except StemJEPAError as e:
             notes.append(("unreadable files (skipped)", str(e)))
     meta = {"name": name, "stems": [], "length": 0, "notes": notes}
-    if not audio:
-        meta["excluded"] = "no readable stem"
-        notes.append(("tracks excluded", f"{name}: {meta['excluded']}"))
-        return meta
     lengths = {s: len(x) for s, x in audio.items()}
-    n = min(lengths.values())
-    if max(lengths.values()) - n > LENGTH_TOLERANCE_S * sample_rate:
-        found = ", ".join(f"{s} {l / sample_rate:.2f} s" for s, l in lengths.items())
-        meta["excluded"] = f"stems differ in length by more than {LENGTH_TOLERANCE_S:g} s: {found}"
-        notes.append(("tracks excluded", f"{name}: {meta['excluded']}"))
-        return meta
-    if max(lengths.values()) > n:
-        notes.append(("stems trimmed to the shortest", name))
-    for s in [s for s, x in audio.items() if not np.any(x[:n])]:
-        notes.append(("silent stems (all zero: left out)", f"{name}/{s}"))
-        del audio[s]
+    n = min(lengths.values(), default=0)
     if not audio:
-        meta["excluded"] = "every stem is all zero"
-        notes.append(("tracks excluded", f"{name}: {meta['excluded']}"))
-        return meta
+        why = "no readable stem"
+    elif max(lengths.values()) - n > LENGTH_TOLERANCE_S * sample_rate:
+        found = ", ".join(f"{s} {l / sample_rate:.2f} s" for s, l in lengths.items())
+        why = f"stems differ in length by more than {LENGTH_TOLERANCE_S:g} s: {found}"
+    else:
+        if max(lengths.values()) > n:
+            notes.append(("stems trimmed to the shortest", name))
+        for s in [s for s, x in audio.items() if not np.any(x[:n])]:
+            notes.append(("silent stems (all zero: left out)", f"{name}/{s}"))
+            del audio[s]
+        why = None if audio else "every stem is all zero"
+    if why:
+        notes.append(("tracks excluded", f"{name}: {why}"))
+        return {**meta, "excluded": why}
     x = np.stack([audio[s][:n] for s in sorted(audio)])                 # (S, N)
     meta.update(stems=sorted(audio), length=n, peaks=np.abs(x).max(axis=1).tolist(),
-                two_active=_has_two_active(x, chunk, threshold))
-    meta["audio"] = x
+                two_active=_has_two_active(x, chunk, threshold), audio=x)
     return meta
 
 
 def _training_exclusion(meta: dict, *, threshold: float, chunk: int, sample_rate: int):
-    """The silence filter, applied to training only: (why the track cannot train, or None; notes).
-    A stem whose whole-track peak is <= threshold is never active, so the sampler never picks it
-    (it stays in the cache and in evaluation, as in the authors' evaluation, which keeps all
-    four)."""
-    name, notes = meta["name"], []
+    """The silence filter, training's only: (why the track cannot train, or None; notes). A stem
+    whose whole-track peak is <= threshold is never active, so never sampled; it stays in the
+    cache and in evaluation (the authors' evaluation keeps all four stems)."""
+    name = meta["name"]
     quiet = [s for s, p in zip(meta["stems"], meta["peaks"]) if p <= threshold]
-    for s in quiet:
-        notes.append((f"quiet stems (peak <= {threshold:g}: never sampled in training)",
-                      f"{name}/{s}"))
+    notes = [(f"quiet stems (peak <= {threshold:g}: never sampled in training)", f"{name}/{s}")
+             for s in quiet]
     if len(meta["stems"]) - len(quiet) < 2:
         why = f"{len(meta['stems']) - len(quiet)} non-silent stem(s): nothing to predict from"
     elif not meta["two_active"]:
@@ -1769,20 +1742,16 @@ def _has_two_active(x: np.ndarray, chunk: int, threshold: float, block: int = 16
 
 def prepare(root, split: str = "train", *, cache=None, sample_rate=16000, chunk_seconds=8.0,
             threshold=0.1, training=True, layout=None, log=print) -> list[dict]:
-    """Decode every track once into a cache of 16 kHz mono stems, one .npy per track (float16,
-    memory-mapped at training time, so a chunk costs only its own bytes). Reused while the source
-    files are unchanged. One track is in memory at a time. Problems are collected and reported
+    """Decode every track once into a cache of 16 kHz mono stems, one float16 .npy per track
+    (memory-mapped at training time, so a chunk costs only its own bytes), reused while the source
+    files are unchanged; one track is in memory at a time. Problems are collected and reported
     together; a track that cannot be used is excluded, and if none remains it is an error.
 
-    Every stem is kept but an all-zero one. With training=True the silence filter applies
-    (`_training_exclusion`: tracks without two stems above threshold are left out); evaluation
-    and the analyses pass training=False and keep every track and stem. split "all": train/ and
-    test/ together (the paper's retrieval ranks among all 150 MUSDB18 tracks).
-
-    Returns the prepared tracks, one dict per usable track: name, stems (sorted), length
-    (samples), npy (path). (`find_tracks` returns the found tracks: names and source files.)
-    layout: find_tracks's options (channels, groups) for the layouts that need them.
-    """
+    Every stem is kept but an all-zero one. training=True applies the silence filter
+    (`_training_exclusion`); evaluation and the analyses keep every track and stem. split "all":
+    train/ and test/ together (Table 1 ranks among all 150 MUSDB18 tracks). layout:
+    find_tracks's options (channels, groups). Returns one dict per usable track: name, stems
+    (sorted), length (samples), npy (path)."""
     options = dict(cache=cache, sample_rate=sample_rate, chunk_seconds=chunk_seconds,
                    threshold=threshold, training=training, layout=layout, log=log)
     if split == "all" and any((Path(root) / s).is_dir() for s in ("train", "test")):
@@ -1834,8 +1803,7 @@ def prepare(root, split: str = "train", *, cache=None, sample_rate=16000, chunk_
             notes += more + ([("tracks excluded", f"{name}: {why}")] if why else [])
             if why:
                 continue
-        prepared.append({**{k: meta[k] for k in ("name", "stems", "length")},
-                         "npy": str(npy_path)})
+        prepared.append({**{k: meta[k] for k in ("name", "stems", "length")}, "npy": str(npy_path)})
     report = "".join(f"  {kind}:\n" + "".join(f"    {text}\n" for k, text in notes if k == kind)
                      for kind in dict.fromkeys(k for k, _ in notes))
     if not prepared:
@@ -1850,11 +1818,7 @@ def prepare(root, split: str = "train", *, cache=None, sample_rate=16000, chunk_
 # ---------------------------------------------------------------------------------------------
 
 NOTE_NAMES = ["C", "C#", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B"]
-
-
 SCALES = {"maj": [0, 2, 4, 5, 7, 9, 11], "min": [0, 2, 3, 5, 7, 8, 10]}
-
-
 TOY_STEMS = ("bass", "drums", "other", "vocals")
 
 
@@ -1872,7 +1836,8 @@ def _tone(freq, dur, sr, harmonics, *, attack=0.01, decay=0.5, vibrato=0.0):
     k = np.arange(1, len(harmonics) + 1)
     amps = np.where(k * freq < sr / 2, harmonics, 0.0)
     wave = np.sin(phase[:, None] * k[None]) @ amps
-    envelope = np.minimum(t / attack, 1.0) * np.exp(-t / decay) * np.minimum((dur - t) / 0.01, 1.0)
+    envelope = (np.minimum(t / attack, 1.0) * np.exp(-t / decay)
+                * np.minimum((dur - t) / 0.01, 1.0))
     return wave * envelope
 
 
@@ -1894,7 +1859,7 @@ def _room(x: np.ndarray, sr: int, *, cutoff: float, decay: float, wet: float, rn
     a = np.exp(-2 * np.pi * cutoff / sr)
     spectrum = np.fft.rfft(x, 2 * len(x))
     freqs = np.fft.rfftfreq(2 * len(x))                                 # cycles per sample
-    spectrum *= (1 - a) / (1 - a * np.exp(-2j * np.pi * freqs))         # the one-pole filter's response
+    spectrum *= (1 - a) / (1 - a * np.exp(-2j * np.pi * freqs))         # the one-pole response
     t = np.arange(int(4 * decay * sr)) / sr
     ir = rng.standard_normal(len(t)) * np.exp(-t / decay)
     ir *= wet / np.sqrt(np.sum(ir ** 2))
@@ -1903,27 +1868,25 @@ def _room(x: np.ndarray, sr: int, *, cutoff: float, decay: float, wet: float, rn
 
 
 def make_toy_song(rng: np.random.Generator, *, seconds=30.0, sample_rate=16000):
-    """One procedural song: ({stem: waveform}, labels). The song has a key, a tempo, a four-bar
-    chord progression, a timbre family and a room; bass plays the chord roots, drums a per-song
-    pattern at the tempo, "other" the chords, "vocals" a melody in the key with vibrato. Each 4-bar
-    section mutes a random subset of stems (leaving at least two).
-
-    Like the stems of a real recording, the stems of one song share traits that the mix reveals:
-    key, chords, tempo, one spectral tilt (bright or dull harmonics) and one recording chain
-    (`_room`). That is what makes "which song?" answerable from the mix alone."""
+    """One procedural song: ({stem: waveform}, labels). Bass plays the roots of a four-bar chord
+    progression, drums a per-song pattern at the tempo, "other" the chords, "vocals" a melody in
+    the key with vibrato; each 4-bar section mutes a random subset of stems (leaving two or more).
+    Like a real recording's, the stems share what the mix reveals: key, chords, tempo, a spectral
+    tilt (bright or dull harmonics) and a recording chain (`_room`), so "which song?" is
+    answerable from the mix alone."""
     sr, n = sample_rate, int(seconds * sample_rate)
     root, mode = int(rng.integers(12)), str(rng.choice(["maj", "min"]))
     scale = np.array(SCALES[mode]) + root
     tempo = float(rng.uniform(80, 160))
     beat = 60.0 / tempo
     bar = 4 * beat
-    progression = [0] + [int(d) for d in rng.choice([1, 2, 3, 4, 5], size=3)]   # scale degrees, 1 bar each
-    tilt = rng.uniform(0.5, 2.0)                                               # the song's timbre family
+    progression = [0] + [int(d) for d in rng.choice([1, 2, 3, 4, 5], size=3)]   # degrees, 1 bar
+    tilt = rng.uniform(0.5, 2.0)                                        # the song's timbre family
     timbre = {s: rng.uniform(0.1, 1.0, 8) / np.arange(1, 9) ** (tilt + rng.uniform(-0.15, 0.15))
               for s in TOY_STEMS}
     room = dict(cutoff=float(rng.uniform(1500, 7000)), decay=float(rng.uniform(0.05, 0.4)),
                 wet=float(rng.uniform(0.1, 0.6)))
-    bass_steps = np.flatnonzero(np.r_[1, rng.random(7) < 0.45])                 # eighth notes of a bar
+    bass_steps = np.flatnonzero(np.r_[1, rng.random(7) < 0.45])         # eighth notes of a bar
     drum_params = dict(kick_low=rng.uniform(40, 60), kick_decay=rng.uniform(0.08, 0.2),
                        snare_decay=rng.uniform(0.05, 0.15))
     kicks = set(np.flatnonzero(np.r_[1, rng.random(15) < 0.2]).tolist()) - {4, 12}
@@ -1941,11 +1904,14 @@ def make_toy_song(rng: np.random.Generator, *, seconds=30.0, sample_rate=16000):
     for b in range(int(np.ceil(seconds / bar))):
         t0, d = b * bar, progression[b % 4]
         triad = [scale[(d + i) % 7] + 12 * ((d + i) // 7) for i in (0, 2, 4)]  # semitones above C
-        quality = {(4, 7): "maj", (3, 7): "min", (3, 6): "dim"}[((triad[1] - triad[0]) % 12, (triad[2] - triad[0]) % 12)]
-        chords.append([round(t0, 3), round(min(t0 + bar, seconds), 3), f"{NOTE_NAMES[triad[0] % 12]}:{quality}"])
+        intervals = ((triad[1] - triad[0]) % 12, (triad[2] - triad[0]) % 12)
+        quality = {(4, 7): "maj", (3, 7): "min", (3, 6): "dim"}[intervals]
+        chords.append([round(t0, 3), round(min(t0 + bar, seconds), 3),
+                       f"{NOTE_NAMES[triad[0] % 12]}:{quality}"])
         for step in bass_steps:
             note = 36 + triad[0] % 12 + (7 if step == 4 and rng.random() < 0.3 else 0)
-            add("bass", t0 + step * beat / 2, _tone(_midi_hz(note), beat / 2, sr, timbre["bass"], decay=0.3))
+            add("bass", t0 + step * beat / 2,
+                _tone(_midi_hz(note), beat / 2, sr, timbre["bass"], decay=0.3))
         for step in range(16):
             t = t0 + step * beat / 4
             if step in kicks:
@@ -1958,32 +1924,35 @@ def make_toy_song(rng: np.random.Generator, *, seconds=30.0, sample_rate=16000):
             f = _midi_hz(60 + semitone % 12)
             if arpeggio:
                 for k in range(j, 8, 3):
-                    add("other", t0 + k * beat / 2, _tone(f, beat / 2, sr, timbre["other"], decay=0.4))
+                    add("other", t0 + k * beat / 2,
+                        _tone(f, beat / 2, sr, timbre["other"], decay=0.4))
             else:
                 add("other", t0, _tone(f, bar, sr, timbre["other"], attack=0.05, decay=2.0))
-        for k in range(int(round(bar / melody_step))):                  # a random walk on the scale,
-            candidates = [m for m in range(pitch - 4, pitch + 5)         # chord tones on strong beats
-                          if (m % 12) in {s % 12 for s in (triad if k % 2 == 0 else scale)} and 57 <= m <= 79]
+        for k in range(int(round(bar / melody_step))):          # melody: a walk on the scale,
+            allowed = {s % 12 for s in (triad if k % 2 == 0 else scale)}    # chord tones on beats
+            candidates = [m for m in range(pitch - 4, pitch + 5)
+                          if m % 12 in allowed and 57 <= m <= 79]
             pitch = int(rng.choice(candidates))
             if rng.random() < 0.85:
-                add("vocals", t0 + k * melody_step, _tone(_midi_hz(pitch), melody_step * 0.95, sr,
-                                                          timbre["vocals"], attack=0.03, decay=1.0, vibrato=0.012))
+                add("vocals", t0 + k * melody_step,
+                    _tone(_midi_hz(pitch), melody_step * 0.95, sr, timbre["vocals"], attack=0.03,
+                          decay=1.0, vibrato=0.012))
     sections, section = [], 4 * bar
     for s0 in np.arange(0, seconds, section):
         on = rng.random(len(TOY_STEMS)) > 0.25
         while on.sum() < 2:
             on[rng.integers(len(TOY_STEMS))] = True
-        for stem, keep in zip(TOY_STEMS, on):
-            if not keep:
-                out[stem][int(s0 * sr): int((s0 + section) * sr)] = 0.0
-        sections.append([round(float(s0), 3), round(float(min(s0 + section, seconds)), 3),
-                         [s for s, keep in zip(TOY_STEMS, on) if keep]])
+        playing = [s for s, keep in zip(TOY_STEMS, on) if keep]
+        for stem in (s for s in TOY_STEMS if s not in playing):
+            out[stem][int(s0 * sr): int((s0 + section) * sr)] = 0.0
+        sections.append([round(float(s0), 3), round(float(min(s0 + section, seconds)), 3), playing])
     stems = {}
     for s in TOY_STEMS:
         x = _room(out[s][:n], sr, rng=rng, **room)
         stems[s] = (x * rng.uniform(0.3, 0.6) / max(np.abs(x).max(), 1e-9)).astype(np.float32)
     labels = {"key": f"{NOTE_NAMES[root]}:{mode}", "tempo": round(tempo, 2), "chords": chords,
-              "sections": sections, "tilt": round(tilt, 3), "room": {k: round(v, 3) for k, v in room.items()}}
+              "sections": sections, "tilt": round(tilt, 3),
+              "room": {k: round(v, 3) for k, v in room.items()}}
     return stems, labels
 
 
@@ -2034,8 +2003,8 @@ def dsp_features(x: np.ndarray, sample_rate: int = 16000) -> np.ndarray:
     harmonic and rhythmic "mashability": time-averaged chroma (12) and the autocorrelation of the
     onset envelope at tempi 60-180 BPM (25), each L2-normalised."""
     x = torch.from_numpy(np.asarray(x, dtype=np.float32))
-    # (bins, frames)
-    spec = torch.stft(x, 4096, 1024, window=torch.hann_window(4096), return_complex=True).abs()
+    spec = torch.stft(x, 4096, 1024, window=torch.hann_window(4096),
+                      return_complex=True).abs()                        # (bins, frames)
     freqs = torch.fft.rfftfreq(4096, 1 / sample_rate)
     band = (freqs > 55) & (freqs < 4000)
     pitch_class = (torch.round(12 * torch.log2(freqs[band] / 440.0)).long() + 9) % 12
@@ -2045,8 +2014,7 @@ def dsp_features(x: np.ndarray, sample_rate: int = 16000) -> np.ndarray:
                                      return_complex=True).abs())
     flux = (logspec[:, 1:] - logspec[:, :-1]).clamp(min=0).sum(0)
     flux = flux - flux.mean()
-    fps = sample_rate / hop
-    lags = (60 * fps / torch.linspace(60, 180, 25)).round().long()
+    lags = (60 * (sample_rate / hop) / torch.linspace(60, 180, 25)).round().long()  # frames/beat
     ac = torch.stack([(flux[:-lag] * flux[lag:]).mean() if lag < len(flux) else torch.zeros(())
                       for lag in lags])
     return torch.cat([F.normalize(chroma, dim=0),
@@ -2073,7 +2041,8 @@ def retrieval_embeddings(model: StemJEPA, tracks: list[dict], *, device="cpu", b
     conditioned on s over the mix of the other stems, 4.1.1) and the references z_s^(n) from the
     target and the context encoders, each pooled by `pool`."""
     model = model.to(device).eval()
-    chunk = chunk_samples(model.config)
+    embed = functools.partial(embed_long, model, chunk=chunk_samples(model.config), batch=batch,
+                              device=device)
     sr = model.config.sample_rate
     queries, refs_target, refs_context, track, instrument = [], [], [], [], []
     total = sum(t["length"] * 2 * len(t["stems"]) for t in tracks) / sr
@@ -2083,9 +2052,8 @@ def retrieval_embeddings(model: StemJEPA, tracks: list[dict], *, device="cpu", b
         x = np.load(t["npy"]).astype(np.float32)                        # (S, N)
         known = [i for i, s in enumerate(t["stems"]) if s in model.instruments]
         ids = [model.instruments.index(t["stems"][i]) for i in known]
-        mixes = [x.sum(0) - x[i] for i in known]                        # x_{not s}: all but s
         stems = [x[i] for i in known]
-        embed = functools.partial(embed_long, model, chunk=chunk, batch=batch, device=device)
+        mixes = [x.sum(0) - x[i] for i in known]                        # x_{not s}: all but s
         queries += [pool(q) for q in embed(mixes, instruments=ids)]
         refs_target += [pool(z) for z in embed(stems)]
         refs_context += [pool(z) for z in embed(stems, target=False)]
@@ -2142,13 +2110,10 @@ def evaluate(checkpoint, data, *, split="test", out=None, cache=None, device=Non
     """Table 1 and Fig. 2 for a checkpoint on a dataset split, with the comparison rows (chance,
     random weights, DSP) measured in the same run. Writes OUT/retrieval.json and OUT/fig2.png.
 
-    Beyond the paper's text, as in the authors' code: the per-stem vectors concatenate the 5
-    frequency rows (3840-d) instead of averaging over frequency, and are layer- and L2-normalised
-    before the L2 distances. Rows are (track, stem) pairs of the stems the model knows; every
-    stem is kept, quiet ones too (only all-zero stems are left out, and `prepare` says so).
-    split "all" ranks among train/ and test/ together, as Table 1 (MUSDB18: 150 tracks, R = 600).
-    The normalised rank is 1-based, as the authors' evaluation (`retrieval_metrics`).
-    """
+    Rows are (track, stem) pairs of the stems the model knows, quiet stems too (`prepare` leaves
+    out only all-zero ones). split "all" ranks among train/ and test/ together, as Table 1
+    (MUSDB18: 150 tracks, R = 600). [code] Pooling (`pool`: 3840-d, normalised) and the 1-based
+    normalised rank (`retrieval_metrics`) follow the authors' code, not the paper's text."""
     model, device, tracks = open_trained(checkpoint, device, data, split=split, cache=cache,
                                          layout=layout, log=log)
     cfg = model.config
@@ -2161,12 +2126,10 @@ def evaluate(checkpoint, data, *, split="test", out=None, cache=None, device=Non
                                 log=log)
     dsp = dsp_embeddings(tracks, model.instruments, cfg.sample_rate)
     truth = torch.arange(len(emb.queries))                           # query i's stem is reference i
-    rows = {
-        "Stem-JEPA, target-encoder refs": (emb.queries, emb.refs_target),
-        "Stem-JEPA, context-encoder refs": (emb.queries, emb.refs_context),
-        "random weights": (rand.queries, rand.refs_target),
-        "DSP (chroma + tempo)": (dsp.queries, dsp.refs_target),
-    }
+    rows = {"Stem-JEPA, target-encoder refs": (emb.queries, emb.refs_target),
+            "Stem-JEPA, context-encoder refs": (emb.queries, emb.refs_context),
+            "random weights": (rand.queries, rand.refs_target),
+            "DSP (chroma + tempo)": (dsp.queries, dsp.refs_target)}
     results = {"N": len(tracks), "S": len(model.instruments), "references": len(truth),
                "checkpoint": str(checkpoint), "split": split, "rows": {},
                "rank_convention": "nrank_*: 1-based rank / references (nearest = 1, Table 1's); "
@@ -2178,22 +2141,18 @@ def evaluate(checkpoint, data, *, split="test", out=None, cache=None, device=Non
                                  for i, s in enumerate(model.instruments)
                                  if (m := emb.instrument == i).any()}
         results["rows"][name] = row
-    results["rows"]["chance"] = chance_metrics(len(truth))
-    results["rows"]["chance"].update(
-        which_song=chance_metrics(len(tracks), ks=(1,)),
-        which_instrument=chance_metrics(len(model.instruments), ks=(1,)),
-        query_cosine=None)
-    # the headline numbers at top level
-    results.update(results["rows"]["Stem-JEPA, target-encoder refs"])
+    results["rows"]["chance"] = {**chance_metrics(len(truth)),
+                                 "which_song": chance_metrics(len(tracks), ks=(1,)),
+                                 "which_instrument": chance_metrics(results["S"], ks=(1,)),
+                                 "query_cosine": None}
+    results.update(results["rows"]["Stem-JEPA, target-encoder refs"])  # headline numbers on top
     results["fig2"] = failure_analysis(emb.queries, emb.refs_target, emb.track, emb.instrument,
                                        emb.track, emb.instrument, model.instruments)
     plot_fig2(results["fig2"], out / "fig2.png")
     if listening:
-        results["listening"] = write_listening_test(tracks, emb, model.instruments,
-                                                    out / "listening",
-                                                    trials=listening, sample_rate=cfg.sample_rate,
-                                                    seed=seed,
-                                                    threshold=cfg.active_threshold)
+        results["listening"] = write_listening_test(
+            tracks, emb, model.instruments, out / "listening", trials=listening,
+            sample_rate=cfg.sample_rate, seed=seed, threshold=cfg.active_threshold)
     (out / "retrieval.json").write_text(json.dumps(results, indent=1))
     log(format_table(results))
     log(f"wrote {out / 'retrieval.json'} and {out / 'fig2.png'}")
@@ -2201,22 +2160,21 @@ def evaluate(checkpoint, data, *, split="test", out=None, cache=None, device=Non
 
 
 def format_table(results: dict) -> str:
-    """Table 1's layout, one row per model, metrics in percent; the title states R and the rank
-    convention (nrank = 1-based rank / R, as Table 1). Then the two questions inside the rank:
-    which song? (among the stems of the same instrument) and which instrument? (among the stems
-    of the same song), and the cosine between one instrument's queries across songs."""
+    """Table 1's layout, one row per model, metrics in percent, R and the rank convention in the
+    title; then the two questions inside the rank, which song? and which instrument?, and the
+    queries' cosine (`which_song_and_instrument`)."""
     lines = [f"retrieval on {results['N']} tracks x {results['S']} instruments, "
              f"R = {results['references']} references; nrank = rank / R, nearest = rank 1",
              f"{'model':34s} {'R@1':>6s} {'R@5':>6s} {'R@10':>6s} {'nrank mean':>11s} "
              f"{'median':>7s} | {'song R@1':>8s} {'song nrank':>10s} | {'inst R@1':>8s} "
              f"{'inst nrank':>10s} | {'q cos':>6s}"]
     for name, m in results["rows"].items():
+        cosine = "-" if m["query_cosine"] is None else format(m["query_cosine"], ".3f")
         lines.append(f"{name:34s} {m['R@1']:6.1f} {m['R@5']:6.1f} {m['R@10']:6.1f} "
                      f"{m['nrank_mean']:11.1f} {m['nrank_median']:7.1f}"
                      f" | {m['which_song']['R@1']:8.1f} {m['which_song']['nrank_mean']:10.1f}"
                      f" | {m['which_instrument']['R@1']:8.1f}"
-                     f" {m['which_instrument']['nrank_mean']:10.1f}"
-                     f" | {'-' if m['query_cosine'] is None else format(m['query_cosine'], '.3f'):>6s}")
+                     f" {m['which_instrument']['nrank_mean']:10.1f} | {cosine:>6s}")
     for s, m in results["rows"]["Stem-JEPA, target-encoder refs"].get("per_instrument", {}).items():
         lines.append(f"{'  ' + s:34s} {m['R@1']:6.1f} {m['R@5']:6.1f} {m['R@10']:6.1f} "
                      f"{m['nrank_mean']:11.1f} {m['nrank_median']:7.1f}")
@@ -2224,8 +2182,7 @@ def format_table(results: dict) -> str:
 
 
 def plot_fig2(fig2: dict, path) -> None:
-    """Fig. 2: failure categories per instrument (left) and the instrument confusion matrix
-    (right)."""
+    """Fig. 2: failure categories per instrument (left), instrument confusion matrix (right)."""
     from matplotlib.figure import Figure        # not pyplot: leaves a notebook's backend alone
     names = fig2["instruments"]
     fig = Figure(figsize=(9, 3.5))
@@ -2239,9 +2196,8 @@ def plot_fig2(fig2: dict, path) -> None:
     a.legend(fontsize=7)
     c = np.array(fig2["confusion"])
     b.imshow(c, cmap="Blues", vmin=0, vmax=1)
-    for i in range(len(names)):
-        for j in range(len(names)):
-            b.text(j, i, f"{c[i, j]:.2f}", ha="center", va="center", fontsize=7)
+    for (i, j), v in np.ndenumerate(c):
+        b.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
     b.set_xticks(range(len(names)), names, rotation=45)
     b.set_yticks(range(len(names)), names)
     b.set_xlabel("retrieved instrument")
@@ -2262,7 +2218,9 @@ def write_listening_test(tracks, emb, instruments, out, *, trials, sample_rate, 
     out = Path(out)
     (out / "trials").mkdir(parents=True, exist_ok=True)
     d = torch.cdist(emb.queries.double(), emb.refs_target.double())
-    key_rows, n_ex, n_crop = [], int(excerpt_s * sample_rate), int(crop_s * sample_rate)
+    n_ex = int(excerpt_s * sample_rate)
+    n_crop = int(crop_s * sample_rate)
+    key_rows = []
 
     def busiest_start(y):                       # the excerpt with the most active 0.1 s blocks
         block = sample_rate // 10
@@ -2278,6 +2236,11 @@ def write_listening_test(tracks, emb, instruments, out, *, trials, sample_rate, 
         c = int(rng.integers(0, max(len(seg) - n_crop, 0) + 1))
         return seg[c: c + n_crop]
 
+    def stem_audio(row):
+        t = tracks[int(emb.track[row])]
+        stem = t["stems"].index(instruments[int(emb.instrument[row])])
+        return np.load(t["npy"], mmap_mode="r")[stem].astype(np.float32)
+
     candidates = [q for q in range(len(d)) if ((emb.instrument == emb.instrument[q])
                                                & (emb.track != emb.track[q])).sum() >= 2]
     for k, q in enumerate(rng.permutation(candidates)[:trials]):
@@ -2285,11 +2248,6 @@ def write_listening_test(tracks, emb, instruments, out, *, trials, sample_rate, 
         others = torch.nonzero((emb.instrument == inst) & (emb.track != n)).flatten()
         retrieved = int(others[d[q, others].argmin()])
         random_pick = int(rng.choice([o for o in others.tolist() if o != retrieved]))
-
-        def stem_audio(row):
-            t = tracks[int(emb.track[row])]
-            row = t["stems"].index(instruments[inst])
-            return np.load(t["npy"], mmap_mode="r")[row].astype(np.float32)
         t = tracks[n]
         x = np.load(t["npy"]).astype(np.float32)
         start = int(rng.integers(0, max(x.shape[1] - n_ex, 0) + 1))
@@ -2303,13 +2261,12 @@ def write_listening_test(tracks, emb, instruments, out, *, trials, sample_rate, 
             y = options[what]
             at = min(start, max(len(y) - n_ex, 0)) if what == "true" else busiest_start(y)
             clips[letter] = excerpt(y, at)
-        # one per trial: no clipping
+        # one gain per trial: no clipping
         gain = min(1.0, 0.99 / max(max(float(np.abs(c).max()) for c in clips.values()), 1e-9))
         for name, c in clips.items():
             sf.write(folder / f"{name}.wav", gain * c, sample_rate)
-        key_rows.append({"trial": f"trial{k:02d}", "track": t["name"],
-                         "instrument": instruments[inst],
-                         **{letter: what for letter, what in zip("ABC", order)},
+        key_rows.append({"trial": folder.name, "track": t["name"], "instrument": instruments[inst],
+                         **dict(zip("ABC", order)),
                          "retrieved_from": tracks[int(emb.track[retrieved])]["name"],
                          "random_from": tracks[int(emb.track[random_pick])]["name"]})
     with open(out / "key.csv", "w", newline="") as f:
