@@ -2370,17 +2370,15 @@ def write_listening_test(tracks, emb, instruments, out, *, trials, sample_rate, 
 # ---------------------------------------------------------------------------------------------
 
 def frames(z: torch.Tensor) -> torch.Tensor:
-    """(F, T, D) -> (T, F*D): one vector per time patch (160 ms), the frequency rows concatenated
-    (4.3)."""
+    """(F, T, D) -> (T, F*D): one vector per time patch (160 ms), frequency rows concatenated."""
     return z.permute(1, 0, 2).reshape(z.shape[1], -1)
 
 
 def shift_similarity(z: torch.Tensor, q: torch.Tensor, shifts,
                      circular: bool = True) -> torch.Tensor:
-    """Eq. 3 for one stem: s(z, q, j) = 1/T sum_i <z[i], q[(i + j) % T]> (the paper's M is T
-    here, the number of time patches), z and q (T, C) sequences of unit vectors (normalised
-    here), for each shift j. With circular=False (sequences of different lengths, as in
-    `retrieve`), the mean over the overlapping patches only."""
+    """Eq. 3, s(z, q, j) = 1/(MS) sum_s sum_i <z_s[i], q_s[(i + j) % M]>, for one stem (S = 1)
+    at each shift j: z, q (T, C), normalised here; M = T, the number of time patches. With
+    circular=False (lengths differ, as in `retrieve`), the mean over the overlapping patches."""
     sims = F.normalize(z.float(), dim=-1) @ F.normalize(q.float(), dim=-1).T   # (T, T')
     i = torch.arange(sims.shape[0])
     out = []
@@ -2394,39 +2392,29 @@ def shift_similarity(z: torch.Tensor, q: torch.Tensor, shifts,
 
 
 def best_offset(stem: torch.Tensor, prediction: torch.Tensor, min_overlap: float = 0.5) -> int:
-    """The shift j (in time patches) at which a stem's sequence (T, C) best matches the predicted
-    sequence for a mix (T', C): place the stem j patches after the start of the mix. Shifts
-    leaving less than min_overlap of the shorter sequence in common are not considered."""
+    """The shift j (time patches) at which a stem (T, C) best matches a mix's prediction (T', C):
+    the stem starts j patches into the mix. Shifts sharing < min_overlap of the shorter are out."""
     T, Tq = len(stem), len(prediction)
     need = max(1, int(min_overlap * min(T, Tq)))
     shifts = list(range(-(T - need), Tq - need + 1))
     return shifts[int(shift_similarity(stem, prediction, shifts, circular=False).argmax())]
 
 
-def alignment_curve(z_seqs: list[torch.Tensor], q_seqs: list[torch.Tensor],
-                    shifts) -> torch.Tensor:
-    """Eq. 3 for one track: s(z, q, j) = 1/(TS) sum_s sum_i <z_s[i], q_s[(i + j) % T]>, each j.
-
-    z_seqs[s], q_seqs[s]: (T, C) sequences of one stem's target patches and of the predictions
-    for it (cosines: both are normalised). The sign: if the prediction runs m patches late
-    (q[i] = z[i - m]), the curve peaks at j = +m.
-    """
-    curves = [shift_similarity(z, q, shifts, circular=True) for z, q in zip(z_seqs, q_seqs)]
-    return torch.stack(curves).mean(0)
+def alignment_curve(z_seqs: list[torch.Tensor], q_seqs: list[torch.Tensor], shifts) -> torch.Tensor:
+    """Eq. 3 for one track: `shift_similarity` averaged over the stems, z_seqs[s] and q_seqs[s]
+    (T, C) a stem's target patches and their predictions. If the prediction runs m patches late
+    (q[i] = z[i - m]), the curve peaks at j = +m."""
+    return torch.stack([shift_similarity(z, q, shifts) for z, q in zip(z_seqs, q_seqs)]).mean(0)
 
 
 def random_pair_level(z_means: torch.Tensor, q_means: torch.Tensor,
                       track: torch.Tensor) -> float | None:
-    """The level of unrelated pairs, the reference of footnote 5 ("the average cosine similarity
-    between random representations and predictions is approximately 0.17"): the mean cosine
-    between a target patch z_s^(n)[i] and a prediction q_s'^(n')[i'] of another track n' != n,
-    any stems s, s' and any patches i, i'.
-
-    Exact, not sampled: the mean of <z[i], q[i']> over all i, i' equals
-    <mean_i z[i], mean_i' q[i']> of the unit vectors, so it takes only each sequence's mean unit
-    vector, z_means and q_means (P, C), and the track of each row, track (P,). Each pair of
-    sequences weighs the same. None with a single track.
-    """
+    """Footnote 5's reference, "the average cosine similarity between random representations and
+    predictions is approximately 0.17": the mean cosine of a target patch z_s^(n)[i] and a
+    prediction q_s'^(n')[i'] of another track n' != n, over all stems and patches. Exact: the
+    mean of <z[i], q[i']> over i, i' is <mean z, mean q>, so it takes each sequence's mean unit
+    vector, z_means and q_means (P, C), and its track, track (P,); each pair of sequences weighs
+    the same. None with a single track."""
     other_track = track[:, None] != track[None, :]                      # (P, P)
     if not other_track.any():
         return None
@@ -2436,8 +2424,7 @@ def random_pair_level(z_means: torch.Tensor, q_means: torch.Tensor,
 def stem_sequences(model: StemJEPA, x: np.ndarray, stems: list[str], *, chunk: int, device,
                    batch: int):
     """One track's stems x (S, N) -> [(stem, z, q)] for the stems the model knows: z (T, C) the
-    target encoder's patches of the stem, q (T, C) the predictor's for the mix of the other
-    stems, conditioned on the stem's instrument; one vector per 160 ms, C = F*D (4.3)."""
+    target encoder's patches of the stem, q (T, C) the predictor's from the mix of the others."""
     known = [i for i, s in enumerate(stems) if s in model.instruments]
     ids = [model.instruments.index(stems[i]) for i in known]
     mixes = [x.sum(0) - x[i] for i in known]                            # x_{not s}
@@ -2449,14 +2436,10 @@ def stem_sequences(model: StemJEPA, x: np.ndarray, stems: list[str], *, chunk: i
 @torch.no_grad()
 def alignment_curves(model: StemJEPA, tracks: list[dict], *, max_shift: int, device="cpu",
                      batch=16, log=print) -> dict:
-    """Fig. 4: the curve of Eq. 3 of each prepared track over shifts j = -J..J, in time patches,
-    their mean, and the random-pair level (`random_pair_level`).
-
-    Shifts are circular (Eq. 3's (i + j) % T): j and j - T are the same shift, so J is capped at
-    half the shortest track, (T - 1) // 2. "A sharp peak in similarity at j = 0, followed by a
-    rapid decrease, suggests that the embeddings are rich in local information" (4.3).
-    Sequences are held one track at a time; only their mean vectors are kept.
-    """
+    """Fig. 4: Eq. 3's curve of each prepared track over shifts j = -J..J (time patches), their
+    mean, and the random-pair level. Shifts are circular (j and j - T are the same shift), so J is
+    capped at (T - 1) // 2 of the shortest track. "A sharp peak in similarity at j = 0, followed
+    by a rapid decrease, suggests that the embeddings are rich in local information" (4.3)."""
     if not tracks:
         raise StemJEPAError("no track to analyse")
     model = model.to(device).eval()
@@ -2475,14 +2458,14 @@ def alignment_curves(model: StemJEPA, tracks: list[dict], *, max_shift: int, dev
         if not seqs:
             log(f"  {t['name']}: no stem the model knows; skipped")
             continue
-        curve = alignment_curve([z for _, z, _ in seqs], [q for _, _, q in seqs], shifts)
+        names, zs, qs = zip(*seqs)
+        curve = alignment_curve(list(zs), list(qs), shifts)
         best = shifts[int(curve.argmax())]
-        rows.append({"name": t["name"], "stems": [s for s, _, _ in seqs], "curve": curve.tolist(),
+        rows.append({"name": t["name"], "stems": list(names), "curve": curve.tolist(),
                      "best_shift": best, "best_shift_s": round(best * patch_s, 3)})
-        for _, z, q in seqs:
-            z_means.append(F.normalize(z.float(), dim=-1).mean(0))
-            q_means.append(F.normalize(q.float(), dim=-1).mean(0))
-            owner.append(n)
+        z_means += [F.normalize(z.float(), dim=-1).mean(0) for z in zs]
+        q_means += [F.normalize(q.float(), dim=-1).mean(0) for q in qs]
+        owner += [n] * len(seqs)
         log(f"  {t['name']}: s(j=0) {curve[J]:.3f}, peak at {best:+d} patches")
     if not rows:
         raise StemJEPAError("no track has a stem the model knows")
@@ -2496,8 +2479,8 @@ def alignment_curves(model: StemJEPA, tracks: list[dict], *, max_shift: int, dev
 
 def analyze_alignment(checkpoint, data, *, split="test", tracks=None, max_shift_s=10.0, out=None,
                       cache=None, device=None, batch=16, log=print) -> dict:
-    """4.3 on a dataset split: OUT/align.json (the curves of `alignment_curves`) and
-    OUT/fig4.png. tracks: only the first K tracks (the paper draws 8)."""
+    """4.3 on a dataset split: OUT/align.json (`alignment_curves`) and OUT/fig4.png; tracks: only
+    the first K (the paper draws 8)."""
     model, device, prepared = open_trained(checkpoint, device, data, split=split, cache=cache,
                                            log=log)
     prepared = prepared[:tracks]
@@ -2537,8 +2520,7 @@ def plot_fig4(result: dict, path, *, chunk_seconds=None, max_tracks=8) -> None:
         for k in range(1, int(max(abs(x[0]), x[-1]) // chunk_seconds) + 1):
             for sign in (-1, 1):
                 ax.axvline(sign * k * chunk_seconds, color="grey", ls=":", lw=0.8)
-    ax.set_xlabel("shift j (s)")
-    ax.set_ylabel("s(z, q, j)")
+    ax.set(xlabel="shift j (s)", ylabel="s(z, q, j)")
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
