@@ -2531,9 +2531,9 @@ def plot_fig4(result: dict, path, *, chunk_seconds=None, max_tracks=8) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def parse_lab(path) -> list[tuple[float, float, str]]:
-    """A `.lab` annotation file (Isophonics, MIREX): one segment per line, `start end label`
-    separated by whitespace (tabs in Isophonics), in seconds. The label is the rest of the line, so
-    Isophonics' key lines `0.394 150.0 Key E` give the label "Key E". Blank lines are skipped."""
+    """A `.lab` file (Isophonics, MIREX) -> [(start, end, label)]: a `start end label` line per
+    segment (seconds, whitespace-separated), the label the rest of the line (Isophonics' key line
+    `0.394 150.0 Key E` gives "Key E"). Blank lines are skipped."""
     segments = []
     for n, line in enumerate(Path(path).read_text().splitlines(), 1):
         parts = line.split()
@@ -2564,12 +2564,9 @@ def label_at(segments: list[tuple[float, float, str]], t: float):
 
 
 def _split_root(label: str) -> tuple[str, str]:
-    """'Bb:min7' -> ('Bb', ':min7'); 'Ebm' -> ('Eb', 'm'): the letter and its accidentals, the
-    rest."""
-    i = 1
-    while i < len(label) and label[i] in "#b":
-        i += 1
-    return label[:i], label[i:]
+    """'Bb:min7' -> ('Bb', ':min7'), 'Ebm' -> ('Eb', 'm'): the letter and its accidentals first."""
+    end = 1 + len(label[1:]) - len(label[1:].lstrip("#b"))
+    return label[:end], label[end:]
 
 
 def pitch_class(name: str) -> int:
@@ -2625,9 +2622,8 @@ def normalise_chord(label: str) -> str | None:
 
 
 def patch_labels(keys, chords, *, patches: int, patch_s: float) -> list:
-    """The "key/chord" label of each of `patches` time patches, read at the patch's centre
-    ((i + 0.5) * patch_s seconds) from raw key and chord segments; None where either is missing
-    (silence, no chord)."""
+    """The "key/chord" label of each of `patches` time patches, read at its centre ((i + 0.5) *
+    patch_s seconds) from raw segments; None where the key or the chord is missing."""
     times = (np.arange(patches) + 0.5) * patch_s
     k = labels_at([(s, e, normalise_key(l)) for s, e, l in keys], times)
     c = labels_at([(s, e, normalise_chord(l)) for s, e, l in chords], times)
@@ -2665,13 +2661,11 @@ def track_annotations(name: str, folder, index=None):
             return None
         return parse_lab(files["keys"]), parse_lab(files["chords"])
     path = Path(folder) / "labels.json"
-    if not path.exists():
-        return None
-    labels = json.loads(path.read_text())
+    labels = json.loads(path.read_text()) if path.exists() else {}
     if "key" not in labels or "chords" not in labels:
         return None
-    return [(0.0, math.inf, labels["key"])], [(float(s), float(e), c) for s, e,
-                                              c in labels["chords"]]
+    chords = [(float(s), float(e), c) for s, e, c in labels["chords"]]
+    return [(0.0, math.inf, labels["key"])], chords
 
 
 def mix_sources(*, data=None, audio=None, split="test", cache=None, cfg: Config,
@@ -2692,32 +2686,25 @@ def mix_sources(*, data=None, audio=None, split="test", cache=None, cfg: Config,
 @torch.no_grad()
 def labelled_patches(model: StemJEPA, sources: list[tuple], *, device="cpu", batch=16):
     """4.4: "We utilize key and chord annotations [...] to label all patch embeddings."
-
-    What is embedded: the full mix of each track, through the target encoder, one L2-normalised
-    (F*D)-d vector per 160 ms (`frames`). The mix, because the annotations describe the song as
-    heard (the paper's Beatles recordings exist only as mixes) and key and chord are properties of
-    all stems together; the target encoder, because it is the one whose outputs the predictor
-    learns to match (the probes of 4.5 use the context encoder, as the authors' downstream code).
-    Unit vectors, so that k-means groups by cosine, the similarity of Eq. 3.
-
-    sources: (name, load, keys, chords). Returns x (P, C), the label of each patch ("key/chord"
-    or None) and the index of its track.
-    """
+    sources (name, load, keys, chords) -> x (P, C), the unit vector of each 160 ms patch of each
+    full mix through the target encoder; each patch's "key/chord" label (or None); its track.
+    The mix, as the annotations describe the song as heard (the Beatles exist only as mixes); the
+    target encoder, whose outputs the predictor learns to match (the probes of 4.5 use the
+    context encoder, as the authors' downstream code); unit vectors, so that k-means groups by
+    cosine, the similarity of Eq. 3."""
     model = model.to(device).eval()
     chunk = chunk_samples(model.config)
     xs, labels, owner = [], [], []
     for n, (name, load, keys, chords) in enumerate(sources):
-        z = embed_long(model, [load()], chunk=chunk, batch=batch, device=device)[0]
-        z = frames(z)                                                   # (T, C)
-        xs.append(F.normalize(z.float(), dim=-1))
+        z = frames(embed_long(model, [load()], chunk=chunk, batch=batch, device=device)[0])
+        xs.append(F.normalize(z.float(), dim=-1))                      # (T, C)
         labels += patch_labels(keys, chords, patches=len(z), patch_s=patch_seconds(model.config))
         owner += [n] * len(z)
     return torch.cat(xs), labels, torch.tensor(owner)
 
 
 def squared_distances(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """||x_p - c_k||^2 for rows x (P, C) and c (K, C) -> (P, K), without the (P, K, C) difference
-    tensor."""
+    """||x_p - c_k||^2 of rows x (P, C) and c (K, C) -> (P, K), without a (P, K, C) tensor."""
     return ((x * x).sum(1)[:, None] - 2 * x @ c.T + (c * c).sum(1)[None]).clamp(min=0)
 
 
@@ -2729,24 +2716,20 @@ def kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator) -> torc
     for _ in range(1, k):
         if d2.sum() > 0:
             i = int(torch.multinomial(d2 / d2.sum(), 1, generator=generator))
-        # fewer distinct points than k
-        else:
+        else:                                                           # fewer distinct points
             i = int(torch.randint(len(x), (1,), generator=generator))
         chosen.append(i)
         d2 = torch.minimum(d2, squared_distances(x, x[i: i + 1]).squeeze(1))
     return x[chosen].clone()
 
 
-def kmeans(x: torch.Tensor, k: int, *, iters: int = 100, seed: int = 0) -> tuple[torch.Tensor,
-                                                                                 torch.Tensor]:
-    """Lloyd's k-means on the rows of x (P, C) with k-means++ seeding -> (centroids (k, C),
-    assignment (P,)).
-
-    "We then conduct k-means clustering on the latent space with k = 32 clusters" (4.4). Every
-    random draw comes from one torch.Generator seeded with `seed`: the same seed, the same clusters.
-    A cluster left empty takes the point farthest from its centroid, so k clusters remain. Stops
-    when no point changes cluster, or after `iters` updates.
-    """
+def kmeans(x: torch.Tensor, k: int, *, iters: int = 100,
+           seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means with k-means++ seeding on the rows of x (P, C) -> (centroids (k, C),
+    assignment (P,)): "we then conduct k-means clustering on the latent space with k = 32
+    clusters" (4.4). Every draw comes from one generator seeded with `seed`. An empty cluster
+    takes the point farthest from its centroid, so k clusters remain. Stops when no point changes
+    cluster, or after `iters` updates."""
     if len(x) < k:
         raise StemJEPAError(f"k-means: {len(x)} points for k = {k} clusters")
     x = x.float()
@@ -2758,40 +2741,33 @@ def kmeans(x: torch.Tensor, k: int, *, iters: int = 100, seed: int = 0) -> tuple
         if previous is not None and torch.equal(assignment, previous):
             break
         counts = torch.bincount(assignment, minlength=k)                # (k,)
-        centroids = torch.zeros_like(centroids).index_add_(0, assignment,
-                                                           x) / counts.clamp(min=1)[:, None]
-        # (P,) distance to own centroid
-        own = d2.gather(1, assignment[:, None]).squeeze(1)
+        sums = torch.zeros_like(centroids).index_add_(0, assignment, x)
+        centroids = sums / counts.clamp(min=1)[:, None]
+        own = d2.gather(1, assignment[:, None]).squeeze(1)              # (P,) to own centroid
         for c in torch.nonzero(counts == 0).flatten().tolist():
             far = int(own.argmax())
-            # the next empty one takes another point
-            centroids[c], own[far] = x[far], 0.0
+            centroids[c] = x[far]
+            own[far] = 0.0                                  # the next empty one takes another
         previous = assignment
-    else:
-        # the last update moved the centroids
+    else:                                                   # the last update moved the centroids
         assignment = squared_distances(x, centroids).argmin(1)
     return centroids, assignment
 
 
 def cooccurrence(labels: list, assignment: torch.Tensor, n_clusters: int) -> tuple[list,
                                                                                    torch.Tensor]:
-    """Within-cluster co-occurrence of labels -> (names (L,), counts (L, L)).
-
-    "Within each cluster, we calculate the co-occurrence of all key and chord pairs and aggregate
-    these counts across all clusters [...] considering all possible pairs for counting" (4.4):
-    counts[a, b] is the number of ordered pairs of two different members of the same cluster, the
-    first labelled a and the second b, summed over clusters: sum_c n_c(a) n_c(b) - [a = b] n_c(a).
-    Symmetric; its sum is sum_c n_c (n_c - 1). Members labelled None (no key or no chord) are in
-    the clusters but not in the counts. Names are sorted.
-    """
+    """Within-cluster co-occurrence of labels -> (sorted names (L,), counts (L, L)). "Within each
+    cluster, we calculate the co-occurrence of all key and chord pairs and aggregate these counts
+    across all clusters [...] considering all possible pairs for counting" (4.4): counts[a, b] =
+    sum_c n_c(a) n_c(b) - [a = b] n_c(a), the ordered pairs of two different members of a cluster
+    labelled a and b. Members labelled None are in the clusters, not in the counts."""
     keep = [i for i, label in enumerate(labels) if label is not None]
     names = sorted({labels[i] for i in keep})
     column = {name: j for j, name in enumerate(names)}
-    # n_c(a), exact below 2^53
-    per_cluster = torch.zeros(n_clusters, len(names), dtype=torch.float64)
-    per_cluster.index_put_((assignment[keep],
-                            torch.tensor([column[labels[i]] for i in keep], dtype=torch.long)),
-                           torch.ones(len(keep), dtype=torch.float64), accumulate=True)
+    which = torch.tensor([column[labels[i]] for i in keep], dtype=torch.long)
+    per_cluster = torch.zeros(n_clusters, len(names), dtype=torch.float64)  # n_c(a), exact
+    per_cluster.index_put_((assignment[keep], which), torch.ones(len(keep), dtype=torch.float64),
+                           accumulate=True)
     counts = per_cluster.T @ per_cluster - torch.diag(per_cluster.sum(0))
     return names, counts.round().long()
 
@@ -2803,8 +2779,7 @@ def interval_profile(names: list[str], counts: torch.Tensor) -> torch.Tensor:
     5 (subdominant) and 7 (dominant, "C/F, G")."""
     tonic = torch.tensor([pitch_class(n.split("/")[0]) for n in names])
     root = torch.tensor([pitch_class(n.split("/")[1]) for n in names])
-    # (L, L): key of row, chord of column
-    interval = (root[None, :] - tonic[:, None]) % 12
+    interval = (root[None, :] - tonic[:, None]) % 12        # (L, L): key of row, chord of column
     mass = torch.zeros(12, dtype=torch.float64).index_add_(0, interval.flatten(),
                                                            counts.flatten().double())
     return mass / mass.sum().clamp(min=1)
@@ -2817,8 +2792,7 @@ def shuffled_labels(labels: list, groups: torch.Tensor | None, generator: torch.
     """The labelled entries permuted at random, across all of them (groups None) or within each
     group (e.g. each track); None entries stay in place."""
     group_of = groups.tolist() if groups is not None else [0] * len(labels)
-    # group -> labelled positions
-    members = {}
+    members = {}                                                        # group -> positions
     for i, label in enumerate(labels):
         if label is not None:
             members.setdefault(group_of[i], []).append(i)
@@ -2830,31 +2804,27 @@ def shuffled_labels(labels: list, groups: torch.Tensor | None, generator: torch.
 
 
 def cluster_statistics(x: torch.Tensor, labels: list, track: torch.Tensor, *, k: int, iters: int,
-                       seed: int,
-                       shuffles: int = 0) -> dict:
-    """k-means on x, then the co-occurrence counts of the labels, their interval profile, the
-    tonal share (mass on TONAL_INTERVALS) and the share of pairs from the same track (clusters of
-    songs rather than of harmony). With shuffles > 0, the tonal share of the same clusters with
-    the labels shuffled across all patches and within each track (the mean of `shuffles` draws):
-    what the cluster sizes alone, and the song identity alone, would give."""
+                       seed: int, shuffles: int = 0) -> dict:
+    """k-means on x, then the labels' co-occurrence counts, interval profile, tonal share (mass on
+    TONAL_INTERVALS) and the share of pairs from the same track (clusters of songs rather than of
+    harmony). With shuffles > 0, also the mean tonal share of `shuffles` draws of the labels
+    shuffled across all patches and within each track: what the cluster sizes alone, and the song
+    identity alone, would give."""
     _, assignment = kmeans(x, k, iters=iters, seed=seed)
     names, counts = cooccurrence(labels, assignment, k)
     profile = interval_profile(names, counts)
-    _, same = cooccurrence([t if label is not None else None for t,
-                            label in zip(track.tolist(), labels)],
-                           assignment, k)
+    track_labels = [t if label is not None else None for t, label in zip(track.tolist(), labels)]
+    _, same = cooccurrence(track_labels, assignment, k)
     stats = {"names": names, "counts": counts, "interval_profile": profile.tolist(),
              "tonal_share": profile[list(TONAL_INTERVALS)].sum().item(),
              "same_track_pairs": (same.trace() / same.sum().clamp(min=1)).item(),
              "cluster_sizes": torch.bincount(assignment, minlength=k).tolist()}
     g = torch.Generator().manual_seed(seed)
     for what, groups in (("shuffled across patches", None), ("shuffled within tracks", track)):
-        shares = []
-        for _ in range(shuffles):
-            s_names, s_counts = cooccurrence(shuffled_labels(labels, groups, g), assignment, k)
-            shares.append(interval_profile(s_names, s_counts)[list(TONAL_INTERVALS)].sum().item())
-        if shares:
-            stats[what] = float(np.mean(shares))
+        draws = [shuffled_labels(labels, groups, g) for _ in range(shuffles)]
+        profiles = [interval_profile(*cooccurrence(d, assignment, k)) for d in draws]
+        if profiles:
+            stats[what] = float(np.mean([p[list(TONAL_INTERVALS)].sum().item() for p in profiles]))
     return stats
 
 
@@ -2877,21 +2847,15 @@ def top_combinations(names: list[str], counts: torch.Tensor, labels: list, top: 
 
 
 def analyze_clusters(checkpoint, *, data=None, audio=None, split="test", labels=None, k=32,
-                     iters=100, top=80,
-                     shuffles=5, out=None, cache=None, device=None, batch=16, seed=0,
-                     log=print) -> dict:
-    """4.4 and Fig. 5: label the patch embeddings of every annotated track with its key and chord
-    (`labelled_patches`), k-means with k clusters, co-occurrence of the "key/chord" labels within
-    clusters (`cooccurrence`); OUT/clusters.json and OUT/fig5.png.
-
-    The labels are "key/chord" combinations, "E/B" for the key E major and a B major chord, and
-    Fig. 5 shows their co-occurrence matrix over the `top` most frequent combinations. The summary
-    number is the tonal share: of all within-cluster pairs, the fraction in which the chord of one
-    member has its root on the tonic, subdominant or dominant of the other member's key. It is
-    compared with the same clusters under shuffled labels (across patches; within tracks) and with
-    a random-weights encoder, since clusters that merely group the patches of one song (one key)
-    also raise it.
-    """
+                     iters=100, top=80, shuffles=5, out=None, cache=None, device=None, batch=16,
+                     seed=0, log=print) -> dict:
+    """4.4 and Fig. 5: label the patches of every annotated mix "key/chord" ("E/B": a B major
+    chord in E major), k-means with k clusters, count the label pairs within clusters; write
+    OUT/clusters.json and OUT/fig5.png (the `top` most frequent combinations). The summary is the
+    tonal share, the fraction of within-cluster pairs where one member's chord root is the tonic,
+    subdominant or dominant of the other's key, beside the same clusters with shuffled labels
+    (across patches; within tracks) and a random-weights encoder: clusters that merely group one
+    song's patches (one key) also raise it."""
     model, device, _ = open_trained(checkpoint, device)
     cfg = model.config
     index = lab_index(labels) if labels else None
@@ -2907,9 +2871,8 @@ def analyze_clusters(checkpoint, *, data=None, audio=None, split="test", labels=
         log(f"{len(missing)} tracks without key and chord annotations skipped: "
             f"{', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
     if not annotated:
-        where = "labels.json beside the stems"
-        if labels:
-            where = f"{labels}/<track>.keys.lab and .chords.lab"
+        where = (f"{labels}/<track>.keys.lab and .chords.lab" if labels
+                 else "labels.json beside the stems")
         raise StemJEPAError(f"no track has key and chord annotations (looked for {where})")
     out = Path(out or Path(checkpoint).parent / ("clusters" if audio else f"clusters-{split}"))
     out.mkdir(parents=True, exist_ok=True)
@@ -2923,8 +2886,7 @@ def analyze_clusters(checkpoint, *, data=None, audio=None, split="test", labels=
     log(f"k-means (k = {k}) on {n_patches} patches, {n_labelled} labelled")
     stats = cluster_statistics(x, patch_label, track, k=k, iters=iters, seed=seed,
                                shuffles=shuffles)
-    # P x 3840 floats: 2.6 GB for the Beatles' 174 songs
-    del x
+    del x                                       # P x 3840 floats: 2.6 GB for the Beatles' songs
     log("the same with random weights")
     x_rand, _, _ = labelled_patches(random_twin(model, seed), annotated, device=device,
                                     batch=batch)
@@ -2948,7 +2910,7 @@ def analyze_clusters(checkpoint, *, data=None, audio=None, split="test", labels=
                       "fraction of those pairs where the root of b's chord is 0, 5 or 7 semitones "
                       "above the tonic of a's key",
     }
-    _write_atomic(out / "clusters.json", lambda p: p.write_text(json.dumps(result, indent=1)))
+    _write_json(out / "clusters.json", result)
     plot_fig5(result, out / "fig5.png")
     log("tonal share of within-cluster pairs (chord root on the tonic, subdominant or dominant "
         "of the key):\n"
@@ -2970,8 +2932,7 @@ def plot_fig5(result: dict, path) -> None:
     a, b = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
     names, m = result["top"], np.array(result["matrix"], dtype=float)
     a.imshow(np.log1p(m), cmap="viridis")
-    # 80 labels still fit, at 4 pt
-    size = min(7.0, max(3.0, 320 / max(len(names), 1)))
+    size = min(7.0, max(3.0, 320 / max(len(names), 1)))            # 80 labels fit, at 4 pt
     a.set_xticks(range(len(names)), names, rotation=90, fontsize=size)
     a.set_yticks(range(len(names)), names, fontsize=size)
     a.set_title(f"key/chord co-occurrence within {result['k']} clusters (log)", fontsize=9)
@@ -2979,8 +2940,7 @@ def plot_fig5(result: dict, path) -> None:
     for i, (name, profile) in enumerate(result["interval_profile"].items()):
         b.bar(np.arange(12) + i * width, profile, width=width, label=name)
     b.set_xticks(np.arange(12) + 0.4 - width / 2, ROMAN, fontsize=7)
-    b.set_xlabel("chord root relative to the key")
-    b.set_ylabel("share of within-cluster pairs")
+    b.set(xlabel="chord root relative to the key", ylabel="share of within-cluster pairs")
     b.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
