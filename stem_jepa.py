@@ -2958,8 +2958,8 @@ def tempo_class(bpm: float) -> str:
 
 
 def hold_out(splits: list[str], fraction: float, seed: int) -> list[str]:
-    """When no row is "valid": a seeded random `fraction` of the train rows (at least one, while one
-    train row remains) becomes the validation split."""
+    """A seeded random `fraction` of the train rows (at least one, while one train row remains)
+    becomes "valid"."""
     train = [i for i, s in enumerate(splits) if s == "train"]
     n = min(max(1, round(fraction * len(train))), len(train) - 1)
     out = list(splits)
@@ -2969,11 +2969,10 @@ def hold_out(splits: list[str], fraction: float, seed: int) -> list[str]:
 
 
 def toy_probe_labels(data_dir, out_csv, task: str = "key", *, sample_rate=16000, seed=0) -> Path:
-    """A probe task on the toy set: OUT_CSV (file, label, split) and the mixes it names,
-    OUT_DIR/mixes/<track>.wav (the sum of the stems, 16 kHz, float WAV so that no sum clips).
-    task "key": the song's key (up to 24 classes); "tempo": `tempo_class` (3 classes). Splits:
-    toy train/ -> train, 10 % of it held out as valid, toy test/ -> test. Paths in the CSV are
-    relative to its folder, the default --audio of `probe`."""
+    """A toy-set probe task: OUT_CSV (file, label, split), its paths relative to its folder (the
+    default --audio of `probe`), and the mixes, OUT_DIR/mixes/<track>.wav (float, so no sum clips).
+    task "key": the song's key (up to 24 classes); "tempo": `tempo_class`. Splits: toy train/ ->
+    train (10 % held out as valid), toy test/ -> test."""
     if task not in ("key", "tempo"):
         raise StemJEPAError(f"toy probe task {task!r}: choose key or tempo")
     out_csv = Path(out_csv)
@@ -3002,11 +3001,11 @@ SPLIT_NAMES = {"train": "train", "valid": "valid", "val": "valid", "validation":
                "test": "test"}
 
 
-def read_probe_labels(path, audio_root, *, task: str, seed=0) -> tuple[list[Path], list[list[str]],
-                                                                       list[str]]:
+def read_probe_labels(path, audio_root, *, task: str,
+                      seed=0) -> tuple[list[Path], list[list[str]], list[str]]:
     """labels.csv -> (files, label lists, splits). Columns: file (relative to audio_root unless
-    absolute), label (multilabel: labels separated by ';'), split (train, valid or test). Without
-    valid rows, 10 % of train is held out (`hold_out`)."""
+    absolute), label (multilabel: separated by ';'), split (train, valid or test). Without valid
+    rows, 10 % of train is held out."""
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         missing = {"file", "label", "split"} - set(reader.fieldnames or [])
@@ -3016,8 +3015,7 @@ def read_probe_labels(path, audio_root, *, task: str, seed=0) -> tuple[list[Path
         rows = list(reader)
     files, labels, splits, problems = [], [], [], []
     for n, r in enumerate(rows, 2):
-        file = Path(r["file"].strip())
-        file = file if file.is_absolute() else Path(audio_root) / file
+        file = Path(audio_root) / r["file"].strip()            # an absolute path stays as it is
         label = [r["label"].strip()]
         if task == "multilabel":
             label = [l.strip() for l in r["label"].split(";") if l.strip()]
@@ -3059,10 +3057,9 @@ def global_embeddings(model: StemJEPA, files: list[Path], *, device="cpu", batch
                       target=False) -> torch.Tensor:
     """4.5.1: "Each audio sample is processed by the frozen encoder, and its patch-wise outputs are
     concatenated and averaged along frequency and time dimensions to produce a 3840-dimensional
-    global embedding": the encoder over the whole file, then `pool` -> (n files, F*D). The
-    context encoder f_theta by default, as the authors' downstream wrapper, which loads only the
-    encoder.* weights; target=True for the EMA target encoder. Files are loaded `group` at a
-    time so that their full chunks share batches."""
+    global embedding" -> (n files, F*D). [code] The context encoder f_theta, as the authors'
+    downstream wrapper loads only encoder.* weights; target=True for the EMA target encoder.
+    Files are loaded `group` at a time so that their full chunks share batches."""
     model = model.to(device).eval()
     cfg = model.config
     rows = []
@@ -3075,11 +3072,10 @@ def global_embeddings(model: StemJEPA, files: list[Path], *, device="cpu", batch
 
 
 class ProbeMLP(nn.Module):
-    """"an MLP with 512 hidden units and a softmax layer" (4.5.1) on a frozen embedding; returns
-    logits (the softmax, or the sigmoids for tagging, are in the loss). Inputs are standardised
-    with the training set's per-dimension mean and std, kept as buffers (our choice: the pooled
-    embeddings are unit vectors whose coordinates are about 1/sqrt(3840), far from the scale the
-    default init and lr expect)."""
+    """"an MLP with 512 hidden units and a softmax layer" (4.5.1) -> logits (the softmax, or the
+    tagging sigmoids, are in the loss). Inputs are standardised with the training set's mean and
+    std, kept as buffers (our choice: the pooled unit vectors' coordinates are about
+    1/sqrt(3840), far from the scale the default init and lr expect)."""
 
     def __init__(self, *, dim: int, hidden: int, classes: int, mean: torch.Tensor,
                  std: torch.Tensor):
@@ -3100,25 +3096,21 @@ def probe_loss(logits: torch.Tensor, y: torch.Tensor, *, task: str) -> torch.Ten
 
 
 def train_probe(x_train, y_train, x_valid, y_valid, *, task: str, n_classes=None, hidden=512,
-                epochs=200,
-                lr=1e-3, weight_decay=1e-2, batch=64, patience=20, seed=0,
+                epochs=200, lr=1e-3, weight_decay=1e-2, batch=64, patience=20, seed=0,
                 device="cpu") -> ProbeMLP:
-    """Fit a `ProbeMLP` with AdamW on minibatches; after each epoch the validation loss decides:
-    the best epoch's weights are kept, and training stops after `patience` epochs without a better
-    one (early stopping). Deterministic for a seed (init and batch order); the global RNG is left
-    as it was."""
-    classes = y_train.shape[1] if task == "multilabel" else n_classes or int(max(y_train.max(),
-                                                                                 y_valid.max())) + 1
+    """Fit a `ProbeMLP` with AdamW on minibatches, keeping the epoch of lowest validation loss and
+    stopping after `patience` epochs without a better one. Deterministic for a seed (init and
+    batch order); the global RNG is left as it was."""
+    classes = (y_train.shape[1] if task == "multilabel"
+               else n_classes or int(max(y_train.max(), y_valid.max())) + 1)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        std = torch.ones(x_train.shape[1])
-        if len(x_train) > 1:
-            std = x_train.std(0).clamp(min=1e-6)
+        std = x_train.std(0).clamp(min=1e-6) if len(x_train) > 1 else torch.ones(x_train.shape[1])
         model = ProbeMLP(dim=x_train.shape[1], hidden=hidden, classes=classes, mean=x_train.mean(0),
                          std=std)
     model = model.to(device)
-    x_train, y_train, x_valid, y_valid = (t.to(device) for t in (x_train, y_train, x_valid,
-                                                                 y_valid))
+    x_train, y_train = x_train.to(device), y_train.to(device)
+    x_valid, y_valid = x_valid.to(device), y_valid.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     order = torch.Generator().manual_seed(seed)
     best, best_state, waited = math.inf, copy.deepcopy(model.state_dict()), 0
@@ -3145,8 +3137,7 @@ def train_probe(x_train, y_train, x_valid, y_valid, *, task: str, n_classes=None
 def average_ranks(x: torch.Tensor) -> torch.Tensor:
     """1-based ranks of x (N,) in ascending order, tied values sharing the mean of their ranks."""
     _, inverse, counts = torch.unique(x, sorted=True, return_inverse=True, return_counts=True)
-    # rank of each value's last copy
-    last = counts.cumsum(0).double()
+    last = counts.cumsum(0).double()                                    # rank of the last copy
     return ((last - counts + 1 + last) / 2)[inverse]
 
 
@@ -3168,18 +3159,16 @@ def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float:
     if pos.sum() == 0:
         return float("nan")
     values, inverse = torch.unique(scores, sorted=True, return_inverse=True)
-    tp = torch.zeros(len(values), dtype=torch.float64).index_add_(0, inverse, pos).flip(0).cumsum(0)
-    ones = torch.ones_like(pos)
-    seen = torch.zeros(len(values), dtype=torch.float64).index_add_(0, inverse, ones)
-    seen = seen.flip(0).cumsum(0)
+    tp = torch.bincount(inverse, weights=pos, minlength=len(values)).flip(0).cumsum(0)
+    seen = torch.bincount(inverse, minlength=len(values)).flip(0).cumsum(0)
     recall = tp / pos.sum()
     precision = tp / seen
     return (torch.diff(recall, prepend=recall.new_zeros(1)) * precision).sum().item()
 
 
 def macro(metric, scores: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
-    """A per-class metric averaged over the classes (columns of (N, C)) that have both positives and
-    negatives among the items scored; and how many classes that is."""
+    """A per-class metric averaged over the classes (columns of (N, C)) with both positives and
+    negatives -> (mean, how many classes)."""
     values = [metric(scores[:, c], targets[:, c]) for c in range(targets.shape[1])
               if 0 < targets[:, c].sum() < len(targets)]
     return (float(np.mean(values)) if values else float("nan")), len(values)
@@ -3189,9 +3178,9 @@ KEY_LABEL = re.compile(r"(?:[Kk]ey\s+)?([A-G])([#b]*)\s*:?\s*((?i:major|minor|ma
 
 
 def parse_key_label(label: str):
-    """A key class label -> (tonic pitch class, minor?), or None if it is not a key: "Eb minor"
-    (GiantSteps), "A:min" (the toy set), "F#", "Bbm". Stricter than `normalise_key` (a capital
-    tonic, then at most a mode), so that other tasks' classes ("blues", "country") are not keys."""
+    """A key class label -> (tonic pitch class, minor?), or None: "Eb minor" (GiantSteps), "A:min"
+    (the toy set), "F#", "Bbm". Stricter than `normalise_key` (a capital tonic, then at most a
+    mode), so that other tasks' classes ("blues", "country") are not keys."""
     m = KEY_LABEL.fullmatch(label.strip())
     if m is None:
         return None
@@ -3216,8 +3205,8 @@ def key_score(estimate: str, reference: str) -> float:
 
 
 def refined_accuracy(predicted, truth, classes: list[str]) -> float | None:
-    """The mean `key_score` of predicted class indices against the true ones, when every class
-    is a key (a key task such as GiantSteps); None otherwise."""
+    """The mean `key_score` of predicted class indices against the true ones when every class is a
+    key (GiantSteps); None otherwise."""
     if not classes or any(parse_key_label(c) is None for c in classes):
         return None
     return float(np.mean([key_score(classes[p], classes[t]) for p, t in zip(predicted, truth)]))
@@ -3226,9 +3215,8 @@ def refined_accuracy(predicted, truth, classes: list[str]) -> float | None:
 @torch.no_grad()
 def probe_metrics(model: ProbeMLP, x: torch.Tensor, y: torch.Tensor, *, task: str,
                   classes=None) -> dict:
-    """Table 3's metrics on a split: accuracy (multiclass), or macro ROC-AUC and average precision
-    over the tags (multilabel), as fractions. For a key task (every class a key), also
-    accuracy_refined, the MIREX weighted score (`key_score`)."""
+    """Table 3's metrics, as fractions: accuracy (multiclass; for a key task also accuracy_refined,
+    the MIREX weighted score), or macro ROC-AUC and average precision over the tags."""
     logits = model(x.to(next(model.parameters()).device)).float().cpu()
     if task == "multiclass":
         m = {"accuracy": (logits.argmax(1) == y).float().mean().item()}
@@ -3241,35 +3229,30 @@ def probe_metrics(model: ProbeMLP, x: torch.Tensor, y: torch.Tensor, *, task: st
 
 def chance_probe_metrics(y_train: torch.Tensor, y_test: torch.Tensor, *, task: str,
                          classes=None) -> dict:
-    """The reference of a model that ignores its input: the training set's majority class
-    (multiclass; for a key task also its refined accuracy); for tagging, ROC-AUC 0.5 and, as AP,
-    each tag's share of positives (what a random scorer gets on average)."""
+    """A model that ignores its input: the training set's majority class (multiclass; for a key
+    task with its refined accuracy); for tagging, ROC-AUC 0.5 and, as AP, each tag's share of
+    positives (a random scorer's mean)."""
     if task == "multiclass":
         majority = torch.bincount(y_train).argmax()
         m = {"accuracy": (y_test == majority).float().mean().item()}
         refined = refined_accuracy([int(majority)] * len(y_test), y_test.tolist(), classes)
         return m if refined is None else {**m, "accuracy_refined": refined}
-    scored = [c for c in range(y_test.shape[1]) if 0 < y_test[:, c].sum() < len(y_test)]
-    return {"roc_auc": 0.5,
-            "average_precision": float(np.mean([y_test[:, c].mean().item() for c in scored]))
-            if scored else float("nan"), "classes_scored": len(scored)}
+    ap, scored = macro(lambda _, targets: targets.mean().item(), y_test, y_test)
+    return {"roc_auc": 0.5, "average_precision": ap, "classes_scored": scored}
 
 
 def probe(checkpoint, labels, *, audio=None, task="multiclass", encoder="context", out=None,
           device=None, batch=16, epochs=200, lr=1e-3, patience=20, seed=0, log=print) -> dict:
-    """Table 3's protocol on one task: the frozen encoder (the context encoder, as the authors'
-    downstream code; encoder="target" for the EMA target encoder) -> global embedding of each file
-    (`global_embeddings`) -> MLP probe trained on train, early-stopped on valid, scored on test
-    (`train_probe`, `probe_metrics`). The same probe on a random-weights encoder and the
-    majority/prevalence chance level are measured in the same run. Writes OUT/probe.json."""
+    """Table 3's protocol on one task: the frozen encoder's global embedding of each file -> MLP
+    probe trained on train, early-stopped on valid, scored on test; beside it the same on a
+    random-weights encoder, and the chance level. Writes OUT/probe.json."""
     if task not in ("multiclass", "multilabel"):
         raise StemJEPAError(f"--task {task}: choose multiclass or multilabel")
     if encoder not in ("context", "target"):
         raise StemJEPAError(f"--encoder {encoder}: choose context or target")
     model, device, _ = open_trained(checkpoint, device)
-    files, label_lists, splits = read_probe_labels(labels,
-                                                   Path(audio) if audio else Path(labels).parent,
-                                                   task=task, seed=seed)
+    audio_root = Path(audio) if audio else Path(labels).parent
+    files, label_lists, splits = read_probe_labels(labels, audio_root, task=task, seed=seed)
     classes = sorted({l for row in label_lists for l in row})
     y = encode_targets(label_lists, classes, task=task)
     part = {s: torch.tensor([i for i, x in enumerate(splits) if x == s], dtype=torch.long)
@@ -3282,16 +3265,15 @@ def probe(checkpoint, labels, *, audio=None, task="multiclass", encoder="context
         log(f"embedding {len(files)} files ({name}, {encoder} encoder)")
         x = global_embeddings(m, files, device=device, batch=batch, target=encoder == "target")
         clf = train_probe(x[part["train"]], y[part["train"]], x[part["valid"]], y[part["valid"]],
-                          task=task,
-                          n_classes=len(classes), epochs=epochs, lr=lr, patience=patience,
-                          seed=seed, device=device)
+                          task=task, n_classes=len(classes), epochs=epochs, lr=lr,
+                          patience=patience, seed=seed, device=device)
         results["rows"][name] = probe_metrics(clf, x[part["test"]], y[part["test"]], task=task,
                                               classes=classes)
     results["rows"]["chance"] = chance_probe_metrics(y[part["train"]], y[part["test"]], task=task,
                                                      classes=classes)
     out = Path(out or Path(checkpoint).parent / "probe")
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "probe.json", lambda p: p.write_text(json.dumps(results, indent=1)))
+    _write_json(out / "probe.json", results)
     log(format_probe_table(results))
     log(f"wrote {out / 'probe.json'}")
     return results
