@@ -2401,20 +2401,17 @@ def best_offset(stem: torch.Tensor, prediction: torch.Tensor, min_overlap: float
 
 
 def alignment_curve(z_seqs: list[torch.Tensor], q_seqs: list[torch.Tensor], shifts) -> torch.Tensor:
-    """Eq. 3 for one track: `shift_similarity` averaged over the stems, z_seqs[s] and q_seqs[s]
-    (T, C) a stem's target patches and their predictions. If the prediction runs m patches late
-    (q[i] = z[i - m]), the curve peaks at j = +m."""
+    """Eq. 3 for one track: `shift_similarity` averaged over the stems' target patches z_seqs[s]
+    and predictions q_seqs[s] (T, C). A prediction m patches late (q[i] = z[i - m]) peaks at +m."""
     return torch.stack([shift_similarity(z, q, shifts) for z, q in zip(z_seqs, q_seqs)]).mean(0)
 
 
 def random_pair_level(z_means: torch.Tensor, q_means: torch.Tensor,
                       track: torch.Tensor) -> float | None:
-    """Footnote 5's reference, "the average cosine similarity between random representations and
-    predictions is approximately 0.17": the mean cosine of a target patch z_s^(n)[i] and a
-    prediction q_s'^(n')[i'] of another track n' != n, over all stems and patches. Exact: the
-    mean of <z[i], q[i']> over i, i' is <mean z, mean q>, so it takes each sequence's mean unit
-    vector, z_means and q_means (P, C), and its track, track (P,); each pair of sequences weighs
-    the same. None with a single track."""
+    """Footnote 5's "average cosine similarity between random representations and predictions"
+    (0.17): the mean cosine of z_s^(n)[i] and q_s'^(n')[i'], n' != n, over all stems and patches.
+    Exact, as <mean z, mean q>: from each sequence's mean unit vector, z_means and q_means (P, C),
+    and its track (P,); each pair of sequences weighs the same. None with a single track."""
     other_track = track[:, None] != track[None, :]                      # (P, P)
     if not other_track.any():
         return None
@@ -2492,10 +2489,9 @@ def analyze_alignment(checkpoint, data, *, split="test", tracks=None, max_shift_
     result.update(checkpoint=str(checkpoint), split=split)
     _write_json(out / "align.json", result)
     plot_fig4(result, out / "fig4.png", chunk_seconds=model.config.chunk_seconds)
-    zero = result["shifts"].index(0)
     level = result["random_level"]
     level_text = "n/a (one track)" if level is None else f"{level:.3f}"
-    log(f"mean s(j=0) {result['mean'][zero]:.3f}, mean over shifts "
+    log(f"mean s(j=0) {result['mean'][result['shifts'].index(0)]:.3f}, mean over shifts "
         f"{np.mean(result['mean']):.3f}, random pairs {level_text}; "
         f"{100 * result['peak_at_zero']:.0f} % of tracks peak at j = 0")
     log(f"wrote {out / 'align.json'} and {out / 'fig4.png'}")
@@ -2503,9 +2499,8 @@ def analyze_alignment(checkpoint, data, *, split="test", tracks=None, max_shift_
 
 
 def plot_fig4(result: dict, path, *, chunk_seconds=None, max_tracks=8) -> None:
-    """Fig. 4: s(z, q, j) against the shift in seconds, one thin line per track (the first
-    max_tracks), their mean in black, the random-pair level dashed. Dotted lines mark multiples of
-    the chunk length, where 4.3 sees the smaller peaks of the absolute positions."""
+    """Fig. 4: s(z, q, j) against the shift in seconds, per track (the first max_tracks) and their
+    mean; dotted lines at multiples of the chunk, where 4.3 sees absolute positions' small peaks."""
     from matplotlib.figure import Figure        # not pyplot: leaves a notebook's backend alone
     fig = Figure(figsize=(7, 3.5))
     ax = fig.subplots()
@@ -2531,9 +2526,8 @@ def plot_fig4(result: dict, path, *, chunk_seconds=None, max_tracks=8) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def parse_lab(path) -> list[tuple[float, float, str]]:
-    """A `.lab` file (Isophonics, MIREX) -> [(start, end, label)]: a `start end label` line per
-    segment (seconds, whitespace-separated), the label the rest of the line (Isophonics' key line
-    `0.394 150.0 Key E` gives "Key E"). Blank lines are skipped."""
+    """A `.lab` file (Isophonics, MIREX) -> [(start, end, label)], seconds: `start end label` per
+    line, the label the rest of it (`0.394 150.0 Key E` gives "Key E"); blank lines skipped."""
     segments = []
     for n, line in enumerate(Path(path).read_text().splitlines(), 1):
         parts = line.split()
@@ -2570,18 +2564,16 @@ def _split_root(label: str) -> tuple[str, str]:
 
 
 def pitch_class(name: str) -> int:
-    """The root of a note, key or chord name -> 0..11: 'C' 0, 'F#m' 6, 'Bb:7' 10, 'Cb' 11 (a
-    letter, then any sharps or flats; the rest is ignored)."""
+    """The root of a note, key or chord name -> 0..11: 'C' 0, 'F#m' 6, 'Bb:7' 10, 'Cb' 11."""
     root, _ = _split_root(name)
     base = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}[root[0].upper()]
     return (base + root.count("#") - root.count("b")) % 12
 
 
 def normalise_key(label: str) -> str | None:
-    """A key annotation -> "E" (major) or "Em" (minor), spelled as NOTE_NAMES; None for silence or
-    no key. Accepts Isophonics ("Key E", "Key C#:minor") and the toy set ("A:min"). Modes fold by
-    their third: major, ionian, lydian, mixolydian -> major; minor, aeolian, dorian, phrygian,
-    locrian -> minor."""
+    """A key annotation, Isophonics' ("Key E", "Key C#:minor") or the toy set's ("A:min") -> "E"
+    or "Em", spelled as NOTE_NAMES; None for silence or no key. Modes fold by their third (dorian,
+    phrygian, locrian -> minor; ionian, lydian, mixolydian -> major)."""
     words = label.split()
     if words and words[0].lower() == "key":
         words = words[1:]
@@ -2604,20 +2596,12 @@ def normalise_chord(label: str) -> str | None:
         return None
     root, rest = _split_root(label.split("/")[0])
     shorthand, _, intervals = rest.lstrip(":").partition("(")
-    if shorthand.startswith("min"):
-        family = "m"
-    elif shorthand.startswith(("dim", "hdim")):
-        family = "o"
-    elif shorthand.startswith("aug"):
-        family = "+"
-    elif shorthand.startswith("sus"):
-        family = "sus"
-    elif shorthand in ("5", "1") or (not shorthand and intervals and "3" not in intervals):
+    prefixes = {"min": "m", "dim": "o", "hdim": "o", "aug": "+", "sus": "sus"}
+    family = next((f for p, f in prefixes.items() if shorthand.startswith(p)), "")  # "": maj, 7
+    if shorthand in ("5", "1") or (not shorthand and intervals and "3" not in intervals):
         family = "5"
     elif not shorthand and "b3" in intervals.replace(" ", "").split(","):
         family = "m"
-    else:
-        family = ""                                                     # maj, 7, maj7, 9, 6, ...
     return NOTE_NAMES[pitch_class(root)] + family
 
 
@@ -2631,10 +2615,9 @@ def patch_labels(keys, chords, *, patches: int, patch_s: float) -> list:
 
 
 def lab_index(labels_dir) -> dict[str, dict[str, Path]]:
-    """The .lab files of a folder by track name: {name: {"keys": path, "chords": path}}. Two
-    layouts: LABELS/<name>.keys.lab and LABELS/<name>.chords.lab (any sub-folder), or Isophonics'
-    own tree, where <name>.lab sits under a keylab/ folder and under a chordlab/ folder, e.g.
-    keylab/The Beatles/01_-_Please_Please_Me/06_-_Boys.lab."""
+    """A folder's .lab files by track name, {name: {"keys": path, "chords": path}}: LABELS/<name>
+    .keys.lab and .chords.lab (any sub-folder), or Isophonics' tree, <name>.lab under a keylab/
+    and a chordlab/ folder (keylab/The Beatles/01_-_Please_Please_Me/06_-_Boys.lab)."""
     labels_dir = Path(labels_dir)
     if not labels_dir.is_dir():
         raise StemJEPAError(f"--labels {labels_dir}: no such folder")
@@ -2685,13 +2668,12 @@ def mix_sources(*, data=None, audio=None, split="test", cache=None, cfg: Config,
 
 @torch.no_grad()
 def labelled_patches(model: StemJEPA, sources: list[tuple], *, device="cpu", batch=16):
-    """4.4: "We utilize key and chord annotations [...] to label all patch embeddings."
-    sources (name, load, keys, chords) -> x (P, C), the unit vector of each 160 ms patch of each
-    full mix through the target encoder; each patch's "key/chord" label (or None); its track.
-    The mix, as the annotations describe the song as heard (the Beatles exist only as mixes); the
-    target encoder, whose outputs the predictor learns to match (the probes of 4.5 use the
-    context encoder, as the authors' downstream code); unit vectors, so that k-means groups by
-    cosine, the similarity of Eq. 3."""
+    """4.4: "We utilize key and chord annotations [...] to label all patch embeddings." sources
+    (name, load, keys, chords) -> x (P, C), the target encoder's unit vector per 160 ms patch of
+    each full mix; each patch's "key/chord" label (or None); its track. The mix: the annotations
+    describe the song as heard (the Beatles exist only as mixes). The target encoder: the one the
+    predictor learns to match (4.5's probes use the context encoder, as the authors' code). Unit
+    vectors: k-means then groups by cosine, Eq. 3's similarity."""
     model = model.to(device).eval()
     chunk = chunk_samples(model.config)
     xs, labels, owner = [], [], []
@@ -2727,9 +2709,7 @@ def kmeans(x: torch.Tensor, k: int, *, iters: int = 100,
            seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means with k-means++ seeding on the rows of x (P, C) -> (centroids (k, C),
     assignment (P,)): "we then conduct k-means clustering on the latent space with k = 32
-    clusters" (4.4). Every draw comes from one generator seeded with `seed`. An empty cluster
-    takes the point farthest from its centroid, so k clusters remain. Stops when no point changes
-    cluster, or after `iters` updates."""
+    clusters" (4.4). Seeded draws; an empty cluster takes the point farthest from its centroid."""
     if len(x) < k:
         raise StemJEPAError(f"k-means: {len(x)} points for k = {k} clusters")
     x = x.float()
@@ -2754,8 +2734,8 @@ def kmeans(x: torch.Tensor, k: int, *, iters: int = 100,
     return centroids, assignment
 
 
-def cooccurrence(labels: list, assignment: torch.Tensor, n_clusters: int) -> tuple[list,
-                                                                                   torch.Tensor]:
+def cooccurrence(labels: list, assignment: torch.Tensor,
+                 n_clusters: int) -> tuple[list, torch.Tensor]:
     """Within-cluster co-occurrence of labels -> (sorted names (L,), counts (L, L)). "Within each
     cluster, we calculate the co-occurrence of all key and chord pairs and aggregate these counts
     across all clusters [...] considering all possible pairs for counting" (4.4): counts[a, b] =
@@ -2773,15 +2753,13 @@ def cooccurrence(labels: list, assignment: torch.Tensor, n_clusters: int) -> tup
 
 
 def interval_profile(names: list[str], counts: torch.Tensor) -> torch.Tensor:
-    """How the co-occurrence mass of "key/chord" labels spreads over the interval from the key's
-    tonic (of the first member of a pair) to the chord's root (of the second), 0..11 semitones
-    -> (12,) shares summing to 1. Fig. 5's tonal relations are the intervals 0 (tonic, "E/E"),
-    5 (subdominant) and 7 (dominant, "C/F, G")."""
+    """The co-occurrence mass of "key/chord" labels per interval (0..11 semitones) from the key's
+    tonic (of a pair's first member) to the chord's root (of the second) -> (12,), summing to 1.
+    Fig. 5's tonal relations: 0 (tonic, "E/E"), 5 (subdominant), 7 (dominant, "C/F, G")."""
     tonic = torch.tensor([pitch_class(n.split("/")[0]) for n in names])
     root = torch.tensor([pitch_class(n.split("/")[1]) for n in names])
     interval = (root[None, :] - tonic[:, None]) % 12        # (L, L): key of row, chord of column
-    mass = torch.zeros(12, dtype=torch.float64).index_add_(0, interval.flatten(),
-                                                           counts.flatten().double())
+    mass = torch.bincount(interval.flatten(), weights=counts.flatten().double(), minlength=12)
     return mass / mass.sum().clamp(min=1)
 
 
@@ -2806,10 +2784,9 @@ def shuffled_labels(labels: list, groups: torch.Tensor | None, generator: torch.
 def cluster_statistics(x: torch.Tensor, labels: list, track: torch.Tensor, *, k: int, iters: int,
                        seed: int, shuffles: int = 0) -> dict:
     """k-means on x, then the labels' co-occurrence counts, interval profile, tonal share (mass on
-    TONAL_INTERVALS) and the share of pairs from the same track (clusters of songs rather than of
-    harmony). With shuffles > 0, also the mean tonal share of `shuffles` draws of the labels
-    shuffled across all patches and within each track: what the cluster sizes alone, and the song
-    identity alone, would give."""
+    TONAL_INTERVALS) and share of pairs from one track (clusters of songs, not of harmony); with
+    shuffles > 0, the mean tonal share with the labels shuffled across patches and within tracks:
+    what the cluster sizes alone, and the song identity alone, give."""
     _, assignment = kmeans(x, k, iters=iters, seed=seed)
     names, counts = cooccurrence(labels, assignment, k)
     profile = interval_profile(names, counts)
@@ -2838,9 +2815,8 @@ def top_combinations(names: list[str], counts: torch.Tensor, labels: list, top: 
     """Fig. 5's axes: the `top` most frequent key/chord combinations among the labelled patches,
     ordered by key and chord -> (names, their (top, top) block of counts)."""
     freq = {}
-    for label in labels:
-        if label is not None:
-            freq[label] = freq.get(label, 0) + 1
+    for label in filter(None, labels):
+        freq[label] = freq.get(label, 0) + 1
     chosen = sorted(sorted(freq, key=lambda n: -freq[n])[:top], key=_label_order)
     idx = torch.tensor([names.index(n) for n in chosen], dtype=torch.long)
     return chosen, counts[idx][:, idx]
@@ -2849,24 +2825,18 @@ def top_combinations(names: list[str], counts: torch.Tensor, labels: list, top: 
 def analyze_clusters(checkpoint, *, data=None, audio=None, split="test", labels=None, k=32,
                      iters=100, top=80, shuffles=5, out=None, cache=None, device=None, batch=16,
                      seed=0, log=print) -> dict:
-    """4.4 and Fig. 5: label the patches of every annotated mix "key/chord" ("E/B": a B major
-    chord in E major), k-means with k clusters, count the label pairs within clusters; write
-    OUT/clusters.json and OUT/fig5.png (the `top` most frequent combinations). The summary is the
-    tonal share, the fraction of within-cluster pairs where one member's chord root is the tonic,
-    subdominant or dominant of the other's key, beside the same clusters with shuffled labels
-    (across patches; within tracks) and a random-weights encoder: clusters that merely group one
-    song's patches (one key) also raise it."""
+    """4.4 and Fig. 5: label each patch of the annotated mixes "key/chord" ("E/B": a B chord in E
+    major), k-means, count label pairs within clusters -> OUT/clusters.json, OUT/fig5.png (the
+    `top` combinations). The summary, the tonal share (within-cluster pairs where one's chord root
+    is the tonic, subdominant or dominant of the other's key), is set beside shuffled labels and a
+    random-weights encoder: clusters that merely group one song (one key) also raise it."""
     model, device, _ = open_trained(checkpoint, device)
-    cfg = model.config
     index = lab_index(labels) if labels else None
-    annotated, missing = [], []
-    for name, folder, load in mix_sources(data=data, audio=audio, split=split, cache=cache, cfg=cfg,
-                                          log=log):
-        ann = track_annotations(name, folder, index)
-        if ann is None:
-            missing.append(name)
-        else:
-            annotated.append((name, load, *ann))
+    sources = mix_sources(data=data, audio=audio, split=split, cache=cache, cfg=model.config,
+                          log=log)
+    found = [(name, load, track_annotations(name, folder, index)) for name, folder, load in sources]
+    annotated = [(name, load, *ann) for name, load, ann in found if ann is not None]
+    missing = [name for name, _, ann in found if ann is None]
     if missing:
         log(f"{len(missing)} tracks without key and chord annotations skipped: "
             f"{', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
@@ -2888,8 +2858,7 @@ def analyze_clusters(checkpoint, *, data=None, audio=None, split="test", labels=
                                shuffles=shuffles)
     del x                                       # P x 3840 floats: 2.6 GB for the Beatles' songs
     log("the same with random weights")
-    x_rand, _, _ = labelled_patches(random_twin(model, seed), annotated, device=device,
-                                    batch=batch)
+    x_rand = labelled_patches(random_twin(model, seed), annotated, device=device, batch=batch)[0]
     rand = cluster_statistics(x_rand, patch_label, track, k=k, iters=iters, seed=seed)
     chosen, block = top_combinations(stats["names"], stats["counts"], patch_label, top=top)
     result = {
@@ -2899,10 +2868,8 @@ def analyze_clusters(checkpoint, *, data=None, audio=None, split="test", labels=
         "tonal_share": {"Stem-JEPA": stats["tonal_share"], "random weights": rand["tonal_share"],
                         **{w: stats[w] for w in ("shuffled across patches",
                                                  "shuffled within tracks") if w in stats}},
-        "same_track_pairs": {"Stem-JEPA": stats["same_track_pairs"],
-                             "random weights": rand["same_track_pairs"]},
-        "interval_profile": {"Stem-JEPA": stats["interval_profile"],
-                             "random weights": rand["interval_profile"]},
+        **{key: {"Stem-JEPA": stats[key], "random weights": rand[key]}
+           for key in ("same_track_pairs", "interval_profile")},
         "cluster_sizes": stats["cluster_sizes"],
         "top": chosen, "matrix": block.tolist(),
         "definition": "counts[a][b]: ordered pairs of different patches in the same k-means "
@@ -2969,10 +2936,9 @@ def hold_out(splits: list[str], fraction: float, seed: int) -> list[str]:
 
 
 def toy_probe_labels(data_dir, out_csv, task: str = "key", *, sample_rate=16000, seed=0) -> Path:
-    """A toy-set probe task: OUT_CSV (file, label, split), its paths relative to its folder (the
-    default --audio of `probe`), and the mixes, OUT_DIR/mixes/<track>.wav (float, so no sum clips).
-    task "key": the song's key (up to 24 classes); "tempo": `tempo_class`. Splits: toy train/ ->
-    train (10 % held out as valid), toy test/ -> test."""
+    """A toy-set probe task ("key": up to 24 classes; "tempo": `tempo_class`): OUT_CSV (file,
+    label, split; paths relative to its folder) and its mixes, OUT_DIR/mixes/<track>.wav (float,
+    so no sum clips). toy train/ -> train (10 % held out as valid), toy test/ -> test."""
     if task not in ("key", "tempo"):
         raise StemJEPAError(f"toy probe task {task!r}: choose key or tempo")
     out_csv = Path(out_csv)
@@ -3057,17 +3023,15 @@ def global_embeddings(model: StemJEPA, files: list[Path], *, device="cpu", batch
                       target=False) -> torch.Tensor:
     """4.5.1: "Each audio sample is processed by the frozen encoder, and its patch-wise outputs are
     concatenated and averaged along frequency and time dimensions to produce a 3840-dimensional
-    global embedding" -> (n files, F*D). [code] The context encoder f_theta, as the authors'
-    downstream wrapper loads only encoder.* weights; target=True for the EMA target encoder.
-    Files are loaded `group` at a time so that their full chunks share batches."""
+    global embedding" -> (n files, F*D). [code] The context encoder, as the authors' downstream
+    wrapper loads only encoder.* weights; target=True: the EMA target encoder."""
     model = model.to(device).eval()
     cfg = model.config
     rows = []
-    for i in range(0, len(files), group):
+    for i in range(0, len(files), group):                       # `group` files share batches
         wavs = [load_audio(f, cfg.sample_rate) for f in files[i: i + group]]
-        zs = embed_long(model, wavs, chunk=chunk_samples(cfg), target=target, batch=batch,
-                        device=device)
-        rows += [pool(z) for z in zs]
+        rows += [pool(z) for z in embed_long(model, wavs, chunk=chunk_samples(cfg), target=target,
+                                             batch=batch, device=device)]
     return torch.stack(rows).float()
 
 
@@ -3098,9 +3062,8 @@ def probe_loss(logits: torch.Tensor, y: torch.Tensor, *, task: str) -> torch.Ten
 def train_probe(x_train, y_train, x_valid, y_valid, *, task: str, n_classes=None, hidden=512,
                 epochs=200, lr=1e-3, weight_decay=1e-2, batch=64, patience=20, seed=0,
                 device="cpu") -> ProbeMLP:
-    """Fit a `ProbeMLP` with AdamW on minibatches, keeping the epoch of lowest validation loss and
-    stopping after `patience` epochs without a better one. Deterministic for a seed (init and
-    batch order); the global RNG is left as it was."""
+    """Fit a `ProbeMLP` with AdamW, keeping the epoch of lowest validation loss, stopping after
+    `patience` epochs without a better one. Seeded (init, batch order); the global RNG untouched."""
     classes = (y_train.shape[1] if task == "multilabel"
                else n_classes or int(max(y_train.max(), y_valid.max())) + 1)
     with torch.random.fork_rng(devices=[]):
@@ -3152,9 +3115,8 @@ def roc_auc(scores: torch.Tensor, targets: torch.Tensor) -> float:
 
 
 def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float:
-    """AP = sum_k (R_k - R_{k-1}) P_k over the distinct score thresholds, from the highest down
-    (recall R_k and precision P_k of "score >= threshold k"; tied scores enter together). NaN
-    without a positive."""
+    """AP = sum_k (R_k - R_{k-1}) P_k over the distinct score thresholds k, highest first (recall
+    and precision of "score >= k": tied scores enter together). NaN without a positive."""
     pos = targets.double()
     if pos.sum() == 0:
         return float("nan")
@@ -3257,11 +3219,10 @@ def probe(checkpoint, labels, *, audio=None, task="multiclass", encoder="context
     y = encode_targets(label_lists, classes, task=task)
     part = {s: torch.tensor([i for i, x in enumerate(splits) if x == s], dtype=torch.long)
             for s in ("train", "valid", "test")}
-    encoders = {"Stem-JEPA": model, "random weights": random_twin(model, seed)}
     results = {"checkpoint": str(checkpoint), "labels": str(labels), "task": task,
                "encoder": encoder, "classes": classes, "n": {s: len(i) for s, i in part.items()},
                "rows": {}}
-    for name, m in encoders.items():
+    for name, m in {"Stem-JEPA": model, "random weights": random_twin(model, seed)}.items():
         log(f"embedding {len(files)} files ({name}, {encoder} encoder)")
         x = global_embeddings(m, files, device=device, batch=batch, target=encoder == "target")
         clf = train_probe(x[part["train"]], y[part["train"]], x[part["valid"]], y[part["valid"]],
