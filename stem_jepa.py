@@ -2476,8 +2476,7 @@ def alignment_curves(model: StemJEPA, tracks: list[dict], *, max_shift: int, dev
 
 def analyze_alignment(checkpoint, data, *, split="test", tracks=None, max_shift_s=10.0, out=None,
                       cache=None, device=None, batch=16, log=print) -> dict:
-    """4.3 on a dataset split: OUT/align.json (`alignment_curves`) and OUT/fig4.png; tracks: only
-    the first K (the paper draws 8)."""
+    """4.3 on a split: OUT/align.json and OUT/fig4.png; tracks: the first K only (the paper: 8)."""
     model, device, prepared = open_trained(checkpoint, device, data, split=split, cache=cache,
                                            log=log)
     prepared = prepared[:tracks]
@@ -2544,8 +2543,7 @@ def parse_lab(path) -> list[tuple[float, float, str]]:
 
 
 def labels_at(segments: list[tuple[float, float, str]], times) -> list:
-    """The label sounding at each time: the segment with start <= t < end, or None (a gap).
-    Segments are sorted by start here; where they overlap, the later one wins."""
+    """The label at each time t: the segment's with start <= t < end (the later if two), or None."""
     segments = sorted(segments, key=lambda s: s[0])
     starts = np.array([s[0] for s in segments])
     idx = np.searchsorted(starts, np.asarray(times, dtype=float), side="right") - 1
@@ -2691,8 +2689,7 @@ def squared_distances(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 
 def kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """k-means++ seeding (Arthur and Vassilvitskii, 2007): the first centre uniformly, each next one
-    drawn with probability proportional to its squared distance to the nearest centre so far."""
+    """k-means++ seeding (Arthur and Vassilvitskii, 2007): each next centre drawn with p ~ d^2."""
     chosen = [int(torch.randint(len(x), (1,), generator=generator))]
     d2 = squared_distances(x, x[chosen]).squeeze(1)                     # (P,)
     for _ in range(1, k):
@@ -2767,8 +2764,7 @@ TONAL_INTERVALS = (0, 5, 7)     # chord root on the key's tonic, subdominant or 
 
 
 def shuffled_labels(labels: list, groups: torch.Tensor | None, generator: torch.Generator) -> list:
-    """The labelled entries permuted at random, across all of them (groups None) or within each
-    group (e.g. each track); None entries stay in place."""
+    """The labelled entries permuted across all (groups None) or within each group; None stays."""
     group_of = groups.tolist() if groups is not None else [0] * len(labels)
     members = {}                                                        # group -> positions
     for i, label in enumerate(labels):
@@ -2812,8 +2808,7 @@ def _label_order(name: str):
 
 
 def top_combinations(names: list[str], counts: torch.Tensor, labels: list, top: int = 80):
-    """Fig. 5's axes: the `top` most frequent key/chord combinations among the labelled patches,
-    ordered by key and chord -> (names, their (top, top) block of counts)."""
+    """Fig. 5's axes: the `top` most frequent labels, ordered by key and chord, and their counts."""
     freq = {}
     for label in filter(None, labels):
         freq[label] = freq.get(label, 0) + 1
@@ -2925,14 +2920,11 @@ def tempo_class(bpm: float) -> str:
 
 
 def hold_out(splits: list[str], fraction: float, seed: int) -> list[str]:
-    """A seeded random `fraction` of the train rows (at least one, while one train row remains)
-    becomes "valid"."""
+    """A seeded random `fraction` of the train rows (at least one, leaving one) becomes "valid"."""
     train = [i for i, s in enumerate(splits) if s == "train"]
     n = min(max(1, round(fraction * len(train))), len(train) - 1)
-    out = list(splits)
-    for i in np.random.default_rng(seed).permutation(train)[:max(n, 0)]:
-        out[i] = "valid"
-    return out
+    chosen = set(np.random.default_rng(seed).permutation(train)[:max(n, 0)].tolist())
+    return ["valid" if i in chosen else s for i, s in enumerate(splits)]
 
 
 def toy_probe_labels(data_dir, out_csv, task: str = "key", *, sample_rate=16000, seed=0) -> Path:
@@ -3129,8 +3121,7 @@ def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float:
 
 
 def macro(metric, scores: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
-    """A per-class metric averaged over the classes (columns of (N, C)) with both positives and
-    negatives -> (mean, how many classes)."""
+    """A per-class metric's mean over the classes (columns of (N, C)) with both -> (mean, count)."""
     values = [metric(scores[:, c], targets[:, c]) for c in range(targets.shape[1])
               if 0 < targets[:, c].sum() < len(targets)]
     return (float(np.mean(values)) if values else float("nan")), len(values)
@@ -3140,9 +3131,8 @@ KEY_LABEL = re.compile(r"(?:[Kk]ey\s+)?([A-G])([#b]*)\s*:?\s*((?i:major|minor|ma
 
 
 def parse_key_label(label: str):
-    """A key class label -> (tonic pitch class, minor?), or None: "Eb minor" (GiantSteps), "A:min"
-    (the toy set), "F#", "Bbm". Stricter than `normalise_key` (a capital tonic, then at most a
-    mode), so that other tasks' classes ("blues", "country") are not keys."""
+    """A key class label ("Eb minor", "A:min", "F#", "Bbm") -> (tonic pitch class, minor?), or None.
+    Stricter than `normalise_key`, so that other tasks' classes ("blues") are not keys."""
     m = KEY_LABEL.fullmatch(label.strip())
     if m is None:
         return None
@@ -3150,25 +3140,22 @@ def parse_key_label(label: str):
 
 
 def key_score(estimate: str, reference: str) -> float:
-    """The MIREX weighted key score, Table 3's GiantSteps "Acc refined" (MARBLE scores it with
-    mir_eval.key.weighted_score; the same rules): 1.0 for the same key, 0.5 for the estimate a
-    perfect fifth above the reference in the same mode, 0.3 for the relative major or minor, 0.2
-    for the parallel major or minor, 0 otherwise (a fifth below included, as in mir_eval)."""
+    """The MIREX weighted key score, Table 3's GiantSteps "Acc refined" (MARBLE's
+    mir_eval.key.weighted_score, the same rules): a fifth below scores 0, as in mir_eval."""
     (e, e_minor), (r, r_minor) = parse_key_label(estimate), parse_key_label(reference)
     if (e, e_minor) == (r, r_minor):
         return 1.0
-    if e_minor == r_minor and (e - r) % 12 == 7:
+    if e_minor == r_minor and (e - r) % 12 == 7:                      # a fifth above
         return 0.5
     if e_minor != r_minor and (e - r) % 12 == (9 if e_minor else 3):  # A minor <-> C major
         return 0.3
-    if e == r:
+    if e == r:                                                        # parallel
         return 0.2
     return 0.0
 
 
 def refined_accuracy(predicted, truth, classes: list[str]) -> float | None:
-    """The mean `key_score` of predicted class indices against the true ones when every class is a
-    key (GiantSteps); None otherwise."""
+    """The mean `key_score` of predicted class indices when every class is a key; else None."""
     if not classes or any(parse_key_label(c) is None for c in classes):
         return None
     return float(np.mean([key_score(classes[p], classes[t]) for p, t in zip(predicted, truth)]))
