@@ -2668,10 +2668,9 @@ def mix_sources(*, data=None, audio=None, split="test", cache=None, cfg: Config,
 def labelled_patches(model: StemJEPA, sources: list[tuple], *, device="cpu", batch=16):
     """4.4: "We utilize key and chord annotations [...] to label all patch embeddings." sources
     (name, load, keys, chords) -> x (P, C), the target encoder's unit vector per 160 ms patch of
-    each full mix; each patch's "key/chord" label (or None); its track. The mix: the annotations
-    describe the song as heard (the Beatles exist only as mixes). The target encoder: the one the
-    predictor learns to match (4.5's probes use the context encoder, as the authors' code). Unit
-    vectors: k-means then groups by cosine, Eq. 3's similarity."""
+    each full mix; each patch's "key/chord" label (or None); its track. The mix: annotations
+    describe the song as heard (the Beatles exist only as mixes); the target encoder: the one the
+    predictor learns to match; unit vectors: k-means then groups by cosine, Eq. 3's similarity."""
     model = model.to(device).eval()
     chunk = chunk_samples(model.config)
     xs, labels, owner = [], [], []
