@@ -2281,17 +2281,15 @@ def write_listening_test(tracks, emb, instruments, out, *, trials, sample_rate, 
 # ---------------------------------------------------------------------------------------------
 
 def frames(z: torch.Tensor) -> torch.Tensor:
-    """(F, T, D) -> (T, F*D): one vector per time patch (160 ms), the frequency rows concatenated
-    (4.3)."""
+    """(F, T, D) -> (T, F*D): one vector per time patch (160 ms), frequency rows concatenated."""
     return z.permute(1, 0, 2).reshape(z.shape[1], -1)
 
 
 def shift_similarity(z: torch.Tensor, q: torch.Tensor, shifts,
                      circular: bool = True) -> torch.Tensor:
-    """Eq. 3 for one stem: s(z, q, j) = 1/T sum_i <z[i], q[(i + j) % T]> (the paper's M is T
-    here, the number of time patches), z and q (T, C) sequences of unit vectors (normalised
-    here), for each shift j. With circular=False (sequences of different lengths, as in
-    `retrieve`), the mean over the overlapping patches only."""
+    """Eq. 3, s(z, q, j) = 1/(MS) sum_s sum_i <z_s[i], q_s[(i + j) % M]>, for one stem (S = 1)
+    at each shift j: z, q (T, C), normalised here; M = T, the number of time patches. With
+    circular=False (lengths differ, as in `retrieve`), the mean over the overlapping patches."""
     sims = F.normalize(z.float(), dim=-1) @ F.normalize(q.float(), dim=-1).T   # (T, T')
     i = torch.arange(sims.shape[0])
     out = []
@@ -2305,39 +2303,26 @@ def shift_similarity(z: torch.Tensor, q: torch.Tensor, shifts,
 
 
 def best_offset(stem: torch.Tensor, prediction: torch.Tensor, min_overlap: float = 0.5) -> int:
-    """The shift j (in time patches) at which a stem's sequence (T, C) best matches the predicted
-    sequence for a mix (T', C): place the stem j patches after the start of the mix. Shifts
-    leaving less than min_overlap of the shorter sequence in common are not considered."""
+    """The shift j (time patches) at which a stem (T, C) best matches a mix's prediction (T', C):
+    the stem starts j patches into the mix. Shifts sharing < min_overlap of the shorter are out."""
     T, Tq = len(stem), len(prediction)
     need = max(1, int(min_overlap * min(T, Tq)))
     shifts = list(range(-(T - need), Tq - need + 1))
     return shifts[int(shift_similarity(stem, prediction, shifts, circular=False).argmax())]
 
 
-def alignment_curve(z_seqs: list[torch.Tensor], q_seqs: list[torch.Tensor],
-                    shifts) -> torch.Tensor:
-    """Eq. 3 for one track: s(z, q, j) = 1/(TS) sum_s sum_i <z_s[i], q_s[(i + j) % T]>, each j.
-
-    z_seqs[s], q_seqs[s]: (T, C) sequences of one stem's target patches and of the predictions
-    for it (cosines: both are normalised). The sign: if the prediction runs m patches late
-    (q[i] = z[i - m]), the curve peaks at j = +m.
-    """
-    curves = [shift_similarity(z, q, shifts, circular=True) for z, q in zip(z_seqs, q_seqs)]
-    return torch.stack(curves).mean(0)
+def alignment_curve(z_seqs: list[torch.Tensor], q_seqs: list[torch.Tensor], shifts) -> torch.Tensor:
+    """Eq. 3 for one track: `shift_similarity` averaged over the stems' target patches z_seqs[s]
+    and predictions q_seqs[s] (T, C). A prediction m patches late (q[i] = z[i - m]) peaks at +m."""
+    return torch.stack([shift_similarity(z, q, shifts) for z, q in zip(z_seqs, q_seqs)]).mean(0)
 
 
 def random_pair_level(z_means: torch.Tensor, q_means: torch.Tensor,
                       track: torch.Tensor) -> float | None:
-    """The level of unrelated pairs, the reference of footnote 5 ("the average cosine similarity
-    between random representations and predictions is approximately 0.17"): the mean cosine
-    between a target patch z_s^(n)[i] and a prediction q_s'^(n')[i'] of another track n' != n,
-    any stems s, s' and any patches i, i'.
-
-    Exact, not sampled: the mean of <z[i], q[i']> over all i, i' equals
-    <mean_i z[i], mean_i' q[i']> of the unit vectors, so it takes only each sequence's mean unit
-    vector, z_means and q_means (P, C), and the track of each row, track (P,). Each pair of
-    sequences weighs the same. None with a single track.
-    """
+    """Footnote 5's "average cosine similarity between random representations and predictions"
+    (0.17): the mean cosine of z_s^(n)[i] and q_s'^(n')[i'], n' != n, over all stems and patches.
+    Exact, as <mean z, mean q>: from each sequence's mean unit vector, z_means and q_means (P, C),
+    and its track (P,); each pair of sequences weighs the same. None with a single track."""
     other_track = track[:, None] != track[None, :]                      # (P, P)
     if not other_track.any():
         return None
@@ -2347,8 +2332,7 @@ def random_pair_level(z_means: torch.Tensor, q_means: torch.Tensor,
 def stem_sequences(model: StemJEPA, x: np.ndarray, stems: list[str], *, chunk: int, device,
                    batch: int):
     """One track's stems x (S, N) -> [(stem, z, q)] for the stems the model knows: z (T, C) the
-    target encoder's patches of the stem, q (T, C) the predictor's for the mix of the other
-    stems, conditioned on the stem's instrument; one vector per 160 ms, C = F*D (4.3)."""
+    target encoder's patches of the stem, q (T, C) the predictor's from the mix of the others."""
     known = [i for i, s in enumerate(stems) if s in model.instruments]
     ids = [model.instruments.index(stems[i]) for i in known]
     mixes = [x.sum(0) - x[i] for i in known]                            # x_{not s}
@@ -2360,14 +2344,10 @@ def stem_sequences(model: StemJEPA, x: np.ndarray, stems: list[str], *, chunk: i
 @torch.no_grad()
 def alignment_curves(model: StemJEPA, tracks: list[dict], *, max_shift: int, device="cpu",
                      batch=16, log=print) -> dict:
-    """Fig. 4: the curve of Eq. 3 of each prepared track over shifts j = -J..J, in time patches,
-    their mean, and the random-pair level (`random_pair_level`).
-
-    Shifts are circular (Eq. 3's (i + j) % T): j and j - T are the same shift, so J is capped at
-    half the shortest track, (T - 1) // 2. "A sharp peak in similarity at j = 0, followed by a
-    rapid decrease, suggests that the embeddings are rich in local information" (4.3).
-    Sequences are held one track at a time; only their mean vectors are kept.
-    """
+    """Fig. 4: Eq. 3's curve of each prepared track over shifts j = -J..J (time patches), their
+    mean, and the random-pair level. Shifts are circular (j and j - T are the same shift), so J is
+    capped at (T - 1) // 2 of the shortest track. "A sharp peak in similarity at j = 0, followed
+    by a rapid decrease, suggests that the embeddings are rich in local information" (4.3)."""
     if not tracks:
         raise StemJEPAError("no track to analyse")
     model = model.to(device).eval()
@@ -2386,14 +2366,14 @@ def alignment_curves(model: StemJEPA, tracks: list[dict], *, max_shift: int, dev
         if not seqs:
             log(f"  {t['name']}: no stem the model knows; skipped")
             continue
-        curve = alignment_curve([z for _, z, _ in seqs], [q for _, _, q in seqs], shifts)
+        names, zs, qs = zip(*seqs)
+        curve = alignment_curve(list(zs), list(qs), shifts)
         best = shifts[int(curve.argmax())]
-        rows.append({"name": t["name"], "stems": [s for s, _, _ in seqs], "curve": curve.tolist(),
+        rows.append({"name": t["name"], "stems": list(names), "curve": curve.tolist(),
                      "best_shift": best, "best_shift_s": round(best * patch_s, 3)})
-        for _, z, q in seqs:
-            z_means.append(F.normalize(z.float(), dim=-1).mean(0))
-            q_means.append(F.normalize(q.float(), dim=-1).mean(0))
-            owner.append(n)
+        z_means += [F.normalize(z.float(), dim=-1).mean(0) for z in zs]
+        q_means += [F.normalize(q.float(), dim=-1).mean(0) for q in qs]
+        owner += [n] * len(seqs)
         log(f"  {t['name']}: s(j=0) {curve[J]:.3f}, peak at {best:+d} patches")
     if not rows:
         raise StemJEPAError("no track has a stem the model knows")
@@ -2407,8 +2387,7 @@ def alignment_curves(model: StemJEPA, tracks: list[dict], *, max_shift: int, dev
 
 def analyze_alignment(checkpoint, data, *, split="test", tracks=None, max_shift_s=10.0, out=None,
                       cache=None, device=None, batch=16, log=print) -> dict:
-    """4.3 on a dataset split: OUT/align.json (the curves of `alignment_curves`) and
-    OUT/fig4.png. tracks: only the first K tracks (the paper draws 8)."""
+    """4.3 on a split: OUT/align.json and OUT/fig4.png; tracks: the first K only (the paper: 8)."""
     model, device, prepared = open_trained(checkpoint, device, data, split=split, cache=cache,
                                            log=log)
     prepared = prepared[:tracks]
@@ -2420,10 +2399,9 @@ def analyze_alignment(checkpoint, data, *, split="test", tracks=None, max_shift_
     result.update(checkpoint=str(checkpoint), split=split)
     _write_json(out / "align.json", result)
     plot_fig4(result, out / "fig4.png", chunk_seconds=model.config.chunk_seconds)
-    zero = result["shifts"].index(0)
     level = result["random_level"]
     level_text = "n/a (one track)" if level is None else f"{level:.3f}"
-    log(f"mean s(j=0) {result['mean'][zero]:.3f}, mean over shifts "
+    log(f"mean s(j=0) {result['mean'][result['shifts'].index(0)]:.3f}, mean over shifts "
         f"{np.mean(result['mean']):.3f}, random pairs {level_text}; "
         f"{100 * result['peak_at_zero']:.0f} % of tracks peak at j = 0")
     log(f"wrote {out / 'align.json'} and {out / 'fig4.png'}")
@@ -2431,9 +2409,8 @@ def analyze_alignment(checkpoint, data, *, split="test", tracks=None, max_shift_
 
 
 def plot_fig4(result: dict, path, *, chunk_seconds=None, max_tracks=8) -> None:
-    """Fig. 4: s(z, q, j) against the shift in seconds, one thin line per track (the first
-    max_tracks), their mean in black, the random-pair level dashed. Dotted lines mark multiples of
-    the chunk length, where 4.3 sees the smaller peaks of the absolute positions."""
+    """Fig. 4: s(z, q, j) against the shift in seconds, per track (the first max_tracks) and their
+    mean; dotted lines at multiples of the chunk, where 4.3 sees absolute positions' small peaks."""
     from matplotlib.figure import Figure        # not pyplot: leaves a notebook's backend alone
     fig = Figure(figsize=(7, 3.5))
     ax = fig.subplots()
@@ -2448,8 +2425,7 @@ def plot_fig4(result: dict, path, *, chunk_seconds=None, max_tracks=8) -> None:
         for k in range(1, int(max(abs(x[0]), x[-1]) // chunk_seconds) + 1):
             for sign in (-1, 1):
                 ax.axvline(sign * k * chunk_seconds, color="grey", ls=":", lw=0.8)
-    ax.set_xlabel("shift j (s)")
-    ax.set_ylabel("s(z, q, j)")
+    ax.set(xlabel="shift j (s)", ylabel="s(z, q, j)")
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -2460,9 +2436,8 @@ def plot_fig4(result: dict, path, *, chunk_seconds=None, max_tracks=8) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def parse_lab(path) -> list[tuple[float, float, str]]:
-    """A `.lab` annotation file (Isophonics, MIREX): one segment per line, `start end label`
-    separated by whitespace (tabs in Isophonics), in seconds. The label is the rest of the line, so
-    Isophonics' key lines `0.394 150.0 Key E` give the label "Key E". Blank lines are skipped."""
+    """A `.lab` file (Isophonics, MIREX) -> [(start, end, label)], seconds: `start end label` per
+    line, the label the rest of it (`0.394 150.0 Key E` gives "Key E"); blank lines skipped."""
     segments = []
     for n, line in enumerate(Path(path).read_text().splitlines(), 1):
         parts = line.split()
@@ -2479,8 +2454,7 @@ def parse_lab(path) -> list[tuple[float, float, str]]:
 
 
 def labels_at(segments: list[tuple[float, float, str]], times) -> list:
-    """The label sounding at each time: the segment with start <= t < end, or None (a gap).
-    Segments are sorted by start here; where they overlap, the later one wins."""
+    """The label at each time t: the segment's with start <= t < end (the later if two), or None."""
     segments = sorted(segments, key=lambda s: s[0])
     starts = np.array([s[0] for s in segments])
     idx = np.searchsorted(starts, np.asarray(times, dtype=float), side="right") - 1
@@ -2493,27 +2467,22 @@ def label_at(segments: list[tuple[float, float, str]], t: float):
 
 
 def _split_root(label: str) -> tuple[str, str]:
-    """'Bb:min7' -> ('Bb', ':min7'); 'Ebm' -> ('Eb', 'm'): the letter and its accidentals, the
-    rest."""
-    i = 1
-    while i < len(label) and label[i] in "#b":
-        i += 1
-    return label[:i], label[i:]
+    """'Bb:min7' -> ('Bb', ':min7'), 'Ebm' -> ('Eb', 'm'): the letter and its accidentals first."""
+    end = 1 + len(label[1:]) - len(label[1:].lstrip("#b"))
+    return label[:end], label[end:]
 
 
 def pitch_class(name: str) -> int:
-    """The root of a note, key or chord name -> 0..11: 'C' 0, 'F#m' 6, 'Bb:7' 10, 'Cb' 11 (a
-    letter, then any sharps or flats; the rest is ignored)."""
+    """The root of a note, key or chord name -> 0..11: 'C' 0, 'F#m' 6, 'Bb:7' 10, 'Cb' 11."""
     root, _ = _split_root(name)
     base = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}[root[0].upper()]
     return (base + root.count("#") - root.count("b")) % 12
 
 
 def normalise_key(label: str) -> str | None:
-    """A key annotation -> "E" (major) or "Em" (minor), spelled as NOTE_NAMES; None for silence or
-    no key. Accepts Isophonics ("Key E", "Key C#:minor") and the toy set ("A:min"). Modes fold by
-    their third: major, ionian, lydian, mixolydian -> major; minor, aeolian, dorian, phrygian,
-    locrian -> minor."""
+    """A key annotation, Isophonics' ("Key E", "Key C#:minor") or the toy set's ("A:min") -> "E"
+    or "Em", spelled as NOTE_NAMES; None for silence or no key. Modes fold by their third (dorian,
+    phrygian, locrian -> minor; ionian, lydian, mixolydian -> major)."""
     words = label.split()
     if words and words[0].lower() == "key":
         words = words[1:]
@@ -2536,27 +2505,18 @@ def normalise_chord(label: str) -> str | None:
         return None
     root, rest = _split_root(label.split("/")[0])
     shorthand, _, intervals = rest.lstrip(":").partition("(")
-    if shorthand.startswith("min"):
-        family = "m"
-    elif shorthand.startswith(("dim", "hdim")):
-        family = "o"
-    elif shorthand.startswith("aug"):
-        family = "+"
-    elif shorthand.startswith("sus"):
-        family = "sus"
-    elif shorthand in ("5", "1") or (not shorthand and intervals and "3" not in intervals):
+    prefixes = {"min": "m", "dim": "o", "hdim": "o", "aug": "+", "sus": "sus"}
+    family = next((f for p, f in prefixes.items() if shorthand.startswith(p)), "")  # "": maj, 7
+    if shorthand in ("5", "1") or (not shorthand and intervals and "3" not in intervals):
         family = "5"
     elif not shorthand and "b3" in intervals.replace(" ", "").split(","):
         family = "m"
-    else:
-        family = ""                                                     # maj, 7, maj7, 9, 6, ...
     return NOTE_NAMES[pitch_class(root)] + family
 
 
 def patch_labels(keys, chords, *, patches: int, patch_s: float) -> list:
-    """The "key/chord" label of each of `patches` time patches, read at the patch's centre
-    ((i + 0.5) * patch_s seconds) from raw key and chord segments; None where either is missing
-    (silence, no chord)."""
+    """The "key/chord" label of each of `patches` time patches, read at its centre ((i + 0.5) *
+    patch_s seconds) from raw segments; None where the key or the chord is missing."""
     times = (np.arange(patches) + 0.5) * patch_s
     k = labels_at([(s, e, normalise_key(l)) for s, e, l in keys], times)
     c = labels_at([(s, e, normalise_chord(l)) for s, e, l in chords], times)
@@ -2564,10 +2524,9 @@ def patch_labels(keys, chords, *, patches: int, patch_s: float) -> list:
 
 
 def lab_index(labels_dir) -> dict[str, dict[str, Path]]:
-    """The .lab files of a folder by track name: {name: {"keys": path, "chords": path}}. Two
-    layouts: LABELS/<name>.keys.lab and LABELS/<name>.chords.lab (any sub-folder), or Isophonics'
-    own tree, where <name>.lab sits under a keylab/ folder and under a chordlab/ folder, e.g.
-    keylab/The Beatles/01_-_Please_Please_Me/06_-_Boys.lab."""
+    """A folder's .lab files by track name, {name: {"keys": path, "chords": path}}: LABELS/<name>
+    .keys.lab and .chords.lab (any sub-folder), or Isophonics' tree, <name>.lab under a keylab/
+    and a chordlab/ folder (keylab/The Beatles/01_-_Please_Please_Me/06_-_Boys.lab)."""
     labels_dir = Path(labels_dir)
     if not labels_dir.is_dir():
         raise StemJEPAError(f"--labels {labels_dir}: no such folder")
@@ -2594,13 +2553,11 @@ def track_annotations(name: str, folder, index=None):
             return None
         return parse_lab(files["keys"]), parse_lab(files["chords"])
     path = Path(folder) / "labels.json"
-    if not path.exists():
-        return None
-    labels = json.loads(path.read_text())
+    labels = json.loads(path.read_text()) if path.exists() else {}
     if "key" not in labels or "chords" not in labels:
         return None
-    return [(0.0, math.inf, labels["key"])], [(float(s), float(e), c) for s, e,
-                                              c in labels["chords"]]
+    chords = [(float(s), float(e), c) for s, e, c in labels["chords"]]
+    return [(0.0, math.inf, labels["key"])], chords
 
 
 def mix_sources(*, data=None, audio=None, split="test", cache=None, cfg: Config,
@@ -2620,62 +2577,46 @@ def mix_sources(*, data=None, audio=None, split="test", cache=None, cfg: Config,
 
 @torch.no_grad()
 def labelled_patches(model: StemJEPA, sources: list[tuple], *, device="cpu", batch=16):
-    """4.4: "We utilize key and chord annotations [...] to label all patch embeddings."
-
-    What is embedded: the full mix of each track, through the target encoder, one L2-normalised
-    (F*D)-d vector per 160 ms (`frames`). The mix, because the annotations describe the song as
-    heard (the paper's Beatles recordings exist only as mixes) and key and chord are properties of
-    all stems together; the target encoder, because it is the one whose outputs the predictor
-    learns to match (the probes of 4.5 use the context encoder, as the authors' downstream code).
-    Unit vectors, so that k-means groups by cosine, the similarity of Eq. 3.
-
-    sources: (name, load, keys, chords). Returns x (P, C), the label of each patch ("key/chord"
-    or None) and the index of its track.
-    """
+    """4.4: "We utilize key and chord annotations [...] to label all patch embeddings." sources
+    (name, load, keys, chords) -> x (P, C), the target encoder's unit vector per 160 ms patch of
+    each full mix; each patch's "key/chord" label (or None); its track. The mix: annotations
+    describe the song as heard (the Beatles exist only as mixes); the target encoder: the one the
+    predictor learns to match; unit vectors: k-means then groups by cosine, Eq. 3's similarity."""
     model = model.to(device).eval()
     chunk = chunk_samples(model.config)
     xs, labels, owner = [], [], []
     for n, (name, load, keys, chords) in enumerate(sources):
-        z = embed_long(model, [load()], chunk=chunk, batch=batch, device=device)[0]
-        z = frames(z)                                                   # (T, C)
-        xs.append(F.normalize(z.float(), dim=-1))
+        z = frames(embed_long(model, [load()], chunk=chunk, batch=batch, device=device)[0])
+        xs.append(F.normalize(z.float(), dim=-1))                      # (T, C)
         labels += patch_labels(keys, chords, patches=len(z), patch_s=patch_seconds(model.config))
         owner += [n] * len(z)
     return torch.cat(xs), labels, torch.tensor(owner)
 
 
 def squared_distances(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """||x_p - c_k||^2 for rows x (P, C) and c (K, C) -> (P, K), without the (P, K, C) difference
-    tensor."""
+    """||x_p - c_k||^2 of rows x (P, C) and c (K, C) -> (P, K), without a (P, K, C) tensor."""
     return ((x * x).sum(1)[:, None] - 2 * x @ c.T + (c * c).sum(1)[None]).clamp(min=0)
 
 
 def kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """k-means++ seeding (Arthur and Vassilvitskii, 2007): the first centre uniformly, each next one
-    drawn with probability proportional to its squared distance to the nearest centre so far."""
+    """k-means++ seeding (Arthur and Vassilvitskii, 2007): each next centre drawn with p ~ d^2."""
     chosen = [int(torch.randint(len(x), (1,), generator=generator))]
     d2 = squared_distances(x, x[chosen]).squeeze(1)                     # (P,)
     for _ in range(1, k):
         if d2.sum() > 0:
             i = int(torch.multinomial(d2 / d2.sum(), 1, generator=generator))
-        # fewer distinct points than k
-        else:
+        else:                                                           # fewer distinct points
             i = int(torch.randint(len(x), (1,), generator=generator))
         chosen.append(i)
         d2 = torch.minimum(d2, squared_distances(x, x[i: i + 1]).squeeze(1))
     return x[chosen].clone()
 
 
-def kmeans(x: torch.Tensor, k: int, *, iters: int = 100, seed: int = 0) -> tuple[torch.Tensor,
-                                                                                 torch.Tensor]:
-    """Lloyd's k-means on the rows of x (P, C) with k-means++ seeding -> (centroids (k, C),
-    assignment (P,)).
-
-    "We then conduct k-means clustering on the latent space with k = 32 clusters" (4.4). Every
-    random draw comes from one torch.Generator seeded with `seed`: the same seed, the same clusters.
-    A cluster left empty takes the point farthest from its centroid, so k clusters remain. Stops
-    when no point changes cluster, or after `iters` updates.
-    """
+def kmeans(x: torch.Tensor, k: int, *, iters: int = 100,
+           seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means with k-means++ seeding on the rows of x (P, C) -> (centroids (k, C),
+    assignment (P,)): "we then conduct k-means clustering on the latent space with k = 32
+    clusters" (4.4). Seeded draws; an empty cluster takes the point farthest from its centroid."""
     if len(x) < k:
         raise StemJEPAError(f"k-means: {len(x)} points for k = {k} clusters")
     x = x.float()
@@ -2687,55 +2628,45 @@ def kmeans(x: torch.Tensor, k: int, *, iters: int = 100, seed: int = 0) -> tuple
         if previous is not None and torch.equal(assignment, previous):
             break
         counts = torch.bincount(assignment, minlength=k)                # (k,)
-        centroids = torch.zeros_like(centroids).index_add_(0, assignment,
-                                                           x) / counts.clamp(min=1)[:, None]
-        # (P,) distance to own centroid
-        own = d2.gather(1, assignment[:, None]).squeeze(1)
+        sums = torch.zeros_like(centroids).index_add_(0, assignment, x)
+        centroids = sums / counts.clamp(min=1)[:, None]
+        own = d2.gather(1, assignment[:, None]).squeeze(1)              # (P,) to own centroid
         for c in torch.nonzero(counts == 0).flatten().tolist():
             far = int(own.argmax())
-            # the next empty one takes another point
-            centroids[c], own[far] = x[far], 0.0
+            centroids[c] = x[far]
+            own[far] = 0.0                                  # the next empty one takes another
         previous = assignment
-    else:
-        # the last update moved the centroids
+    else:                                                   # the last update moved the centroids
         assignment = squared_distances(x, centroids).argmin(1)
     return centroids, assignment
 
 
-def cooccurrence(labels: list, assignment: torch.Tensor, n_clusters: int) -> tuple[list,
-                                                                                   torch.Tensor]:
-    """Within-cluster co-occurrence of labels -> (names (L,), counts (L, L)).
-
-    "Within each cluster, we calculate the co-occurrence of all key and chord pairs and aggregate
-    these counts across all clusters [...] considering all possible pairs for counting" (4.4):
-    counts[a, b] is the number of ordered pairs of two different members of the same cluster, the
-    first labelled a and the second b, summed over clusters: sum_c n_c(a) n_c(b) - [a = b] n_c(a).
-    Symmetric; its sum is sum_c n_c (n_c - 1). Members labelled None (no key or no chord) are in
-    the clusters but not in the counts. Names are sorted.
-    """
+def cooccurrence(labels: list, assignment: torch.Tensor,
+                 n_clusters: int) -> tuple[list, torch.Tensor]:
+    """Within-cluster co-occurrence of labels -> (sorted names (L,), counts (L, L)). "Within each
+    cluster, we calculate the co-occurrence of all key and chord pairs and aggregate these counts
+    across all clusters [...] considering all possible pairs for counting" (4.4): counts[a, b] =
+    sum_c n_c(a) n_c(b) - [a = b] n_c(a), the ordered pairs of two different members of a cluster
+    labelled a and b. Members labelled None are in the clusters, not in the counts."""
     keep = [i for i, label in enumerate(labels) if label is not None]
     names = sorted({labels[i] for i in keep})
     column = {name: j for j, name in enumerate(names)}
-    # n_c(a), exact below 2^53
-    per_cluster = torch.zeros(n_clusters, len(names), dtype=torch.float64)
-    per_cluster.index_put_((assignment[keep],
-                            torch.tensor([column[labels[i]] for i in keep], dtype=torch.long)),
-                           torch.ones(len(keep), dtype=torch.float64), accumulate=True)
+    which = torch.tensor([column[labels[i]] for i in keep], dtype=torch.long)
+    per_cluster = torch.zeros(n_clusters, len(names), dtype=torch.float64)  # n_c(a), exact
+    per_cluster.index_put_((assignment[keep], which), torch.ones(len(keep), dtype=torch.float64),
+                           accumulate=True)
     counts = per_cluster.T @ per_cluster - torch.diag(per_cluster.sum(0))
     return names, counts.round().long()
 
 
 def interval_profile(names: list[str], counts: torch.Tensor) -> torch.Tensor:
-    """How the co-occurrence mass of "key/chord" labels spreads over the interval from the key's
-    tonic (of the first member of a pair) to the chord's root (of the second), 0..11 semitones
-    -> (12,) shares summing to 1. Fig. 5's tonal relations are the intervals 0 (tonic, "E/E"),
-    5 (subdominant) and 7 (dominant, "C/F, G")."""
+    """The co-occurrence mass of "key/chord" labels per interval (0..11 semitones) from the key's
+    tonic (of a pair's first member) to the chord's root (of the second) -> (12,), summing to 1.
+    Fig. 5's tonal relations: 0 (tonic, "E/E"), 5 (subdominant), 7 (dominant, "C/F, G")."""
     tonic = torch.tensor([pitch_class(n.split("/")[0]) for n in names])
     root = torch.tensor([pitch_class(n.split("/")[1]) for n in names])
-    # (L, L): key of row, chord of column
-    interval = (root[None, :] - tonic[:, None]) % 12
-    mass = torch.zeros(12, dtype=torch.float64).index_add_(0, interval.flatten(),
-                                                           counts.flatten().double())
+    interval = (root[None, :] - tonic[:, None]) % 12        # (L, L): key of row, chord of column
+    mass = torch.bincount(interval.flatten(), weights=counts.flatten().double(), minlength=12)
     return mass / mass.sum().clamp(min=1)
 
 
@@ -2743,11 +2674,9 @@ TONAL_INTERVALS = (0, 5, 7)     # chord root on the key's tonic, subdominant or 
 
 
 def shuffled_labels(labels: list, groups: torch.Tensor | None, generator: torch.Generator) -> list:
-    """The labelled entries permuted at random, across all of them (groups None) or within each
-    group (e.g. each track); None entries stay in place."""
+    """The labelled entries permuted across all (groups None) or within each group; None stays."""
     group_of = groups.tolist() if groups is not None else [0] * len(labels)
-    # group -> labelled positions
-    members = {}
+    members = {}                                                        # group -> positions
     for i, label in enumerate(labels):
         if label is not None:
             members.setdefault(group_of[i], []).append(i)
@@ -2759,31 +2688,26 @@ def shuffled_labels(labels: list, groups: torch.Tensor | None, generator: torch.
 
 
 def cluster_statistics(x: torch.Tensor, labels: list, track: torch.Tensor, *, k: int, iters: int,
-                       seed: int,
-                       shuffles: int = 0) -> dict:
-    """k-means on x, then the co-occurrence counts of the labels, their interval profile, the
-    tonal share (mass on TONAL_INTERVALS) and the share of pairs from the same track (clusters of
-    songs rather than of harmony). With shuffles > 0, the tonal share of the same clusters with
-    the labels shuffled across all patches and within each track (the mean of `shuffles` draws):
-    what the cluster sizes alone, and the song identity alone, would give."""
+                       seed: int, shuffles: int = 0) -> dict:
+    """k-means on x, then the labels' co-occurrence counts, interval profile, tonal share (mass on
+    TONAL_INTERVALS) and share of pairs from one track (clusters of songs, not of harmony); with
+    shuffles > 0, the mean tonal share with the labels shuffled across patches and within tracks:
+    what the cluster sizes alone, and the song identity alone, give."""
     _, assignment = kmeans(x, k, iters=iters, seed=seed)
     names, counts = cooccurrence(labels, assignment, k)
     profile = interval_profile(names, counts)
-    _, same = cooccurrence([t if label is not None else None for t,
-                            label in zip(track.tolist(), labels)],
-                           assignment, k)
+    track_labels = [t if label is not None else None for t, label in zip(track.tolist(), labels)]
+    _, same = cooccurrence(track_labels, assignment, k)
     stats = {"names": names, "counts": counts, "interval_profile": profile.tolist(),
              "tonal_share": profile[list(TONAL_INTERVALS)].sum().item(),
              "same_track_pairs": (same.trace() / same.sum().clamp(min=1)).item(),
              "cluster_sizes": torch.bincount(assignment, minlength=k).tolist()}
     g = torch.Generator().manual_seed(seed)
     for what, groups in (("shuffled across patches", None), ("shuffled within tracks", track)):
-        shares = []
-        for _ in range(shuffles):
-            s_names, s_counts = cooccurrence(shuffled_labels(labels, groups, g), assignment, k)
-            shares.append(interval_profile(s_names, s_counts)[list(TONAL_INTERVALS)].sum().item())
-        if shares:
-            stats[what] = float(np.mean(shares))
+        draws = [shuffled_labels(labels, groups, g) for _ in range(shuffles)]
+        profiles = [interval_profile(*cooccurrence(d, assignment, k)) for d in draws]
+        if profiles:
+            stats[what] = float(np.mean([p[list(TONAL_INTERVALS)].sum().item() for p in profiles]))
     return stats
 
 
@@ -2794,51 +2718,36 @@ def _label_order(name: str):
 
 
 def top_combinations(names: list[str], counts: torch.Tensor, labels: list, top: int = 80):
-    """Fig. 5's axes: the `top` most frequent key/chord combinations among the labelled patches,
-    ordered by key and chord -> (names, their (top, top) block of counts)."""
+    """Fig. 5's axes: the `top` most frequent labels, ordered by key and chord, and their counts."""
     freq = {}
-    for label in labels:
-        if label is not None:
-            freq[label] = freq.get(label, 0) + 1
+    for label in filter(None, labels):
+        freq[label] = freq.get(label, 0) + 1
     chosen = sorted(sorted(freq, key=lambda n: -freq[n])[:top], key=_label_order)
     idx = torch.tensor([names.index(n) for n in chosen], dtype=torch.long)
     return chosen, counts[idx][:, idx]
 
 
 def analyze_clusters(checkpoint, *, data=None, audio=None, split="test", labels=None, k=32,
-                     iters=100, top=80,
-                     shuffles=5, out=None, cache=None, device=None, batch=16, seed=0,
-                     log=print) -> dict:
-    """4.4 and Fig. 5: label the patch embeddings of every annotated track with its key and chord
-    (`labelled_patches`), k-means with k clusters, co-occurrence of the "key/chord" labels within
-    clusters (`cooccurrence`); OUT/clusters.json and OUT/fig5.png.
-
-    The labels are "key/chord" combinations, "E/B" for the key E major and a B major chord, and
-    Fig. 5 shows their co-occurrence matrix over the `top` most frequent combinations. The summary
-    number is the tonal share: of all within-cluster pairs, the fraction in which the chord of one
-    member has its root on the tonic, subdominant or dominant of the other member's key. It is
-    compared with the same clusters under shuffled labels (across patches; within tracks) and with
-    a random-weights encoder, since clusters that merely group the patches of one song (one key)
-    also raise it.
-    """
+                     iters=100, top=80, shuffles=5, out=None, cache=None, device=None, batch=16,
+                     seed=0, log=print) -> dict:
+    """4.4 and Fig. 5: label each patch of the annotated mixes "key/chord" ("E/B": a B chord in E
+    major), k-means, count label pairs within clusters -> OUT/clusters.json, OUT/fig5.png (the
+    `top` combinations). The summary, the tonal share (within-cluster pairs where one's chord root
+    is the tonic, subdominant or dominant of the other's key), is set beside shuffled labels and a
+    random-weights encoder: clusters that merely group one song (one key) also raise it."""
     model, device, _ = open_trained(checkpoint, device)
-    cfg = model.config
     index = lab_index(labels) if labels else None
-    annotated, missing = [], []
-    for name, folder, load in mix_sources(data=data, audio=audio, split=split, cache=cache, cfg=cfg,
-                                          log=log):
-        ann = track_annotations(name, folder, index)
-        if ann is None:
-            missing.append(name)
-        else:
-            annotated.append((name, load, *ann))
+    sources = mix_sources(data=data, audio=audio, split=split, cache=cache, cfg=model.config,
+                          log=log)
+    found = [(name, load, track_annotations(name, folder, index)) for name, folder, load in sources]
+    annotated = [(name, load, *ann) for name, load, ann in found if ann is not None]
+    missing = [name for name, _, ann in found if ann is None]
     if missing:
         log(f"{len(missing)} tracks without key and chord annotations skipped: "
             f"{', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
     if not annotated:
-        where = "labels.json beside the stems"
-        if labels:
-            where = f"{labels}/<track>.keys.lab and .chords.lab"
+        where = (f"{labels}/<track>.keys.lab and .chords.lab" if labels
+                 else "labels.json beside the stems")
         raise StemJEPAError(f"no track has key and chord annotations (looked for {where})")
     out = Path(out or Path(checkpoint).parent / ("clusters" if audio else f"clusters-{split}"))
     out.mkdir(parents=True, exist_ok=True)
@@ -2852,11 +2761,9 @@ def analyze_clusters(checkpoint, *, data=None, audio=None, split="test", labels=
     log(f"k-means (k = {k}) on {n_patches} patches, {n_labelled} labelled")
     stats = cluster_statistics(x, patch_label, track, k=k, iters=iters, seed=seed,
                                shuffles=shuffles)
-    # P x 3840 floats: 2.6 GB for the Beatles' 174 songs
-    del x
+    del x                                       # P x 3840 floats: 2.6 GB for the Beatles' songs
     log("the same with random weights")
-    x_rand, _, _ = labelled_patches(random_twin(model, seed), annotated, device=device,
-                                    batch=batch)
+    x_rand = labelled_patches(random_twin(model, seed), annotated, device=device, batch=batch)[0]
     rand = cluster_statistics(x_rand, patch_label, track, k=k, iters=iters, seed=seed)
     chosen, block = top_combinations(stats["names"], stats["counts"], patch_label, top=top)
     result = {
@@ -2866,10 +2773,8 @@ def analyze_clusters(checkpoint, *, data=None, audio=None, split="test", labels=
         "tonal_share": {"Stem-JEPA": stats["tonal_share"], "random weights": rand["tonal_share"],
                         **{w: stats[w] for w in ("shuffled across patches",
                                                  "shuffled within tracks") if w in stats}},
-        "same_track_pairs": {"Stem-JEPA": stats["same_track_pairs"],
-                             "random weights": rand["same_track_pairs"]},
-        "interval_profile": {"Stem-JEPA": stats["interval_profile"],
-                             "random weights": rand["interval_profile"]},
+        **{key: {"Stem-JEPA": stats[key], "random weights": rand[key]}
+           for key in ("same_track_pairs", "interval_profile")},
         "cluster_sizes": stats["cluster_sizes"],
         "top": chosen, "matrix": block.tolist(),
         "definition": "counts[a][b]: ordered pairs of different patches in the same k-means "
@@ -2877,7 +2782,7 @@ def analyze_clusters(checkpoint, *, data=None, audio=None, split="test", labels=
                       "fraction of those pairs where the root of b's chord is 0, 5 or 7 semitones "
                       "above the tonic of a's key",
     }
-    _write_atomic(out / "clusters.json", lambda p: p.write_text(json.dumps(result, indent=1)))
+    _write_json(out / "clusters.json", result)
     plot_fig5(result, out / "fig5.png")
     log("tonal share of within-cluster pairs (chord root on the tonic, subdominant or dominant "
         "of the key):\n"
@@ -2899,8 +2804,7 @@ def plot_fig5(result: dict, path) -> None:
     a, b = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
     names, m = result["top"], np.array(result["matrix"], dtype=float)
     a.imshow(np.log1p(m), cmap="viridis")
-    # 80 labels still fit, at 4 pt
-    size = min(7.0, max(3.0, 320 / max(len(names), 1)))
+    size = min(7.0, max(3.0, 320 / max(len(names), 1)))            # 80 labels fit, at 4 pt
     a.set_xticks(range(len(names)), names, rotation=90, fontsize=size)
     a.set_yticks(range(len(names)), names, fontsize=size)
     a.set_title(f"key/chord co-occurrence within {result['k']} clusters (log)", fontsize=9)
@@ -2908,8 +2812,7 @@ def plot_fig5(result: dict, path) -> None:
     for i, (name, profile) in enumerate(result["interval_profile"].items()):
         b.bar(np.arange(12) + i * width, profile, width=width, label=name)
     b.set_xticks(np.arange(12) + 0.4 - width / 2, ROMAN, fontsize=7)
-    b.set_xlabel("chord root relative to the key")
-    b.set_ylabel("share of within-cluster pairs")
+    b.set(xlabel="chord root relative to the key", ylabel="share of within-cluster pairs")
     b.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -2927,22 +2830,17 @@ def tempo_class(bpm: float) -> str:
 
 
 def hold_out(splits: list[str], fraction: float, seed: int) -> list[str]:
-    """When no row is "valid": a seeded random `fraction` of the train rows (at least one, while one
-    train row remains) becomes the validation split."""
+    """A seeded random `fraction` of the train rows (at least one, leaving one) becomes "valid"."""
     train = [i for i, s in enumerate(splits) if s == "train"]
     n = min(max(1, round(fraction * len(train))), len(train) - 1)
-    out = list(splits)
-    for i in np.random.default_rng(seed).permutation(train)[:max(n, 0)]:
-        out[i] = "valid"
-    return out
+    chosen = set(np.random.default_rng(seed).permutation(train)[:max(n, 0)].tolist())
+    return ["valid" if i in chosen else s for i, s in enumerate(splits)]
 
 
 def toy_probe_labels(data_dir, out_csv, task: str = "key", *, sample_rate=16000, seed=0) -> Path:
-    """A probe task on the toy set: OUT_CSV (file, label, split) and the mixes it names,
-    OUT_DIR/mixes/<track>.wav (the sum of the stems, 16 kHz, float WAV so that no sum clips).
-    task "key": the song's key (up to 24 classes); "tempo": `tempo_class` (3 classes). Splits:
-    toy train/ -> train, 10 % of it held out as valid, toy test/ -> test. Paths in the CSV are
-    relative to its folder, the default --audio of `probe`."""
+    """A toy-set probe task ("key": up to 24 classes; "tempo": `tempo_class`): OUT_CSV (file,
+    label, split; paths relative to its folder) and its mixes, OUT_DIR/mixes/<track>.wav (float,
+    so no sum clips). toy train/ -> train (10 % held out as valid), toy test/ -> test."""
     if task not in ("key", "tempo"):
         raise StemJEPAError(f"toy probe task {task!r}: choose key or tempo")
     out_csv = Path(out_csv)
@@ -2971,11 +2869,11 @@ SPLIT_NAMES = {"train": "train", "valid": "valid", "val": "valid", "validation":
                "test": "test"}
 
 
-def read_probe_labels(path, audio_root, *, task: str, seed=0) -> tuple[list[Path], list[list[str]],
-                                                                       list[str]]:
+def read_probe_labels(path, audio_root, *, task: str,
+                      seed=0) -> tuple[list[Path], list[list[str]], list[str]]:
     """labels.csv -> (files, label lists, splits). Columns: file (relative to audio_root unless
-    absolute), label (multilabel: labels separated by ';'), split (train, valid or test). Without
-    valid rows, 10 % of train is held out (`hold_out`)."""
+    absolute), label (multilabel: separated by ';'), split (train, valid or test). Without valid
+    rows, 10 % of train is held out."""
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         missing = {"file", "label", "split"} - set(reader.fieldnames or [])
@@ -2985,8 +2883,7 @@ def read_probe_labels(path, audio_root, *, task: str, seed=0) -> tuple[list[Path
         rows = list(reader)
     files, labels, splits, problems = [], [], [], []
     for n, r in enumerate(rows, 2):
-        file = Path(r["file"].strip())
-        file = file if file.is_absolute() else Path(audio_root) / file
+        file = Path(audio_root) / r["file"].strip()            # an absolute path stays as it is
         label = [r["label"].strip()]
         if task == "multilabel":
             label = [l.strip() for l in r["label"].split(";") if l.strip()]
@@ -3028,27 +2925,23 @@ def global_embeddings(model: StemJEPA, files: list[Path], *, device="cpu", batch
                       target=False) -> torch.Tensor:
     """4.5.1: "Each audio sample is processed by the frozen encoder, and its patch-wise outputs are
     concatenated and averaged along frequency and time dimensions to produce a 3840-dimensional
-    global embedding": the encoder over the whole file, then `pool` -> (n files, F*D). The
-    context encoder f_theta by default, as the authors' downstream wrapper, which loads only the
-    encoder.* weights; target=True for the EMA target encoder. Files are loaded `group` at a
-    time so that their full chunks share batches."""
+    global embedding" -> (n files, F*D). [code] The context encoder, as the authors' downstream
+    wrapper loads only encoder.* weights; target=True: the EMA target encoder."""
     model = model.to(device).eval()
     cfg = model.config
     rows = []
-    for i in range(0, len(files), group):
+    for i in range(0, len(files), group):                       # `group` files share batches
         wavs = [load_audio(f, cfg.sample_rate) for f in files[i: i + group]]
-        zs = embed_long(model, wavs, chunk=chunk_samples(cfg), target=target, batch=batch,
-                        device=device)
-        rows += [pool(z) for z in zs]
+        rows += [pool(z) for z in embed_long(model, wavs, chunk=chunk_samples(cfg), target=target,
+                                             batch=batch, device=device)]
     return torch.stack(rows).float()
 
 
 class ProbeMLP(nn.Module):
-    """"an MLP with 512 hidden units and a softmax layer" (4.5.1) on a frozen embedding; returns
-    logits (the softmax, or the sigmoids for tagging, are in the loss). Inputs are standardised
-    with the training set's per-dimension mean and std, kept as buffers (our choice: the pooled
-    embeddings are unit vectors whose coordinates are about 1/sqrt(3840), far from the scale the
-    default init and lr expect)."""
+    """"an MLP with 512 hidden units and a softmax layer" (4.5.1) -> logits (the softmax, or the
+    tagging sigmoids, are in the loss). Inputs are standardised with the training set's mean and
+    std, kept as buffers (our choice: the pooled unit vectors' coordinates are about
+    1/sqrt(3840), far from the scale the default init and lr expect)."""
 
     def __init__(self, *, dim: int, hidden: int, classes: int, mean: torch.Tensor,
                  std: torch.Tensor):
@@ -3069,25 +2962,20 @@ def probe_loss(logits: torch.Tensor, y: torch.Tensor, *, task: str) -> torch.Ten
 
 
 def train_probe(x_train, y_train, x_valid, y_valid, *, task: str, n_classes=None, hidden=512,
-                epochs=200,
-                lr=1e-3, weight_decay=1e-2, batch=64, patience=20, seed=0,
+                epochs=200, lr=1e-3, weight_decay=1e-2, batch=64, patience=20, seed=0,
                 device="cpu") -> ProbeMLP:
-    """Fit a `ProbeMLP` with AdamW on minibatches; after each epoch the validation loss decides:
-    the best epoch's weights are kept, and training stops after `patience` epochs without a better
-    one (early stopping). Deterministic for a seed (init and batch order); the global RNG is left
-    as it was."""
-    classes = y_train.shape[1] if task == "multilabel" else n_classes or int(max(y_train.max(),
-                                                                                 y_valid.max())) + 1
+    """Fit a `ProbeMLP` with AdamW, keeping the epoch of lowest validation loss, stopping after
+    `patience` epochs without a better one. Seeded (init, batch order); the global RNG untouched."""
+    classes = (y_train.shape[1] if task == "multilabel"
+               else n_classes or int(max(y_train.max(), y_valid.max())) + 1)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        std = torch.ones(x_train.shape[1])
-        if len(x_train) > 1:
-            std = x_train.std(0).clamp(min=1e-6)
+        std = x_train.std(0).clamp(min=1e-6) if len(x_train) > 1 else torch.ones(x_train.shape[1])
         model = ProbeMLP(dim=x_train.shape[1], hidden=hidden, classes=classes, mean=x_train.mean(0),
                          std=std)
     model = model.to(device)
-    x_train, y_train, x_valid, y_valid = (t.to(device) for t in (x_train, y_train, x_valid,
-                                                                 y_valid))
+    x_train, y_train = x_train.to(device), y_train.to(device)
+    x_valid, y_valid = x_valid.to(device), y_valid.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     order = torch.Generator().manual_seed(seed)
     best, best_state, waited = math.inf, copy.deepcopy(model.state_dict()), 0
@@ -3114,8 +3002,7 @@ def train_probe(x_train, y_train, x_valid, y_valid, *, task: str, n_classes=None
 def average_ranks(x: torch.Tensor) -> torch.Tensor:
     """1-based ranks of x (N,) in ascending order, tied values sharing the mean of their ranks."""
     _, inverse, counts = torch.unique(x, sorted=True, return_inverse=True, return_counts=True)
-    # rank of each value's last copy
-    last = counts.cumsum(0).double()
+    last = counts.cumsum(0).double()                                    # rank of the last copy
     return ((last - counts + 1 + last) / 2)[inverse]
 
 
@@ -3130,25 +3017,21 @@ def roc_auc(scores: torch.Tensor, targets: torch.Tensor) -> float:
 
 
 def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float:
-    """AP = sum_k (R_k - R_{k-1}) P_k over the distinct score thresholds, from the highest down
-    (recall R_k and precision P_k of "score >= threshold k"; tied scores enter together). NaN
-    without a positive."""
+    """AP = sum_k (R_k - R_{k-1}) P_k over the distinct score thresholds k, highest first (recall
+    and precision of "score >= k": tied scores enter together). NaN without a positive."""
     pos = targets.double()
     if pos.sum() == 0:
         return float("nan")
     values, inverse = torch.unique(scores, sorted=True, return_inverse=True)
-    tp = torch.zeros(len(values), dtype=torch.float64).index_add_(0, inverse, pos).flip(0).cumsum(0)
-    ones = torch.ones_like(pos)
-    seen = torch.zeros(len(values), dtype=torch.float64).index_add_(0, inverse, ones)
-    seen = seen.flip(0).cumsum(0)
+    tp = torch.bincount(inverse, weights=pos, minlength=len(values)).flip(0).cumsum(0)
+    seen = torch.bincount(inverse, minlength=len(values)).flip(0).cumsum(0)
     recall = tp / pos.sum()
     precision = tp / seen
     return (torch.diff(recall, prepend=recall.new_zeros(1)) * precision).sum().item()
 
 
 def macro(metric, scores: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
-    """A per-class metric averaged over the classes (columns of (N, C)) that have both positives and
-    negatives among the items scored; and how many classes that is."""
+    """A per-class metric's mean over the classes (columns of (N, C)) with both -> (mean, count)."""
     values = [metric(scores[:, c], targets[:, c]) for c in range(targets.shape[1])
               if 0 < targets[:, c].sum() < len(targets)]
     return (float(np.mean(values)) if values else float("nan")), len(values)
@@ -3158,9 +3041,8 @@ KEY_LABEL = re.compile(r"(?:[Kk]ey\s+)?([A-G])([#b]*)\s*:?\s*((?i:major|minor|ma
 
 
 def parse_key_label(label: str):
-    """A key class label -> (tonic pitch class, minor?), or None if it is not a key: "Eb minor"
-    (GiantSteps), "A:min" (the toy set), "F#", "Bbm". Stricter than `normalise_key` (a capital
-    tonic, then at most a mode), so that other tasks' classes ("blues", "country") are not keys."""
+    """A key class label ("Eb minor", "A:min", "F#", "Bbm") -> (tonic pitch class, minor?), or None.
+    Stricter than `normalise_key`, so that other tasks' classes ("blues") are not keys."""
     m = KEY_LABEL.fullmatch(label.strip())
     if m is None:
         return None
@@ -3168,25 +3050,22 @@ def parse_key_label(label: str):
 
 
 def key_score(estimate: str, reference: str) -> float:
-    """The MIREX weighted key score, Table 3's GiantSteps "Acc refined" (MARBLE scores it with
-    mir_eval.key.weighted_score; the same rules): 1.0 for the same key, 0.5 for the estimate a
-    perfect fifth above the reference in the same mode, 0.3 for the relative major or minor, 0.2
-    for the parallel major or minor, 0 otherwise (a fifth below included, as in mir_eval)."""
+    """The MIREX weighted key score, Table 3's GiantSteps "Acc refined" (MARBLE's
+    mir_eval.key.weighted_score, the same rules): a fifth below scores 0, as in mir_eval."""
     (e, e_minor), (r, r_minor) = parse_key_label(estimate), parse_key_label(reference)
     if (e, e_minor) == (r, r_minor):
         return 1.0
-    if e_minor == r_minor and (e - r) % 12 == 7:
+    if e_minor == r_minor and (e - r) % 12 == 7:                      # a fifth above
         return 0.5
     if e_minor != r_minor and (e - r) % 12 == (9 if e_minor else 3):  # A minor <-> C major
         return 0.3
-    if e == r:
+    if e == r:                                                        # parallel
         return 0.2
     return 0.0
 
 
 def refined_accuracy(predicted, truth, classes: list[str]) -> float | None:
-    """The mean `key_score` of predicted class indices against the true ones, when every class
-    is a key (a key task such as GiantSteps); None otherwise."""
+    """The mean `key_score` of predicted class indices when every class is a key; else None."""
     if not classes or any(parse_key_label(c) is None for c in classes):
         return None
     return float(np.mean([key_score(classes[p], classes[t]) for p, t in zip(predicted, truth)]))
@@ -3195,9 +3074,8 @@ def refined_accuracy(predicted, truth, classes: list[str]) -> float | None:
 @torch.no_grad()
 def probe_metrics(model: ProbeMLP, x: torch.Tensor, y: torch.Tensor, *, task: str,
                   classes=None) -> dict:
-    """Table 3's metrics on a split: accuracy (multiclass), or macro ROC-AUC and average precision
-    over the tags (multilabel), as fractions. For a key task (every class a key), also
-    accuracy_refined, the MIREX weighted score (`key_score`)."""
+    """Table 3's metrics, as fractions: accuracy (multiclass; for a key task also accuracy_refined,
+    the MIREX weighted score), or macro ROC-AUC and average precision over the tags."""
     logits = model(x.to(next(model.parameters()).device)).float().cpu()
     if task == "multiclass":
         m = {"accuracy": (logits.argmax(1) == y).float().mean().item()}
@@ -3210,57 +3088,50 @@ def probe_metrics(model: ProbeMLP, x: torch.Tensor, y: torch.Tensor, *, task: st
 
 def chance_probe_metrics(y_train: torch.Tensor, y_test: torch.Tensor, *, task: str,
                          classes=None) -> dict:
-    """The reference of a model that ignores its input: the training set's majority class
-    (multiclass; for a key task also its refined accuracy); for tagging, ROC-AUC 0.5 and, as AP,
-    each tag's share of positives (what a random scorer gets on average)."""
+    """A model that ignores its input: the training set's majority class (multiclass; for a key
+    task with its refined accuracy); for tagging, ROC-AUC 0.5 and, as AP, each tag's share of
+    positives (a random scorer's mean)."""
     if task == "multiclass":
         majority = torch.bincount(y_train).argmax()
         m = {"accuracy": (y_test == majority).float().mean().item()}
         refined = refined_accuracy([int(majority)] * len(y_test), y_test.tolist(), classes)
         return m if refined is None else {**m, "accuracy_refined": refined}
-    scored = [c for c in range(y_test.shape[1]) if 0 < y_test[:, c].sum() < len(y_test)]
-    return {"roc_auc": 0.5,
-            "average_precision": float(np.mean([y_test[:, c].mean().item() for c in scored]))
-            if scored else float("nan"), "classes_scored": len(scored)}
+    ap, scored = macro(lambda _, targets: targets.mean().item(), y_test, y_test)
+    return {"roc_auc": 0.5, "average_precision": ap, "classes_scored": scored}
 
 
 def probe(checkpoint, labels, *, audio=None, task="multiclass", encoder="context", out=None,
           device=None, batch=16, epochs=200, lr=1e-3, patience=20, seed=0, log=print) -> dict:
-    """Table 3's protocol on one task: the frozen encoder (the context encoder, as the authors'
-    downstream code; encoder="target" for the EMA target encoder) -> global embedding of each file
-    (`global_embeddings`) -> MLP probe trained on train, early-stopped on valid, scored on test
-    (`train_probe`, `probe_metrics`). The same probe on a random-weights encoder and the
-    majority/prevalence chance level are measured in the same run. Writes OUT/probe.json."""
+    """Table 3's protocol on one task: the frozen encoder's global embedding of each file -> MLP
+    probe trained on train, early-stopped on valid, scored on test; beside it the same on a
+    random-weights encoder, and the chance level. Writes OUT/probe.json."""
     if task not in ("multiclass", "multilabel"):
         raise StemJEPAError(f"--task {task}: choose multiclass or multilabel")
     if encoder not in ("context", "target"):
         raise StemJEPAError(f"--encoder {encoder}: choose context or target")
     model, device, _ = open_trained(checkpoint, device)
-    files, label_lists, splits = read_probe_labels(labels,
-                                                   Path(audio) if audio else Path(labels).parent,
-                                                   task=task, seed=seed)
+    audio_root = Path(audio) if audio else Path(labels).parent
+    files, label_lists, splits = read_probe_labels(labels, audio_root, task=task, seed=seed)
     classes = sorted({l for row in label_lists for l in row})
     y = encode_targets(label_lists, classes, task=task)
     part = {s: torch.tensor([i for i, x in enumerate(splits) if x == s], dtype=torch.long)
             for s in ("train", "valid", "test")}
-    encoders = {"Stem-JEPA": model, "random weights": random_twin(model, seed)}
     results = {"checkpoint": str(checkpoint), "labels": str(labels), "task": task,
                "encoder": encoder, "classes": classes, "n": {s: len(i) for s, i in part.items()},
                "rows": {}}
-    for name, m in encoders.items():
+    for name, m in {"Stem-JEPA": model, "random weights": random_twin(model, seed)}.items():
         log(f"embedding {len(files)} files ({name}, {encoder} encoder)")
         x = global_embeddings(m, files, device=device, batch=batch, target=encoder == "target")
         clf = train_probe(x[part["train"]], y[part["train"]], x[part["valid"]], y[part["valid"]],
-                          task=task,
-                          n_classes=len(classes), epochs=epochs, lr=lr, patience=patience,
-                          seed=seed, device=device)
+                          task=task, n_classes=len(classes), epochs=epochs, lr=lr,
+                          patience=patience, seed=seed, device=device)
         results["rows"][name] = probe_metrics(clf, x[part["test"]], y[part["test"]], task=task,
                                               classes=classes)
     results["rows"]["chance"] = chance_probe_metrics(y[part["train"]], y[part["test"]], task=task,
                                                      classes=classes)
     out = Path(out or Path(checkpoint).parent / "probe")
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "probe.json", lambda p: p.write_text(json.dumps(results, indent=1)))
+    _write_json(out / "probe.json", results)
     log(format_probe_table(results))
     log(f"wrote {out / 'probe.json'}")
     return results
