@@ -3401,8 +3401,7 @@ def embed_audio_files(model: StemJEPA, files: list[Path], *, keep=pool, device="
     total = sum(seconds.values())
     done = 0.0
     t0 = t_log = time.time()
-    results = {}
-    skipped = []
+    results, skipped = {}, []
     for i in range(0, len(order), group):
         loaded = []
         for f in order[i: i + group]:
@@ -3431,10 +3430,9 @@ def embed_audio_files(model: StemJEPA, files: list[Path], *, keep=pool, device="
 @torch.no_grad()
 def retrieve(checkpoint, mix, library, instrument: str, *, top=10, device=None, batch=16,
              log=print) -> list[dict]:
-    """Rank every audio file of a library by how well it fits `mix` as `instrument`: the predictor's
-    pooled output for the mix against each file's pooled target embedding (L2, as in 4.1), and for
-    the best `top` files the offset at which they fit best. Library embeddings are cached beside it;
-    unreadable library files are reported and left out."""
+    """Rank the audio files of a library by how well each fits `mix` as `instrument` (L2 between
+    the predictor's pooled output and the file's pooled target embedding, 4.1), with the best offset
+    of the `top` ones. Library embeddings are cached beside it; unreadable files are left out."""
     model, device, _ = open_trained(checkpoint, device)
     cfg = model.config
     instrument_id = model.instrument_id(instrument)   # an unknown one fails before decoding
@@ -3482,10 +3480,9 @@ def score(checkpoint, mix, stem, instrument: str, *, device=None, batch=16) -> d
 @torch.no_grad()
 def embed_files(checkpoint, audio, out, *, sequences=False, device=None, batch=16,
                 log=print) -> np.ndarray:
-    """The pooled 3840-d target-encoder embedding of each audio file (4.1's references; the probes
-    of 4.5 use the context encoder) -> OUT (.npy, one row per file) and OUT.txt (the files, in
-    order). With sequences=True also OUT.sequences.npz: per file, one (T, 3840) vector per 160 ms.
-    Unreadable files are reported by name and left out of OUT and OUT.txt."""
+    """The pooled 3840-d target-encoder embedding of each readable audio file (4.1's references;
+    4.5's probes use the context encoder) -> OUT (.npy, one row per file) and OUT.txt (the files,
+    in order); with `sequences`, OUT.sequences.npz too: per file, a (T, 3840) vector per 160 ms."""
     model, device, _ = open_trained(checkpoint, device)
     files = audio_files(audio)
     kept, embedded = embed_audio_files(model, files, device=device, batch=batch, log=log,
@@ -3557,17 +3554,14 @@ def get_scene_embeddings(audio: torch.Tensor, model: HEARModel, batch: int = 16)
 # Performance: `bench` measures the machine's peak and how close the training step gets to it
 # ---------------------------------------------------------------------------------------------
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed(fn, device) -> float:
     """Wall time of one fn() call, from a synchronised device until its work is done."""
-    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     t = time.perf_counter()
     fn()
-    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter() - t
 
 
@@ -3718,8 +3712,7 @@ def bench(*, preset="paper", batch_size=2, device=None, compile=False, steps=5, 
                          **prepare_options(cfg))
         dataset = StemChunks(tracks, sorted({s for t in tracks for s in t["stems"]}), chunk=n,
                              threshold=cfg.active_threshold, tries=cfg.redraw_tries, seed=0)
-        batches = 40
-        per_batch = 32
+        batches, per_batch = 40, 32
         loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=StepBatches(start=0, steps=batches, batch=per_batch),
             num_workers=1, prefetch_factor=4)
@@ -3998,10 +3991,9 @@ def main(argv=None):
                         help="multitrack dataset root: the mix of each track's stems is embedded")
     source.add_argument("--audio",
                         help="folder of full mixes (e.g. the Beatles), named as their .lab files")
-    c.add_argument("--labels",
-                   help="folder of NAME.keys.lab and NAME.chords.lab files, or Isophonics' "
-                        "keylab/ and chordlab/ tree (default: labels.json beside each track's "
-                        "stems)")
+    c.add_argument("--labels", help="folder of NAME.keys.lab and NAME.chords.lab files, or "
+                   "Isophonics' keylab/ and chordlab/ tree (default: labels.json beside each "
+                   "track's stems)")
     c.add_argument("--k", type=int, default=32, help="k-means clusters")
     c.add_argument("--iters", type=int, default=100, help="k-means iterations at most")
     c.add_argument("--top", type=int, default=80, help="key/chord combinations shown in fig5.png")
