@@ -3616,8 +3616,7 @@ def obvious_step(cfg: Config, device, context, target, instrument):
             self.patch = nn.Conv2d(1, D, cfg.patch_size, cfg.patch_size)
             self.pos = nn.Parameter(torch.zeros(1, tokens, D))
             layer = nn.TransformerEncoderLayer(D, cfg.heads, cfg.mlp_ratio * D, dropout=0.0,
-                                               activation="gelu", batch_first=True,
-                                               norm_first=True)
+                                               activation="gelu", batch_first=True, norm_first=True)
             self.body = nn.TransformerEncoder(layer, cfg.depth, enable_nested_tensor=False)
             self.norm = nn.LayerNorm(D)
 
