@@ -3170,13 +3170,9 @@ def audio_files(path) -> list[Path]:
 
 def embed_audio_files(model: StemJEPA, files: list[Path], *, keep=pool, device="cpu", batch=16,
                       group=8, log=print) -> tuple[list[Path], list]:
-    """keep(z) for each file's target-encoder patch embeddings z (F, T, D), for many files.
-    Files of similar length are embedded together (sorted by duration, `group` at a time, so that
-    their chunks share batches); an unreadable file is reported by name and skipped; a progress
-    line with the ETA every 10 s and at the end. Returns the files embedded, in the given order,
-    and keep(z) of each; an error if none could be read."""
-    sr = model.config.sample_rate
-    chunk = chunk_samples(model.config)
+    """keep(z) for each file's target-encoder patch embeddings z (F, T, D): the files embedded (in
+    the given order; unreadable ones are reported by name and skipped) and keep(z) of each.
+    Sorted by duration and embedded `group` at a time, so that their chunks share batches."""
     seconds = {}
     for f in files:
         try:
@@ -3192,11 +3188,12 @@ def embed_audio_files(model: StemJEPA, files: list[Path], *, keep=pool, device="
         loaded = []
         for f in order[i: i + group]:
             try:
-                loaded.append((f, load_audio(f, sr)))
+                loaded.append((f, load_audio(f, model.config.sample_rate)))
             except StemJEPAError as e:
                 skipped.append(str(e))
                 log(f"skipped {e}")
-        zs = embed_long(model, [x for _, x in loaded], chunk=chunk, batch=batch, device=device)
+        zs = embed_long(model, [x for _, x in loaded], chunk=chunk_samples(model.config),
+                        batch=batch, device=device)
         results.update((f, keep(z)) for (f, _), z in zip(loaded, zs))
         done += sum(seconds[f] for f in order[i: i + group])
         n = min(i + group, len(order))
@@ -3215,15 +3212,12 @@ def embed_audio_files(model: StemJEPA, files: list[Path], *, keep=pool, device="
 @torch.no_grad()
 def retrieve(checkpoint, mix, library, instrument: str, *, top=10, device=None, batch=16,
              log=print) -> list[dict]:
-    """Rank every audio file of a library by how well it fits `mix` as `instrument`: the predictor's
-    pooled output for the mix against each file's pooled target embedding (L2, as in 4.1), and for
-    the best `top` files the offset at which they fit best. Library embeddings are cached beside it;
-    unreadable library files are reported and left out."""
+    """Rank the audio files of a library by how well each fits `mix` as `instrument` (L2 between
+    the predictor's pooled output and the file's pooled target embedding, 4.1), with the best offset
+    of the `top` ones. Library embeddings are cached beside it; unreadable files are left out."""
     model, device, _ = open_trained(checkpoint, device)
     cfg = model.config
-    if instrument not in model.instruments:
-        raise StemJEPAError(f"--instrument {instrument}: the model knows "
-                            f"{', '.join(model.instruments)}")
+    instrument_id = model.instrument_id(instrument)   # an unknown one fails before decoding
     files = audio_files(library)
     mix_audio = load_audio(mix, cfg.sample_rate)  # a bad --mix fails before the library is embedded
     chunk = chunk_samples(cfg)
@@ -3239,17 +3233,16 @@ def retrieve(checkpoint, mix, library, instrument: str, *, top=10, device=None, 
         cached = {"files": [str(f) for f in kept], "refs": torch.stack(refs)}
         cache.mkdir(exist_ok=True)
         _write_atomic(cache_file, lambda p: torch.save(cached, p))
-    files = [Path(f) for f in cached["files"]]
-    refs = cached["refs"]
     q_seq = embed_long(model, [mix_audio], chunk=chunk, batch=batch, device=device,
-                       instruments=[model.instruments.index(instrument)])[0]
-    d = torch.cdist(pool(q_seq)[None].double(), refs.double())[0]
+                       instruments=[instrument_id])[0]
+    d = torch.cdist(pool(q_seq)[None].double(), cached["refs"].double())[0]
     results = []
     for r, i in enumerate(d.argsort()[:top].tolist()):
-        z_seq = embed_long(model, [load_audio(files[i], cfg.sample_rate)], chunk=chunk,
-                           batch=batch, device=device)[0]
+        file = cached["files"][i]
+        z_seq = embed_long(model, [load_audio(file, cfg.sample_rate)], chunk=chunk, batch=batch,
+                           device=device)[0]
         offset = best_offset(frames(z_seq), frames(q_seq))
-        results.append({"rank": r + 1, "file": str(files[i]), "distance": round(d[i].item(), 4),
+        results.append({"rank": r + 1, "file": file, "distance": round(d[i].item(), 4),
                         "offset_patches": offset,
                         "offset_s": round(offset * patch_seconds(cfg), 2)})
     return results
@@ -3269,10 +3262,9 @@ def score(checkpoint, mix, stem, instrument: str, *, device=None, batch=16) -> d
 @torch.no_grad()
 def embed_files(checkpoint, audio, out, *, sequences=False, device=None, batch=16,
                 log=print) -> np.ndarray:
-    """The pooled 3840-d target-encoder embedding of each audio file (4.1's references; the probes
-    of 4.5 use the context encoder) -> OUT (.npy, one row per file) and OUT.txt (the files, in
-    order). With sequences=True also OUT.sequences.npz: per file, one (T, 3840) vector per 160 ms.
-    Unreadable files are reported by name and left out of OUT and OUT.txt."""
+    """The pooled 3840-d target-encoder embedding of each readable audio file (4.1's references;
+    4.5's probes use the context encoder) -> OUT (.npy, one row per file) and OUT.txt (the files,
+    in order); with `sequences`, OUT.sequences.npz too: per file, a (T, 3840) vector per 160 ms."""
     model, device, _ = open_trained(checkpoint, device)
     files = audio_files(audio)
     kept, embedded = embed_audio_files(model, files, device=device, batch=batch, log=log,
@@ -3298,10 +3290,10 @@ class HEARModel(nn.Module):
     def __init__(self, model: StemJEPA):
         super().__init__()
         self.model = model.eval()
-        self.sample_rate = model.config.sample_rate
-        size = (model.config.n_mels // model.config.patch_size) * model.config.dim
-        self.scene_embedding_size = size
-        self.timestamp_embedding_size = size
+        cfg = model.config
+        self.sample_rate = cfg.sample_rate
+        self.scene_embedding_size = (cfg.n_mels // cfg.patch_size) * cfg.dim
+        self.timestamp_embedding_size = self.scene_embedding_size
 
 
 def load_model(model_file_path: str = "", device=None) -> HEARModel:
@@ -3325,9 +3317,8 @@ def _hear_patches(audio: torch.Tensor, model: HEARModel, batch: int) -> list[tor
 def get_timestamp_embeddings(audio: torch.Tensor, model: HEARModel,
                              batch: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """HEAR: audio (n, N) at model.sample_rate -> embeddings (n, T, F*D), the target encoder's patch
-    columns (`frames`), and timestamps (n, T) in ms, the centre of each 160 ms column. Sounds are
-    embedded independently (chunked as `embed_long` does), so a sound's rows do not depend on the
-    others in the batch."""
+    columns (`frames`), and timestamps (n, T) in ms, the centre of each 160 ms column. Each sound
+    is embedded on its own (as `embed_long` does), independently of the others in the batch."""
     emb = torch.stack([frames(z) for z in _hear_patches(audio, model, batch)])  # (n, T, F*D)
     patch_ms = 1000 * patch_seconds(model.model.config)
     ts = ((torch.arange(emb.shape[1]) + 0.5) * patch_ms).float().expand(len(emb), -1)  # (n, T)
@@ -3345,37 +3336,30 @@ def get_scene_embeddings(audio: torch.Tensor, model: HEARModel, batch: int = 16)
 # Performance: `bench` measures the machine's peak and how close the training step gets to it
 # ---------------------------------------------------------------------------------------------
 
-def _sync(device):
+def _timed(fn, device) -> float:
+    """Wall time of one fn() call, from a synchronised device until its work is done."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    t = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t
 
 
 def _median_time(fn, device, *, warmup: int, repeats: int) -> float:
     """Median wall time of fn() after warm-up calls (compilation, allocator and cache warm-up)."""
-    times = []
-    for i in range(warmup + repeats):
-        _sync(device)
-        t = time.perf_counter()
+    for _ in range(warmup):
         fn()
-        _sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    return float(np.median(times))
+    return float(np.median([_timed(fn, device) for _ in range(repeats)]))
 
 
 def matmul_peak(device: torch.device, dtype=torch.float32) -> float:
     """Practical peak FLOP/s: the best of several large square torch.mm (2 n^3 FLOPs each)."""
     n = 8192 if device.type == "cuda" else 2048
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(8):
-        _sync(device)
-        t = time.perf_counter()
-        torch.mm(a, b)
-        _sync(device)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
+    torch.mm(a, b)                              # warm-up
+    return 2 * n ** 3 / min(_timed(lambda: torch.mm(a, b), device) for _ in range(8))
 
 
 def train_flops_per_sample(cfg: Config) -> float:
@@ -3414,14 +3398,13 @@ def obvious_step(cfg: Config, device, context, target, instrument):
             self.patch = nn.Conv2d(1, D, cfg.patch_size, cfg.patch_size)
             self.pos = nn.Parameter(torch.zeros(1, tokens, D))
             layer = nn.TransformerEncoderLayer(D, cfg.heads, cfg.mlp_ratio * D, dropout=0.0,
-                                               activation="gelu",
-                                               batch_first=True, norm_first=True)
+                                               activation="gelu", batch_first=True, norm_first=True)
             self.body = nn.TransformerEncoder(layer, cfg.depth, enable_nested_tensor=False)
             self.norm = nn.LayerNorm(D)
 
         def forward(self, mel):
-            return self.norm(self.body(self.patch(mel[:, None]).flatten(2).transpose(1,
-                                                                                     2) + self.pos))
+            x = self.patch(mel[:, None]).flatten(2).transpose(1, 2)              # (B, K, D)
+            return self.norm(self.body(x + self.pos))
 
     online = Encoder().to(device)
     target_net = copy.deepcopy(online).requires_grad_(False)
@@ -3434,11 +3417,9 @@ def obvious_step(cfg: Config, device, context, target, instrument):
     optimizer = torch.optim.AdamW(params, lr=1e-4)
 
     def step():
-        mel = torchaudio.transforms.MelSpectrogram(cfg.sample_rate, n_fft=cfg.n_fft,
-                                                   hop_length=cfg.hop_length,
-                                                   f_min=cfg.f_min, f_max=cfg.f_max,
-                                                   n_mels=cfg.n_mels,
-                                                   norm="slaney", mel_scale="slaney").to(device)
+        mel = torchaudio.transforms.MelSpectrogram(
+            cfg.sample_rate, n_fft=cfg.n_fft, hop_length=cfg.hop_length, f_min=cfg.f_min,
+            f_max=cfg.f_max, n_mels=cfg.n_mels, norm="slaney", mel_scale="slaney").to(device)
         logmel = lambda w: (torch.log(mel(w)[..., :frames] + 1e-7) + 9.453) / 3.569   # noqa: E731
         z = online(logmel(context))
         e = embedding(instrument)[:, None].expand(-1, z.shape[1], -1)
@@ -3466,10 +3447,9 @@ def bench(*, preset="paper", batch_size=2, device=None, compile=False, steps=5, 
     import tempfile
     device = pick_device(device)
     cfg = make_config(preset, batch_size=batch_size, **overrides)
-    r = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
-         f"{device.type}, "
-         f"{torch.get_num_threads()} threads", "preset": preset, "batch_size": batch_size,
-         "compile": compile}
+    cpu = f"{device.type}, {torch.get_num_threads()} threads"
+    r = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
+         "preset": preset, "batch_size": batch_size, "compile": compile}
     r["peak_fp32_flops"] = matmul_peak(device)
     if device.type == "cuda":
         r["peak_bf16_flops"] = matmul_peak(device, torch.bfloat16)
@@ -3485,18 +3465,16 @@ def bench(*, preset="paper", batch_size=2, device=None, compile=False, steps=5, 
     n = chunk_samples(cfg)
     context, target = (0.1 * torch.randn(batch_size, n, device=device) for _ in range(2))
     instrument = torch.arange(batch_size, device=device) % len(TOY_STEMS)
-    step_s = _median_time(lambda: training_step(model, optimizer, context, target, instrument,
-                                                lr=1e-4, tau=0.999,
-                                                grad_clip=cfg.grad_clip, loss_fn=loss_fn),
-                          device, warmup=3 if compile else 2, repeats=steps)
-    r["step_s"] = step_s
-    r["samples_per_s"] = batch_size / step_s
+    r["step_s"] = _median_time(lambda: training_step(model, optimizer, context, target, instrument,
+                                                     lr=1e-4, tau=0.999, grad_clip=cfg.grad_clip,
+                                                     loss_fn=loss_fn),
+                               device, warmup=3 if compile else 2, repeats=steps)
+    r["samples_per_s"] = batch_size / r["step_s"]
     r["flops_per_sample"] = train_flops_per_sample(cfg)
     r["achieved_flops"] = r["flops_per_sample"] * r["samples_per_s"]
     r["mfu"] = r["achieved_flops"] / peak
     if baseline:
-        # free its state before the baseline's
-        del optimizer
+        del optimizer                           # free its state before the baseline's
         step = obvious_step(cfg, device, context, target, instrument)
         r["baseline_samples_per_s"] = batch_size / _median_time(step, device, warmup=2,
                                                                 repeats=steps)
@@ -3504,10 +3482,8 @@ def bench(*, preset="paper", batch_size=2, device=None, compile=False, steps=5, 
     # evaluation: seconds of audio embedded per second by the target encoder
     audio = np.random.default_rng(0).standard_normal(4 * 60 * cfg.sample_rate)
     audio = (0.1 * audio).astype(np.float32)
-    t = time.perf_counter()
-    embed_long(model, [audio], chunk=n, batch=16, device=device)
-    _sync(device)
-    r["eval_audio_s_per_s"] = len(audio) / cfg.sample_rate / (time.perf_counter() - t)
+    seconds = _timed(lambda: embed_long(model, [audio], chunk=n, batch=16, device=device), device)
+    r["eval_audio_s_per_s"] = len(audio) / cfg.sample_rate / seconds
 
     # the data pipeline: one loader worker, from a warm cache
     with tempfile.TemporaryDirectory() as tmp:
@@ -3518,10 +3494,9 @@ def bench(*, preset="paper", batch_size=2, device=None, compile=False, steps=5, 
         dataset = StemChunks(tracks, sorted({s for t in tracks for s in t["stems"]}), chunk=n,
                              threshold=cfg.active_threshold, tries=cfg.redraw_tries, seed=0)
         batches, per_batch = 40, 32
-        loader = torch.utils.data.DataLoader(dataset,
-                                             batch_sampler=StepBatches(start=0, steps=batches,
-                                                                       batch=per_batch),
-                                             num_workers=1, prefetch_factor=4)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=StepBatches(start=0, steps=batches, batch=per_batch),
+            num_workers=1, prefetch_factor=4)
         it = iter(loader)
         next(it)                                                        # worker start-up excluded
         t = time.perf_counter()
@@ -3537,8 +3512,9 @@ def bench(*, preset="paper", batch_size=2, device=None, compile=False, steps=5, 
 
 def format_bench(r: dict) -> str:
     g = 1e9
-    rows = [("device", r["device"]), ("preset, batch", f"{r['preset']}, {r['batch_size']}"
-                                      + (", compiled" if r["compile"] else "")),
+    compiled = ", compiled" if r["compile"] else ""
+    rows = [("device", r["device"]),
+            ("preset, batch", f"{r['preset']}, {r['batch_size']}{compiled}"),
             ("peak fp32 matmul", f"{r['peak_fp32_flops'] / g:.0f} GFLOP/s")]
     if "peak_bf16_flops" in r:
         rows.append(("peak bf16 matmul", f"{r['peak_bf16_flops'] / g:.0f} GFLOP/s"))
@@ -3547,13 +3523,12 @@ def format_bench(r: dict) -> str:
               f"{r['flops_per_sample'] / g:.1f} GFLOP (counted from the shapes)"),
              ("achieved",
               f"{r['achieved_flops'] / g:.0f} GFLOP/s, MFU {100 * r['mfu']:.0f} % of peak"),
-             ("evaluation", f"{r['eval_audio_s_per_s']:.0f} s of audio per s"),
-             *([("obvious baseline step",
-                 f"{r['baseline_samples_per_s']:.2f} samples/s: ours is "
-                 f"{r['samples_per_s'] / r['baseline_samples_per_s']:.2f}x")]
-               if "baseline_samples_per_s" in r else []),
-             ("data loader (1 worker)", f"{r['loader_chunks_per_s']:.0f} chunks/s, "
-                                        f"{r['loader_to_step_ratio']:.0f}x what the step consumes"),
+             ("evaluation", f"{r['eval_audio_s_per_s']:.0f} s of audio per s")]
+    if "baseline_samples_per_s" in r:
+        rows.append(("obvious baseline step", f"{r['baseline_samples_per_s']:.2f} samples/s: ours "
+                     f"is {r['samples_per_s'] / r['baseline_samples_per_s']:.2f}x"))
+    rows += [("data loader (1 worker)", f"{r['loader_chunks_per_s']:.0f} chunks/s, "
+              f"{r['loader_to_step_ratio']:.0f}x what the step consumes"),
              ("peak memory (process)", f"{r['peak_rss_gb']:.2f} GB")]
     if "peak_gpu_allocated_gb" in r:
         rows.append(("peak GPU memory", f"{r['peak_gpu_allocated_gb']:.2f} GB"))
@@ -3564,23 +3539,17 @@ def format_bench(r: dict) -> str:
 # Command line
 # ---------------------------------------------------------------------------------------------
 
-def _config_help() -> dict[str, str]:
-    """Each Config field's comment in the source, as its --help text."""
+def _add_train_options(p, exclude=()):
+    """One option per Config field (--batch-size for batch_size, ...), defaulting to the preset's;
+    the field's comment in the source is its help."""
     import inspect
     helps = {}
     for line in inspect.getsource(Config).splitlines():
         name, _, comment = line.strip().partition("#")
         if ":" in name and "=" in name:
             helps[name.split(":")[0].strip()] = comment.strip()
-    return helps
-
-
-def _add_train_options(p, exclude=()):
-    """One option per Config field (--batch-size for batch_size, ...), defaulting to the preset's;
-    the field's comment is its help."""
     p.add_argument("--preset", choices=list(PRESETS), default="paper",
                    help="paper (GPU) or tiny (CPU, minutes)")
-    helps = _config_help()
     for f in dataclasses.fields(Config):
         if f.name in exclude:
             continue
@@ -3598,6 +3567,17 @@ def _add_layout_options(p):
                                       "e.g. bass,drums,other,vocals (mix or mixture: left out)")
     p.add_argument("--groups", help="Slakh2100 classes (or MoisesDB stems) per instrument, e.g. "
                                     "'bass=Bass;drums=Drums;other=*' (the default for Slakh2100)")
+
+
+def _add_shared_options(p, *names):
+    """The options several commands share, added in the order named."""
+    shared = {"checkpoint": dict(required=True), "device": {},
+              "mix": dict(required=True, help="audio file of the mix"),
+              "batch": dict(type=int, default=16, help="chunks encoded at once"),
+              "cache": dict(help="decoded-stem cache (default DATA/.stem_jepa_cache)"),
+              "seed": dict(type=int, default=0)}
+    for name in names:
+        p.add_argument("--" + name, **shared[name])
 
 
 def _layout_from(args) -> dict:
@@ -3634,8 +3614,7 @@ def cmd_demo(args):
     if not (data / "train").is_dir():
         print(f"writing {args.tracks} toy songs to {data}")
         write_toy_dataset(data, tracks=args.tracks, seconds=30.0, seed=0)
-    cfg = make_config("tiny", steps=args.steps)
-    train(cfg, data, out=out, device=args.device, resume=True)
+    train(make_config("tiny", steps=args.steps), data, out=out, device=args.device, resume=True)
     rows = list(csv.DictReader(open(out / "log.csv")))
     first, last = rows[0], rows[-1]
     print(f"\nloss {float(first['loss']):.3f} (step {first['step']}) -> "
@@ -3646,14 +3625,13 @@ def cmd_demo(args):
 
 def cmd_evaluate(args):
     evaluate(args.checkpoint, args.data, split=args.split, out=args.out, cache=args.cache,
-             device=args.device,
-             batch=args.batch, listening=args.listening, seed=args.seed, layout=_layout_from(args))
+             device=args.device, batch=args.batch, listening=args.listening, seed=args.seed,
+             layout=_layout_from(args))
 
 
 def cmd_retrieve(args):
     results = retrieve(args.checkpoint, args.mix, args.library, args.instrument, top=args.top,
-                       device=args.device,
-                       batch=args.batch, log=(lambda *a: None) if args.json else print)
+                       device=args.device, batch=args.batch, log=_quiet if args.json else print)
     if args.json:
         print(json.dumps(results, indent=1))
         return
@@ -3678,17 +3656,15 @@ def cmd_embed(args):
 
 
 def cmd_analyze(args):
+    common = dict(split=args.split, out=args.out, cache=args.cache, device=args.device,
+                  batch=args.batch)
     if args.analysis == "align":
-        analyze_alignment(args.checkpoint, args.data, split=args.split, tracks=args.tracks,
-                          max_shift_s=args.max_shift_s, out=args.out, cache=args.cache,
-                          device=args.device,
-                          batch=args.batch)
+        analyze_alignment(args.checkpoint, args.data, tracks=args.tracks,
+                          max_shift_s=args.max_shift_s, **common)
     else:
-        analyze_clusters(args.checkpoint, data=args.data, audio=args.audio, split=args.split,
-                         labels=args.labels,
+        analyze_clusters(args.checkpoint, data=args.data, audio=args.audio, labels=args.labels,
                          k=args.k, iters=args.iters, top=args.top, shuffles=args.shuffles,
-                         out=args.out,
-                         cache=args.cache, device=args.device, batch=args.batch, seed=args.seed)
+                         seed=args.seed, **common)
 
 
 def cmd_probe(args):
@@ -3713,15 +3689,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="stem_jepa.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-
     p = sub.add_parser("toy", help="write procedural multitrack songs in the MUSDB18-HQ layout")
+    p.set_defaults(func=cmd_toy)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--tracks", type=int, default=20, help="number of songs (20 %% go to test/)")
     p.add_argument("--seconds", type=float, default=30.0, help="length of each song")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_toy)
-
+    _add_shared_options(p, "seed")
     p = sub.add_parser("train", help="train Stem-JEPA on a multitrack folder")
+    p.set_defaults(func=cmd_train)
     p.add_argument("--data", required=True,
                    help="MUSDB18(-HQ) root or a folder of multitrack folders")
     p.add_argument("--out", default="runs/stem-jepa", help="run folder: checkpoint.pt and log.csv")
@@ -3742,93 +3717,79 @@ def main(argv=None):
                    "is bf16 where the GPU has it, else fp16 with loss scaling; fp32 off CUDA")
     _add_train_options(p)
     _add_layout_options(p)
-    p.set_defaults(func=cmd_train)
-
     p = sub.add_parser("evaluate", help="stem retrieval (Table 1, Fig. 2) with comparison rows")
-    p.add_argument("--checkpoint", required=True)
+    p.set_defaults(func=cmd_evaluate)
+    _add_shared_options(p, "checkpoint")
     p.add_argument("--data", required=True, help="dataset root (as for train)")
     p.add_argument("--split", default="test",
                    help="train, test, or all: both together, as Table 1 (MUSDB18: 600 references)")
     p.add_argument("--out", help="output folder (default: beside the checkpoint, eval-SPLIT)")
-    p.add_argument("--cache", help="decoded-stem cache (default DATA/.stem_jepa_cache)")
-    p.add_argument("--device")
-    p.add_argument("--batch", type=int, default=16, help="chunks encoded at once")
+    _add_shared_options(p, "cache", "device", "batch")
     p.add_argument("--listening", type=int, default=0,
                    help="also write N listening-test trials (4.2)")
-    p.add_argument("--seed", type=int, default=0)
+    _add_shared_options(p, "seed")
     _add_layout_options(p)
-    p.set_defaults(func=cmd_evaluate)
-
     p = sub.add_parser("retrieve", help="rank the stems of a library by how well they fit a mix")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--mix", required=True, help="audio file of the mix")
+    p.set_defaults(func=cmd_retrieve)
+    _add_shared_options(p, "checkpoint", "mix")
     p.add_argument("--library", required=True, help="folder of candidate stems (any audio files)")
     p.add_argument("--instrument", required=True,
                    help="which instrument the stem should be (e.g. bass)")
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--device")
-    p.add_argument("--batch", type=int, default=16, help="chunks encoded at once")
-    p.set_defaults(func=cmd_retrieve)
-
+    _add_shared_options(p, "device", "batch")
     p = sub.add_parser("score", help="how well one stem fits one mix as an instrument, and where")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--mix", required=True, help="audio file of the mix")
+    p.set_defaults(func=cmd_score)
+    _add_shared_options(p, "checkpoint", "mix")
     p.add_argument("--stem", required=True, help="audio file of the candidate stem")
     p.add_argument("--instrument", required=True, help="the stem's instrument (e.g. bass)")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--device")
-    p.set_defaults(func=cmd_score)
-
+    _add_shared_options(p, "device")
     p = sub.add_parser("embed", help="3840-d embeddings of audio files, for other uses")
-    p.add_argument("--checkpoint", required=True)
+    p.set_defaults(func=cmd_embed)
+    _add_shared_options(p, "checkpoint")
     p.add_argument("--audio", required=True, help="an audio file or a folder")
     p.add_argument("--out", required=True,
                    help="FILE.npy (one row per file; the files in FILE.txt)")
     p.add_argument("--sequences", action="store_true",
                    help="also FILE.sequences.npz: one vector per 160 ms")
-    p.add_argument("--device")
-    p.add_argument("--batch", type=int, default=16, help="chunks encoded at once")
-    p.set_defaults(func=cmd_embed)
+    _add_shared_options(p, "device", "batch")
 
     p = sub.add_parser("analyze",
                        help="stem alignment (4.3, Fig. 4) and musical plausibility (4.4, Fig. 5)")
     kinds = p.add_subparsers(dest="analysis", required=True)
     a = kinds.add_parser("align", help="Eq. 3: target patches against shifted predictions (Fig. 4)")
+    a.set_defaults(func=cmd_analyze)
     a.add_argument("--data", required=True, help="multitrack dataset root (as for train)")
     a.add_argument("--tracks", type=int,
                    help="only the first K tracks (default all; the figure draws 8)")
     a.add_argument("--max-shift-s", type=float, default=10.0, help="largest shift, in seconds")
     c = kinds.add_parser("clusters",
                          help="k-means on patch embeddings, key/chord co-occurrence (Fig. 5)")
+    c.set_defaults(func=cmd_analyze)
     source = c.add_mutually_exclusive_group(required=True)
     source.add_argument("--data",
                         help="multitrack dataset root: the mix of each track's stems is embedded")
     source.add_argument("--audio",
                         help="folder of full mixes (e.g. the Beatles), named as their .lab files")
-    c.add_argument("--labels",
-                   help="folder of NAME.keys.lab and NAME.chords.lab files, or Isophonics' "
-                        "keylab/ and chordlab/ tree (default: labels.json beside each track's "
-                        "stems)")
+    c.add_argument("--labels", help="folder of NAME.keys.lab and NAME.chords.lab files, or "
+                   "Isophonics' keylab/ and chordlab/ tree (default: labels.json beside each "
+                   "track's stems)")
     c.add_argument("--k", type=int, default=32, help="k-means clusters")
     c.add_argument("--iters", type=int, default=100, help="k-means iterations at most")
     c.add_argument("--top", type=int, default=80, help="key/chord combinations shown in fig5.png")
     c.add_argument("--shuffles", type=int, default=5, help="label shuffles for the chance level")
-    c.add_argument("--seed", type=int, default=0)
+    _add_shared_options(c, "seed")
     for q in (a, c):
-        q.add_argument("--checkpoint", required=True)
+        _add_shared_options(q, "checkpoint")
         q.add_argument("--split", default="test",
                        help="dataset split (with --data): train, test or all")
         q.add_argument("--out", help="output folder (default: beside the checkpoint)")
-        q.add_argument("--cache", help="decoded-stem cache (default DATA/.stem_jepa_cache)")
-        q.add_argument("--device")
-        q.add_argument("--batch", type=int, default=16, help="chunks encoded at once")
-        q.set_defaults(func=cmd_analyze)
-
-    p = sub.add_parser("probe",
-                       help="downstream probe on frozen embeddings (4.5, Table 3), with "
-                            "random weights")
-    p.add_argument("--checkpoint", required=True)
+        _add_shared_options(q, "cache", "device", "batch")
+    p = sub.add_parser("probe", help="downstream probe on frozen embeddings (4.5, Table 3), "
+                                     "with random weights")
+    p.set_defaults(func=cmd_probe)
+    _add_shared_options(p, "checkpoint")
     p.add_argument("--labels", required=True,
                    help="CSV with columns file,label,split (train/valid/test)")
     p.add_argument("--audio",
@@ -3843,30 +3804,24 @@ def main(argv=None):
     p.add_argument("--patience", type=int, default=20,
                    help="epochs without a better valid loss before stopping")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch", type=int, default=16, help="chunks encoded at once")
-    p.add_argument("--device")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_probe)
-
+    _add_shared_options(p, "batch", "device", "seed")
     p = sub.add_parser("bench",
                        help="measure peak FLOP/s, the training step, the loader and evaluation")
     _add_train_options(p, exclude=("steps",))
-    p.set_defaults(batch_size=2)
-    p.add_argument("--device")
+    p.set_defaults(func=cmd_bench, batch_size=2)
+    _add_shared_options(p, "device")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--steps", type=int, default=5, help="timed steps (after warm-up)")
     p.add_argument("--data", help="dataset for the loader measurement (default: 10 toy songs)")
     p.add_argument("--baseline", action="store_true",
                    help="also time the same step assembled the obvious way")
     p.add_argument("--json", help="also write the numbers to this file")
-    p.set_defaults(func=cmd_bench)
-
     p = sub.add_parser("demo", help="toy data + the tiny preset on this machine, end to end")
+    p.set_defaults(func=cmd_demo)
     p.add_argument("--dir", default="demo", help="folder for the toy data and the run")
     p.add_argument("--tracks", type=int, default=40)
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--device")
-    p.set_defaults(func=cmd_demo)
+    _add_shared_options(p, "device")
 
     args = parser.parse_args(argv)
     try:
