@@ -56,6 +56,9 @@ W Transformer-predictor width, H heads, h head width, C = F*D a patch column's w
 vectors, `frames`), Q queries, R references, P positions or patches, n sounds (HEAR), J the
 largest shift of Eq. 3.
 
+Functions that report what they do take `log` (print by default) and `verbose` (False: the
+results and notes, without the progress lines).
+
 Where this file follows the authors' code (SonyCSLParis/Stem-JEPA) rather than the paper's
 text, the docstring says so ([code] in Config).
 """
@@ -745,15 +748,16 @@ class Trained(NamedTuple):
 
 def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, force=False,
           device=None, compile=False, workers=None, stop_at=None, init_from=None,
-          precision="auto", layout=None, log=print) -> Trained:
+          precision="auto", layout=None, log=print, verbose=True) -> Trained:
     """Train Stem-JEPA on the `train` split of `data` (3.3) into OUT/checkpoint.pt and OUT/log.csv.
     stop_at: save and return at this step (continue with resume=True). init_from: a new run (fresh
     optimizer, schedules from step 0) from a checkpoint's weights; resume=True with a checkpoint in
     OUT takes precedence. precision: `pick_precision`; layout: `find_tracks`'s options. Under
     torchrun, each process takes batch_size / world_size samples per step and DDP averages the
-    gradients; OUT/train.lock (`RunLock`) keeps a second live run out of OUT."""
+    gradients; OUT/train.lock (`RunLock`) keeps a second live run out of OUT. verbose=False: the
+    setup, the last step's line and the notes, not every log_every step (log.csv has them all)."""
     run = _start_run(cfg, data, out=Path(out), cache=cache, device=device, precision=precision,
-                     layout=layout, log=log)
+                     layout=layout, log=log, verbose=verbose)
     _restore(run, resume=resume, force=force, init_from=init_from)
     loss_fn = _wrap(run, compile)
     peak_lr = cfg.base_lr * cfg.batch_size / 256
@@ -809,6 +813,7 @@ class _Run:
     scaler: torch.amp.GradScaler | None
     loss_sum: torch.Tensor                      # on the device: adding a loss does not sync
     log: object
+    verbose: bool                               # a line every log_every steps, or the last only
     step: int = 0
     skipped: int = 0
     bad_in_a_row: int = 0
@@ -843,7 +848,8 @@ class _Run:
         self.n_seen += 1
 
 
-def _start_run(cfg: Config, data, *, out: Path, cache, device, precision, layout, log) -> _Run:
+def _start_run(cfg: Config, data, *, out: Path, cache, device, precision, layout, log,
+               verbose) -> _Run:
     """Processes and device (torchrun's environment variables), the data (rank 0 decodes, the
     others wait for its cache), the model, AdamW and, for fp16, a GradScaler."""
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -870,7 +876,8 @@ def _start_run(cfg: Config, data, *, out: Path, cache, device, precision, layout
     else:
         log = _quiet
         dist.barrier()                          # rank 0 decodes the data; the others read its cache
-    tracks = prepare(data, "train", cache=cache, layout=layout, log=log, **prepare_options(cfg))
+    tracks = prepare(data, "train", cache=cache, layout=layout, log=log, verbose=verbose,
+                     **prepare_options(cfg))
     if distributed and rank == 0:
         dist.barrier()
     instruments = sorted({s for t in tracks for s in t["stems"]})
@@ -888,7 +895,7 @@ def _start_run(cfg: Config, data, *, out: Path, cache, device, precision, layout
                 rank=rank, world=world, tracks=tracks, instruments=instruments,
                 data_id=hashlib.sha1(json.dumps(names).encode()).hexdigest(), model=model,
                 optimizer=optimizer, scaler=scaler, loss_sum=torch.zeros((), device=device),
-                log=log)
+                log=log, verbose=verbose)
 
 
 def _quiet(*args, **kwargs) -> None:
@@ -981,10 +988,12 @@ def _log_progress(run: _Run, context, target, instrument, *, lr: float, tau: flo
         c = collapse_measures(run.model.predict(context, instrument), z_bar, instrument)
         spread = embedding_spread(z_bar)
     eta = (cfg.steps - run.step) * cfg.batch_size / speed
-    run.log(f"step {run.step}/{cfg.steps}  loss {mean_loss:.4f} (batch {c['batch_loss']:.4f}, "
-            f"average stem {c['avg_stem_loss']:.4f})  spread of predictions "
-            f"{c['pred_spread']:.3f} (targets {c['target_spread']:.3f})  lr {lr:.2e}  "
-            f"tau {tau:.6f}  spread {spread:.3f}  {speed:.1f} samples/s  ETA {eta / 60:.1f} min")
+    if run.verbose or run.step == cfg.steps:
+        run.log(f"step {run.step}/{cfg.steps}  loss {mean_loss:.4f} (batch {c['batch_loss']:.4f}, "
+                f"average stem {c['avg_stem_loss']:.4f})  spread of predictions "
+                f"{c['pred_spread']:.3f} (targets {c['target_spread']:.3f})  lr {lr:.2e}  "
+                f"tau {tau:.6f}  spread {spread:.3f}  {speed:.1f} samples/s  "
+                f"ETA {eta / 60:.1f} min")
     if run.rank == 0:
         with open(run.out / "log.csv", "a") as f:
             f.write(f"{run.step},{mean_loss:.6f},{lr:.6e},{tau:.8f},{speed:.2f},{spread:.4f},"
@@ -1279,7 +1288,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 
 
 def open_trained(checkpoint, device=None, data=None, *, split="test", cache=None, layout=None,
-                 log=print) -> tuple[StemJEPA, torch.device, list[dict] | None]:
+                 log=print, verbose=True) -> tuple[StemJEPA, torch.device, list[dict] | None]:
     """What every command on a trained model starts with: the model from `checkpoint` on the
     device (`pick_device`), in eval mode, and, given `data`, the split's prepared tracks for
     evaluation (every track and stem kept: `prepare` with training=False)."""
@@ -1288,7 +1297,7 @@ def open_trained(checkpoint, device=None, data=None, *, split="test", cache=None
     if data is None:
         return model, device, None
     return model, device, prepare(data, split, cache=cache, training=False, layout=layout,
-                                  log=log, **prepare_options(model.config))
+                                  log=log, verbose=verbose, **prepare_options(model.config))
 
 
 def random_twin(model: StemJEPA, seed: int | None = None) -> StemJEPA:
@@ -1741,7 +1750,7 @@ def _has_two_active(x: np.ndarray, chunk: int, threshold: float, block: int = 16
 
 
 def prepare(root, split: str = "train", *, cache=None, sample_rate=16000, chunk_seconds=8.0,
-            threshold=0.1, training=True, layout=None, log=print) -> list[dict]:
+            threshold=0.1, training=True, layout=None, log=print, verbose=True) -> list[dict]:
     """Decode every track once into a cache of 16 kHz mono stems, one float16 .npy per track
     (memory-mapped at training time, so a chunk costs only its own bytes), reused while the source
     files are unchanged; one track is in memory at a time. Problems are collected and reported
@@ -1750,10 +1759,10 @@ def prepare(root, split: str = "train", *, cache=None, sample_rate=16000, chunk_
     Every stem is kept but an all-zero one. training=True applies the silence filter
     (`_training_exclusion`); evaluation and the analyses keep every track and stem. split "all":
     train/ and test/ together (Table 1 ranks among all 150 MUSDB18 tracks). layout:
-    find_tracks's options (channels, groups). Returns one dict per usable track: name, stems
-    (sorted), length (samples), npy (path)."""
+    find_tracks's options (channels, groups). verbose=False: the notes, not the progress. Returns
+    one dict per usable track: name, stems (sorted), length (samples), npy (path)."""
     options = dict(cache=cache, sample_rate=sample_rate, chunk_seconds=chunk_seconds,
-                   threshold=threshold, training=training, layout=layout, log=log)
+                   threshold=threshold, training=training, layout=layout, log=log, verbose=verbose)
     if split == "all" and any((Path(root) / s).is_dir() for s in ("train", "test")):
         return [t for s in ("train", "test") if (Path(root) / s).is_dir()
                 for t in prepare(root, s, **options)]
@@ -1792,7 +1801,7 @@ def prepare(root, split: str = "train", *, cache=None, sample_rate=16000, chunk_
             meta.update(signature=signature, chunk=chunk)
             _write_atomic(meta_path, lambda p: p.write_text(json.dumps(meta)))
             decoded += 1
-            if decoded % 10 == 0:
+            if verbose and decoded % 10 == 0:
                 log(f"prepare {split}: {i + 1}/{len(found)} tracks ({time.time() - t0:.0f} s)")
         notes += [tuple(n) for n in meta["notes"]]
         if "excluded" in meta:
@@ -2036,7 +2045,7 @@ class RetrievalEmbeddings:
 
 @torch.no_grad()
 def retrieval_embeddings(model: StemJEPA, tracks: list[dict], *, device="cpu", batch=16,
-                         log=print) -> RetrievalEmbeddings:
+                         log=print, verbose=True) -> RetrievalEmbeddings:
     """For each prepared track n and stem s known to the model: the query q_s^(n) (predictor
     conditioned on s over the mix of the other stems, 4.1.1) and the references z_s^(n) from the
     target and the context encoders, each pooled by `pool`."""
@@ -2061,7 +2070,7 @@ def retrieval_embeddings(model: StemJEPA, tracks: list[dict], *, device="cpu", b
         instrument += ids
         done += t["length"] * 2 * len(t["stems"]) / sr
         rate = done / (time.time() - t0)
-        if (n + 1) % 10 == 0 or n + 1 == len(tracks):
+        if verbose and ((n + 1) % 10 == 0 or n + 1 == len(tracks)):
             log(f"  embedded {n + 1}/{len(tracks)} tracks, {rate:.0f} s of audio per s, "
                 f"ETA {(total - done) / rate:.0f} s")
     return RetrievalEmbeddings(queries=torch.stack(queries), refs_target=torch.stack(refs_target),
@@ -2089,7 +2098,7 @@ def dsp_embeddings(tracks: list[dict], instruments: list[str],
 
 
 def _cached_retrieval_embeddings(model: StemJEPA, checkpoint, tracks: list[dict], *, device,
-                                 batch, log) -> RetrievalEmbeddings:
+                                 batch, log, verbose) -> RetrievalEmbeddings:
     """`retrieval_embeddings`, kept beside the decoded stems and reused while the checkpoint and
     the stems are unchanged."""
     folder = Path(tracks[0]["npy"]).parent.parent / "embeddings"
@@ -2097,16 +2106,18 @@ def _cached_retrieval_embeddings(model: StemJEPA, checkpoint, tracks: list[dict]
     key = _cache_key(_file_id(Path(checkpoint).resolve()), [_file_id(t["npy"]) for t in tracks])
     path = folder / f"{key}.pt"
     if path.exists():
-        log(f"embeddings from {path}")
+        if verbose:
+            log(f"embeddings from {path}")
         return RetrievalEmbeddings(**torch.load(path, weights_only=True))
-    log(f"embedding {len(tracks)} tracks with {checkpoint}")
-    emb = retrieval_embeddings(model, tracks, device=device, batch=batch, log=log)
+    if verbose:
+        log(f"embedding {len(tracks)} tracks with {checkpoint}")
+    emb = retrieval_embeddings(model, tracks, device=device, batch=batch, log=log, verbose=verbose)
     _write_atomic(path, lambda p: torch.save(dataclasses.asdict(emb), p))
     return emb
 
 
 def evaluate(checkpoint, data, *, split="test", out=None, cache=None, device=None, batch=16,
-             listening=0, seed=0, layout=None, log=print) -> dict:
+             listening=0, seed=0, layout=None, log=print, verbose=True) -> dict:
     """Table 1 and Fig. 2 for a checkpoint on a dataset split, with the comparison rows (chance,
     random weights, DSP) measured in the same run. Writes OUT/retrieval.json and OUT/fig2.png.
 
@@ -2115,15 +2126,16 @@ def evaluate(checkpoint, data, *, split="test", out=None, cache=None, device=Non
     (MUSDB18: 150 tracks, R = 600). [code] Pooling (`pool`: 3840-d, normalised) and the 1-based
     normalised rank (`retrieval_metrics`) follow the authors' code, not the paper's text."""
     model, device, tracks = open_trained(checkpoint, device, data, split=split, cache=cache,
-                                         layout=layout, log=log)
+                                         layout=layout, log=log, verbose=verbose)
     cfg = model.config
     out = Path(out or Path(checkpoint).parent / f"eval-{split}")
     out.mkdir(parents=True, exist_ok=True)
     emb = _cached_retrieval_embeddings(model, checkpoint, tracks, device=device, batch=batch,
-                                       log=log)
-    log("embedding with random weights")
+                                       log=log, verbose=verbose)
+    if verbose:
+        log("embedding with random weights")
     rand = retrieval_embeddings(random_twin(model, seed), tracks, device=device, batch=batch,
-                                log=log)
+                                log=log, verbose=verbose)
     dsp = dsp_embeddings(tracks, model.instruments, cfg.sample_rate)
     truth = torch.arange(len(emb.queries))                           # query i's stem is reference i
     rows = {"Stem-JEPA, target-encoder refs": (emb.queries, emb.refs_target),
@@ -2343,7 +2355,7 @@ def stem_sequences(model: StemJEPA, x: np.ndarray, stems: list[str], *, chunk: i
 
 @torch.no_grad()
 def alignment_curves(model: StemJEPA, tracks: list[dict], *, max_shift: int, device="cpu",
-                     batch=16, log=print) -> dict:
+                     batch=16, log=print, verbose=True) -> dict:
     """Fig. 4: Eq. 3's curve of each prepared track over shifts j = -J..J (time patches), their
     mean, and the random-pair level. Shifts are circular (j and j - T are the same shift), so J is
     capped at (T - 1) // 2 of the shortest track. "A sharp peak in similarity at j = 0, followed
@@ -2374,7 +2386,8 @@ def alignment_curves(model: StemJEPA, tracks: list[dict], *, max_shift: int, dev
         z_means += [F.normalize(z.float(), dim=-1).mean(0) for z in zs]
         q_means += [F.normalize(q.float(), dim=-1).mean(0) for q in qs]
         owner += [n] * len(seqs)
-        log(f"  {t['name']}: s(j=0) {curve[J]:.3f}, peak at {best:+d} patches")
+        if verbose:
+            log(f"  {t['name']}: s(j=0) {curve[J]:.3f}, peak at {best:+d} patches")
     if not rows:
         raise StemJEPAError("no track has a stem the model knows")
     level = random_pair_level(torch.stack(z_means), torch.stack(q_means), torch.tensor(owner))
@@ -2386,16 +2399,17 @@ def alignment_curves(model: StemJEPA, tracks: list[dict], *, max_shift: int, dev
 
 
 def analyze_alignment(checkpoint, data, *, split="test", tracks=None, max_shift_s=10.0, out=None,
-                      cache=None, device=None, batch=16, log=print) -> dict:
+                      cache=None, device=None, batch=16, log=print, verbose=True) -> dict:
     """4.3 on a split: OUT/align.json and OUT/fig4.png; tracks: the first K only (the paper: 8)."""
     model, device, prepared = open_trained(checkpoint, device, data, split=split, cache=cache,
-                                           log=log)
+                                           log=log, verbose=verbose)
     prepared = prepared[:tracks]
     out = Path(out or Path(checkpoint).parent / f"align-{split}")
     out.mkdir(parents=True, exist_ok=True)
     log(f"alignment (Eq. 3) on {len(prepared)} tracks of {split}")
-    result = alignment_curves(model, prepared, device=device, batch=batch, log=log,
-                              max_shift=round(max_shift_s / patch_seconds(model.config)))
+    max_shift = round(max_shift_s / patch_seconds(model.config))
+    result = alignment_curves(model, prepared, max_shift=max_shift, device=device, batch=batch,
+                              log=log, verbose=verbose)
     result.update(checkpoint=str(checkpoint), split=split)
     _write_json(out / "align.json", result)
     plot_fig4(result, out / "fig4.png", chunk_seconds=model.config.chunk_seconds)
@@ -2561,7 +2575,7 @@ def track_annotations(name: str, folder, index=None):
 
 
 def mix_sources(*, data=None, audio=None, split="test", cache=None, cfg: Config,
-                log=print) -> list[tuple]:
+                log=print, verbose=True) -> list[tuple]:
     """The full mixes to analyse, as (name, folder of its labels.json, load() -> mono waveform):
     the audio files of `audio` (e.g. the Beatles albums, named as their .lab files), or the sum
     of the stems of each track of a multitrack dataset (prepared and cached as for training)."""
@@ -2570,7 +2584,8 @@ def mix_sources(*, data=None, audio=None, split="test", cache=None, cfg: Config,
                 for f in audio_files(audio)]
     folders = {name: Path(next(iter(stems.values()))[0][0]).parent
                for name, stems in find_tracks(data, split)}
-    prepared = prepare(data, split, cache=cache, training=False, log=log, **prepare_options(cfg))
+    prepared = prepare(data, split, cache=cache, training=False, log=log, verbose=verbose,
+                       **prepare_options(cfg))
     return [(t["name"], folders[t["name"]],
              lambda t=t: np.load(t["npy"]).astype(np.float32).sum(0)) for t in prepared]
 
@@ -2729,7 +2744,7 @@ def top_combinations(names: list[str], counts: torch.Tensor, labels: list, top: 
 
 def analyze_clusters(checkpoint, *, data=None, audio=None, split="test", labels=None, k=32,
                      iters=100, top=80, shuffles=5, out=None, cache=None, device=None, batch=16,
-                     seed=0, log=print) -> dict:
+                     seed=0, log=print, verbose=True) -> dict:
     """4.4 and Fig. 5: label each patch of the annotated mixes "key/chord" ("E/B": a B chord in E
     major), k-means, count label pairs within clusters -> OUT/clusters.json, OUT/fig5.png (the
     `top` combinations). The summary, the tonal share (within-cluster pairs where one's chord root
@@ -2738,7 +2753,7 @@ def analyze_clusters(checkpoint, *, data=None, audio=None, split="test", labels=
     model, device, _ = open_trained(checkpoint, device)
     index = lab_index(labels) if labels else None
     sources = mix_sources(data=data, audio=audio, split=split, cache=cache, cfg=model.config,
-                          log=log)
+                          log=log, verbose=verbose)
     found = [(name, load, track_annotations(name, folder, index)) for name, folder, load in sources]
     annotated = [(name, load, *ann) for name, load, ann in found if ann is not None]
     missing = [name for name, _, ann in found if ann is None]
@@ -2751,7 +2766,8 @@ def analyze_clusters(checkpoint, *, data=None, audio=None, split="test", labels=
         raise StemJEPAError(f"no track has key and chord annotations (looked for {where})")
     out = Path(out or Path(checkpoint).parent / ("clusters" if audio else f"clusters-{split}"))
     out.mkdir(parents=True, exist_ok=True)
-    log(f"embedding {len(annotated)} annotated mixes")
+    if verbose:
+        log(f"embedding {len(annotated)} annotated mixes")
     x, patch_label, track = labelled_patches(model, annotated, device=device, batch=batch)
     n_labelled = sum(label is not None for label in patch_label)
     if n_labelled < 2:
@@ -3101,7 +3117,8 @@ def chance_probe_metrics(y_train: torch.Tensor, y_test: torch.Tensor, *, task: s
 
 
 def probe(checkpoint, labels, *, audio=None, task="multiclass", encoder="context", out=None,
-          device=None, batch=16, epochs=200, lr=1e-3, patience=20, seed=0, log=print) -> dict:
+          device=None, batch=16, epochs=200, lr=1e-3, patience=20, seed=0, log=print,
+          verbose=True) -> dict:
     """Table 3's protocol on one task: the frozen encoder's global embedding of each file -> MLP
     probe trained on train, early-stopped on valid, scored on test; beside it the same on a
     random-weights encoder, and the chance level. Writes OUT/probe.json."""
@@ -3120,7 +3137,8 @@ def probe(checkpoint, labels, *, audio=None, task="multiclass", encoder="context
                "encoder": encoder, "classes": classes, "n": {s: len(i) for s, i in part.items()},
                "rows": {}}
     for name, m in {"Stem-JEPA": model, "random weights": random_twin(model, seed)}.items():
-        log(f"embedding {len(files)} files ({name}, {encoder} encoder)")
+        if verbose:
+            log(f"embedding {len(files)} files ({name}, {encoder} encoder)")
         x = global_embeddings(m, files, device=device, batch=batch, target=encoder == "target")
         clf = train_probe(x[part["train"]], y[part["train"]], x[part["valid"]], y[part["valid"]],
                           task=task, n_classes=len(classes), epochs=epochs, lr=lr,
@@ -3169,7 +3187,7 @@ def audio_files(path) -> list[Path]:
 
 
 def embed_audio_files(model: StemJEPA, files: list[Path], *, keep=pool, device="cpu", batch=16,
-                      group=8, log=print) -> tuple[list[Path], list]:
+                      group=8, log=print, verbose=True) -> tuple[list[Path], list]:
     """keep(z) for each file's target-encoder patch embeddings z (F, T, D): the files embedded (in
     the given order; unreadable ones are reported by name and skipped) and keep(z) of each.
     Sorted by duration and embedded `group` at a time, so that their chunks share batches."""
@@ -3198,7 +3216,7 @@ def embed_audio_files(model: StemJEPA, files: list[Path], *, keep=pool, device="
         done += sum(seconds[f] for f in order[i: i + group])
         n = min(i + group, len(order))
         rate = done / max(time.time() - t0, 1e-9)
-        if time.time() - t_log > 10 or n == len(order):
+        if verbose and (time.time() - t_log > 10 or n == len(order)):
             t_log = time.time()
             log(f"embedded {n}/{len(order)} files ({len(skipped)} skipped), {rate:.0f} s of audio "
                 f"per s, ETA {(total - done) / max(rate, 1e-9):.0f} s")
@@ -3211,7 +3229,7 @@ def embed_audio_files(model: StemJEPA, files: list[Path], *, keep=pool, device="
 
 @torch.no_grad()
 def retrieve(checkpoint, mix, library, instrument: str, *, top=10, device=None, batch=16,
-             log=print) -> list[dict]:
+             log=print, verbose=True) -> list[dict]:
     """Rank the audio files of a library by how well each fits `mix` as `instrument` (L2 between
     the predictor's pooled output and the file's pooled target embedding, 4.1), with the best offset
     of the `top` ones. Library embeddings are cached beside it; unreadable files are left out."""
@@ -3228,8 +3246,10 @@ def retrieve(checkpoint, mix, library, instrument: str, *, top=10, device=None, 
     if cache_file.exists():
         cached = torch.load(cache_file, weights_only=True)
     else:
-        log(f"embedding {len(files)} library files")
-        kept, refs = embed_audio_files(model, files, device=device, batch=batch, log=log)
+        if verbose:
+            log(f"embedding {len(files)} library files")
+        kept, refs = embed_audio_files(model, files, device=device, batch=batch, log=log,
+                                       verbose=verbose)
         cached = {"files": [str(f) for f in kept], "refs": torch.stack(refs)}
         cache.mkdir(exist_ok=True)
         _write_atomic(cache_file, lambda p: torch.save(cached, p))
@@ -3261,13 +3281,14 @@ def score(checkpoint, mix, stem, instrument: str, *, device=None, batch=16) -> d
 
 @torch.no_grad()
 def embed_files(checkpoint, audio, out, *, sequences=False, device=None, batch=16,
-                log=print) -> np.ndarray:
+                log=print, verbose=True) -> np.ndarray:
     """The pooled 3840-d target-encoder embedding of each readable audio file (4.1's references;
     4.5's probes use the context encoder) -> OUT (.npy, one row per file) and OUT.txt (the files,
     in order); with `sequences`, OUT.sequences.npz too: per file, a (T, 3840) vector per 160 ms."""
     model, device, _ = open_trained(checkpoint, device)
     files = audio_files(audio)
     kept, embedded = embed_audio_files(model, files, device=device, batch=batch, log=log,
+                                       verbose=verbose,
                                        keep=lambda z: (pool(z).numpy(), frames(z).numpy()))
     rows = np.stack([row for row, _ in embedded])
     out = Path(out)

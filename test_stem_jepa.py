@@ -834,6 +834,30 @@ def test_collapse_measures_tell_a_mix_blind_predictor_from_one_that_reads_the_mi
     assert reader["pred_spread"] == pytest.approx(reader["target_spread"], rel=1e-5)
 
 
+def test_quiet_mode_keeps_the_results_and_drops_the_progress_lines(toy_data, tmp_path):
+    """verbose=False: train prints the last step's line only (log.csv still has a row per
+    log_every steps) and every other line as before; evaluate prints its table but no per-track
+    progress."""
+    printed = {True: [], False: []}
+    for verbose, lines in printed.items():
+        out = tmp_path / f"run-{verbose}"
+        sj.train(mini(steps=3, batch_size=2, log_every=1), toy_data, out=out, workers=0,
+                 log=lines.append, verbose=verbose)
+        assert len(read_log(out / "log.csv")) == 3
+    steps = {v: [l for l in lines if l.startswith("step ")] for v, lines in printed.items()}
+    assert len(steps[True]) == 3 and len(steps[False]) == 1
+    assert steps[False][0].startswith("step 3/3 ")
+    assert [l for l in printed[False] if not l.startswith("step ")] == \
+        [l for l in printed[True] if not l.startswith("step ")]
+    for verbose in (True, False):
+        lines = []
+        result = sj.evaluate(tmp_path / f"run-{verbose}" / "checkpoint.pt", toy_data,
+                             cache=tmp_path / f"cache-{verbose}", log=lines.append,
+                             verbose=verbose)
+        assert sj.format_table(result) in lines
+        assert any(l.startswith("  embedded") for l in lines) == verbose
+
+
 @pytest.mark.slow
 def test_training_lowers_the_loss(trained_run):
     """150 steps of batch 8 on 8 toy songs lower the loss: the mean of the last three logged
