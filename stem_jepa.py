@@ -1579,7 +1579,8 @@ def find_tracks(root, split: str = "train", *, channels=None,
         raise StemJEPAError(f"{root}: no such folder. --data must be a MUSDB18(-HQ) root (with "
                             "train/ and test/) or a folder with one sub-folder of stems per track")
     if split == "all" and any((root / s).is_dir() for s in ("train", "test")):
-        return [t for s in ("train", "test") if (root / s).is_dir() for t in find_tracks(root, s)]
+        return [t for s in ("train", "test") if (root / s).is_dir()
+                for t in find_tracks(root, s, channels=channels, groups=groups)]
     base = root / split
     if not base.is_dir():
         if any((root / s).is_dir() for s in ("train", "test", "validation")):

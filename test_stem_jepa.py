@@ -2982,9 +2982,9 @@ def test_bench_counts_flops_by_hand_and_divides_by_the_peak(tmp_path, monkeypatc
     """train_flops_per_sample against a hand count for a config small enough to count, and
     bench's arithmetic: samples/s = batch / step time, achieved = FLOPs per sample x samples/s,
     MFU = achieved / peak (step time and peak fixed here, so only the arithmetic is tested)."""
-    fields = dict(n_mels=32, chunk_seconds=0.32, dim=8, depth=1, heads=2, mlp_ratio=4,
+    fields = dict(n_mels=32, chunk_seconds=0.16, dim=8, depth=1, heads=2, mlp_ratio=4,
                   pred_hidden=16, pred_layers=2)
-    # 2 frequency x 1 time patch: K = 2 tokens of D = 8
+    # 32 mel bins x 16 frames of 10 ms: 2 frequency x 1 time patch, K = 2 tokens of D = 8
     K, D = 2, 8
     block = (2 * K * D * 3 * D          # qkv
              + 2 * K * D * D            # attention output projection
