@@ -3592,11 +3592,13 @@ def _add_layout_options(p):
 
 
 def _add_shared_options(p, *names):
-    """The options several commands share, added in the order named."""
-    shared = {"checkpoint": dict(required=True), "device": {},
+    """The options several commands share, by name."""
+    shared = {"checkpoint": dict(required=True, help="a run's checkpoint.pt"),
+              "device": dict(help="cuda, cuda:N, mps or cpu (default: the best available)"),
               "mix": dict(required=True, help="audio file of the mix"),
               "batch": dict(type=int, default=16, help="chunks encoded at once"),
-              "cache": dict(help="decoded-stem cache (default DATA/.stem_jepa_cache)"),
+              "cache": dict(help="where decoded 16 kHz stems are kept "
+                                 "(default DATA/.stem_jepa_cache)"),
               "seed": dict(type=int, default=0)}
     for name in names:
         p.add_argument("--" + name, **shared[name])
@@ -3711,23 +3713,22 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="stem_jepa.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+
     p = sub.add_parser("toy", help="write procedural multitrack songs in the MUSDB18-HQ layout")
     p.set_defaults(func=cmd_toy)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--tracks", type=int, default=20, help="number of songs (20 %% go to test/)")
     p.add_argument("--seconds", type=float, default=30.0, help="length of each song")
     _add_shared_options(p, "seed")
+
     p = sub.add_parser("train", help="train Stem-JEPA on a multitrack folder")
     p.set_defaults(func=cmd_train)
     p.add_argument("--data", required=True,
                    help="MUSDB18(-HQ) root or a folder of multitrack folders")
     p.add_argument("--out", default="runs/stem-jepa", help="run folder: checkpoint.pt and log.csv")
-    p.add_argument("--cache",
-                   help="where decoded 16 kHz stems are kept (default DATA/.stem_jepa_cache)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--force", action="store_true",
                    help="resume despite harmless changes (e.g. --steps)")
-    p.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: the best available)")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
     p.add_argument("--workers", type=int,
                    help="data loader processes (default: half the cores, at most 8)")
@@ -3737,58 +3738,56 @@ def main(argv=None):
                    "encoders and predictor (fresh optimizer and schedules)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="autocast on CUDA: auto "
                    "is bf16 where the GPU has it, else fp16 with loss scaling; fp32 off CUDA")
+    _add_shared_options(p, "cache", "device")
     _add_train_options(p)
     _add_layout_options(p)
+
     p = sub.add_parser("evaluate", help="stem retrieval (Table 1, Fig. 2) with comparison rows")
     p.set_defaults(func=cmd_evaluate)
-    _add_shared_options(p, "checkpoint")
     p.add_argument("--data", required=True, help="dataset root (as for train)")
     p.add_argument("--split", default="test",
                    help="train, test, or all: both together, as Table 1 (MUSDB18: 600 references)")
     p.add_argument("--out", help="output folder (default: beside the checkpoint, eval-SPLIT)")
-    _add_shared_options(p, "cache", "device", "batch")
     p.add_argument("--listening", type=int, default=0,
                    help="also write N listening-test trials (4.2)")
-    _add_shared_options(p, "seed")
+    _add_shared_options(p, "checkpoint", "cache", "device", "batch", "seed")
     _add_layout_options(p)
+
     p = sub.add_parser("retrieve", help="rank the stems of a library by how well they fit a mix")
     p.set_defaults(func=cmd_retrieve)
-    _add_shared_options(p, "checkpoint", "mix")
     p.add_argument("--library", required=True, help="folder of candidate stems (any audio files)")
     p.add_argument("--instrument", required=True,
                    help="which instrument the stem should be (e.g. bass)")
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    _add_shared_options(p, "device", "batch")
+    _add_shared_options(p, "checkpoint", "mix", "device", "batch")
+
     p = sub.add_parser("score", help="how well one stem fits one mix as an instrument, and where")
     p.set_defaults(func=cmd_score)
-    _add_shared_options(p, "checkpoint", "mix")
     p.add_argument("--stem", required=True, help="audio file of the candidate stem")
     p.add_argument("--instrument", required=True, help="the stem's instrument (e.g. bass)")
     p.add_argument("--json", action="store_true", help="print JSON")
-    _add_shared_options(p, "device")
+    _add_shared_options(p, "checkpoint", "mix", "device")
+
     p = sub.add_parser("embed", help="3840-d embeddings of audio files, for other uses")
     p.set_defaults(func=cmd_embed)
-    _add_shared_options(p, "checkpoint")
     p.add_argument("--audio", required=True, help="an audio file or a folder")
     p.add_argument("--out", required=True,
                    help="FILE.npy (one row per file; the files in FILE.txt)")
     p.add_argument("--sequences", action="store_true",
                    help="also FILE.sequences.npz: one vector per 160 ms")
-    _add_shared_options(p, "device", "batch")
+    _add_shared_options(p, "checkpoint", "device", "batch")
 
     p = sub.add_parser("analyze",
                        help="stem alignment (4.3, Fig. 4) and musical plausibility (4.4, Fig. 5)")
     kinds = p.add_subparsers(dest="analysis", required=True)
     a = kinds.add_parser("align", help="Eq. 3: target patches against shifted predictions (Fig. 4)")
-    a.set_defaults(func=cmd_analyze)
     a.add_argument("--data", required=True, help="multitrack dataset root (as for train)")
     a.add_argument("--tracks", type=int,
                    help="only the first K tracks (default all; the figure draws 8)")
     a.add_argument("--max-shift-s", type=float, default=10.0, help="largest shift, in seconds")
     c = kinds.add_parser("clusters",
                          help="k-means on patch embeddings, key/chord co-occurrence (Fig. 5)")
-    c.set_defaults(func=cmd_analyze)
     source = c.add_mutually_exclusive_group(required=True)
     source.add_argument("--data",
                         help="multitrack dataset root: the mix of each track's stems is embedded")
@@ -3803,15 +3802,15 @@ def main(argv=None):
     c.add_argument("--shuffles", type=int, default=5, help="label shuffles for the chance level")
     _add_shared_options(c, "seed")
     for q in (a, c):
-        _add_shared_options(q, "checkpoint")
+        q.set_defaults(func=cmd_analyze)
         q.add_argument("--split", default="test",
                        help="dataset split (with --data): train, test or all")
         q.add_argument("--out", help="output folder (default: beside the checkpoint)")
-        _add_shared_options(q, "cache", "device", "batch")
+        _add_shared_options(q, "checkpoint", "cache", "device", "batch")
+
     p = sub.add_parser("probe", help="downstream probe on frozen embeddings (4.5, Table 3), "
                                      "with random weights")
     p.set_defaults(func=cmd_probe)
-    _add_shared_options(p, "checkpoint")
     p.add_argument("--labels", required=True,
                    help="CSV with columns file,label,split (train/valid/test)")
     p.add_argument("--audio",
@@ -3826,18 +3825,20 @@ def main(argv=None):
     p.add_argument("--patience", type=int, default=20,
                    help="epochs without a better valid loss before stopping")
     p.add_argument("--lr", type=float, default=1e-3)
-    _add_shared_options(p, "batch", "device", "seed")
+    _add_shared_options(p, "checkpoint", "device", "batch", "seed")
+
     p = sub.add_parser("bench",
                        help="measure peak FLOP/s, the training step, the loader and evaluation")
-    _add_train_options(p, exclude=("steps",))
-    p.set_defaults(func=cmd_bench, batch_size=2)
-    _add_shared_options(p, "device")
+    p.set_defaults(func=cmd_bench, batch_size=2)      # a batch of 2 unless --batch-size
     p.add_argument("--compile", action="store_true")
     p.add_argument("--steps", type=int, default=5, help="timed steps (after warm-up)")
     p.add_argument("--data", help="dataset for the loader measurement (default: 10 toy songs)")
     p.add_argument("--baseline", action="store_true",
                    help="also time the same step assembled the obvious way")
     p.add_argument("--json", help="also write the numbers to this file")
+    _add_shared_options(p, "device")
+    _add_train_options(p, exclude=("steps",))
+
     p = sub.add_parser("demo", help="toy data + the tiny preset on this machine, end to end")
     p.set_defaults(func=cmd_demo)
     p.add_argument("--dir", default="demo", help="folder for the toy data and the run")
