@@ -226,7 +226,9 @@ class LogMel(nn.Module):
             sample_rate=sample_rate, n_fft=n_fft, win_length=n_fft, hop_length=hop_length,
             f_min=f_min, f_max=f_max, n_mels=n_mels, power=2.0, center=True, pad_mode="reflect",
             norm="slaney", mel_scale="slaney")
-        self.hop_length, self.mean, self.std = hop_length, mean, std
+        self.hop_length = hop_length
+        self.mean = mean
+        self.std = std
         self.eps = torch.finfo(torch.float32).eps
 
     def forward(self, wav: torch.Tensor) -> torch.Tensor:
@@ -672,7 +674,11 @@ class StepBatches(torch.utils.data.Sampler):
     [s * B * world + r * B, ... + B). Starting at `start` resumes the same sequence."""
 
     def __init__(self, *, start: int, steps: int, batch: int, rank: int = 0, world: int = 1):
-        self.start, self.steps, self.batch, self.rank, self.world = start, steps, batch, rank, world
+        self.start = start
+        self.steps = steps
+        self.batch = batch
+        self.rank = rank
+        self.world = world
 
     def __iter__(self):
         for s in range(self.start, self.steps):
@@ -905,7 +911,9 @@ def _quiet(*args, **kwargs) -> None:
 def _restore(run: _Run, *, resume: bool, force: bool, init_from) -> None:
     """Resume from OUT's checkpoint, or start from another run's weights (--init-from), or from
     scratch; then create OUT and the log's header."""
-    cfg, path, log = run.cfg, run.ckpt_path, run.log
+    cfg = run.cfg
+    path = run.ckpt_path
+    log = run.log
     if resume and (path.exists() or path.with_name("checkpoint.prev.pt").exists()):
         ckpt = load_checkpoint(path, map_location=run.device)
         check_resume(ckpt, cfg, run.data_id, force)
@@ -1363,7 +1371,9 @@ class RunLock:
     after a kill -9 it stays, and is recognised as stale because its process is gone."""
 
     def __init__(self, folder: Path, log=print):
-        self.path, self.log, self.held = Path(folder) / "train.lock", log, False
+        self.path = Path(folder) / "train.lock"
+        self.log = log
+        self.held = False
 
     def holder(self) -> int | None:
         """The pid of the live process holding the lock, or None (no lock, or a stale one)."""
@@ -1417,7 +1427,8 @@ class GracefulStop:
     once."""
 
     def __init__(self):
-        self.reason, self.previous = None, {}
+        self.reason = None
+        self.previous = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # the only one that may set them
@@ -1516,7 +1527,8 @@ def parse_yaml_mapping(text: str, source="YAML") -> dict:
                                 "file reads (mappings of scalars)")
         while indent <= stack[-1][0]:
             stack.pop()
-        parent, key = stack[-1][1], key.strip().strip("'\"")
+        parent = stack[-1][1]
+        key = key.strip().strip("'\"")
         if value.strip():
             parent[key] = _yaml_scalar(value.strip())
         else:
@@ -1884,8 +1896,10 @@ def make_toy_song(rng: np.random.Generator, *, seconds=30.0, sample_rate=16000):
     Like a real recording's, the stems share what the mix reveals: key, chords, tempo, a spectral
     tilt (bright or dull harmonics) and a recording chain (`_room`), so "which song?" is
     answerable from the mix alone."""
-    sr, n = sample_rate, int(seconds * sample_rate)
-    root, mode = int(rng.integers(12)), str(rng.choice(["maj", "min"]))
+    sr = sample_rate
+    n = int(seconds * sample_rate)
+    root = int(rng.integers(12))
+    mode = str(rng.choice(["maj", "min"]))
     scale = np.array(SCALES[mode]) + root
     tempo = float(rng.uniform(80, 160))
     beat = 60.0 / tempo
@@ -1910,9 +1924,11 @@ def make_toy_song(rng: np.random.Generator, *, seconds=30.0, sample_rate=16000):
         if i < n:
             out[stem][i: i + len(wave)] += wave[: len(out[stem]) - i]
 
-    chords, pitch = [], 62 + (root - 2) % 12
+    chords = []
+    pitch = 62 + (root - 2) % 12
     for b in range(int(np.ceil(seconds / bar))):
-        t0, d = b * bar, progression[b % 4]
+        t0 = b * bar
+        d = progression[b % 4]
         triad = [scale[(d + i) % 7] + 12 * ((d + i) // 7) for i in (0, 2, 4)]  # semitones above C
         intervals = ((triad[1] - triad[0]) % 12, (triad[2] - triad[0]) % 12)
         quality = {(4, 7): "maj", (3, 7): "min", (3, 6): "dim"}[intervals]
@@ -2819,7 +2835,8 @@ def plot_fig5(result: dict, path) -> None:
     from matplotlib.figure import Figure        # not pyplot: leaves a notebook's backend alone
     fig = Figure(figsize=(11, 6))
     a, b = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
-    names, m = result["top"], np.array(result["matrix"], dtype=float)
+    names = result["top"]
+    m = np.array(result["matrix"], dtype=float)
     a.imshow(np.log1p(m), cmap="viridis")
     size = min(7.0, max(3.0, 320 / max(len(names), 1)))            # 80 labels fit, at 4 pt
     a.set_xticks(range(len(names)), names, rotation=90, fontsize=size)
@@ -2995,7 +3012,9 @@ def train_probe(x_train, y_train, x_valid, y_valid, *, task: str, n_classes=None
     x_valid, y_valid = x_valid.to(device), y_valid.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     order = torch.Generator().manual_seed(seed)
-    best, best_state, waited = math.inf, copy.deepcopy(model.state_dict()), 0
+    best = math.inf
+    best_state = copy.deepcopy(model.state_dict())
+    waited = 0
     for _ in range(epochs):
         model.train()
         for idx in torch.randperm(len(x_train), generator=order).split(batch):
@@ -3007,7 +3026,9 @@ def train_probe(x_train, y_train, x_valid, y_valid, *, task: str, n_classes=None
         with torch.no_grad():
             valid = probe_loss(model(x_valid), y_valid, task=task).item()
         if valid < best:
-            best, best_state, waited = valid, copy.deepcopy(model.state_dict()), 0
+            best = valid
+            best_state = copy.deepcopy(model.state_dict())
+            waited = 0
         else:
             waited += 1
             if waited >= patience:
@@ -3410,7 +3431,8 @@ def obvious_step(cfg: Config, device, context, target, instrument):
     PyTorch's nn.TransformerEncoder with a learned position table, an nn.Sequential predictor, the
     EMA as a Python loop over parameters, AdamW with its defaults, the mel front-end rebuilt and a
     loss read back (.item()) at every step. Returns the step as a function of no arguments."""
-    D, hidden = cfg.dim, cfg.pred_hidden
+    D = cfg.dim
+    hidden = cfg.pred_hidden
     frames = chunk_samples(cfg) // cfg.hop_length
     tokens = (cfg.n_mels // cfg.patch_size) * (frames // cfg.patch_size)
 
@@ -3515,7 +3537,8 @@ def bench(*, preset="paper", batch_size=2, device=None, compile=False, steps=5, 
                          **prepare_options(cfg))
         dataset = StemChunks(tracks, sorted({s for t in tracks for s in t["stems"]}), chunk=n,
                              threshold=cfg.active_threshold, tries=cfg.redraw_tries, seed=0)
-        batches, per_batch = 40, 32
+        batches = 40
+        per_batch = 32
         loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=StepBatches(start=0, steps=batches, batch=per_batch),
             num_workers=1, prefetch_factor=4)
