@@ -568,7 +568,8 @@ class StemJEPA(nn.Module):
 
 
 def build_model(cfg: Config, instruments: list[str]) -> StemJEPA:
-    """The model of a config: the only place (with `train`) that reads Config."""
+    """The model of a config, which it keeps as `model.config` (checkpoints store it; the
+    any-length methods read its chunk length and sample rate)."""
     max_frames = chunk_samples(cfg) // cfg.hop_length
     frontend = LogMel(sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, hop_length=cfg.hop_length,
                       n_mels=cfg.n_mels, f_min=cfg.f_min, f_max=cfg.f_max)
