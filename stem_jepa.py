@@ -1196,9 +1196,8 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 def pick_precision(name: str, device: torch.device) -> str:
-    """The training precision: auto picks bf16 on a CUDA GPU that has it natively (Ampere and
-    later; older GPUs emulate it, slowly), else fp16 with a GradScaler (the authors' code's choice;
-    T4, V100); fp32 off CUDA."""
+    """auto: bf16 on a CUDA GPU that has it natively (Ampere on), else fp16 with a GradScaler (the
+    authors' code's choice; T4, V100); fp32 off CUDA."""
     if name not in PRECISIONS:
         raise StemJEPAError(f"--precision {name}: choose one of {', '.join(PRECISIONS)}")
     if device.type != "cuda":
@@ -1216,9 +1215,7 @@ def pick_precision(name: str, device: torch.device) -> str:
 
 
 def autocast_for(device: torch.device, precision: str = "bf16"):
-    """Autocast in the training precision on CUDA (bf16, or fp16 with a GradScaler: fp16
-    autocast is the authors' code's choice); nothing for fp32 or elsewhere. Evaluation
-    (embed_long) runs in fp32."""
+    """Autocast in the training precision on CUDA; nothing for fp32 or elsewhere."""
     if device.type != "cuda" or precision == "fp32":
         return nullcontext()
     return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
@@ -1226,9 +1223,8 @@ def autocast_for(device: torch.device, precision: str = "bf16"):
 
 @contextmanager
 def full_precision(device: torch.device):
-    """float32 throughout, whatever the caller set: no autocast, no TF32 matmuls or convolutions.
-    Evaluation and every analysis run under it, as the authors evaluate in fp32: pooled vectors of
-    one instrument sit at cosine ~0.98, where bf16 rounding reorders neighbours."""
+    """float32, no autocast, no TF32, for evaluation and every analysis as in the authors' code:
+    pooled vectors of one instrument sit at cosine ~0.98, where bf16 rounding reorders them."""
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
@@ -1239,9 +1235,8 @@ def full_precision(device: torch.device):
 
 
 def _write_atomic(path: Path, write, *, keep_previous: bool = False) -> None:
-    """write(tmp) then rename: a reader never sees a half-written file. keep_previous: the old
-    file becomes *.prev<suffix> just before the rename, so a kill at any moment leaves at least
-    one complete file."""
+    """write(tmp) then rename, so a reader never sees a half-written file; keep_previous: the old
+    file becomes *.prev<suffix> first, so a kill at any moment leaves one complete file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
@@ -1261,8 +1256,7 @@ def _file_id(path) -> tuple:
 
 
 def _cache_key(*parts) -> str:
-    """The one cache-key scheme (decoded stems, embeddings, libraries): a hash of the parts,
-    files given as `_file_id`, and of the checkpoint and cache formats."""
+    """The one cache key: a hash of the parts (files as `_file_id`) and of the file formats."""
     text = json.dumps([VERSION, CACHE_FORMAT, *parts], default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
@@ -1297,9 +1291,8 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 
 def open_trained(checkpoint, device=None, data=None, *, split="test", cache=None, layout=None,
                  log=print, verbose=True) -> tuple[StemJEPA, torch.device, list[dict] | None]:
-    """What every command on a trained model starts with: the model from `checkpoint` on the
-    device (`pick_device`), in eval mode, and, given `data`, the split's prepared tracks for
-    evaluation (every track and stem kept: `prepare` with training=False)."""
+    """The model in eval mode on the device, and given `data`, the split's tracks prepared for
+    evaluation (`prepare` with training=False: every track and stem kept)."""
     device = pick_device(device)
     model = StemJEPA.from_checkpoint(checkpoint).to(device)
     if data is None:
@@ -1309,8 +1302,7 @@ def open_trained(checkpoint, device=None, data=None, *, split="test", cache=None
 
 
 def random_twin(model: StemJEPA, seed: int | None = None) -> StemJEPA:
-    """The comparison row "random weights": the same architecture and instruments, untrained,
-    on the model's device, in eval mode."""
+    """The comparison row "random weights": the model's architecture, untrained, in eval mode."""
     if seed is not None:
         torch.manual_seed(seed)
     return build_model(model.config, model.instruments).to(next(model.parameters()).device).eval()
@@ -1344,10 +1336,8 @@ ARCHITECTURE = ("sample_rate", "n_fft", "hop_length", "n_mels", "f_min", "f_max"
 
 
 def init_from_checkpoint(model: StemJEPA, ckpt: dict) -> list[str]:
-    """Copy a checkpoint's encoder, target encoder and predictor into a freshly built model, for a
-    new run (fine-tuning, continued pre-training on other data). The instrument embedding is
-    copied row by row by name; instruments the checkpoint does not know keep their fresh rows.
-    Positions are fixed sin-cos buffers, so the chunk length may differ. Returns the new names."""
+    """Copy a checkpoint's weights into a fresh model, for fine-tuning (any chunk length: positions
+    are fixed); instrument rows by name, new instruments kept fresh. Returns the new names."""
     diffs = [f"{k}: {ckpt['config'].get(k)} -> {getattr(model.config, k)}" for k in ARCHITECTURE
              if ckpt["config"].get(k) != getattr(model.config, k)]
     if diffs:
@@ -1366,9 +1356,8 @@ def init_from_checkpoint(model: StemJEPA, ckpt: dict) -> list[str]:
 
 
 class RunLock:
-    """OUT/train.lock while a training writes into OUT: a second live training into the same folder
-    is refused, naming the holder's pid. The lock goes on exit (also after an error or Ctrl-C);
-    after a kill -9 it stays, and is recognised as stale because its process is gone."""
+    """OUT/train.lock: a second live training into OUT is refused, naming the holder's pid; a lock
+    left by a kill -9 is recognised as stale because its process is gone."""
 
     def __init__(self, folder: Path, log=print):
         self.path = Path(folder) / "train.lock"
@@ -1423,8 +1412,7 @@ class RunLock:
 
 
 class GracefulStop:
-    """Ctrl-C or SIGTERM sets .reason; the loop then saves and exits. A second Ctrl-C exits at
-    once."""
+    """Ctrl-C or SIGTERM sets .reason; the loop then saves and exits. A second Ctrl-C exits."""
 
     def __init__(self):
         self.reason = None
@@ -1489,8 +1477,7 @@ def parse_groups(text: str) -> dict[str, list[str]]:
 
 
 def group_of(member: str, groups: dict[str, list[str]]) -> str | None:
-    """The instrument a Slakh class (or a MoisesDB stem) belongs to: the group naming it, else the
-    group holding "*", else None (left out). Case-insensitive."""
+    """The group naming a Slakh class or MoisesDB stem (any case), else that with "*", or None."""
     for name, members in groups.items():
         if member.lower() in (m.lower() for m in members):
             return name
@@ -1538,8 +1525,7 @@ def parse_yaml_mapping(text: str, source="YAML") -> dict:
 
 
 def _slakh_track(folder: Path, groups: dict) -> dict[str, list[tuple]]:
-    """{instrument: [source, ...]} of a Slakh2100 track: each rendered SNN.flac (or .wav) of
-    stems/, in the group of its metadata's inst_class ("Drums" when is_drum)."""
+    """A Slakh2100 track: each stems/SNN.flac in the group of its inst_class ("Drums": is_drum)."""
     path = folder / "metadata.yaml"
     meta = parse_yaml_mapping(path.read_text(), source=str(path))
     stems = {}
@@ -1554,8 +1540,7 @@ def _slakh_track(folder: Path, groups: dict) -> dict[str, list[tuple]]:
 
 
 def _moisesdb_track(folder: Path, groups: dict | None) -> dict[str, list[tuple]]:
-    """{instrument: [source, ...]} of a MoisesDB track: one folder per stem, its files summed; with
-    `groups`, stem folders grouped under new names (e.g. bass=bass;drums=drums,percussion;...)."""
+    """A MoisesDB track: one folder per stem (or per `groups` member), its files summed."""
     stems = {}
     for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
         files = [f for f in sorted(sub.iterdir()) if f.suffix.lower() in AUDIO_EXTENSIONS]
@@ -1566,8 +1551,7 @@ def _moisesdb_track(folder: Path, groups: dict | None) -> dict[str, list[tuple]]
 
 
 def _multichannel_track(file: Path, channels: list[str]) -> dict[str, list[tuple]]:
-    """{instrument: [source]} of one multichannel file: channel i is the stem channels[i] (the
-    authors' format); channels named mix or mixture are left out."""
+    """One multichannel file (the authors' format): channel i is the stem channels[i]."""
     try:
         n = sf.info(str(file)).channels
     except Exception:
@@ -1580,12 +1564,10 @@ def _multichannel_track(file: Path, channels: list[str]) -> dict[str, list[tuple
 
 def find_tracks(root, split: str = "train", *, channels=None,
                 groups=None) -> list[tuple[str, dict[str, list[tuple]]]]:
-    """Tracks of a dataset folder as (name, {stem: [source, ...]}), sorted by name. A source is
-    (file, .stem.mp4 stream or None, channel or None: all channels averaged); a stem is the sum of
-    its sources. Without split folders (train/, test/, ...), ROOT itself holds the tracks; split
-    "all": the tracks of train/, then those of test/. The LAYOUTS are told apart entry by entry;
-    `channels` names the channels of multichannel files, `groups` groups Slakh2100 classes
-    (default SLAKH_GROUPS) or MoisesDB stem folders."""
+    """Tracks of any of the LAYOUTS as (name, {stem: [source, ...]}), sorted by name; a source is
+    (file, .stem.mp4 stream or None, channel or None: all averaged), a stem the sum of its sources.
+    Without split folders ROOT holds the tracks; "all": train/ then test/. `channels` names the
+    channels of multichannel files, `groups` groups Slakh2100 classes or MoisesDB stems."""
     root = Path(root)
     if not root.is_dir():
         raise StemJEPAError(f"{root}: no such folder. --data must be a MUSDB18(-HQ) root (with "
@@ -1645,11 +1627,8 @@ def find_tracks(root, split: str = "train", *, channels=None,
 
 def load_audio(path, sample_rate: int, stream: int | None = None,
                channel: int | None = None) -> np.ndarray:
-    """A file (or one stream of a .stem.mp4) as mono float32 at sample_rate: the channel mean
-    (L + R) / 2, or the one `channel`, resampled with torchaudio. ffmpeg decodes a .stem.mp4
-    stream to a float WAV at its own rate and channels, so both MUSDB18 layouts of a song give the
-    same array (ffmpeg's `-ac 1` would sum to 0.707 (L + R), 3 dB louder, and resample
-    differently)."""
+    """A file (or .stem.mp4 stream) as mono float32 at sample_rate: (L + R) / 2, or the `channel`.
+    ffmpeg only decodes, so both MUSDB18 layouts give one array (`-ac 1` would be 3 dB louder)."""
     source = path
     if stream is not None:
         if shutil.which("ffmpeg") is None:
@@ -1684,8 +1663,7 @@ def load_audio(path, sample_rate: int, stream: int | None = None,
 
 
 def load_stem(sources: list[tuple], sample_rate: int) -> np.ndarray:
-    """A stem from its sources (file, stream, channel) (see find_tracks): their sum, the shorter
-    ones zero-padded at the end (the files of a MoisesDB stem folder, a Slakh group)."""
+    """A stem: the sum of its sources (see find_tracks), the shorter ones zero-padded at the end."""
     parts = [load_audio(path, sample_rate, stream, channel) for path, stream, channel in sources]
     out = np.zeros(max(len(x) for x in parts), dtype=np.float32)
     for x in parts:
@@ -1699,8 +1677,7 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def _prepare_track(name, stems, *, sample_rate, chunk, threshold) -> dict:
-    """Decode one track: its metadata, the problems found as (kind, text) notes, and (unless it is
-    excluded) its (S, N) float32 stems."""
+    """One track's metadata, (kind, text) notes and (unless excluded) (S, N) float32 stems."""
     notes, audio = [], {}
     for stem, sources in stems.items():
         try:
@@ -1732,9 +1709,8 @@ def _prepare_track(name, stems, *, sample_rate, chunk, threshold) -> dict:
 
 
 def _training_exclusion(meta: dict, *, threshold: float, chunk: int, sample_rate: int):
-    """The silence filter, training's only: (why the track cannot train, or None; notes). A stem
-    whose whole-track peak is <= threshold is never active, so never sampled; it stays in the
-    cache and in evaluation (the authors' evaluation keeps all four stems)."""
+    """Training's silence filter: (why the track cannot train, or None; notes). A stem peaking at
+    <= threshold is never sampled, but stays in evaluation (the authors' keeps all four stems)."""
     name = meta["name"]
     quiet = [s for s, p in zip(meta["stems"], meta["peaks"]) if p <= threshold]
     notes = [(f"quiet stems (peak <= {threshold:g}: never sampled in training)", f"{name}/{s}")
@@ -1764,16 +1740,11 @@ def _has_two_active(x: np.ndarray, chunk: int, threshold: float, block: int = 16
 
 def prepare(root, split: str = "train", *, cache=None, sample_rate=16000, chunk_seconds=8.0,
             threshold=0.1, training=True, layout=None, log=print, verbose=True) -> list[dict]:
-    """Decode every track once into a cache of 16 kHz mono stems, one float16 .npy per track
-    (memory-mapped at training time, so a chunk costs only its own bytes), reused while the source
-    files are unchanged; one track is in memory at a time. Problems are collected and reported
-    together; a track that cannot be used is excluded, and if none remains it is an error.
-
-    Every stem is kept but an all-zero one. training=True applies the silence filter
-    (`_training_exclusion`); evaluation and the analyses keep every track and stem. split "all":
-    train/ and test/ together (Table 1 ranks among all 150 MUSDB18 tracks). layout:
-    find_tracks's options (channels, groups). verbose=False: the notes, not the progress. Returns
-    one dict per usable track: name, stems (sorted), length (samples), npy (path)."""
+    """Decode each track once into a cache, a float16 .npy of 16 kHz mono stems (memory-mapped in
+    training), reused while the files are unchanged. Unusable tracks are excluded and reported
+    together; none usable is an error. All-zero stems go; training=True adds the silence filter.
+    split "all": train/ and test/ (Table 1 ranks among all 150 MUSDB18 tracks). layout:
+    find_tracks's options. Returns per track: name, stems (sorted), length (samples), npy (path)."""
     options = dict(cache=cache, sample_rate=sample_rate, chunk_seconds=chunk_seconds,
                    threshold=threshold, training=training, layout=layout, log=log, verbose=verbose)
     if split == "all" and any((Path(root) / s).is_dir() for s in ("train", "test")):
