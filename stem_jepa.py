@@ -1820,8 +1820,7 @@ def _midi_hz(m):
 
 
 def _tone(freq, dur, sr, harmonics, *, attack=0.01, decay=0.5, vibrato=0.0):
-    """An additive tone: harmonics below Nyquist, attack/exponential-decay envelope, optional
-    vibrato (relative depth at 5.5 Hz)."""
+    """Additive harmonics below Nyquist, attack/exponential decay, vibrato (depth at 5.5 Hz)."""
     t = np.arange(int(dur * sr)) / sr
     phase = 2 * np.pi * freq * t
     if vibrato:
@@ -1847,8 +1846,7 @@ def _drum(kind, sr, rng, params):
 
 
 def _room(x: np.ndarray, sr: int, *, cutoff: float, decay: float, wet: float, rng) -> np.ndarray:
-    """A song's recording chain, the same for all its stems: a one-pole low-pass at `cutoff` Hz
-    and a reverb (exponentially decaying noise, `decay` seconds, mixed at `wet`)."""
+    """A song's recording chain: a one-pole low-pass at `cutoff` Hz, a noise reverb (`decay` s)."""
     a = np.exp(-2 * np.pi * cutoff / sr)
     spectrum = np.fft.rfft(x, 2 * len(x))
     freqs = np.fft.rfftfreq(2 * len(x))                                 # cycles per sample
@@ -1861,12 +1859,10 @@ def _room(x: np.ndarray, sr: int, *, cutoff: float, decay: float, wet: float, rn
 
 
 def make_toy_song(rng: np.random.Generator, *, seconds=30.0, sample_rate=16000):
-    """One procedural song: ({stem: waveform}, labels). Bass plays the roots of a four-bar chord
-    progression, drums a per-song pattern at the tempo, "other" the chords, "vocals" a melody in
-    the key with vibrato; each 4-bar section mutes a random subset of stems (leaving two or more).
-    Like a real recording's, the stems share what the mix reveals: key, chords, tempo, a spectral
-    tilt (bright or dull harmonics) and a recording chain (`_room`), so "which song?" is
-    answerable from the mix alone."""
+    """One procedural song: ({stem: waveform}, labels). Bass plays a four-bar progression's roots,
+    drums a per-song pattern, "other" the chords, "vocals" a melody; each 4-bar section mutes some
+    stems (two or more play). The stems share key, chords, tempo, a spectral tilt and a recording
+    chain (`_room`), so "which song?" is answerable from the mix alone."""
     sr = sample_rate
     n = int(seconds * sample_rate)
     root = int(rng.integers(12))
@@ -1955,9 +1951,8 @@ def make_toy_song(rng: np.random.Generator, *, seconds=30.0, sample_rate=16000):
 
 def write_toy_dataset(out, *, tracks=20, seconds=30.0, seed=0, sample_rate=16000,
                       test_fraction=0.2) -> Path:
-    """`tracks` toy songs in the MUSDB18-HQ layout, OUT/{train,test}/songNNN/{stem}.wav, with each
-    song's labels (key, tempo, chords, active stems per section) in labels.json beside its stems.
-    Deterministic from the seed."""
+    """Toy songs as OUT/{train,test}/songNNN/{stem}.wav (MUSDB18-HQ), each with its labels (key,
+    tempo, chords, active stems per section) in labels.json; deterministic from the seed."""
     out = Path(out)
     n_test = max(1, round(tracks * test_fraction)) if tracks > 1 else 0
     for i in range(tracks):
