@@ -1235,8 +1235,8 @@ def full_precision(device: torch.device):
 
 
 def _write_atomic(path: Path, write, *, keep_previous: bool = False) -> None:
-    """write(tmp) then rename, so a reader never sees a half-written file; keep_previous: the old
-    file becomes *.prev<suffix> first, so a kill at any moment leaves one complete file."""
+    """write(tmp) then rename: never a half-written file. keep_previous: the old file becomes
+    *.prev<suffix> first, so a kill at any moment leaves one complete file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
@@ -1267,8 +1267,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
-    """A checkpoint written by `train` (a plain dict, loadable with weights_only=True); falls back
-    to the previous one if the latest is missing or unreadable."""
+    """A checkpoint written by `train` (a dict: weights_only=True), else the previous, *.prev.pt."""
     path = Path(path)
     problems = []
     for p in (path, path.with_name(path.stem + ".prev.pt")):
@@ -1291,8 +1290,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 
 def open_trained(checkpoint, device=None, data=None, *, split="test", cache=None, layout=None,
                  log=print, verbose=True) -> tuple[StemJEPA, torch.device, list[dict] | None]:
-    """The model in eval mode on the device, and given `data`, the split's tracks prepared for
-    evaluation (`prepare` with training=False: every track and stem kept)."""
+    """The model in eval mode on the device; given `data`, the split's tracks (training=False)."""
     device = pick_device(device)
     model = StemJEPA.from_checkpoint(checkpoint).to(device)
     if data is None:
@@ -1319,13 +1317,11 @@ def check_resume(ckpt: dict, cfg: Config, data_id: str, force: bool) -> None:
     diffs = {k: (saved.get(k), v) for k, v in dataclasses.asdict(cfg).items() if saved.get(k) != v}
     if ckpt.get("data") != data_id:
         diffs["dataset"] = ("a different track list", "this one")
-    if not diffs:
-        return
     text = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in diffs.items())
     if any(k not in RESUMABLE_CHANGES + ("dataset",) for k in diffs):
         raise StemJEPAError(f"cannot resume: the run was made with another configuration ({text}); "
                             "pass the same preset and options, or start a new --out")
-    if not force:
+    if diffs and not force:
         raise StemJEPAError(f"cannot resume: {text}; pass --force to continue with these changes")
 
 
@@ -1564,10 +1560,9 @@ def _multichannel_track(file: Path, channels: list[str]) -> dict[str, list[tuple
 
 def find_tracks(root, split: str = "train", *, channels=None,
                 groups=None) -> list[tuple[str, dict[str, list[tuple]]]]:
-    """Tracks of any of the LAYOUTS as (name, {stem: [source, ...]}), sorted by name; a source is
-    (file, .stem.mp4 stream or None, channel or None: all averaged), a stem the sum of its sources.
-    Without split folders ROOT holds the tracks; "all": train/ then test/. `channels` names the
-    channels of multichannel files, `groups` groups Slakh2100 classes or MoisesDB stems."""
+    """Tracks of the LAYOUTS as (name, {stem: [source, ...]}), sorted; a source is (file, .stem.mp4
+    stream or None, channel or None: all averaged), summed into its stem. ROOT or ROOT/split holds
+    the tracks ("all": train/ then test/); `channels`, `groups`: see --channels, --groups."""
     root = Path(root)
     if not root.is_dir():
         raise StemJEPAError(f"{root}: no such folder. --data must be a MUSDB18(-HQ) root (with "
@@ -1741,10 +1736,9 @@ def _has_two_active(x: np.ndarray, chunk: int, threshold: float, block: int = 16
 def prepare(root, split: str = "train", *, cache=None, sample_rate=16000, chunk_seconds=8.0,
             threshold=0.1, training=True, layout=None, log=print, verbose=True) -> list[dict]:
     """Decode each track once into a cache, a float16 .npy of 16 kHz mono stems (memory-mapped in
-    training), reused while the files are unchanged. Unusable tracks are excluded and reported
-    together; none usable is an error. All-zero stems go; training=True adds the silence filter.
-    split "all": train/ and test/ (Table 1 ranks among all 150 MUSDB18 tracks). layout:
-    find_tracks's options. Returns per track: name, stems (sorted), length (samples), npy (path)."""
+    training), reused while its files are unchanged; all-zero stems and unusable tracks are left
+    out and reported. training=True adds the silence filter. "all": train/ and test/ (Table 1 ranks
+    among all 150 tracks). Returns per track: name, stems (sorted), length (samples), npy (path)."""
     options = dict(cache=cache, sample_rate=sample_rate, chunk_seconds=chunk_seconds,
                    threshold=threshold, training=training, layout=layout, log=log, verbose=verbose)
     if split == "all" and any((Path(root) / s).is_dir() for s in ("train", "test")):
