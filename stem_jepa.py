@@ -1223,8 +1223,8 @@ def autocast_for(device: torch.device, precision: str = "bf16"):
 
 @contextmanager
 def full_precision(device: torch.device):
-    """float32, no autocast, no TF32, for evaluation and every analysis as in the authors' code:
-    pooled vectors of one instrument sit at cosine ~0.98, where bf16 rounding reorders them."""
+    """float32, no autocast or TF32, as the authors evaluate: pooled vectors of one instrument sit
+    at cosine ~0.98, where bf16 rounding reorders neighbours."""
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
@@ -1235,8 +1235,7 @@ def full_precision(device: torch.device):
 
 
 def _write_atomic(path: Path, write, *, keep_previous: bool = False) -> None:
-    """write(tmp) then rename: never a half-written file. keep_previous: the old file becomes
-    *.prev<suffix> first, so a kill at any moment leaves one complete file."""
+    """write(tmp) then rename: never half a file; keep_previous keeps the old as *.prev<suffix>."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
@@ -1311,8 +1310,7 @@ RESUMABLE_CHANGES = ("steps", "log_every", "ckpt_every", "grad_accum")
 
 
 def check_resume(ckpt: dict, cfg: Config, data_id: str, force: bool) -> None:
-    """Refuse to resume with another configuration or dataset than the checkpoint's, naming the
-    differences; --force lets through the harmless ones (RESUMABLE_CHANGES, the dataset)."""
+    """Refuse to resume with another config or data; --force passes RESUMABLE_CHANGES and data."""
     saved = ckpt["config"]
     diffs = {k: (saved.get(k), v) for k, v in dataclasses.asdict(cfg).items() if saved.get(k) != v}
     if ckpt.get("data") != data_id:
@@ -1352,8 +1350,7 @@ def init_from_checkpoint(model: StemJEPA, ckpt: dict) -> list[str]:
 
 
 class RunLock:
-    """OUT/train.lock: a second live training into OUT is refused, naming the holder's pid; a lock
-    left by a kill -9 is recognised as stale because its process is gone."""
+    """OUT/train.lock: refuses a second live training into OUT; stale once its process is gone."""
 
     def __init__(self, folder: Path, log=print):
         self.path = Path(folder) / "train.lock"
@@ -1408,13 +1405,11 @@ class RunLock:
 
 
 class GracefulStop:
-    """Ctrl-C or SIGTERM sets .reason; the loop then saves and exits. A second Ctrl-C exits."""
-
-    def __init__(self):
-        self.reason = None
-        self.previous = {}
+    """Ctrl-C or SIGTERM sets .reason: the loop saves and exits. A second Ctrl-C exits at once."""
+    reason = None                               # the signal's name, once one arrives
 
     def __enter__(self):
+        self.previous = {}
         if threading.current_thread() is threading.main_thread():  # the only one that may set them
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self.previous[sig] = signal.signal(sig, self._handle)
@@ -1455,8 +1450,7 @@ LAYOUTS = (
     "stems grouped by instrument class (--groups)",
 )
 
-# Slakh2100 renders MIDI instruments, no vocals: by default its classes go to the MUSDB18 groups it
-# has, so that a Slakh model and a MUSDB18 model share instrument names ("*": every other class).
+# Slakh2100 (no vocals): its classes go to MUSDB18's groups, so both share instrument names.
 SLAKH_GROUPS = {"bass": ["Bass"], "drums": ["Drums"], "other": ["*"]}
 
 
@@ -1495,8 +1489,7 @@ def _yaml_scalar(text: str):
 
 
 def parse_yaml_mapping(text: str, source="YAML") -> dict:
-    """The YAML subset of Slakh2100's metadata.yaml (no dependency): mappings nested by
-    indentation, scalar values (strings, quoted or not, numbers, true/false, null), comments."""
+    """The YAML of Slakh2100's metadata.yaml, without a dependency: nested mappings of scalars."""
     root: dict = {}
     stack = [(-1, root)]                                    # (indent, mapping) of the open blocks
     for number, raw in enumerate(text.splitlines(), 1):
@@ -1595,9 +1588,8 @@ def find_tracks(root, split: str = "train", *, channels=None,
         elif entry.is_dir():
             stems = {f.stem.lower(): [(str(f), None, None)] for f in sorted(entry.iterdir())
                      if f.suffix.lower() in AUDIO_EXTENSIONS and f.stem.lower() not in MIX_NAMES}
-            if stems:
-                tracks.append((entry.name, stems))
-            else:
+            tracks.append((entry.name, stems))
+            if not stems:
                 empty.append(entry.name + "/")
     tracks = [t for t in tracks if t[1]]
     if loose and not tracks:
@@ -1853,10 +1845,9 @@ def _room(x: np.ndarray, sr: int, *, cutoff: float, decay: float, wet: float, rn
 
 
 def make_toy_song(rng: np.random.Generator, *, seconds=30.0, sample_rate=16000):
-    """One procedural song: ({stem: waveform}, labels). Bass plays a four-bar progression's roots,
-    drums a per-song pattern, "other" the chords, "vocals" a melody; each 4-bar section mutes some
-    stems (two or more play). The stems share key, chords, tempo, a spectral tilt and a recording
-    chain (`_room`), so "which song?" is answerable from the mix alone."""
+    """One procedural song: ({stem: waveform}, labels): bass, drums, chords ("other") and melody
+    ("vocals") share key, chords, tempo, a spectral tilt and a recording chain (`_room`), so "which
+    song?" is answerable from the mix; each 4-bar section mutes some stems (two or more play)."""
     sr = sample_rate
     n = int(seconds * sample_rate)
     root = int(rng.integers(12))
@@ -1945,8 +1936,7 @@ def make_toy_song(rng: np.random.Generator, *, seconds=30.0, sample_rate=16000):
 
 def write_toy_dataset(out, *, tracks=20, seconds=30.0, seed=0, sample_rate=16000,
                       test_fraction=0.2) -> Path:
-    """Toy songs as OUT/{train,test}/songNNN/{stem}.wav (MUSDB18-HQ), each with its labels (key,
-    tempo, chords, active stems per section) in labels.json; deterministic from the seed."""
+    """Seeded toy songs as OUT/{train,test}/songNNN/{stem}.wav, with labels.json (key, chords)."""
     out = Path(out)
     n_test = max(1, round(tracks * test_fraction)) if tracks > 1 else 0
     for i in range(tracks):
