@@ -1215,7 +1215,8 @@ def pick_precision(name: str, device: torch.device) -> str:
 
 
 def autocast_for(device: torch.device, precision: str = "bf16"):
-    """Autocast in the training precision on CUDA; nothing for fp32 or elsewhere."""
+    """Autocast in the training precision on CUDA (bf16, or fp16 with a GradScaler: fp16 autocast
+    is the authors' code's choice); nothing for fp32 or elsewhere."""
     if device.type != "cuda" or precision == "fp32":
         return nullcontext()
     return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
@@ -1697,7 +1698,7 @@ def _prepare_track(name, stems, *, sample_rate, chunk, threshold) -> dict:
 
 def _training_exclusion(meta: dict, *, threshold: float, chunk: int, sample_rate: int):
     """Training's silence filter: (why the track cannot train, or None; notes). A stem peaking at
-    <= threshold is never sampled, but stays in evaluation (the authors' keeps all four stems)."""
+    <= threshold is never sampled, but evaluation keeps it (as the authors keep all four stems)."""
     name = meta["name"]
     quiet = [s for s, p in zip(meta["stems"], meta["peaks"]) if p <= threshold]
     notes = [(f"quiet stems (peak <= {threshold:g}: never sampled in training)", f"{name}/{s}")
