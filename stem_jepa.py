@@ -1197,9 +1197,8 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 def pick_precision(name: str, device: torch.device) -> str:
-    """The training precision: auto picks bf16 on a CUDA GPU that has it natively (Ampere and
-    later; older GPUs emulate it, slowly), else fp16 with a GradScaler (the authors' code's choice;
-    T4, V100); fp32 off CUDA."""
+    """auto: bf16 on a CUDA GPU that has it natively (Ampere on), else fp16 with a GradScaler (the
+    authors' code's choice; T4, V100); fp32 off CUDA."""
     if name not in PRECISIONS:
         raise StemJEPAError(f"--precision {name}: choose one of {', '.join(PRECISIONS)}")
     if device.type != "cuda":
@@ -1217,9 +1216,8 @@ def pick_precision(name: str, device: torch.device) -> str:
 
 
 def autocast_for(device: torch.device, precision: str = "bf16"):
-    """Autocast in the training precision on CUDA (bf16, or fp16 with a GradScaler: fp16
-    autocast is the authors' code's choice); nothing for fp32 or elsewhere. Evaluation
-    (embed_long) runs in fp32."""
+    """Autocast in the training precision on CUDA (bf16, or fp16 with a GradScaler: fp16 autocast
+    is the authors' code's choice); nothing for fp32 or elsewhere."""
     if device.type != "cuda" or precision == "fp32":
         return nullcontext()
     return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
@@ -1227,9 +1225,8 @@ def autocast_for(device: torch.device, precision: str = "bf16"):
 
 @contextmanager
 def full_precision(device: torch.device):
-    """float32 throughout, whatever the caller set: no autocast, no TF32 matmuls or convolutions.
-    Evaluation and every analysis run under it, as the authors evaluate in fp32: pooled vectors of
-    one instrument sit at cosine ~0.98, where bf16 rounding reorders neighbours."""
+    """float32, no autocast or TF32, as the authors evaluate: pooled vectors of one instrument sit
+    at cosine ~0.98, where bf16 rounding reorders neighbours."""
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
@@ -1240,9 +1237,7 @@ def full_precision(device: torch.device):
 
 
 def _write_atomic(path: Path, write, *, keep_previous: bool = False) -> None:
-    """write(tmp) then rename: a reader never sees a half-written file. keep_previous: the old
-    file becomes *.prev<suffix> just before the rename, so a kill at any moment leaves at least
-    one complete file."""
+    """write(tmp) then rename: never half a file; keep_previous keeps the old as *.prev<suffix>."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
@@ -1262,8 +1257,7 @@ def _file_id(path) -> tuple:
 
 
 def _cache_key(*parts) -> str:
-    """The one cache-key scheme (decoded stems, embeddings, libraries): a hash of the parts,
-    files given as `_file_id`, and of the checkpoint and cache formats."""
+    """The one cache key: a hash of the parts (files as `_file_id`) and of the file formats."""
     text = json.dumps([VERSION, CACHE_FORMAT, *parts], default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
@@ -1274,8 +1268,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
-    """A checkpoint written by `train` (a plain dict, loadable with weights_only=True); falls back
-    to the previous one if the latest is missing or unreadable."""
+    """A checkpoint written by `train` (a dict: weights_only=True), else the previous, *.prev.pt."""
     path = Path(path)
     problems = []
     for p in (path, path.with_name(path.stem + ".prev.pt")):
@@ -1298,9 +1291,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 
 def open_trained(checkpoint, device=None, data=None, *, split="test", cache=None, layout=None,
                  log=print, verbose=True) -> tuple[StemJEPA, torch.device, list[dict] | None]:
-    """What every command on a trained model starts with: the model from `checkpoint` on the
-    device (`pick_device`), in eval mode, and, given `data`, the split's prepared tracks for
-    evaluation (every track and stem kept: `prepare` with training=False)."""
+    """The model in eval mode on the device; given `data`, the split's tracks (training=False)."""
     device = pick_device(device)
     model = StemJEPA.from_checkpoint(checkpoint).to(device)
     if data is None:
@@ -1310,8 +1301,7 @@ def open_trained(checkpoint, device=None, data=None, *, split="test", cache=None
 
 
 def random_twin(model: StemJEPA, seed: int | None = None) -> StemJEPA:
-    """The comparison row "random weights": the same architecture and instruments, untrained,
-    on the model's device, in eval mode."""
+    """The comparison row "random weights": the model's architecture, untrained, in eval mode."""
     if seed is not None:
         torch.manual_seed(seed)
     return build_model(model.config, model.instruments).to(next(model.parameters()).device).eval()
@@ -1322,19 +1312,16 @@ RESUMABLE_CHANGES = ("steps", "log_every", "ckpt_every", "grad_accum")
 
 
 def check_resume(ckpt: dict, cfg: Config, data_id: str, force: bool) -> None:
-    """Refuse to resume with another configuration or dataset than the checkpoint's, naming the
-    differences; --force lets through the harmless ones (RESUMABLE_CHANGES, the dataset)."""
+    """Refuse to resume with another config or data; --force passes RESUMABLE_CHANGES and data."""
     saved = ckpt["config"]
     diffs = {k: (saved.get(k), v) for k, v in dataclasses.asdict(cfg).items() if saved.get(k) != v}
     if ckpt.get("data") != data_id:
         diffs["dataset"] = ("a different track list", "this one")
-    if not diffs:
-        return
     text = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in diffs.items())
     if any(k not in RESUMABLE_CHANGES + ("dataset",) for k in diffs):
         raise StemJEPAError(f"cannot resume: the run was made with another configuration ({text}); "
                             "pass the same preset and options, or start a new --out")
-    if not force:
+    if diffs and not force:
         raise StemJEPAError(f"cannot resume: {text}; pass --force to continue with these changes")
 
 
@@ -1345,10 +1332,8 @@ ARCHITECTURE = ("sample_rate", "n_fft", "hop_length", "n_mels", "f_min", "f_max"
 
 
 def init_from_checkpoint(model: StemJEPA, ckpt: dict) -> list[str]:
-    """Copy a checkpoint's encoder, target encoder and predictor into a freshly built model, for a
-    new run (fine-tuning, continued pre-training on other data). The instrument embedding is
-    copied row by row by name; instruments the checkpoint does not know keep their fresh rows.
-    Positions are fixed sin-cos buffers, so the chunk length may differ. Returns the new names."""
+    """Copy a checkpoint's weights into a fresh model, for fine-tuning (any chunk length: positions
+    are fixed); instrument rows by name, new instruments kept fresh. Returns the new names."""
     diffs = [f"{k}: {ckpt['config'].get(k)} -> {getattr(model.config, k)}" for k in ARCHITECTURE
              if ckpt["config"].get(k) != getattr(model.config, k)]
     if diffs:
@@ -1367,9 +1352,7 @@ def init_from_checkpoint(model: StemJEPA, ckpt: dict) -> list[str]:
 
 
 class RunLock:
-    """OUT/train.lock while a training writes into OUT: a second live training into the same folder
-    is refused, naming the holder's pid. The lock goes on exit (also after an error or Ctrl-C);
-    after a kill -9 it stays, and is recognised as stale because its process is gone."""
+    """OUT/train.lock: refuses a second live training into OUT; stale once its process is gone."""
 
     def __init__(self, folder: Path, log=print):
         self.path = Path(folder) / "train.lock"
@@ -1424,14 +1407,11 @@ class RunLock:
 
 
 class GracefulStop:
-    """Ctrl-C or SIGTERM sets .reason; the loop then saves and exits. A second Ctrl-C exits at
-    once."""
-
-    def __init__(self):
-        self.reason = None
-        self.previous = {}
+    """Ctrl-C or SIGTERM sets .reason: the loop saves and exits. A second Ctrl-C exits at once."""
+    reason = None                               # the signal's name, once one arrives
 
     def __enter__(self):
+        self.previous = {}
         if threading.current_thread() is threading.main_thread():  # the only one that may set them
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self.previous[sig] = signal.signal(sig, self._handle)
@@ -1472,8 +1452,7 @@ LAYOUTS = (
     "stems grouped by instrument class (--groups)",
 )
 
-# Slakh2100 renders MIDI instruments, no vocals: by default its classes go to the MUSDB18 groups it
-# has, so that a Slakh model and a MUSDB18 model share instrument names ("*": every other class).
+# Slakh2100 (no vocals): its classes go to MUSDB18's groups, so both share instrument names.
 SLAKH_GROUPS = {"bass": ["Bass"], "drums": ["Drums"], "other": ["*"]}
 
 
@@ -1490,8 +1469,7 @@ def parse_groups(text: str) -> dict[str, list[str]]:
 
 
 def group_of(member: str, groups: dict[str, list[str]]) -> str | None:
-    """The instrument a Slakh class (or a MoisesDB stem) belongs to: the group naming it, else the
-    group holding "*", else None (left out). Case-insensitive."""
+    """The group naming a Slakh class or MoisesDB stem (any case), else that with "*", or None."""
     for name, members in groups.items():
         if member.lower() in (m.lower() for m in members):
             return name
@@ -1513,8 +1491,7 @@ def _yaml_scalar(text: str):
 
 
 def parse_yaml_mapping(text: str, source="YAML") -> dict:
-    """The YAML subset of Slakh2100's metadata.yaml (no dependency): mappings nested by
-    indentation, scalar values (strings, quoted or not, numbers, true/false, null), comments."""
+    """The YAML of Slakh2100's metadata.yaml, without a dependency: nested mappings of scalars."""
     root: dict = {}
     stack = [(-1, root)]                                    # (indent, mapping) of the open blocks
     for number, raw in enumerate(text.splitlines(), 1):
@@ -1539,8 +1516,7 @@ def parse_yaml_mapping(text: str, source="YAML") -> dict:
 
 
 def _slakh_track(folder: Path, groups: dict) -> dict[str, list[tuple]]:
-    """{instrument: [source, ...]} of a Slakh2100 track: each rendered SNN.flac (or .wav) of
-    stems/, in the group of its metadata's inst_class ("Drums" when is_drum)."""
+    """A Slakh2100 track: each stems/SNN.flac in the group of its inst_class ("Drums": is_drum)."""
     path = folder / "metadata.yaml"
     meta = parse_yaml_mapping(path.read_text(), source=str(path))
     stems = {}
@@ -1555,8 +1531,7 @@ def _slakh_track(folder: Path, groups: dict) -> dict[str, list[tuple]]:
 
 
 def _moisesdb_track(folder: Path, groups: dict | None) -> dict[str, list[tuple]]:
-    """{instrument: [source, ...]} of a MoisesDB track: one folder per stem, its files summed; with
-    `groups`, stem folders grouped under new names (e.g. bass=bass;drums=drums,percussion;...)."""
+    """A MoisesDB track: one folder per stem (or per `groups` member), its files summed."""
     stems = {}
     for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
         files = [f for f in sorted(sub.iterdir()) if f.suffix.lower() in AUDIO_EXTENSIONS]
@@ -1567,8 +1542,7 @@ def _moisesdb_track(folder: Path, groups: dict | None) -> dict[str, list[tuple]]
 
 
 def _multichannel_track(file: Path, channels: list[str]) -> dict[str, list[tuple]]:
-    """{instrument: [source]} of one multichannel file: channel i is the stem channels[i] (the
-    authors' format); channels named mix or mixture are left out."""
+    """One multichannel file (the authors' format): channel i is the stem channels[i]."""
     try:
         n = sf.info(str(file)).channels
     except Exception:
@@ -1581,12 +1555,9 @@ def _multichannel_track(file: Path, channels: list[str]) -> dict[str, list[tuple
 
 def find_tracks(root, split: str = "train", *, channels=None,
                 groups=None) -> list[tuple[str, dict[str, list[tuple]]]]:
-    """Tracks of a dataset folder as (name, {stem: [source, ...]}), sorted by name. A source is
-    (file, .stem.mp4 stream or None, channel or None: all channels averaged); a stem is the sum of
-    its sources. Without split folders (train/, test/, ...), ROOT itself holds the tracks; split
-    "all": the tracks of train/, then those of test/. The LAYOUTS are told apart entry by entry;
-    `channels` names the channels of multichannel files, `groups` groups Slakh2100 classes
-    (default SLAKH_GROUPS) or MoisesDB stem folders."""
+    """Tracks of the LAYOUTS as (name, {stem: [source, ...]}), sorted; a source is (file, .stem.mp4
+    stream or None, channel or None: all averaged), summed into its stem. ROOT or ROOT/split holds
+    the tracks ("all": train/ then test/); `channels`, `groups`: see --channels, --groups."""
     root = Path(root)
     if not root.is_dir():
         raise StemJEPAError(f"{root}: no such folder. --data must be a MUSDB18(-HQ) root (with "
@@ -1619,9 +1590,8 @@ def find_tracks(root, split: str = "train", *, channels=None,
         elif entry.is_dir():
             stems = {f.stem.lower(): [(str(f), None, None)] for f in sorted(entry.iterdir())
                      if f.suffix.lower() in AUDIO_EXTENSIONS and f.stem.lower() not in MIX_NAMES}
-            if stems:
-                tracks.append((entry.name, stems))
-            else:
+            tracks.append((entry.name, stems))
+            if not stems:
                 empty.append(entry.name + "/")
     tracks = [t for t in tracks if t[1]]
     if loose and not tracks:
@@ -1646,11 +1616,8 @@ def find_tracks(root, split: str = "train", *, channels=None,
 
 def load_audio(path, sample_rate: int, stream: int | None = None,
                channel: int | None = None) -> np.ndarray:
-    """A file (or one stream of a .stem.mp4) as mono float32 at sample_rate: the channel mean
-    (L + R) / 2, or the one `channel`, resampled with torchaudio. ffmpeg decodes a .stem.mp4
-    stream to a float WAV at its own rate and channels, so both MUSDB18 layouts of a song give the
-    same array (ffmpeg's `-ac 1` would sum to 0.707 (L + R), 3 dB louder, and resample
-    differently)."""
+    """A file (or .stem.mp4 stream) as mono float32 at sample_rate: (L + R) / 2, or the `channel`.
+    ffmpeg only decodes, so both MUSDB18 layouts give one array (`-ac 1` would be 3 dB louder)."""
     source = path
     if stream is not None:
         if shutil.which("ffmpeg") is None:
@@ -1685,8 +1652,7 @@ def load_audio(path, sample_rate: int, stream: int | None = None,
 
 
 def load_stem(sources: list[tuple], sample_rate: int) -> np.ndarray:
-    """A stem from its sources (file, stream, channel) (see find_tracks): their sum, the shorter
-    ones zero-padded at the end (the files of a MoisesDB stem folder, a Slakh group)."""
+    """A stem: the sum of its sources (see find_tracks), the shorter ones zero-padded at the end."""
     parts = [load_audio(path, sample_rate, stream, channel) for path, stream, channel in sources]
     out = np.zeros(max(len(x) for x in parts), dtype=np.float32)
     for x in parts:
@@ -1700,8 +1666,7 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def _prepare_track(name, stems, *, sample_rate, chunk, threshold) -> dict:
-    """Decode one track: its metadata, the problems found as (kind, text) notes, and (unless it is
-    excluded) its (S, N) float32 stems."""
+    """One track's metadata, (kind, text) notes and (unless excluded) (S, N) float32 stems."""
     notes, audio = [], {}
     for stem, sources in stems.items():
         try:
@@ -1733,9 +1698,8 @@ def _prepare_track(name, stems, *, sample_rate, chunk, threshold) -> dict:
 
 
 def _training_exclusion(meta: dict, *, threshold: float, chunk: int, sample_rate: int):
-    """The silence filter, training's only: (why the track cannot train, or None; notes). A stem
-    whose whole-track peak is <= threshold is never active, so never sampled; it stays in the
-    cache and in evaluation (the authors' evaluation keeps all four stems)."""
+    """Training's silence filter: (why the track cannot train, or None; notes). A stem peaking at
+    <= threshold is never sampled, but evaluation keeps it (as the authors keep all four stems)."""
     name = meta["name"]
     quiet = [s for s, p in zip(meta["stems"], meta["peaks"]) if p <= threshold]
     notes = [(f"quiet stems (peak <= {threshold:g}: never sampled in training)", f"{name}/{s}")
@@ -1765,16 +1729,10 @@ def _has_two_active(x: np.ndarray, chunk: int, threshold: float, block: int = 16
 
 def prepare(root, split: str = "train", *, cache=None, sample_rate=16000, chunk_seconds=8.0,
             threshold=0.1, training=True, layout=None, log=print, verbose=True) -> list[dict]:
-    """Decode every track once into a cache of 16 kHz mono stems, one float16 .npy per track
-    (memory-mapped at training time, so a chunk costs only its own bytes), reused while the source
-    files are unchanged; one track is in memory at a time. Problems are collected and reported
-    together; a track that cannot be used is excluded, and if none remains it is an error.
-
-    Every stem is kept but an all-zero one. training=True applies the silence filter
-    (`_training_exclusion`); evaluation and the analyses keep every track and stem. split "all":
-    train/ and test/ together (Table 1 ranks among all 150 MUSDB18 tracks). layout:
-    find_tracks's options (channels, groups). verbose=False: the notes, not the progress. Returns
-    one dict per usable track: name, stems (sorted), length (samples), npy (path)."""
+    """Decode each track once into a cache, a float16 .npy of 16 kHz mono stems (memory-mapped in
+    training), reused while its files are unchanged; all-zero stems and unusable tracks are left
+    out and reported. training=True adds the silence filter. "all": train/ and test/ (Table 1 ranks
+    among all 150 tracks). Returns per track: name, stems (sorted), length (samples), npy (path)."""
     options = dict(cache=cache, sample_rate=sample_rate, chunk_seconds=chunk_seconds,
                    threshold=threshold, training=training, layout=layout, log=log, verbose=verbose)
     if split == "all" and any((Path(root) / s).is_dir() for s in ("train", "test")):
@@ -1850,8 +1808,7 @@ def _midi_hz(m):
 
 
 def _tone(freq, dur, sr, harmonics, *, attack=0.01, decay=0.5, vibrato=0.0):
-    """An additive tone: harmonics below Nyquist, attack/exponential-decay envelope, optional
-    vibrato (relative depth at 5.5 Hz)."""
+    """Additive harmonics below Nyquist, attack/exponential decay, vibrato (depth at 5.5 Hz)."""
     t = np.arange(int(dur * sr)) / sr
     phase = 2 * np.pi * freq * t
     if vibrato:
@@ -1877,8 +1834,7 @@ def _drum(kind, sr, rng, params):
 
 
 def _room(x: np.ndarray, sr: int, *, cutoff: float, decay: float, wet: float, rng) -> np.ndarray:
-    """A song's recording chain, the same for all its stems: a one-pole low-pass at `cutoff` Hz
-    and a reverb (exponentially decaying noise, `decay` seconds, mixed at `wet`)."""
+    """A song's recording chain: a one-pole low-pass at `cutoff` Hz, a noise reverb (`decay` s)."""
     a = np.exp(-2 * np.pi * cutoff / sr)
     spectrum = np.fft.rfft(x, 2 * len(x))
     freqs = np.fft.rfftfreq(2 * len(x))                                 # cycles per sample
@@ -1891,12 +1847,9 @@ def _room(x: np.ndarray, sr: int, *, cutoff: float, decay: float, wet: float, rn
 
 
 def make_toy_song(rng: np.random.Generator, *, seconds=30.0, sample_rate=16000):
-    """One procedural song: ({stem: waveform}, labels). Bass plays the roots of a four-bar chord
-    progression, drums a per-song pattern at the tempo, "other" the chords, "vocals" a melody in
-    the key with vibrato; each 4-bar section mutes a random subset of stems (leaving two or more).
-    Like a real recording's, the stems share what the mix reveals: key, chords, tempo, a spectral
-    tilt (bright or dull harmonics) and a recording chain (`_room`), so "which song?" is
-    answerable from the mix alone."""
+    """One procedural song: ({stem: waveform}, labels): bass, drums, chords ("other") and melody
+    ("vocals") share key, chords, tempo, a spectral tilt and a recording chain (`_room`), so "which
+    song?" is answerable from the mix; each 4-bar section mutes some stems (two or more play)."""
     sr = sample_rate
     n = int(seconds * sample_rate)
     root = int(rng.integers(12))
@@ -1985,9 +1938,7 @@ def make_toy_song(rng: np.random.Generator, *, seconds=30.0, sample_rate=16000):
 
 def write_toy_dataset(out, *, tracks=20, seconds=30.0, seed=0, sample_rate=16000,
                       test_fraction=0.2) -> Path:
-    """`tracks` toy songs in the MUSDB18-HQ layout, OUT/{train,test}/songNNN/{stem}.wav, with each
-    song's labels (key, tempo, chords, active stems per section) in labels.json beside its stems.
-    Deterministic from the seed."""
+    """Seeded toy songs as OUT/{train,test}/songNNN/{stem}.wav, with labels.json (key, chords)."""
     out = Path(out)
     n_test = max(1, round(tracks * test_fraction)) if tracks > 1 else 0
     for i in range(tracks):
