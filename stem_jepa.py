@@ -2025,9 +2025,8 @@ def failure_analysis(queries, refs, query_track, query_inst, ref_track, ref_inst
 
 
 def dsp_features(x: np.ndarray, sample_rate: int = 16000) -> np.ndarray:
-    """A plain signal-processing description of a recording, in the spirit of AutoMashupper's
-    harmonic and rhythmic "mashability": time-averaged chroma (12) and the autocorrelation of the
-    onset envelope at tempi 60-180 BPM (25), each L2-normalised."""
+    """A recording after AutoMashupper's harmonic and rhythmic "mashability": time-averaged
+    chroma (12), onset-envelope autocorrelation at 60-180 BPM (25), each L2-normalised."""
     x = torch.from_numpy(np.asarray(x, dtype=np.float32))
     spec = torch.stft(x, 4096, 1024, window=torch.hann_window(4096),
                       return_complex=True).abs()                        # (bins, frames)
@@ -2049,10 +2048,9 @@ def dsp_features(x: np.ndarray, sample_rate: int = 16000) -> np.ndarray:
 
 @dataclass
 class RetrievalEmbeddings:
-    """The pooled vectors of 4.1, one row per (track, stem) pair: the queries q_s^(n) and the
-    references z_s^(n) (Q = R rows, row i's true reference is row i), with each row's track and
-    instrument index. refs_context: the references from the context encoder (None for the DSP
-    baseline)."""
+    """4.1's pooled vectors, one row per (track, stem): queries q_s^(n), references z_s^(n)
+    (Q = R rows, row i's true reference is row i), track and instrument index; refs_context: the
+    context encoder's references (None for the DSP baseline)."""
     queries: torch.Tensor                       # (Q, C)
     refs_target: torch.Tensor                   # (R, C)
     track: torch.Tensor                         # (R,)
@@ -2063,9 +2061,8 @@ class RetrievalEmbeddings:
 @torch.no_grad()
 def retrieval_embeddings(model: StemJEPA, tracks: list[dict], *, device="cpu", batch=16,
                          log=print, verbose=True) -> RetrievalEmbeddings:
-    """For each prepared track n and stem s known to the model: the query q_s^(n) (predictor
-    conditioned on s over the mix of the other stems, 4.1.1) and the references z_s^(n) from the
-    target and the context encoders, each pooled by `pool`."""
+    """Per prepared track n and known stem s: the query q_s^(n) (the predictor on s over the mix
+    of the other stems, 4.1.1) and the target and context encoders' references z_s^(n), `pool`ed."""
     model = model.to(device).eval()
     embed = functools.partial(embed_long, model, chunk=chunk_samples(model.config), batch=batch,
                               device=device)
@@ -2097,18 +2094,14 @@ def retrieval_embeddings(model: StemJEPA, tracks: list[dict], *, device="cpu", b
 
 def dsp_embeddings(tracks: list[dict], instruments: list[str],
                    sample_rate: int) -> RetrievalEmbeddings:
-    """The DSP baseline's queries (features of the mix of the other stems) and references
-    (features of each stem). It has no notion of instrument: the same query for every missing
-    stem would be unfair, so the query is the mix without s, as for the model."""
-    q, r, tr, ins = [], [], [], []
+    """The DSP baseline: queries from the mix without s, as for the model (one query for every
+    missing stem would be unfair: DSP has no notion of instrument), references from each stem."""
+    rows = []                                           # (query, reference, track, instrument)
     for n, t in enumerate(tracks):
         x = np.load(t["npy"]).astype(np.float32)
-        for i, s in enumerate(t["stems"]):
-            if s in instruments:
-                q.append(dsp_features(x.sum(0) - x[i], sample_rate))
-                r.append(dsp_features(x[i], sample_rate))
-                tr.append(n)
-                ins.append(instruments.index(s))
+        rows += [(dsp_features(x.sum(0) - x[i], sample_rate), dsp_features(x[i], sample_rate), n,
+                  instruments.index(s)) for i, s in enumerate(t["stems"]) if s in instruments]
+    q, r, tr, ins = zip(*rows)
     return RetrievalEmbeddings(queries=torch.tensor(np.stack(q)),
                                refs_target=torch.tensor(np.stack(r)),
                                track=torch.tensor(tr), instrument=torch.tensor(ins))
@@ -2116,8 +2109,7 @@ def dsp_embeddings(tracks: list[dict], instruments: list[str],
 
 def _cached_retrieval_embeddings(model: StemJEPA, checkpoint, tracks: list[dict], *, device,
                                  batch, log, verbose) -> RetrievalEmbeddings:
-    """`retrieval_embeddings`, kept beside the decoded stems and reused while the checkpoint and
-    the stems are unchanged."""
+    """`retrieval_embeddings`, cached beside the decoded stems while checkpoint and stems hold."""
     folder = Path(tracks[0]["npy"]).parent.parent / "embeddings"
     folder.mkdir(exist_ok=True)
     key = _cache_key(_file_id(Path(checkpoint).resolve()), [_file_id(t["npy"]) for t in tracks])
