@@ -2006,9 +2006,8 @@ def write_toy_dataset(out, *, tracks=20, seconds=30.0, seed=0, sample_rate=16000
 
 def failure_analysis(queries, refs, query_track, query_inst, ref_track, ref_inst,
                      instruments) -> dict:
-    """Fig. 2: the category of each query's nearest reference z* per instrument ("both correct",
-    "right instrument" (other song), "right song" (other instrument), "both wrong"), as fractions,
-    and the confusion matrix conditioning instrument -> instrument of z* (rows sum to 1)."""
+    """Fig. 2 per instrument: the fractions of queries whose nearest reference z* is "both correct",
+    "right instrument", "right song" or "both wrong"; the instrument confusion (rows sum to 1)."""
     nearest = torch.cdist(queries.double(), refs.double()).argmin(1)
     same_song = ref_track[nearest] == query_track
     same_inst = ref_inst[nearest] == query_inst
@@ -2048,9 +2047,8 @@ def dsp_features(x: np.ndarray, sample_rate: int = 16000) -> np.ndarray:
 
 @dataclass
 class RetrievalEmbeddings:
-    """4.1's pooled vectors, one row per (track, stem): queries q_s^(n), references z_s^(n)
-    (Q = R rows, row i's true reference is row i), track and instrument index; refs_context: the
-    context encoder's references (None for the DSP baseline)."""
+    """4.1's pooled vectors, one row per (track, stem): queries q_s^(n), references z_s^(n) (row
+    i's true reference is row i); refs_context: the context encoder's (None for DSP)."""
     queries: torch.Tensor                       # (Q, C)
     refs_target: torch.Tensor                   # (R, C)
     track: torch.Tensor                         # (R,)
@@ -2066,10 +2064,8 @@ def retrieval_embeddings(model: StemJEPA, tracks: list[dict], *, device="cpu", b
     model = model.to(device).eval()
     embed = functools.partial(embed_long, model, chunk=chunk_samples(model.config), batch=batch,
                               device=device)
-    sr = model.config.sample_rate
+    seconds = [t["length"] * 2 * len(t["stems"]) / model.config.sample_rate for t in tracks]
     queries, refs_target, refs_context, track, instrument = [], [], [], [], []
-    total = sum(t["length"] * 2 * len(t["stems"]) for t in tracks) / sr
-    done = 0.0
     t0 = time.time()
     for n, t in enumerate(tracks):
         x = np.load(t["npy"]).astype(np.float32)                        # (S, N)
@@ -2082,11 +2078,10 @@ def retrieval_embeddings(model: StemJEPA, tracks: list[dict], *, device="cpu", b
         refs_context += [pool(z) for z in embed(stems, target=False)]
         track += [n] * len(known)
         instrument += ids
-        done += t["length"] * 2 * len(t["stems"]) / sr
-        rate = done / (time.time() - t0)
+        rate = sum(seconds[: n + 1]) / (time.time() - t0)
         if verbose and ((n + 1) % 10 == 0 or n + 1 == len(tracks)):
             log(f"  embedded {n + 1}/{len(tracks)} tracks, {rate:.0f} s of audio per s, "
-                f"ETA {(total - done) / rate:.0f} s")
+                f"ETA {sum(seconds[n + 1:]) / rate:.0f} s")
     return RetrievalEmbeddings(queries=torch.stack(queries), refs_target=torch.stack(refs_target),
                                refs_context=torch.stack(refs_context), track=torch.tensor(track),
                                instrument=torch.tensor(instrument))
@@ -2127,13 +2122,11 @@ def _cached_retrieval_embeddings(model: StemJEPA, checkpoint, tracks: list[dict]
 
 def evaluate(checkpoint, data, *, split="test", out=None, cache=None, device=None, batch=16,
              listening=0, seed=0, layout=None, log=print, verbose=True) -> dict:
-    """Table 1 and Fig. 2 for a checkpoint on a dataset split, with the comparison rows (chance,
-    random weights, DSP) measured in the same run. Writes OUT/retrieval.json and OUT/fig2.png.
-
-    Rows are (track, stem) pairs of the stems the model knows, quiet stems too (`prepare` leaves
-    out only all-zero ones). split "all" ranks among train/ and test/ together, as Table 1
-    (MUSDB18: 150 tracks, R = 600). [code] Pooling (`pool`: 3840-d, normalised) and the 1-based
-    normalised rank (`retrieval_metrics`) follow the authors' code, not the paper's text."""
+    """Table 1 and Fig. 2 of a checkpoint on a split, with the comparison rows (chance, random
+    weights, DSP) -> OUT/retrieval.json, OUT/fig2.png. Rows: (track, stem) pairs of known stems,
+    quiet ones too; split "all" ranks among train/ and test/ together, as Table 1 (MUSDB18: 150
+    tracks, R = 600). [code] Pooling (`pool`: 3840-d, normalised) and the 1-based normalised rank
+    (`retrieval_metrics`) follow the authors' code, not the paper's text."""
     model, device, tracks = open_trained(checkpoint, device, data, split=split, cache=cache,
                                          layout=layout, log=log, verbose=verbose)
     cfg = model.config
@@ -2156,12 +2149,11 @@ def evaluate(checkpoint, data, *, split="test", out=None, cache=None, device=Non
                "rank_convention": "nrank_*: 1-based rank / references (nearest = 1, Table 1's); "
                                   "nrank0_*: 0-based rank / references"}
     for name, (q, r) in rows.items():
-        row = retrieval_metrics(q, r, truth)
-        row.update(which_song_and_instrument(q, r, emb.track, emb.instrument))
-        row["per_instrument"] = {s: retrieval_metrics(q[m], r, truth[m])
-                                 for i, s in enumerate(model.instruments)
-                                 if (m := emb.instrument == i).any()}
-        results["rows"][name] = row
+        results["rows"][name] = {**retrieval_metrics(q, r, truth),
+                                 **which_song_and_instrument(q, r, emb.track, emb.instrument),
+                                 "per_instrument": {s: retrieval_metrics(q[m], r, truth[m])
+                                                    for i, s in enumerate(model.instruments)
+                                                    if (m := emb.instrument == i).any()}}
     results["rows"]["chance"] = {**chance_metrics(len(truth)),
                                  "which_song": chance_metrics(len(tracks), ks=(1,)),
                                  "which_instrument": chance_metrics(results["S"], ks=(1,)),
@@ -2181,9 +2173,8 @@ def evaluate(checkpoint, data, *, split="test", out=None, cache=None, device=Non
 
 
 def format_table(results: dict) -> str:
-    """Table 1's layout, one row per model, metrics in percent, R and the rank convention in the
-    title; then the two questions inside the rank, which song? and which instrument?, and the
-    queries' cosine (`which_song_and_instrument`)."""
+    """Table 1's layout (metrics in percent, R and the rank convention in the title), then which
+    song?, which instrument? and the queries' cosine (`which_song_and_instrument`)."""
     lines = [f"retrieval on {results['N']} tracks x {results['S']} instruments, "
              f"R = {results['references']} references; nrank = rank / R, nearest = rank 1",
              f"{'model':34s} {'R@1':>6s} {'R@5':>6s} {'R@10':>6s} {'nrank mean':>11s} "
@@ -2221,20 +2212,17 @@ def plot_fig2(fig2: dict, path) -> None:
         b.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
     b.set_xticks(range(len(names)), names, rotation=45)
     b.set_yticks(range(len(names)), names)
-    b.set_xlabel("retrieved instrument")
-    b.set_ylabel("true stem")
+    b.set(xlabel="retrieved instrument", ylabel="true stem")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 
 
 def write_listening_test(tracks, emb, instruments, out, *, trials, sample_rate, seed=0,
                          excerpt_s=16.0, crop_s=10.0, threshold=0.1) -> dict:
-    """Material for the listening test of 4.2. Per trial: a query mix (one stem removed), then in
-    random order A/B/C the true stem, the stem of the same instrument from another song that the
-    model retrieves (the paper's green segment) and a random stem of that instrument from another
-    song. Each is a 16 s excerpt randomly cropped to 10 s: the mix and the true stem at the same
-    place, the other two where they play the most (not in a section where they are muted).
-    key.csv (kept apart from trials/) says which is which."""
+    """4.2's listening test: per trial a query mix (one stem removed), then as A/B/C in random
+    order the true stem, the one retrieved from another song (the paper's green segment) and a
+    random one of that instrument; 16 s excerpts cropped at random to 10 s, the mix and true stem
+    at one place, the others where they play most. key.csv (apart from trials/): which is which."""
     rng = np.random.default_rng(seed)
     out = Path(out)
     (out / "trials").mkdir(parents=True, exist_ok=True)
@@ -2313,11 +2301,10 @@ def shift_similarity(z: torch.Tensor, q: torch.Tensor, shifts,
     circular=False (lengths differ, as in `retrieve`), the mean over the overlapping patches."""
     sims = F.normalize(z.float(), dim=-1) @ F.normalize(q.float(), dim=-1).T   # (T, T')
     i = torch.arange(sims.shape[0])
+    if circular:
+        return torch.stack([sims[i, (i + j) % sims.shape[1]].mean() for j in shifts])
     out = []
     for j in shifts:
-        if circular:
-            out.append(sims[i, (i + j) % sims.shape[1]].mean())
-            continue
         ok = (i + j >= 0) & (i + j < sims.shape[1])
         out.append(sims[i[ok], i[ok] + j].mean() if ok.any() else torch.tensor(float("nan")))
     return torch.stack(out)
@@ -2341,9 +2328,8 @@ def alignment_curve(z_seqs: list[torch.Tensor], q_seqs: list[torch.Tensor], shif
 def random_pair_level(z_means: torch.Tensor, q_means: torch.Tensor,
                       track: torch.Tensor) -> float | None:
     """Footnote 5's "average cosine similarity between random representations and predictions"
-    (0.17): the mean cosine of z_s^(n)[i] and q_s'^(n')[i'], n' != n, over all stems and patches.
-    Exact, as <mean z, mean q>: from each sequence's mean unit vector, z_means and q_means (P, C),
-    and its track (P,); each pair of sequences weighs the same. None with a single track."""
+    (0.17): the mean cos(z_s^(n)[i], q_s'^(n')[i']), n' != n, exactly <mean z, mean q> over each
+    sequence's mean unit vector z_means, q_means (P, C) and track (P,). None with one track."""
     other_track = track[:, None] != track[None, :]                      # (P, P)
     if not other_track.any():
         return None
@@ -2365,10 +2351,10 @@ def stem_sequences(model: StemJEPA, x: np.ndarray, stems: list[str], *, chunk: i
 @torch.no_grad()
 def alignment_curves(model: StemJEPA, tracks: list[dict], *, max_shift: int, device="cpu",
                      batch=16, log=print, verbose=True) -> dict:
-    """Fig. 4: Eq. 3's curve of each prepared track over shifts j = -J..J (time patches), their
-    mean, and the random-pair level. Shifts are circular (j and j - T are the same shift), so J is
-    capped at (T - 1) // 2 of the shortest track. "A sharp peak in similarity at j = 0, followed
-    by a rapid decrease, suggests that the embeddings are rich in local information" (4.3)."""
+    """Fig. 4: Eq. 3's curve per prepared track over circular shifts j = -J..J (time patches; J
+    <= (T - 1) // 2 of the shortest track), their mean and the random-pair level. "A sharp peak in
+    similarity at j = 0, followed by a rapid decrease, suggests that the embeddings are rich in
+    local information" (4.3)."""
     if not tracks:
         raise StemJEPAError("no track to analyse")
     model = model.to(device).eval()
@@ -2381,9 +2367,8 @@ def alignment_curves(model: StemJEPA, tracks: list[dict], *, max_shift: int, dev
     shifts = list(range(-J, J + 1))
     rows, z_means, q_means, owner = [], [], [], []
     for n, t in enumerate(tracks):
-        x = np.load(t["npy"]).astype(np.float32)                        # (S, N)
-        seqs = stem_sequences(model, x, t["stems"], chunk=chunk_samples(model.config),
-                              device=device, batch=batch)
+        seqs = stem_sequences(model, np.load(t["npy"]).astype(np.float32), t["stems"],
+                              chunk=chunk_samples(model.config), device=device, batch=batch)
         if not seqs:
             log(f"  {t['name']}: no stem the model knows; skipped")
             continue
@@ -2432,8 +2417,7 @@ def analyze_alignment(checkpoint, data, *, split="test", tracks=None, max_shift_
 
 
 def plot_fig4(result: dict, path, *, chunk_seconds=None, max_tracks=8) -> None:
-    """Fig. 4: s(z, q, j) against the shift in seconds, per track (the first max_tracks) and their
-    mean; dotted lines at multiples of the chunk, where 4.3 sees absolute positions' small peaks."""
+    """Fig. 4: s(z, q, j) per track and their mean; dotted at chunk multiples (4.3's peaks)."""
     from matplotlib.figure import Figure        # not pyplot: leaves a notebook's backend alone
     fig = Figure(figsize=(7, 3.5))
     ax = fig.subplots()
@@ -2567,9 +2551,8 @@ def lab_index(labels_dir) -> dict[str, dict[str, Path]]:
 
 
 def track_annotations(name: str, folder, index=None):
-    """(key segments, chord segments) of a track, or None if it has no key or no chord annotation:
-    from the .lab files of `index` (see `lab_index`) when given, else from the toy set's
-    FOLDER/labels.json (one key for the whole song, chords as [start, end, label])."""
+    """A track's (key segments, chord segments), or None if either is missing: from `index`
+    (`lab_index`) if given, else FOLDER/labels.json (toy set: one key, [start, end, chord])."""
     if index is not None:
         files = index.get(name, {})
         if "keys" not in files or "chords" not in files:
@@ -2585,9 +2568,8 @@ def track_annotations(name: str, folder, index=None):
 
 def mix_sources(*, data=None, audio=None, split="test", cache=None, cfg: Config,
                 log=print, verbose=True) -> list[tuple]:
-    """The full mixes to analyse, as (name, folder of its labels.json, load() -> mono waveform):
-    the audio files of `audio` (e.g. the Beatles albums, named as their .lab files), or the sum
-    of the stems of each track of a multitrack dataset (prepared and cached as for training)."""
+    """The full mixes, (name, folder of its labels.json, load() -> mono waveform): the files of
+    `audio` (named as their .lab files), or each track's stems summed (prepared as for training)."""
     if audio:
         return [(f.stem, f.parent, lambda f=f: load_audio(f, cfg.sample_rate))
                 for f in audio_files(audio)]
@@ -2602,10 +2584,9 @@ def mix_sources(*, data=None, audio=None, split="test", cache=None, cfg: Config,
 @torch.no_grad()
 def labelled_patches(model: StemJEPA, sources: list[tuple], *, device="cpu", batch=16):
     """4.4: "We utilize key and chord annotations [...] to label all patch embeddings." sources
-    (name, load, keys, chords) -> x (P, C), the target encoder's unit vector per 160 ms patch of
-    each full mix; each patch's "key/chord" label (or None); its track. The mix: annotations
-    describe the song as heard (the Beatles exist only as mixes); the target encoder: the one the
-    predictor learns to match; unit vectors: k-means then groups by cosine, Eq. 3's similarity."""
+    (name, load, keys, chords) -> x (P, C), the target encoder's (the predictor's goal) unit vector
+    (k-means then groups by cosine) per 160 ms patch of each full mix (annotations describe the
+    song as heard), each patch's "key/chord" label (or None) and its track."""
     model = model.to(device).eval()
     chunk = chunk_samples(model.config)
     xs, labels, owner = [], [], []
@@ -2627,10 +2608,8 @@ def kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator) -> torc
     chosen = [int(torch.randint(len(x), (1,), generator=generator))]
     d2 = squared_distances(x, x[chosen]).squeeze(1)                     # (P,)
     for _ in range(1, k):
-        if d2.sum() > 0:
-            i = int(torch.multinomial(d2 / d2.sum(), 1, generator=generator))
-        else:                                                           # fewer distinct points
-            i = int(torch.randint(len(x), (1,), generator=generator))
+        i = int(torch.multinomial(d2 / d2.sum(), 1, generator=generator) if d2.sum() > 0
+                else torch.randint(len(x), (1,), generator=generator))  # fewer distinct points
         chosen.append(i)
         d2 = torch.minimum(d2, squared_distances(x, x[i: i + 1]).squeeze(1))
     return x[chosen].clone()
@@ -2638,9 +2617,9 @@ def kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator) -> torc
 
 def kmeans(x: torch.Tensor, k: int, *, iters: int = 100,
            seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lloyd's k-means with k-means++ seeding on the rows of x (P, C) -> (centroids (k, C),
-    assignment (P,)): "we then conduct k-means clustering on the latent space with k = 32
-    clusters" (4.4). Seeded draws; an empty cluster takes the point farthest from its centroid."""
+    """4.4: "we then conduct k-means clustering on the latent space with k = 32 clusters". Lloyd's,
+    k-means++ seeded, on x (P, C) -> centroids (k, C), assignment (P,); an empty cluster takes the
+    point farthest from its centroid."""
     if len(x) < k:
         raise StemJEPAError(f"k-means: {len(x)} points for k = {k} clusters")
     x = x.float()
@@ -2670,8 +2649,7 @@ def cooccurrence(labels: list, assignment: torch.Tensor,
     """Within-cluster co-occurrence of labels -> (sorted names (L,), counts (L, L)). "Within each
     cluster, we calculate the co-occurrence of all key and chord pairs and aggregate these counts
     across all clusters [...] considering all possible pairs for counting" (4.4): counts[a, b] =
-    sum_c n_c(a) n_c(b) - [a = b] n_c(a), the ordered pairs of two different members of a cluster
-    labelled a and b. Members labelled None are in the clusters, not in the counts."""
+    sum_c n_c(a) n_c(b) - [a = b] n_c(a), ordered pairs of different members; None: not counted."""
     keep = [i for i, label in enumerate(labels) if label is not None]
     names = sorted({labels[i] for i in keep})
     column = {name: j for j, name in enumerate(names)}
@@ -2713,10 +2691,9 @@ def shuffled_labels(labels: list, groups: torch.Tensor | None, generator: torch.
 
 def cluster_statistics(x: torch.Tensor, labels: list, track: torch.Tensor, *, k: int, iters: int,
                        seed: int, shuffles: int = 0) -> dict:
-    """k-means on x, then the labels' co-occurrence counts, interval profile, tonal share (mass on
-    TONAL_INTERVALS) and share of pairs from one track (clusters of songs, not of harmony); with
-    shuffles > 0, the mean tonal share with the labels shuffled across patches and within tracks:
-    what the cluster sizes alone, and the song identity alone, give."""
+    """k-means on x; the labels' co-occurrence counts, interval profile, tonal share (mass on
+    TONAL_INTERVALS), share of pairs from one track; with shuffles > 0, the mean tonal share with
+    labels shuffled across patches, within tracks (what cluster sizes, song identity alone give)."""
     _, assignment = kmeans(x, k, iters=iters, seed=seed)
     names, counts = cooccurrence(labels, assignment, k)
     profile = interval_profile(names, counts)
@@ -2735,18 +2712,17 @@ def cluster_statistics(x: torch.Tensor, labels: list, track: torch.Tensor, *, k:
     return stats
 
 
-def _label_order(name: str):
-    """Sort "key/chord" labels by key tonic, mode, then chord root and family, as Fig. 5's axes."""
-    key, chord = name.split("/")
-    return pitch_class(key), key.endswith("m"), pitch_class(chord), _split_root(chord)[1]
-
-
 def top_combinations(names: list[str], counts: torch.Tensor, labels: list, top: int = 80):
     """Fig. 5's axes: the `top` most frequent labels, ordered by key and chord, and their counts."""
+
+    def order(name):                # key tonic, mode, then chord root and family
+        key, chord = name.split("/")
+        return pitch_class(key), key.endswith("m"), pitch_class(chord), _split_root(chord)[1]
+
     freq = {}
     for label in filter(None, labels):
         freq[label] = freq.get(label, 0) + 1
-    chosen = sorted(sorted(freq, key=lambda n: -freq[n])[:top], key=_label_order)
+    chosen = sorted(sorted(freq, key=lambda n: -freq[n])[:top], key=order)
     idx = torch.tensor([names.index(n) for n in chosen], dtype=torch.long)
     return chosen, counts[idx][:, idx]
 
@@ -2754,11 +2730,10 @@ def top_combinations(names: list[str], counts: torch.Tensor, labels: list, top: 
 def analyze_clusters(checkpoint, *, data=None, audio=None, split="test", labels=None, k=32,
                      iters=100, top=80, shuffles=5, out=None, cache=None, device=None, batch=16,
                      seed=0, log=print, verbose=True) -> dict:
-    """4.4 and Fig. 5: label each patch of the annotated mixes "key/chord" ("E/B": a B chord in E
-    major), k-means, count label pairs within clusters -> OUT/clusters.json, OUT/fig5.png (the
-    `top` combinations). The summary, the tonal share (within-cluster pairs where one's chord root
-    is the tonic, subdominant or dominant of the other's key), is set beside shuffled labels and a
-    random-weights encoder: clusters that merely group one song (one key) also raise it."""
+    """4.4 and Fig. 5 -> OUT/clusters.json, OUT/fig5.png (the `top` combinations): each patch of
+    the annotated mixes labelled "key/chord" ("E/B": a B chord in E major), label pairs counted
+    within k-means clusters. The tonal share is set beside shuffled labels and random weights:
+    clusters that merely group one song (one key) also raise it."""
     model, device, _ = open_trained(checkpoint, device)
     index = lab_index(labels) if labels else None
     sources = mix_sources(data=data, audio=audio, split=split, cache=cache, cfg=model.config,
@@ -2796,12 +2771,10 @@ def analyze_clusters(checkpoint, *, data=None, audio=None, split="test", labels=
         "labelled_patches": n_labelled, "combinations": len(stats["names"]),
         "tonal_intervals": list(TONAL_INTERVALS),
         "tonal_share": {"Stem-JEPA": stats["tonal_share"], "random weights": rand["tonal_share"],
-                        **{w: stats[w] for w in ("shuffled across patches",
-                                                 "shuffled within tracks") if w in stats}},
+                        **{w: v for w, v in stats.items() if w.startswith("shuffled")}},
         **{key: {"Stem-JEPA": stats[key], "random weights": rand[key]}
            for key in ("same_track_pairs", "interval_profile")},
-        "cluster_sizes": stats["cluster_sizes"],
-        "top": chosen, "matrix": block.tolist(),
+        "cluster_sizes": stats["cluster_sizes"], "top": chosen, "matrix": block.tolist(),
         "definition": "counts[a][b]: ordered pairs of different patches in the same k-means "
                       "cluster, labelled a and b ('key/chord'), summed over clusters; tonal share: "
                       "fraction of those pairs where the root of b's chord is 0, 5 or 7 semitones "
@@ -2822,8 +2795,7 @@ ROMAN = ["I", "bII", "II", "bIII", "III", "IV", "#IV", "V", "bVI", "VI", "bVII",
 
 
 def plot_fig5(result: dict, path) -> None:
-    """Fig. 5: the key/chord co-occurrence matrix of the most frequent combinations (log colour
-    scale), and beside it the share of pairs per interval from key tonic to chord root."""
+    """Fig. 5: key/chord co-occurrence of the top combinations (log), and the interval profiles."""
     from matplotlib.figure import Figure        # not pyplot: leaves a notebook's backend alone
     fig = Figure(figsize=(11, 6))
     a, b = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
