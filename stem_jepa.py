@@ -2122,11 +2122,10 @@ def _cached_retrieval_embeddings(model: StemJEPA, checkpoint, tracks: list[dict]
 
 def evaluate(checkpoint, data, *, split="test", out=None, cache=None, device=None, batch=16,
              listening=0, seed=0, layout=None, log=print, verbose=True) -> dict:
-    """Table 1 and Fig. 2 of a checkpoint on a split, with the comparison rows (chance, random
-    weights, DSP) -> OUT/retrieval.json, OUT/fig2.png. Rows: (track, stem) pairs of known stems,
-    quiet ones too; split "all" ranks among train/ and test/ together, as Table 1 (MUSDB18: 150
-    tracks, R = 600). [code] Pooling (`pool`: 3840-d, normalised) and the 1-based normalised rank
-    (`retrieval_metrics`) follow the authors' code, not the paper's text."""
+    """Table 1 and Fig. 2 of a checkpoint on a split, beside chance, random weights and DSP ->
+    OUT/retrieval.json, OUT/fig2.png; rows: (track, stem) pairs, quiet stems too. split "all" ranks
+    among train/ and test/ together, as Table 1 (MUSDB18: 150 tracks, R = 600). [code] `pool` and
+    the 1-based normalised rank (`retrieval_metrics`) follow the authors' code, not the paper's."""
     model, device, tracks = open_trained(checkpoint, device, data, split=split, cache=cache,
                                          layout=layout, log=log, verbose=verbose)
     cfg = model.config
@@ -2173,8 +2172,7 @@ def evaluate(checkpoint, data, *, split="test", out=None, cache=None, device=Non
 
 
 def format_table(results: dict) -> str:
-    """Table 1's layout (metrics in percent, R and the rank convention in the title), then which
-    song?, which instrument? and the queries' cosine (`which_song_and_instrument`)."""
+    """Table 1's layout in percent, then which song?, which instrument? and the query cosine."""
     lines = [f"retrieval on {results['N']} tracks x {results['S']} instruments, "
              f"R = {results['references']} references; nrank = rank / R, nearest = rank 1",
              f"{'model':34s} {'R@1':>6s} {'R@5':>6s} {'R@10':>6s} {'nrank mean':>11s} "
@@ -2219,10 +2217,10 @@ def plot_fig2(fig2: dict, path) -> None:
 
 def write_listening_test(tracks, emb, instruments, out, *, trials, sample_rate, seed=0,
                          excerpt_s=16.0, crop_s=10.0, threshold=0.1) -> dict:
-    """4.2's listening test: per trial a query mix (one stem removed), then as A/B/C in random
-    order the true stem, the one retrieved from another song (the paper's green segment) and a
-    random one of that instrument; 16 s excerpts cropped at random to 10 s, the mix and true stem
-    at one place, the others where they play most. key.csv (apart from trials/): which is which."""
+    """4.2's listening test: per trial a query mix (one stem removed), then as A/B/C in random order
+    the true stem, the one retrieved from another song (the paper's green segment) and a random one;
+    16 s excerpts cropped to 10 s, the mix and true stem at one place, the others where they play
+    most. key.csv (apart from trials/) says which is which."""
     rng = np.random.default_rng(seed)
     out = Path(out)
     (out / "trials").mkdir(parents=True, exist_ok=True)
@@ -2351,10 +2349,9 @@ def stem_sequences(model: StemJEPA, x: np.ndarray, stems: list[str], *, chunk: i
 @torch.no_grad()
 def alignment_curves(model: StemJEPA, tracks: list[dict], *, max_shift: int, device="cpu",
                      batch=16, log=print, verbose=True) -> dict:
-    """Fig. 4: Eq. 3's curve per prepared track over circular shifts j = -J..J (time patches; J
-    <= (T - 1) // 2 of the shortest track), their mean and the random-pair level. "A sharp peak in
-    similarity at j = 0, followed by a rapid decrease, suggests that the embeddings are rich in
-    local information" (4.3)."""
+    """Fig. 4: Eq. 3 per prepared track over circular shifts j = -J..J patches (J <= (T - 1) // 2 of
+    the shortest), their mean, the random-pair level. "A sharp peak in similarity at j = 0, followed
+    by a rapid decrease, suggests that the embeddings are rich in local information" (4.3)."""
     if not tracks:
         raise StemJEPAError("no track to analyse")
     model = model.to(device).eval()
@@ -2487,9 +2484,8 @@ def pitch_class(name: str) -> int:
 
 
 def normalise_key(label: str) -> str | None:
-    """A key annotation, Isophonics' ("Key E", "Key C#:minor") or the toy set's ("A:min") -> "E"
-    or "Em", spelled as NOTE_NAMES; None for silence or no key. Modes fold by their third (dorian,
-    phrygian, locrian -> minor; ionian, lydian, mixolydian -> major)."""
+    """Isophonics' "Key E", "Key C#:minor" or the toy set's "A:min" -> "E", "C#m", "Am" (NOTE_NAMES
+    spelling), None for no key; modes fold by their third (dorian, phrygian, locrian -> minor)."""
     words = label.split()
     if words and words[0].lower() == "key":
         words = words[1:]
@@ -2503,10 +2499,9 @@ def normalise_key(label: str) -> str | None:
 
 
 def normalise_chord(label: str) -> str | None:
-    """A chord in Harte's syntax (Isophonics, the toy set) -> root and triad family: "C", "Cm",
-    "Co" (diminished), "C+" (augmented), "Csus", "C5" (no third); None for "N" (no chord) and "X".
-    Sevenths and extensions fold into their triad (C:min7 -> Cm, C:7 -> C), inversions are dropped
-    (A/3 -> A); a chord given by its intervals, C:(1,b3,5), is read from its third."""
+    """A chord in Harte's syntax -> root and triad family: "C", "Cm", "Co" (dim), "C+" (aug),
+    "Csus", "C5" (no third); None for "N", "X". Sevenths and extensions fold into their triad
+    (C:min7 -> Cm, C:7 -> C), inversions drop (A/3 -> A), C:(1,b3,5) is read from its third."""
     label = label.strip()
     if not label or label[0].upper() not in "ABCDEFG":
         return None
@@ -2531,9 +2526,8 @@ def patch_labels(keys, chords, *, patches: int, patch_s: float) -> list:
 
 
 def lab_index(labels_dir) -> dict[str, dict[str, Path]]:
-    """A folder's .lab files by track name, {name: {"keys": path, "chords": path}}: LABELS/<name>
-    .keys.lab and .chords.lab (any sub-folder), or Isophonics' tree, <name>.lab under a keylab/
-    and a chordlab/ folder (keylab/The Beatles/01_-_Please_Please_Me/06_-_Boys.lab)."""
+    """.lab files by track, {name: {"keys": path, "chords": path}}: <name>.keys.lab and .chords.lab
+    (any sub-folder), or Isophonics' tree: <name>.lab under keylab/ and chordlab/ folders."""
     labels_dir = Path(labels_dir)
     if not labels_dir.is_dir():
         raise StemJEPAError(f"--labels {labels_dir}: no such folder")
@@ -2584,15 +2578,14 @@ def mix_sources(*, data=None, audio=None, split="test", cache=None, cfg: Config,
 @torch.no_grad()
 def labelled_patches(model: StemJEPA, sources: list[tuple], *, device="cpu", batch=16):
     """4.4: "We utilize key and chord annotations [...] to label all patch embeddings." sources
-    (name, load, keys, chords) -> x (P, C), the target encoder's (the predictor's goal) unit vector
-    (k-means then groups by cosine) per 160 ms patch of each full mix (annotations describe the
-    song as heard), each patch's "key/chord" label (or None) and its track."""
+    (name, load, keys, chords) -> x (P, C), the target encoder's unit vector per 160 ms patch of
+    each full mix (as annotated), each patch's "key/chord" label (or None), its track."""
     model = model.to(device).eval()
     chunk = chunk_samples(model.config)
     xs, labels, owner = [], [], []
     for n, (name, load, keys, chords) in enumerate(sources):
         z = frames(embed_long(model, [load()], chunk=chunk, batch=batch, device=device)[0])
-        xs.append(F.normalize(z.float(), dim=-1))                      # (T, C)
+        xs.append(F.normalize(z.float(), dim=-1))       # (T, C), unit: k-means groups by cosine
         labels += patch_labels(keys, chords, patches=len(z), patch_s=patch_seconds(model.config))
         owner += [n] * len(z)
     return torch.cat(xs), labels, torch.tensor(owner)
@@ -2617,9 +2610,8 @@ def kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator) -> torc
 
 def kmeans(x: torch.Tensor, k: int, *, iters: int = 100,
            seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """4.4: "we then conduct k-means clustering on the latent space with k = 32 clusters". Lloyd's,
-    k-means++ seeded, on x (P, C) -> centroids (k, C), assignment (P,); an empty cluster takes the
-    point farthest from its centroid."""
+    """4.4: "we then conduct k-means clustering on the latent space with k = 32 clusters": Lloyd's,
+    k-means++ seeded, x (P, C) -> centroids (k, C), assignment (P,); empty ones take far points."""
     if len(x) < k:
         raise StemJEPAError(f"k-means: {len(x)} points for k = {k} clusters")
     x = x.float()
@@ -2662,9 +2654,8 @@ def cooccurrence(labels: list, assignment: torch.Tensor,
 
 
 def interval_profile(names: list[str], counts: torch.Tensor) -> torch.Tensor:
-    """The co-occurrence mass of "key/chord" labels per interval (0..11 semitones) from the key's
-    tonic (of a pair's first member) to the chord's root (of the second) -> (12,), summing to 1.
-    Fig. 5's tonal relations: 0 (tonic, "E/E"), 5 (subdominant), 7 (dominant, "C/F, G")."""
+    """Co-occurrence mass per interval (0..11 semitones) from the key's tonic (a pair's first label)
+    to the chord's root (its second) -> (12,) summing to 1: Fig. 5's tonic 0, IV 5, V 7."""
     tonic = torch.tensor([pitch_class(n.split("/")[0]) for n in names])
     root = torch.tensor([pitch_class(n.split("/")[1]) for n in names])
     interval = (root[None, :] - tonic[:, None]) % 12        # (L, L): key of row, chord of column
@@ -2730,10 +2721,9 @@ def top_combinations(names: list[str], counts: torch.Tensor, labels: list, top: 
 def analyze_clusters(checkpoint, *, data=None, audio=None, split="test", labels=None, k=32,
                      iters=100, top=80, shuffles=5, out=None, cache=None, device=None, batch=16,
                      seed=0, log=print, verbose=True) -> dict:
-    """4.4 and Fig. 5 -> OUT/clusters.json, OUT/fig5.png (the `top` combinations): each patch of
-    the annotated mixes labelled "key/chord" ("E/B": a B chord in E major), label pairs counted
-    within k-means clusters. The tonal share is set beside shuffled labels and random weights:
-    clusters that merely group one song (one key) also raise it."""
+    """4.4 and Fig. 5 -> OUT/clusters.json, OUT/fig5.png: patches of the annotated mixes labelled
+    "key/chord" ("E/B": a B chord in E major), pairs counted within k-means clusters; the tonal
+    share beside shuffled labels and random weights (clusters of one song also raise it)."""
     model, device, _ = open_trained(checkpoint, device)
     index = lab_index(labels) if labels else None
     sources = mix_sources(data=data, audio=audio, split=split, cache=cache, cfg=model.config,
