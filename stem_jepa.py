@@ -1958,9 +1958,8 @@ def write_toy_dataset(out, *, tracks=20, seconds=30.0, seed=0, sample_rate=16000
 
 def failure_analysis(queries, refs, query_track, query_inst, ref_track, ref_inst,
                      instruments) -> dict:
-    """Fig. 2: the category of each query's nearest reference z* per instrument ("both correct",
-    "right instrument" (other song), "right song" (other instrument), "both wrong"), as fractions,
-    and the confusion matrix conditioning instrument -> instrument of z* (rows sum to 1)."""
+    """Fig. 2 per instrument: the fractions of queries whose nearest reference z* is "both correct",
+    "right instrument", "right song" or "both wrong"; the instrument confusion (rows sum to 1)."""
     nearest = torch.cdist(queries.double(), refs.double()).argmin(1)
     same_song = ref_track[nearest] == query_track
     same_inst = ref_inst[nearest] == query_inst
@@ -1977,9 +1976,8 @@ def failure_analysis(queries, refs, query_track, query_inst, ref_track, ref_inst
 
 
 def dsp_features(x: np.ndarray, sample_rate: int = 16000) -> np.ndarray:
-    """A plain signal-processing description of a recording, in the spirit of AutoMashupper's
-    harmonic and rhythmic "mashability": time-averaged chroma (12) and the autocorrelation of the
-    onset envelope at tempi 60-180 BPM (25), each L2-normalised."""
+    """A recording after AutoMashupper's harmonic and rhythmic "mashability": time-averaged
+    chroma (12), onset-envelope autocorrelation at 60-180 BPM (25), each L2-normalised."""
     x = torch.from_numpy(np.asarray(x, dtype=np.float32))
     spec = torch.stft(x, 4096, 1024, window=torch.hann_window(4096),
                       return_complex=True).abs()                        # (bins, frames)
@@ -2001,10 +1999,8 @@ def dsp_features(x: np.ndarray, sample_rate: int = 16000) -> np.ndarray:
 
 @dataclass
 class RetrievalEmbeddings:
-    """The pooled vectors of 4.1, one row per (track, stem) pair: the queries q_s^(n) and the
-    references z_s^(n) (Q = R rows, row i's true reference is row i), with each row's track and
-    instrument index. refs_context: the references from the context encoder (None for the DSP
-    baseline)."""
+    """4.1's pooled vectors, one row per (track, stem): queries q_s^(n), references z_s^(n) (row
+    i's true reference is row i); refs_context: the context encoder's (None for DSP)."""
     queries: torch.Tensor                       # (Q, C)
     refs_target: torch.Tensor                   # (R, C)
     track: torch.Tensor                         # (R,)
@@ -2015,16 +2011,13 @@ class RetrievalEmbeddings:
 @torch.no_grad()
 def retrieval_embeddings(model: StemJEPA, tracks: list[dict], *, device="cpu", batch=16,
                          log=print, verbose=True) -> RetrievalEmbeddings:
-    """For each prepared track n and stem s known to the model: the query q_s^(n) (predictor
-    conditioned on s over the mix of the other stems, 4.1.1) and the references z_s^(n) from the
-    target and the context encoders, each pooled by `pool`."""
+    """Per prepared track n and known stem s: the query q_s^(n) (the predictor on s over the mix
+    of the other stems, 4.1.1) and the target and context encoders' references z_s^(n), `pool`ed."""
     model = model.to(device).eval()
     embed = functools.partial(embed_long, model, chunk=chunk_samples(model.config), batch=batch,
                               device=device)
-    sr = model.config.sample_rate
+    seconds = [t["length"] * 2 * len(t["stems"]) / model.config.sample_rate for t in tracks]
     queries, refs_target, refs_context, track, instrument = [], [], [], [], []
-    total = sum(t["length"] * 2 * len(t["stems"]) for t in tracks) / sr
-    done = 0.0
     t0 = time.time()
     for n, t in enumerate(tracks):
         x = np.load(t["npy"]).astype(np.float32)                        # (S, N)
@@ -2037,11 +2030,10 @@ def retrieval_embeddings(model: StemJEPA, tracks: list[dict], *, device="cpu", b
         refs_context += [pool(z) for z in embed(stems, target=False)]
         track += [n] * len(known)
         instrument += ids
-        done += t["length"] * 2 * len(t["stems"]) / sr
-        rate = done / (time.time() - t0)
+        rate = sum(seconds[: n + 1]) / (time.time() - t0)
         if verbose and ((n + 1) % 10 == 0 or n + 1 == len(tracks)):
             log(f"  embedded {n + 1}/{len(tracks)} tracks, {rate:.0f} s of audio per s, "
-                f"ETA {(total - done) / rate:.0f} s")
+                f"ETA {sum(seconds[n + 1:]) / rate:.0f} s")
     return RetrievalEmbeddings(queries=torch.stack(queries), refs_target=torch.stack(refs_target),
                                refs_context=torch.stack(refs_context), track=torch.tensor(track),
                                instrument=torch.tensor(instrument))
@@ -2049,18 +2041,14 @@ def retrieval_embeddings(model: StemJEPA, tracks: list[dict], *, device="cpu", b
 
 def dsp_embeddings(tracks: list[dict], instruments: list[str],
                    sample_rate: int) -> RetrievalEmbeddings:
-    """The DSP baseline's queries (features of the mix of the other stems) and references
-    (features of each stem). It has no notion of instrument: the same query for every missing
-    stem would be unfair, so the query is the mix without s, as for the model."""
-    q, r, tr, ins = [], [], [], []
+    """The DSP baseline: queries from the mix without s, as for the model (one query for every
+    missing stem would be unfair: DSP has no notion of instrument), references from each stem."""
+    rows = []                                           # (query, reference, track, instrument)
     for n, t in enumerate(tracks):
         x = np.load(t["npy"]).astype(np.float32)
-        for i, s in enumerate(t["stems"]):
-            if s in instruments:
-                q.append(dsp_features(x.sum(0) - x[i], sample_rate))
-                r.append(dsp_features(x[i], sample_rate))
-                tr.append(n)
-                ins.append(instruments.index(s))
+        rows += [(dsp_features(x.sum(0) - x[i], sample_rate), dsp_features(x[i], sample_rate), n,
+                  instruments.index(s)) for i, s in enumerate(t["stems"]) if s in instruments]
+    q, r, tr, ins = zip(*rows)
     return RetrievalEmbeddings(queries=torch.tensor(np.stack(q)),
                                refs_target=torch.tensor(np.stack(r)),
                                track=torch.tensor(tr), instrument=torch.tensor(ins))
@@ -2068,8 +2056,7 @@ def dsp_embeddings(tracks: list[dict], instruments: list[str],
 
 def _cached_retrieval_embeddings(model: StemJEPA, checkpoint, tracks: list[dict], *, device,
                                  batch, log, verbose) -> RetrievalEmbeddings:
-    """`retrieval_embeddings`, kept beside the decoded stems and reused while the checkpoint and
-    the stems are unchanged."""
+    """`retrieval_embeddings`, cached beside the decoded stems while checkpoint and stems hold."""
     folder = Path(tracks[0]["npy"]).parent.parent / "embeddings"
     folder.mkdir(exist_ok=True)
     key = _cache_key(_file_id(Path(checkpoint).resolve()), [_file_id(t["npy"]) for t in tracks])
@@ -2087,13 +2074,10 @@ def _cached_retrieval_embeddings(model: StemJEPA, checkpoint, tracks: list[dict]
 
 def evaluate(checkpoint, data, *, split="test", out=None, cache=None, device=None, batch=16,
              listening=0, seed=0, layout=None, log=print, verbose=True) -> dict:
-    """Table 1 and Fig. 2 for a checkpoint on a dataset split, with the comparison rows (chance,
-    random weights, DSP) measured in the same run. Writes OUT/retrieval.json and OUT/fig2.png.
-
-    Rows are (track, stem) pairs of the stems the model knows, quiet stems too (`prepare` leaves
-    out only all-zero ones). split "all" ranks among train/ and test/ together, as Table 1
-    (MUSDB18: 150 tracks, R = 600). [code] Pooling (`pool`: 3840-d, normalised) and the 1-based
-    normalised rank (`retrieval_metrics`) follow the authors' code, not the paper's text."""
+    """Table 1 and Fig. 2 of a checkpoint on a split, beside chance, random weights and DSP ->
+    OUT/retrieval.json, OUT/fig2.png; rows: (track, stem) pairs, quiet stems too. split "all" ranks
+    among train/ and test/ together, as Table 1 (MUSDB18: 150 tracks, R = 600). [code] `pool` and
+    the 1-based normalised rank (`retrieval_metrics`) follow the authors' code, not the paper's."""
     model, device, tracks = open_trained(checkpoint, device, data, split=split, cache=cache,
                                          layout=layout, log=log, verbose=verbose)
     cfg = model.config
@@ -2116,12 +2100,11 @@ def evaluate(checkpoint, data, *, split="test", out=None, cache=None, device=Non
                "rank_convention": "nrank_*: 1-based rank / references (nearest = 1, Table 1's); "
                                   "nrank0_*: 0-based rank / references"}
     for name, (q, r) in rows.items():
-        row = retrieval_metrics(q, r, truth)
-        row.update(which_song_and_instrument(q, r, emb.track, emb.instrument))
-        row["per_instrument"] = {s: retrieval_metrics(q[m], r, truth[m])
-                                 for i, s in enumerate(model.instruments)
-                                 if (m := emb.instrument == i).any()}
-        results["rows"][name] = row
+        results["rows"][name] = {**retrieval_metrics(q, r, truth),
+                                 **which_song_and_instrument(q, r, emb.track, emb.instrument),
+                                 "per_instrument": {s: retrieval_metrics(q[m], r, truth[m])
+                                                    for i, s in enumerate(model.instruments)
+                                                    if (m := emb.instrument == i).any()}}
     results["rows"]["chance"] = {**chance_metrics(len(truth)),
                                  "which_song": chance_metrics(len(tracks), ks=(1,)),
                                  "which_instrument": chance_metrics(results["S"], ks=(1,)),
@@ -2141,9 +2124,7 @@ def evaluate(checkpoint, data, *, split="test", out=None, cache=None, device=Non
 
 
 def format_table(results: dict) -> str:
-    """Table 1's layout, one row per model, metrics in percent, R and the rank convention in the
-    title; then the two questions inside the rank, which song? and which instrument?, and the
-    queries' cosine (`which_song_and_instrument`)."""
+    """Table 1's layout in percent, then which song?, which instrument? and the query cosine."""
     lines = [f"retrieval on {results['N']} tracks x {results['S']} instruments, "
              f"R = {results['references']} references; nrank = rank / R, nearest = rank 1",
              f"{'model':34s} {'R@1':>6s} {'R@5':>6s} {'R@10':>6s} {'nrank mean':>11s} "
@@ -2181,20 +2162,17 @@ def plot_fig2(fig2: dict, path) -> None:
         b.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
     b.set_xticks(range(len(names)), names, rotation=45)
     b.set_yticks(range(len(names)), names)
-    b.set_xlabel("retrieved instrument")
-    b.set_ylabel("true stem")
+    b.set(xlabel="retrieved instrument", ylabel="true stem")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 
 
 def write_listening_test(tracks, emb, instruments, out, *, trials, sample_rate, seed=0,
                          excerpt_s=16.0, crop_s=10.0, threshold=0.1) -> dict:
-    """Material for the listening test of 4.2. Per trial: a query mix (one stem removed), then in
-    random order A/B/C the true stem, the stem of the same instrument from another song that the
-    model retrieves (the paper's green segment) and a random stem of that instrument from another
-    song. Each is a 16 s excerpt randomly cropped to 10 s: the mix and the true stem at the same
-    place, the other two where they play the most (not in a section where they are muted).
-    key.csv (kept apart from trials/) says which is which."""
+    """4.2's listening test: per trial a query mix (one stem removed), then as A/B/C in random order
+    the true stem, the one retrieved from another song (the paper's green segment) and a random one;
+    16 s excerpts cropped to 10 s, the mix and true stem at one place, the others where they play
+    most. key.csv (apart from trials/) says which is which."""
     rng = np.random.default_rng(seed)
     out = Path(out)
     (out / "trials").mkdir(parents=True, exist_ok=True)
@@ -2273,11 +2251,10 @@ def shift_similarity(z: torch.Tensor, q: torch.Tensor, shifts,
     circular=False (lengths differ, as in `retrieve`), the mean over the overlapping patches."""
     sims = F.normalize(z.float(), dim=-1) @ F.normalize(q.float(), dim=-1).T   # (T, T')
     i = torch.arange(sims.shape[0])
+    if circular:
+        return torch.stack([sims[i, (i + j) % sims.shape[1]].mean() for j in shifts])
     out = []
     for j in shifts:
-        if circular:
-            out.append(sims[i, (i + j) % sims.shape[1]].mean())
-            continue
         ok = (i + j >= 0) & (i + j < sims.shape[1])
         out.append(sims[i[ok], i[ok] + j].mean() if ok.any() else torch.tensor(float("nan")))
     return torch.stack(out)
@@ -2301,9 +2278,8 @@ def alignment_curve(z_seqs: list[torch.Tensor], q_seqs: list[torch.Tensor], shif
 def random_pair_level(z_means: torch.Tensor, q_means: torch.Tensor,
                       track: torch.Tensor) -> float | None:
     """Footnote 5's "average cosine similarity between random representations and predictions"
-    (0.17): the mean cosine of z_s^(n)[i] and q_s'^(n')[i'], n' != n, over all stems and patches.
-    Exact, as <mean z, mean q>: from each sequence's mean unit vector, z_means and q_means (P, C),
-    and its track (P,); each pair of sequences weighs the same. None with a single track."""
+    (0.17): the mean cos(z_s^(n)[i], q_s'^(n')[i']), n' != n, exactly <mean z, mean q> over each
+    sequence's mean unit vector z_means, q_means (P, C) and track (P,). None with one track."""
     other_track = track[:, None] != track[None, :]                      # (P, P)
     if not other_track.any():
         return None
@@ -2325,9 +2301,8 @@ def stem_sequences(model: StemJEPA, x: np.ndarray, stems: list[str], *, chunk: i
 @torch.no_grad()
 def alignment_curves(model: StemJEPA, tracks: list[dict], *, max_shift: int, device="cpu",
                      batch=16, log=print, verbose=True) -> dict:
-    """Fig. 4: Eq. 3's curve of each prepared track over shifts j = -J..J (time patches), their
-    mean, and the random-pair level. Shifts are circular (j and j - T are the same shift), so J is
-    capped at (T - 1) // 2 of the shortest track. "A sharp peak in similarity at j = 0, followed
+    """Fig. 4: Eq. 3 per prepared track over circular shifts j = -J..J patches (J <= (T - 1) // 2 of
+    the shortest), their mean, the random-pair level. "A sharp peak in similarity at j = 0, followed
     by a rapid decrease, suggests that the embeddings are rich in local information" (4.3)."""
     if not tracks:
         raise StemJEPAError("no track to analyse")
@@ -2341,9 +2316,8 @@ def alignment_curves(model: StemJEPA, tracks: list[dict], *, max_shift: int, dev
     shifts = list(range(-J, J + 1))
     rows, z_means, q_means, owner = [], [], [], []
     for n, t in enumerate(tracks):
-        x = np.load(t["npy"]).astype(np.float32)                        # (S, N)
-        seqs = stem_sequences(model, x, t["stems"], chunk=chunk_samples(model.config),
-                              device=device, batch=batch)
+        seqs = stem_sequences(model, np.load(t["npy"]).astype(np.float32), t["stems"],
+                              chunk=chunk_samples(model.config), device=device, batch=batch)
         if not seqs:
             log(f"  {t['name']}: no stem the model knows; skipped")
             continue
@@ -2392,8 +2366,7 @@ def analyze_alignment(checkpoint, data, *, split="test", tracks=None, max_shift_
 
 
 def plot_fig4(result: dict, path, *, chunk_seconds=None, max_tracks=8) -> None:
-    """Fig. 4: s(z, q, j) against the shift in seconds, per track (the first max_tracks) and their
-    mean; dotted lines at multiples of the chunk, where 4.3 sees absolute positions' small peaks."""
+    """Fig. 4: s(z, q, j) per track and their mean; dotted at chunk multiples (4.3's peaks)."""
     from matplotlib.figure import Figure        # not pyplot: leaves a notebook's backend alone
     fig = Figure(figsize=(7, 3.5))
     ax = fig.subplots()
@@ -2463,9 +2436,8 @@ def pitch_class(name: str) -> int:
 
 
 def normalise_key(label: str) -> str | None:
-    """A key annotation, Isophonics' ("Key E", "Key C#:minor") or the toy set's ("A:min") -> "E"
-    or "Em", spelled as NOTE_NAMES; None for silence or no key. Modes fold by their third (dorian,
-    phrygian, locrian -> minor; ionian, lydian, mixolydian -> major)."""
+    """Isophonics' "Key E", "Key C#:minor" or the toy set's "A:min" -> "E", "C#m", "Am" (NOTE_NAMES
+    spelling), None for no key; modes fold by their third (dorian, phrygian, locrian -> minor)."""
     words = label.split()
     if words and words[0].lower() == "key":
         words = words[1:]
@@ -2479,10 +2451,9 @@ def normalise_key(label: str) -> str | None:
 
 
 def normalise_chord(label: str) -> str | None:
-    """A chord in Harte's syntax (Isophonics, the toy set) -> root and triad family: "C", "Cm",
-    "Co" (diminished), "C+" (augmented), "Csus", "C5" (no third); None for "N" (no chord) and "X".
-    Sevenths and extensions fold into their triad (C:min7 -> Cm, C:7 -> C), inversions are dropped
-    (A/3 -> A); a chord given by its intervals, C:(1,b3,5), is read from its third."""
+    """A chord in Harte's syntax -> root and triad family: "C", "Cm", "Co" (dim), "C+" (aug),
+    "Csus", "C5" (no third); None for "N", "X". Sevenths and extensions fold into their triad
+    (C:min7 -> Cm, C:7 -> C), inversions drop (A/3 -> A), C:(1,b3,5) is read from its third."""
     label = label.strip()
     if not label or label[0].upper() not in "ABCDEFG":
         return None
@@ -2507,9 +2478,8 @@ def patch_labels(keys, chords, *, patches: int, patch_s: float) -> list:
 
 
 def lab_index(labels_dir) -> dict[str, dict[str, Path]]:
-    """A folder's .lab files by track name, {name: {"keys": path, "chords": path}}: LABELS/<name>
-    .keys.lab and .chords.lab (any sub-folder), or Isophonics' tree, <name>.lab under a keylab/
-    and a chordlab/ folder (keylab/The Beatles/01_-_Please_Please_Me/06_-_Boys.lab)."""
+    """.lab files by track, {name: {"keys": path, "chords": path}}: <name>.keys.lab and .chords.lab
+    (any sub-folder), or Isophonics' tree: <name>.lab under keylab/ and chordlab/ folders."""
     labels_dir = Path(labels_dir)
     if not labels_dir.is_dir():
         raise StemJEPAError(f"--labels {labels_dir}: no such folder")
@@ -2527,9 +2497,8 @@ def lab_index(labels_dir) -> dict[str, dict[str, Path]]:
 
 
 def track_annotations(name: str, folder, index=None):
-    """(key segments, chord segments) of a track, or None if it has no key or no chord annotation:
-    from the .lab files of `index` (see `lab_index`) when given, else from the toy set's
-    FOLDER/labels.json (one key for the whole song, chords as [start, end, label])."""
+    """A track's (key segments, chord segments), or None if either is missing: from `index`
+    (`lab_index`) if given, else FOLDER/labels.json (toy set: one key, [start, end, chord])."""
     if index is not None:
         files = index.get(name, {})
         if "keys" not in files or "chords" not in files:
@@ -2545,9 +2514,8 @@ def track_annotations(name: str, folder, index=None):
 
 def mix_sources(*, data=None, audio=None, split="test", cache=None, cfg: Config,
                 log=print, verbose=True) -> list[tuple]:
-    """The full mixes to analyse, as (name, folder of its labels.json, load() -> mono waveform):
-    the audio files of `audio` (e.g. the Beatles albums, named as their .lab files), or the sum
-    of the stems of each track of a multitrack dataset (prepared and cached as for training)."""
+    """The full mixes, (name, folder of its labels.json, load() -> mono waveform): the files of
+    `audio` (named as their .lab files), or each track's stems summed (prepared as for training)."""
     if audio:
         return [(f.stem, f.parent, lambda f=f: load_audio(f, cfg.sample_rate))
                 for f in audio_files(audio)]
@@ -2563,15 +2531,13 @@ def mix_sources(*, data=None, audio=None, split="test", cache=None, cfg: Config,
 def labelled_patches(model: StemJEPA, sources: list[tuple], *, device="cpu", batch=16):
     """4.4: "We utilize key and chord annotations [...] to label all patch embeddings." sources
     (name, load, keys, chords) -> x (P, C), the target encoder's unit vector per 160 ms patch of
-    each full mix; each patch's "key/chord" label (or None); its track. The mix: annotations
-    describe the song as heard (the Beatles exist only as mixes); the target encoder: the one the
-    predictor learns to match; unit vectors: k-means then groups by cosine, Eq. 3's similarity."""
+    each full mix (as annotated), each patch's "key/chord" label (or None), its track."""
     model = model.to(device).eval()
     chunk = chunk_samples(model.config)
     xs, labels, owner = [], [], []
     for n, (name, load, keys, chords) in enumerate(sources):
         z = frames(embed_long(model, [load()], chunk=chunk, batch=batch, device=device)[0])
-        xs.append(F.normalize(z.float(), dim=-1))                      # (T, C)
+        xs.append(F.normalize(z.float(), dim=-1))       # (T, C), unit: k-means groups by cosine
         labels += patch_labels(keys, chords, patches=len(z), patch_s=patch_seconds(model.config))
         owner += [n] * len(z)
     return torch.cat(xs), labels, torch.tensor(owner)
@@ -2587,10 +2553,8 @@ def kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator) -> torc
     chosen = [int(torch.randint(len(x), (1,), generator=generator))]
     d2 = squared_distances(x, x[chosen]).squeeze(1)                     # (P,)
     for _ in range(1, k):
-        if d2.sum() > 0:
-            i = int(torch.multinomial(d2 / d2.sum(), 1, generator=generator))
-        else:                                                           # fewer distinct points
-            i = int(torch.randint(len(x), (1,), generator=generator))
+        i = int(torch.multinomial(d2 / d2.sum(), 1, generator=generator) if d2.sum() > 0
+                else torch.randint(len(x), (1,), generator=generator))  # fewer distinct points
         chosen.append(i)
         d2 = torch.minimum(d2, squared_distances(x, x[i: i + 1]).squeeze(1))
     return x[chosen].clone()
@@ -2598,9 +2562,8 @@ def kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator) -> torc
 
 def kmeans(x: torch.Tensor, k: int, *, iters: int = 100,
            seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lloyd's k-means with k-means++ seeding on the rows of x (P, C) -> (centroids (k, C),
-    assignment (P,)): "we then conduct k-means clustering on the latent space with k = 32
-    clusters" (4.4). Seeded draws; an empty cluster takes the point farthest from its centroid."""
+    """4.4: "we then conduct k-means clustering on the latent space with k = 32 clusters": Lloyd's,
+    k-means++ seeded, x (P, C) -> centroids (k, C), assignment (P,); empty ones take far points."""
     if len(x) < k:
         raise StemJEPAError(f"k-means: {len(x)} points for k = {k} clusters")
     x = x.float()
@@ -2630,8 +2593,7 @@ def cooccurrence(labels: list, assignment: torch.Tensor,
     """Within-cluster co-occurrence of labels -> (sorted names (L,), counts (L, L)). "Within each
     cluster, we calculate the co-occurrence of all key and chord pairs and aggregate these counts
     across all clusters [...] considering all possible pairs for counting" (4.4): counts[a, b] =
-    sum_c n_c(a) n_c(b) - [a = b] n_c(a), the ordered pairs of two different members of a cluster
-    labelled a and b. Members labelled None are in the clusters, not in the counts."""
+    sum_c n_c(a) n_c(b) - [a = b] n_c(a), ordered pairs of different members; None: not counted."""
     keep = [i for i, label in enumerate(labels) if label is not None]
     names = sorted({labels[i] for i in keep})
     column = {name: j for j, name in enumerate(names)}
@@ -2644,9 +2606,8 @@ def cooccurrence(labels: list, assignment: torch.Tensor,
 
 
 def interval_profile(names: list[str], counts: torch.Tensor) -> torch.Tensor:
-    """The co-occurrence mass of "key/chord" labels per interval (0..11 semitones) from the key's
-    tonic (of a pair's first member) to the chord's root (of the second) -> (12,), summing to 1.
-    Fig. 5's tonal relations: 0 (tonic, "E/E"), 5 (subdominant), 7 (dominant, "C/F, G")."""
+    """Co-occurrence mass per interval (0..11 semitones) from the key's tonic (a pair's first label)
+    to the chord's root (its second) -> (12,) summing to 1: Fig. 5's tonic 0, IV 5, V 7."""
     tonic = torch.tensor([pitch_class(n.split("/")[0]) for n in names])
     root = torch.tensor([pitch_class(n.split("/")[1]) for n in names])
     interval = (root[None, :] - tonic[:, None]) % 12        # (L, L): key of row, chord of column
@@ -2673,10 +2634,9 @@ def shuffled_labels(labels: list, groups: torch.Tensor | None, generator: torch.
 
 def cluster_statistics(x: torch.Tensor, labels: list, track: torch.Tensor, *, k: int, iters: int,
                        seed: int, shuffles: int = 0) -> dict:
-    """k-means on x, then the labels' co-occurrence counts, interval profile, tonal share (mass on
-    TONAL_INTERVALS) and share of pairs from one track (clusters of songs, not of harmony); with
-    shuffles > 0, the mean tonal share with the labels shuffled across patches and within tracks:
-    what the cluster sizes alone, and the song identity alone, give."""
+    """k-means on x; the labels' co-occurrence counts, interval profile, tonal share (mass on
+    TONAL_INTERVALS), share of pairs from one track; with shuffles > 0, the mean tonal share with
+    labels shuffled across patches, within tracks (what cluster sizes, song identity alone give)."""
     _, assignment = kmeans(x, k, iters=iters, seed=seed)
     names, counts = cooccurrence(labels, assignment, k)
     profile = interval_profile(names, counts)
@@ -2695,18 +2655,17 @@ def cluster_statistics(x: torch.Tensor, labels: list, track: torch.Tensor, *, k:
     return stats
 
 
-def _label_order(name: str):
-    """Sort "key/chord" labels by key tonic, mode, then chord root and family, as Fig. 5's axes."""
-    key, chord = name.split("/")
-    return pitch_class(key), key.endswith("m"), pitch_class(chord), _split_root(chord)[1]
-
-
 def top_combinations(names: list[str], counts: torch.Tensor, labels: list, top: int = 80):
     """Fig. 5's axes: the `top` most frequent labels, ordered by key and chord, and their counts."""
+
+    def order(name):                # key tonic, mode, then chord root and family
+        key, chord = name.split("/")
+        return pitch_class(key), key.endswith("m"), pitch_class(chord), _split_root(chord)[1]
+
     freq = {}
     for label in filter(None, labels):
         freq[label] = freq.get(label, 0) + 1
-    chosen = sorted(sorted(freq, key=lambda n: -freq[n])[:top], key=_label_order)
+    chosen = sorted(sorted(freq, key=lambda n: -freq[n])[:top], key=order)
     idx = torch.tensor([names.index(n) for n in chosen], dtype=torch.long)
     return chosen, counts[idx][:, idx]
 
@@ -2714,11 +2673,9 @@ def top_combinations(names: list[str], counts: torch.Tensor, labels: list, top: 
 def analyze_clusters(checkpoint, *, data=None, audio=None, split="test", labels=None, k=32,
                      iters=100, top=80, shuffles=5, out=None, cache=None, device=None, batch=16,
                      seed=0, log=print, verbose=True) -> dict:
-    """4.4 and Fig. 5: label each patch of the annotated mixes "key/chord" ("E/B": a B chord in E
-    major), k-means, count label pairs within clusters -> OUT/clusters.json, OUT/fig5.png (the
-    `top` combinations). The summary, the tonal share (within-cluster pairs where one's chord root
-    is the tonic, subdominant or dominant of the other's key), is set beside shuffled labels and a
-    random-weights encoder: clusters that merely group one song (one key) also raise it."""
+    """4.4 and Fig. 5 -> OUT/clusters.json, OUT/fig5.png: patches of the annotated mixes labelled
+    "key/chord" ("E/B": a B chord in E major), pairs counted within k-means clusters; the tonal
+    share beside shuffled labels and random weights (clusters of one song also raise it)."""
     model, device, _ = open_trained(checkpoint, device)
     index = lab_index(labels) if labels else None
     sources = mix_sources(data=data, audio=audio, split=split, cache=cache, cfg=model.config,
@@ -2756,12 +2713,10 @@ def analyze_clusters(checkpoint, *, data=None, audio=None, split="test", labels=
         "labelled_patches": n_labelled, "combinations": len(stats["names"]),
         "tonal_intervals": list(TONAL_INTERVALS),
         "tonal_share": {"Stem-JEPA": stats["tonal_share"], "random weights": rand["tonal_share"],
-                        **{w: stats[w] for w in ("shuffled across patches",
-                                                 "shuffled within tracks") if w in stats}},
+                        **{w: v for w, v in stats.items() if w.startswith("shuffled")}},
         **{key: {"Stem-JEPA": stats[key], "random weights": rand[key]}
            for key in ("same_track_pairs", "interval_profile")},
-        "cluster_sizes": stats["cluster_sizes"],
-        "top": chosen, "matrix": block.tolist(),
+        "cluster_sizes": stats["cluster_sizes"], "top": chosen, "matrix": block.tolist(),
         "definition": "counts[a][b]: ordered pairs of different patches in the same k-means "
                       "cluster, labelled a and b ('key/chord'), summed over clusters; tonal share: "
                       "fraction of those pairs where the root of b's chord is 0, 5 or 7 semitones "
@@ -2782,8 +2737,7 @@ ROMAN = ["I", "bII", "II", "bIII", "III", "IV", "#IV", "V", "bVI", "VI", "bVII",
 
 
 def plot_fig5(result: dict, path) -> None:
-    """Fig. 5: the key/chord co-occurrence matrix of the most frequent combinations (log colour
-    scale), and beside it the share of pairs per interval from key tonic to chord root."""
+    """Fig. 5: key/chord co-occurrence of the top combinations (log), and the interval profiles."""
     from matplotlib.figure import Figure        # not pyplot: leaves a notebook's backend alone
     fig = Figure(figsize=(11, 6))
     a, b = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
