@@ -2872,9 +2872,8 @@ def hold_out(splits: list[str], fraction: float, seed: int) -> list[str]:
 
 
 def toy_probe_labels(data_dir, out_csv, task: str = "key", *, sample_rate=16000, seed=0) -> Path:
-    """A toy-set probe task ("key": up to 24 classes; "tempo": `tempo_class`): OUT_CSV (file,
-    label, split; paths relative to its folder) and its mixes, OUT_DIR/mixes/<track>.wav (float,
-    so no sum clips). toy train/ -> train (10 % held out as valid), toy test/ -> test."""
+    """A toy-set probe task ("key", up to 24 classes, or "tempo": `tempo_class`) -> OUT_CSV (file,
+    label, split: toy train/ -> train, 10 % of it valid; test/ -> test), float mixes/ beside it."""
     if task not in ("key", "tempo"):
         raise StemJEPAError(f"toy probe task {task!r}: choose key or tempo")
     out_csv = Path(out_csv)
@@ -2892,10 +2891,9 @@ def toy_probe_labels(data_dir, out_csv, task: str = "key", *, sample_rate=16000,
             rows.append([f"mixes/{name}.wav",
                          labels["key"] if task == "key" else tempo_class(labels["tempo"]), split])
     splits = hold_out([r[2] for r in rows], 0.1, seed)
+    rows = [[file, label, split] for (file, label, _), split in zip(rows, splits)]
     with open(out_csv, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["file", "label", "split"])
-        w.writerows([file, label, split] for (file, label, _), split in zip(rows, splits))
+        csv.writer(f).writerows([["file", "label", "split"], *rows])
     return out_csv
 
 
@@ -2918,9 +2916,8 @@ def read_probe_labels(path, audio_root, *, task: str,
     files, labels, splits, problems = [], [], [], []
     for n, r in enumerate(rows, 2):
         file = Path(audio_root) / r["file"].strip()            # an absolute path stays as it is
-        label = [r["label"].strip()]
-        if task == "multilabel":
-            label = [l.strip() for l in r["label"].split(";") if l.strip()]
+        label = ([l.strip() for l in r["label"].split(";") if l.strip()] if task == "multilabel"
+                 else [r["label"].strip()])
         split = SPLIT_NAMES.get(r["split"].strip().lower())
         if not file.exists():
             problems.append(f"line {n}: {file} does not exist")
@@ -2972,10 +2969,9 @@ def global_embeddings(model: StemJEPA, files: list[Path], *, device="cpu", batch
 
 
 class ProbeMLP(nn.Module):
-    """"an MLP with 512 hidden units and a softmax layer" (4.5.1) -> logits (the softmax, or the
-    tagging sigmoids, are in the loss). Inputs are standardised with the training set's mean and
-    std, kept as buffers (our choice: the pooled unit vectors' coordinates are about
-    1/sqrt(3840), far from the scale the default init and lr expect)."""
+    """"an MLP with 512 hidden units and a softmax layer" (4.5.1) -> logits (softmax or sigmoids in
+    the loss). Our choice: inputs standardised by the train set's mean and std (buffers), as pooled
+    unit vectors' coordinates are about 1/sqrt(3840), far from what the init and lr expect."""
 
     def __init__(self, *, dim: int, hidden: int, classes: int, mean: torch.Tensor,
                  std: torch.Tensor):
@@ -3006,16 +3002,15 @@ def train_probe(x_train, y_train, x_valid, y_valid, *, task: str, n_classes=None
         torch.manual_seed(seed)
         std = x_train.std(0).clamp(min=1e-6) if len(x_train) > 1 else torch.ones(x_train.shape[1])
         model = ProbeMLP(dim=x_train.shape[1], hidden=hidden, classes=classes, mean=x_train.mean(0),
-                         std=std)
-    model = model.to(device)
+                         std=std).to(device)
     x_train, y_train = x_train.to(device), y_train.to(device)
     x_valid, y_valid = x_valid.to(device), y_valid.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     order = torch.Generator().manual_seed(seed)
     best = math.inf
     best_state = copy.deepcopy(model.state_dict())
-    waited = 0
-    for _ in range(epochs):
+    best_epoch = -1
+    for epoch in range(epochs):
         model.train()
         for idx in torch.randperm(len(x_train), generator=order).split(batch):
             loss = probe_loss(model(x_train[idx.to(device)]), y_train[idx.to(device)], task=task)
@@ -3028,11 +3023,9 @@ def train_probe(x_train, y_train, x_valid, y_valid, *, task: str, n_classes=None
         if valid < best:
             best = valid
             best_state = copy.deepcopy(model.state_dict())
-            waited = 0
-        else:
-            waited += 1
-            if waited >= patience:
-                break
+            best_epoch = epoch
+        elif epoch - best_epoch >= patience:
+            break
     model.load_state_dict(best_state)
     return model.eval()
 
@@ -3126,9 +3119,8 @@ def probe_metrics(model: ProbeMLP, x: torch.Tensor, y: torch.Tensor, *, task: st
 
 def chance_probe_metrics(y_train: torch.Tensor, y_test: torch.Tensor, *, task: str,
                          classes=None) -> dict:
-    """A model that ignores its input: the training set's majority class (multiclass; for a key
-    task with its refined accuracy); for tagging, ROC-AUC 0.5 and, as AP, each tag's share of
-    positives (a random scorer's mean)."""
+    """A model that ignores its input: the train set's majority class (and refined accuracy for a
+    key task); for tagging, ROC-AUC 0.5 and, as AP, each tag's share of positives (chance AP)."""
     if task == "multiclass":
         majority = torch.bincount(y_train).argmax()
         m = {"accuracy": (y_test == majority).float().mean().item()}
@@ -3141,9 +3133,8 @@ def chance_probe_metrics(y_train: torch.Tensor, y_test: torch.Tensor, *, task: s
 def probe(checkpoint, labels, *, audio=None, task="multiclass", encoder="context", out=None,
           device=None, batch=16, epochs=200, lr=1e-3, patience=20, seed=0, log=print,
           verbose=True) -> dict:
-    """Table 3's protocol on one task: the frozen encoder's global embedding of each file -> MLP
-    probe trained on train, early-stopped on valid, scored on test; beside it the same on a
-    random-weights encoder, and the chance level. Writes OUT/probe.json."""
+    """Table 3's protocol on one task: frozen global embeddings -> MLP probe fit on train, early-
+    stopped on valid, scored on test; also random weights and chance. Writes OUT/probe.json."""
     if task not in ("multiclass", "multilabel"):
         raise StemJEPAError(f"--task {task}: choose multiclass or multilabel")
     if encoder not in ("context", "target"):
