@@ -3201,9 +3201,8 @@ def audio_files(path) -> list[Path]:
 
 def embed_audio_files(model: StemJEPA, files: list[Path], *, keep=pool, device="cpu", batch=16,
                       group=8, log=print, verbose=True) -> tuple[list[Path], list]:
-    """keep(z) for each file's target-encoder patch embeddings z (F, T, D): the files embedded (in
-    the given order; unreadable ones are reported by name and skipped) and keep(z) of each.
-    Sorted by duration and embedded `group` at a time, so that their chunks share batches."""
+    """(readable files in the given order, keep(z) of each one's target embeddings z (F, T, D)).
+    Unreadable files are reported and skipped; embedded `group` at a time, shortest first."""
     seconds = {}
     for f in files:
         try:
@@ -3243,9 +3242,8 @@ def embed_audio_files(model: StemJEPA, files: list[Path], *, keep=pool, device="
 @torch.no_grad()
 def retrieve(checkpoint, mix, library, instrument: str, *, top=10, device=None, batch=16,
              log=print, verbose=True) -> list[dict]:
-    """Rank the audio files of a library by how well each fits `mix` as `instrument` (L2 between
-    the predictor's pooled output and the file's pooled target embedding, 4.1), with the best offset
-    of the `top` ones. Library embeddings are cached beside it; unreadable files are left out."""
+    """Rank a library's readable audio files by fit to `mix` as `instrument` (4.1: L2 of pooled
+    prediction and target embeddings) and the `top` ones' best offsets; cache beside the library."""
     model, device, _ = open_trained(checkpoint, device)
     cfg = model.config
     instrument_id = model.instrument_id(instrument)   # an unknown one fails before decoding
@@ -3283,8 +3281,7 @@ def retrieve(checkpoint, mix, library, instrument: str, *, top=10, device=None, 
 
 @torch.no_grad()
 def score(checkpoint, mix, stem, instrument: str, *, device=None, batch=16) -> dict:
-    """StemJEPA.score for two audio files: how well `stem` fits `mix` as `instrument` (retrieval's
-    distance for one pair, and the best offset)."""
+    """StemJEPA.score for two audio files: how well `stem` fits `mix` as `instrument`, and where."""
     model, _, _ = open_trained(checkpoint, device)
     model.instrument_id(instrument)             # an unknown instrument fails before decoding
     sr = model.config.sample_rate
@@ -3350,9 +3347,8 @@ def _hear_patches(audio: torch.Tensor, model: HEARModel, batch: int) -> list[tor
 @torch.no_grad()
 def get_timestamp_embeddings(audio: torch.Tensor, model: HEARModel,
                              batch: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """HEAR: audio (n, N) at model.sample_rate -> embeddings (n, T, F*D), the target encoder's patch
-    columns (`frames`), and timestamps (n, T) in ms, the centre of each 160 ms column. Each sound
-    is embedded on its own (as `embed_long` does), independently of the others in the batch."""
+    """HEAR: audio (n, N) at model.sample_rate -> target `frames` (n, T, F*D) and their centres
+    (n, T) in ms; each sound embedded on its own (as `embed_long`), independent of the batch."""
     emb = torch.stack([frames(z) for z in _hear_patches(audio, model, batch)])  # (n, T, F*D)
     patch_ms = 1000 * patch_seconds(model.model.config)
     ts = ((torch.arange(emb.shape[1]) + 0.5) * patch_ms).float().expand(len(emb), -1)  # (n, T)
@@ -3418,12 +3414,10 @@ def train_flops_per_sample(cfg: Config) -> float:
 
 
 def obvious_step(cfg: Config, device, context, target, instrument):
-    """`bench --baseline`: the same shapes assembled the obvious way, as a yardstick for ours:
-    PyTorch's nn.TransformerEncoder with a learned position table, an nn.Sequential predictor, the
-    EMA as a Python loop over parameters, AdamW with its defaults, the mel front-end rebuilt and a
-    loss read back (.item()) at every step. Returns the step as a function of no arguments."""
+    """`bench --baseline`'s yardstick, the same step assembled the obvious way (-> a function of no
+    arguments): nn.TransformerEncoder, learned positions, nn.Sequential predictor, Python-loop EMA,
+    default AdamW, the mel front-end rebuilt and the loss read back (.item()) at every step."""
     D = cfg.dim
-    hidden = cfg.pred_hidden
     frames = chunk_samples(cfg) // cfg.hop_length
     tokens = (cfg.n_mels // cfg.patch_size) * (frames // cfg.patch_size)
 
@@ -3444,10 +3438,10 @@ def obvious_step(cfg: Config, device, context, target, instrument):
     online = Encoder().to(device)
     target_net = copy.deepcopy(online).requires_grad_(False)
     embedding = nn.Embedding(len(TOY_STEMS), D).to(device)
-    layers = [nn.Linear(2 * D, hidden), nn.ReLU()]
+    layers = [nn.Linear(2 * D, cfg.pred_hidden), nn.ReLU()]
     for _ in range(cfg.pred_layers - 2):
-        layers += [nn.Linear(hidden, hidden), nn.ReLU()]
-    predictor = nn.Sequential(*layers, nn.Linear(hidden, D), nn.LayerNorm(D)).to(device)
+        layers += [nn.Linear(cfg.pred_hidden, cfg.pred_hidden), nn.ReLU()]
+    predictor = nn.Sequential(*layers, nn.Linear(cfg.pred_hidden, D), nn.LayerNorm(D)).to(device)
     params = [*online.parameters(), *embedding.parameters(), *predictor.parameters()]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
 
@@ -3475,9 +3469,8 @@ def obvious_step(cfg: Config, device, context, target, instrument):
 
 def bench(*, preset="paper", batch_size=2, device=None, compile=False, steps=5, data=None,
           baseline=False, log=print, **overrides) -> dict:
-    """Peak matmul throughput, the training step (samples/s, FLOP/s, MFU), the data loader
-    (chunks/s of one worker from the prepared cache), evaluation speed and peak memory.
-    overrides: Config fields replacing the preset's, as for `make_config`."""
+    """Peak matmul FLOP/s, the training step (samples/s, FLOP/s, MFU), one loader worker (chunks/s,
+    warm cache), evaluation speed, peak memory. overrides: Config fields, as for `make_config`."""
     import resource
     import tempfile
     device = pick_device(device)
