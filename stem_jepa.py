@@ -3572,30 +3572,16 @@ def _add_train_options(p, exclude=()):
     """One option per Config field (--batch-size for batch_size, ...), defaulting to the preset's;
     the field's comment in the source is its help."""
     import inspect
-    helps = {}
-    for line in inspect.getsource(Config).splitlines():
-        name, _, comment = line.strip().partition("#")
-        if ":" in name and "=" in name:
-            helps[name.split(":")[0].strip()] = comment.strip()
+    lines = [line.strip().partition("#") for line in inspect.getsource(Config).splitlines()]
+    helps = {name.split(":")[0].strip(): comment.strip()
+             for name, _, comment in lines if ":" in name and "=" in name}
     p.add_argument("--preset", choices=list(PRESETS), default="paper",
                    help="paper (GPU) or tiny (CPU, minutes)")
-    for f in dataclasses.fields(Config):
-        if f.name in exclude:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        text = helps.get(f.name, "")
-        if f.type == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
-        else:
-            p.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type], help=text)
+    for f in [f for f in dataclasses.fields(Config) if f.name not in exclude]:
+        kind = (dict(action=argparse.BooleanOptionalAction) if f.type == "bool"
+                else dict(type={"int": int, "float": float, "str": str}[f.type]))
+        p.add_argument("--" + f.name.replace("_", "-"), help=helps.get(f.name, ""), **kind)
     p.add_argument("--lr", type=float, dest="base_lr", help="the same as --base-lr")
-
-
-def _add_layout_options(p):
-    p.add_argument("--channels", help="one multichannel file per track: the names of its channels, "
-                                      "e.g. bass,drums,other,vocals (mix or mixture: left out)")
-    p.add_argument("--groups", help="Slakh2100 classes (or MoisesDB stems) per instrument, e.g. "
-                                    "'bass=Bass;drums=Drums;other=*' (the default for Slakh2100)")
 
 
 def _add_shared_options(p, *names):
@@ -3603,10 +3589,16 @@ def _add_shared_options(p, *names):
     shared = {"checkpoint": dict(required=True, help="a run's checkpoint.pt"),
               "device": dict(help="cuda, cuda:N, mps or cpu (default: the best available)"),
               "mix": dict(required=True, help="audio file of the mix"),
+              "instrument": dict(required=True, help="the stem's instrument (e.g. bass)"),
+              "json": dict(action="store_true", help="print JSON instead of text"),
               "batch": dict(type=int, default=16, help="chunks encoded at once"),
               "cache": dict(help="where decoded 16 kHz stems are kept "
                                  "(default DATA/.stem_jepa_cache)"),
-              "seed": dict(type=int, default=0)}
+              "seed": dict(type=int, default=0),
+              "channels": dict(help="one multichannel file per track: the names of its channels, "
+                                    "e.g. bass,drums,other,vocals (mix or mixture: left out)"),
+              "groups": dict(help="Slakh2100 classes (or MoisesDB stems) per instrument, e.g. "
+                                  "'bass=Bass;drums=Drums;other=*' (the default for Slakh2100)")}
     for name in names:
         p.add_argument("--" + name, **shared[name])
 
@@ -3722,111 +3714,80 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("toy", help="write procedural multitrack songs in the MUSDB18-HQ layout")
-    p.set_defaults(func=cmd_toy)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--tracks", type=int, default=20, help="number of songs (20 %% go to test/)")
     p.add_argument("--seconds", type=float, default=30.0, help="length of each song")
     _add_shared_options(p, "seed")
 
     p = sub.add_parser("train", help="train Stem-JEPA on a multitrack folder")
-    p.set_defaults(func=cmd_train)
-    p.add_argument("--data", required=True,
-                   help="MUSDB18(-HQ) root or a folder of multitrack folders")
+    p.add_argument("--data", required=True, help="MUSDB18(-HQ) root or a folder of track folders")
     p.add_argument("--out", default="runs/stem-jepa", help="run folder: checkpoint.pt and log.csv")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--force", action="store_true",
                    help="resume despite harmless changes (e.g. --steps)")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
-    p.add_argument("--workers", type=int,
-                   help="data loader processes (default: half the cores, at most 8)")
-    p.add_argument("--stop-at", type=int,
-                   help="save and exit at this step (continue later with --resume)")
+    p.add_argument("--workers", type=int, help="loader processes (default: half the cores, max 8)")
+    p.add_argument("--stop-at", type=int, help="save and exit at this step; --resume continues")
     p.add_argument("--init-from", metavar="CKPT", help="a new run starting from this checkpoint's "
                    "encoders and predictor (fresh optimizer and schedules)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="autocast on CUDA: auto "
                    "is bf16 where the GPU has it, else fp16 with loss scaling; fp32 off CUDA")
-    _add_shared_options(p, "cache", "device")
+    _add_shared_options(p, "cache", "device", "channels", "groups")
     _add_train_options(p)
-    _add_layout_options(p)
 
     p = sub.add_parser("evaluate", help="stem retrieval (Table 1, Fig. 2) with comparison rows")
-    p.set_defaults(func=cmd_evaluate)
     p.add_argument("--data", required=True, help="dataset root (as for train)")
     p.add_argument("--split", default="test",
                    help="train, test, or all: both together, as Table 1 (MUSDB18: 600 references)")
     p.add_argument("--out", help="output folder (default: beside the checkpoint, eval-SPLIT)")
-    p.add_argument("--listening", type=int, default=0,
-                   help="also write N listening-test trials (4.2)")
-    _add_shared_options(p, "checkpoint", "cache", "device", "batch", "seed")
-    _add_layout_options(p)
+    p.add_argument("--listening", type=int, default=0, help="also write N listening trials (4.2)")
+    _add_shared_options(p, "checkpoint", "cache", "device", "batch", "seed", "channels", "groups")
 
     p = sub.add_parser("retrieve", help="rank the stems of a library by how well they fit a mix")
-    p.set_defaults(func=cmd_retrieve)
     p.add_argument("--library", required=True, help="folder of candidate stems (any audio files)")
-    p.add_argument("--instrument", required=True,
-                   help="which instrument the stem should be (e.g. bass)")
     p.add_argument("--top", type=int, default=10)
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    _add_shared_options(p, "checkpoint", "mix", "device", "batch")
+    _add_shared_options(p, "instrument", "json", "checkpoint", "mix", "device", "batch")
 
     p = sub.add_parser("score", help="how well one stem fits one mix as an instrument, and where")
-    p.set_defaults(func=cmd_score)
     p.add_argument("--stem", required=True, help="audio file of the candidate stem")
-    p.add_argument("--instrument", required=True, help="the stem's instrument (e.g. bass)")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    _add_shared_options(p, "checkpoint", "mix", "device")
+    _add_shared_options(p, "instrument", "json", "checkpoint", "mix", "device")
 
     p = sub.add_parser("embed", help="3840-d embeddings of audio files, for other uses")
-    p.set_defaults(func=cmd_embed)
     p.add_argument("--audio", required=True, help="an audio file or a folder")
-    p.add_argument("--out", required=True,
-                   help="FILE.npy (one row per file; the files in FILE.txt)")
+    p.add_argument("--out", required=True, help="FILE.npy (a row per file; the files in FILE.txt)")
     p.add_argument("--sequences", action="store_true",
                    help="also FILE.sequences.npz: one vector per 160 ms")
     _add_shared_options(p, "checkpoint", "device", "batch")
 
-    p = sub.add_parser("analyze",
-                       help="stem alignment (4.3, Fig. 4) and musical plausibility (4.4, Fig. 5)")
+    p = sub.add_parser("analyze", help="alignment (4.3, Fig. 4) and musical sense (4.4, Fig. 5)")
     kinds = p.add_subparsers(dest="analysis", required=True)
     a = kinds.add_parser("align", help="Eq. 3: target patches against shifted predictions (Fig. 4)")
     a.add_argument("--data", required=True, help="multitrack dataset root (as for train)")
-    a.add_argument("--tracks", type=int,
-                   help="only the first K tracks (default all; the figure draws 8)")
+    a.add_argument("--tracks", type=int, help="first K tracks only (default: all; Fig. 4 draws 8)")
     a.add_argument("--max-shift-s", type=float, default=10.0, help="largest shift, in seconds")
-    c = kinds.add_parser("clusters",
-                         help="k-means on patch embeddings, key/chord co-occurrence (Fig. 5)")
+    c = kinds.add_parser("clusters", help="k-means on patches, key/chord co-occurrence (Fig. 5)")
     source = c.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data",
-                        help="multitrack dataset root: the mix of each track's stems is embedded")
-    source.add_argument("--audio",
-                        help="folder of full mixes (e.g. the Beatles), named as their .lab files")
+    source.add_argument("--data", help="multitrack root: the mix of each track's stems is embedded")
+    source.add_argument("--audio", help="folder of full mixes (e.g. Beatles), named as .lab files")
     c.add_argument("--labels", help="folder of NAME.keys.lab and NAME.chords.lab files, or "
-                   "Isophonics' keylab/ and chordlab/ tree (default: labels.json beside each "
-                   "track's stems)")
+                   "Isophonics' keylab/, chordlab/ tree (default: each track's labels.json)")
     c.add_argument("--k", type=int, default=32, help="k-means clusters")
     c.add_argument("--iters", type=int, default=100, help="k-means iterations at most")
     c.add_argument("--top", type=int, default=80, help="key/chord combinations shown in fig5.png")
     c.add_argument("--shuffles", type=int, default=5, help="label shuffles for the chance level")
     _add_shared_options(c, "seed")
     for q in (a, c):
-        q.set_defaults(func=cmd_analyze)
-        q.add_argument("--split", default="test",
-                       help="dataset split (with --data): train, test or all")
+        q.add_argument("--split", default="test", help="split (with --data): train, test or all")
         q.add_argument("--out", help="output folder (default: beside the checkpoint)")
         _add_shared_options(q, "checkpoint", "cache", "device", "batch")
 
-    p = sub.add_parser("probe", help="downstream probe on frozen embeddings (4.5, Table 3), "
-                                     "with random weights")
-    p.set_defaults(func=cmd_probe)
-    p.add_argument("--labels", required=True,
-                   help="CSV with columns file,label,split (train/valid/test)")
-    p.add_argument("--audio",
-                   help="folder the CSV's relative paths start from (default: the CSV's folder)")
+    p = sub.add_parser("probe", help="frozen-embedding probe (4.5, Table 3), with random weights")
+    p.add_argument("--labels", required=True, help="CSV: file,label,split (train/valid/test)")
+    p.add_argument("--audio", help="root of the CSV's relative paths (default: the CSV's folder)")
     p.add_argument("--task", choices=["multiclass", "multilabel"], default="multiclass",
                    help="one label per file (accuracy), or ';'-separated tags (ROC-AUC, AP)")
     p.add_argument("--encoder", choices=["context", "target"], default="context",
-                   help="frozen encoder to probe: context (the authors' downstream code) "
-                        "or the EMA target")
+                   help="frozen encoder to probe: context (authors' downstream code) or EMA target")
     p.add_argument("--out", help="output folder (default: beside the checkpoint, probe/)")
     p.add_argument("--epochs", type=int, default=200, help="at most; early stopping on valid")
     p.add_argument("--patience", type=int, default=20,
@@ -3834,28 +3795,28 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     _add_shared_options(p, "checkpoint", "device", "batch", "seed")
 
-    p = sub.add_parser("bench",
-                       help="measure peak FLOP/s, the training step, the loader and evaluation")
-    p.set_defaults(func=cmd_bench, batch_size=2)      # a batch of 2 unless --batch-size
+    p = sub.add_parser("bench", help="measure peak FLOP/s, training step, loader and evaluation")
+    p.set_defaults(batch_size=2)                        # a batch of 2 unless --batch-size
     p.add_argument("--compile", action="store_true")
     p.add_argument("--steps", type=int, default=5, help="timed steps (after warm-up)")
     p.add_argument("--data", help="dataset for the loader measurement (default: 10 toy songs)")
-    p.add_argument("--baseline", action="store_true",
-                   help="also time the same step assembled the obvious way")
+    p.add_argument("--baseline", action="store_true", help="also time a step built the obvious way")
     p.add_argument("--json", help="also write the numbers to this file")
     _add_shared_options(p, "device")
     _add_train_options(p, exclude=("steps",))
 
     p = sub.add_parser("demo", help="toy data + the tiny preset on this machine, end to end")
-    p.set_defaults(func=cmd_demo)
     p.add_argument("--dir", default="demo", help="folder for the toy data and the run")
     p.add_argument("--tracks", type=int, default=40)
     p.add_argument("--steps", type=int, default=300)
     _add_shared_options(p, "device")
 
     args = parser.parse_args(argv)
+    commands = {"toy": cmd_toy, "train": cmd_train, "evaluate": cmd_evaluate,
+                "retrieve": cmd_retrieve, "score": cmd_score, "embed": cmd_embed,
+                "analyze": cmd_analyze, "probe": cmd_probe, "bench": cmd_bench, "demo": cmd_demo}
     try:
-        args.func(args)
+        commands[args.command](args)
     except StemJEPAError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
