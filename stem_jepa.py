@@ -3759,7 +3759,8 @@ def main(argv=None):
                    help="also FILE.sequences.npz: one vector per 160 ms")
     _add_shared_options(p, "checkpoint", "device", "batch")
 
-    p = sub.add_parser("analyze", help="alignment (4.3, Fig. 4) and musical sense (4.4, Fig. 5)")
+    p = sub.add_parser("analyze",
+                       help="stem alignment (4.3, Fig. 4), musical plausibility (4.4, Fig. 5)")
     kinds = p.add_subparsers(dest="analysis", required=True)
     a = kinds.add_parser("align", help="Eq. 3: target patches against shifted predictions (Fig. 4)")
     a.add_argument("--data", required=True, help="multitrack dataset root (as for train)")
