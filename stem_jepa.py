@@ -3250,8 +3250,7 @@ def retrieve(checkpoint, mix, library, instrument: str, *, top=10, device=None, 
     files = audio_files(library)
     mix_audio = load_audio(mix, cfg.sample_rate)  # a bad --mix fails before the library is embedded
     chunk = chunk_samples(cfg)
-    key = _cache_key(_file_id(Path(checkpoint).resolve()), "files+refs",
-                     [_file_id(f) for f in files])
+    key = _cache_key(_file_id(Path(checkpoint).resolve()), "files+refs", list(map(_file_id, files)))
     cache = (Path(library) if Path(library).is_dir() else Path(library).parent) / ".stem_jepa_cache"
     cache_file = cache / f"library-{key}.pt"
     if cache_file.exists():
@@ -3339,9 +3338,8 @@ def _hear_patches(audio: torch.Tensor, model: HEARModel, batch: int) -> list[tor
     if audio.ndim != 2:
         raise StemJEPAError(f"HEAR audio is (n_sounds, n_samples); got shape {tuple(audio.shape)}")
     jepa = model.model
-    return embed_long(jepa, list(audio.detach().float().cpu().numpy()),
-                      chunk=chunk_samples(jepa.config), batch=batch,
-                      device=next(jepa.parameters()).device)
+    return embed_long(jepa, list(audio.detach().float().cpu().numpy()), batch=batch,
+                      chunk=chunk_samples(jepa.config), device=next(jepa.parameters()).device)
 
 
 @torch.no_grad()
@@ -3508,8 +3506,7 @@ def bench(*, preset="paper", batch_size=2, device=None, compile=False, steps=5, 
                                                                 repeats=steps)
 
     # evaluation: seconds of audio embedded per second by the target encoder
-    audio = np.random.default_rng(0).standard_normal(4 * 60 * cfg.sample_rate)
-    audio = (0.1 * audio).astype(np.float32)
+    audio = np.random.default_rng(0).normal(0, 0.1, 4 * 60 * cfg.sample_rate).astype(np.float32)
     seconds = _timed(lambda: embed_long(model, [audio], chunk=n, batch=16, device=device), device)
     r["eval_audio_s_per_s"] = len(audio) / cfg.sample_rate / seconds
 
@@ -3697,9 +3694,8 @@ def cmd_probe(args):
 
 
 def cmd_bench(args):
-    overrides = _config_overrides(args)
-    overrides.pop("steps")                      # bench's --steps: the timed steps
-    overrides.pop("batch_size")
+    overrides = {k: v for k, v in _config_overrides(args).items()
+                 if k not in ("steps", "batch_size")}   # bench's --steps: the timed steps
     r = bench(preset=args.preset, batch_size=args.batch_size, device=args.device,
               compile=args.compile, steps=args.steps, data=args.data, baseline=args.baseline,
               **overrides)
