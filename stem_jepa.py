@@ -2913,7 +2913,7 @@ def read_probe_labels(path, audio_root, *, task: str,
             raise StemJEPAError(f"{path}: missing column(s) {', '.join(sorted(missing))}; "
                                 "expected file,label,split")
         rows = list(reader)
-    files, labels, splits, problems = [], [], [], []
+    kept, problems = [], []
     for n, r in enumerate(rows, 2):
         file = Path(audio_root) / r["file"].strip()            # an absolute path stays as it is
         label = ([l.strip() for l in r["label"].split(";") if l.strip()] if task == "multilabel"
@@ -2927,17 +2927,16 @@ def read_probe_labels(path, audio_root, *, task: str,
             problems.append(f"line {n}: multiclass needs exactly one label (got {r['label']!r}; "
                             "for several use --task multilabel)")
         else:
-            files.append(file)
-            labels.append(label)
-            splits.append(split)
+            kept.append((file, label, split))
     if problems:
         raise StemJEPAError(f"{path}: {len(problems)} bad rows:\n  " + "\n  ".join(problems[:10]))
+    splits = [split for _, _, split in kept]
     if "valid" not in splits:
         splits = hold_out(splits, 0.1, seed)
     for s in ("train", "valid", "test"):
         if s not in splits:
             raise StemJEPAError(f"{path}: no {s} rows (and too few train rows to hold some out)")
-    return files, labels, splits
+    return [file for file, _, _ in kept], [label for _, label, _ in kept], splits
 
 
 def encode_targets(labels: list[list[str]], classes: list[str], *, task: str) -> torch.Tensor:
@@ -2945,10 +2944,8 @@ def encode_targets(labels: list[list[str]], classes: list[str], *, task: str) ->
     column = {c: j for j, c in enumerate(classes)}
     if task == "multiclass":
         return torch.tensor([column[l[0]] for l in labels], dtype=torch.long)
-    y = torch.zeros(len(labels), len(classes))
-    for i, row in enumerate(labels):
-        y[i, [column[l] for l in row]] = 1.0
-    return y
+    multi_hot = [[float(c in row) for c in classes] for row in labels]
+    return torch.tensor(multi_hot).view(len(labels), len(classes))
 
 
 @torch.no_grad()
@@ -3589,8 +3586,7 @@ def _add_shared_options(p, *names):
               "instrument": dict(required=True, help="the stem's instrument (e.g. bass)"),
               "json": dict(action="store_true", help="print JSON instead of text"),
               "batch": dict(type=int, default=16, help="chunks encoded at once"),
-              "cache": dict(help="where decoded 16 kHz stems are kept "
-                                 "(default DATA/.stem_jepa_cache)"),
+              "cache": dict(help="where decoded 16 kHz stems go (default DATA/.stem_jepa_cache)"),
               "seed": dict(type=int, default=0),
               "channels": dict(help="one multichannel file per track: the names of its channels, "
                                     "e.g. bass,drums,other,vocals (mix or mixture: left out)"),
@@ -3787,8 +3783,7 @@ def main(argv=None):
                    help="frozen encoder to probe: context (authors' downstream code) or EMA target")
     p.add_argument("--out", help="output folder (default: beside the checkpoint, probe/)")
     p.add_argument("--epochs", type=int, default=200, help="at most; early stopping on valid")
-    p.add_argument("--patience", type=int, default=20,
-                   help="epochs without a better valid loss before stopping")
+    p.add_argument("--patience", type=int, default=20, help="early-stopping patience, in epochs")
     p.add_argument("--lr", type=float, default=1e-3)
     _add_shared_options(p, "checkpoint", "device", "batch", "seed")
 
