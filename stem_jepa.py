@@ -2903,9 +2903,8 @@ SPLIT_NAMES = {"train": "train", "valid": "valid", "val": "valid", "validation":
 
 def read_probe_labels(path, audio_root, *, task: str,
                       seed=0) -> tuple[list[Path], list[list[str]], list[str]]:
-    """labels.csv -> (files, label lists, splits). Columns: file (relative to audio_root unless
-    absolute), label (multilabel: separated by ';'), split (train, valid or test). Without valid
-    rows, 10 % of train is held out."""
+    """CSV of file (from audio_root unless absolute), label (multilabel: ';'-separated) and split
+    (train, valid, test; without valid, 10 % of train) -> (files, label lists, splits)."""
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         missing = {"file", "label", "split"} - set(reader.fieldnames or [])
@@ -3035,8 +3034,7 @@ def average_ranks(x: torch.Tensor) -> torch.Tensor:
 
 
 def roc_auc(scores: torch.Tensor, targets: torch.Tensor) -> float:
-    """Area under the ROC curve = P(a random positive scores above a random negative), ties
-    counting one half (Mann-Whitney U from the ranks). NaN without both classes."""
+    """ROC AUC: P(positive scores above negative), ties half (Mann-Whitney U); NaN if one class."""
     pos = targets.bool()
     n_pos, n_neg = int(pos.sum()), int((~pos).sum())
     if n_pos == 0 or n_neg == 0:
@@ -3288,9 +3286,8 @@ def score(checkpoint, mix, stem, instrument: str, *, device=None, batch=16) -> d
 @torch.no_grad()
 def embed_files(checkpoint, audio, out, *, sequences=False, device=None, batch=16,
                 log=print, verbose=True) -> np.ndarray:
-    """The pooled 3840-d target-encoder embedding of each readable audio file (4.1's references;
-    4.5's probes use the context encoder) -> OUT (.npy, one row per file) and OUT.txt (the files,
-    in order); with `sequences`, OUT.sequences.npz too: per file, a (T, 3840) vector per 160 ms."""
+    """Readable files' pooled 3840-d target embeddings (4.1's references; 4.5 probes the context
+    encoder) -> OUT (.npy rows), OUT.txt (paths); `sequences`: OUT.sequences.npz, (T, 3840) each."""
     model, device, _ = open_trained(checkpoint, device)
     files = audio_files(audio)
     kept, embedded = embed_audio_files(model, files, device=device, batch=batch, log=log,
@@ -3311,8 +3308,7 @@ def embed_files(checkpoint, audio, out, *, sequences=False, device=None, batch=1
 
 
 class HEARModel(nn.Module):
-    """A trained Stem-JEPA as HEAR expects it: sample_rate, scene_embedding_size (the pooled
-    3840-d vector for ViT-B) and timestamp_embedding_size (one F*D vector per 160 ms column)."""
+    """A trained Stem-JEPA for HEAR: sample_rate, scene_ and timestamp_embedding_size (F*D)."""
 
     def __init__(self, model: StemJEPA):
         super().__init__()
@@ -3352,8 +3348,7 @@ def get_timestamp_embeddings(audio: torch.Tensor, model: HEARModel,
 
 @torch.no_grad()
 def get_scene_embeddings(audio: torch.Tensor, model: HEARModel, batch: int = 16) -> torch.Tensor:
-    """HEAR: audio (n, N) -> one vector per sound (n, F*D): `pool` of its target embeddings, the
-    global embedding of 4.5 (average over time, frequency rows concatenated, normalised)."""
+    """HEAR: audio (n, N) -> `pool` of each sound's target embeddings (n, F*D), as in 4.5."""
     return torch.stack([pool(z) for z in _hear_patches(audio, model, batch)]).to(audio.device)
 
 
@@ -3363,12 +3358,11 @@ def get_scene_embeddings(audio: torch.Tensor, model: HEARModel, batch: int = 16)
 
 def _timed(fn, device) -> float:
     """Wall time of one fn() call, from a synchronised device until its work is done."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda device: None
+    sync(device)
     t = time.perf_counter()
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     return time.perf_counter() - t
 
 
@@ -3563,8 +3557,7 @@ def format_bench(r: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def _add_train_options(p, exclude=()):
-    """One option per Config field (--batch-size for batch_size, ...), defaulting to the preset's;
-    the field's comment in the source is its help."""
+    """An option per Config field (--batch-size: batch_size), preset's default, comment as help."""
     import inspect
     lines = [line.strip().partition("#") for line in inspect.getsource(Config).splitlines()]
     helps = {name.split(":")[0].strip(): comment.strip()
@@ -3633,9 +3626,8 @@ def cmd_demo(args):
     train(make_config("tiny", steps=args.steps), data, out=out, device=args.device, resume=True)
     rows = list(csv.DictReader(open(out / "log.csv")))
     first, last = rows[0], rows[-1]
-    print(f"\nloss {float(first['loss']):.3f} (step {first['step']}) -> "
-          f"{float(last['loss']):.3f} (step {last['step']}); checkpoint in "
-          f"{out / 'checkpoint.pt'}\n")
+    print(f"\nloss {float(first['loss']):.3f} (step {first['step']}) -> {float(last['loss']):.3f} "
+          f"(step {last['step']}); checkpoint in {out / 'checkpoint.pt'}\n")
     evaluate(out / "checkpoint.pt", data, split="test", device=args.device)
 
 
@@ -3751,8 +3743,7 @@ def main(argv=None):
                    help="also FILE.sequences.npz: one vector per 160 ms")
     _add_shared_options(p, "checkpoint", "device", "batch")
 
-    p = sub.add_parser("analyze",
-                       help="stem alignment (4.3, Fig. 4), musical plausibility (4.4, Fig. 5)")
+    p = sub.add_parser("analyze", help="stem alignment (4.3) and musical plausibility (4.4)")
     kinds = p.add_subparsers(dest="analysis", required=True)
     a = kinds.add_parser("align", help="Eq. 3: target patches against shifted predictions (Fig. 4)")
     a.add_argument("--data", required=True, help="multitrack dataset root (as for train)")
