@@ -2940,9 +2940,8 @@ def read_probe_labels(path, audio_root, *, task: str,
 
 def encode_targets(labels: list[list[str]], classes: list[str], *, task: str) -> torch.Tensor:
     """Label lists -> class indices (N,) (multiclass) or multi-hot rows (N, C) (multilabel)."""
-    column = {c: j for j, c in enumerate(classes)}
     if task == "multiclass":
-        return torch.tensor([column[l[0]] for l in labels], dtype=torch.long)
+        return torch.tensor([classes.index(l[0]) for l in labels], dtype=torch.long)
     multi_hot = [[float(c in row) for c in classes] for row in labels]
     return torch.tensor(multi_hot).view(len(labels), len(classes))
 
@@ -2955,19 +2954,17 @@ def global_embeddings(model: StemJEPA, files: list[Path], *, device="cpu", batch
     global embedding" -> (n files, F*D). [code] The context encoder, as the authors' downstream
     wrapper loads only encoder.* weights; target=True: the EMA target encoder."""
     model = model.to(device).eval()
-    cfg = model.config
     rows = []
     for i in range(0, len(files), group):                       # `group` files share batches
-        wavs = [load_audio(f, cfg.sample_rate) for f in files[i: i + group]]
-        rows += [pool(z) for z in embed_long(model, wavs, chunk=chunk_samples(cfg), target=target,
-                                             batch=batch, device=device)]
+        wavs = [load_audio(f, model.config.sample_rate) for f in files[i: i + group]]
+        rows += [pool(z) for z in embed_long(model, wavs, chunk=chunk_samples(model.config),
+                                             target=target, batch=batch, device=device)]
     return torch.stack(rows).float()
 
 
 class ProbeMLP(nn.Module):
-    """"an MLP with 512 hidden units and a softmax layer" (4.5.1) -> logits (softmax or sigmoids in
-    the loss). Our choice: inputs standardised by the train set's mean and std (buffers), as pooled
-    unit vectors' coordinates are about 1/sqrt(3840), far from what the init and lr expect."""
+    """"an MLP with 512 hidden units and a softmax layer" (4.5.1) -> logits (softmax: in the loss).
+    Our choice: inputs standardised by train mean, std (buffers); raw ones are ~1/sqrt(3840)."""
 
     def __init__(self, *, dim: int, hidden: int, classes: int, mean: torch.Tensor,
                  std: torch.Tensor):
@@ -2982,16 +2979,14 @@ class ProbeMLP(nn.Module):
 
 def probe_loss(logits: torch.Tensor, y: torch.Tensor, *, task: str) -> torch.Tensor:
     """Cross-entropy of the softmax (4.5.1); per-tag binary cross-entropy for multilabel tagging."""
-    if task == "multiclass":
-        return F.cross_entropy(logits, y)
-    return F.binary_cross_entropy_with_logits(logits, y)
+    return (F.cross_entropy(logits, y) if task == "multiclass"
+            else F.binary_cross_entropy_with_logits(logits, y))
 
 
 def train_probe(x_train, y_train, x_valid, y_valid, *, task: str, n_classes=None, hidden=512,
                 epochs=200, lr=1e-3, weight_decay=1e-2, batch=64, patience=20, seed=0,
                 device="cpu") -> ProbeMLP:
-    """Fit a `ProbeMLP` with AdamW, keeping the epoch of lowest validation loss, stopping after
-    `patience` epochs without a better one. Seeded (init, batch order); the global RNG untouched."""
+    """AdamW-fit `ProbeMLP`, early-stopped at its best valid loss; seeded, global RNG untouched."""
     classes = (y_train.shape[1] if task == "multilabel"
                else n_classes or int(max(y_train.max(), y_valid.max())) + 1)
     with torch.random.fork_rng(devices=[]):
@@ -3403,9 +3398,8 @@ def train_flops_per_sample(cfg: Config) -> float:
 
 
 def obvious_step(cfg: Config, device, context, target, instrument):
-    """`bench --baseline`'s yardstick, the same step assembled the obvious way (-> a function of no
-    arguments): nn.TransformerEncoder, learned positions, nn.Sequential predictor, Python-loop EMA,
-    default AdamW, the mel front-end rebuilt and the loss read back (.item()) at every step."""
+    """`bench --baseline`'s yardstick, the same step built the obvious way (a no-argument function):
+    nn.TransformerEncoder, learned positions, Python-loop EMA, mel rebuilt, .item() every step."""
     D = cfg.dim
     frames = chunk_samples(cfg) // cfg.hop_length
     tokens = (cfg.n_mels // cfg.patch_size) * (frames // cfg.patch_size)
@@ -3664,8 +3658,7 @@ def cmd_embed(args):
 
 
 def cmd_analyze(args):
-    common = dict(split=args.split, out=args.out, cache=args.cache, device=args.device,
-                  batch=args.batch)
+    common = {k: getattr(args, k) for k in ("split", "out", "cache", "device", "batch")}
     if args.analysis == "align":
         analyze_alignment(args.checkpoint, args.data, tracks=args.tracks,
                           max_shift_s=args.max_shift_s, **common)
@@ -3684,9 +3677,8 @@ def cmd_probe(args):
 def cmd_bench(args):
     overrides = {k: v for k, v in _config_overrides(args).items()
                  if k not in ("steps", "batch_size")}   # bench's --steps: the timed steps
-    r = bench(preset=args.preset, batch_size=args.batch_size, device=args.device,
-              compile=args.compile, steps=args.steps, data=args.data, baseline=args.baseline,
-              **overrides)
+    r = bench(preset=args.preset, batch_size=args.batch_size, device=args.device, steps=args.steps,
+              compile=args.compile, data=args.data, baseline=args.baseline, **overrides)
     print(format_bench(r))
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=1))
