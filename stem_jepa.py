@@ -2778,9 +2778,8 @@ def hold_out(splits: list[str], fraction: float, seed: int) -> list[str]:
 
 
 def toy_probe_labels(data_dir, out_csv, task: str = "key", *, sample_rate=16000, seed=0) -> Path:
-    """A toy-set probe task ("key": up to 24 classes; "tempo": `tempo_class`): OUT_CSV (file,
-    label, split; paths relative to its folder) and its mixes, OUT_DIR/mixes/<track>.wav (float,
-    so no sum clips). toy train/ -> train (10 % held out as valid), toy test/ -> test."""
+    """A toy-set probe task ("key", up to 24 classes, or "tempo": `tempo_class`) -> OUT_CSV (file,
+    label, split: toy train/ -> train, 10 % of it valid; test/ -> test), float mixes/ beside it."""
     if task not in ("key", "tempo"):
         raise StemJEPAError(f"toy probe task {task!r}: choose key or tempo")
     out_csv = Path(out_csv)
@@ -2798,10 +2797,9 @@ def toy_probe_labels(data_dir, out_csv, task: str = "key", *, sample_rate=16000,
             rows.append([f"mixes/{name}.wav",
                          labels["key"] if task == "key" else tempo_class(labels["tempo"]), split])
     splits = hold_out([r[2] for r in rows], 0.1, seed)
+    rows = [[file, label, split] for (file, label, _), split in zip(rows, splits)]
     with open(out_csv, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["file", "label", "split"])
-        w.writerows([file, label, split] for (file, label, _), split in zip(rows, splits))
+        csv.writer(f).writerows([["file", "label", "split"], *rows])
     return out_csv
 
 
@@ -2811,9 +2809,8 @@ SPLIT_NAMES = {"train": "train", "valid": "valid", "val": "valid", "validation":
 
 def read_probe_labels(path, audio_root, *, task: str,
                       seed=0) -> tuple[list[Path], list[list[str]], list[str]]:
-    """labels.csv -> (files, label lists, splits). Columns: file (relative to audio_root unless
-    absolute), label (multilabel: separated by ';'), split (train, valid or test). Without valid
-    rows, 10 % of train is held out."""
+    """CSV of file (from audio_root unless absolute), label (multilabel: ';'-separated) and split
+    (train, valid, test; without valid, 10 % of train) -> (files, label lists, splits)."""
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         missing = {"file", "label", "split"} - set(reader.fieldnames or [])
@@ -2821,12 +2818,11 @@ def read_probe_labels(path, audio_root, *, task: str,
             raise StemJEPAError(f"{path}: missing column(s) {', '.join(sorted(missing))}; "
                                 "expected file,label,split")
         rows = list(reader)
-    files, labels, splits, problems = [], [], [], []
+    kept, problems = [], []
     for n, r in enumerate(rows, 2):
         file = Path(audio_root) / r["file"].strip()            # an absolute path stays as it is
-        label = [r["label"].strip()]
-        if task == "multilabel":
-            label = [l.strip() for l in r["label"].split(";") if l.strip()]
+        label = ([l.strip() for l in r["label"].split(";") if l.strip()] if task == "multilabel"
+                 else [r["label"].strip()])
         split = SPLIT_NAMES.get(r["split"].strip().lower())
         if not file.exists():
             problems.append(f"line {n}: {file} does not exist")
@@ -2836,28 +2832,24 @@ def read_probe_labels(path, audio_root, *, task: str,
             problems.append(f"line {n}: multiclass needs exactly one label (got {r['label']!r}; "
                             "for several use --task multilabel)")
         else:
-            files.append(file)
-            labels.append(label)
-            splits.append(split)
+            kept.append((file, label, split))
     if problems:
         raise StemJEPAError(f"{path}: {len(problems)} bad rows:\n  " + "\n  ".join(problems[:10]))
+    splits = [split for _, _, split in kept]
     if "valid" not in splits:
         splits = hold_out(splits, 0.1, seed)
     for s in ("train", "valid", "test"):
         if s not in splits:
             raise StemJEPAError(f"{path}: no {s} rows (and too few train rows to hold some out)")
-    return files, labels, splits
+    return [file for file, _, _ in kept], [label for _, label, _ in kept], splits
 
 
 def encode_targets(labels: list[list[str]], classes: list[str], *, task: str) -> torch.Tensor:
     """Label lists -> class indices (N,) (multiclass) or multi-hot rows (N, C) (multilabel)."""
-    column = {c: j for j, c in enumerate(classes)}
     if task == "multiclass":
-        return torch.tensor([column[l[0]] for l in labels], dtype=torch.long)
-    y = torch.zeros(len(labels), len(classes))
-    for i, row in enumerate(labels):
-        y[i, [column[l] for l in row]] = 1.0
-    return y
+        return torch.tensor([classes.index(l[0]) for l in labels], dtype=torch.long)
+    multi_hot = [[float(c in row) for c in classes] for row in labels]
+    return torch.tensor(multi_hot).view(len(labels), len(classes))
 
 
 @torch.no_grad()
@@ -2868,20 +2860,17 @@ def global_embeddings(model: StemJEPA, files: list[Path], *, device="cpu", batch
     global embedding" -> (n files, F*D). [code] The context encoder, as the authors' downstream
     wrapper loads only encoder.* weights; target=True: the EMA target encoder."""
     model = model.to(device).eval()
-    cfg = model.config
     rows = []
     for i in range(0, len(files), group):                       # `group` files share batches
-        wavs = [load_audio(f, cfg.sample_rate) for f in files[i: i + group]]
-        rows += [pool(z) for z in embed_long(model, wavs, chunk=chunk_samples(cfg), target=target,
-                                             batch=batch, device=device)]
+        wavs = [load_audio(f, model.config.sample_rate) for f in files[i: i + group]]
+        rows += [pool(z) for z in embed_long(model, wavs, chunk=chunk_samples(model.config),
+                                             target=target, batch=batch, device=device)]
     return torch.stack(rows).float()
 
 
 class ProbeMLP(nn.Module):
-    """"an MLP with 512 hidden units and a softmax layer" (4.5.1) -> logits (the softmax, or the
-    tagging sigmoids, are in the loss). Inputs are standardised with the training set's mean and
-    std, kept as buffers (our choice: the pooled unit vectors' coordinates are about
-    1/sqrt(3840), far from the scale the default init and lr expect)."""
+    """"an MLP with 512 hidden units and a softmax layer" (4.5.1) -> logits (softmax: in the loss).
+    Our choice: inputs standardised by train mean, std (buffers); raw ones are ~1/sqrt(3840)."""
 
     def __init__(self, *, dim: int, hidden: int, classes: int, mean: torch.Tensor,
                  std: torch.Tensor):
@@ -2896,32 +2885,29 @@ class ProbeMLP(nn.Module):
 
 def probe_loss(logits: torch.Tensor, y: torch.Tensor, *, task: str) -> torch.Tensor:
     """Cross-entropy of the softmax (4.5.1); per-tag binary cross-entropy for multilabel tagging."""
-    if task == "multiclass":
-        return F.cross_entropy(logits, y)
-    return F.binary_cross_entropy_with_logits(logits, y)
+    return (F.cross_entropy(logits, y) if task == "multiclass"
+            else F.binary_cross_entropy_with_logits(logits, y))
 
 
 def train_probe(x_train, y_train, x_valid, y_valid, *, task: str, n_classes=None, hidden=512,
                 epochs=200, lr=1e-3, weight_decay=1e-2, batch=64, patience=20, seed=0,
                 device="cpu") -> ProbeMLP:
-    """Fit a `ProbeMLP` with AdamW, keeping the epoch of lowest validation loss, stopping after
-    `patience` epochs without a better one. Seeded (init, batch order); the global RNG untouched."""
+    """AdamW-fit `ProbeMLP`, early-stopped at its best valid loss; seeded, global RNG untouched."""
     classes = (y_train.shape[1] if task == "multilabel"
                else n_classes or int(max(y_train.max(), y_valid.max())) + 1)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         std = x_train.std(0).clamp(min=1e-6) if len(x_train) > 1 else torch.ones(x_train.shape[1])
         model = ProbeMLP(dim=x_train.shape[1], hidden=hidden, classes=classes, mean=x_train.mean(0),
-                         std=std)
-    model = model.to(device)
+                         std=std).to(device)
     x_train, y_train = x_train.to(device), y_train.to(device)
     x_valid, y_valid = x_valid.to(device), y_valid.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     order = torch.Generator().manual_seed(seed)
     best = math.inf
     best_state = copy.deepcopy(model.state_dict())
-    waited = 0
-    for _ in range(epochs):
+    best_epoch = -1
+    for epoch in range(epochs):
         model.train()
         for idx in torch.randperm(len(x_train), generator=order).split(batch):
             loss = probe_loss(model(x_train[idx.to(device)]), y_train[idx.to(device)], task=task)
@@ -2934,11 +2920,9 @@ def train_probe(x_train, y_train, x_valid, y_valid, *, task: str, n_classes=None
         if valid < best:
             best = valid
             best_state = copy.deepcopy(model.state_dict())
-            waited = 0
-        else:
-            waited += 1
-            if waited >= patience:
-                break
+            best_epoch = epoch
+        elif epoch - best_epoch >= patience:
+            break
     model.load_state_dict(best_state)
     return model.eval()
 
@@ -2951,8 +2935,7 @@ def average_ranks(x: torch.Tensor) -> torch.Tensor:
 
 
 def roc_auc(scores: torch.Tensor, targets: torch.Tensor) -> float:
-    """Area under the ROC curve = P(a random positive scores above a random negative), ties
-    counting one half (Mann-Whitney U from the ranks). NaN without both classes."""
+    """ROC AUC: P(positive scores above negative), ties half (Mann-Whitney U); NaN if one class."""
     pos = targets.bool()
     n_pos, n_neg = int(pos.sum()), int((~pos).sum())
     if n_pos == 0 or n_neg == 0:
@@ -3032,9 +3015,8 @@ def probe_metrics(model: ProbeMLP, x: torch.Tensor, y: torch.Tensor, *, task: st
 
 def chance_probe_metrics(y_train: torch.Tensor, y_test: torch.Tensor, *, task: str,
                          classes=None) -> dict:
-    """A model that ignores its input: the training set's majority class (multiclass; for a key
-    task with its refined accuracy); for tagging, ROC-AUC 0.5 and, as AP, each tag's share of
-    positives (a random scorer's mean)."""
+    """A model that ignores its input: the train set's majority class (and refined accuracy for a
+    key task); for tagging, ROC-AUC 0.5 and, as AP, each tag's share of positives (chance AP)."""
     if task == "multiclass":
         majority = torch.bincount(y_train).argmax()
         m = {"accuracy": (y_test == majority).float().mean().item()}
@@ -3047,9 +3029,8 @@ def chance_probe_metrics(y_train: torch.Tensor, y_test: torch.Tensor, *, task: s
 def probe(checkpoint, labels, *, audio=None, task="multiclass", encoder="context", out=None,
           device=None, batch=16, epochs=200, lr=1e-3, patience=20, seed=0, log=print,
           verbose=True) -> dict:
-    """Table 3's protocol on one task: the frozen encoder's global embedding of each file -> MLP
-    probe trained on train, early-stopped on valid, scored on test; beside it the same on a
-    random-weights encoder, and the chance level. Writes OUT/probe.json."""
+    """Table 3's protocol on one task: frozen global embeddings -> MLP probe fit on train, early-
+    stopped on valid, scored on test; also random weights and chance. Writes OUT/probe.json."""
     if task not in ("multiclass", "multilabel"):
         raise StemJEPAError(f"--task {task}: choose multiclass or multilabel")
     if encoder not in ("context", "target"):
@@ -3116,9 +3097,8 @@ def audio_files(path) -> list[Path]:
 
 def embed_audio_files(model: StemJEPA, files: list[Path], *, keep=pool, device="cpu", batch=16,
                       group=8, log=print, verbose=True) -> tuple[list[Path], list]:
-    """keep(z) for each file's target-encoder patch embeddings z (F, T, D): the files embedded (in
-    the given order; unreadable ones are reported by name and skipped) and keep(z) of each.
-    Sorted by duration and embedded `group` at a time, so that their chunks share batches."""
+    """(readable files in the given order, keep(z) of each one's target embeddings z (F, T, D)).
+    Unreadable files are reported and skipped; embedded `group` at a time, shortest first."""
     seconds = {}
     for f in files:
         try:
@@ -3158,17 +3138,15 @@ def embed_audio_files(model: StemJEPA, files: list[Path], *, keep=pool, device="
 @torch.no_grad()
 def retrieve(checkpoint, mix, library, instrument: str, *, top=10, device=None, batch=16,
              log=print, verbose=True) -> list[dict]:
-    """Rank the audio files of a library by how well each fits `mix` as `instrument` (L2 between
-    the predictor's pooled output and the file's pooled target embedding, 4.1), with the best offset
-    of the `top` ones. Library embeddings are cached beside it; unreadable files are left out."""
+    """Rank a library's readable audio files by fit to `mix` as `instrument` (4.1: L2 of pooled
+    prediction and target embeddings) and the `top` ones' best offsets; cache beside the library."""
     model, device, _ = open_trained(checkpoint, device)
     cfg = model.config
     instrument_id = model.instrument_id(instrument)   # an unknown one fails before decoding
     files = audio_files(library)
     mix_audio = load_audio(mix, cfg.sample_rate)  # a bad --mix fails before the library is embedded
     chunk = chunk_samples(cfg)
-    key = _cache_key(_file_id(Path(checkpoint).resolve()), "files+refs",
-                     [_file_id(f) for f in files])
+    key = _cache_key(_file_id(Path(checkpoint).resolve()), "files+refs", list(map(_file_id, files)))
     cache = (Path(library) if Path(library).is_dir() else Path(library).parent) / ".stem_jepa_cache"
     cache_file = cache / f"library-{key}.pt"
     if cache_file.exists():
@@ -3198,8 +3176,7 @@ def retrieve(checkpoint, mix, library, instrument: str, *, top=10, device=None, 
 
 @torch.no_grad()
 def score(checkpoint, mix, stem, instrument: str, *, device=None, batch=16) -> dict:
-    """StemJEPA.score for two audio files: how well `stem` fits `mix` as `instrument` (retrieval's
-    distance for one pair, and the best offset)."""
+    """StemJEPA.score for two audio files: how well `stem` fits `mix` as `instrument`, and where."""
     model, _, _ = open_trained(checkpoint, device)
     model.instrument_id(instrument)             # an unknown instrument fails before decoding
     sr = model.config.sample_rate
@@ -3210,9 +3187,8 @@ def score(checkpoint, mix, stem, instrument: str, *, device=None, batch=16) -> d
 @torch.no_grad()
 def embed_files(checkpoint, audio, out, *, sequences=False, device=None, batch=16,
                 log=print, verbose=True) -> np.ndarray:
-    """The pooled 3840-d target-encoder embedding of each readable audio file (4.1's references;
-    4.5's probes use the context encoder) -> OUT (.npy, one row per file) and OUT.txt (the files,
-    in order); with `sequences`, OUT.sequences.npz too: per file, a (T, 3840) vector per 160 ms."""
+    """Readable files' pooled 3840-d target embeddings (4.1's references; 4.5 probes the context
+    encoder) -> OUT (.npy rows), OUT.txt (paths); `sequences`: OUT.sequences.npz, (T, 3840) each."""
     model, device, _ = open_trained(checkpoint, device)
     files = audio_files(audio)
     kept, embedded = embed_audio_files(model, files, device=device, batch=batch, log=log,
@@ -3233,8 +3209,7 @@ def embed_files(checkpoint, audio, out, *, sequences=False, device=None, batch=1
 
 
 class HEARModel(nn.Module):
-    """A trained Stem-JEPA as HEAR expects it: sample_rate, scene_embedding_size (the pooled
-    3840-d vector for ViT-B) and timestamp_embedding_size (one F*D vector per 160 ms column)."""
+    """A trained Stem-JEPA for HEAR: sample_rate, scene_ and timestamp_embedding_size (F*D)."""
 
     def __init__(self, model: StemJEPA):
         super().__init__()
@@ -3257,17 +3232,15 @@ def _hear_patches(audio: torch.Tensor, model: HEARModel, batch: int) -> list[tor
     if audio.ndim != 2:
         raise StemJEPAError(f"HEAR audio is (n_sounds, n_samples); got shape {tuple(audio.shape)}")
     jepa = model.model
-    return embed_long(jepa, list(audio.detach().float().cpu().numpy()),
-                      chunk=chunk_samples(jepa.config), batch=batch,
-                      device=next(jepa.parameters()).device)
+    return embed_long(jepa, list(audio.detach().float().cpu().numpy()), batch=batch,
+                      chunk=chunk_samples(jepa.config), device=next(jepa.parameters()).device)
 
 
 @torch.no_grad()
 def get_timestamp_embeddings(audio: torch.Tensor, model: HEARModel,
                              batch: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """HEAR: audio (n, N) at model.sample_rate -> embeddings (n, T, F*D), the target encoder's patch
-    columns (`frames`), and timestamps (n, T) in ms, the centre of each 160 ms column. Each sound
-    is embedded on its own (as `embed_long` does), independently of the others in the batch."""
+    """HEAR: audio (n, N) at model.sample_rate -> target `frames` (n, T, F*D) and their centres
+    (n, T) in ms; each sound embedded on its own (as `embed_long`), independent of the batch."""
     emb = torch.stack([frames(z) for z in _hear_patches(audio, model, batch)])  # (n, T, F*D)
     patch_ms = 1000 * patch_seconds(model.model.config)
     ts = ((torch.arange(emb.shape[1]) + 0.5) * patch_ms).float().expand(len(emb), -1)  # (n, T)
@@ -3276,8 +3249,7 @@ def get_timestamp_embeddings(audio: torch.Tensor, model: HEARModel,
 
 @torch.no_grad()
 def get_scene_embeddings(audio: torch.Tensor, model: HEARModel, batch: int = 16) -> torch.Tensor:
-    """HEAR: audio (n, N) -> one vector per sound (n, F*D): `pool` of its target embeddings, the
-    global embedding of 4.5 (average over time, frequency rows concatenated, normalised)."""
+    """HEAR: audio (n, N) -> `pool` of each sound's target embeddings (n, F*D), as in 4.5."""
     return torch.stack([pool(z) for z in _hear_patches(audio, model, batch)]).to(audio.device)
 
 
@@ -3287,12 +3259,11 @@ def get_scene_embeddings(audio: torch.Tensor, model: HEARModel, batch: int = 16)
 
 def _timed(fn, device) -> float:
     """Wall time of one fn() call, from a synchronised device until its work is done."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda device: None
+    sync(device)
     t = time.perf_counter()
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     return time.perf_counter() - t
 
 
@@ -3333,12 +3304,9 @@ def train_flops_per_sample(cfg: Config) -> float:
 
 
 def obvious_step(cfg: Config, device, context, target, instrument):
-    """`bench --baseline`: the same shapes assembled the obvious way, as a yardstick for ours:
-    PyTorch's nn.TransformerEncoder with a learned position table, an nn.Sequential predictor, the
-    EMA as a Python loop over parameters, AdamW with its defaults, the mel front-end rebuilt and a
-    loss read back (.item()) at every step. Returns the step as a function of no arguments."""
+    """`bench --baseline`'s yardstick, the same step built the obvious way (a no-argument function):
+    nn.TransformerEncoder, learned positions, Python-loop EMA, mel rebuilt, .item() every step."""
     D = cfg.dim
-    hidden = cfg.pred_hidden
     frames = chunk_samples(cfg) // cfg.hop_length
     tokens = (cfg.n_mels // cfg.patch_size) * (frames // cfg.patch_size)
 
@@ -3359,10 +3327,10 @@ def obvious_step(cfg: Config, device, context, target, instrument):
     online = Encoder().to(device)
     target_net = copy.deepcopy(online).requires_grad_(False)
     embedding = nn.Embedding(len(TOY_STEMS), D).to(device)
-    layers = [nn.Linear(2 * D, hidden), nn.ReLU()]
+    layers = [nn.Linear(2 * D, cfg.pred_hidden), nn.ReLU()]
     for _ in range(cfg.pred_layers - 2):
-        layers += [nn.Linear(hidden, hidden), nn.ReLU()]
-    predictor = nn.Sequential(*layers, nn.Linear(hidden, D), nn.LayerNorm(D)).to(device)
+        layers += [nn.Linear(cfg.pred_hidden, cfg.pred_hidden), nn.ReLU()]
+    predictor = nn.Sequential(*layers, nn.Linear(cfg.pred_hidden, D), nn.LayerNorm(D)).to(device)
     params = [*online.parameters(), *embedding.parameters(), *predictor.parameters()]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
 
@@ -3390,9 +3358,8 @@ def obvious_step(cfg: Config, device, context, target, instrument):
 
 def bench(*, preset="paper", batch_size=2, device=None, compile=False, steps=5, data=None,
           baseline=False, log=print, **overrides) -> dict:
-    """Peak matmul throughput, the training step (samples/s, FLOP/s, MFU), the data loader
-    (chunks/s of one worker from the prepared cache), evaluation speed and peak memory.
-    overrides: Config fields replacing the preset's, as for `make_config`."""
+    """Peak matmul FLOP/s, the training step (samples/s, FLOP/s, MFU), one loader worker (chunks/s,
+    warm cache), evaluation speed, peak memory. overrides: Config fields, as for `make_config`."""
     import resource
     import tempfile
     device = pick_device(device)
@@ -3430,8 +3397,7 @@ def bench(*, preset="paper", batch_size=2, device=None, compile=False, steps=5, 
                                                                 repeats=steps)
 
     # evaluation: seconds of audio embedded per second by the target encoder
-    audio = np.random.default_rng(0).standard_normal(4 * 60 * cfg.sample_rate)
-    audio = (0.1 * audio).astype(np.float32)
+    audio = np.random.default_rng(0).normal(0, 0.1, 4 * 60 * cfg.sample_rate).astype(np.float32)
     seconds = _timed(lambda: embed_long(model, [audio], chunk=n, batch=16, device=device), device)
     r["eval_audio_s_per_s"] = len(audio) / cfg.sample_rate / seconds
 
@@ -3491,33 +3457,18 @@ def format_bench(r: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def _add_train_options(p, exclude=()):
-    """One option per Config field (--batch-size for batch_size, ...), defaulting to the preset's;
-    the field's comment in the source is its help."""
+    """An option per Config field (--batch-size: batch_size), preset's default, comment as help."""
     import inspect
-    helps = {}
-    for line in inspect.getsource(Config).splitlines():
-        name, _, comment = line.strip().partition("#")
-        if ":" in name and "=" in name:
-            helps[name.split(":")[0].strip()] = comment.strip()
+    lines = [line.strip().partition("#") for line in inspect.getsource(Config).splitlines()]
+    helps = {name.split(":")[0].strip(): comment.strip()
+             for name, _, comment in lines if ":" in name and "=" in name}
     p.add_argument("--preset", choices=list(PRESETS), default="paper",
                    help="paper (GPU) or tiny (CPU, minutes)")
-    for f in dataclasses.fields(Config):
-        if f.name in exclude:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        text = helps.get(f.name, "")
-        if f.type == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
-        else:
-            p.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type], help=text)
+    for f in [f for f in dataclasses.fields(Config) if f.name not in exclude]:
+        kind = (dict(action=argparse.BooleanOptionalAction) if f.type == "bool"
+                else dict(type={"int": int, "float": float, "str": str}[f.type]))
+        p.add_argument("--" + f.name.replace("_", "-"), help=helps.get(f.name, ""), **kind)
     p.add_argument("--lr", type=float, dest="base_lr", help="the same as --base-lr")
-
-
-def _add_layout_options(p):
-    p.add_argument("--channels", help="one multichannel file per track: the names of its channels, "
-                                      "e.g. bass,drums,other,vocals (mix or mixture: left out)")
-    p.add_argument("--groups", help="Slakh2100 classes (or MoisesDB stems) per instrument, e.g. "
-                                    "'bass=Bass;drums=Drums;other=*' (the default for Slakh2100)")
 
 
 def _add_shared_options(p, *names):
@@ -3525,10 +3476,15 @@ def _add_shared_options(p, *names):
     shared = {"checkpoint": dict(required=True, help="a run's checkpoint.pt"),
               "device": dict(help="cuda, cuda:N, mps or cpu (default: the best available)"),
               "mix": dict(required=True, help="audio file of the mix"),
+              "instrument": dict(required=True, help="the stem's instrument (e.g. bass)"),
+              "json": dict(action="store_true", help="print JSON instead of text"),
               "batch": dict(type=int, default=16, help="chunks encoded at once"),
-              "cache": dict(help="where decoded 16 kHz stems are kept "
-                                 "(default DATA/.stem_jepa_cache)"),
-              "seed": dict(type=int, default=0)}
+              "cache": dict(help="where decoded 16 kHz stems go (default DATA/.stem_jepa_cache)"),
+              "seed": dict(type=int, default=0),
+              "channels": dict(help="one multichannel file per track: the names of its channels, "
+                                    "e.g. bass,drums,other,vocals (mix or mixture: left out)"),
+              "groups": dict(help="Slakh2100 classes (or MoisesDB stems) per instrument, e.g. "
+                                  "'bass=Bass;drums=Drums;other=*' (the default for Slakh2100)")}
     for name in names:
         p.add_argument("--" + name, **shared[name])
 
@@ -3570,9 +3526,8 @@ def cmd_demo(args):
     train(make_config("tiny", steps=args.steps), data, out=out, device=args.device, resume=True)
     rows = list(csv.DictReader(open(out / "log.csv")))
     first, last = rows[0], rows[-1]
-    print(f"\nloss {float(first['loss']):.3f} (step {first['step']}) -> "
-          f"{float(last['loss']):.3f} (step {last['step']}); checkpoint in "
-          f"{out / 'checkpoint.pt'}\n")
+    print(f"\nloss {float(first['loss']):.3f} (step {first['step']}) -> {float(last['loss']):.3f} "
+          f"(step {last['step']}); checkpoint in {out / 'checkpoint.pt'}\n")
     evaluate(out / "checkpoint.pt", data, split="test", device=args.device)
 
 
@@ -3609,8 +3564,7 @@ def cmd_embed(args):
 
 
 def cmd_analyze(args):
-    common = dict(split=args.split, out=args.out, cache=args.cache, device=args.device,
-                  batch=args.batch)
+    common = {k: getattr(args, k) for k in ("split", "out", "cache", "device", "batch")}
     if args.analysis == "align":
         analyze_alignment(args.checkpoint, args.data, tracks=args.tracks,
                           max_shift_s=args.max_shift_s, **common)
@@ -3627,12 +3581,10 @@ def cmd_probe(args):
 
 
 def cmd_bench(args):
-    overrides = _config_overrides(args)
-    overrides.pop("steps")                      # bench's --steps: the timed steps
-    overrides.pop("batch_size")
-    r = bench(preset=args.preset, batch_size=args.batch_size, device=args.device,
-              compile=args.compile, steps=args.steps, data=args.data, baseline=args.baseline,
-              **overrides)
+    overrides = {k: v for k, v in _config_overrides(args).items()
+                 if k not in ("steps", "batch_size")}   # bench's --steps: the timed steps
+    r = bench(preset=args.preset, batch_size=args.batch_size, device=args.device, steps=args.steps,
+              compile=args.compile, data=args.data, baseline=args.baseline, **overrides)
     print(format_bench(r))
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=1))
@@ -3644,140 +3596,108 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("toy", help="write procedural multitrack songs in the MUSDB18-HQ layout")
-    p.set_defaults(func=cmd_toy)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--tracks", type=int, default=20, help="number of songs (20 %% go to test/)")
     p.add_argument("--seconds", type=float, default=30.0, help="length of each song")
     _add_shared_options(p, "seed")
 
     p = sub.add_parser("train", help="train Stem-JEPA on a multitrack folder")
-    p.set_defaults(func=cmd_train)
-    p.add_argument("--data", required=True,
-                   help="MUSDB18(-HQ) root or a folder of multitrack folders")
+    p.add_argument("--data", required=True, help="MUSDB18(-HQ) root or a folder of track folders")
     p.add_argument("--out", default="runs/stem-jepa", help="run folder: checkpoint.pt and log.csv")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--force", action="store_true",
                    help="resume despite harmless changes (e.g. --steps)")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
-    p.add_argument("--workers", type=int,
-                   help="data loader processes (default: half the cores, at most 8)")
-    p.add_argument("--stop-at", type=int,
-                   help="save and exit at this step (continue later with --resume)")
+    p.add_argument("--workers", type=int, help="loader processes (default: half the cores, max 8)")
+    p.add_argument("--stop-at", type=int, help="save and exit at this step; --resume continues")
     p.add_argument("--init-from", metavar="CKPT", help="a new run starting from this checkpoint's "
                    "encoders and predictor (fresh optimizer and schedules)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="autocast on CUDA: auto "
                    "is bf16 where the GPU has it, else fp16 with loss scaling; fp32 off CUDA")
-    _add_shared_options(p, "cache", "device")
+    _add_shared_options(p, "cache", "device", "channels", "groups")
     _add_train_options(p)
-    _add_layout_options(p)
 
     p = sub.add_parser("evaluate", help="stem retrieval (Table 1, Fig. 2) with comparison rows")
-    p.set_defaults(func=cmd_evaluate)
     p.add_argument("--data", required=True, help="dataset root (as for train)")
     p.add_argument("--split", default="test",
                    help="train, test, or all: both together, as Table 1 (MUSDB18: 600 references)")
     p.add_argument("--out", help="output folder (default: beside the checkpoint, eval-SPLIT)")
-    p.add_argument("--listening", type=int, default=0,
-                   help="also write N listening-test trials (4.2)")
-    _add_shared_options(p, "checkpoint", "cache", "device", "batch", "seed")
-    _add_layout_options(p)
+    p.add_argument("--listening", type=int, default=0, help="also write N listening trials (4.2)")
+    _add_shared_options(p, "checkpoint", "cache", "device", "batch", "seed", "channels", "groups")
 
     p = sub.add_parser("retrieve", help="rank the stems of a library by how well they fit a mix")
-    p.set_defaults(func=cmd_retrieve)
     p.add_argument("--library", required=True, help="folder of candidate stems (any audio files)")
-    p.add_argument("--instrument", required=True,
-                   help="which instrument the stem should be (e.g. bass)")
     p.add_argument("--top", type=int, default=10)
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    _add_shared_options(p, "checkpoint", "mix", "device", "batch")
+    _add_shared_options(p, "instrument", "json", "checkpoint", "mix", "device", "batch")
 
     p = sub.add_parser("score", help="how well one stem fits one mix as an instrument, and where")
-    p.set_defaults(func=cmd_score)
     p.add_argument("--stem", required=True, help="audio file of the candidate stem")
-    p.add_argument("--instrument", required=True, help="the stem's instrument (e.g. bass)")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    _add_shared_options(p, "checkpoint", "mix", "device")
+    _add_shared_options(p, "instrument", "json", "checkpoint", "mix", "device")
 
     p = sub.add_parser("embed", help="3840-d embeddings of audio files, for other uses")
-    p.set_defaults(func=cmd_embed)
     p.add_argument("--audio", required=True, help="an audio file or a folder")
-    p.add_argument("--out", required=True,
-                   help="FILE.npy (one row per file; the files in FILE.txt)")
+    p.add_argument("--out", required=True, help="FILE.npy (a row per file; the files in FILE.txt)")
     p.add_argument("--sequences", action="store_true",
                    help="also FILE.sequences.npz: one vector per 160 ms")
     _add_shared_options(p, "checkpoint", "device", "batch")
 
-    p = sub.add_parser("analyze",
-                       help="stem alignment (4.3, Fig. 4) and musical plausibility (4.4, Fig. 5)")
+    p = sub.add_parser("analyze", help="stem alignment (4.3) and musical plausibility (4.4)")
     kinds = p.add_subparsers(dest="analysis", required=True)
     a = kinds.add_parser("align", help="Eq. 3: target patches against shifted predictions (Fig. 4)")
     a.add_argument("--data", required=True, help="multitrack dataset root (as for train)")
-    a.add_argument("--tracks", type=int,
-                   help="only the first K tracks (default all; the figure draws 8)")
+    a.add_argument("--tracks", type=int, help="first K tracks only (default: all; Fig. 4 draws 8)")
     a.add_argument("--max-shift-s", type=float, default=10.0, help="largest shift, in seconds")
-    c = kinds.add_parser("clusters",
-                         help="k-means on patch embeddings, key/chord co-occurrence (Fig. 5)")
+    c = kinds.add_parser("clusters", help="k-means on patches, key/chord co-occurrence (Fig. 5)")
     source = c.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data",
-                        help="multitrack dataset root: the mix of each track's stems is embedded")
-    source.add_argument("--audio",
-                        help="folder of full mixes (e.g. the Beatles), named as their .lab files")
+    source.add_argument("--data", help="multitrack root: the mix of each track's stems is embedded")
+    source.add_argument("--audio", help="folder of full mixes (e.g. Beatles), named as .lab files")
     c.add_argument("--labels", help="folder of NAME.keys.lab and NAME.chords.lab files, or "
-                   "Isophonics' keylab/ and chordlab/ tree (default: labels.json beside each "
-                   "track's stems)")
+                   "Isophonics' keylab/, chordlab/ tree (default: each track's labels.json)")
     c.add_argument("--k", type=int, default=32, help="k-means clusters")
     c.add_argument("--iters", type=int, default=100, help="k-means iterations at most")
     c.add_argument("--top", type=int, default=80, help="key/chord combinations shown in fig5.png")
     c.add_argument("--shuffles", type=int, default=5, help="label shuffles for the chance level")
     _add_shared_options(c, "seed")
     for q in (a, c):
-        q.set_defaults(func=cmd_analyze)
-        q.add_argument("--split", default="test",
-                       help="dataset split (with --data): train, test or all")
+        q.add_argument("--split", default="test", help="split (with --data): train, test or all")
         q.add_argument("--out", help="output folder (default: beside the checkpoint)")
         _add_shared_options(q, "checkpoint", "cache", "device", "batch")
 
-    p = sub.add_parser("probe", help="downstream probe on frozen embeddings (4.5, Table 3), "
-                                     "with random weights")
-    p.set_defaults(func=cmd_probe)
-    p.add_argument("--labels", required=True,
-                   help="CSV with columns file,label,split (train/valid/test)")
-    p.add_argument("--audio",
-                   help="folder the CSV's relative paths start from (default: the CSV's folder)")
+    p = sub.add_parser("probe", help="frozen-embedding probe (4.5, Table 3), with random weights")
+    p.add_argument("--labels", required=True, help="CSV: file,label,split (train/valid/test)")
+    p.add_argument("--audio", help="root of the CSV's relative paths (default: the CSV's folder)")
     p.add_argument("--task", choices=["multiclass", "multilabel"], default="multiclass",
                    help="one label per file (accuracy), or ';'-separated tags (ROC-AUC, AP)")
     p.add_argument("--encoder", choices=["context", "target"], default="context",
-                   help="frozen encoder to probe: context (the authors' downstream code) "
-                        "or the EMA target")
+                   help="frozen encoder to probe: context (authors' downstream code) or EMA target")
     p.add_argument("--out", help="output folder (default: beside the checkpoint, probe/)")
     p.add_argument("--epochs", type=int, default=200, help="at most; early stopping on valid")
-    p.add_argument("--patience", type=int, default=20,
-                   help="epochs without a better valid loss before stopping")
+    p.add_argument("--patience", type=int, default=20, help="early-stopping patience, in epochs")
     p.add_argument("--lr", type=float, default=1e-3)
     _add_shared_options(p, "checkpoint", "device", "batch", "seed")
 
-    p = sub.add_parser("bench",
-                       help="measure peak FLOP/s, the training step, the loader and evaluation")
-    p.set_defaults(func=cmd_bench, batch_size=2)      # a batch of 2 unless --batch-size
+    p = sub.add_parser("bench", help="measure peak FLOP/s, training step, loader and evaluation")
+    p.set_defaults(batch_size=2)                        # a batch of 2 unless --batch-size
     p.add_argument("--compile", action="store_true")
     p.add_argument("--steps", type=int, default=5, help="timed steps (after warm-up)")
     p.add_argument("--data", help="dataset for the loader measurement (default: 10 toy songs)")
-    p.add_argument("--baseline", action="store_true",
-                   help="also time the same step assembled the obvious way")
+    p.add_argument("--baseline", action="store_true", help="also time a step built the obvious way")
     p.add_argument("--json", help="also write the numbers to this file")
     _add_shared_options(p, "device")
     _add_train_options(p, exclude=("steps",))
 
     p = sub.add_parser("demo", help="toy data + the tiny preset on this machine, end to end")
-    p.set_defaults(func=cmd_demo)
     p.add_argument("--dir", default="demo", help="folder for the toy data and the run")
     p.add_argument("--tracks", type=int, default=40)
     p.add_argument("--steps", type=int, default=300)
     _add_shared_options(p, "device")
 
     args = parser.parse_args(argv)
+    commands = {"toy": cmd_toy, "train": cmd_train, "evaluate": cmd_evaluate,
+                "retrieve": cmd_retrieve, "score": cmd_score, "embed": cmd_embed,
+                "analyze": cmd_analyze, "probe": cmd_probe, "bench": cmd_bench, "demo": cmd_demo}
     try:
-        args.func(args)
+        commands[args.command](args)
     except StemJEPAError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
