@@ -1917,7 +1917,8 @@ def make_toy_song(rng: np.random.Generator, *, seconds=30.0, sample_rate=16000):
                 add("vocals", t0 + k * melody_step,
                     _tone(_midi_hz(pitch), melody_step * 0.95, sr, timbre["vocals"], attack=0.03,
                           decay=1.0, vibrato=0.012))
-    sections, section = [], 4 * bar
+    sections = []
+    section = 4 * bar
     for s0 in np.arange(0, seconds, section):
         on = rng.random(len(TOY_STEMS)) > 0.25
         while on.sum() < 2:
