@@ -3651,7 +3651,8 @@ def main(argv=None):
     c = kinds.add_parser("clusters", help="k-means on patches, key/chord co-occurrence (Fig. 5)")
     source = c.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", help="multitrack root: the mix of each track's stems is embedded")
-    source.add_argument("--audio", help="folder of full mixes (e.g. the Beatles), named as their .lab")
+    source.add_argument("--audio",
+                        help="folder of full mixes (e.g. the Beatles), named as their .lab files")
     c.add_argument("--labels", help="folder of NAME.keys.lab and NAME.chords.lab files, or "
                    "Isophonics' keylab/, chordlab/ tree (default: each track's labels.json)")
     c.add_argument("--k", type=int, default=32, help="k-means clusters")
