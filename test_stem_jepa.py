@@ -3110,6 +3110,13 @@ def test_tutorial_runs_top_to_bottom_in_the_fast_setting(tmp_path, monkeypatch):
     assert (tmp_path / "tutorial_runs" / "mlp" / "checkpoint.pt").exists()
 
 
+def test_module_and_tests_keep_to_100_columns():
+    """Every line of the module and of this file fits in 100 columns, the width they are read at."""
+    for path in (HERE / "stem_jepa.py", HERE / "test_stem_jepa.py"):
+        lines = path.read_text().splitlines()
+        assert [i for i, line in enumerate(lines, 1) if len(line) > 100] == [], path.name
+
+
 def test_licence_is_mit_and_the_readme_says_so():
     """LICENSE is the MIT licence of the Stem-JEPA reference contributors; the README names it."""
     text = (HERE / "LICENSE").read_text()
