@@ -1156,13 +1156,13 @@ def which_song_and_instrument(queries, refs, track, instrument) -> dict:
     - which instrument? its rank among the stems of the *same song* (S candidates).
     - query_cosine: the mean cosine between pooled queries of one instrument in different songs;
       1 when the predictor has learnt the instrument only. Pooled vectors share a large common
-      part, so it stays high even when the ranking by song is informative.
+      part, so it stays high even when the ranking by song is informative. None with one song.
     """
     same_inst = instrument[:, None] == instrument[None]                 # (Q, R)
     same_song = track[:, None] == track[None]
     q = F.normalize(queries.double(), dim=1)
     others = same_inst & ~same_song
-    cosine = (q @ q.T)[others].mean().item() if others.any() else float("nan")
+    cosine = (q @ q.T)[others].mean().item() if others.any() else None
     ranks = functools.partial(retrieval_metrics, queries, refs, torch.arange(len(queries)), ks=(1,))
     return {"which_song": ranks(candidates=same_inst),
             "which_instrument": ranks(candidates=same_song), "query_cosine": cosine}

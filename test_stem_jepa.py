@@ -1189,6 +1189,9 @@ def test_which_song_and_which_instrument_rank_within_their_groups_by_hand():
     assert m["which_instrument"]["R@1"] == pytest.approx(75.0)
     assert m["which_instrument"]["nrank_mean"] == pytest.approx(100 * (2 + 1 + 1 + 1) / 4 / 2)
     assert m["query_cosine"] == pytest.approx(1.0)     # 1-d vectors of one sign
+    # one song: no two queries of an instrument from different songs, so no cosine (valid JSON)
+    one = sj.which_song_and_instrument(queries[:2], refs[:2], track[:2], inst[:2])
+    assert one["query_cosine"] is None and one["which_song"]["R@1"] == 100.0
 
 
 def test_each_query_equal_to_its_reference_gives_recall_100_and_rank_1():
