@@ -1268,7 +1268,8 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
-    """A checkpoint written by `train` (a dict: weights_only=True), else the previous, *.prev.pt."""
+    """A checkpoint written by `train` (a plain dict, loadable with weights_only=True); if it is
+    missing or unreadable, the previous one (*.prev.pt)."""
     path = Path(path)
     problems = []
     for p in (path, path.with_name(path.stem + ".prev.pt")):
@@ -1408,10 +1409,12 @@ class RunLock:
 
 class GracefulStop:
     """Ctrl-C or SIGTERM sets .reason: the loop saves and exits. A second Ctrl-C exits at once."""
-    reason = None                               # the signal's name, once one arrives
+
+    def __init__(self):
+        self.reason = None                      # the signal's name, once one arrives
+        self.previous = {}                      # the handlers to put back
 
     def __enter__(self):
-        self.previous = {}
         if threading.current_thread() is threading.main_thread():  # the only one that may set them
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self.previous[sig] = signal.signal(sig, self._handle)
@@ -2554,8 +2557,10 @@ def kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator) -> torc
     chosen = [int(torch.randint(len(x), (1,), generator=generator))]
     d2 = squared_distances(x, x[chosen]).squeeze(1)                     # (P,)
     for _ in range(1, k):
-        i = int(torch.multinomial(d2 / d2.sum(), 1, generator=generator) if d2.sum() > 0
-                else torch.randint(len(x), (1,), generator=generator))  # fewer distinct points
+        if d2.sum() > 0:
+            i = int(torch.multinomial(d2 / d2.sum(), 1, generator=generator))
+        else:                                   # fewer distinct points than k
+            i = int(torch.randint(len(x), (1,), generator=generator))
         chosen.append(i)
         d2 = torch.minimum(d2, squared_distances(x, x[i: i + 1]).squeeze(1))
     return x[chosen].clone()
@@ -3210,7 +3215,8 @@ def embed_files(checkpoint, audio, out, *, sequences=False, device=None, batch=1
 
 
 class HEARModel(nn.Module):
-    """A trained Stem-JEPA for HEAR: sample_rate, scene_ and timestamp_embedding_size (F*D)."""
+    """A trained Stem-JEPA as HEAR expects it: sample_rate, scene_embedding_size and
+    timestamp_embedding_size (both F*D: 3840 for ViT-B)."""
 
     def __init__(self, model: StemJEPA):
         super().__init__()
