@@ -71,6 +71,7 @@ import dataclasses
 import functools
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -796,7 +797,7 @@ def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, 
     return Trained(run.model.eval(), stop.reason)
 
 
-LOG_COLUMNS = ("step,loss,lr,tau,samples_per_s,spread,batch_loss,avg_stem_loss,pred_spread,"
+LOG_COLUMNS = ("step,loss,lr,tau,samples_per_s,embedding_spread,batch_loss,avg_stem_loss,pred_spread,"
                "target_spread,skipped")
 
 
@@ -999,10 +1000,10 @@ def _log_progress(run: _Run, context, target, instrument, *, lr: float, tau: flo
     eta = (cfg.steps - run.step) * cfg.batch_size / speed
     if run.verbose or run.step == cfg.steps:
         run.log(f"step {run.step}/{cfg.steps}  loss {mean_loss:.4f} (batch {c['batch_loss']:.4f}, "
-                f"average stem {c['avg_stem_loss']:.4f})  spread of predictions "
-                f"{c['pred_spread']:.3f} (targets {c['target_spread']:.3f})  lr {lr:.2e}  "
-                f"tau {tau:.6f}  spread {spread:.3f}  {speed:.1f} samples/s  "
-                f"ETA {eta / 60:.1f} min")
+                f"average stem {c['avg_stem_loss']:.4f})  prediction spread "
+                f"{c['pred_spread']:.3f}  target spread {c['target_spread']:.3f}  "
+                f"embedding spread {spread:.3f}  lr {lr:.2e}  tau {tau:.6f}  "
+                f"{speed:.1f} samples/s  ETA {eta / 60:.1f} min")
     if run.rank == 0:
         with open(run.out / "log.csv", "a") as f:
             f.write(f"{run.step},{mean_loss:.6f},{lr:.6e},{tau:.8f},{speed:.2f},{spread:.4f},"
@@ -1154,6 +1155,10 @@ def which_song_and_instrument(queries, refs, track, instrument) -> dict:
     - which song? the rank of the true stem among the references of the *same instrument*
       (N candidates). This is compatibility: the bass of this song, not any bass.
     - which instrument? its rank among the stems of the *same song* (S candidates).
+    - which song, centred: the same rank after subtracting, from the queries and from the
+      references, their instrument's mean vector (then L2-normalising). Not the paper's ranking:
+      it removes the part common to every bass, which otherwise favours the references nearest
+      the average bass for every query, and shows whether a song-specific part exists under it.
     - query_cosine: the mean cosine between pooled queries of one instrument in different songs;
       1 when the predictor has learnt the instrument only. Pooled vectors share a large common
       part, so it stays high even when the ranking by song is informative. None with one song.
@@ -1163,9 +1168,21 @@ def which_song_and_instrument(queries, refs, track, instrument) -> dict:
     q = F.normalize(queries.double(), dim=1)
     others = same_inst & ~same_song
     cosine = (q @ q.T)[others].mean().item() if others.any() else None
-    ranks = functools.partial(retrieval_metrics, queries, refs, torch.arange(len(queries)), ks=(1,))
-    return {"which_song": ranks(candidates=same_inst),
+    truth = torch.arange(len(queries))
+    ranks = functools.partial(retrieval_metrics, queries, refs, truth, ks=(1,))
+    centred = retrieval_metrics(centre_per_instrument(queries, instrument),
+                                centre_per_instrument(refs, instrument), truth, ks=(1,),
+                                candidates=same_inst)
+    return {"which_song": ranks(candidates=same_inst), "which_song_centred": centred,
             "which_instrument": ranks(candidates=same_song), "query_cosine": cosine}
+
+
+def centre_per_instrument(x: torch.Tensor, instrument: torch.Tensor) -> torch.Tensor:
+    """Vectors (Q, C) minus the mean vector of their instrument, L2-normalised."""
+    x = x.double()
+    means = torch.zeros(int(instrument.max()) + 1, x.shape[1], dtype=x.dtype).index_add_(
+        0, instrument, x) / torch.bincount(instrument)[:, None].clamp(min=1)
+    return F.normalize(x - means[instrument], dim=1)
 
 
 # =============================================================================================
@@ -1849,10 +1866,28 @@ def _room(x: np.ndarray, sr: int, *, cutoff: float, decay: float, wet: float, rn
     return np.fft.irfft(spectrum)[: len(x)]
 
 
+# Functional harmony on scale degrees (0 = I, 4 = V): the degrees that may follow each one.
+NEXT_DEGREE = {0: [3, 4, 5, 1], 1: [4, 6], 2: [5, 3], 3: [4, 0, 1], 4: [0, 5], 5: [3, 1],
+               6: [0]}
+
+
+def _voicing(previous: list[int], pitch_classes: list[int], low=55, high=74) -> list[int]:
+    """Voice leading: of the voicings of a chord (one note per pitch class in [low, high]), the one
+    whose notes, low to high, move least from the previous chord's."""
+    options = itertools.product(*[[m for m in range(low, high + 1) if m % 12 == pc]
+                                  for pc in pitch_classes])
+    return min((sorted(v) for v in options),
+               key=lambda v: sum(abs(a - b) for a, b in zip(v, previous)))
+
+
 def make_toy_song(rng: np.random.Generator, *, seconds=30.0, sample_rate=16000):
-    """One procedural song: ({stem: waveform}, labels): bass, drums, chords ("other") and melody
-    ("vocals") share key, chords, tempo, a spectral tilt and a recording chain (`_room`), so "which
-    song?" is answerable from the mix; each 4-bar section mutes some stems (two or more play)."""
+    """One procedural song: ({stem: waveform}, labels), made so that each stem is predictable from
+    the others, as in real music. A key, a tempo and an 8-bar chord progression (functional
+    harmony, a chord per bar) per song; the parts move together: the bass plays the chord's root
+    on the kick drum's onsets, the chords ("other") move by voice leading on a comping pattern,
+    the lead ("vocals") repeats a rhythm of the song with chord tones on the beats. Timbres,
+    grooves and a recording chain (`_room`) are drawn per song; each 4-bar section mutes some
+    stems (two or more play)."""
     sr = sample_rate
     n = int(seconds * sample_rate)
     root = int(rng.integers(12))
@@ -1860,20 +1895,23 @@ def make_toy_song(rng: np.random.Generator, *, seconds=30.0, sample_rate=16000):
     scale = np.array(SCALES[mode]) + root
     tempo = float(rng.uniform(80, 160))
     beat = 60.0 / tempo
-    bar = 4 * beat
-    progression = [0] + [int(d) for d in rng.choice([1, 2, 3, 4, 5], size=3)]   # degrees, 1 bar
+    bar, sixteenth = 4 * beat, beat / 4
+    progression = [0]
+    while len(progression) < 8:
+        progression.append(int(rng.choice(NEXT_DEGREE[progression[-1]])))
     tilt = rng.uniform(0.5, 2.0)                                        # the song's timbre family
     timbre = {s: rng.uniform(0.1, 1.0, 8) / np.arange(1, 9) ** (tilt + rng.uniform(-0.15, 0.15))
               for s in TOY_STEMS}
     room = dict(cutoff=float(rng.uniform(1500, 7000)), decay=float(rng.uniform(0.05, 0.4)),
                 wet=float(rng.uniform(0.1, 0.6)))
-    bass_steps = np.flatnonzero(np.r_[1, rng.random(7) < 0.45])         # eighth notes of a bar
+    # the groove, on the 16 sixteenths of a bar: kick and bass share their onsets
     drum_params = dict(kick_low=rng.uniform(40, 60), kick_decay=rng.uniform(0.08, 0.2),
                        snare_decay=rng.uniform(0.05, 0.15))
-    kicks = set(np.flatnonzero(np.r_[1, rng.random(15) < 0.2]).tolist()) - {4, 12}
+    kicks = sorted({0} | set(np.flatnonzero(rng.random(16) < 0.25).tolist()) - {4, 12})
     hat_every = int(rng.choice([1, 2]))
-    arpeggio = bool(rng.random() < 0.5)
-    melody_step = beat * float(rng.choice([0.5, 1.0]))
+    comping = str(rng.choice(["pad", "stabs", "arpeggio"]))
+    stabs = [0] + [k for k in (2, 6, 8, 10, 14) if rng.random() < 0.6]
+    lead_rhythm = [0] + [k for k in range(2, 16, 2) if rng.random() < 0.55]  # eighth notes
     out = {s: np.zeros(n + 2 * sr) for s in TOY_STEMS}
 
     def add(stem, start, wave):
@@ -1881,45 +1919,55 @@ def make_toy_song(rng: np.random.Generator, *, seconds=30.0, sample_rate=16000):
         if i < n:
             out[stem][i: i + len(wave)] += wave[: len(out[stem]) - i]
 
-    chords = []
+    def lengths(onsets):                        # each note lasts until the next onset in the bar
+        return [(b - a) * sixteenth for a, b in zip(onsets, onsets[1:] + [16])]
+
+    chords, voicing = [], [60, 64, 67]
     pitch = 62 + (root - 2) % 12
     for b in range(int(np.ceil(seconds / bar))):
         t0 = b * bar
-        d = progression[b % 4]
-        triad = [scale[(d + i) % 7] + 12 * ((d + i) // 7) for i in (0, 2, 4)]  # semitones above C
+        d = progression[b % 8]
+        triad = [int(scale[(d + i) % 7]) % 12 for i in (0, 2, 4)]       # pitch classes
         intervals = ((triad[1] - triad[0]) % 12, (triad[2] - triad[0]) % 12)
         quality = {(4, 7): "maj", (3, 7): "min", (3, 6): "dim"}[intervals]
         chords.append([round(t0, 3), round(min(t0 + bar, seconds), 3),
-                       f"{NOTE_NAMES[triad[0] % 12]}:{quality}"])
-        for step in bass_steps:
-            note = 36 + triad[0] % 12 + (7 if step == 4 and rng.random() < 0.3 else 0)
-            add("bass", t0 + step * beat / 2,
-                _tone(_midi_hz(note), beat / 2, sr, timbre["bass"], decay=0.3))
+                       f"{NOTE_NAMES[triad[0]]}:{quality}"])
+        for step, length in zip(kicks, lengths(kicks)):
+            fifth = 7 if step >= 8 and rng.random() < 0.3 else 0
+            add("bass", t0 + step * sixteenth,
+                _tone(_midi_hz(36 + triad[0] + fifth), 0.9 * length, sr, timbre["bass"],
+                      decay=0.4))
         for step in range(16):
-            t = t0 + step * beat / 4
+            t = t0 + step * sixteenth
             if step in kicks:
                 add("drums", t, _drum("kick", sr, rng, drum_params))
             if step in (4, 12):
                 add("drums", t, _drum("snare", sr, rng, drum_params))
             if step % hat_every == 0:                                   # 16ths or 8ths
                 add("drums", t, 0.5 * _drum("hat", sr, rng, drum_params))
-        for j, semitone in enumerate(triad):
-            f = _midi_hz(60 + semitone % 12)
-            if arpeggio:
-                for k in range(j, 8, 3):
-                    add("other", t0 + k * beat / 2,
-                        _tone(f, beat / 2, sr, timbre["other"], decay=0.4))
-            else:
-                add("other", t0, _tone(f, bar, sr, timbre["other"], attack=0.05, decay=2.0))
-        for k in range(int(round(bar / melody_step))):          # melody: a walk on the scale,
-            allowed = {s % 12 for s in (triad if k % 2 == 0 else scale)}    # chord tones on beats
-            candidates = [m for m in range(pitch - 4, pitch + 5)
-                          if m % 12 in allowed and 57 <= m <= 79]
+        voicing = _voicing(voicing, triad)
+        if comping == "pad":
+            for m in voicing:
+                add("other", t0, _tone(_midi_hz(m), bar, sr, timbre["other"], attack=0.05,
+                                       decay=2.0))
+        elif comping == "stabs":
+            for step, length in zip(stabs, lengths(stabs)):
+                for m in voicing:
+                    add("other", t0 + step * sixteenth,
+                        _tone(_midi_hz(m), 0.8 * length, sr, timbre["other"], decay=0.3))
+        else:
+            for k in range(8):
+                add("other", t0 + k * 2 * sixteenth,
+                    _tone(_midi_hz(voicing[k % 3]), 2 * sixteenth, sr, timbre["other"],
+                          decay=0.4))
+        for step, length in zip(lead_rhythm, lengths(lead_rhythm)):     # a walk on the scale,
+            allowed = set(triad) if step % 4 == 0 else {int(m) % 12 for m in scale}   # chord
+            candidates = [m for m in range(pitch - 4, pitch + 5)          # tones on the beats
+                          if m % 12 in allowed and 60 <= m <= 79]
             pitch = int(rng.choice(candidates))
-            if rng.random() < 0.85:
-                add("vocals", t0 + k * melody_step,
-                    _tone(_midi_hz(pitch), melody_step * 0.95, sr, timbre["vocals"], attack=0.03,
-                          decay=1.0, vibrato=0.012))
+            add("vocals", t0 + step * sixteenth,
+                _tone(_midi_hz(pitch), 0.95 * length, sr, timbre["vocals"], attack=0.03,
+                      decay=1.0, vibrato=0.012))
     sections = []
     section = 4 * bar
     for s0 in np.arange(0, seconds, section):
@@ -1935,7 +1983,7 @@ def make_toy_song(rng: np.random.Generator, *, seconds=30.0, sample_rate=16000):
         x = _room(out[s][:n], sr, rng=rng, **room)
         stems[s] = (x * rng.uniform(0.3, 0.6) / max(np.abs(x).max(), 1e-9)).astype(np.float32)
     labels = {"key": f"{NOTE_NAMES[root]}:{mode}", "tempo": round(tempo, 2), "chords": chords,
-              "sections": sections, "tilt": round(tilt, 3),
+              "sections": sections, "tilt": round(tilt, 3), "kicks": kicks, "comping": comping,
               "room": {k: round(v, 3) for k, v in room.items()}}
     return stems, labels
 
@@ -2111,6 +2159,7 @@ def evaluate(checkpoint, data, *, split="test", out=None, cache=None, device=Non
                                                     if (m := emb.instrument == i).any()}}
     results["rows"]["chance"] = {**chance_metrics(len(truth)),
                                  "which_song": chance_metrics(len(tracks), ks=(1,)),
+                                 "which_song_centred": chance_metrics(len(tracks), ks=(1,)),
                                  "which_instrument": chance_metrics(results["S"], ks=(1,)),
                                  "query_cosine": None}
     results.update(results["rows"]["Stem-JEPA, target-encoder refs"])  # headline numbers on top
@@ -2132,13 +2181,14 @@ def format_table(results: dict) -> str:
     lines = [f"retrieval on {results['N']} tracks x {results['S']} instruments, "
              f"R = {results['references']} references; nrank = rank / R, nearest = rank 1",
              f"{'model':34s} {'R@1':>6s} {'R@5':>6s} {'R@10':>6s} {'nrank mean':>11s} "
-             f"{'median':>7s} | {'song R@1':>8s} {'song nrank':>10s} | {'inst R@1':>8s} "
-             f"{'inst nrank':>10s} | {'q cos':>6s}"]
+             f"{'median':>7s} | {'song R@1':>8s} {'song nrank':>10s} {'centred':>8s} | "
+             f"{'inst R@1':>8s} {'inst nrank':>10s} | {'q cos':>6s}"]
     for name, m in results["rows"].items():
         cosine = "-" if m["query_cosine"] is None else format(m["query_cosine"], ".3f")
         lines.append(f"{name:34s} {m['R@1']:6.1f} {m['R@5']:6.1f} {m['R@10']:6.1f} "
                      f"{m['nrank_mean']:11.1f} {m['nrank_median']:7.1f}"
                      f" | {m['which_song']['R@1']:8.1f} {m['which_song']['nrank_mean']:10.1f}"
+                     f" {m['which_song_centred']['nrank_mean']:8.1f}"
                      f" | {m['which_instrument']['R@1']:8.1f}"
                      f" {m['which_instrument']['nrank_mean']:10.1f} | {cosine:>6s}")
     for s, m in results["rows"]["Stem-JEPA, target-encoder refs"].get("per_instrument", {}).items():

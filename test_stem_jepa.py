@@ -869,7 +869,7 @@ def test_training_lowers_the_loss(trained_run):
     assert [int(r["step"]) for r in rows] == list(range(10, 151, 10))
     first, last = float(rows[0]["loss"]), np.mean([float(r["loss"]) for r in rows[-3:]])
     assert last < first - 0.65, (first, last)
-    assert float(rows[-1]["spread"]) > 0.1
+    assert float(rows[-1]["embedding_spread"]) > 0.1
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 150
 
 
@@ -886,7 +886,7 @@ def test_resume_reproduces_the_uninterrupted_run(toy_data, tmp_path):
     assert len(read_log(tmp_path / "b" / "log.csv")) == 3
     b = sj.train(cfg, toy_data, out=tmp_path / "b", workers=1, resume=True, **quiet).model
 
-    columns = ("step", "loss", "lr", "tau", "spread", "skipped")
+    columns = ("step", "loss", "lr", "tau", "embedding_spread", "skipped")
     log_a, log_b = read_log(tmp_path / "a" / "log.csv"), read_log(tmp_path / "b" / "log.csv")
     assert len(log_a) == 6
     assert [[r[c] for c in columns] for r in log_a] == [[r[c] for c in columns] for r in log_b]
@@ -1192,6 +1192,33 @@ def test_which_song_and_which_instrument_rank_within_their_groups_by_hand():
     # one song: no two queries of an instrument from different songs, so no cosine (valid JSON)
     one = sj.which_song_and_instrument(queries[:2], refs[:2], track[:2], inst[:2])
     assert one["query_cosine"] is None and one["which_song"]["R@1"] == 100.0
+
+
+def test_centred_which_song_ranks_after_removing_each_instruments_mean_by_hand():
+    """which_song_centred: subtract from queries and references their instrument's mean vector,
+    L2-normalise, rank among the same instrument's references; checked against a naive loop. A
+    large common part with a small song-specific one (a "hub") gets the raw rank wrong and the
+    centred one right."""
+    torch.manual_seed(0)
+    N, S, C = 5, 3, 8
+    track, inst = torch.arange(N).repeat_interleave(S), torch.arange(S).repeat(N)
+    common, own = torch.randn(S, C) * 10, torch.randn(N * S, C)
+    weight = torch.where(track == 0, 0.2, 1.0)[:, None]      # song 0's stems near the average
+    refs = common[inst] + weight * own
+    queries = common[inst] + 0.4 * own                         # the song part, weaker
+    m = sj.which_song_and_instrument(queries, refs, track, inst)
+    ranks = []
+    for i in range(N * S):
+        def centred(x, j):
+            same = [k for k in range(N * S) if inst[k] == inst[j]]
+            v = x[j].double() - x[same].double().mean(0)
+            return v / v.norm()
+        q = centred(queries, i)
+        d = {j: (q - centred(refs, j)).norm().item() for j in range(N * S) if inst[j] == inst[i]}
+        ranks.append(1 + sum(dj < d[i] for dj in d.values()))
+    assert m["which_song_centred"]["nrank_mean"] == pytest.approx(100 * np.mean(ranks) / N)
+    assert m["which_song_centred"]["R@1"] == pytest.approx(100 * np.mean(np.array(ranks) == 1))
+    assert m["which_song_centred"]["nrank_mean"] < m["which_song"]["nrank_mean"]
 
 
 def test_each_query_equal_to_its_reference_gives_recall_100_and_rank_1():
