@@ -797,8 +797,8 @@ def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, 
     return Trained(run.model.eval(), stop.reason)
 
 
-LOG_COLUMNS = ("step,loss,lr,tau,samples_per_s,embedding_spread,batch_loss,avg_stem_loss,pred_spread,"
-               "target_spread,skipped")
+LOG_COLUMNS = ("step,loss,lr,tau,samples_per_s,embedding_spread,batch_loss,avg_stem_loss,"
+               "pred_spread,target_spread,skipped")
 
 
 @dataclass
