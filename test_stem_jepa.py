@@ -1495,6 +1495,27 @@ def test_not_a_checkpoint_and_other_versions_are_refused(tmp_path, toy_data):
     assert r.returncode == 2 and "format 0" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_exported_weights_are_float16_and_load_as_the_same_model(tmp_path):
+    """`export` (save_weights) keeps the config, the instruments and the weights rounded to
+    float16, drops everything else; from_checkpoint loads it as a float32 model whose parameters
+    are the original's rounded to float16, and whose predictions match to float16 precision."""
+    cfg = mini()
+    ckpt = write_checkpoint(tmp_path / "run" / "checkpoint.pt", cfg, TOY_STEMS)
+    run_cli("export", "--checkpoint", ckpt, "--out", tmp_path / "model.pt")
+    weights = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert "optimizer" not in weights
+    assert all(v.dtype == torch.float16 for v in weights["model"].values() if v.is_floating_point())
+    original, loaded = sj.StemJEPA.from_checkpoint(ckpt), sj.StemJEPA.from_checkpoint(
+        tmp_path / "model.pt")
+    assert loaded.config == original.config and loaded.instruments == original.instruments
+    for (name, a), b in zip(original.state_dict().items(), loaded.state_dict().values()):
+        assert b.dtype == a.dtype and torch.equal(b, a.half().to(a.dtype)), name
+    wav = torch.from_numpy(0.1 * np.random.default_rng(0).standard_normal((2, 2 * SR))).float()
+    with torch.no_grad():
+        p, q = original.predict(wav, torch.tensor([0, 1])), loaded.predict(wav, torch.tensor([0, 1]))
+    assert torch.allclose(p, q, atol=0.05 * p.abs().max().item())
+
+
 @pytest.mark.slow
 def test_from_checkpoint_gives_the_trained_model_in_eval_mode(trained_run):
     """StemJEPA.from_checkpoint rebuilds the model that `train` returned: eval mode, the same
