@@ -449,9 +449,10 @@ def tau_at(step: int, total_steps: int, tau_start: float, tau_end: float) -> flo
 
 @torch.no_grad()
 def ema_update(target: list[torch.Tensor], online: list[torch.Tensor], tau: float) -> None:
-    """theta_bar <- tau * theta_bar + (1 - tau) * theta (Eq. 2), in place, for every tensor at once
-    (one fused call instead of a Python loop over ~200 parameters)."""
-    torch._foreach_lerp_(target, online, 1.0 - tau)
+    """theta_bar <- tau * theta_bar + (1 - tau) * theta (Eq. 2), in place, tensor by tensor:
+    lerp moves theta_bar the fraction 1 - tau of the way towards theta."""
+    for t, o in zip(target, online):
+        t.lerp_(o, 1.0 - tau)
 
 
 def lr_at(step: int, *, peak_lr: float, warmup_steps: int, total_steps: int,
@@ -3312,7 +3313,8 @@ def train_flops_per_sample(cfg: Config) -> float:
 
 def obvious_step(cfg: Config, device, context, target, instrument):
     """`bench --baseline`'s yardstick, the same step built the obvious way (a no-argument function):
-    nn.TransformerEncoder, learned positions, Python-loop EMA, mel rebuilt, .item() every step."""
+    nn.TransformerEncoder, learned positions, EMA by mul_ and add_, mel rebuilt, .item() each
+    step."""
     D = cfg.dim
     frames = chunk_samples(cfg) // cfg.hop_length
     tokens = (cfg.n_mels // cfg.patch_size) * (frames // cfg.patch_size)
