@@ -3142,6 +3142,15 @@ def embed_audio_files(model: StemJEPA, files: list[Path], *, keep=pool, device="
     return kept, [results[f] for f in kept]
 
 
+def _instrument_option(model: StemJEPA, instrument) -> int:
+    """The id of --instrument; a name the model does not know is an error naming the option and
+    listing the known ones (retrieve and score check it before decoding anything)."""
+    if isinstance(instrument, str) and instrument not in model.instruments:
+        raise StemJEPAError(f"--instrument {instrument}: the model knows "
+                            f"{', '.join(model.instruments)}")
+    return model.instrument_id(instrument)
+
+
 @torch.no_grad()
 def retrieve(checkpoint, mix, library, instrument: str, *, top=10, device=None, batch=16,
              log=print, verbose=True) -> list[dict]:
@@ -3149,7 +3158,7 @@ def retrieve(checkpoint, mix, library, instrument: str, *, top=10, device=None, 
     prediction and target embeddings) and the `top` ones' best offsets; cache beside the library."""
     model, device, _ = open_trained(checkpoint, device)
     cfg = model.config
-    instrument_id = model.instrument_id(instrument)   # an unknown one fails before decoding
+    instrument_id = _instrument_option(model, instrument)
     files = audio_files(library)
     mix_audio = load_audio(mix, cfg.sample_rate)  # a bad --mix fails before the library is embedded
     chunk = chunk_samples(cfg)
@@ -3185,7 +3194,7 @@ def retrieve(checkpoint, mix, library, instrument: str, *, top=10, device=None, 
 def score(checkpoint, mix, stem, instrument: str, *, device=None, batch=16) -> dict:
     """StemJEPA.score for two audio files: how well `stem` fits `mix` as `instrument`, and where."""
     model, _, _ = open_trained(checkpoint, device)
-    model.instrument_id(instrument)             # an unknown instrument fails before decoding
+    _instrument_option(model, instrument)
     sr = model.config.sample_rate
     return {"mix": str(mix), "stem": str(stem), "instrument": instrument,
             **model.score(load_audio(mix, sr), load_audio(stem, sr), instrument, batch=batch)}

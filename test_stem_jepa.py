@@ -2741,6 +2741,18 @@ def test_retrieve_leaves_out_an_unreadable_library_file(mini_checkpoint, tmp_pat
     assert sum(str(library / "bad.wav") in line for line in lines) == 1
 
 
+def test_unknown_instrument_is_an_error_naming_the_option(mini_checkpoint, tmp_path):
+    """retrieve and score with an instrument the model does not know: a StemJEPAError naming
+    --instrument and its value and listing the known instruments, before any file is read (the
+    mix, stem and library given here do not exist)."""
+    missing = tmp_path / "missing.wav"
+    expected = r"^--instrument piano: the model knows bass, drums, other, vocals$"
+    with pytest.raises(sj.StemJEPAError, match=expected):
+        sj.retrieve(mini_checkpoint, missing, tmp_path / "no_library", "piano")
+    with pytest.raises(sj.StemJEPAError, match=expected):
+        sj.score(mini_checkpoint, missing, missing, "piano")
+
+
 @pytest.mark.slow
 def test_cli_retrieval_errors(trained_run, bass_library, tmp_path):
     """Bad input to embed/retrieve: exit status 2, one `error:` line naming the problem, no
@@ -2764,7 +2776,7 @@ def test_cli_retrieval_errors(trained_run, bass_library, tmp_path):
         [*retrieve, "--mix", tmp_path / "missing.wav", "--library", small])
     assert_user_error(not_a_checkpoint, "notes.txt", "not a readable checkpoint")
     assert_user_error(no_audio, "no_audio", "holds no audio files")
-    assert_user_error(unknown, "piano", "bass, drums, other, vocals")
+    assert_user_error(unknown, "--instrument piano:", "bass, drums, other, vocals")
     assert_user_error(no_mix, "missing.wav", "no such file")
 
 
