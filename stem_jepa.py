@@ -1313,16 +1313,38 @@ def random_twin(model: StemJEPA, seed: int | None = None) -> StemJEPA:
 RESUMABLE_CHANGES = ("steps", "log_every", "ckpt_every", "grad_accum")
 
 
+# Config fields newer than some checkpoints, and the value the runs saved without them used:
+# M2D's weight decay grouping, the cosine down to 0, no song-contrast term.
+BEFORE_THE_FIELD = {"weight_decay_all": False, "min_lr_ratio": 0.0, "song_contrast": 0.0,
+                    "song_temperature": 0.1}
+
+
+def _option(field: str, value) -> str:
+    """A Config field's value as the command line spells it: --no-weight-decay-all, --steps 10."""
+    flag = field.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} {value}"
+
+
 def check_resume(ckpt: dict, cfg: Config, data_id: str, force: bool) -> None:
-    """Refuse to resume with another config or data; --force passes RESUMABLE_CHANGES and data."""
-    saved = ckpt["config"]
-    diffs = {k: (saved.get(k), v) for k, v in dataclasses.asdict(cfg).items() if saved.get(k) != v}
+    """Refuse to resume with another config or data; --force passes RESUMABLE_CHANGES and data.
+    A field the checkpoint predates has the value its run used (BEFORE_THE_FIELD)."""
+    saved = {**BEFORE_THE_FIELD, **ckpt["config"]}
+    diffs = {k: (saved.get(k, "not recorded"), v) for k, v in dataclasses.asdict(cfg).items()
+             if saved.get(k) != v}
     if ckpt.get("data") != data_id:
         diffs["dataset"] = ("a different track list", "this one")
     text = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in diffs.items())
     if any(k not in RESUMABLE_CHANGES + ("dataset",) for k in diffs):
+        advice = "pass the same preset and options"
+        older = [k for k in diffs if k in BEFORE_THE_FIELD and k not in ckpt["config"]]
+        if older:
+            flags = ", ".join("--" + k.replace("_", "-") for k in older)
+            advice += (f" (a checkpoint from before {flags} existed needs "
+                       f"{' '.join(_option(k, saved[k]) for k in older)})")
         raise StemJEPAError(f"cannot resume: the run was made with another configuration ({text}); "
-                            "pass the same preset and options, or start a new --out")
+                            f"{advice}, or start a new --out")
     if diffs and not force:
         raise StemJEPAError(f"cannot resume: {text}; pass --force to continue with these changes")
 

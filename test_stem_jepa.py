@@ -1042,6 +1042,27 @@ def test_resume_with_another_configuration_is_refused(tmp_path, toy_data):
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 6
 
 
+def test_resume_of_a_checkpoint_from_before_weight_decay_all_says_what_to_pass():
+    """A checkpoint saved before the weight_decay_all field existed (its config lacks the key) was
+    trained with M2D's grouping (False). Resuming it with the paper preset's True is refused
+    naming False -> True, the option to pass and a new --out; the options parsed from the advice
+    give a config that resumes."""
+    import argparse
+    cfg = sj.make_config("paper")
+    saved = dataclasses.asdict(cfg)
+    del saved["weight_decay_all"]
+    ckpt = {"config": saved, "data": "tracks"}
+    with pytest.raises(sj.StemJEPAError) as refused:
+        sj.check_resume(ckpt, cfg, "tracks", force=False)
+    message = str(refused.value)
+    assert "weight_decay_all: False -> True" in message and "None" not in message
+    assert "needs --no-weight-decay-all" in message and "new --out" in message
+    parser = argparse.ArgumentParser()
+    sj._add_train_options(parser)
+    advised = parser.parse_args(["--preset", "paper", "--no-weight-decay-all"])
+    sj.check_resume(ckpt, sj._config_from(advised), "tracks", force=False)
+
+
 @pytest.mark.slow
 def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, toy_data):
     """An absurd learning rate makes the loss non-finite: steps are skipped and counted, training
