@@ -2369,10 +2369,12 @@ def alignment_curves(model: StemJEPA, tracks: list[dict], *, max_shift: int, dev
 
 
 def analyze_alignment(checkpoint, data, *, split="test", tracks=None, max_shift_s=10.0, out=None,
-                      cache=None, device=None, batch=16, log=print, verbose=True) -> dict:
-    """4.3 on a split: OUT/align.json and OUT/fig4.png; tracks: the first K only (the paper: 8)."""
+                      cache=None, device=None, batch=16, layout=None, log=print,
+                      verbose=True) -> dict:
+    """4.3 on a split: OUT/align.json and OUT/fig4.png; tracks: the first K only (the paper: 8).
+    layout: `find_tracks`'s options."""
     model, device, prepared = open_trained(checkpoint, device, data, split=split, cache=cache,
-                                           log=log, verbose=verbose)
+                                           layout=layout, log=log, verbose=verbose)
     prepared = prepared[:tracks]
     out = Path(out or Path(checkpoint).parent / f"align-{split}")
     out.mkdir(parents=True, exist_ok=True)
@@ -2539,17 +2541,18 @@ def track_annotations(name: str, folder, index=None):
     return [(0.0, math.inf, labels["key"])], chords
 
 
-def mix_sources(*, data=None, audio=None, split="test", cache=None, cfg: Config,
+def mix_sources(*, data=None, audio=None, split="test", cache=None, cfg: Config, layout=None,
                 log=print, verbose=True) -> list[tuple]:
     """The full mixes, (name, folder of its labels.json, load() -> mono waveform): the files of
-    `audio` (named as their .lab files), or each track's stems summed (prepared as for training)."""
+    `audio` (named as their .lab files), or each track's stems summed (prepared as for training;
+    layout: `find_tracks`'s options)."""
     if audio:
         return [(f.stem, f.parent, lambda f=f: load_audio(f, cfg.sample_rate))
                 for f in audio_files(audio)]
     folders = {name: Path(next(iter(stems.values()))[0][0]).parent
-               for name, stems in find_tracks(data, split)}
-    prepared = prepare(data, split, cache=cache, training=False, log=log, verbose=verbose,
-                       **prepare_options(cfg))
+               for name, stems in find_tracks(data, split, **(layout or {}))}
+    prepared = prepare(data, split, cache=cache, training=False, layout=layout, log=log,
+                       verbose=verbose, **prepare_options(cfg))
     return [(t["name"], folders[t["name"]],
              lambda t=t: np.load(t["npy"]).astype(np.float32).sum(0)) for t in prepared]
 
@@ -2701,14 +2704,15 @@ def top_combinations(names: list[str], counts: torch.Tensor, labels: list, top: 
 
 def analyze_clusters(checkpoint, *, data=None, audio=None, split="test", labels=None, k=32,
                      iters=100, top=80, shuffles=5, out=None, cache=None, device=None, batch=16,
-                     seed=0, log=print, verbose=True) -> dict:
+                     seed=0, layout=None, log=print, verbose=True) -> dict:
     """4.4 and Fig. 5 -> OUT/clusters.json, OUT/fig5.png: patches of the annotated mixes labelled
     "key/chord" ("E/B": a B chord in E major), pairs counted within k-means clusters; the tonal
-    share beside shuffled labels and random weights (clusters of one song also raise it)."""
+    share beside shuffled labels and random weights (clusters of one song also raise it). layout:
+    `find_tracks`'s options, with data."""
     model, device, _ = open_trained(checkpoint, device)
     index = lab_index(labels) if labels else None
     sources = mix_sources(data=data, audio=audio, split=split, cache=cache, cfg=model.config,
-                          log=log, verbose=verbose)
+                          layout=layout, log=log, verbose=verbose)
     found = [(name, load, track_annotations(name, folder, index)) for name, folder, load in sources]
     annotated = [(name, load, *ann) for name, load, ann in found if ann is not None]
     missing = [name for name, _, ann in found if ann is None]
@@ -3605,6 +3609,7 @@ def cmd_embed(args):
 
 def cmd_analyze(args):
     common = {k: getattr(args, k) for k in ("split", "out", "cache", "device", "batch")}
+    common["layout"] = _layout_from(args)
     if args.analysis == "align":
         analyze_alignment(args.checkpoint, args.data, tracks=args.tracks,
                           max_shift_s=args.max_shift_s, **common)
@@ -3702,7 +3707,7 @@ def main(argv=None):
     for q in (a, c):
         q.add_argument("--split", default="test", help="split (with --data): train, test or all")
         q.add_argument("--out", help="output folder (default: beside the checkpoint)")
-        _add_shared_options(q, "checkpoint", "cache", "device", "batch")
+        _add_shared_options(q, "checkpoint", "cache", "device", "batch", "channels", "groups")
 
     p = sub.add_parser("probe", help="frozen-embedding probe (4.5, Table 3), with random weights")
     p.add_argument("--labels", required=True, help="CSV: file,label,split (train/valid/test)")

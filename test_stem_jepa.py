@@ -2641,6 +2641,36 @@ def test_commands_in_a_subprocess(toy_run):
     check_e2e_outputs(out)
 
 
+@pytest.mark.slow
+def test_analyze_reads_a_multichannel_layout_with_channels(mini_checkpoint, tmp_path):
+    """`analyze align` and `analyze clusters` take --channels as train and evaluate do: on one
+    4-channel WAV per track, align pairs the named stems (the channel named mix left out) and
+    clusters labels every patch of the two mixes; without --channels, the error says to pass it."""
+    root, labels = tmp_path / "authors", tmp_path / "labels"
+    (root / "test").mkdir(parents=True)
+    labels.mkdir()
+    for i, name in enumerate(["one", "two"]):
+        freqs = [(1 + i / 4) * f for f in (110.0, 330.0, 5000.0, 1500.0)]
+        sf.write(root / "test" / f"{name}.wav", np.stack([sine(f, 3.0) for f in freqs], 1), SR)
+        (labels / f"{name}.keys.lab").write_text("0 3 Key C\n")
+        (labels / f"{name}.chords.lab").write_text("0 1.5 C\n1.5 3 G\n")
+    channels = ["--channels", "bass,drums,mix,vocals"]
+    align = ["analyze", "align", "--checkpoint", mini_checkpoint, "--data", root, "--max-shift-s",
+             1, "--out", tmp_path / "align"]
+    clusters = ["analyze", "clusters", "--checkpoint", mini_checkpoint, "--data", root,
+                "--labels", labels, "--k", 2, "--shuffles", 1, "--out", tmp_path / "clusters"]
+    aligned, clustered, without = run_cli_together([*align, *channels], [*clusters, *channels],
+                                                   align)
+    assert aligned.returncode == 0, aligned.stderr
+    tracks = json.loads((tmp_path / "align" / "align.json").read_text())["tracks"]
+    assert [(t["name"], t["stems"]) for t in tracks] == [("one", ["bass", "drums", "vocals"]),
+                                                         ("two", ["bass", "drums", "vocals"])]
+    assert clustered.returncode == 0, clustered.stderr
+    result = json.loads((tmp_path / "clusters" / "clusters.json").read_text())
+    assert result["tracks"] == 2 and result["labelled_patches"] == result["patches"] > 0
+    assert_user_error(without, "--channels")
+
+
 # ---------------------------------------------------------------------------------------------
 # Using a trained model: retrieve, score, embed, any length, HEAR
 # ---------------------------------------------------------------------------------------------
