@@ -3401,20 +3401,24 @@ def obvious_step(cfg: Config, device, context, target, instrument):
 
 
 def bench(*, preset="paper", batch_size=2, device=None, compile=False, steps=5, data=None,
-          baseline=False, log=print, **overrides) -> dict:
+          baseline=False, precision="auto", log=print, **overrides) -> dict:
     """Peak matmul FLOP/s, the training step (samples/s, FLOP/s, MFU), one loader worker (chunks/s,
-    warm cache), evaluation speed, peak memory. overrides: Config fields, as for `make_config`."""
+    warm cache), evaluation speed, peak memory. precision: the step's, as for `train`
+    (`pick_precision`); MFU divides by the peak of its matmuls. overrides: Config fields, as for
+    `make_config`."""
     import resource
     import tempfile
     device = pick_device(device)
+    precision = pick_precision(precision, device)
     cfg = make_config(preset, batch_size=batch_size, **overrides)
     cpu = f"{device.type}, {torch.get_num_threads()} threads"
     r = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
-         "preset": preset, "batch_size": batch_size, "compile": compile}
+         "preset": preset, "batch_size": batch_size, "precision": precision, "compile": compile}
     r["peak_fp32_flops"] = matmul_peak(device)
-    if device.type == "cuda":
-        r["peak_bf16_flops"] = matmul_peak(device, torch.bfloat16)
-    peak = r.get("peak_bf16_flops", r["peak_fp32_flops"])
+    if precision != "fp32":
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        r[f"peak_{precision}_flops"] = matmul_peak(device, dtype)
+    peak = r[f"peak_{precision}_flops"]
 
     # the training step, front-end to EMA update, on random waveforms
     torch.manual_seed(0)
@@ -3423,12 +3427,14 @@ def bench(*, preset="paper", batch_size=2, device=None, compile=False, steps=5, 
     optimizer = torch.optim.AdamW(groups, betas=(cfg.beta1, cfg.beta2),
                                   fused=device.type in ("cuda", "cpu"))
     loss_fn = torch.compile(model) if compile else model
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     n = chunk_samples(cfg)
     context, target = (0.1 * torch.randn(batch_size, n, device=device) for _ in range(2))
     instrument = torch.arange(batch_size, device=device) % len(TOY_STEMS)
     r["step_s"] = _median_time(lambda: training_step(model, optimizer, context, target, instrument,
                                                      lr=1e-4, tau=0.999, grad_clip=cfg.grad_clip,
-                                                     loss_fn=loss_fn),
+                                                     loss_fn=loss_fn, precision=precision,
+                                                     scaler=scaler),
                                device, warmup=3 if compile else 2, repeats=steps)
     r["samples_per_s"] = batch_size / r["step_s"]
     r["flops_per_sample"] = train_flops_per_sample(cfg)
@@ -3475,10 +3481,11 @@ def format_bench(r: dict) -> str:
     g = 1e9
     compiled = ", compiled" if r["compile"] else ""
     rows = [("device", r["device"]),
-            ("preset, batch", f"{r['preset']}, {r['batch_size']}{compiled}"),
-            ("peak fp32 matmul", f"{r['peak_fp32_flops'] / g:.0f} GFLOP/s")]
-    if "peak_bf16_flops" in r:
-        rows.append(("peak bf16 matmul", f"{r['peak_bf16_flops'] / g:.0f} GFLOP/s"))
+            ("preset, batch, precision",
+             f"{r['preset']}, {r['batch_size']}, {r['precision']}{compiled}")]
+    for kind in ("fp32", "bf16", "fp16"):
+        if f"peak_{kind}_flops" in r:
+            rows.append((f"peak {kind} matmul", f"{r[f'peak_{kind}_flops'] / g:.0f} GFLOP/s"))
     rows += [("training step", f"{r['step_s'] * 1000:.0f} ms, {r['samples_per_s']:.2f} samples/s"),
              ("FLOPs per sample",
               f"{r['flops_per_sample'] / g:.1f} GFLOP (counted from the shapes)"),
@@ -3525,6 +3532,9 @@ def _add_shared_options(p, *names):
               "batch": dict(type=int, default=16, help="chunks encoded at once"),
               "cache": dict(help="where decoded 16 kHz stems go (default DATA/.stem_jepa_cache)"),
               "seed": dict(type=int, default=0),
+              "precision": dict(choices=PRECISIONS, default="auto",
+                                help="autocast on CUDA: auto is bf16 where the GPU has it, else "
+                                     "fp16 with loss scaling; fp32 off CUDA"),
               "channels": dict(help="one multichannel file per track: the names of its channels, "
                                     "e.g. bass,drums,other,vocals (mix or mixture: left out)"),
               "groups": dict(help="Slakh2100 classes (or MoisesDB stems) per instrument, e.g. "
@@ -3629,7 +3639,8 @@ def cmd_bench(args):
     overrides = {k: v for k, v in _config_overrides(args).items()
                  if k not in ("steps", "batch_size")}   # bench's --steps: the timed steps
     r = bench(preset=args.preset, batch_size=args.batch_size, device=args.device, steps=args.steps,
-              compile=args.compile, data=args.data, baseline=args.baseline, **overrides)
+              compile=args.compile, data=args.data, baseline=args.baseline,
+              precision=args.precision, **overrides)
     print(format_bench(r))
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=1))
@@ -3657,9 +3668,7 @@ def main(argv=None):
     p.add_argument("--stop-at", type=int, help="save and exit at this step; --resume continues")
     p.add_argument("--init-from", metavar="CKPT", help="a new run starting from this checkpoint's "
                    "encoders and predictor (fresh optimizer and schedules)")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="autocast on CUDA: auto "
-                   "is bf16 where the GPU has it, else fp16 with loss scaling; fp32 off CUDA")
-    _add_shared_options(p, "cache", "device", "channels", "groups")
+    _add_shared_options(p, "cache", "device", "channels", "groups", "precision")
     _add_train_options(p)
 
     p = sub.add_parser("evaluate", help="stem retrieval (Table 1, Fig. 2) with comparison rows")
@@ -3729,7 +3738,7 @@ def main(argv=None):
     p.add_argument("--data", help="dataset for the loader measurement (default: 10 toy songs)")
     p.add_argument("--baseline", action="store_true", help="also time a step built the obvious way")
     p.add_argument("--json", help="also write the numbers to this file")
-    _add_shared_options(p, "device")
+    _add_shared_options(p, "device", "precision")
     _add_train_options(p, exclude=("steps",))
 
     p = sub.add_parser("demo", help="toy data + the tiny preset on this machine, end to end")

@@ -3071,6 +3071,34 @@ def test_bench_counts_flops_by_hand_and_divides_by_the_peak(tmp_path, monkeypatc
     assert r["mfu"] == pytest.approx(hand * 8 / 1e6)
 
 
+@pytest.mark.slow
+def test_bench_times_the_step_in_the_precision_asked_for(tmp_path, monkeypatch):
+    """bench's precision reaches the training step it times and is recorded in the result and its
+    table; `bench --precision bf16` on a CPU is refused as `train`'s is (the option reaches it)."""
+    precisions = []
+    real_step = sj.training_step
+
+    def recording_step(*args, **kwargs):
+        precisions.append(kwargs["precision"])
+        return real_step(*args, **kwargs)
+
+    def once(fn, device, *, warmup, repeats):
+        fn()
+        return 0.25
+
+    monkeypatch.setattr(sj, "training_step", recording_step)
+    monkeypatch.setattr(sj, "_median_time", once)
+    monkeypatch.setattr(sj, "matmul_peak", lambda device, dtype=torch.float32: 1e6)
+    data = sj.write_toy_dataset(tmp_path / "toy", tracks=3, seconds=2.0)
+    fields = dict(n_mels=32, chunk_seconds=0.16, dim=8, depth=1, heads=2, pred_hidden=16,
+                  pred_layers=2)
+    r = sj.bench(preset="tiny", device="cpu", steps=1, data=data, precision="fp32", **fields)
+    assert precisions == ["fp32"] and r["precision"] == "fp32"
+    assert "tiny, 2, fp32" in sj.format_bench(r)
+    assert_user_error(run_cli("bench", "--device", "cpu", "--precision", "bf16"),
+                      "--precision bf16", "CUDA")
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line, the tutorial, the licence
 # ---------------------------------------------------------------------------------------------
