@@ -1691,6 +1691,16 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         np.save(f, array)
 
 
+def _whole_npy(path: Path, shape: tuple) -> bool:
+    """Whether a cached array is whole: a readable header, the shape its metadata records and
+    exactly the bytes they take (a full disk or an interrupted copy leaves the file short)."""
+    try:
+        x = np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError):
+        return False
+    return x.shape == shape and x.offset + x.nbytes == os.path.getsize(path)
+
+
 def _prepare_track(name, stems, *, sample_rate, chunk, threshold) -> dict:
     """One track's metadata, (kind, text) notes and (unless excluded) (S, N) float32 stems."""
     notes, audio = [], {}
@@ -1756,9 +1766,10 @@ def _has_two_active(x: np.ndarray, chunk: int, threshold: float, block: int = 16
 def prepare(root, split: str = "train", *, cache=None, sample_rate=16000, chunk_seconds=8.0,
             threshold=0.1, training=True, layout=None, log=print, verbose=True) -> list[dict]:
     """Decode each track once into a cache, a float16 .npy of 16 kHz mono stems (memory-mapped in
-    training), reused while its files are unchanged; all-zero stems and unusable tracks are left
-    out and reported. training=True adds the silence filter. "all": train/ and test/ (Table 1 ranks
-    among all 150 tracks). Returns per track: name, stems (sorted), length (samples), npy (path)."""
+    training), reused while its files are unchanged and the array whole; all-zero stems and
+    unusable tracks are left out and reported. training=True adds the silence filter. "all": train/
+    and test/ (Table 1 ranks among all 150 tracks). Returns per track: name, stems (sorted), length
+    (samples), npy (path)."""
     options = dict(cache=cache, sample_rate=sample_rate, chunk_seconds=chunk_seconds,
                    threshold=threshold, training=training, layout=layout, log=log, verbose=verbose)
     if split == "all" and any((Path(root) / s).is_dir() for s in ("train", "test")):
@@ -1788,8 +1799,12 @@ def prepare(root, split: str = "train", *, cache=None, sample_rate=16000, chunk_
             meta = json.loads(meta_path.read_text())
         except (OSError, ValueError):
             meta = None
-        fresh = (meta is not None and meta.get("signature") == signature
-                 and ("excluded" in meta or npy_path.exists()))
+        fresh = meta is not None and meta.get("signature") == signature
+        if fresh and "excluded" not in meta:
+            fresh = _whole_npy(npy_path, (len(meta["stems"]), meta["length"]))
+            if not fresh:
+                log(f"prepare {split}: the cached {npy_path} of {name} is missing or cut short: "
+                    "decoding it again")
         if not fresh:                           # new, changed, or left half-written by a kill
             meta = _prepare_track(name, stems, sample_rate=sample_rate, chunk=chunk,
                                   threshold=threshold)

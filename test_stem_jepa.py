@@ -1855,6 +1855,29 @@ def test_half_written_cache_is_rebuilt(tmp_path):
                                                                  first[0]["length"])
 
 
+def test_cached_array_cut_short_is_decoded_again(tmp_path):
+    """Cached arrays damaged after their metadata was written (cut short by a full disk or an
+    interrupted copy of the cache: in the samples, in the header) are found when the cache is
+    read: those tracks alone are decoded again, a line names each file, and the arrays are whole."""
+    data = sj.write_toy_dataset(tmp_path / "toy", tracks=4, seconds=6.0)
+    cache = tmp_path / "cache"
+    first = sj.prepare(data, "train", cache=cache, chunk_seconds=4.0, log=lambda *a: None)
+    samples_cut, header_cut = Path(first[0]["npy"]), Path(first[1]["npy"])
+    samples_cut.write_bytes(samples_cut.read_bytes()[:-1000])
+    header_cut.write_bytes(header_cut.read_bytes()[:50])
+    decoded, lines = [], []
+    real = sj.load_audio
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sj, "load_audio", lambda *a, **k: decoded.append(a[0]) or real(*a, **k))
+        again = sj.prepare(data, "train", cache=cache, chunk_seconds=4.0, log=lines.append)
+    assert {Path(p).parent.name for p in decoded} == {first[0]["name"], first[1]["name"]}
+    for npy in (samples_cut, header_cut):
+        assert sum(str(npy) in line and "cut short" in line for line in lines) == 1
+    assert again == first
+    for t in again:
+        assert np.load(t["npy"]).shape == (len(t["stems"]), t["length"])
+
+
 @pytest.mark.slow
 def test_bad_files_are_reported_together_by_name(tmp_path):
     """A non-audio file with an audio extension, a zero-byte file and a file with NaN samples are
