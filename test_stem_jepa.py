@@ -1917,40 +1917,49 @@ def test_unknown_stem_names_become_instruments(tmp_path):
                                                                                      "strings"]
 
 
-@pytest.mark.slow
-def test_cli_error_missing_folder(tmp_path):
-    """--data pointing nowhere: exit 2, the message names the folder."""
-    assert_user_error(train_cli(tmp_path / "nowhere", tmp_path), "nowhere", "no such folder")
+def readme_only(data: Path) -> None:
+    data.mkdir()
+    (data / "README.txt").write_text("hello")
+
+
+def unreadable_track(data: Path) -> None:
+    (data / "bad").mkdir(parents=True)
+    for i, stem in enumerate(TOY_STEMS):
+        (data / "bad" / f"{stem}.wav").write_bytes(np.random.default_rng(i).bytes(5000))
+
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 
 
 @pytest.mark.slow
-def test_cli_error_empty_folder(tmp_path):
-    """An empty --data folder: exit 2, 'is empty'."""
-    (tmp_path / "empty").mkdir()
-    assert_user_error(train_cli(tmp_path / "empty", tmp_path), "empty", "is empty")
-
-
-@pytest.mark.slow
-def test_cli_error_folder_without_tracks(tmp_path):
-    """A folder with only a README: exit 2, 'holds no tracks' and the expected layouts."""
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "README.txt").write_text("hello")
-    assert_user_error(train_cli(tmp_path / "data", tmp_path), "holds no tracks", ".stem.mp4")
-
-
-@pytest.mark.slow
-def test_cli_error_track_with_one_stem(tmp_path):
-    """The only track has a single stem: nothing to predict from; exit 2 naming the track."""
-    write_track(tmp_path / "data" / "solo", {"piano": sine(440, 5.0)})
-    assert_user_error(train_cli(tmp_path / "data", tmp_path), "solo", "nothing to predict from")
-
-
-@pytest.mark.slow
-def test_cli_error_stems_differ_in_length_by_more_than_a_second(tmp_path):
-    """Stems of 3 s and 5 s: the track is refused, the message names it and the lengths."""
-    write_track(tmp_path / "data" / "ragged", {"bass": sine(110, 3.0), "drums": sine(330, 5.0)})
-    assert_user_error(train_cli(tmp_path / "data", tmp_path), "ragged", "bass 3.00 s",
-                      "drums 5.00 s")
+@pytest.mark.parametrize("setup, options, words", [
+    # --data pointing nowhere: the message names the folder
+    pytest.param(lambda data: None, [], ["{data}: no such folder"], id="missing-folder"),
+    # an empty --data folder
+    pytest.param(lambda data: data.mkdir(), [], ["{data} is empty"], id="empty-folder"),
+    # a folder with only a README: the message lists the layouts read
+    pytest.param(readme_only, [], ["holds no tracks", ".stem.mp4"], id="folder-without-tracks"),
+    # the only track has a single stem: nothing to predict from, the message names the track
+    pytest.param(lambda data: write_track(data / "solo", {"piano": sine(440, 5.0)}), [],
+                 ["solo", "nothing to predict from"], id="track-with-one-stem"),
+    # stems of 3 s and 5 s: the track is refused, the message names it and the lengths
+    pytest.param(lambda data: write_track(data / "ragged", {"bass": sine(110, 3.0),
+                                                            "drums": sine(330, 5.0)}), [],
+                 ["ragged", "bass 3.00 s", "drums 5.00 s"], id="stems-differ-by-over-a-second"),
+    # every file of the only track is unreadable: the message names the files
+    pytest.param(unreadable_track, [],
+                 ["no usable track", os.path.join("{data}", "bad", "bass.wav")],
+                 id="only-track-corrupt"),
+    # --device cuda without CUDA
+    pytest.param(lambda data: good_track(data / "good"), ["--device", "cuda"],
+                 ["cuda", "not available"], id="device-not-available", marks=NO_CUDA),
+])
+def test_cli_error(tmp_path, setup, options, words):
+    """train on a bad --data folder (what `setup` makes of it) or with bad options: exit 2, one
+    `error:` message with the words (`{data}`: the folder's path), no traceback."""
+    data = tmp_path / "data"
+    setup(data)
+    assert_user_error(train_cli(data, tmp_path, *options), *[w.format(data=data) for w in words])
 
 
 @pytest.mark.slow
@@ -1963,32 +1972,12 @@ def test_cli_stems_within_a_second_are_trimmed_and_training_proceeds(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_error_when_the_only_track_is_corrupt(tmp_path):
-    """Every file of the only track is unreadable: exit 2, the message names the files."""
-    bad = tmp_path / "data" / "bad"
-    bad.mkdir(parents=True)
-    for i, stem in enumerate(TOY_STEMS):
-        (bad / f"{stem}.wav").write_bytes(np.random.default_rng(i).bytes(5000))
-    assert_user_error(train_cli(tmp_path / "data", tmp_path), "no usable track",
-                      str(bad / "bass.wav"))
-
-
-@pytest.mark.slow
 def test_cli_track_shorter_than_a_chunk_is_padded(tmp_path):
     """A 2 s track with the tiny preset's 4 s chunks: zero-padded, a note says so, training runs."""
     good_track(tmp_path / "data" / "short", seconds=2.0)
     result = train_cli(tmp_path / "data", tmp_path)
     assert_trained(result, tmp_path)
     assert "zero-padded" in result.stdout and "short (2.0 s)" in result.stdout
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_cli_error_device_not_available(tmp_path):
-    """--device cuda without CUDA: exit 2, 'cuda is not available'."""
-    good_track(tmp_path / "data" / "good")
-    assert_user_error(train_cli(tmp_path / "data", tmp_path, "--device", "cuda"), "cuda",
-                      "not available")
 
 
 # ---------------------------------------------------------------------------------------------
