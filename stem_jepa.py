@@ -450,9 +450,10 @@ def tau_at(step: int, total_steps: int, tau_start: float, tau_end: float) -> flo
 
 @torch.no_grad()
 def ema_update(target: list[torch.Tensor], online: list[torch.Tensor], tau: float) -> None:
-    """theta_bar <- tau * theta_bar + (1 - tau) * theta (Eq. 2), in place, for every tensor at once
-    (one fused call instead of a Python loop over ~200 parameters)."""
-    torch._foreach_lerp_(target, online, 1.0 - tau)
+    """theta_bar <- tau * theta_bar + (1 - tau) * theta (Eq. 2), in place, tensor by tensor:
+    lerp moves theta_bar the fraction 1 - tau of the way towards theta."""
+    for t, o in zip(target, online):
+        t.lerp_(o, 1.0 - tau)
 
 
 def lr_at(step: int, *, peak_lr: float, warmup_steps: int, total_steps: int,
@@ -1343,16 +1344,38 @@ def random_twin(model: StemJEPA, seed: int | None = None) -> StemJEPA:
 RESUMABLE_CHANGES = ("steps", "log_every", "ckpt_every", "grad_accum")
 
 
+# Config fields newer than some checkpoints, and the value the runs saved without them used:
+# M2D's weight decay grouping, the cosine down to 0, no song-contrast term.
+BEFORE_THE_FIELD = {"weight_decay_all": False, "min_lr_ratio": 0.0, "song_contrast": 0.0,
+                    "song_temperature": 0.1}
+
+
+def _option(field: str, value) -> str:
+    """A Config field's value as the command line spells it: --no-weight-decay-all, --steps 10."""
+    flag = field.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} {value}"
+
+
 def check_resume(ckpt: dict, cfg: Config, data_id: str, force: bool) -> None:
-    """Refuse to resume with another config or data; --force passes RESUMABLE_CHANGES and data."""
-    saved = ckpt["config"]
-    diffs = {k: (saved.get(k), v) for k, v in dataclasses.asdict(cfg).items() if saved.get(k) != v}
+    """Refuse to resume with another config or data; --force passes RESUMABLE_CHANGES and data.
+    A field the checkpoint predates has the value its run used (BEFORE_THE_FIELD)."""
+    saved = {**BEFORE_THE_FIELD, **ckpt["config"]}
+    diffs = {k: (saved.get(k, "not recorded"), v) for k, v in dataclasses.asdict(cfg).items()
+             if saved.get(k) != v}
     if ckpt.get("data") != data_id:
         diffs["dataset"] = ("a different track list", "this one")
     text = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in diffs.items())
     if any(k not in RESUMABLE_CHANGES + ("dataset",) for k in diffs):
+        advice = "pass the same preset and options"
+        older = [k for k in diffs if k in BEFORE_THE_FIELD and k not in ckpt["config"]]
+        if older:
+            flags = ", ".join("--" + k.replace("_", "-") for k in older)
+            advice += (f" (a checkpoint from before {flags} existed needs "
+                       f"{' '.join(_option(k, saved[k]) for k in older)})")
         raise StemJEPAError(f"cannot resume: the run was made with another configuration ({text}); "
-                            "pass the same preset and options, or start a new --out")
+                            f"{advice}, or start a new --out")
     if diffs and not force:
         raise StemJEPAError(f"cannot resume: {text}; pass --force to continue with these changes")
 
@@ -1699,6 +1722,16 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         np.save(f, array)
 
 
+def _whole_npy(path: Path, shape: tuple) -> bool:
+    """Whether a cached array is whole: a readable header, the shape its metadata records and
+    exactly the bytes they take (a full disk or an interrupted copy leaves the file short)."""
+    try:
+        x = np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError):
+        return False
+    return x.shape == shape and x.offset + x.nbytes == os.path.getsize(path)
+
+
 def _prepare_track(name, stems, *, sample_rate, chunk, threshold) -> dict:
     """One track's metadata, (kind, text) notes and (unless excluded) (S, N) float32 stems."""
     notes, audio = [], {}
@@ -1764,9 +1797,10 @@ def _has_two_active(x: np.ndarray, chunk: int, threshold: float, block: int = 16
 def prepare(root, split: str = "train", *, cache=None, sample_rate=16000, chunk_seconds=8.0,
             threshold=0.1, training=True, layout=None, log=print, verbose=True) -> list[dict]:
     """Decode each track once into a cache, a float16 .npy of 16 kHz mono stems (memory-mapped in
-    training), reused while its files are unchanged; all-zero stems and unusable tracks are left
-    out and reported. training=True adds the silence filter. "all": train/ and test/ (Table 1 ranks
-    among all 150 tracks). Returns per track: name, stems (sorted), length (samples), npy (path)."""
+    training), reused while its files are unchanged and the array whole; all-zero stems and
+    unusable tracks are left out and reported. training=True adds the silence filter. "all": train/
+    and test/ (Table 1 ranks among all 150 tracks). Returns per track: name, stems (sorted), length
+    (samples), npy (path)."""
     options = dict(cache=cache, sample_rate=sample_rate, chunk_seconds=chunk_seconds,
                    threshold=threshold, training=training, layout=layout, log=log, verbose=verbose)
     if split == "all" and any((Path(root) / s).is_dir() for s in ("train", "test")):
@@ -1796,8 +1830,12 @@ def prepare(root, split: str = "train", *, cache=None, sample_rate=16000, chunk_
             meta = json.loads(meta_path.read_text())
         except (OSError, ValueError):
             meta = None
-        fresh = (meta is not None and meta.get("signature") == signature
-                 and ("excluded" in meta or npy_path.exists()))
+        fresh = meta is not None and meta.get("signature") == signature
+        if fresh and "excluded" not in meta:
+            fresh = _whole_npy(npy_path, (len(meta["stems"]), meta["length"]))
+            if not fresh:
+                log(f"prepare {split}: the cached {npy_path} of {name} is missing or cut short: "
+                    "decoding it again")
         if not fresh:                           # new, changed, or left half-written by a kill
             meta = _prepare_track(name, stems, sample_rate=sample_rate, chunk=chunk,
                                   threshold=threshold)
@@ -2410,10 +2448,12 @@ def alignment_curves(model: StemJEPA, tracks: list[dict], *, max_shift: int, dev
 
 
 def analyze_alignment(checkpoint, data, *, split="test", tracks=None, max_shift_s=10.0, out=None,
-                      cache=None, device=None, batch=16, log=print, verbose=True) -> dict:
-    """4.3 on a split: OUT/align.json and OUT/fig4.png; tracks: the first K only (the paper: 8)."""
+                      cache=None, device=None, batch=16, layout=None, log=print,
+                      verbose=True) -> dict:
+    """4.3 on a split: OUT/align.json and OUT/fig4.png; tracks: the first K only (the paper: 8).
+    layout: `find_tracks`'s options."""
     model, device, prepared = open_trained(checkpoint, device, data, split=split, cache=cache,
-                                           log=log, verbose=verbose)
+                                           layout=layout, log=log, verbose=verbose)
     prepared = prepared[:tracks]
     out = Path(out or Path(checkpoint).parent / f"align-{split}")
     out.mkdir(parents=True, exist_ok=True)
@@ -2580,17 +2620,18 @@ def track_annotations(name: str, folder, index=None):
     return [(0.0, math.inf, labels["key"])], chords
 
 
-def mix_sources(*, data=None, audio=None, split="test", cache=None, cfg: Config,
+def mix_sources(*, data=None, audio=None, split="test", cache=None, cfg: Config, layout=None,
                 log=print, verbose=True) -> list[tuple]:
     """The full mixes, (name, folder of its labels.json, load() -> mono waveform): the files of
-    `audio` (named as their .lab files), or each track's stems summed (prepared as for training)."""
+    `audio` (named as their .lab files), or each track's stems summed (prepared as for training;
+    layout: `find_tracks`'s options)."""
     if audio:
         return [(f.stem, f.parent, lambda f=f: load_audio(f, cfg.sample_rate))
                 for f in audio_files(audio)]
     folders = {name: Path(next(iter(stems.values()))[0][0]).parent
-               for name, stems in find_tracks(data, split)}
-    prepared = prepare(data, split, cache=cache, training=False, log=log, verbose=verbose,
-                       **prepare_options(cfg))
+               for name, stems in find_tracks(data, split, **(layout or {}))}
+    prepared = prepare(data, split, cache=cache, training=False, layout=layout, log=log,
+                       verbose=verbose, **prepare_options(cfg))
     return [(t["name"], folders[t["name"]],
              lambda t=t: np.load(t["npy"]).astype(np.float32).sum(0)) for t in prepared]
 
@@ -2742,14 +2783,15 @@ def top_combinations(names: list[str], counts: torch.Tensor, labels: list, top: 
 
 def analyze_clusters(checkpoint, *, data=None, audio=None, split="test", labels=None, k=32,
                      iters=100, top=80, shuffles=5, out=None, cache=None, device=None, batch=16,
-                     seed=0, log=print, verbose=True) -> dict:
+                     seed=0, layout=None, log=print, verbose=True) -> dict:
     """4.4 and Fig. 5 -> OUT/clusters.json, OUT/fig5.png: patches of the annotated mixes labelled
     "key/chord" ("E/B": a B chord in E major), pairs counted within k-means clusters; the tonal
-    share beside shuffled labels and random weights (clusters of one song also raise it)."""
+    share beside shuffled labels and random weights (clusters of one song also raise it). layout:
+    `find_tracks`'s options, with data."""
     model, device, _ = open_trained(checkpoint, device)
     index = lab_index(labels) if labels else None
     sources = mix_sources(data=data, audio=audio, split=split, cache=cache, cfg=model.config,
-                          log=log, verbose=verbose)
+                          layout=layout, log=log, verbose=verbose)
     found = [(name, load, track_annotations(name, folder, index)) for name, folder, load in sources]
     annotated = [(name, load, *ann) for name, load, ann in found if ann is not None]
     missing = [name for name, _, ann in found if ann is None]
@@ -3205,6 +3247,15 @@ def embed_audio_files(model: StemJEPA, files: list[Path], *, keep=pool, device="
     return kept, [results[f] for f in kept]
 
 
+def _instrument_option(model: StemJEPA, instrument) -> int:
+    """The id of --instrument; a name the model does not know is an error naming the option and
+    listing the known ones (retrieve and score check it before decoding anything)."""
+    if isinstance(instrument, str) and instrument not in model.instruments:
+        raise StemJEPAError(f"--instrument {instrument}: the model knows "
+                            f"{', '.join(model.instruments)}")
+    return model.instrument_id(instrument)
+
+
 @torch.no_grad()
 def retrieve(checkpoint, mix, library, instrument: str, *, top=10, device=None, batch=16,
              log=print, verbose=True) -> list[dict]:
@@ -3212,7 +3263,7 @@ def retrieve(checkpoint, mix, library, instrument: str, *, top=10, device=None, 
     prediction and target embeddings) and the `top` ones' best offsets; cache beside the library."""
     model, device, _ = open_trained(checkpoint, device)
     cfg = model.config
-    instrument_id = model.instrument_id(instrument)   # an unknown one fails before decoding
+    instrument_id = _instrument_option(model, instrument)
     files = audio_files(library)
     mix_audio = load_audio(mix, cfg.sample_rate)  # a bad --mix fails before the library is embedded
     chunk = chunk_samples(cfg)
@@ -3248,7 +3299,7 @@ def retrieve(checkpoint, mix, library, instrument: str, *, top=10, device=None, 
 def score(checkpoint, mix, stem, instrument: str, *, device=None, batch=16) -> dict:
     """StemJEPA.score for two audio files: how well `stem` fits `mix` as `instrument`, and where."""
     model, _, _ = open_trained(checkpoint, device)
-    model.instrument_id(instrument)             # an unknown instrument fails before decoding
+    _instrument_option(model, instrument)
     sr = model.config.sample_rate
     return {"mix": str(mix), "stem": str(stem), "instrument": instrument,
             **model.score(load_audio(mix, sr), load_audio(stem, sr), instrument, batch=batch)}
@@ -3376,7 +3427,8 @@ def train_flops_per_sample(cfg: Config) -> float:
 
 def obvious_step(cfg: Config, device, context, target, instrument):
     """`bench --baseline`'s yardstick, the same step built the obvious way (a no-argument function):
-    nn.TransformerEncoder, learned positions, Python-loop EMA, mel rebuilt, .item() every step."""
+    nn.TransformerEncoder, learned positions, EMA by mul_ and add_, mel rebuilt, .item() each
+    step."""
     D = cfg.dim
     frames = chunk_samples(cfg) // cfg.hop_length
     tokens = (cfg.n_mels // cfg.patch_size) * (frames // cfg.patch_size)
@@ -3428,20 +3480,24 @@ def obvious_step(cfg: Config, device, context, target, instrument):
 
 
 def bench(*, preset="paper", batch_size=2, device=None, compile=False, steps=5, data=None,
-          baseline=False, log=print, **overrides) -> dict:
+          baseline=False, precision="auto", log=print, **overrides) -> dict:
     """Peak matmul FLOP/s, the training step (samples/s, FLOP/s, MFU), one loader worker (chunks/s,
-    warm cache), evaluation speed, peak memory. overrides: Config fields, as for `make_config`."""
+    warm cache), evaluation speed, peak memory. precision: the step's, as for `train`
+    (`pick_precision`); MFU divides by the peak of its matmuls. overrides: Config fields, as for
+    `make_config`."""
     import resource
     import tempfile
     device = pick_device(device)
+    precision = pick_precision(precision, device)
     cfg = make_config(preset, batch_size=batch_size, **overrides)
     cpu = f"{device.type}, {torch.get_num_threads()} threads"
     r = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
-         "preset": preset, "batch_size": batch_size, "compile": compile}
+         "preset": preset, "batch_size": batch_size, "precision": precision, "compile": compile}
     r["peak_fp32_flops"] = matmul_peak(device)
-    if device.type == "cuda":
-        r["peak_bf16_flops"] = matmul_peak(device, torch.bfloat16)
-    peak = r.get("peak_bf16_flops", r["peak_fp32_flops"])
+    if precision != "fp32":
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        r[f"peak_{precision}_flops"] = matmul_peak(device, dtype)
+    peak = r[f"peak_{precision}_flops"]
 
     # the training step, front-end to EMA update, on random waveforms
     torch.manual_seed(0)
@@ -3450,12 +3506,14 @@ def bench(*, preset="paper", batch_size=2, device=None, compile=False, steps=5, 
     optimizer = torch.optim.AdamW(groups, betas=(cfg.beta1, cfg.beta2),
                                   fused=device.type in ("cuda", "cpu"))
     loss_fn = torch.compile(model) if compile else model
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     n = chunk_samples(cfg)
     context, target = (0.1 * torch.randn(batch_size, n, device=device) for _ in range(2))
     instrument = torch.arange(batch_size, device=device) % len(TOY_STEMS)
     r["step_s"] = _median_time(lambda: training_step(model, optimizer, context, target, instrument,
                                                      lr=1e-4, tau=0.999, grad_clip=cfg.grad_clip,
-                                                     loss_fn=loss_fn),
+                                                     loss_fn=loss_fn, precision=precision,
+                                                     scaler=scaler),
                                device, warmup=3 if compile else 2, repeats=steps)
     r["samples_per_s"] = batch_size / r["step_s"]
     r["flops_per_sample"] = train_flops_per_sample(cfg)
@@ -3502,10 +3560,11 @@ def format_bench(r: dict) -> str:
     g = 1e9
     compiled = ", compiled" if r["compile"] else ""
     rows = [("device", r["device"]),
-            ("preset, batch", f"{r['preset']}, {r['batch_size']}{compiled}"),
-            ("peak fp32 matmul", f"{r['peak_fp32_flops'] / g:.0f} GFLOP/s")]
-    if "peak_bf16_flops" in r:
-        rows.append(("peak bf16 matmul", f"{r['peak_bf16_flops'] / g:.0f} GFLOP/s"))
+            ("preset, batch, precision",
+             f"{r['preset']}, {r['batch_size']}, {r['precision']}{compiled}")]
+    for kind in ("fp32", "bf16", "fp16"):
+        if f"peak_{kind}_flops" in r:
+            rows.append((f"peak {kind} matmul", f"{r[f'peak_{kind}_flops'] / g:.0f} GFLOP/s"))
     rows += [("training step", f"{r['step_s'] * 1000:.0f} ms, {r['samples_per_s']:.2f} samples/s"),
              ("FLOPs per sample",
               f"{r['flops_per_sample'] / g:.1f} GFLOP (counted from the shapes)"),
@@ -3552,6 +3611,9 @@ def _add_shared_options(p, *names):
               "batch": dict(type=int, default=16, help="chunks encoded at once"),
               "cache": dict(help="where decoded 16 kHz stems go (default DATA/.stem_jepa_cache)"),
               "seed": dict(type=int, default=0),
+              "precision": dict(choices=PRECISIONS, default="auto",
+                                help="autocast on CUDA: auto is bf16 where the GPU has it, else "
+                                     "fp16 with loss scaling; fp32 off CUDA"),
               "channels": dict(help="one multichannel file per track: the names of its channels, "
                                     "e.g. bass,drums,other,vocals (mix or mixture: left out)"),
               "groups": dict(help="Slakh2100 classes (or MoisesDB stems) per instrument, e.g. "
@@ -3640,6 +3702,7 @@ def cmd_embed(args):
 
 def cmd_analyze(args):
     common = {k: getattr(args, k) for k in ("split", "out", "cache", "device", "batch")}
+    common["layout"] = _layout_from(args)
     if args.analysis == "align":
         analyze_alignment(args.checkpoint, args.data, tracks=args.tracks,
                           max_shift_s=args.max_shift_s, **common)
@@ -3659,7 +3722,8 @@ def cmd_bench(args):
     overrides = {k: v for k, v in _config_overrides(args).items()
                  if k not in ("steps", "batch_size")}   # bench's --steps: the timed steps
     r = bench(preset=args.preset, batch_size=args.batch_size, device=args.device, steps=args.steps,
-              compile=args.compile, data=args.data, baseline=args.baseline, **overrides)
+              compile=args.compile, data=args.data, baseline=args.baseline,
+              precision=args.precision, **overrides)
     print(format_bench(r))
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=1))
@@ -3687,9 +3751,7 @@ def main(argv=None):
     p.add_argument("--stop-at", type=int, help="save and exit at this step; --resume continues")
     p.add_argument("--init-from", metavar="CKPT", help="a new run starting from this checkpoint's "
                    "encoders and predictor (fresh optimizer and schedules)")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="autocast on CUDA: auto "
-                   "is bf16 where the GPU has it, else fp16 with loss scaling; fp32 off CUDA")
-    _add_shared_options(p, "cache", "device", "channels", "groups")
+    _add_shared_options(p, "cache", "device", "channels", "groups", "precision")
     _add_train_options(p)
 
     p = sub.add_parser("evaluate", help="stem retrieval (Table 1, Fig. 2) with comparison rows")
@@ -3737,7 +3799,7 @@ def main(argv=None):
     for q in (a, c):
         q.add_argument("--split", default="test", help="split (with --data): train, test or all")
         q.add_argument("--out", help="output folder (default: beside the checkpoint)")
-        _add_shared_options(q, "checkpoint", "cache", "device", "batch")
+        _add_shared_options(q, "checkpoint", "cache", "device", "batch", "channels", "groups")
 
     p = sub.add_parser("probe", help="frozen-embedding probe (4.5, Table 3), with random weights")
     p.add_argument("--labels", required=True, help="CSV: file,label,split (train/valid/test)")
@@ -3759,7 +3821,7 @@ def main(argv=None):
     p.add_argument("--data", help="dataset for the loader measurement (default: 10 toy songs)")
     p.add_argument("--baseline", action="store_true", help="also time a step built the obvious way")
     p.add_argument("--json", help="also write the numbers to this file")
-    _add_shared_options(p, "device")
+    _add_shared_options(p, "device", "precision")
     _add_train_options(p, exclude=("steps",))
 
     p = sub.add_parser("export", help="a checkpoint's weights in float16, to share a model")

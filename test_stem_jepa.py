@@ -222,19 +222,12 @@ def mini_checkpoint(tmp_path_factory) -> Path:
 def test_values_from_the_authors_code_say_so():
     """Where the paper's text is silent, the Config comment marks the value as the authors' code's
     ("[code]"): 16 kHz, f_min/f_max, the AdamW betas, weight decay, clipping at 3.0, both tau values
-    and the 0.1 activity threshold. The docstrings that describe the authors' code say so too."""
+    and the 0.1 activity threshold."""
     source = inspect.getsource(sj.Config)
     for field in ("sample_rate", "f_min", "f_max", "beta1", "weight_decay:", "grad_clip",
                   "tau_start", "tau_end", "active_threshold"):
         line = next(l for l in source.splitlines() if l.strip().startswith(field))
         assert "[code]" in line, line
-    assert "No CLS token" in sj.ViT.__doc__ and "sin-cos" in sj.ViT.__doc__
-    assert "N(0, 1)" in sj.MLPPredictor.__doc__ and "N(0, 1)" in sj.TransformerPredictor.__doc__
-    sampler = " ".join(sj.draw_example.__doc__.split())
-    for words in ("redraws only when no stem is active", "silent context when exactly one is",
-                  "random target with all the other stems"):
-        assert words in sampler, words
-    assert "fp16 autocast is the authors' code's" in " ".join(sj.autocast_for.__doc__.split())
 
 
 def slaney_mel_filterbank(*, sr, n_fft, n_mels, f_min, f_max) -> np.ndarray:
@@ -1040,6 +1033,27 @@ def test_resume_with_another_configuration_is_refused(tmp_path, toy_data):
                      "--force", *TINY_RUN)
     assert forced.returncode == 0, forced.stderr
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 6
+
+
+def test_resume_of_a_checkpoint_from_before_weight_decay_all_says_what_to_pass():
+    """A checkpoint saved before the weight_decay_all field existed (its config lacks the key) was
+    trained with M2D's grouping (False). Resuming it with the paper preset's True is refused
+    naming False -> True, the option to pass and a new --out; the options parsed from the advice
+    give a config that resumes."""
+    import argparse
+    cfg = sj.make_config("paper")
+    saved = dataclasses.asdict(cfg)
+    del saved["weight_decay_all"]
+    ckpt = {"config": saved, "data": "tracks"}
+    with pytest.raises(sj.StemJEPAError) as refused:
+        sj.check_resume(ckpt, cfg, "tracks", force=False)
+    message = str(refused.value)
+    assert "weight_decay_all: False -> True" in message and "None" not in message
+    assert "needs --no-weight-decay-all" in message and "new --out" in message
+    parser = argparse.ArgumentParser()
+    sj._add_train_options(parser)
+    advised = parser.parse_args(["--preset", "paper", "--no-weight-decay-all"])
+    sj.check_resume(ckpt, sj._config_from(advised), "tracks", force=False)
 
 
 @pytest.mark.slow
@@ -1882,6 +1896,29 @@ def test_half_written_cache_is_rebuilt(tmp_path):
                                                                  first[0]["length"])
 
 
+def test_cached_array_cut_short_is_decoded_again(tmp_path):
+    """Cached arrays damaged after their metadata was written (cut short by a full disk or an
+    interrupted copy of the cache: in the samples, in the header) are found when the cache is
+    read: those tracks alone are decoded again, a line names each file, and the arrays are whole."""
+    data = sj.write_toy_dataset(tmp_path / "toy", tracks=4, seconds=6.0)
+    cache = tmp_path / "cache"
+    first = sj.prepare(data, "train", cache=cache, chunk_seconds=4.0, log=lambda *a: None)
+    samples_cut, header_cut = Path(first[0]["npy"]), Path(first[1]["npy"])
+    samples_cut.write_bytes(samples_cut.read_bytes()[:-1000])
+    header_cut.write_bytes(header_cut.read_bytes()[:50])
+    decoded, lines = [], []
+    real = sj.load_audio
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sj, "load_audio", lambda *a, **k: decoded.append(a[0]) or real(*a, **k))
+        again = sj.prepare(data, "train", cache=cache, chunk_seconds=4.0, log=lines.append)
+    assert {Path(p).parent.name for p in decoded} == {first[0]["name"], first[1]["name"]}
+    for npy in (samples_cut, header_cut):
+        assert sum(str(npy) in line and "cut short" in line for line in lines) == 1
+    assert again == first
+    for t in again:
+        assert np.load(t["npy"]).shape == (len(t["stems"]), t["length"])
+
+
 @pytest.mark.slow
 def test_bad_files_are_reported_together_by_name(tmp_path):
     """A non-audio file with an audio extension, a zero-byte file and a file with NaN samples are
@@ -1921,40 +1958,49 @@ def test_unknown_stem_names_become_instruments(tmp_path):
                                                                                      "strings"]
 
 
-@pytest.mark.slow
-def test_cli_error_missing_folder(tmp_path):
-    """--data pointing nowhere: exit 2, the message names the folder."""
-    assert_user_error(train_cli(tmp_path / "nowhere", tmp_path), "nowhere", "no such folder")
+def readme_only(data: Path) -> None:
+    data.mkdir()
+    (data / "README.txt").write_text("hello")
+
+
+def unreadable_track(data: Path) -> None:
+    (data / "bad").mkdir(parents=True)
+    for i, stem in enumerate(TOY_STEMS):
+        (data / "bad" / f"{stem}.wav").write_bytes(np.random.default_rng(i).bytes(5000))
+
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 
 
 @pytest.mark.slow
-def test_cli_error_empty_folder(tmp_path):
-    """An empty --data folder: exit 2, 'is empty'."""
-    (tmp_path / "empty").mkdir()
-    assert_user_error(train_cli(tmp_path / "empty", tmp_path), "empty", "is empty")
-
-
-@pytest.mark.slow
-def test_cli_error_folder_without_tracks(tmp_path):
-    """A folder with only a README: exit 2, 'holds no tracks' and the expected layouts."""
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "README.txt").write_text("hello")
-    assert_user_error(train_cli(tmp_path / "data", tmp_path), "holds no tracks", ".stem.mp4")
-
-
-@pytest.mark.slow
-def test_cli_error_track_with_one_stem(tmp_path):
-    """The only track has a single stem: nothing to predict from; exit 2 naming the track."""
-    write_track(tmp_path / "data" / "solo", {"piano": sine(440, 5.0)})
-    assert_user_error(train_cli(tmp_path / "data", tmp_path), "solo", "nothing to predict from")
-
-
-@pytest.mark.slow
-def test_cli_error_stems_differ_in_length_by_more_than_a_second(tmp_path):
-    """Stems of 3 s and 5 s: the track is refused, the message names it and the lengths."""
-    write_track(tmp_path / "data" / "ragged", {"bass": sine(110, 3.0), "drums": sine(330, 5.0)})
-    assert_user_error(train_cli(tmp_path / "data", tmp_path), "ragged", "bass 3.00 s",
-                      "drums 5.00 s")
+@pytest.mark.parametrize("setup, options, words", [
+    # --data pointing nowhere: the message names the folder
+    pytest.param(lambda data: None, [], ["{data}: no such folder"], id="missing-folder"),
+    # an empty --data folder
+    pytest.param(lambda data: data.mkdir(), [], ["{data} is empty"], id="empty-folder"),
+    # a folder with only a README: the message lists the layouts read
+    pytest.param(readme_only, [], ["holds no tracks", ".stem.mp4"], id="folder-without-tracks"),
+    # the only track has a single stem: nothing to predict from, the message names the track
+    pytest.param(lambda data: write_track(data / "solo", {"piano": sine(440, 5.0)}), [],
+                 ["solo", "nothing to predict from"], id="track-with-one-stem"),
+    # stems of 3 s and 5 s: the track is refused, the message names it and the lengths
+    pytest.param(lambda data: write_track(data / "ragged", {"bass": sine(110, 3.0),
+                                                            "drums": sine(330, 5.0)}), [],
+                 ["ragged", "bass 3.00 s", "drums 5.00 s"], id="stems-differ-by-over-a-second"),
+    # every file of the only track is unreadable: the message names the files
+    pytest.param(unreadable_track, [],
+                 ["no usable track", os.path.join("{data}", "bad", "bass.wav")],
+                 id="only-track-corrupt"),
+    # --device cuda without CUDA
+    pytest.param(lambda data: good_track(data / "good"), ["--device", "cuda"],
+                 ["cuda", "not available"], id="device-not-available", marks=NO_CUDA),
+])
+def test_cli_error(tmp_path, setup, options, words):
+    """train on a bad --data folder (what `setup` makes of it) or with bad options: exit 2, one
+    `error:` message with the words (`{data}`: the folder's path), no traceback."""
+    data = tmp_path / "data"
+    setup(data)
+    assert_user_error(train_cli(data, tmp_path, *options), *[w.format(data=data) for w in words])
 
 
 @pytest.mark.slow
@@ -1967,32 +2013,12 @@ def test_cli_stems_within_a_second_are_trimmed_and_training_proceeds(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_error_when_the_only_track_is_corrupt(tmp_path):
-    """Every file of the only track is unreadable: exit 2, the message names the files."""
-    bad = tmp_path / "data" / "bad"
-    bad.mkdir(parents=True)
-    for i, stem in enumerate(TOY_STEMS):
-        (bad / f"{stem}.wav").write_bytes(np.random.default_rng(i).bytes(5000))
-    assert_user_error(train_cli(tmp_path / "data", tmp_path), "no usable track",
-                      str(bad / "bass.wav"))
-
-
-@pytest.mark.slow
 def test_cli_track_shorter_than_a_chunk_is_padded(tmp_path):
     """A 2 s track with the tiny preset's 4 s chunks: zero-padded, a note says so, training runs."""
     good_track(tmp_path / "data" / "short", seconds=2.0)
     result = train_cli(tmp_path / "data", tmp_path)
     assert_trained(result, tmp_path)
     assert "zero-padded" in result.stdout and "short (2.0 s)" in result.stdout
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_cli_error_device_not_available(tmp_path):
-    """--device cuda without CUDA: exit 2, 'cuda is not available'."""
-    good_track(tmp_path / "data" / "good")
-    assert_user_error(train_cli(tmp_path / "data", tmp_path, "--device", "cuda"), "cuda",
-                      "not available")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2668,6 +2694,36 @@ def test_commands_in_a_subprocess(toy_run):
     check_e2e_outputs(out)
 
 
+@pytest.mark.slow
+def test_analyze_reads_a_multichannel_layout_with_channels(mini_checkpoint, tmp_path):
+    """`analyze align` and `analyze clusters` take --channels as train and evaluate do: on one
+    4-channel WAV per track, align pairs the named stems (the channel named mix left out) and
+    clusters labels every patch of the two mixes; without --channels, the error says to pass it."""
+    root, labels = tmp_path / "authors", tmp_path / "labels"
+    (root / "test").mkdir(parents=True)
+    labels.mkdir()
+    for i, name in enumerate(["one", "two"]):
+        freqs = [(1 + i / 4) * f for f in (110.0, 330.0, 5000.0, 1500.0)]
+        sf.write(root / "test" / f"{name}.wav", np.stack([sine(f, 3.0) for f in freqs], 1), SR)
+        (labels / f"{name}.keys.lab").write_text("0 3 Key C\n")
+        (labels / f"{name}.chords.lab").write_text("0 1.5 C\n1.5 3 G\n")
+    channels = ["--channels", "bass,drums,mix,vocals"]
+    align = ["analyze", "align", "--checkpoint", mini_checkpoint, "--data", root, "--max-shift-s",
+             1, "--out", tmp_path / "align"]
+    clusters = ["analyze", "clusters", "--checkpoint", mini_checkpoint, "--data", root,
+                "--labels", labels, "--k", 2, "--shuffles", 1, "--out", tmp_path / "clusters"]
+    aligned, clustered, without = run_cli_together([*align, *channels], [*clusters, *channels],
+                                                   align)
+    assert aligned.returncode == 0, aligned.stderr
+    tracks = json.loads((tmp_path / "align" / "align.json").read_text())["tracks"]
+    assert [(t["name"], t["stems"]) for t in tracks] == [("one", ["bass", "drums", "vocals"]),
+                                                         ("two", ["bass", "drums", "vocals"])]
+    assert clustered.returncode == 0, clustered.stderr
+    result = json.loads((tmp_path / "clusters" / "clusters.json").read_text())
+    assert result["tracks"] == 2 and result["labelled_patches"] == result["patches"] > 0
+    assert_user_error(without, "--channels")
+
+
 # ---------------------------------------------------------------------------------------------
 # Using a trained model: retrieve, score, embed, any length, HEAR
 # ---------------------------------------------------------------------------------------------
@@ -2789,6 +2845,18 @@ def test_retrieve_leaves_out_an_unreadable_library_file(mini_checkpoint, tmp_pat
     assert sum(str(library / "bad.wav") in line for line in lines) == 1
 
 
+def test_unknown_instrument_is_an_error_naming_the_option(mini_checkpoint, tmp_path):
+    """retrieve and score with an instrument the model does not know: a StemJEPAError naming
+    --instrument and its value and listing the known instruments, before any file is read (the
+    mix, stem and library given here do not exist)."""
+    missing = tmp_path / "missing.wav"
+    expected = r"^--instrument piano: the model knows bass, drums, other, vocals$"
+    with pytest.raises(sj.StemJEPAError, match=expected):
+        sj.retrieve(mini_checkpoint, missing, tmp_path / "no_library", "piano")
+    with pytest.raises(sj.StemJEPAError, match=expected):
+        sj.score(mini_checkpoint, missing, missing, "piano")
+
+
 @pytest.mark.slow
 def test_cli_retrieval_errors(trained_run, bass_library, tmp_path):
     """Bad input to embed/retrieve: exit status 2, one `error:` line naming the problem, no
@@ -2812,7 +2880,7 @@ def test_cli_retrieval_errors(trained_run, bass_library, tmp_path):
         [*retrieve, "--mix", tmp_path / "missing.wav", "--library", small])
     assert_user_error(not_a_checkpoint, "notes.txt", "not a readable checkpoint")
     assert_user_error(no_audio, "no_audio", "holds no audio files")
-    assert_user_error(unknown, "piano", "bass, drums, other, vocals")
+    assert_user_error(unknown, "--instrument piano:", "bass, drums, other, vocals")
     assert_user_error(no_mix, "missing.wav", "no such file")
 
 
@@ -3054,6 +3122,34 @@ def test_bench_counts_flops_by_hand_and_divides_by_the_peak(tmp_path, monkeypatc
     assert r["flops_per_sample"] == hand
     assert r["achieved_flops"] == hand * 8
     assert r["mfu"] == pytest.approx(hand * 8 / 1e6)
+
+
+@pytest.mark.slow
+def test_bench_times_the_step_in_the_precision_asked_for(tmp_path, monkeypatch):
+    """bench's precision reaches the training step it times and is recorded in the result and its
+    table; `bench --precision bf16` on a CPU is refused as `train`'s is (the option reaches it)."""
+    precisions = []
+    real_step = sj.training_step
+
+    def recording_step(*args, **kwargs):
+        precisions.append(kwargs["precision"])
+        return real_step(*args, **kwargs)
+
+    def once(fn, device, *, warmup, repeats):
+        fn()
+        return 0.25
+
+    monkeypatch.setattr(sj, "training_step", recording_step)
+    monkeypatch.setattr(sj, "_median_time", once)
+    monkeypatch.setattr(sj, "matmul_peak", lambda device, dtype=torch.float32: 1e6)
+    data = sj.write_toy_dataset(tmp_path / "toy", tracks=3, seconds=2.0)
+    fields = dict(n_mels=32, chunk_seconds=0.16, dim=8, depth=1, heads=2, pred_hidden=16,
+                  pred_layers=2)
+    r = sj.bench(preset="tiny", device="cpu", steps=1, data=data, precision="fp32", **fields)
+    assert precisions == ["fp32"] and r["precision"] == "fp32"
+    assert "tiny, 2, fp32" in sj.format_bench(r)
+    assert_user_error(run_cli("bench", "--device", "cpu", "--precision", "bf16"),
+                      "--precision bf16", "CUDA")
 
 
 # ---------------------------------------------------------------------------------------------
