@@ -1525,8 +1525,9 @@ def test_exported_weights_are_float16_and_load_as_the_same_model(tmp_path):
     for (name, a), b in zip(original.state_dict().items(), loaded.state_dict().values()):
         assert b.dtype == a.dtype and torch.equal(b, a.half().to(a.dtype)), name
     wav = torch.from_numpy(0.1 * np.random.default_rng(0).standard_normal((2, 2 * SR))).float()
+    ids = torch.tensor([0, 1])
     with torch.no_grad():
-        p, q = original.predict(wav, torch.tensor([0, 1])), loaded.predict(wav, torch.tensor([0, 1]))
+        p, q = original.predict(wav, ids), loaded.predict(wav, ids)
     assert torch.allclose(p, q, atol=0.05 * p.abs().max().item())
 
 
