@@ -2890,20 +2890,26 @@ def hold_out(splits: list[str], fraction: float, seed: int) -> list[str]:
 
 
 def toy_probe_labels(data_dir, out_csv, task: str = "key", *, sample_rate=16000, seed=0) -> Path:
-    """A toy-set probe task ("key", up to 24 classes, or "tempo": `tempo_class`) -> OUT_CSV (file,
-    label, split: toy train/ -> train, 10 % of it valid; test/ -> test), float mixes/ beside it."""
-    if task not in ("key", "tempo"):
-        raise StemJEPAError(f"toy probe task {task!r}: choose key or tempo")
+    """A toy-set probe task -> OUT_CSV (file, label, split: toy train/ -> train, 10 % of it valid;
+    test/ -> test) and the float audio beside it: "key" (up to 24 classes) or "tempo"
+    (`tempo_class`) of each song's mix, or "instrument" of each stem (NSynth's task)."""
+    if task not in ("key", "tempo", "instrument"):
+        raise StemJEPAError(f"toy probe task {task!r}: choose key, tempo or instrument")
     out_csv = Path(out_csv)
-    mixes = out_csv.parent / "mixes"
-    mixes.mkdir(parents=True, exist_ok=True)
+    clips = out_csv.parent / ("stems" if task == "instrument" else "mixes")
+    clips.mkdir(parents=True, exist_ok=True)
     rows = []
     for split in ("train", "test"):
         for name, stems in find_tracks(data_dir, split):
-            audio = [load_stem(sources, sample_rate) for sources in stems.values()]
-            n = min(len(a) for a in audio)
-            sf.write(mixes / f"{name}.wav", np.sum([a[:n] for a in audio], axis=0), sample_rate,
-                     subtype="FLOAT")
+            audio = {s: load_stem(sources, sample_rate) for s, sources in stems.items()}
+            n = min(len(a) for a in audio.values())
+            if task == "instrument":
+                for s, a in audio.items():
+                    sf.write(clips / f"{name}-{s}.wav", a, sample_rate, subtype="FLOAT")
+                    rows.append([f"stems/{name}-{s}.wav", s, split])
+                continue
+            sf.write(clips / f"{name}.wav", np.sum([a[:n] for a in audio.values()], axis=0),
+                     sample_rate, subtype="FLOAT")
             folder = Path(next(iter(stems.values()))[0][0]).parent
             labels = json.loads((folder / "labels.json").read_text())
             rows.append([f"mixes/{name}.wav",

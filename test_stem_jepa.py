@@ -2683,6 +2683,49 @@ def check_e2e_outputs(out):
     assert (out / "clusters" / "fig5.png").stat().st_size > 0
 
 
+def test_toy_chords_move_by_the_smallest_voice_leading():
+    """_voicing: the chord's pitch classes, one note each, within the range, and no other voicing
+    (every octave placement, enumerated naively) moves less from the previous chord."""
+    rng = np.random.default_rng(0)
+    previous = [60, 64, 67]
+    for _ in range(20):
+        chord = [int(p) for p in rng.choice(12, 3, replace=False)]
+        v = sj._voicing(previous, chord)
+        assert sorted(m % 12 for m in v) == sorted(chord) and all(55 <= m <= 74 for m in v)
+        moves = [sum(abs(a - b) for a, b in zip(sorted(c), previous))
+                 for c in itertools.product(range(55, 75), repeat=3)
+                 if sorted(m % 12 for m in c) == sorted(chord)]
+        assert sum(abs(a - b) for a, b in zip(v, previous)) == min(moves)
+        previous = v
+
+
+def test_toy_song_is_a_function_of_its_seed():
+    """The same seed gives the same stems and labels; another seed another song."""
+    a, la = sj.make_toy_song(np.random.default_rng(3), seconds=3.0)
+    b, lb = sj.make_toy_song(np.random.default_rng(3), seconds=3.0)
+    c, lc = sj.make_toy_song(np.random.default_rng(4), seconds=3.0)
+    assert la == lb and all(np.array_equal(a[s], b[s]) for s in TOY_STEMS)
+    assert la != lc
+
+
+def test_toy_instrument_probe_labels_every_stem_with_its_instrument(tmp_path):
+    """toy_probe_labels(task="instrument"), the NSynth column's analogue: one row per stem of
+    every toy song, labelled with the stem's name, its audio the stem itself, the splits the
+    song's (10 % of train held out as valid)."""
+    data = sj.write_toy_dataset(tmp_path / "toy", tracks=5, seconds=2.0)
+    path = sj.toy_probe_labels(data, tmp_path / "probe" / "labels.csv", task="instrument")
+    rows = list(csv.DictReader(open(path)))
+    assert len(rows) == 5 * len(TOY_STEMS)
+    for row in rows:
+        song, instrument = Path(row["file"]).stem.split("-")
+        assert row["label"] == instrument in TOY_STEMS
+        split = "test" if (data / "test" / song).is_dir() else "train"
+        assert row["split"] in ((split,) if split == "test" else ("train", "valid"))
+        audio, _ = sf.read(tmp_path / "probe" / row["file"], dtype="float32")
+        stem, _ = sf.read(data / split / song / f"{instrument}.wav", dtype="float32")
+        assert np.allclose(audio, stem, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_commands_in_a_subprocess(toy_run):
     """`python stem_jepa.py analyze align|clusters` and `probe` run as a user would run them and
