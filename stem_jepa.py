@@ -116,58 +116,63 @@ class StemJEPAError(Exception):
 # Configuration: the paper's values, and the numbers it leaves open read from the authors' code
 # ---------------------------------------------------------------------------------------------
 
+def option(default, help: str):
+    """A Config field with its help, which the command line shows (`train --help`)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclass
 class Config:
     # "[code]": the value is the authors' code's (SonyCSLParis/Stem-JEPA, built on M2D), not the
     # paper's text, which states only 8 s chunks, 80 mels, 25/10 ms, 16x16 patches, ViT-Base, the
     # 6-layer MLP of width 1024, AdamW, batch 256, lr 3e-4, 300k steps and 20k warmup steps.
     # front-end (3.3)
-    sample_rate: int = 16000          # Hz [code]; stems are summed to mono
-    chunk_seconds: float = 8.0        # training chunk: 8 s -> 800 frames -> 5 x 50 patches
-    n_fft: int = 400                  # 25 ms window
-    hop_length: int = 160             # 10 ms hop
+    sample_rate: int = option(16000, "Hz [code]; stems are summed to mono")
+    chunk_seconds: float = option(8.0, "training chunk: 8 s -> 800 frames -> 5 x 50 patches")
+    n_fft: int = option(400, "25 ms window")
+    hop_length: int = option(160, "10 ms hop")
     n_mels: int = 80
-    f_min: float = 50.0               # Hz [code]
-    f_max: float = 8000.0             # Hz [code]
-    patch_size: int = 16              # 16 x 16 patches of the (mel, frame) grid
+    f_min: float = option(50.0, "Hz [code]")
+    f_max: float = option(8000.0, "Hz [code]")
+    patch_size: int = option(16, "16 x 16 patches of the (mel, frame) grid")
     # encoder: ViT-Base (3.3)
     dim: int = 768
     depth: int = 12
     heads: int = 12
     mlp_ratio: int = 4
     # predictor (3.1, 3.3, Table 1)
-    predictor: str = "mlp"            # "mlp" (the paper's), "mlp-nocond", "transformer"
-    pred_hidden: int = 1024           # MLP hidden width
-    pred_layers: int = 6              # MLP Linear layers
-    pred_tf_dim: int = 512            # Transformer predictor width (M2D's)
+    predictor: str = option("mlp", '"mlp" (the paper\'s), "mlp-nocond", "transformer"')
+    pred_hidden: int = option(1024, "MLP hidden width")
+    pred_layers: int = option(6, "MLP Linear layers")
+    pred_tf_dim: int = option(512, "Transformer predictor width (M2D's)")
     pred_tf_depth: int = 8
     pred_tf_heads: int = 16
     # sampler (3.2)
-    active_threshold: float = 0.1     # [code] active: peak |amplitude| in the chunk above this
-    redraw_tries: int = 10            # chunks drawn per track before the fallback (footnote 2)
+    active_threshold: float = option(0.1, "[code] active: peak |amplitude| in the chunk above this")
+    redraw_tries: int = option(10, "chunks drawn per track before the fallback (footnote 2)")
     # optimisation (3.3)
     steps: int = 300_000
-    batch_size: int = 256             # global, over all processes and accumulation steps
-    grad_accum: int = 1               # micro-batches per step when the batch does not fit in memory
-    base_lr: float = 3e-4             # lr = base_lr * batch_size / 256
-    warmup_steps: int = 20_000        # linear warmup, then cosine ...
-    min_lr_ratio: float = 0.0         # ... down to min_lr_ratio x the peak (the paper: 0)
-    beta1: float = 0.9                # AdamW betas (0.9, 0.95) [code]
+    batch_size: int = option(256, "global, over all processes and accumulation steps")
+    grad_accum: int = option(1, "micro-batches per step when the batch does not fit in memory")
+    base_lr: float = option(3e-4, "lr = base_lr * batch_size / 256")
+    warmup_steps: int = option(20_000, "linear warmup, then cosine ...")
+    min_lr_ratio: float = option(0.0, "... down to min_lr_ratio x the peak (the paper: 0)")
+    beta1: float = option(0.9, "AdamW betas (0.9, 0.95) [code]")
     beta2: float = 0.95
-    weight_decay: float = 0.05        # [code]
-    weight_decay_all: bool = True     # on every parameter, norms, biases and the instrument
-                                      # embedding included (the authors' code); False: M2D's
-                                      # grouping, no decay on biases, norms and embeddings
-    grad_clip: float = 3.0            # max global gradient norm [code]
-    tau_start: float = 0.99995        # EMA rate tau_0 (Eq. 2) [code] ...
-    tau_end: float = 0.99999          # ... rising linearly to tau_T [code]
+    weight_decay: float = option(0.05, "[code]")
+    weight_decay_all: bool = option(True, "on every parameter, norms, biases and the instrument "
+                                    "embedding included (the authors' code); False: M2D's "
+                                    "grouping, no decay on biases, norms and embeddings")
+    grad_clip: float = option(3.0, "max global gradient norm [code]")
+    tau_start: float = option(0.99995, "EMA rate tau_0 (Eq. 2) [code] ...")
+    tau_end: float = option(0.99999, "... rising linearly to tau_T [code]")
     # beyond the paper (0 = off): see song_contrast_loss
-    song_contrast: float = 0.0        # weight of the "which song?" InfoNCE term added to Eq. 1
-    song_temperature: float = 0.1     # its softmax temperature
+    song_contrast: float = option(0.0, 'weight of the "which song?" InfoNCE term added to Eq. 1')
+    song_temperature: float = option(0.1, "its softmax temperature")
     seed: int = 0
     # bookkeeping
-    log_every: int = 50               # steps between log lines
-    ckpt_every: int = 1000            # steps between checkpoints
+    log_every: int = option(50, "steps between log lines")
+    ckpt_every: int = option(1000, "steps between checkpoints")
 
 
 PRESETS = {
@@ -3593,17 +3598,14 @@ def format_bench(r: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def _add_train_options(p, exclude=()):
-    """An option per Config field (--batch-size: batch_size), preset's default, comment as help."""
-    import inspect
-    lines = [line.strip().partition("#") for line in inspect.getsource(Config).splitlines()]
-    helps = {name.split(":")[0].strip(): comment.strip()
-             for name, _, comment in lines if ":" in name and "=" in name}
+    """An option per Config field (--batch-size: batch_size), the preset's default, the field's
+    help (`option`)."""
     p.add_argument("--preset", choices=list(PRESETS), default="paper",
                    help="paper (GPU) or tiny (CPU, minutes)")
     for f in [f for f in dataclasses.fields(Config) if f.name not in exclude]:
         kind = (dict(action=argparse.BooleanOptionalAction) if f.type == "bool"
                 else dict(type={"int": int, "float": float, "str": str}[f.type]))
-        p.add_argument("--" + f.name.replace("_", "-"), help=helps.get(f.name, ""), **kind)
+        p.add_argument("--" + f.name.replace("_", "-"), help=f.metadata.get("help", ""), **kind)
     p.add_argument("--lr", type=float, dest="base_lr", help="the same as --base-lr")
 
 
