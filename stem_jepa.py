@@ -559,11 +559,18 @@ class StemJEPA(nn.Module):
         pred = self.predict(context, instrument)                        # z~ (B, F, T, D)
         with torch.no_grad():
             z_bar = self.encode(target, target=True)                    # (B, F, T, D), no gradient
-        loss = jepa_loss(pred, z_bar)
-        if self.song_contrast:
-            loss = loss + self.song_contrast * song_contrast_loss(
-                pred, z_bar, instrument, temperature=self.song_temperature)
-        return loss
+        return jepa_loss(pred, z_bar) + self.beyond_the_paper(pred, z_bar, instrument)
+
+    # Beyond the paper, off by default: what Config adds to Eq. 1, all in this one place.
+
+    def beyond_the_paper(self, pred: torch.Tensor, z_bar: torch.Tensor,
+                         instrument: torch.Tensor) -> torch.Tensor | float:
+        """The terms added to Eq. 1 that are not the paper's: the song contrast
+        (`song_contrast_loss`) weighted by Config.song_contrast; 0 when that is 0."""
+        if not self.song_contrast:
+            return 0.0
+        return self.song_contrast * song_contrast_loss(pred, z_bar, instrument,
+                                                       temperature=self.song_temperature)
 
     @classmethod
     def from_checkpoint(cls, path, map_location="cpu") -> "StemJEPA":
