@@ -481,8 +481,9 @@ class StemJEPA(nn.Module):
     (Fig. 1). forward(context, target, instrument) returns the loss of Eq. 1 for a batch of
     waveforms (B, N); it is what the training step differentiates.
 
-    `config` is the Config the parts were built from (`build_model`); the any-length methods read
-    its chunk length and sample rate, and checkpoints store it.
+    `config` is the Config the parts were built from (`build_model`); checkpoints store it. Part
+    two adds the methods for a trained model (from_checkpoint, and encode_long, predict_long,
+    embed and score for recordings of any length), which read its chunk length and sample rate.
     """
 
     def __init__(self, *, frontend: LogMel, encoder: ViT, predictor: nn.Module,
@@ -506,54 +507,6 @@ class StemJEPA(nn.Module):
         """Context mixes (B, N), instrument ids (B,) -> predicted targets (B, F, T, D)."""
         return self.predictor(self.encode(wav), instrument)
 
-    # Any length (chunk, encode, concatenate: `embed_long`, as the evaluation does). These take one
-    # mono waveform (N,) at config.sample_rate, numpy or torch, and return CPU tensors.
-
-    def instrument_id(self, instrument) -> int:
-        """An instrument name (e.g. "bass") or id -> its id, or an error listing the known ones."""
-        if isinstance(instrument, str):
-            if instrument not in self.instruments:
-                raise StemJEPAError(f"instrument {instrument!r}: the model knows "
-                                    f"{', '.join(self.instruments)}")
-            return self.instruments.index(instrument)
-        return int(instrument)
-
-    def _long(self, wav, instrument=None, *, target=True, batch=16) -> torch.Tensor:
-        x = np.asarray(wav.detach().cpu() if torch.is_tensor(wav) else wav, dtype=np.float32)
-        if x.ndim != 1:
-            raise StemJEPAError(f"expected one mono waveform (N,), got shape {tuple(x.shape)}")
-        ids = None if instrument is None else [self.instrument_id(instrument)]
-        return embed_long(self, [x], chunk=chunk_samples(self.config), instruments=ids,
-                          target=target, batch=batch, device=next(self.parameters()).device)[0]
-
-    def encode_long(self, wav, *, target: bool = True, batch: int = 16) -> torch.Tensor:
-        """A recording of any length (N,) -> its patch embeddings (F, T, D), one column of patches
-        per 160 ms, T = ceil(N / 2560); the target encoder by default (retrieval's references)."""
-        return self._long(wav, target=target, batch=batch)
-
-    def predict_long(self, mix, instrument, *, batch: int = 16) -> torch.Tensor:
-        """A mix of any length (N,) and the missing instrument (name or id) -> the predicted patch
-        embeddings (F, T, D) of a stem that fits it (retrieval's query before pooling)."""
-        return self._long(mix, instrument, batch=batch)
-
-    def embed(self, wav, instrument=None, *, batch: int = 16) -> torch.Tensor:
-        """One pooled vector (F*D,) (`pool`, 3840-d for ViT-B) for a recording of any length: its
-        target embedding, or with `instrument` the prediction for the stem missing from this mix.
-        The L2 distance between the two is retrieval's (4.1)."""
-        return pool(self._long(wav, instrument, batch=batch))
-
-    def score(self, mix, stem, instrument, *, batch: int = 16) -> dict:
-        """How well `stem` fits `mix` as `instrument` (4.1): the L2 distance between the pooled
-        prediction for the mix and the stem's pooled target embedding (0 to 2, lower fits better),
-        the cosine similarity 1 - d^2 / 2, and the offset at which the stem fits best (4.3:
-        `best_offset`; place the stem offset_s seconds after the start of the mix)."""
-        q = self.predict_long(mix, instrument, batch=batch)
-        z = self.encode_long(stem, batch=batch)
-        distance = (pool(q) - pool(z)).norm().item()
-        offset = best_offset(frames(z), frames(q))
-        return {"distance": round(distance, 4), "similarity": round(1 - distance ** 2 / 2, 4),
-                "offset_patches": offset, "offset_s": round(offset * patch_seconds(self.config), 2)}
-
     def forward(self, context: torch.Tensor, target: torch.Tensor,
                 instrument: torch.Tensor) -> torch.Tensor:
         pred = self.predict(context, instrument)                        # z~ (B, F, T, D)
@@ -571,14 +524,6 @@ class StemJEPA(nn.Module):
             return 0.0
         return self.song_contrast * song_contrast_loss(pred, z_bar, instrument,
                                                        temperature=self.song_temperature)
-
-    @classmethod
-    def from_checkpoint(cls, path, map_location="cpu") -> "StemJEPA":
-        """A trained model from a checkpoint written by `train`, in eval mode."""
-        ckpt = load_checkpoint(path, map_location=map_location)
-        model = build_model(Config(**ckpt["config"]), ckpt["instruments"])
-        model.load_state_dict(ckpt["model"])
-        return model.eval()
 
 
 def build_model(cfg: Config, instruments: list[str]) -> StemJEPA:
@@ -1205,6 +1150,101 @@ def centre_per_instrument(x: torch.Tensor, instrument: torch.Tensor) -> torch.Te
 
 
 # ---------------------------------------------------------------------------------------------
+# A trained model: StemJEPA.from_checkpoint, and the model on recordings of any length
+# ---------------------------------------------------------------------------------------------
+# StemJEPA's methods beyond Fig. 1, written as functions of the model and set on the class at the
+# end of this section: StemJEPA.from_checkpoint(path), model.encode_long(wav), model.score(...).
+# Any length: chunk, encode, concatenate (`embed_long`, as the evaluation does). They take one
+# mono waveform (N,) at config.sample_rate, numpy or torch, and return CPU tensors.
+
+def _from_checkpoint(cls, path, map_location="cpu") -> StemJEPA:
+    """A trained model from a checkpoint written by `train`, in eval mode."""
+    ckpt = load_checkpoint(path, map_location=map_location)
+    model = build_model(Config(**ckpt["config"]), ckpt["instruments"])
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
+
+
+def _instrument_id(self: StemJEPA, instrument) -> int:
+    """An instrument name (e.g. "bass") or id -> its id, or an error listing the known ones."""
+    if isinstance(instrument, str):
+        if instrument not in self.instruments:
+            raise StemJEPAError(f"instrument {instrument!r}: the model knows "
+                                f"{', '.join(self.instruments)}")
+        return self.instruments.index(instrument)
+    return int(instrument)
+
+
+def _embed_one(self: StemJEPA, wav, instrument=None, *, target=True, batch=16) -> torch.Tensor:
+    """One waveform (N,) -> (F, T, D) by `embed_long`: its encoding, or with `instrument` the
+    prediction for that instrument."""
+    x = np.asarray(wav.detach().cpu() if torch.is_tensor(wav) else wav, dtype=np.float32)
+    if x.ndim != 1:
+        raise StemJEPAError(f"expected one mono waveform (N,), got shape {tuple(x.shape)}")
+    ids = None if instrument is None else [self.instrument_id(instrument)]
+    return embed_long(self, [x], chunk=chunk_samples(self.config), instruments=ids,
+                      target=target, batch=batch, device=next(self.parameters()).device)[0]
+
+
+def _encode_long(self: StemJEPA, wav, *, target: bool = True, batch: int = 16) -> torch.Tensor:
+    """A recording of any length (N,) -> its patch embeddings (F, T, D), one column of patches
+    per 160 ms, T = ceil(N / 2560); the target encoder by default (retrieval's references)."""
+    return _embed_one(self, wav, target=target, batch=batch)
+
+
+def _predict_long(self: StemJEPA, mix, instrument, *, batch: int = 16) -> torch.Tensor:
+    """A mix of any length (N,) and the missing instrument (name or id) -> the predicted patch
+    embeddings (F, T, D) of a stem that fits it (retrieval's query before pooling)."""
+    return _embed_one(self, mix, instrument, batch=batch)
+
+
+def _embed(self: StemJEPA, wav, instrument=None, *, batch: int = 16) -> torch.Tensor:
+    """One pooled vector (F*D,) (`pool`, 3840-d for ViT-B) for a recording of any length: its
+    target embedding, or with `instrument` the prediction for the stem missing from this mix.
+    The L2 distance between the two is retrieval's (4.1)."""
+    return pool(_embed_one(self, wav, instrument, batch=batch))
+
+
+def _score(self: StemJEPA, mix, stem, instrument, *, batch: int = 16) -> dict:
+    """How well `stem` fits `mix` as `instrument` (4.1): the L2 distance between the pooled
+    prediction for the mix and the stem's pooled target embedding (0 to 2, lower fits better),
+    the cosine similarity 1 - d^2 / 2, and the offset at which the stem fits best (4.3:
+    `best_offset`; place the stem offset_s seconds after the start of the mix)."""
+    q = self.predict_long(mix, instrument, batch=batch)
+    z = self.encode_long(stem, batch=batch)
+    distance = (pool(q) - pool(z)).norm().item()
+    offset = best_offset(frames(z), frames(q))
+    return {"distance": round(distance, 4), "similarity": round(1 - distance ** 2 / 2, 4),
+            "offset_patches": offset, "offset_s": round(offset * patch_seconds(self.config), 2)}
+
+
+StemJEPA.from_checkpoint = classmethod(_from_checkpoint)
+StemJEPA.instrument_id = _instrument_id
+StemJEPA.encode_long = _encode_long
+StemJEPA.predict_long = _predict_long
+StemJEPA.embed = _embed
+StemJEPA.score = _score
+
+
+def open_trained(checkpoint, device=None, data=None, *, split="test", cache=None, layout=None,
+                 log=print, verbose=True) -> tuple[StemJEPA, torch.device, list[dict] | None]:
+    """The model in eval mode on the device; given `data`, the split's tracks (training=False)."""
+    device = pick_device(device)
+    model = StemJEPA.from_checkpoint(checkpoint).to(device)
+    if data is None:
+        return model, device, None
+    return model, device, prepare(data, split, cache=cache, training=False, layout=layout,
+                                  log=log, verbose=verbose, **prepare_options(model.config))
+
+
+def random_twin(model: StemJEPA, seed: int | None = None) -> StemJEPA:
+    """The comparison row "random weights": the model's architecture, untrained, in eval mode."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return build_model(model.config, model.instruments).to(next(model.parameters()).device).eval()
+
+
+# ---------------------------------------------------------------------------------------------
 # Training machinery: device, precision, checkpoints, the run lock, signals
 # ---------------------------------------------------------------------------------------------
 
@@ -1332,24 +1372,6 @@ def save_weights(checkpoint, out) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     _write_atomic(out, lambda p: torch.save(weights, p))
     return out
-
-
-def open_trained(checkpoint, device=None, data=None, *, split="test", cache=None, layout=None,
-                 log=print, verbose=True) -> tuple[StemJEPA, torch.device, list[dict] | None]:
-    """The model in eval mode on the device; given `data`, the split's tracks (training=False)."""
-    device = pick_device(device)
-    model = StemJEPA.from_checkpoint(checkpoint).to(device)
-    if data is None:
-        return model, device, None
-    return model, device, prepare(data, split, cache=cache, training=False, layout=layout,
-                                  log=log, verbose=verbose, **prepare_options(model.config))
-
-
-def random_twin(model: StemJEPA, seed: int | None = None) -> StemJEPA:
-    """The comparison row "random weights": the model's architecture, untrained, in eval mode."""
-    if seed is not None:
-        torch.manual_seed(seed)
-    return build_model(model.config, model.instruments).to(next(model.parameters()).device).eval()
 
 
 # Config fields that may change on --resume with --force: they do not change what the weights mean.
