@@ -681,6 +681,7 @@ def training_step(model: StemJEPA, optimizer, context, target, instrument, *, lr
     loss_fn = model if loss_fn is None else loss_fn
     for group in optimizer.param_groups:
         group["lr"] = lr
+    # Step 1. forward context and target, predict, loss (Eq. 1), backward, by micro-batches
     micro = len(context) // grad_accum
     total = 0.0
     for i in range(grad_accum):
@@ -691,6 +692,7 @@ def training_step(model: StemJEPA, optimizer, context, target, instrument, *, lr
             loss = loss_fn(context[part], target[part], instrument[part]) / grad_accum
         (loss if scaler is None else scaler.scale(loss)).backward()
         total = total + loss.detach()
+    # Step 2. clip the gradient norm and take the AdamW step (3.3), unless the norm is not finite
     if scaler is not None:
         scaler.unscale_(optimizer)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -698,6 +700,7 @@ def training_step(model: StemJEPA, optimizer, context, target, instrument, *, lr
     applied = bool(torch.isfinite(grad_norm))   # one host sync: the price of skipping bad steps
     if applied:
         optimizer.step()
+        # Step 3. the target encoder follows the context encoder (Eq. 2)
         ema_update(list(model.target_encoder.parameters()), list(model.encoder.parameters()), tau)
     if scaler is not None:
         scaler.update()                             # halves the scale after an overflow
@@ -712,6 +715,14 @@ class Trained(NamedTuple):
     interrupted: str | None
 
 
+LOG_COLUMNS = ("step,loss,lr,tau,samples_per_s,embedding_spread,batch_loss,avg_stem_loss,"
+               "pred_spread,target_spread,skipped")
+
+
+def _quiet(*args, **kwargs) -> None:
+    """The log of processes other than rank 0."""
+
+
 def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, force=False,
           device=None, compile=False, workers=None, stop_at=None, init_from=None,
           precision="auto", layout=None, log=print, verbose=True) -> Trained:
@@ -722,265 +733,175 @@ def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, 
     torchrun, each process takes batch_size / world_size samples per step and DDP averages the
     gradients; OUT/train.lock (`RunLock`) keeps a second live run out of OUT. verbose=False: the
     setup, the last step's line and the notes, not every log_every step (log.csv has them all)."""
-    run = _start_run(cfg, data, out=Path(out), cache=cache, device=device, precision=precision,
-                     layout=layout, log=log, verbose=verbose)
-    _restore(run, resume=resume, force=force, init_from=init_from)
-    loss_fn = _wrap(run, compile)
-    peak_lr = cfg.base_lr * cfg.batch_size / 256
-    with GracefulStop() as stop, run.lock:
-        batches = iter(_loader(run, workers))
-        while run.step < min(cfg.steps, stop_at or cfg.steps) and stop.reason is None:
-            batch = _next_batch(batches, stop)
-            if batch is None:
-                break
-            context, target, instrument = (x.to(run.device, non_blocking=True) for x in batch)
-            lr = lr_at(run.step, peak_lr=peak_lr, warmup_steps=cfg.warmup_steps,
-                       total_steps=cfg.steps, min_ratio=cfg.min_lr_ratio)
-            tau = tau_at(run.step, cfg.steps, cfg.tau_start, cfg.tau_end)
-            loss, applied = training_step(run.model, run.optimizer, context, target, instrument,
-                                          lr=lr, tau=tau, grad_clip=cfg.grad_clip,
-                                          grad_accum=cfg.grad_accum, loss_fn=loss_fn,
-                                          precision=run.precision, scaler=run.scaler)
-            run.count(loss, applied)
-            if run.step % cfg.log_every == 0 or run.step == cfg.steps:
-                _log_progress(run, context, target, instrument, lr=lr, tau=tau)
-            if run.step % cfg.ckpt_every == 0 or run.step == cfg.steps:
-                _save_run(run)
-        if stop.reason or run.step < cfg.steps:
-            _save_run(run)
-            run.log(f"{stop.reason or 'stop_at'}: saved {run.ckpt_path} at step {run.step}; "
-                    "continue with the same command and --resume")
-    if run.distributed:
-        dist.destroy_process_group()
-    return Trained(run.model.eval(), stop.reason)
-
-
-LOG_COLUMNS = ("step,loss,lr,tau,samples_per_s,embedding_spread,batch_loss,avg_stem_loss,"
-               "pred_spread,target_spread,skipped")
-
-
-@dataclass
-class _Run:
-    """One training run's state beyond the weights, shared by the loop, the log lines and the
-    checkpoints. step, skipped and the log window (loss_sum over the n_applied applied steps since
-    the last log line) are checkpointed, so a resumed run logs what an uninterrupted one would."""
-    cfg: Config
-    out: Path
-    device: torch.device
-    precision: str
-    distributed: bool                           # launched by torchrun
-    rank: int
-    world: int
-    tracks: list[dict]
-    instruments: list[str]
-    data_id: str                                # a hash of the track list, checked on resume
-    model: StemJEPA
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler | None
-    loss_sum: torch.Tensor                      # on the device: adding a loss does not sync
-    log: object
-    verbose: bool                               # a line every log_every steps, or the last only
-    step: int = 0
-    skipped: int = 0
-    bad_in_a_row: int = 0
-    n_applied: int = 0
-    n_seen: int = 0                             # steps since the last log line, skipped included
-    t_last: float = 0.0
-
-    @property
-    def ckpt_path(self) -> Path:
-        return self.out / "checkpoint.pt"
-
-    @property
-    def lock(self):
-        return RunLock(self.out, log=self.log) if self.rank == 0 else nullcontext()
-
-    def count(self, loss: torch.Tensor, applied: bool) -> None:
-        """Add a step's loss to the log window, or count it as skipped; 5 in a row is an error."""
-        if applied:
-            self.loss_sum += loss
-            self.n_applied += 1
-            self.bad_in_a_row = 0
-        else:
-            self.skipped += 1
-            self.bad_in_a_row += 1
-            self.log(f"step {self.step}: non-finite loss or gradient, step skipped "
-                     f"({self.skipped} so far)")
-            if self.bad_in_a_row >= 5:
-                raise StemJEPAError(f"step {self.step}: the loss was not finite for 5 steps in a "
-                                    f"row; {self.ckpt_path} holds the last good state "
-                                    "(try a lower --lr)")
-        self.step += 1
-        self.n_seen += 1
-
-
-def _start_run(cfg: Config, data, *, out: Path, cache, device, precision, layout, log,
-               verbose) -> _Run:
-    """Processes and device (torchrun's environment variables), the data (rank 0 decodes, the
-    others wait for its cache), the model, AdamW and, for fp16, a GradScaler."""
-    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    rank = int(os.environ["RANK"]) if distributed else 0
-    world = int(os.environ["WORLD_SIZE"]) if distributed else 1
+    out = Path(out)
+    ckpt_path = out / "checkpoint.pt"
+    # Processes and device: torchrun's environment variables, one process per device
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     if cfg.batch_size % (world * cfg.grad_accum):
         raise StemJEPAError(f"--batch-size {cfg.batch_size} does not divide among {world} "
                             f"processes x {cfg.grad_accum} accumulation steps")
-    if distributed and device is None:
+    if ddp and device is None:
         device = f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else "cpu"
     device = pick_device(device)
-    if distributed:
+    if ddp:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if out.exists() and not out.is_dir():
         raise StemJEPAError(f"--out {out} is a file: give a folder for the run "
                             "(it holds checkpoint.pt and log.csv)")
-    precision = pick_precision(precision, device)
+    precision = pick_precision(precision, device)   # bf16, or fp16 with loss scaling, on CUDA
+    # Data: rank 0 decodes the tracks into the cache (`prepare`); the others then read it
     if rank == 0:
-        RunLock(out, log=log).check()           # before decoding the data; taken by the loop
+        RunLock(out, log=log).check()               # before decoding the data; the loop takes it
     else:
         log = _quiet
-        dist.barrier()                          # rank 0 decodes the data; the others read its cache
+        dist.barrier()
     tracks = prepare(data, "train", cache=cache, layout=layout, log=log, verbose=verbose,
                      **prepare_options(cfg))
-    if distributed and rank == 0:
+    if ddp and rank == 0:
         dist.barrier()
     instruments = sorted({s for t in tracks for s in t["stems"]})
-    names = [(t["name"], t["stems"], t["length"]) for t in tracks]
+    names = json.dumps([(t["name"], t["stems"], t["length"]) for t in tracks])
+    data_id = hashlib.sha1(names.encode()).hexdigest()     # resuming checks it is the same data
+    # The model, AdamW (3.3) and, for fp16, a GradScaler
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, instruments).to(device)
     groups = param_groups(model, cfg.weight_decay, decay_all=cfg.weight_decay_all)
     # fused: one kernel over all parameters, not ~10 passes (a CPU ViT-B step: 60 ms, not 400 ms)
     optimizer = torch.optim.AdamW(groups, lr=0.0, betas=(cfg.beta1, cfg.beta2),
                                   fused=device.type in ("cuda", "cpu"))
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None  # loss scaling
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     if device.type == "cuda":
         log(f"precision {precision}" + (" with a gradient scaler" if scaler is not None else ""))
-    return _Run(cfg=cfg, out=out, device=device, precision=precision, distributed=distributed,
-                rank=rank, world=world, tracks=tracks, instruments=instruments,
-                data_id=hashlib.sha1(json.dumps(names).encode()).hexdigest(), model=model,
-                optimizer=optimizer, scaler=scaler, loss_sum=torch.zeros((), device=device),
-                log=log, verbose=verbose)
-
-
-def _quiet(*args, **kwargs) -> None:
-    """The log of processes other than rank 0."""
-
-
-def _restore(run: _Run, *, resume: bool, force: bool, init_from) -> None:
-    """Resume from OUT's checkpoint, or start from another run's weights (--init-from), or from
-    scratch; then create OUT and the log's header."""
-    cfg = run.cfg
-    path = run.ckpt_path
-    log = run.log
-    if resume and (path.exists() or path.with_name("checkpoint.prev.pt").exists()):
-        ckpt = load_checkpoint(path, map_location=run.device)
-        check_resume(ckpt, cfg, run.data_id, force)
-        if ckpt["instruments"] != run.instruments:
+    # Resume from OUT's checkpoint, or start from another run's weights, or from scratch. The log
+    # window (loss_sum over the n_applied applied steps since the last log line) is checkpointed
+    # too, so that a resumed run logs what an uninterrupted one would.
+    step, skipped, loss_sum, n_applied = 0, 0, torch.zeros((), device=device), 0
+    if resume and (ckpt_path.exists() or ckpt_path.with_name("checkpoint.prev.pt").exists()):
+        ckpt = load_checkpoint(ckpt_path, map_location=device)
+        check_resume(ckpt, cfg, data_id, force)
+        if ckpt["instruments"] != instruments:
             raise StemJEPAError(f"cannot resume: the checkpoint knows instruments "
-                                f"{ckpt['instruments']}, the data has {run.instruments}")
-        run.model.load_state_dict(ckpt["model"])
-        run.optimizer.load_state_dict(ckpt["optimizer"])
-        run.step = ckpt["step"]
-        run.skipped = ckpt.get("skipped", 0)
-        window = ckpt.get("log_window", (0.0, 0))
-        run.loss_sum.fill_(float(window[0]))
-        run.n_applied = int(window[1])
-        if run.scaler is not None and ckpt.get("scaler"):
-            run.scaler.load_state_dict(ckpt["scaler"])
-        log(f"resuming {path} at step {run.step}")
+                                f"{ckpt['instruments']}, the data has {instruments}")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        step, skipped = ckpt["step"], ckpt.get("skipped", 0)
+        window_loss, n_applied = ckpt.get("log_window", (0.0, 0))
+        loss_sum.fill_(float(window_loss))
+        log(f"resuming {ckpt_path} at step {step}")
     elif init_from:
-        new = init_from_checkpoint(run.model, load_checkpoint(init_from, map_location=run.device))
+        new = init_from_checkpoint(model, load_checkpoint(init_from, map_location=device))
         log(f"initialised from {init_from} (encoder, target encoder, predictor); a new run from "
             "step 0" + (f"; new instrument embeddings for {', '.join(new)}" if new else ""))
     elif resume:
-        log(f"no checkpoint in {run.out}: starting from scratch")
-    if run.rank == 0:
-        run.out.mkdir(parents=True, exist_ok=True)
-        if not (run.out / "log.csv").exists():
-            (run.out / "log.csv").write_text(LOG_COLUMNS + "\n")
-    if run.device.type == "cpu" and cfg.dim >= 768:
-        days = cfg.steps * cfg.batch_size * train_flops_per_sample(cfg) / 150e9 / 86400
-        log(f"note: the paper preset on a CPU needs about {days:.0f} days for {cfg.steps} steps "
-            f"(at ~150 GFLOP/s); use --preset tiny to learn in minutes")
-    trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+        log(f"no checkpoint in {out}: starting from scratch")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if not (out / "log.csv").exists():
+            (out / "log.csv").write_text(LOG_COLUMNS + "\n")
+    if device.type == "cpu" and cfg.dim >= 768:
+        log("note: the paper preset is made for a GPU (the paper: about four days on an A100; "
+            "years on a CPU); use --preset tiny to learn in minutes")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"training {cfg.predictor} predictor, {trainable / 1e6:.1f} M trainable parameters, "
-        f"{len(run.tracks)} tracks, instruments {run.instruments}, on {run.device} x "
-        f"{run.world}, steps {run.step}..{cfg.steps}")
-    run.t_last = time.time()
-
-
-def _loader(run: _Run, workers: int | None) -> torch.utils.data.DataLoader:
-    """This process's share of each step's batch, from step run.step on (`StepBatches`)."""
-    cfg = run.cfg
-    if workers is None:
-        workers = min(8, max((os.cpu_count() or 2) // 2, 1))
-    dataset = StemChunks(run.tracks, run.instruments, chunk=chunk_samples(cfg),
+        f"{len(tracks)} tracks, instruments {instruments}, on {device} x {world}, "
+        f"steps {step}..{cfg.steps}")
+    # What the step differentiates: the model, in DDP under torchrun, compiled on request
+    loss_fn = model
+    if ddp:
+        ids = [device] if device.type == "cuda" else None
+        loss_fn = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if compile:
+        loss_fn = torch.compile(loss_fn)
+    # This process's share of each step's batch, from this step on (3.2: StemChunks, StepBatches)
+    workers = min(8, max((os.cpu_count() or 2) // 2, 1)) if workers is None else workers
+    dataset = StemChunks(tracks, instruments, chunk=chunk_samples(cfg),
                          threshold=cfg.active_threshold, tries=cfg.redraw_tries, seed=cfg.seed)
-    batches = StepBatches(start=run.step, steps=cfg.steps, batch=cfg.batch_size // run.world,
-                          rank=run.rank, world=run.world)
-    return torch.utils.data.DataLoader(
-        dataset, batch_sampler=batches, num_workers=workers, pin_memory=run.device.type == "cuda",
+    sampler = StepBatches(start=step, steps=cfg.steps, batch=cfg.batch_size // world, rank=rank,
+                          world=world)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
         worker_init_fn=_ignore_sigint, prefetch_factor=4 if workers else None)
 
+    def save():                                 # all a resumed run needs, written by rank 0
+        if rank == 0:
+            save_checkpoint(ckpt_path, {
+                "version": VERSION, "config": dataclasses.asdict(cfg), "instruments": instruments,
+                "step": step, "skipped": skipped, "data": data_id,
+                "log_window": (loss_sum.item(), n_applied), "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None})
 
-def _wrap(run: _Run, compile: bool) -> nn.Module:
-    """The loss function the step calls: the model, in DDP under torchrun, compiled on request."""
-    online = run.model
-    if run.distributed:
-        ids = [run.device] if run.device.type == "cuda" else None
-        online = nn.parallel.DistributedDataParallel(run.model, device_ids=ids)
-    return torch.compile(online) if compile else online
-
-
-def _next_batch(batches, stop: GracefulStop):
-    """The next batch, or None when a signal also interrupted a loader worker."""
-    try:
-        return next(batches)
-    except Exception:
-        if stop.reason:
-            return None
-        raise
-
-
-@torch.no_grad()
-def _log_progress(run: _Run, context, target, instrument, *, lr: float, tau: float) -> None:
-    """A log line and a row of log.csv (LOG_COLUMNS): the mean loss since the last line, and the
-    collapse measures of the last batch (`collapse_measures`, `embedding_spread`)."""
-    cfg = run.cfg
-    mean_loss = run.loss_sum.item() / max(run.n_applied, 1)
-    speed = run.n_seen * cfg.batch_size / (time.time() - run.t_last)
-    with autocast_for(run.device, run.precision):
-        z_bar = run.model.encode(target, target=True)
-        c = collapse_measures(run.model.predict(context, instrument), z_bar, instrument)
-        spread = embedding_spread(z_bar)
-    eta = (cfg.steps - run.step) * cfg.batch_size / speed
-    if run.verbose or run.step == cfg.steps:
-        run.log(f"step {run.step}/{cfg.steps}  loss {mean_loss:.4f} (batch {c['batch_loss']:.4f}, "
-                f"average stem {c['avg_stem_loss']:.4f})  prediction spread "
-                f"{c['pred_spread']:.3f}  target spread {c['target_spread']:.3f}  "
-                f"embedding spread {spread:.3f}  lr {lr:.2e}  tau {tau:.6f}  "
-                f"{speed:.1f} samples/s  ETA {eta / 60:.1f} min")
-    if run.rank == 0:
-        with open(run.out / "log.csv", "a") as f:
-            f.write(f"{run.step},{mean_loss:.6f},{lr:.6e},{tau:.8f},{speed:.2f},{spread:.4f},"
-                    f"{c['batch_loss']:.6f},{c['avg_stem_loss']:.6f},{c['pred_spread']:.4f},"
-                    f"{c['target_spread']:.4f},{run.skipped}\n")
-    run.loss_sum.zero_()
-    run.n_seen = run.n_applied = 0
-    run.t_last = time.time()
-
-
-def _save_run(run: _Run) -> None:
-    """OUT/checkpoint.pt (`save_checkpoint`), written by rank 0."""
-    if run.rank == 0:
-        save_checkpoint(run.ckpt_path, {
-            "version": VERSION, "config": dataclasses.asdict(run.cfg),
-            "instruments": run.instruments, "step": run.step, "skipped": run.skipped,
-            "data": run.data_id, "log_window": (run.loss_sum.item(), run.n_applied),
-            "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-            "scaler": run.scaler.state_dict() if run.scaler is not None else None})
+    peak_lr = cfg.base_lr * cfg.batch_size / 256
+    bad_in_a_row, n_seen, t_last = 0, 0, time.time()   # n_seen: steps since the last log line
+    lock = RunLock(out, log=log) if rank == 0 else nullcontext()
+    with GracefulStop() as stop, lock:
+        batches = iter(loader)
+        while step < min(cfg.steps, stop_at or cfg.steps) and stop.reason is None:
+            try:
+                batch = next(batches)
+            except Exception:
+                if stop.reason:                 # the signal also interrupted a loader worker
+                    break
+                raise
+            context, target, instrument = (x.to(device, non_blocking=True) for x in batch)
+            # This step's learning rate (3.3: linear warmup, then cosine) and tau_i (Eq. 2)
+            lr = lr_at(step, peak_lr=peak_lr, warmup_steps=cfg.warmup_steps,
+                       total_steps=cfg.steps, min_ratio=cfg.min_lr_ratio)
+            tau = tau_at(step, cfg.steps, cfg.tau_start, cfg.tau_end)
+            # Steps 1-3: forward and Eq. 1, backward and AdamW, EMA of the target encoder (Eq. 2)
+            loss, applied = training_step(model, optimizer, context, target, instrument, lr=lr,
+                                          tau=tau, grad_clip=cfg.grad_clip,
+                                          grad_accum=cfg.grad_accum, loss_fn=loss_fn,
+                                          precision=precision, scaler=scaler)
+            if applied:
+                loss_sum += loss                # on the device: adding a loss does not sync
+                n_applied, bad_in_a_row = n_applied + 1, 0
+            else:
+                skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
+                log(f"step {step}: non-finite loss or gradient, step skipped ({skipped} so far)")
+                if bad_in_a_row >= 5:
+                    raise StemJEPAError(f"step {step}: the loss was not finite for 5 steps in a "
+                                        f"row; {ckpt_path} holds the last good state "
+                                        "(try a lower --lr)")
+            step, n_seen = step + 1, n_seen + 1
+            # Log: the mean loss since the last line, the collapse measures of this batch
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                mean_loss = loss_sum.item() / max(n_applied, 1)
+                speed = n_seen * cfg.batch_size / (time.time() - t_last)
+                with torch.no_grad(), autocast_for(device, precision):
+                    z_bar = model.encode(target, target=True)
+                    c = collapse_measures(model.predict(context, instrument), z_bar, instrument)
+                    spread = embedding_spread(z_bar)
+                if verbose or step == cfg.steps:
+                    log(f"step {step}/{cfg.steps}  loss {mean_loss:.4f} (batch "
+                        f"{c['batch_loss']:.4f}, average stem {c['avg_stem_loss']:.4f})  "
+                        f"prediction spread {c['pred_spread']:.3f}  target spread "
+                        f"{c['target_spread']:.3f}  embedding spread {spread:.3f}  lr {lr:.2e}  "
+                        f"tau {tau:.6f}  {speed:.1f} samples/s  "
+                        f"ETA {(cfg.steps - step) * cfg.batch_size / speed / 60:.1f} min")
+                if rank == 0:
+                    with open(out / "log.csv", "a") as f:
+                        f.write(f"{step},{mean_loss:.6f},{lr:.6e},{tau:.8f},{speed:.2f},"
+                                f"{spread:.4f},{c['batch_loss']:.6f},{c['avg_stem_loss']:.6f},"
+                                f"{c['pred_spread']:.4f},{c['target_spread']:.4f},{skipped}\n")
+                loss_sum.zero_()
+                n_seen = n_applied = 0
+                t_last = time.time()
+            if step % cfg.ckpt_every == 0 or step == cfg.steps:     # checkpoint
+                save()
+        if stop.reason or step < cfg.steps:
+            save()
+            log(f"{stop.reason or 'stop_at'}: saved {ckpt_path} at step {step}; continue with "
+                "the same command and --resume")
+    if ddp:
+        dist.destroy_process_group()
+    return Trained(model.eval(), stop.reason)
 
 
 def embedding_spread(z: torch.Tensor) -> float:
