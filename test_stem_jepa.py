@@ -1083,7 +1083,8 @@ def test_init_from_starts_a_new_run_from_the_checkpoints_weights(tmp_path, monke
     cfg = mini(steps=2, batch_size=2, warmup_steps=5)
     ckpt_path = write_checkpoint(tmp_path / "source" / "checkpoint.pt", cfg, TOY_STEMS, seed=1)
     for i in range(2):
-        stems, _ = sj.make_toy_song(np.random.default_rng(i), seconds=4.0)
+        # 12 s: every part plays (the toy parts enter one by one)
+        stems, _ = sj.make_toy_song(np.random.default_rng(i), seconds=12.0)
         write_track(tmp_path / "data" / f"song{i}",
                     {"bass": stems["bass"], "drums": stems["drums"], "piano": stems["other"]})
     seen = []
