@@ -25,22 +25,25 @@ Commands (each has --help):
 From Python, any length: StemJEPA.encode_long, predict_long, embed, score; the HEAR API:
 load_model, get_scene_embeddings, get_timestamp_embeddings.
 
-Part one, the method, top to bottom (paper -> code):
+Part one, the method, top to bottom (paper -> code); every name it uses is defined above:
     configuration                             Config, PRESETS, make_config, chunk_samples
     3.3 front-end (log-mel, 16x16 patches)    LogMel, ViT.patch_embed
     3.3 encoder (ViT-Base)                    ViT, sincos_2d
     3.1 predictor g_phi, emb(l)               MLPPredictor, TransformerPredictor
-    Eq. 1 loss                                jepa_loss
+    Eq. 1 loss; 4.1 pooled vectors            jepa_loss, pool
     Eq. 2 EMA target encoder, tau_i           ema_update, tau_at
     3.3 lr schedule (warmup + cosine)         lr_at
+    beyond the paper (off by default)         song_contrast_loss, StemJEPA.beyond_the_paper
     Fig. 1 the model                          StemJEPA, build_model
     3.2 sampling context and target           choose_stems, draw_example, StemChunks, StepBatches
-    3.3 training step and loop (AdamW)        training_step, train
-    4.1 retrieval metrics                     embed_long, pool, retrieval_metrics
-Part two, around it:
-    training machinery                        pick_device, pick_precision, save_checkpoint,
-                                              load_checkpoint, open_trained, RunLock
     3.4 training data (multitracks)           find_tracks, load_audio, prepare
+    3.3 device, precision; the step (AdamW)   pick_device, pick_precision, training_step
+    3.3 checkpoints, run lock, signals        save_checkpoint, load_checkpoint, RunLock
+    3.3 the training loop                     train
+    4.1 retrieval metrics                     embed_long, retrieval_metrics
+Part two, around it:
+    a trained model, any length               StemJEPA.from_checkpoint, encode_long, embed,
+                                              score; open_trained, save_weights
     toy multitracks                           make_toy_song, write_toy_dataset
     4.1 Table 1, Fig. 2; 4.2 listening test   evaluate, failure_analysis, write_listening_test
     4.3 alignment, Eq. 3, Fig. 4              shift_similarity, alignment_curves, best_offset
@@ -96,6 +99,8 @@ import torch.nn.functional as F
 import torchaudio
 
 
+
+
 VERSION = 1  # checkpoint format
 
 
@@ -108,7 +113,7 @@ class StemJEPAError(Exception):
 
 
 # =============================================================================================
-# PART ONE: the method (3.1-3.3) and its measure (4.1), top to bottom
+# PART ONE: the method (3.1-3.4) and its measure (4.1), top to bottom
 # =============================================================================================
 
 
@@ -406,8 +411,16 @@ class TransformerPredictor(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Eq. 1: normalised MSE between predictions and targets
+# Eq. 1: normalised MSE between predictions and targets; 4.1: one vector per recording
 # ---------------------------------------------------------------------------------------------
+
+def unit_targets(target: torch.Tensor) -> torch.Tensor:
+    """The targets as Eq. 1 compares them: each patch vector standardised over its D dims (the
+    authors' code: (t - mean) / sqrt(var + 1e-6), unbiased variance), then L2-normalised."""
+    target = target.float()
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    return F.normalize(target, dim=-1)
+
 
 def jepa_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """L = 1/K sum_k || z~_k/||z~_k|| - z_k/||z_k|| ||^2  (Eq. 1), averaged over patches and batch.
@@ -419,29 +432,12 @@ def jepa_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return diff.pow(2).sum(-1).mean()
 
 
-def unit_targets(target: torch.Tensor) -> torch.Tensor:
-    """The targets as Eq. 1 compares them: each patch vector standardised over its D dims (the
-    authors' code: (t - mean) / sqrt(var + 1e-6), unbiased variance), then L2-normalised."""
-    target = target.float()
-    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
-    return F.normalize(target, dim=-1)
-
-
-def song_contrast_loss(pred: torch.Tensor, target: torch.Tensor, instrument: torch.Tensor, *,
-                       temperature: float = 0.1) -> torch.Tensor:
-    """Not in the paper: an auxiliary term that asks each prediction to tell songs apart.
-
-    Eq. 1 alone lets a small model settle on the average stem of each instrument (the
-    "collapse" that `collapse_measures` shows). Here each prediction and each target (B, F, T, D)
-    is pooled as in retrieval (`pool`), and InfoNCE asks the prediction to be nearer its own target
-    than the targets of the other samples *of the same instrument* in the batch: the negatives
-    are other songs' basses, never drums, so the instrument label cannot solve it. Samples with
-    no same-instrument negative contribute 0.
-    """
-    q, r = pool(pred), pool(target.detach())                           # (B, F*D) each
-    logits = q @ r.T / temperature                                      # (B, B)
-    logits = logits.masked_fill(instrument[:, None] != instrument[None], float("-inf"))
-    return F.cross_entropy(logits, torch.arange(len(q), device=q.device))
+def pool(z: torch.Tensor) -> torch.Tensor:
+    """(..., F, T, D) -> one vector (..., F*D): average over time, concatenate the frequency rows
+    (3840-d for ViT-B), layer-normalise without affine and L2-normalise (the authors'
+    evaluation)."""
+    v = z.float().mean(dim=-2).flatten(-2)                              # (..., F*D)
+    return F.normalize(F.layer_norm(v, v.shape[-1:]), dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,6 +466,27 @@ def lr_at(step: int, *, peak_lr: float, warmup_steps: int, total_steps: int,
     progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
     floor = min_ratio * peak_lr
     return floor + 0.5 * (peak_lr - floor) * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Beyond the paper, off by default: a term added to Eq. 1 (StemJEPA.beyond_the_paper)
+# ---------------------------------------------------------------------------------------------
+
+def song_contrast_loss(pred: torch.Tensor, target: torch.Tensor, instrument: torch.Tensor, *,
+                       temperature: float = 0.1) -> torch.Tensor:
+    """Not in the paper: an auxiliary term that asks each prediction to tell songs apart.
+
+    Eq. 1 alone lets a small model settle on the average stem of each instrument (the
+    "collapse" that `collapse_measures` shows). Here each prediction and each target (B, F, T, D)
+    is pooled as in retrieval (`pool`), and InfoNCE asks the prediction to be nearer its own target
+    than the targets of the other samples *of the same instrument* in the batch: the negatives
+    are other songs' basses, never drums, so the instrument label cannot solve it. Samples with
+    no same-instrument negative contribute 0.
+    """
+    q, r = pool(pred), pool(target.detach())                           # (B, F*D) each
+    logits = q @ r.T / temperature                                      # (B, B)
+    logits = logits.masked_fill(instrument[:, None] != instrument[None], float("-inf"))
+    return F.cross_entropy(logits, torch.arange(len(q), device=q.device))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -650,582 +667,8 @@ class StepBatches(torch.utils.data.Sampler):
 
 
 # ---------------------------------------------------------------------------------------------
-# 3.3 Training: the step and the loop
+# 3.4 Training data: multitrack folders -> a cache of 16 kHz stems
 # ---------------------------------------------------------------------------------------------
-
-def param_groups(model: nn.Module, weight_decay: float, *, decay_all: bool = True) -> list[dict]:
-    """AdamW's parameter groups. decay_all: weight decay on every trainable parameter, as the
-    authors' code (the paper's "all other hyperparameters" of M2D leave this open); otherwise M2D's
-    grouping, decay on weight matrices only, not on biases, norms or embeddings."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            exempt = not decay_all and (p.ndim < 2 or "instrument" in name)
-            (no_decay if exempt else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
-
-
-def training_step(model: StemJEPA, optimizer, context, target, instrument, *, lr: float, tau: float,
-                  grad_clip: float = 3.0, grad_accum: int = 1, loss_fn=None,
-                  precision: str = "bf16", scaler=None) -> tuple[torch.Tensor, bool]:
-    """One step of 3.3: forward context and target, predict, loss (Eq. 1), backward, clip the
-    gradient norm, AdamW step, then the EMA update of the target encoder (Eq. 2).
-
-    loss_fn: the model or its DDP / compiled wrapper. The batch is split into grad_accum
-    micro-batches whose gradients add up (DDP synchronises only the last). Returns the loss (a
-    tensor: reading it would wait for the device) and whether the step was applied: a non-finite
-    gradient norm (with fp16's GradScaler: an overflow, which also lowers the scale) skips the
-    update and the EMA.
-    """
-    loss_fn = model if loss_fn is None else loss_fn
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    # Step 1. forward context and target, predict, loss (Eq. 1), backward, by micro-batches
-    micro = len(context) // grad_accum
-    total = 0.0
-    for i in range(grad_accum):
-        part = slice(i * micro, (i + 1) * micro)
-        last = i == grad_accum - 1
-        sync = nullcontext() if last or not hasattr(loss_fn, "no_sync") else loss_fn.no_sync()
-        with sync, autocast_for(context.device, precision):
-            loss = loss_fn(context[part], target[part], instrument[part]) / grad_accum
-        (loss if scaler is None else scaler.scale(loss)).backward()
-        total = total + loss.detach()
-    # Step 2. clip the gradient norm and take the AdamW step (3.3), unless the norm is not finite
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    grad_norm = nn.utils.clip_grad_norm_(trainable, grad_clip, foreach=True)
-    applied = bool(torch.isfinite(grad_norm))   # one host sync: the price of skipping bad steps
-    if applied:
-        optimizer.step()
-        # Step 3. the target encoder follows the context encoder (Eq. 2)
-        ema_update(list(model.target_encoder.parameters()), list(model.encoder.parameters()), tau)
-    if scaler is not None:
-        scaler.update()                             # halves the scale after an overflow
-    optimizer.zero_grad(set_to_none=True)
-    return total, applied
-
-
-class Trained(NamedTuple):
-    """What `train` returns: the model, in eval mode, and why the run stopped before its last
-    step: "SIGINT" or "SIGTERM" (the CLI exits with 128 + the signal's number), else None."""
-    model: StemJEPA
-    interrupted: str | None
-
-
-LOG_COLUMNS = ("step,loss,lr,tau,samples_per_s,embedding_spread,batch_loss,avg_stem_loss,"
-               "pred_spread,target_spread,skipped")
-
-
-def _quiet(*args, **kwargs) -> None:
-    """The log of processes other than rank 0."""
-
-
-def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, force=False,
-          device=None, compile=False, workers=None, stop_at=None, init_from=None,
-          precision="auto", layout=None, log=print, verbose=True) -> Trained:
-    """Train Stem-JEPA on the `train` split of `data` (3.3) into OUT/checkpoint.pt and OUT/log.csv.
-    stop_at: save and return at this step (continue with resume=True). init_from: a new run (fresh
-    optimizer, schedules from step 0) from a checkpoint's weights; resume=True with a checkpoint in
-    OUT takes precedence. precision: `pick_precision`; layout: `find_tracks`'s options. Under
-    torchrun, each process takes batch_size / world_size samples per step and DDP averages the
-    gradients; OUT/train.lock (`RunLock`) keeps a second live run out of OUT. verbose=False: the
-    setup, the last step's line and the notes, not every log_every step (log.csv has them all)."""
-    out = Path(out)
-    ckpt_path = out / "checkpoint.pt"
-    # Processes and device: torchrun's environment variables, one process per device
-    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    if cfg.batch_size % (world * cfg.grad_accum):
-        raise StemJEPAError(f"--batch-size {cfg.batch_size} does not divide among {world} "
-                            f"processes x {cfg.grad_accum} accumulation steps")
-    if ddp and device is None:
-        device = f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else "cpu"
-    device = pick_device(device)
-    if ddp:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if out.exists() and not out.is_dir():
-        raise StemJEPAError(f"--out {out} is a file: give a folder for the run "
-                            "(it holds checkpoint.pt and log.csv)")
-    precision = pick_precision(precision, device)   # bf16, or fp16 with loss scaling, on CUDA
-    # Data: rank 0 decodes the tracks into the cache (`prepare`); the others then read it
-    if rank == 0:
-        RunLock(out, log=log).check()               # before decoding the data; the loop takes it
-    else:
-        log = _quiet
-        dist.barrier()
-    tracks = prepare(data, "train", cache=cache, layout=layout, log=log, verbose=verbose,
-                     **prepare_options(cfg))
-    if ddp and rank == 0:
-        dist.barrier()
-    instruments = sorted({s for t in tracks for s in t["stems"]})
-    names = json.dumps([(t["name"], t["stems"], t["length"]) for t in tracks])
-    data_id = hashlib.sha1(names.encode()).hexdigest()     # resuming checks it is the same data
-    # The model, AdamW (3.3) and, for fp16, a GradScaler
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, instruments).to(device)
-    groups = param_groups(model, cfg.weight_decay, decay_all=cfg.weight_decay_all)
-    # fused: one kernel over all parameters, not ~10 passes (a CPU ViT-B step: 60 ms, not 400 ms)
-    optimizer = torch.optim.AdamW(groups, lr=0.0, betas=(cfg.beta1, cfg.beta2),
-                                  fused=device.type in ("cuda", "cpu"))
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    if device.type == "cuda":
-        log(f"precision {precision}" + (" with a gradient scaler" if scaler is not None else ""))
-    # Resume from OUT's checkpoint, or start from another run's weights, or from scratch. The log
-    # window (loss_sum over the n_applied applied steps since the last log line) is checkpointed
-    # too, so that a resumed run logs what an uninterrupted one would.
-    step, skipped, loss_sum, n_applied = 0, 0, torch.zeros((), device=device), 0
-    if resume and (ckpt_path.exists() or ckpt_path.with_name("checkpoint.prev.pt").exists()):
-        ckpt = load_checkpoint(ckpt_path, map_location=device)
-        check_resume(ckpt, cfg, data_id, force)
-        if ckpt["instruments"] != instruments:
-            raise StemJEPAError(f"cannot resume: the checkpoint knows instruments "
-                                f"{ckpt['instruments']}, the data has {instruments}")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        step, skipped = ckpt["step"], ckpt.get("skipped", 0)
-        window_loss, n_applied = ckpt.get("log_window", (0.0, 0))
-        loss_sum.fill_(float(window_loss))
-        log(f"resuming {ckpt_path} at step {step}")
-    elif init_from:
-        new = init_from_checkpoint(model, load_checkpoint(init_from, map_location=device))
-        log(f"initialised from {init_from} (encoder, target encoder, predictor); a new run from "
-            "step 0" + (f"; new instrument embeddings for {', '.join(new)}" if new else ""))
-    elif resume:
-        log(f"no checkpoint in {out}: starting from scratch")
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if not (out / "log.csv").exists():
-            (out / "log.csv").write_text(LOG_COLUMNS + "\n")
-    if device.type == "cpu" and cfg.dim >= 768:
-        log("note: the paper preset is made for a GPU (the paper: about four days on an A100; "
-            "years on a CPU); use --preset tiny to learn in minutes")
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(f"training {cfg.predictor} predictor, {trainable / 1e6:.1f} M trainable parameters, "
-        f"{len(tracks)} tracks, instruments {instruments}, on {device} x {world}, "
-        f"steps {step}..{cfg.steps}")
-    # What the step differentiates: the model, in DDP under torchrun, compiled on request
-    loss_fn = model
-    if ddp:
-        ids = [device] if device.type == "cuda" else None
-        loss_fn = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    if compile:
-        loss_fn = torch.compile(loss_fn)
-    # This process's share of each step's batch, from this step on (3.2: StemChunks, StepBatches)
-    workers = min(8, max((os.cpu_count() or 2) // 2, 1)) if workers is None else workers
-    dataset = StemChunks(tracks, instruments, chunk=chunk_samples(cfg),
-                         threshold=cfg.active_threshold, tries=cfg.redraw_tries, seed=cfg.seed)
-    sampler = StepBatches(start=step, steps=cfg.steps, batch=cfg.batch_size // world, rank=rank,
-                          world=world)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
-        worker_init_fn=_ignore_sigint, prefetch_factor=4 if workers else None)
-
-    def save():                                 # all a resumed run needs, written by rank 0
-        if rank == 0:
-            save_checkpoint(ckpt_path, {
-                "version": VERSION, "config": dataclasses.asdict(cfg), "instruments": instruments,
-                "step": step, "skipped": skipped, "data": data_id,
-                "log_window": (loss_sum.item(), n_applied), "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None})
-
-    peak_lr = cfg.base_lr * cfg.batch_size / 256
-    bad_in_a_row, n_seen, t_last = 0, 0, time.time()   # n_seen: steps since the last log line
-    lock = RunLock(out, log=log) if rank == 0 else nullcontext()
-    with GracefulStop() as stop, lock:
-        batches = iter(loader)
-        while step < min(cfg.steps, stop_at or cfg.steps) and stop.reason is None:
-            try:
-                batch = next(batches)
-            except Exception:
-                if stop.reason:                 # the signal also interrupted a loader worker
-                    break
-                raise
-            context, target, instrument = (x.to(device, non_blocking=True) for x in batch)
-            # This step's learning rate (3.3: linear warmup, then cosine) and tau_i (Eq. 2)
-            lr = lr_at(step, peak_lr=peak_lr, warmup_steps=cfg.warmup_steps,
-                       total_steps=cfg.steps, min_ratio=cfg.min_lr_ratio)
-            tau = tau_at(step, cfg.steps, cfg.tau_start, cfg.tau_end)
-            # Steps 1-3: forward and Eq. 1, backward and AdamW, EMA of the target encoder (Eq. 2)
-            loss, applied = training_step(model, optimizer, context, target, instrument, lr=lr,
-                                          tau=tau, grad_clip=cfg.grad_clip,
-                                          grad_accum=cfg.grad_accum, loss_fn=loss_fn,
-                                          precision=precision, scaler=scaler)
-            if applied:
-                loss_sum += loss                # on the device: adding a loss does not sync
-                n_applied, bad_in_a_row = n_applied + 1, 0
-            else:
-                skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
-                log(f"step {step}: non-finite loss or gradient, step skipped ({skipped} so far)")
-                if bad_in_a_row >= 5:
-                    raise StemJEPAError(f"step {step}: the loss was not finite for 5 steps in a "
-                                        f"row; {ckpt_path} holds the last good state "
-                                        "(try a lower --lr)")
-            step, n_seen = step + 1, n_seen + 1
-            # Log: the mean loss since the last line, the collapse measures of this batch
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                mean_loss = loss_sum.item() / max(n_applied, 1)
-                speed = n_seen * cfg.batch_size / (time.time() - t_last)
-                with torch.no_grad(), autocast_for(device, precision):
-                    z_bar = model.encode(target, target=True)
-                    c = collapse_measures(model.predict(context, instrument), z_bar, instrument)
-                    spread = embedding_spread(z_bar)
-                if verbose or step == cfg.steps:
-                    log(f"step {step}/{cfg.steps}  loss {mean_loss:.4f} (batch "
-                        f"{c['batch_loss']:.4f}, average stem {c['avg_stem_loss']:.4f})  "
-                        f"prediction spread {c['pred_spread']:.3f}  target spread "
-                        f"{c['target_spread']:.3f}  embedding spread {spread:.3f}  lr {lr:.2e}  "
-                        f"tau {tau:.6f}  {speed:.1f} samples/s  "
-                        f"ETA {(cfg.steps - step) * cfg.batch_size / speed / 60:.1f} min")
-                if rank == 0:
-                    with open(out / "log.csv", "a") as f:
-                        f.write(f"{step},{mean_loss:.6f},{lr:.6e},{tau:.8f},{speed:.2f},"
-                                f"{spread:.4f},{c['batch_loss']:.6f},{c['avg_stem_loss']:.6f},"
-                                f"{c['pred_spread']:.4f},{c['target_spread']:.4f},{skipped}\n")
-                loss_sum.zero_()
-                n_seen = n_applied = 0
-                t_last = time.time()
-            if step % cfg.ckpt_every == 0 or step == cfg.steps:     # checkpoint
-                save()
-        if stop.reason or step < cfg.steps:
-            save()
-            log(f"{stop.reason or 'stop_at'}: saved {ckpt_path} at step {step}; continue with "
-                "the same command and --resume")
-    if ddp:
-        dist.destroy_process_group()
-    return Trained(model.eval(), stop.reason)
-
-
-def embedding_spread(z: torch.Tensor) -> float:
-    """Collapse indicator: the standard deviation across the batch of the (standardised, time- and
-    frequency-averaged) embeddings, averaged over dims. It falls towards 0 when the encoder maps
-    every input to the same point, which a falling loss alone does not reveal."""
-    z = F.layer_norm(z.float(), z.shape[-1:]).mean(dim=(1, 2))          # (B, D)
-    return z.std(dim=0).mean().item() if len(z) > 1 else float("nan")
-
-
-def collapse_measures(pred: torch.Tensor, target: torch.Tensor, instrument: torch.Tensor) -> dict:
-    """Does the predictor use the mix, or only the instrument label? From one batch's predictions
-    and targets (B, F, T, D) and target instruments (B,), over the samples whose instrument occurs
-    at least twice in the batch:
-
-    - avg_stem_loss: Eq. 1 for a predictor that outputs, at each patch, the mean unit target of the
-      *other* samples of the same instrument (leave-one-out): "the average bass". A predictor that
-      ignores the mix cannot beat it; batch_loss (Eq. 1 of the model on the same samples) must.
-    - pred_spread, target_spread: RMS distance of the unit predictions (targets) to their
-      per-(instrument, patch) batch mean. pred_spread is 0 when every song gets the same prediction.
-    """
-    p, t = F.normalize(pred.float(), dim=-1), unit_targets(target)      # (B, F, T, D)
-    same = (instrument[:, None] == instrument[None]).float()            # (B, B)
-    n = same.sum(1)                                 # samples of each one's instrument, itself in
-    keep = n > 1
-    if not keep.any():
-        return dict.fromkeys(("batch_loss", "avg_stem_loss", "pred_spread", "target_spread"),
-                             float("nan"))
-    k = n[keep][:, None, None, None]
-    others = (torch.einsum("ij,jftd->iftd", same, t) - t)[keep] / (k - 1)   # leave-one-out mean
-
-    def spread(x):
-        mean = torch.einsum("ij,jftd->iftd", same, x)[keep] / k
-        return (x[keep] - mean).pow(2).sum(-1).mean().sqrt().item()
-    return {"batch_loss": (p[keep] - t[keep]).pow(2).sum(-1).mean().item(),
-            "avg_stem_loss": (F.normalize(others, dim=-1) - t[keep]).pow(2).sum(-1).mean().item(),
-            "pred_spread": spread(p), "target_spread": spread(t)}
-
-
-# ---------------------------------------------------------------------------------------------
-# 4.1 Stem retrieval: whole tracks -> pooled embeddings -> Recall@K and normalised rank
-# ---------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def embed_long(model: StemJEPA, wavs: list[np.ndarray], *, chunk: int, instruments=None,
-               target=True, batch=16, device="cpu") -> list[torch.Tensor]:
-    """Patch embeddings of whole recordings, one (F, T, D) tensor per waveform, T covering every
-    frame: each is cut into consecutive chunks, the last one zero-padded to whole patches. With
-    `instruments` (one id per waveform), the predictions conditioned on them (context encoder);
-    otherwise the target (or context) encoder's. Chunks of equal length are batched together,
-    across waveforms. In float32 (`full_precision`), even on a GPU and inside an autocast region."""
-    patch = model.frontend.hop_length * model.encoder.patch_size       # samples per time patch
-    chunk = max(patch, chunk - chunk % patch)                           # whole patches only
-    by_length = {}                                      # length -> [(wav, position, samples)]
-    for w, x in enumerate(wavs):
-        for j, start in enumerate(range(0, max(len(x), 1), chunk)):
-            piece = x[start: start + chunk]
-            if len(piece) < chunk:                                      # whole patches, >= 1
-                piece = np.pad(piece, (0, max(-len(piece) % patch, patch - len(piece))))
-            by_length.setdefault(len(piece), []).append((w, j, piece))
-    groups = [same[i: i + batch] for same in by_length.values() for i in range(0, len(same), batch)]
-    out = [{} for _ in wavs]                                    # position -> (F, T_chunk, D)
-    with full_precision(torch.device(device)):
-        for group in groups:
-            x = torch.from_numpy(np.stack([p[2] for p in group])).float().to(device)   # (b, chunk)
-            if instruments is None:
-                z = model.encode(x, target=target)
-            else:
-                ids = torch.tensor([instruments[w] for w, _, _ in group], device=device)
-                z = model.predict(x, ids)
-            for (w, j, _), zi in zip(group, z.float().cpu()):
-                out[w][j] = zi
-    return [torch.cat([chunks[j] for j in sorted(chunks)], dim=1) for chunks in out]
-
-
-def pool(z: torch.Tensor) -> torch.Tensor:
-    """(..., F, T, D) -> one vector (..., F*D): average over time, concatenate the frequency rows
-    (3840-d for ViT-B), layer-normalise without affine and L2-normalise (the authors'
-    evaluation)."""
-    v = z.float().mean(dim=-2).flatten(-2)                              # (..., F*D)
-    return F.normalize(F.layer_norm(v, v.shape[-1:]), dim=-1)
-
-
-def retrieval_ranks(queries: torch.Tensor, refs: torch.Tensor, truth: torch.Tensor,
-                    candidates=None):
-    """L2 distances d from each query (Q, C) to every reference (R, C); for each query, how many
-    references are closer than its true one `truth[q]` and how many tie with it (itself included).
-    Ties are broken at random, in expectation: rank = 1 + closer + (tied - 1) / 2 (1 = nearest).
-    candidates (Q, R) bool, optional: each query competes only with these references."""
-    d = torch.cdist(queries.double(), refs.double())                    # (Q, R)
-    if candidates is not None:
-        d = d.masked_fill(~candidates, float("inf"))
-    d_true = d.gather(1, truth[:, None])                                # (Q, 1)
-    return (d < d_true).sum(1), (d == d_true).sum(1), d                 # closer, tied, d
-
-
-def retrieval_metrics(queries, refs, truth, ks=(1, 5, 10), candidates=None) -> dict:
-    """Recall@K and normalised rank (mean and median over the queries), in percent (4.1.1).
-
-    nrank_mean, nrank_median: rank / R with the rank counted from 1 (nearest = 1), R the number of
-    references, as in the authors' evaluation (evar/musdb_eval.py, compute_recall), the figure
-    comparable with Table 1 (its median 0.5 % is rank 3 of 600). The paper's text says [0, 1);
-    that is nrank0_mean, nrank0_median: the rank counted from 0, exactly 100 / R points lower.
-    With `candidates` (Q, R), each query's R is the number of references it competes with.
-    """
-    closer, tied, _ = retrieval_ranks(queries, refs, truth, candidates)
-    R = refs.shape[0] if candidates is None else candidates.sum(1)
-    rank = 1 + closer + (tied - 1).double() / 2                 # 1-based, ties in expectation
-    m = {f"R@{k}": 100 * ((k - closer) / tied).clamp(0, 1).mean().item() for k in ks}
-    for name, r in (("nrank", rank), ("nrank0", rank - 1)):
-        m[f"{name}_mean"] = 100 * (r / R).mean().item()
-        m[f"{name}_median"] = 100 * (r / R).quantile(0.5).item()    # middle two's mean if even
-    return m
-
-
-def chance_metrics(R: int, ks=(1, 5, 10)) -> dict:
-    """Expected metrics of a random ranking of R references, with the keys of `retrieval_metrics`
-    (nrank: ranks 1..R, nrank0: ranks 0..R-1, each divided by R)."""
-    ranks = np.arange(1, R + 1) / R
-    return {**{f"R@{k}": 100 * min(k / R, 1.0) for k in ks},
-            "nrank_mean": 100 * ranks.mean(), "nrank_median": 100 * float(np.median(ranks)),
-            "nrank0_mean": 100 * (ranks - 1 / R).mean(),
-            "nrank0_median": 100 * float(np.median(ranks - 1 / R))}
-
-
-def which_song_and_instrument(queries, refs, track, instrument) -> dict:
-    """The two questions inside a retrieval rank (query i's true stem is reference i), each as R@1
-    and mean normalised rank in percent (chance: 100/N or 100/S, and about 50):
-
-    - which song? the rank of the true stem among the references of the *same instrument*
-      (N candidates). This is compatibility: the bass of this song, not any bass.
-    - which instrument? its rank among the stems of the *same song* (S candidates).
-    - which song, centred: the same rank after subtracting, from the queries and from the
-      references, their instrument's mean vector (then L2-normalising). Not the paper's ranking:
-      it removes the part common to every bass, which otherwise favours the references nearest
-      the average bass for every query, and shows whether a song-specific part exists under it.
-    - query_cosine: the mean cosine between pooled queries of one instrument in different songs;
-      1 when the predictor has learnt the instrument only. Pooled vectors share a large common
-      part, so it stays high even when the ranking by song is informative. None with one song.
-    """
-    same_inst = instrument[:, None] == instrument[None]                 # (Q, R)
-    same_song = track[:, None] == track[None]
-    q = F.normalize(queries.double(), dim=1)
-    others = same_inst & ~same_song
-    cosine = (q @ q.T)[others].mean().item() if others.any() else None
-    truth = torch.arange(len(queries))
-    ranks = functools.partial(retrieval_metrics, queries, refs, truth, ks=(1,))
-    centred = retrieval_metrics(centre_per_instrument(queries, instrument),
-                                centre_per_instrument(refs, instrument), truth, ks=(1,),
-                                candidates=same_inst)
-    return {"which_song": ranks(candidates=same_inst), "which_song_centred": centred,
-            "which_instrument": ranks(candidates=same_song), "query_cosine": cosine}
-
-
-def centre_per_instrument(x: torch.Tensor, instrument: torch.Tensor) -> torch.Tensor:
-    """Vectors (Q, C) minus the mean vector of their instrument, L2-normalised."""
-    x = x.double()
-    means = torch.zeros(int(instrument.max()) + 1, x.shape[1], dtype=x.dtype).index_add_(
-        0, instrument, x) / torch.bincount(instrument)[:, None].clamp(min=1)
-    return F.normalize(x - means[instrument], dim=1)
-
-
-# =============================================================================================
-# PART TWO: what a user runs around the method: data, toy songs, the analyses of 4.1-4.5,
-# using a trained model, benchmarks, the command line
-# =============================================================================================
-
-
-# ---------------------------------------------------------------------------------------------
-# A trained model: StemJEPA.from_checkpoint, and the model on recordings of any length
-# ---------------------------------------------------------------------------------------------
-# StemJEPA's methods beyond Fig. 1, written as functions of the model and set on the class at the
-# end of this section: StemJEPA.from_checkpoint(path), model.encode_long(wav), model.score(...).
-# Any length: chunk, encode, concatenate (`embed_long`, as the evaluation does). They take one
-# mono waveform (N,) at config.sample_rate, numpy or torch, and return CPU tensors.
-
-def _from_checkpoint(cls, path, map_location="cpu") -> StemJEPA:
-    """A trained model from a checkpoint written by `train`, in eval mode."""
-    ckpt = load_checkpoint(path, map_location=map_location)
-    model = build_model(Config(**ckpt["config"]), ckpt["instruments"])
-    model.load_state_dict(ckpt["model"])
-    return model.eval()
-
-
-def _instrument_id(self: StemJEPA, instrument) -> int:
-    """An instrument name (e.g. "bass") or id -> its id, or an error listing the known ones."""
-    if isinstance(instrument, str):
-        if instrument not in self.instruments:
-            raise StemJEPAError(f"instrument {instrument!r}: the model knows "
-                                f"{', '.join(self.instruments)}")
-        return self.instruments.index(instrument)
-    return int(instrument)
-
-
-def _embed_one(self: StemJEPA, wav, instrument=None, *, target=True, batch=16) -> torch.Tensor:
-    """One waveform (N,) -> (F, T, D) by `embed_long`: its encoding, or with `instrument` the
-    prediction for that instrument."""
-    x = np.asarray(wav.detach().cpu() if torch.is_tensor(wav) else wav, dtype=np.float32)
-    if x.ndim != 1:
-        raise StemJEPAError(f"expected one mono waveform (N,), got shape {tuple(x.shape)}")
-    ids = None if instrument is None else [self.instrument_id(instrument)]
-    return embed_long(self, [x], chunk=chunk_samples(self.config), instruments=ids,
-                      target=target, batch=batch, device=next(self.parameters()).device)[0]
-
-
-def _encode_long(self: StemJEPA, wav, *, target: bool = True, batch: int = 16) -> torch.Tensor:
-    """A recording of any length (N,) -> its patch embeddings (F, T, D), one column of patches
-    per 160 ms, T = ceil(N / 2560); the target encoder by default (retrieval's references)."""
-    return _embed_one(self, wav, target=target, batch=batch)
-
-
-def _predict_long(self: StemJEPA, mix, instrument, *, batch: int = 16) -> torch.Tensor:
-    """A mix of any length (N,) and the missing instrument (name or id) -> the predicted patch
-    embeddings (F, T, D) of a stem that fits it (retrieval's query before pooling)."""
-    return _embed_one(self, mix, instrument, batch=batch)
-
-
-def _embed(self: StemJEPA, wav, instrument=None, *, batch: int = 16) -> torch.Tensor:
-    """One pooled vector (F*D,) (`pool`, 3840-d for ViT-B) for a recording of any length: its
-    target embedding, or with `instrument` the prediction for the stem missing from this mix.
-    The L2 distance between the two is retrieval's (4.1)."""
-    return pool(_embed_one(self, wav, instrument, batch=batch))
-
-
-def _score(self: StemJEPA, mix, stem, instrument, *, batch: int = 16) -> dict:
-    """How well `stem` fits `mix` as `instrument` (4.1): the L2 distance between the pooled
-    prediction for the mix and the stem's pooled target embedding (0 to 2, lower fits better),
-    the cosine similarity 1 - d^2 / 2, and the offset at which the stem fits best (4.3:
-    `best_offset`; place the stem offset_s seconds after the start of the mix)."""
-    q = self.predict_long(mix, instrument, batch=batch)
-    z = self.encode_long(stem, batch=batch)
-    distance = (pool(q) - pool(z)).norm().item()
-    offset = best_offset(frames(z), frames(q))
-    return {"distance": round(distance, 4), "similarity": round(1 - distance ** 2 / 2, 4),
-            "offset_patches": offset, "offset_s": round(offset * patch_seconds(self.config), 2)}
-
-
-StemJEPA.from_checkpoint = classmethod(_from_checkpoint)
-StemJEPA.instrument_id = _instrument_id
-StemJEPA.encode_long = _encode_long
-StemJEPA.predict_long = _predict_long
-StemJEPA.embed = _embed
-StemJEPA.score = _score
-
-
-def open_trained(checkpoint, device=None, data=None, *, split="test", cache=None, layout=None,
-                 log=print, verbose=True) -> tuple[StemJEPA, torch.device, list[dict] | None]:
-    """The model in eval mode on the device; given `data`, the split's tracks (training=False)."""
-    device = pick_device(device)
-    model = StemJEPA.from_checkpoint(checkpoint).to(device)
-    if data is None:
-        return model, device, None
-    return model, device, prepare(data, split, cache=cache, training=False, layout=layout,
-                                  log=log, verbose=verbose, **prepare_options(model.config))
-
-
-def random_twin(model: StemJEPA, seed: int | None = None) -> StemJEPA:
-    """The comparison row "random weights": the model's architecture, untrained, in eval mode."""
-    if seed is not None:
-        torch.manual_seed(seed)
-    return build_model(model.config, model.instruments).to(next(model.parameters()).device).eval()
-
-
-# ---------------------------------------------------------------------------------------------
-# Training machinery: device, precision, checkpoints, the run lock, signals
-# ---------------------------------------------------------------------------------------------
-
-def pick_device(name: str | None = None) -> torch.device:
-    """cuda -> mps -> cpu, or the one asked for (an error if it is not available)."""
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(),
-                 "cpu": True}
-    if name is None:
-        name = next(kind for kind, ok in available.items() if ok)
-    kind = name.split(":")[0]
-    if kind not in available:
-        raise StemJEPAError(f"--device {name}: unknown device; use cpu, cuda, cuda:N or mps")
-    if not available[kind]:
-        raise StemJEPAError(f"--device {name}: {kind} is not available on this machine; "
-                            "use --device cpu")
-    return torch.device(name)
-
-
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-
-
-def pick_precision(name: str, device: torch.device) -> str:
-    """auto: bf16 on a CUDA GPU that has it natively (Ampere on), else fp16 with a GradScaler (the
-    authors' code's choice; T4, V100); fp32 off CUDA."""
-    if name not in PRECISIONS:
-        raise StemJEPAError(f"--precision {name}: choose one of {', '.join(PRECISIONS)}")
-    if device.type != "cuda":
-        if name in ("bf16", "fp16"):
-            raise StemJEPAError(f"--precision {name} is for CUDA GPUs; on {device.type} training "
-                                "runs in fp32 (--precision auto or fp32)")
-        return "fp32"
-    native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
-    if name == "bf16" and not native_bf16:
-        raise StemJEPAError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no native "
-                            "bf16; use --precision fp16 (or auto)")
-    if name == "auto":
-        return "bf16" if native_bf16 else "fp16"
-    return name
-
-
-def autocast_for(device: torch.device, precision: str = "bf16"):
-    """Autocast in the training precision on CUDA (bf16, or fp16 with a GradScaler: fp16 autocast
-    is the authors' code's choice); nothing for fp32 or elsewhere."""
-    if device.type != "cuda" or precision == "fp32":
-        return nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
-@contextmanager
-def full_precision(device: torch.device):
-    """float32, no autocast or TF32, as the authors evaluate: pooled vectors of one instrument sit
-    at cosine ~0.98, where bf16 rounding reorders neighbours."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        with torch.autocast(device.type, enabled=False):
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
 
 def _write_atomic(path: Path, write, *, keep_previous: bool = False) -> None:
     """write(tmp) then rename: never half a file; keep_previous keeps the old as *.prev<suffix>."""
@@ -1253,204 +696,17 @@ def _cache_key(*parts) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Keep the previous checkpoint as *.prev.pt and write atomically (`_write_atomic`)."""
-    _write_atomic(path, lambda p: torch.save(state, p), keep_previous=True)
-
-
-def load_checkpoint(path, map_location="cpu") -> dict:
-    """A checkpoint written by `train` (a plain dict, loadable with weights_only=True); if it is
-    missing or unreadable, the previous one (*.prev.pt)."""
-    path = Path(path)
-    problems = []
-    for p in (path, path.with_name(path.stem + ".prev.pt")):
-        if not p.exists():
-            continue
-        try:
-            ckpt = torch.load(p, map_location=map_location, weights_only=True)
-        except Exception as e:
-            problems.append(f"{p}: not a readable checkpoint ({type(e).__name__})")
-            continue
-        if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-            problems.append(f"{p}: not a Stem-JEPA checkpoint")
-        elif ckpt.get("version") != VERSION:
-            problems.append(f"{p}: written by checkpoint format {ckpt.get('version')}, "
-                            f"this file reads {VERSION}")
-        else:
-            return ckpt
-    raise StemJEPAError("; ".join(problems) or f"{path}: no such checkpoint")
-
-
-def save_weights(checkpoint, out) -> Path:
-    """A checkpoint without its optimizer, the weights in float16: what a trained model needs to be
-    shared (about 8 MB for the tiny preset). `StemJEPA.from_checkpoint` loads it; it cannot resume
-    a training."""
-    ckpt = load_checkpoint(checkpoint)
-    weights = {k: ckpt.get(k) for k in ("version", "config", "instruments", "step", "data")}
-    weights["model"] = {k: v.half() if v.is_floating_point() else v
-                        for k, v in ckpt["model"].items()}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out, lambda p: torch.save(weights, p))
-    return out
-
-
-# Config fields that may change on --resume with --force: they do not change what the weights mean.
-RESUMABLE_CHANGES = ("steps", "log_every", "ckpt_every", "grad_accum")
-
-
-# Config fields newer than some checkpoints, and the value the runs saved without them used:
-# M2D's weight decay grouping, the cosine down to 0, no song-contrast term.
-BEFORE_THE_FIELD = {"weight_decay_all": False, "min_lr_ratio": 0.0, "song_contrast": 0.0,
-                    "song_temperature": 0.1}
-
-
-def _option(field: str, value) -> str:
-    """A Config field's value as the command line spells it: --no-weight-decay-all, --steps 10."""
-    flag = field.replace("_", "-")
-    if isinstance(value, bool):
-        return f"--{flag}" if value else f"--no-{flag}"
-    return f"--{flag} {value}"
-
-
-def check_resume(ckpt: dict, cfg: Config, data_id: str, force: bool) -> None:
-    """Refuse to resume with another config or data; --force passes RESUMABLE_CHANGES and data.
-    A field the checkpoint predates has the value its run used (BEFORE_THE_FIELD)."""
-    saved = {**BEFORE_THE_FIELD, **ckpt["config"]}
-    diffs = {k: (saved.get(k, "not recorded"), v) for k, v in dataclasses.asdict(cfg).items()
-             if saved.get(k) != v}
-    if ckpt.get("data") != data_id:
-        diffs["dataset"] = ("a different track list", "this one")
-    text = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in diffs.items())
-    if any(k not in RESUMABLE_CHANGES + ("dataset",) for k in diffs):
-        advice = "pass the same preset and options"
-        older = [k for k in diffs if k in BEFORE_THE_FIELD and k not in ckpt["config"]]
-        if older:
-            flags = ", ".join("--" + k.replace("_", "-") for k in older)
-            advice += (f" (a checkpoint from before {flags} existed needs "
-                       f"{' '.join(_option(k, saved[k]) for k in older)})")
-        raise StemJEPAError(f"cannot resume: the run was made with another configuration ({text}); "
-                            f"{advice}, or start a new --out")
-    if diffs and not force:
-        raise StemJEPAError(f"cannot resume: {text}; pass --force to continue with these changes")
-
-
-# Config fields that fix the shapes of the weights: --init-from needs the checkpoint's values.
-ARCHITECTURE = ("sample_rate", "n_fft", "hop_length", "n_mels", "f_min", "f_max", "patch_size",
-                "dim", "depth", "heads", "mlp_ratio", "predictor", "pred_hidden", "pred_layers",
-                "pred_tf_dim", "pred_tf_depth", "pred_tf_heads")
-
-
-def init_from_checkpoint(model: StemJEPA, ckpt: dict) -> list[str]:
-    """Copy a checkpoint's weights into a fresh model, for fine-tuning (any chunk length: positions
-    are fixed); instrument rows by name, new instruments kept fresh. Returns the new names."""
-    diffs = [f"{k}: {ckpt['config'].get(k)} -> {getattr(model.config, k)}" for k in ARCHITECTURE
-             if ckpt["config"].get(k) != getattr(model.config, k)]
-    if diffs:
-        raise StemJEPAError(f"cannot --init-from a checkpoint of another architecture "
-                            f"({', '.join(diffs)}); pass the checkpoint's preset and options")
-    state = model.state_dict()
-    for name, value in ckpt["model"].items():
-        if name.endswith("instrument.weight"):
-            for row, instrument in enumerate(ckpt["instruments"]):
-                if instrument in model.instruments:
-                    state[name][model.instruments.index(instrument)] = value[row]
-        else:
-            state[name] = value
-    model.load_state_dict(state)
-    return [s for s in model.instruments if s not in ckpt["instruments"]]
-
-
-class RunLock:
-    """OUT/train.lock: refuses a second live training into OUT; stale once its process is gone."""
-
-    def __init__(self, folder: Path, log=print):
-        self.path = Path(folder) / "train.lock"
-        self.log = log
-        self.held = False
-
-    def holder(self) -> int | None:
-        """The pid of the live process holding the lock, or None (no lock, or a stale one)."""
-        try:
-            pid_text, _, host = self.path.read_text().partition(" ")
-            pid = int(pid_text)
-        except (OSError, ValueError):
-            return None                         # no lock, or one being written: acquire decides
-        if host.strip() != os.uname().nodename:
-            return pid                          # another machine (shared disk): assume it is alive
-        try:
-            os.kill(pid, 0)                     # signal 0: only asks whether the process exists
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            return pid                          # exists, owned by another user
-        return pid
-
-    def check(self) -> None:
-        pid = self.holder()
-        if pid is not None and pid != os.getpid():
-            raise StemJEPAError(f"{self.path.parent} is in use by another training (pid {pid}): "
-                                f"wait for it, stop it, or choose another --out (if no training "
-                                f"runs there, delete {self.path})")
-
-    def __enter__(self):
-        self.check()
-        if self.path.exists():
-            self.log(f"removing the stale lock {self.path} ({self.path.read_text().strip()}: "
-                     "that process is gone)")
-            self.path.unlink(missing_ok=True)
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)   # atomic: one winner
-        except FileExistsError:
-            self.check()
-            raise StemJEPAError(f"{self.path} appeared while starting: another training is "
-                                "starting in the same folder") from None
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()} {os.uname().nodename}\n")
-        self.held = True
-        return self
-
-    def __exit__(self, *exc):
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
-
-
-class GracefulStop:
-    """Ctrl-C or SIGTERM sets .reason: the loop saves and exits. A second Ctrl-C exits at once."""
-
-    def __init__(self):
-        self.reason = None                      # the signal's name, once one arrives
-        self.previous = {}                      # the handlers to put back
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():  # the only one that may set them
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.reason = signal.Signals(signum).name
-        signal.signal(signum, signal.SIG_DFL)
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-def _ignore_sigint(_worker_id):
-    """Loader workers leave Ctrl-C to the main process, which saves and stops them."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-# ---------------------------------------------------------------------------------------------
-# 3.4 Training data: multitrack folders -> a cache of 16 kHz stems
-# ---------------------------------------------------------------------------------------------
-
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".aiff", ".aif", ".mp3")
+
+
 MIX_NAMES = ("mixture", "mix")              # a track's full mix is not a stem: ignored
+
+
 MUSDB_STREAMS = {"drums": 1, "bass": 2, "other": 3, "vocals": 4}   # .stem.mp4; 0 is the mixture
+
+
 LENGTH_TOLERANCE_S = 1.0                    # stems of one track may differ by this much (trimmed)
+
 
 LAYOUTS = (
     "MUSDB18-HQ or your own multitracks: ROOT/[train|test/]<track>/<stem>.wav (or another audio "
@@ -1463,6 +719,7 @@ LAYOUTS = (
     "Slakh2100: ROOT/{train,validation,test}/<track>/stems/SNN.flac with <track>/metadata.yaml, "
     "stems grouped by instrument class (--groups)",
 )
+
 
 # Slakh2100 (no vocals): its classes go to MUSDB18's groups, so both share instrument names.
 SLAKH_GROUPS = {"bass": ["Bass"], "drums": ["Drums"], "other": ["*"]}
@@ -1687,6 +944,17 @@ def _whole_npy(path: Path, shape: tuple) -> bool:
     return x.shape == shape and x.offset + x.nbytes == os.path.getsize(path)
 
 
+def _has_two_active(x: np.ndarray, chunk: int, threshold: float, block: int = 1600) -> bool:
+    """Whether some chunk-long window has >= 2 stems above threshold (checked on 0.1 s blocks)."""
+    nb = -(-x.shape[1] // block)
+    padded = np.pad(np.abs(x), ((0, 0), (0, nb * block - x.shape[1])))
+    active = (padded.reshape(len(x), nb, block).max(-1) > threshold).astype(np.int32)  # (S, blocks)
+    w = max(chunk // block, 1)
+    counts = np.cumsum(np.pad(active, ((0, 0), (1, 0))), axis=1)
+    in_window = (counts[:, w:] - counts[:, :-w]) > 0 if nb >= w else active.any(1, keepdims=True)
+    return bool((in_window.sum(0) >= 2).any())
+
+
 def _prepare_track(name, stems, *, sample_rate, chunk, threshold) -> dict:
     """One track's metadata, (kind, text) notes and (unless excluded) (S, N) float32 stems."""
     notes, audio = [], {}
@@ -1736,17 +1004,6 @@ def _training_exclusion(meta: dict, *, threshold: float, chunk: int, sample_rate
             notes.append(("shorter than a chunk (zero-padded at the end)",
                           f"{name} ({meta['length'] / sample_rate:.1f} s)"))
     return why, notes
-
-
-def _has_two_active(x: np.ndarray, chunk: int, threshold: float, block: int = 1600) -> bool:
-    """Whether some chunk-long window has >= 2 stems above threshold (checked on 0.1 s blocks)."""
-    nb = -(-x.shape[1] // block)
-    padded = np.pad(np.abs(x), ((0, 0), (0, nb * block - x.shape[1])))
-    active = (padded.reshape(len(x), nb, block).max(-1) > threshold).astype(np.int32)  # (S, blocks)
-    w = max(chunk // block, 1)
-    counts = np.cumsum(np.pad(active, ((0, 0), (1, 0))), axis=1)
-    in_window = (counts[:, w:] - counts[:, :-w]) > 0 if nb >= w else active.any(1, keepdims=True)
-    return bool((in_window.sum(0) >= 2).any())
 
 
 def prepare(root, split: str = "train", *, cache=None, sample_rate=16000, chunk_seconds=8.0,
@@ -1819,6 +1076,770 @@ def prepare(root, split: str = "train", *, cache=None, sample_rate=16000, chunk_
     if report:
         log(f"prepare {split}: {len(prepared)} of {len(found)} tracks usable; notes:\n{report}")
     return prepared
+
+
+# ---------------------------------------------------------------------------------------------
+# 3.3 Training: device and precision, then the step (Eq. 1, AdamW, Eq. 2)
+# ---------------------------------------------------------------------------------------------
+
+def pick_device(name: str | None = None) -> torch.device:
+    """cuda -> mps -> cpu, or the one asked for (an error if it is not available)."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(),
+                 "cpu": True}
+    if name is None:
+        name = next(kind for kind, ok in available.items() if ok)
+    kind = name.split(":")[0]
+    if kind not in available:
+        raise StemJEPAError(f"--device {name}: unknown device; use cpu, cuda, cuda:N or mps")
+    if not available[kind]:
+        raise StemJEPAError(f"--device {name}: {kind} is not available on this machine; "
+                            "use --device cpu")
+    return torch.device(name)
+
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def pick_precision(name: str, device: torch.device) -> str:
+    """auto: bf16 on a CUDA GPU that has it natively (Ampere on), else fp16 with a GradScaler (the
+    authors' code's choice; T4, V100); fp32 off CUDA."""
+    if name not in PRECISIONS:
+        raise StemJEPAError(f"--precision {name}: choose one of {', '.join(PRECISIONS)}")
+    if device.type != "cuda":
+        if name in ("bf16", "fp16"):
+            raise StemJEPAError(f"--precision {name} is for CUDA GPUs; on {device.type} training "
+                                "runs in fp32 (--precision auto or fp32)")
+        return "fp32"
+    native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    if name == "bf16" and not native_bf16:
+        raise StemJEPAError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no native "
+                            "bf16; use --precision fp16 (or auto)")
+    if name == "auto":
+        return "bf16" if native_bf16 else "fp16"
+    return name
+
+
+def autocast_for(device: torch.device, precision: str = "bf16"):
+    """Autocast in the training precision on CUDA (bf16, or fp16 with a GradScaler: fp16 autocast
+    is the authors' code's choice); nothing for fp32 or elsewhere."""
+    if device.type != "cuda" or precision == "fp32":
+        return nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+@contextmanager
+def full_precision(device: torch.device):
+    """float32, no autocast or TF32, as the authors evaluate: pooled vectors of one instrument sit
+    at cosine ~0.98, where bf16 rounding reorders neighbours."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.autocast(device.type, enabled=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def param_groups(model: nn.Module, weight_decay: float, *, decay_all: bool = True) -> list[dict]:
+    """AdamW's parameter groups. decay_all: weight decay on every trainable parameter, as the
+    authors' code (the paper's "all other hyperparameters" of M2D leave this open); otherwise M2D's
+    grouping, decay on weight matrices only, not on biases, norms or embeddings."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            exempt = not decay_all and (p.ndim < 2 or "instrument" in name)
+            (no_decay if exempt else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def training_step(model: StemJEPA, optimizer, context, target, instrument, *, lr: float, tau: float,
+                  grad_clip: float = 3.0, grad_accum: int = 1, loss_fn=None,
+                  precision: str = "bf16", scaler=None) -> tuple[torch.Tensor, bool]:
+    """One step of 3.3: forward context and target, predict, loss (Eq. 1), backward, clip the
+    gradient norm, AdamW step, then the EMA update of the target encoder (Eq. 2).
+
+    loss_fn: the model or its DDP / compiled wrapper. The batch is split into grad_accum
+    micro-batches whose gradients add up (DDP synchronises only the last). Returns the loss (a
+    tensor: reading it would wait for the device) and whether the step was applied: a non-finite
+    gradient norm (with fp16's GradScaler: an overflow, which also lowers the scale) skips the
+    update and the EMA.
+    """
+    loss_fn = model if loss_fn is None else loss_fn
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    # Step 1. forward context and target, predict, loss (Eq. 1), backward, by micro-batches
+    micro = len(context) // grad_accum
+    total = 0.0
+    for i in range(grad_accum):
+        part = slice(i * micro, (i + 1) * micro)
+        last = i == grad_accum - 1
+        sync = nullcontext() if last or not hasattr(loss_fn, "no_sync") else loss_fn.no_sync()
+        with sync, autocast_for(context.device, precision):
+            loss = loss_fn(context[part], target[part], instrument[part]) / grad_accum
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        total = total + loss.detach()
+    # Step 2. clip the gradient norm and take the AdamW step (3.3), unless the norm is not finite
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = nn.utils.clip_grad_norm_(trainable, grad_clip, foreach=True)
+    applied = bool(torch.isfinite(grad_norm))   # one host sync: the price of skipping bad steps
+    if applied:
+        optimizer.step()
+        # Step 3. the target encoder follows the context encoder (Eq. 2)
+        ema_update(list(model.target_encoder.parameters()), list(model.encoder.parameters()), tau)
+    if scaler is not None:
+        scaler.update()                             # halves the scale after an overflow
+    optimizer.zero_grad(set_to_none=True)
+    return total, applied
+
+
+# ---------------------------------------------------------------------------------------------
+# 3.3 Training: what the loop relies on: checkpoints, collapse measures, run lock, signals
+# ---------------------------------------------------------------------------------------------
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Keep the previous checkpoint as *.prev.pt and write atomically (`_write_atomic`)."""
+    _write_atomic(path, lambda p: torch.save(state, p), keep_previous=True)
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """A checkpoint written by `train` (a plain dict, loadable with weights_only=True); if it is
+    missing or unreadable, the previous one (*.prev.pt)."""
+    path = Path(path)
+    problems = []
+    for p in (path, path.with_name(path.stem + ".prev.pt")):
+        if not p.exists():
+            continue
+        try:
+            ckpt = torch.load(p, map_location=map_location, weights_only=True)
+        except Exception as e:
+            problems.append(f"{p}: not a readable checkpoint ({type(e).__name__})")
+            continue
+        if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+            problems.append(f"{p}: not a Stem-JEPA checkpoint")
+        elif ckpt.get("version") != VERSION:
+            problems.append(f"{p}: written by checkpoint format {ckpt.get('version')}, "
+                            f"this file reads {VERSION}")
+        else:
+            return ckpt
+    raise StemJEPAError("; ".join(problems) or f"{path}: no such checkpoint")
+
+
+# Config fields that may change on --resume with --force: they do not change what the weights mean.
+RESUMABLE_CHANGES = ("steps", "log_every", "ckpt_every", "grad_accum")
+
+
+# Config fields newer than some checkpoints, and the value the runs saved without them used:
+# M2D's weight decay grouping, the cosine down to 0, no song-contrast term.
+BEFORE_THE_FIELD = {"weight_decay_all": False, "min_lr_ratio": 0.0, "song_contrast": 0.0,
+                    "song_temperature": 0.1}
+
+
+def _flag(field: str, value) -> str:
+    """A Config field's value as the command line spells it: --no-weight-decay-all, --steps 10."""
+    flag = field.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} {value}"
+
+
+def check_resume(ckpt: dict, cfg: Config, data_id: str, force: bool) -> None:
+    """Refuse to resume with another config or data; --force passes RESUMABLE_CHANGES and data.
+    A field the checkpoint predates has the value its run used (BEFORE_THE_FIELD)."""
+    saved = {**BEFORE_THE_FIELD, **ckpt["config"]}
+    diffs = {k: (saved.get(k, "not recorded"), v) for k, v in dataclasses.asdict(cfg).items()
+             if saved.get(k) != v}
+    if ckpt.get("data") != data_id:
+        diffs["dataset"] = ("a different track list", "this one")
+    text = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in diffs.items())
+    if any(k not in RESUMABLE_CHANGES + ("dataset",) for k in diffs):
+        advice = "pass the same preset and options"
+        older = [k for k in diffs if k in BEFORE_THE_FIELD and k not in ckpt["config"]]
+        if older:
+            flags = ", ".join("--" + k.replace("_", "-") for k in older)
+            advice += (f" (a checkpoint from before {flags} existed needs "
+                       f"{' '.join(_flag(k, saved[k]) for k in older)})")
+        raise StemJEPAError(f"cannot resume: the run was made with another configuration ({text}); "
+                            f"{advice}, or start a new --out")
+    if diffs and not force:
+        raise StemJEPAError(f"cannot resume: {text}; pass --force to continue with these changes")
+
+
+# Config fields that fix the shapes of the weights: --init-from needs the checkpoint's values.
+ARCHITECTURE = ("sample_rate", "n_fft", "hop_length", "n_mels", "f_min", "f_max", "patch_size",
+                "dim", "depth", "heads", "mlp_ratio", "predictor", "pred_hidden", "pred_layers",
+                "pred_tf_dim", "pred_tf_depth", "pred_tf_heads")
+
+
+def init_from_checkpoint(model: StemJEPA, ckpt: dict) -> list[str]:
+    """Copy a checkpoint's weights into a fresh model, for fine-tuning (any chunk length: positions
+    are fixed); instrument rows by name, new instruments kept fresh. Returns the new names."""
+    diffs = [f"{k}: {ckpt['config'].get(k)} -> {getattr(model.config, k)}" for k in ARCHITECTURE
+             if ckpt["config"].get(k) != getattr(model.config, k)]
+    if diffs:
+        raise StemJEPAError(f"cannot --init-from a checkpoint of another architecture "
+                            f"({', '.join(diffs)}); pass the checkpoint's preset and options")
+    state = model.state_dict()
+    for name, value in ckpt["model"].items():
+        if name.endswith("instrument.weight"):
+            for row, instrument in enumerate(ckpt["instruments"]):
+                if instrument in model.instruments:
+                    state[name][model.instruments.index(instrument)] = value[row]
+        else:
+            state[name] = value
+    model.load_state_dict(state)
+    return [s for s in model.instruments if s not in ckpt["instruments"]]
+
+
+LOG_COLUMNS = ("step,loss,lr,tau,samples_per_s,embedding_spread,batch_loss,avg_stem_loss,"
+               "pred_spread,target_spread,skipped")
+
+
+def embedding_spread(z: torch.Tensor) -> float:
+    """Collapse indicator: the standard deviation across the batch of the (standardised, time- and
+    frequency-averaged) embeddings, averaged over dims. It falls towards 0 when the encoder maps
+    every input to the same point, which a falling loss alone does not reveal."""
+    z = F.layer_norm(z.float(), z.shape[-1:]).mean(dim=(1, 2))          # (B, D)
+    return z.std(dim=0).mean().item() if len(z) > 1 else float("nan")
+
+
+def collapse_measures(pred: torch.Tensor, target: torch.Tensor, instrument: torch.Tensor) -> dict:
+    """Does the predictor use the mix, or only the instrument label? From one batch's predictions
+    and targets (B, F, T, D) and target instruments (B,), over the samples whose instrument occurs
+    at least twice in the batch:
+
+    - avg_stem_loss: Eq. 1 for a predictor that outputs, at each patch, the mean unit target of the
+      *other* samples of the same instrument (leave-one-out): "the average bass". A predictor that
+      ignores the mix cannot beat it; batch_loss (Eq. 1 of the model on the same samples) must.
+    - pred_spread, target_spread: RMS distance of the unit predictions (targets) to their
+      per-(instrument, patch) batch mean. pred_spread is 0 when every song gets the same prediction.
+    """
+    p, t = F.normalize(pred.float(), dim=-1), unit_targets(target)      # (B, F, T, D)
+    same = (instrument[:, None] == instrument[None]).float()            # (B, B)
+    n = same.sum(1)                                 # samples of each one's instrument, itself in
+    keep = n > 1
+    if not keep.any():
+        return dict.fromkeys(("batch_loss", "avg_stem_loss", "pred_spread", "target_spread"),
+                             float("nan"))
+    k = n[keep][:, None, None, None]
+    others = (torch.einsum("ij,jftd->iftd", same, t) - t)[keep] / (k - 1)   # leave-one-out mean
+
+    def spread(x):
+        mean = torch.einsum("ij,jftd->iftd", same, x)[keep] / k
+        return (x[keep] - mean).pow(2).sum(-1).mean().sqrt().item()
+    return {"batch_loss": (p[keep] - t[keep]).pow(2).sum(-1).mean().item(),
+            "avg_stem_loss": (F.normalize(others, dim=-1) - t[keep]).pow(2).sum(-1).mean().item(),
+            "pred_spread": spread(p), "target_spread": spread(t)}
+
+
+class RunLock:
+    """OUT/train.lock: refuses a second live training into OUT; stale once its process is gone."""
+
+    def __init__(self, folder: Path, log=print):
+        self.path = Path(folder) / "train.lock"
+        self.log = log
+        self.held = False
+
+    def holder(self) -> int | None:
+        """The pid of the live process holding the lock, or None (no lock, or a stale one)."""
+        try:
+            pid_text, _, host = self.path.read_text().partition(" ")
+            pid = int(pid_text)
+        except (OSError, ValueError):
+            return None                         # no lock, or one being written: acquire decides
+        if host.strip() != os.uname().nodename:
+            return pid                          # another machine (shared disk): assume it is alive
+        try:
+            os.kill(pid, 0)                     # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            return pid                          # exists, owned by another user
+        return pid
+
+    def check(self) -> None:
+        pid = self.holder()
+        if pid is not None and pid != os.getpid():
+            raise StemJEPAError(f"{self.path.parent} is in use by another training (pid {pid}): "
+                                f"wait for it, stop it, or choose another --out (if no training "
+                                f"runs there, delete {self.path})")
+
+    def __enter__(self):
+        self.check()
+        if self.path.exists():
+            self.log(f"removing the stale lock {self.path} ({self.path.read_text().strip()}: "
+                     "that process is gone)")
+            self.path.unlink(missing_ok=True)
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)   # atomic: one winner
+        except FileExistsError:
+            self.check()
+            raise StemJEPAError(f"{self.path} appeared while starting: another training is "
+                                "starting in the same folder") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} {os.uname().nodename}\n")
+        self.held = True
+        return self
+
+    def __exit__(self, *exc):
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+class GracefulStop:
+    """Ctrl-C or SIGTERM sets .reason: the loop saves and exits. A second Ctrl-C exits at once."""
+
+    def __init__(self):
+        self.reason = None                      # the signal's name, once one arrives
+        self.previous = {}                      # the handlers to put back
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # the only one that may set them
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.reason = signal.Signals(signum).name
+        signal.signal(signum, signal.SIG_DFL)
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _ignore_sigint(_worker_id):
+    """Loader workers leave Ctrl-C to the main process, which saves and stops them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _quiet(*args, **kwargs) -> None:
+    """The log of processes other than rank 0."""
+
+
+# ---------------------------------------------------------------------------------------------
+# 3.3 Training: the loop
+# ---------------------------------------------------------------------------------------------
+
+class Trained(NamedTuple):
+    """What `train` returns: the model, in eval mode, and why the run stopped before its last
+    step: "SIGINT" or "SIGTERM" (the CLI exits with 128 + the signal's number), else None."""
+    model: StemJEPA
+    interrupted: str | None
+
+
+def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, force=False,
+          device=None, compile=False, workers=None, stop_at=None, init_from=None,
+          precision="auto", layout=None, log=print, verbose=True) -> Trained:
+    """Train Stem-JEPA on the `train` split of `data` (3.3) into OUT/checkpoint.pt and OUT/log.csv.
+    stop_at: save and return at this step (continue with resume=True). init_from: a new run (fresh
+    optimizer, schedules from step 0) from a checkpoint's weights; resume=True with a checkpoint in
+    OUT takes precedence. precision: `pick_precision`; layout: `find_tracks`'s options. Under
+    torchrun, each process takes batch_size / world_size samples per step and DDP averages the
+    gradients; OUT/train.lock (`RunLock`) keeps a second live run out of OUT. verbose=False: the
+    setup, the last step's line and the notes, not every log_every step (log.csv has them all)."""
+    out = Path(out)
+    ckpt_path = out / "checkpoint.pt"
+    # Processes and device: torchrun's environment variables, one process per device
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise StemJEPAError(f"--batch-size {cfg.batch_size} does not divide among {world} "
+                            f"processes x {cfg.grad_accum} accumulation steps")
+    if ddp and device is None:
+        device = f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else "cpu"
+    device = pick_device(device)
+    if ddp:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if out.exists() and not out.is_dir():
+        raise StemJEPAError(f"--out {out} is a file: give a folder for the run "
+                            "(it holds checkpoint.pt and log.csv)")
+    precision = pick_precision(precision, device)   # bf16, or fp16 with loss scaling, on CUDA
+    # Data: rank 0 decodes the tracks into the cache (`prepare`); the others then read it
+    if rank == 0:
+        RunLock(out, log=log).check()               # before decoding the data; the loop takes it
+    else:
+        log = _quiet
+        dist.barrier()
+    tracks = prepare(data, "train", cache=cache, layout=layout, log=log, verbose=verbose,
+                     **prepare_options(cfg))
+    if ddp and rank == 0:
+        dist.barrier()
+    instruments = sorted({s for t in tracks for s in t["stems"]})
+    names = json.dumps([(t["name"], t["stems"], t["length"]) for t in tracks])
+    data_id = hashlib.sha1(names.encode()).hexdigest()     # resuming checks it is the same data
+    # The model, AdamW (3.3) and, for fp16, a GradScaler
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, instruments).to(device)
+    groups = param_groups(model, cfg.weight_decay, decay_all=cfg.weight_decay_all)
+    # fused: one kernel over all parameters, not ~10 passes (a CPU ViT-B step: 60 ms, not 400 ms)
+    optimizer = torch.optim.AdamW(groups, lr=0.0, betas=(cfg.beta1, cfg.beta2),
+                                  fused=device.type in ("cuda", "cpu"))
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    if device.type == "cuda":
+        log(f"precision {precision}" + (" with a gradient scaler" if scaler is not None else ""))
+    # Resume from OUT's checkpoint, or start from another run's weights, or from scratch. The log
+    # window (loss_sum over the n_applied applied steps since the last log line) is checkpointed
+    # too, so that a resumed run logs what an uninterrupted one would.
+    step, skipped, loss_sum, n_applied = 0, 0, torch.zeros((), device=device), 0
+    if resume and (ckpt_path.exists() or ckpt_path.with_name("checkpoint.prev.pt").exists()):
+        ckpt = load_checkpoint(ckpt_path, map_location=device)
+        check_resume(ckpt, cfg, data_id, force)
+        if ckpt["instruments"] != instruments:
+            raise StemJEPAError(f"cannot resume: the checkpoint knows instruments "
+                                f"{ckpt['instruments']}, the data has {instruments}")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        step, skipped = ckpt["step"], ckpt.get("skipped", 0)
+        window_loss, n_applied = ckpt.get("log_window", (0.0, 0))
+        loss_sum.fill_(float(window_loss))
+        log(f"resuming {ckpt_path} at step {step}")
+    elif init_from:
+        new = init_from_checkpoint(model, load_checkpoint(init_from, map_location=device))
+        log(f"initialised from {init_from} (encoder, target encoder, predictor); a new run from "
+            "step 0" + (f"; new instrument embeddings for {', '.join(new)}" if new else ""))
+    elif resume:
+        log(f"no checkpoint in {out}: starting from scratch")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if not (out / "log.csv").exists():
+            (out / "log.csv").write_text(LOG_COLUMNS + "\n")
+    if device.type == "cpu" and cfg.dim >= 768:
+        log("note: the paper preset is made for a GPU (the paper: about four days on an A100; "
+            "years on a CPU); use --preset tiny to learn in minutes")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"training {cfg.predictor} predictor, {trainable / 1e6:.1f} M trainable parameters, "
+        f"{len(tracks)} tracks, instruments {instruments}, on {device} x {world}, "
+        f"steps {step}..{cfg.steps}")
+    # What the step differentiates: the model, in DDP under torchrun, compiled on request
+    loss_fn = model
+    if ddp:
+        ids = [device] if device.type == "cuda" else None
+        loss_fn = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if compile:
+        loss_fn = torch.compile(loss_fn)
+    # This process's share of each step's batch, from this step on (3.2: StemChunks, StepBatches)
+    workers = min(8, max((os.cpu_count() or 2) // 2, 1)) if workers is None else workers
+    dataset = StemChunks(tracks, instruments, chunk=chunk_samples(cfg),
+                         threshold=cfg.active_threshold, tries=cfg.redraw_tries, seed=cfg.seed)
+    sampler = StepBatches(start=step, steps=cfg.steps, batch=cfg.batch_size // world, rank=rank,
+                          world=world)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
+        worker_init_fn=_ignore_sigint, prefetch_factor=4 if workers else None)
+
+    def save():                                 # all a resumed run needs, written by rank 0
+        if rank == 0:
+            save_checkpoint(ckpt_path, {
+                "version": VERSION, "config": dataclasses.asdict(cfg), "instruments": instruments,
+                "step": step, "skipped": skipped, "data": data_id,
+                "log_window": (loss_sum.item(), n_applied), "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None})
+
+    peak_lr = cfg.base_lr * cfg.batch_size / 256
+    bad_in_a_row, n_seen, t_last = 0, 0, time.time()   # n_seen: steps since the last log line
+    lock = RunLock(out, log=log) if rank == 0 else nullcontext()
+    with GracefulStop() as stop, lock:
+        batches = iter(loader)
+        while step < min(cfg.steps, stop_at or cfg.steps) and stop.reason is None:
+            try:
+                batch = next(batches)
+            except Exception:
+                if stop.reason:                 # the signal also interrupted a loader worker
+                    break
+                raise
+            context, target, instrument = (x.to(device, non_blocking=True) for x in batch)
+            # This step's learning rate (3.3: linear warmup, then cosine) and tau_i (Eq. 2)
+            lr = lr_at(step, peak_lr=peak_lr, warmup_steps=cfg.warmup_steps,
+                       total_steps=cfg.steps, min_ratio=cfg.min_lr_ratio)
+            tau = tau_at(step, cfg.steps, cfg.tau_start, cfg.tau_end)
+            # Steps 1-3: forward and Eq. 1, backward and AdamW, EMA of the target encoder (Eq. 2)
+            loss, applied = training_step(model, optimizer, context, target, instrument, lr=lr,
+                                          tau=tau, grad_clip=cfg.grad_clip,
+                                          grad_accum=cfg.grad_accum, loss_fn=loss_fn,
+                                          precision=precision, scaler=scaler)
+            if applied:
+                loss_sum += loss                # on the device: adding a loss does not sync
+                n_applied, bad_in_a_row = n_applied + 1, 0
+            else:
+                skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
+                log(f"step {step}: non-finite loss or gradient, step skipped ({skipped} so far)")
+                if bad_in_a_row >= 5:
+                    raise StemJEPAError(f"step {step}: the loss was not finite for 5 steps in a "
+                                        f"row; {ckpt_path} holds the last good state "
+                                        "(try a lower --lr)")
+            step, n_seen = step + 1, n_seen + 1
+            # Log: the mean loss since the last line, the collapse measures of this batch
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                mean_loss = loss_sum.item() / max(n_applied, 1)
+                speed = n_seen * cfg.batch_size / (time.time() - t_last)
+                with torch.no_grad(), autocast_for(device, precision):
+                    z_bar = model.encode(target, target=True)
+                    c = collapse_measures(model.predict(context, instrument), z_bar, instrument)
+                    spread = embedding_spread(z_bar)
+                if verbose or step == cfg.steps:
+                    log(f"step {step}/{cfg.steps}  loss {mean_loss:.4f} (batch "
+                        f"{c['batch_loss']:.4f}, average stem {c['avg_stem_loss']:.4f})  "
+                        f"prediction spread {c['pred_spread']:.3f}  target spread "
+                        f"{c['target_spread']:.3f}  embedding spread {spread:.3f}  lr {lr:.2e}  "
+                        f"tau {tau:.6f}  {speed:.1f} samples/s  "
+                        f"ETA {(cfg.steps - step) * cfg.batch_size / speed / 60:.1f} min")
+                if rank == 0:
+                    with open(out / "log.csv", "a") as f:
+                        f.write(f"{step},{mean_loss:.6f},{lr:.6e},{tau:.8f},{speed:.2f},"
+                                f"{spread:.4f},{c['batch_loss']:.6f},{c['avg_stem_loss']:.6f},"
+                                f"{c['pred_spread']:.4f},{c['target_spread']:.4f},{skipped}\n")
+                loss_sum.zero_()
+                n_seen = n_applied = 0
+                t_last = time.time()
+            if step % cfg.ckpt_every == 0 or step == cfg.steps:     # checkpoint
+                save()
+        if stop.reason or step < cfg.steps:
+            save()
+            log(f"{stop.reason or 'stop_at'}: saved {ckpt_path} at step {step}; continue with "
+                "the same command and --resume")
+    if ddp:
+        dist.destroy_process_group()
+    return Trained(model.eval(), stop.reason)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4.1 Stem retrieval: whole tracks -> pooled embeddings -> Recall@K and normalised rank
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def embed_long(model: StemJEPA, wavs: list[np.ndarray], *, chunk: int, instruments=None,
+               target=True, batch=16, device="cpu") -> list[torch.Tensor]:
+    """Patch embeddings of whole recordings, one (F, T, D) tensor per waveform, T covering every
+    frame: each is cut into consecutive chunks, the last one zero-padded to whole patches. With
+    `instruments` (one id per waveform), the predictions conditioned on them (context encoder);
+    otherwise the target (or context) encoder's. Chunks of equal length are batched together,
+    across waveforms. In float32 (`full_precision`), even on a GPU and inside an autocast region."""
+    patch = model.frontend.hop_length * model.encoder.patch_size       # samples per time patch
+    chunk = max(patch, chunk - chunk % patch)                           # whole patches only
+    by_length = {}                                      # length -> [(wav, position, samples)]
+    for w, x in enumerate(wavs):
+        for j, start in enumerate(range(0, max(len(x), 1), chunk)):
+            piece = x[start: start + chunk]
+            if len(piece) < chunk:                                      # whole patches, >= 1
+                piece = np.pad(piece, (0, max(-len(piece) % patch, patch - len(piece))))
+            by_length.setdefault(len(piece), []).append((w, j, piece))
+    groups = [same[i: i + batch] for same in by_length.values() for i in range(0, len(same), batch)]
+    out = [{} for _ in wavs]                                    # position -> (F, T_chunk, D)
+    with full_precision(torch.device(device)):
+        for group in groups:
+            x = torch.from_numpy(np.stack([p[2] for p in group])).float().to(device)   # (b, chunk)
+            if instruments is None:
+                z = model.encode(x, target=target)
+            else:
+                ids = torch.tensor([instruments[w] for w, _, _ in group], device=device)
+                z = model.predict(x, ids)
+            for (w, j, _), zi in zip(group, z.float().cpu()):
+                out[w][j] = zi
+    return [torch.cat([chunks[j] for j in sorted(chunks)], dim=1) for chunks in out]
+
+
+def retrieval_ranks(queries: torch.Tensor, refs: torch.Tensor, truth: torch.Tensor,
+                    candidates=None):
+    """L2 distances d from each query (Q, C) to every reference (R, C); for each query, how many
+    references are closer than its true one `truth[q]` and how many tie with it (itself included).
+    Ties are broken at random, in expectation: rank = 1 + closer + (tied - 1) / 2 (1 = nearest).
+    candidates (Q, R) bool, optional: each query competes only with these references."""
+    d = torch.cdist(queries.double(), refs.double())                    # (Q, R)
+    if candidates is not None:
+        d = d.masked_fill(~candidates, float("inf"))
+    d_true = d.gather(1, truth[:, None])                                # (Q, 1)
+    return (d < d_true).sum(1), (d == d_true).sum(1), d                 # closer, tied, d
+
+
+def retrieval_metrics(queries, refs, truth, ks=(1, 5, 10), candidates=None) -> dict:
+    """Recall@K and normalised rank (mean and median over the queries), in percent (4.1.1).
+
+    nrank_mean, nrank_median: rank / R with the rank counted from 1 (nearest = 1), R the number of
+    references, as in the authors' evaluation (evar/musdb_eval.py, compute_recall), the figure
+    comparable with Table 1 (its median 0.5 % is rank 3 of 600). The paper's text says [0, 1);
+    that is nrank0_mean, nrank0_median: the rank counted from 0, exactly 100 / R points lower.
+    With `candidates` (Q, R), each query's R is the number of references it competes with.
+    """
+    closer, tied, _ = retrieval_ranks(queries, refs, truth, candidates)
+    R = refs.shape[0] if candidates is None else candidates.sum(1)
+    rank = 1 + closer + (tied - 1).double() / 2                 # 1-based, ties in expectation
+    m = {f"R@{k}": 100 * ((k - closer) / tied).clamp(0, 1).mean().item() for k in ks}
+    for name, r in (("nrank", rank), ("nrank0", rank - 1)):
+        m[f"{name}_mean"] = 100 * (r / R).mean().item()
+        m[f"{name}_median"] = 100 * (r / R).quantile(0.5).item()    # middle two's mean if even
+    return m
+
+
+def chance_metrics(R: int, ks=(1, 5, 10)) -> dict:
+    """Expected metrics of a random ranking of R references, with the keys of `retrieval_metrics`
+    (nrank: ranks 1..R, nrank0: ranks 0..R-1, each divided by R)."""
+    ranks = np.arange(1, R + 1) / R
+    return {**{f"R@{k}": 100 * min(k / R, 1.0) for k in ks},
+            "nrank_mean": 100 * ranks.mean(), "nrank_median": 100 * float(np.median(ranks)),
+            "nrank0_mean": 100 * (ranks - 1 / R).mean(),
+            "nrank0_median": 100 * float(np.median(ranks - 1 / R))}
+
+
+def centre_per_instrument(x: torch.Tensor, instrument: torch.Tensor) -> torch.Tensor:
+    """Vectors (Q, C) minus the mean vector of their instrument, L2-normalised."""
+    x = x.double()
+    means = torch.zeros(int(instrument.max()) + 1, x.shape[1], dtype=x.dtype).index_add_(
+        0, instrument, x) / torch.bincount(instrument)[:, None].clamp(min=1)
+    return F.normalize(x - means[instrument], dim=1)
+
+
+def which_song_and_instrument(queries, refs, track, instrument) -> dict:
+    """The two questions inside a retrieval rank (query i's true stem is reference i), each as R@1
+    and mean normalised rank in percent (chance: 100/N or 100/S, and about 50):
+
+    - which song? the rank of the true stem among the references of the *same instrument*
+      (N candidates). This is compatibility: the bass of this song, not any bass.
+    - which instrument? its rank among the stems of the *same song* (S candidates).
+    - which song, centred: the same rank after subtracting, from the queries and from the
+      references, their instrument's mean vector (then L2-normalising). Not the paper's ranking:
+      it removes the part common to every bass, which otherwise favours the references nearest
+      the average bass for every query, and shows whether a song-specific part exists under it.
+    - query_cosine: the mean cosine between pooled queries of one instrument in different songs;
+      1 when the predictor has learnt the instrument only. Pooled vectors share a large common
+      part, so it stays high even when the ranking by song is informative. None with one song.
+    """
+    same_inst = instrument[:, None] == instrument[None]                 # (Q, R)
+    same_song = track[:, None] == track[None]
+    q = F.normalize(queries.double(), dim=1)
+    others = same_inst & ~same_song
+    cosine = (q @ q.T)[others].mean().item() if others.any() else None
+    truth = torch.arange(len(queries))
+    ranks = functools.partial(retrieval_metrics, queries, refs, truth, ks=(1,))
+    centred = retrieval_metrics(centre_per_instrument(queries, instrument),
+                                centre_per_instrument(refs, instrument), truth, ks=(1,),
+                                candidates=same_inst)
+    return {"which_song": ranks(candidates=same_inst), "which_song_centred": centred,
+            "which_instrument": ranks(candidates=same_song), "query_cosine": cosine}
+
+
+# =============================================================================================
+# PART TWO: around the method: a trained model, toy songs, the analyses of 4.1-4.5, using
+# a trained model, benchmarks, the command line
+# =============================================================================================
+
+
+# ---------------------------------------------------------------------------------------------
+# A trained model: StemJEPA.from_checkpoint, and the model on recordings of any length
+# ---------------------------------------------------------------------------------------------
+# StemJEPA's methods beyond Fig. 1, written as functions of the model and set on the class at the
+# end of this section: StemJEPA.from_checkpoint(path), model.encode_long(wav), model.score(...).
+# Any length: chunk, encode, concatenate (`embed_long`, as the evaluation does). They take one
+# mono waveform (N,) at config.sample_rate, numpy or torch, and return CPU tensors.
+
+def _from_checkpoint(cls, path, map_location="cpu") -> StemJEPA:
+    """A trained model from a checkpoint written by `train`, in eval mode."""
+    ckpt = load_checkpoint(path, map_location=map_location)
+    model = build_model(Config(**ckpt["config"]), ckpt["instruments"])
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
+
+
+def _instrument_id(self: StemJEPA, instrument) -> int:
+    """An instrument name (e.g. "bass") or id -> its id, or an error listing the known ones."""
+    if isinstance(instrument, str):
+        if instrument not in self.instruments:
+            raise StemJEPAError(f"instrument {instrument!r}: the model knows "
+                                f"{', '.join(self.instruments)}")
+        return self.instruments.index(instrument)
+    return int(instrument)
+
+
+def _embed_one(self: StemJEPA, wav, instrument=None, *, target=True, batch=16) -> torch.Tensor:
+    """One waveform (N,) -> (F, T, D) by `embed_long`: its encoding, or with `instrument` the
+    prediction for that instrument."""
+    x = np.asarray(wav.detach().cpu() if torch.is_tensor(wav) else wav, dtype=np.float32)
+    if x.ndim != 1:
+        raise StemJEPAError(f"expected one mono waveform (N,), got shape {tuple(x.shape)}")
+    ids = None if instrument is None else [self.instrument_id(instrument)]
+    return embed_long(self, [x], chunk=chunk_samples(self.config), instruments=ids,
+                      target=target, batch=batch, device=next(self.parameters()).device)[0]
+
+
+def _encode_long(self: StemJEPA, wav, *, target: bool = True, batch: int = 16) -> torch.Tensor:
+    """A recording of any length (N,) -> its patch embeddings (F, T, D), one column of patches
+    per 160 ms, T = ceil(N / 2560); the target encoder by default (retrieval's references)."""
+    return _embed_one(self, wav, target=target, batch=batch)
+
+
+def _predict_long(self: StemJEPA, mix, instrument, *, batch: int = 16) -> torch.Tensor:
+    """A mix of any length (N,) and the missing instrument (name or id) -> the predicted patch
+    embeddings (F, T, D) of a stem that fits it (retrieval's query before pooling)."""
+    return _embed_one(self, mix, instrument, batch=batch)
+
+
+def _embed(self: StemJEPA, wav, instrument=None, *, batch: int = 16) -> torch.Tensor:
+    """One pooled vector (F*D,) (`pool`, 3840-d for ViT-B) for a recording of any length: its
+    target embedding, or with `instrument` the prediction for the stem missing from this mix.
+    The L2 distance between the two is retrieval's (4.1)."""
+    return pool(_embed_one(self, wav, instrument, batch=batch))
+
+
+def _score(self: StemJEPA, mix, stem, instrument, *, batch: int = 16) -> dict:
+    """How well `stem` fits `mix` as `instrument` (4.1): the L2 distance between the pooled
+    prediction for the mix and the stem's pooled target embedding (0 to 2, lower fits better),
+    the cosine similarity 1 - d^2 / 2, and the offset at which the stem fits best (4.3:
+    `best_offset`; place the stem offset_s seconds after the start of the mix)."""
+    q = self.predict_long(mix, instrument, batch=batch)
+    z = self.encode_long(stem, batch=batch)
+    distance = (pool(q) - pool(z)).norm().item()
+    offset = best_offset(frames(z), frames(q))
+    return {"distance": round(distance, 4), "similarity": round(1 - distance ** 2 / 2, 4),
+            "offset_patches": offset, "offset_s": round(offset * patch_seconds(self.config), 2)}
+
+
+StemJEPA.from_checkpoint = classmethod(_from_checkpoint)
+StemJEPA.instrument_id = _instrument_id
+StemJEPA.encode_long = _encode_long
+StemJEPA.predict_long = _predict_long
+StemJEPA.embed = _embed
+StemJEPA.score = _score
+
+
+def open_trained(checkpoint, device=None, data=None, *, split="test", cache=None, layout=None,
+                 log=print, verbose=True) -> tuple[StemJEPA, torch.device, list[dict] | None]:
+    """The model in eval mode on the device; given `data`, the split's tracks (training=False)."""
+    device = pick_device(device)
+    model = StemJEPA.from_checkpoint(checkpoint).to(device)
+    if data is None:
+        return model, device, None
+    return model, device, prepare(data, split, cache=cache, training=False, layout=layout,
+                                  log=log, verbose=verbose, **prepare_options(model.config))
+
+
+def random_twin(model: StemJEPA, seed: int | None = None) -> StemJEPA:
+    """The comparison row "random weights": the model's architecture, untrained, in eval mode."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return build_model(model.config, model.instruments).to(next(model.parameters()).device).eval()
+
+
+def save_weights(checkpoint, out) -> Path:
+    """A checkpoint without its optimizer, the weights in float16: what a trained model needs to be
+    shared (about 8 MB for the tiny preset). `StemJEPA.from_checkpoint` loads it; it cannot resume
+    a training."""
+    ckpt = load_checkpoint(checkpoint)
+    weights = {k: ckpt.get(k) for k in ("version", "config", "instruments", "step", "data")}
+    weights["model"] = {k: v.half() if v.is_floating_point() else v
+                        for k, v in ckpt["model"].items()}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out, lambda p: torch.save(weights, p))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
