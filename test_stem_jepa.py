@@ -14,6 +14,8 @@ command line in a subprocess, train for more than a few steps, or take over ~3 s
 """
 from __future__ import annotations
 
+import ast
+import builtins
 import contextlib
 import copy
 import csv
@@ -3306,6 +3308,43 @@ def test_module_and_tests_keep_to_100_columns():
     for path in (HERE / "stem_jepa.py", HERE / "test_stem_jepa.py"):
         lines = path.read_text().splitlines()
         assert [i for i, line in enumerate(lines, 1) if len(line) > 100] == [], path.name
+
+
+def test_part_one_stands_alone_top_to_bottom():
+    """Part one (between the PART ONE and PART TWO banners) can be saved and run by itself: every
+    name it loads is a builtin, bound inside its own definition (arguments, locals, nested
+    functions), or imported or defined at module level above the line that uses it; none is
+    defined only in part two, nor below its use."""
+    source = (HERE / "stem_jepa.py").read_text()
+    lines = source.splitlines()
+    one, two = (next(i for i, line in enumerate(lines, 1) if line.startswith(f"# PART {part}"))
+                for part in ("ONE", "TWO"))
+    tree = ast.parse(source)
+    defined = {}                                    # module-level name -> its first line
+    for stmt in tree.body:
+        if isinstance(stmt, (ast.FunctionDef, ast.ClassDef)):
+            names = [stmt.name]
+        elif isinstance(stmt, (ast.Import, ast.ImportFrom)):
+            names = [(alias.asname or alias.name).split(".")[0] for alias in stmt.names]
+        else:
+            names = [n.id for n in ast.walk(stmt) if isinstance(n, ast.Name)
+                     and isinstance(n.ctx, ast.Store)]
+        for name in names:
+            defined.setdefault(name, stmt.lineno)
+    late = []
+    for stmt in (s for s in tree.body if one < s.lineno < two):
+        nodes = list(ast.walk(stmt))
+        functions = [n for n in nodes if isinstance(n, (ast.FunctionDef, ast.Lambda))]
+        own = ({n.arg for n in nodes if isinstance(n, ast.arg)}
+               | {n.id for n in nodes if isinstance(n, ast.Name) and type(n.ctx) is not ast.Load}
+               | {n.name for n in nodes if isinstance(n, ast.ExceptHandler) and n.name}
+               | {m.name for f in functions for m in ast.walk(f)
+                  if m is not f and isinstance(m, ast.FunctionDef)})
+        for n in nodes:
+            if (isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) and n.id not in own
+                    and not hasattr(builtins, n.id) and not defined.get(n.id, two) < n.lineno):
+                late.append(f"{n.id} (line {n.lineno}, defined at {defined.get(n.id)})")
+    assert late == []
 
 
 def test_licence_is_mit_and_the_readme_says_so():
