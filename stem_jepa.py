@@ -433,9 +433,9 @@ def jepa_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def pool(z: torch.Tensor) -> torch.Tensor:
-    """(..., F, T, D) -> one vector (..., F*D): average over time, concatenate the frequency rows
-    (3840-d for ViT-B), layer-normalise without affine and L2-normalise (the authors'
-    evaluation)."""
+    """One vector per recording, what retrieval compares (4.1): (..., F, T, D) -> (..., F*D),
+    average over time, concatenate the frequency rows (3840-d for ViT-B), layer-normalise without
+    affine and L2-normalise (the authors' evaluation)."""
     v = z.float().mean(dim=-2).flatten(-2)                              # (..., F*D)
     return F.normalize(F.layer_norm(v, v.shape[-1:]), dim=-1)
 
@@ -678,10 +678,6 @@ def _write_atomic(path: Path, write, *, keep_previous: bool = False) -> None:
     if keep_previous and path.exists():
         os.replace(path, path.with_name(path.stem + ".prev" + path.suffix))
     os.replace(tmp, path)
-
-
-def _write_json(path: Path, data) -> None:
-    _write_atomic(path, lambda p: p.write_text(json.dumps(data, indent=1)))
 
 
 def _file_id(path) -> tuple:
@@ -2035,6 +2031,10 @@ def write_toy_dataset(out, *, tracks=20, seconds=30.0, seed=0, sample_rate=16000
 # ---------------------------------------------------------------------------------------------
 # 4.1-4.2 Evaluation: Table 1, Fig. 2, comparison rows, listening test
 # ---------------------------------------------------------------------------------------------
+
+def _write_json(path: Path, data) -> None:
+    _write_atomic(path, lambda p: p.write_text(json.dumps(data, indent=1)))
+
 
 def failure_analysis(queries, refs, query_track, query_inst, ref_track, ref_inst,
                      instruments) -> dict:
