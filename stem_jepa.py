@@ -99,11 +99,7 @@ import torch.nn.functional as F
 import torchaudio
 
 
-
-
 VERSION = 1  # checkpoint format
-
-
 CACHE_FORMAT = 2  # decoded-stem cache; 2: quiet stems are kept (the silence filter is training's)
 
 
@@ -693,16 +689,9 @@ def _cache_key(*parts) -> str:
 
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".aiff", ".aif", ".mp3")
-
-
 MIX_NAMES = ("mixture", "mix")              # a track's full mix is not a stem: ignored
-
-
 MUSDB_STREAMS = {"drums": 1, "bass": 2, "other": 3, "vocals": 4}   # .stem.mp4; 0 is the mixture
-
-
 LENGTH_TOLERANCE_S = 1.0                    # stems of one track may differ by this much (trimmed)
-
 
 LAYOUTS = (
     "MUSDB18-HQ or your own multitracks: ROOT/[train|test/]<track>/<stem>.wav (or another audio "
@@ -1225,7 +1214,6 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 
 # Config fields that may change on --resume with --force: they do not change what the weights mean.
 RESUMABLE_CHANGES = ("steps", "log_every", "ckpt_every", "grad_accum")
-
 
 # Config fields newer than some checkpoints, and the value the runs saved without them used:
 # M2D's weight decay grouping, the cosine down to 0, no song-contrast term.
