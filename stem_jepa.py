@@ -417,10 +417,7 @@ def unit_targets(target: torch.Tensor) -> torch.Tensor:
 
 def jepa_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """L = 1/K sum_k || z~_k/||z~_k|| - z_k/||z_k|| ||^2  (Eq. 1), averaged over patches and batch.
-
-    As in the authors' code (not in the paper's text), each target patch vector is first
-    standardised over its D dims (`unit_targets`).
-    """
+    Each target patch is first standardised (`unit_targets`): the authors' code, not the paper's."""
     diff = F.normalize(pred.float(), dim=-1) - unit_targets(target)
     return diff.pow(2).sum(-1).mean()
 
@@ -537,8 +534,7 @@ class StemJEPA(nn.Module):
 
 
 def build_model(cfg: Config, instruments: list[str]) -> StemJEPA:
-    """The model of a config, which it keeps as `model.config` (checkpoints store it; the
-    any-length methods read its chunk length and sample rate)."""
+    """The model of a config (Fig. 1), which it keeps as `model.config` (see `StemJEPA`)."""
     max_frames = chunk_samples(cfg) // cfg.hop_length
     frontend = LogMel(sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, hop_length=cfg.hop_length,
                       n_mels=cfg.n_mels, f_min=cfg.f_min, f_max=cfg.f_max)
@@ -1102,8 +1098,7 @@ def pick_precision(name: str, device: torch.device) -> str:
 
 
 def autocast_for(device: torch.device, precision: str = "bf16"):
-    """Autocast in the training precision on CUDA (bf16, or fp16 with a GradScaler: fp16 autocast
-    is the authors' code's choice); nothing for fp32 or elsewhere."""
+    """Autocast in the training precision on CUDA (`pick_precision`), none for fp32 or elsewhere."""
     if device.type != "cuda" or precision == "fp32":
         return nullcontext()
     return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
