@@ -3228,7 +3228,6 @@ def retrieve(checkpoint, mix, library, instrument: str, *, top=10, device=None, 
     instrument_id = _instrument_option(model, instrument)
     files = audio_files(library)
     mix_audio = load_audio(mix, cfg.sample_rate)  # a bad --mix fails before the library is embedded
-    chunk = chunk_samples(cfg)
     key = _cache_key(_file_id(Path(checkpoint).resolve()), "files+refs", list(map(_file_id, files)))
     cache = (Path(library) if Path(library).is_dir() else Path(library).parent) / ".stem_jepa_cache"
     cache_file = cache / f"library-{key}.pt"
@@ -3242,14 +3241,12 @@ def retrieve(checkpoint, mix, library, instrument: str, *, top=10, device=None, 
         cached = {"files": [str(f) for f in kept], "refs": torch.stack(refs)}
         cache.mkdir(exist_ok=True)
         _write_atomic(cache_file, lambda p: torch.save(cached, p))
-    q_seq = embed_long(model, [mix_audio], chunk=chunk, batch=batch, device=device,
-                       instruments=[instrument_id])[0]
+    q_seq = model.predict_long(mix_audio, instrument_id, batch=batch)
     d = torch.cdist(pool(q_seq)[None].double(), cached["refs"].double())[0]
     results = []
     for r, i in enumerate(d.argsort()[:top].tolist()):
         file = cached["files"][i]
-        z_seq = embed_long(model, [load_audio(file, cfg.sample_rate)], chunk=chunk, batch=batch,
-                           device=device)[0]
+        z_seq = model.encode_long(load_audio(file, cfg.sample_rate), batch=batch)
         offset = best_offset(frames(z_seq), frames(q_seq))
         results.append({"rank": r + 1, "file": file, "distance": round(d[i].item(), 4),
                         "offset_patches": offset,
