@@ -1593,14 +1593,15 @@ def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, 
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def embed_long(model: StemJEPA, wavs: list[np.ndarray], *, chunk: int, instruments=None,
-               target=True, batch=16, device="cpu") -> list[torch.Tensor]:
+def embed_long(model: StemJEPA, wavs: list[np.ndarray], *, instruments=None, target=True,
+               chunk=None, batch=16, device="cpu") -> list[torch.Tensor]:
     """Patch embeddings of whole recordings, one (F, T, D) tensor per waveform, T covering every
-    frame: each is cut into consecutive chunks, the last one zero-padded to whole patches. With
-    `instruments` (one id per waveform), the predictions conditioned on them (context encoder);
-    otherwise the target (or context) encoder's. Chunks of equal length are batched together,
-    across waveforms. In float32 (`full_precision`), even on a GPU and inside an autocast region."""
+    frame: each is cut into consecutive chunks (by default the training chunk), the last zero-padded
+    to whole patches. With `instruments` (one id per waveform), the predictions conditioned on them
+    (context encoder); otherwise the target (or context) encoder's. Chunks of equal length are
+    batched together, across waveforms. In float32 (`full_precision`), even under autocast."""
     patch = model.frontend.hop_length * model.encoder.patch_size       # samples per time patch
+    chunk = chunk or chunk_samples(model.config)
     chunk = max(patch, chunk - chunk % patch)                           # whole patches only
     by_length = {}                                      # length -> [(wav, position, samples)]
     for w, x in enumerate(wavs):
@@ -1742,8 +1743,8 @@ def _embed_one(self: StemJEPA, wav, instrument=None, *, target=True, batch=16) -
     if x.ndim != 1:
         raise StemJEPAError(f"expected one mono waveform (N,), got shape {tuple(x.shape)}")
     ids = None if instrument is None else [self.instrument_id(instrument)]
-    return embed_long(self, [x], chunk=chunk_samples(self.config), instruments=ids,
-                      target=target, batch=batch, device=next(self.parameters()).device)[0]
+    return embed_long(self, [x], instruments=ids, target=target, batch=batch,
+                      device=next(self.parameters()).device)[0]
 
 
 def _encode_long(self: StemJEPA, wav, *, target: bool = True, batch: int = 16) -> torch.Tensor:
@@ -2074,8 +2075,7 @@ def retrieval_embeddings(model: StemJEPA, tracks: list[dict], *, device="cpu", b
     """Per prepared track n and known stem s: the query q_s^(n) (the predictor on s over the mix
     of the other stems, 4.1.1) and the target and context encoders' references z_s^(n), `pool`ed."""
     model = model.to(device).eval()
-    embed = functools.partial(embed_long, model, chunk=chunk_samples(model.config), batch=batch,
-                              device=device)
+    embed = functools.partial(embed_long, model, batch=batch, device=device)
     seconds = [t["length"] * 2 * len(t["stems"]) / model.config.sample_rate for t in tracks]
     queries, refs_target, refs_context, track, instrument = [], [], [], [], []
     t0 = time.time()
@@ -2348,15 +2348,14 @@ def random_pair_level(z_means: torch.Tensor, q_means: torch.Tensor,
     return (z_means @ q_means.T)[other_track].mean().item()
 
 
-def stem_sequences(model: StemJEPA, x: np.ndarray, stems: list[str], *, chunk: int, device,
-                   batch: int):
+def stem_sequences(model: StemJEPA, x: np.ndarray, stems: list[str], *, device, batch: int):
     """One track's stems x (S, N) -> [(stem, z, q)] for the stems the model knows: z (T, C) the
     target encoder's patches of the stem, q (T, C) the predictor's from the mix of the others."""
     known = [i for i, s in enumerate(stems) if s in model.instruments]
     ids = [model.instruments.index(stems[i]) for i in known]
     mixes = [x.sum(0) - x[i] for i in known]                            # x_{not s}
-    q = embed_long(model, mixes, chunk=chunk, instruments=ids, batch=batch, device=device)
-    z = embed_long(model, [x[i] for i in known], chunk=chunk, batch=batch, device=device)
+    q = embed_long(model, mixes, instruments=ids, batch=batch, device=device)
+    z = embed_long(model, [x[i] for i in known], batch=batch, device=device)
     return [(stems[i], frames(zi), frames(qi)) for i, zi, qi in zip(known, z, q)]
 
 
@@ -2379,7 +2378,7 @@ def alignment_curves(model: StemJEPA, tracks: list[dict], *, max_shift: int, dev
     rows, z_means, q_means, owner = [], [], [], []
     for n, t in enumerate(tracks):
         seqs = stem_sequences(model, np.load(t["npy"]).astype(np.float32), t["stems"],
-                              chunk=chunk_samples(model.config), device=device, batch=batch)
+                              device=device, batch=batch)
         if not seqs:
             log(f"  {t['name']}: no stem the model knows; skipped")
             continue
@@ -2598,10 +2597,9 @@ def labelled_patches(model: StemJEPA, sources: list[tuple], *, device="cpu", bat
     (name, load, keys, chords) -> x (P, C), the target encoder's unit vector per 160 ms patch of
     each full mix (as annotated), each patch's "key/chord" label (or None), its track."""
     model = model.to(device).eval()
-    chunk = chunk_samples(model.config)
     xs, labels, owner = [], [], []
     for n, (name, load, keys, chords) in enumerate(sources):
-        z = frames(embed_long(model, [load()], chunk=chunk, batch=batch, device=device)[0])
+        z = frames(embed_long(model, [load()], batch=batch, device=device)[0])
         xs.append(F.normalize(z.float(), dim=-1))       # (T, C), unit: k-means groups by cosine
         labels += patch_labels(keys, chords, patches=len(z), patch_s=patch_seconds(model.config))
         owner += [n] * len(z)
@@ -2937,8 +2935,8 @@ def global_embeddings(model: StemJEPA, files: list[Path], *, device="cpu", batch
     rows = []
     for i in range(0, len(files), group):                       # `group` files share batches
         wavs = [load_audio(f, model.config.sample_rate) for f in files[i: i + group]]
-        rows += [pool(z) for z in embed_long(model, wavs, chunk=chunk_samples(model.config),
-                                             target=target, batch=batch, device=device)]
+        rows += [pool(z) for z in embed_long(model, wavs, target=target, batch=batch,
+                                             device=device)]
     return torch.stack(rows).float()
 
 
@@ -3192,8 +3190,7 @@ def embed_audio_files(model: StemJEPA, files: list[Path], *, keep=pool, device="
             except StemJEPAError as e:
                 skipped.append(str(e))
                 log(f"skipped {e}")
-        zs = embed_long(model, [x for _, x in loaded], chunk=chunk_samples(model.config),
-                        batch=batch, device=device)
+        zs = embed_long(model, [x for _, x in loaded], batch=batch, device=device)
         results.update((f, keep(z)) for (f, _), z in zip(loaded, zs))
         done += sum(seconds[f] for f in order[i: i + group])
         n = min(i + group, len(order))
@@ -3314,7 +3311,7 @@ def _hear_patches(audio: torch.Tensor, model: HEARModel, batch: int) -> list[tor
         raise StemJEPAError(f"HEAR audio is (n_sounds, n_samples); got shape {tuple(audio.shape)}")
     jepa = model.model
     return embed_long(jepa, list(audio.detach().float().cpu().numpy()), batch=batch,
-                      chunk=chunk_samples(jepa.config), device=next(jepa.parameters()).device)
+                      device=next(jepa.parameters()).device)
 
 
 @torch.no_grad()
@@ -3486,7 +3483,7 @@ def bench(*, preset="paper", batch_size=2, device=None, compile=False, steps=5, 
 
     # evaluation: seconds of audio embedded per second by the target encoder
     audio = np.random.default_rng(0).normal(0, 0.1, 4 * 60 * cfg.sample_rate).astype(np.float32)
-    seconds = _timed(lambda: embed_long(model, [audio], chunk=n, batch=16, device=device), device)
+    seconds = _timed(lambda: embed_long(model, [audio], batch=16, device=device), device)
     r["eval_audio_s_per_s"] = len(audio) / cfg.sample_rate / seconds
 
     # the data pipeline: one loader worker, from a warm cache

@@ -2838,7 +2838,8 @@ def test_retrieve_cli_ranks_the_true_bass_first_and_reuses_the_library_cache(tra
     assert again == results[:1]
 
 
-def local_features(model, wavs, *, chunk, instruments=None, target=True, batch=16, device="cpu"):
+def local_features(model, wavs, *, instruments=None, target=True, chunk=None, batch=16,
+                   device="cpu"):
     """A stand-in for embed_long whose embeddings depend on the local audio only: one (1, T, 64)
     sequence per waveform, row t the log band energies of samples [2560 t, 2560 (t + 1))."""
     out = []
