@@ -2480,11 +2480,6 @@ def labels_at(segments: list[tuple[float, float, str]], times) -> list:
     return [segments[i][2] if i >= 0 and t < segments[i][1] else None for i, t in zip(idx, times)]
 
 
-def label_at(segments: list[tuple[float, float, str]], t: float):
-    """The label at time t (seconds), or None."""
-    return labels_at(segments, [t])[0]
-
-
 def _split_root(label: str) -> tuple[str, str]:
     """'Bb:min7' -> ('Bb', ':min7'), 'Ebm' -> ('Eb', 'm'): the letter and its accidentals first."""
     end = 1 + len(label[1:]) - len(label[1:].lstrip("#b"))

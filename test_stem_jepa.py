@@ -2457,7 +2457,7 @@ def test_shuffled_labels_permute_within_groups_and_keep_gaps():
 
 def test_lab_files_parse_and_normalise(tmp_path):
     """parse_lab keeps 'Key E' whole; N -> no chord, C:min7 -> Cm, A/3 -> A, Silence -> no key;
-    label_at finds the segment sounding at t and None in a gap."""
+    labels_at finds the segment sounding at each time and None in a gap."""
     (tmp_path / "song.chords.lab").write_text(
         "0.000 2.500 N\n2.500 5.000 C:min7\n\n5.0\t7.5\tA/3\n")
     (tmp_path / "song.keys.lab").write_text("0.000\t0.394\tSilence\n0.394\t150.0\tKey\tE\n")
@@ -2469,7 +2469,7 @@ def test_lab_files_parse_and_normalise(tmp_path):
     assert [sj.normalise_key(k) for _, _, k in keys] == [None, "E"]
     assert sj.normalise_key("Key C#:minor") == "C#m" and sj.normalise_key("Bb:min") == "Bbm"
     assert sj.normalise_chord("C:dim") == "Co" and sj.normalise_chord("Db:7") == "C#"
-    assert sj.label_at(chords, 3.0) == "C:min7" and sj.label_at(chords, 9.0) is None
+    assert sj.labels_at(chords, [3.0, 9.0]) == ["C:min7", None]
     assert sj.patch_labels(keys, chords, patches=3, patch_s=2.0) == [None, "E/Cm", "E/A"]
     index = sj.lab_index(tmp_path)
     assert index == {"song": {"keys": tmp_path / "song.keys.lab",
