@@ -3378,8 +3378,7 @@ def train_flops_per_sample(cfg: Config) -> float:
 
 def obvious_step(cfg: Config, device, context, target, instrument):
     """`bench --baseline`'s yardstick, the same step built the obvious way (a no-argument function):
-    nn.TransformerEncoder, learned positions, EMA by mul_ and add_, mel rebuilt, .item() each
-    step."""
+    nn.TransformerEncoder, learned positions, EMA by mul_, add_, mel rebuilt, .item() each step."""
     D = cfg.dim
     frames = chunk_samples(cfg) // cfg.hop_length
     tokens = (cfg.n_mels // cfg.patch_size) * (frames // cfg.patch_size)
