@@ -662,7 +662,7 @@ class StepBatches(torch.utils.data.Sampler):
 def _write_atomic(path: Path, write, *, keep_previous: bool = False) -> None:
     """write(tmp) then rename: never half a file; keep_previous keeps the old as *.prev<suffix>."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)     # the suffix last: np.save keeps it
     write(tmp)
     if keep_previous and path.exists():
         os.replace(path, path.with_name(path.stem + ".prev" + path.suffix))
@@ -907,11 +907,6 @@ def load_stem(sources: list[tuple], sample_rate: int) -> np.ndarray:
     return out
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as f:                 # a file object: np.save would append ".npy"
-        np.save(f, array)
-
-
 def _whole_npy(path: Path, shape: tuple) -> bool:
     """Whether a cached array is whole: a readable header, the shape its metadata records and
     exactly the bytes they take (a full disk or an interrupted copy leaves the file short)."""
@@ -1031,7 +1026,7 @@ def prepare(root, split: str = "train", *, cache=None, sample_rate=16000, chunk_
                                   threshold=threshold)
             audio = meta.pop("audio", None)
             if audio is not None:
-                _write_atomic(npy_path, lambda p: _save_npy(p, audio.astype(np.float16)))
+                _write_atomic(npy_path, lambda p: np.save(p, audio.astype(np.float16)))
             meta.update(signature=signature, chunk=chunk)
             _write_atomic(meta_path, lambda p: p.write_text(json.dumps(meta)))
             decoded += 1
