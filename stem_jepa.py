@@ -22,9 +22,6 @@ Commands (each has --help):
     python stem_jepa.py analyze align|clusters ...; python stem_jepa.py probe ...
     python stem_jepa.py bench
 
-From Python, any length: StemJEPA.encode_long, predict_long, embed, score; the HEAR API:
-load_model, get_scene_embeddings, get_timestamp_embeddings.
-
 Part one, the method, top to bottom (paper -> code); every name it uses is defined above:
     configuration                             Config, PRESETS, make_config, chunk_samples
     3.3 front-end (log-mel, 16x16 patches)    LogMel, ViT.patch_embed
@@ -42,14 +39,15 @@ Part one, the method, top to bottom (paper -> code); every name it uses is defin
     3.3 the training loop                     train
     4.1 retrieval metrics                     embed_long, retrieval_metrics
 Part two, around it:
-    a trained model, any length               StemJEPA.from_checkpoint, encode_long, embed,
-                                              score; open_trained, save_weights
+    a trained model, any length               StemJEPA.from_checkpoint, encode_long, predict_long,
+                                              embed, score; open_trained, save_weights
     toy multitracks                           make_toy_song, write_toy_dataset
     4.1 Table 1, Fig. 2; 4.2 listening test   evaluate, failure_analysis, write_listening_test
     4.3 alignment, Eq. 3, Fig. 4              shift_similarity, alignment_curves, best_offset
     4.4 musical plausibility, Fig. 5          kmeans, cooccurrence, analyze_clusters
     4.5 downstream probes, Table 3            global_embeddings, train_probe, key_score, probe
-    using a trained model                     retrieve, score, embed_files, HEARModel
+    using a trained model; the HEAR API       retrieve, score, embed_files; load_model,
+                                              get_scene_embeddings, get_timestamp_embeddings
     performance                               bench, train_flops_per_sample
     command line                              main
 
