@@ -619,8 +619,7 @@ class StemChunks(torch.utils.data.Dataset):
         self.tries = tries
         self.seed = seed
         self.instrument_ids = [[instruments.index(s) for s in t["stems"]] for t in tracks]
-        # track -> memory map, per process
-        self._open = {}
+        self._open = {}                         # track -> memory map, per process
 
     def __getitem__(self, index: int):
         rng = np.random.default_rng([self.seed, index])
@@ -1706,10 +1705,9 @@ def which_song_and_instrument(queries, refs, track, instrument) -> dict:
 # ---------------------------------------------------------------------------------------------
 # A trained model: StemJEPA.from_checkpoint, and the model on recordings of any length
 # ---------------------------------------------------------------------------------------------
-# StemJEPA's methods beyond Fig. 1, written as functions of the model and set on the class at the
-# end of this section: StemJEPA.from_checkpoint(path), model.encode_long(wav), model.score(...).
-# Any length: chunk, encode, concatenate (`embed_long`, as the evaluation does). They take one
-# mono waveform (N,) at config.sample_rate, numpy or torch, and return CPU tensors.
+# StemJEPA's methods beyond Fig. 1, functions of the model set on the class at the end of this
+# section. Any length: chunk, encode, concatenate (`embed_long`, as the evaluation does); they take
+# one mono waveform (N,) at config.sample_rate, numpy or torch, and return CPU tensors.
 
 def _from_checkpoint(cls, path, map_location="cpu") -> StemJEPA:
     """A trained model from a checkpoint written by `train`, in eval mode."""
