@@ -2060,7 +2060,6 @@ class RetrievalEmbeddings:
     refs_context: torch.Tensor | None = None    # (R, C)
 
 
-@torch.no_grad()
 def retrieval_embeddings(model: StemJEPA, tracks: list[dict], *, device="cpu", batch=16,
                          log=print, verbose=True) -> RetrievalEmbeddings:
     """Per prepared track n and known stem s: the query q_s^(n) (the predictor on s over the mix
@@ -2350,7 +2349,6 @@ def stem_sequences(model: StemJEPA, x: np.ndarray, stems: list[str], *, device, 
     return [(stems[i], frames(zi), frames(qi)) for i, zi, qi in zip(known, z, q)]
 
 
-@torch.no_grad()
 def alignment_curves(model: StemJEPA, tracks: list[dict], *, max_shift: int, device="cpu",
                      batch=16, log=print, verbose=True) -> dict:
     """Fig. 4: Eq. 3 per prepared track over circular shifts j = -J..J patches (J <= (T - 1) // 2 of
@@ -2577,7 +2575,6 @@ def mix_sources(*, data=None, audio=None, split="test", cache=None, cfg: Config,
              lambda t=t: np.load(t["npy"]).astype(np.float32).sum(0)) for t in prepared]
 
 
-@torch.no_grad()
 def labelled_patches(model: StemJEPA, sources: list[tuple], *, device="cpu", batch=16):
     """4.4: "We utilize key and chord annotations [...] to label all patch embeddings." sources
     (name, load, keys, chords) -> x (P, C), the target encoder's unit vector per 160 ms patch of
@@ -2910,7 +2907,6 @@ def encode_targets(labels: list[list[str]], classes: list[str], *, task: str) ->
     return torch.tensor(multi_hot).view(len(labels), len(classes))
 
 
-@torch.no_grad()
 def global_embeddings(model: StemJEPA, files: list[Path], *, device="cpu", batch=16, group=8,
                       target=False) -> torch.Tensor:
     """4.5.1: "Each audio sample is processed by the frozen encoder, and its patch-wise outputs are
@@ -3201,7 +3197,6 @@ def _instrument_option(model: StemJEPA, instrument) -> int:
     return model.instrument_id(instrument)
 
 
-@torch.no_grad()
 def retrieve(checkpoint, mix, library, instrument: str, *, top=10, device=None, batch=16,
              log=print, verbose=True) -> list[dict]:
     """Rank a library's readable audio files by fit to `mix` as `instrument` (4.1: L2 of pooled
@@ -3237,7 +3232,6 @@ def retrieve(checkpoint, mix, library, instrument: str, *, top=10, device=None, 
     return results
 
 
-@torch.no_grad()
 def score(checkpoint, mix, stem, instrument: str, *, device=None, batch=16) -> dict:
     """StemJEPA.score for two audio files: how well `stem` fits `mix` as `instrument`, and where."""
     model, _, _ = open_trained(checkpoint, device)
@@ -3247,7 +3241,6 @@ def score(checkpoint, mix, stem, instrument: str, *, device=None, batch=16) -> d
             **model.score(load_audio(mix, sr), load_audio(stem, sr), instrument, batch=batch)}
 
 
-@torch.no_grad()
 def embed_files(checkpoint, audio, out, *, sequences=False, device=None, batch=16,
                 log=print, verbose=True) -> np.ndarray:
     """Readable files' pooled 3840-d target embeddings (4.1's references; 4.5 probes the context
@@ -3300,7 +3293,6 @@ def _hear_patches(audio: torch.Tensor, model: HEARModel, batch: int) -> list[tor
                       device=next(jepa.parameters()).device)
 
 
-@torch.no_grad()
 def get_timestamp_embeddings(audio: torch.Tensor, model: HEARModel,
                              batch: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """HEAR: audio (n, N) at model.sample_rate -> target `frames` (n, T, F*D) and their centres
@@ -3311,7 +3303,6 @@ def get_timestamp_embeddings(audio: torch.Tensor, model: HEARModel,
     return emb.to(audio.device), ts.contiguous().to(audio.device)
 
 
-@torch.no_grad()
 def get_scene_embeddings(audio: torch.Tensor, model: HEARModel, batch: int = 16) -> torch.Tensor:
     """HEAR: audio (n, N) -> `pool` of each sound's target embeddings (n, F*D), as in 4.5."""
     return torch.stack([pool(z) for z in _hear_patches(audio, model, batch)]).to(audio.device)
