@@ -102,8 +102,7 @@ CACHE_FORMAT = 2  # decoded-stem cache; 2: quiet stems are kept (the silence fil
 
 
 class StemJEPAError(Exception):
-    """A problem the user can fix (bad data, bad arguments). The CLI prints it without a
-    traceback."""
+    """A problem the user can fix (bad data, bad arguments): the CLI prints it, no traceback."""
 
 
 # =============================================================================================
@@ -294,8 +293,7 @@ class Block(nn.Module):
 
 
 def init_vit_weights(module: nn.Module) -> None:
-    """M2D/MAE initialisation: xavier-uniform Linear and (flattened) patch-conv weights, zero
-    biases."""
+    """M2D/MAE init: xavier-uniform Linear and (flattened) patch-conv weights, zero biases."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
@@ -979,10 +977,9 @@ def _training_exclusion(meta: dict, *, threshold: float, chunk: int, sample_rate
 def prepare(root, split: str = "train", *, cache=None, sample_rate=16000, chunk_seconds=8.0,
             threshold=0.1, training=True, layout=None, log=print, verbose=True) -> list[dict]:
     """Decode each track once into a cache, a float16 .npy of 16 kHz mono stems (memory-mapped in
-    training), reused while its files are unchanged and the array whole; all-zero stems and
-    unusable tracks are left out and reported. training=True adds the silence filter. "all": train/
-    and test/ (Table 1 ranks among all 150 tracks). Returns per track: name, stems (sorted), length
-    (samples), npy (path)."""
+    training), reused while its files are unchanged and the array whole; all-zero stems and unusable
+    tracks are left out and reported. training=True adds the silence filter. "all": train/ and test/
+    (Table 1 ranks among all 150 tracks). Per track: name, stems (sorted), length (samples), npy."""
     options = dict(cache=cache, sample_rate=sample_rate, chunk_seconds=chunk_seconds,
                    threshold=threshold, training=training, layout=layout, log=log, verbose=verbose)
     if split == "all" and any((Path(root) / s).is_dir() for s in ("train", "test")):
@@ -3412,11 +3409,10 @@ def obvious_step(cfg: Config, device, context, target, instrument):
 
 
 def bench(*, preset="paper", batch_size=2, device=None, compile=False, steps=5, data=None,
-          baseline=False, precision="auto", log=print, **overrides) -> dict:
+          baseline=False, precision="auto", **overrides) -> dict:
     """Peak matmul FLOP/s, the training step (samples/s, FLOP/s, MFU), one loader worker (chunks/s,
-    warm cache), evaluation speed, peak memory. precision: the step's, as for `train`
-    (`pick_precision`); MFU divides by the peak of its matmuls. overrides: Config fields, as for
-    `make_config`."""
+    warm cache), evaluation speed, peak memory. precision: the step's (`pick_precision`); MFU
+    divides by the peak of its matmuls. overrides: Config fields (`make_config`)."""
     import resource
     import tempfile
     device = pick_device(device)
@@ -3519,8 +3515,7 @@ def format_bench(r: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def _add_train_options(p, exclude=()):
-    """An option per Config field (--batch-size: batch_size), the preset's default, the field's
-    help (`option`)."""
+    """One option per Config field (--batch-size: batch_size) with the field's help (`option`)."""
     p.add_argument("--preset", choices=list(PRESETS), default="paper",
                    help="paper (GPU) or tiny (CPU, minutes)")
     for f in [f for f in dataclasses.fields(Config) if f.name not in exclude]:
