@@ -3042,11 +3042,12 @@ def key_score(estimate: str, reference: str) -> float:
     return 0.0
 
 
-def refined_accuracy(predicted, truth, classes: list[str]) -> float | None:
-    """The mean `key_score` of predicted class indices when every class is a key; else None."""
+def refined_accuracy(predicted, truth, classes: list[str]) -> dict:
+    """{"accuracy_refined": the predictions' mean `key_score`} if every class is a key, else {}."""
     if not classes or any(parse_key_label(c) is None for c in classes):
-        return None
-    return float(np.mean([key_score(classes[p], classes[t]) for p, t in zip(predicted, truth)]))
+        return {}
+    scores = [key_score(classes[p], classes[t]) for p, t in zip(predicted, truth)]
+    return {"accuracy_refined": float(np.mean(scores))}
 
 
 @torch.no_grad()
@@ -3056,9 +3057,8 @@ def probe_metrics(model: ProbeMLP, x: torch.Tensor, y: torch.Tensor, *, task: st
     the MIREX weighted score), or macro ROC-AUC and average precision over the tags."""
     logits = model(x.to(next(model.parameters()).device)).float().cpu()
     if task == "multiclass":
-        m = {"accuracy": (logits.argmax(1) == y).float().mean().item()}
-        refined = refined_accuracy(logits.argmax(1).tolist(), y.tolist(), classes)
-        return m if refined is None else {**m, "accuracy_refined": refined}
+        return {"accuracy": (logits.argmax(1) == y).float().mean().item(),
+                **refined_accuracy(logits.argmax(1).tolist(), y.tolist(), classes)}
     auc, scored = macro(roc_auc, logits, y)
     ap, _ = macro(average_precision, logits, y)
     return {"roc_auc": auc, "average_precision": ap, "classes_scored": scored}
@@ -3070,9 +3070,8 @@ def chance_probe_metrics(y_train: torch.Tensor, y_test: torch.Tensor, *, task: s
     key task); for tagging, ROC-AUC 0.5 and, as AP, each tag's share of positives (chance AP)."""
     if task == "multiclass":
         majority = torch.bincount(y_train).argmax()
-        m = {"accuracy": (y_test == majority).float().mean().item()}
-        refined = refined_accuracy([int(majority)] * len(y_test), y_test.tolist(), classes)
-        return m if refined is None else {**m, "accuracy_refined": refined}
+        return {"accuracy": (y_test == majority).float().mean().item(),
+                **refined_accuracy([int(majority)] * len(y_test), y_test.tolist(), classes)}
     ap, scored = macro(lambda _, targets: targets.mean().item(), y_test, y_test)
     return {"roc_auc": 0.5, "average_precision": ap, "classes_scored": scored}
 
