@@ -3264,13 +3264,31 @@ def test_cli_help_lists_the_options(command, options):
         assert option in result.stdout, option
 
 
+SHIPPED = HERE / "models" / "stem-jepa-tiny-toy.pt"
+
+
+def test_shipped_model_is_what_the_readme_command_makes():
+    """models/stem-jepa-tiny-toy.pt loads in one line as the tiny preset with the README's options
+    (6000 steps, log every 100, checkpoint every 500) on MUSDB18's four instruments, in float16
+    within 10 MB; its log.csv has the module's columns and ends at the checkpoint's step."""
+    model = sj.StemJEPA.from_checkpoint(SHIPPED)
+    assert model.config == sj.make_config("tiny", steps=6000, log_every=100, ckpt_every=500)
+    assert model.instruments == list(TOY_STEMS)
+    assert SHIPPED.stat().st_size < 10_000_000
+    weights = torch.load(SHIPPED, weights_only=True)["model"]
+    assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float16}
+    rows = list(csv.DictReader(open(SHIPPED.with_suffix(".log.csv"))))
+    assert ",".join(rows[0]) == sj.LOG_COLUMNS
+    assert int(rows[-1]["step"]) == torch.load(SHIPPED, weights_only=True)["step"] == 6000
+
+
 TUTORIAL = HERE / "tutorial.ipynb"
 
 
-def test_committed_tutorial_shows_every_result_and_stays_under_1_5_mb():
+def test_committed_tutorial_shows_every_result_and_stays_under_2_mb():
     """The notebook is committed executed, so that a reader sees the results without running it:
     every code cell has outputs, none of them an error, the setting is the fast one, and the file
-    (figures and embedded audio included) stays under 1.5 MB."""
+    (figures and embedded audio included) stays under 2 MB."""
     nbformat = pytest.importorskip("nbformat")
     nb = nbformat.read(TUTORIAL, as_version=4)
     code = [(i, c) for i, c in enumerate(nb.cells) if c.cell_type == "code"]
@@ -3278,7 +3296,7 @@ def test_committed_tutorial_shows_every_result_and_stays_under_1_5_mb():
     assert 'SETTING = "fast"' in code[0][1].source
     assert [i for i, c in code if not c.outputs] == [], "code cells without outputs"
     assert [i for i, c in code if any(o.output_type == "error" for o in c.outputs)] == []
-    assert TUTORIAL.stat().st_size < 1_500_000
+    assert TUTORIAL.stat().st_size < 2_000_000
 
 
 @pytest.mark.slow
@@ -3301,7 +3319,7 @@ def test_tutorial_runs_top_to_bottom_in_the_fast_setting(tmp_path, monkeypatch):
     code = [(i, c) for i, c in enumerate(nb.cells) if c.cell_type == "code"]
     assert [i for i, c in code if not c.outputs] == [], "code cells without outputs"
     # it trained, not reused
-    assert (tmp_path / "tutorial_runs" / "mlp" / "checkpoint.pt").exists()
+    assert (tmp_path / "tutorial_runs" / "live" / "checkpoint.pt").exists()
 
 
 def test_module_and_tests_keep_to_100_columns():
