@@ -491,7 +491,7 @@ def test_song_contrast_loss_equals_infonce_among_the_same_instrument_by_hand():
 # ---------------------------------------------------------------------------------------------
 
 def test_ema_update_is_tau_target_plus_one_minus_tau_online():
-    """ema_update: tau = 1 keeps the target, tau = 0 copies the online weights, and any tau gives
+    """Eq. 2, ema_update: tau = 1 keeps the target, tau = 0 copies the online weights, any tau gives
     tau * target + (1 - tau) * online, for every tensor."""
     torch.manual_seed(0)
     online = [torch.randn(3, 4), torch.randn(5)]
@@ -510,7 +510,7 @@ def test_ema_update_is_tau_target_plus_one_minus_tau_online():
 
 
 def test_tau_schedule_is_linear_from_tau0_to_tauT():
-    """tau_at(0) = tau_0, tau_at(T) = tau_T, linear in between, and it stays at tau_T after T."""
+    """Eq. 2's tau_i: tau_at(0) = tau_0, tau_at(T) = tau_T, linear in between, tau_T after T."""
     assert sj.tau_at(0, 1000, 0.99995, 0.99999) == 0.99995
     assert sj.tau_at(1000, 1000, 0.99995, 0.99999) == pytest.approx(0.99999, abs=1e-15)
     assert sj.tau_at(250, 1000, 0.996, 1.0) == pytest.approx(0.996 + 0.25 * 0.004, abs=1e-15)
@@ -518,7 +518,7 @@ def test_tau_schedule_is_linear_from_tau0_to_tauT():
 
 
 def test_lr_schedule_warms_up_linearly_then_anneals_to_zero():
-    """lr rises linearly to the peak at the end of warmup, then follows a half cosine reaching 0
+    """3.3: lr rises linearly to the peak at the end of warmup, then a half cosine reaching 0
     at the last step."""
     peak, warmup, total = 1e-3, 10, 110
     lr = [sj.lr_at(s, peak_lr=peak, warmup_steps=warmup,
@@ -547,7 +547,7 @@ def test_lr_schedule_with_a_floor_anneals_to_the_floor():
 # ---------------------------------------------------------------------------------------------
 
 def test_choose_stems_draws_an_active_target_and_a_disjoint_active_context():
-    """Over 5000 draws: the target is active; the context is a non-empty set of active stems
+    """3.2, over 5000 draws: the target is active; the context is a non-empty set of active stems
     without the target; all context sizes 1..|A|-1 occur; every active stem is sometimes the
     target, about equally often. Active means peak > threshold (strictly)."""
     rng = np.random.default_rng(0)
@@ -1458,8 +1458,8 @@ def naive_pool(z: torch.Tensor) -> np.ndarray:
 
 
 def test_pool_equals_the_naive_computation():
-    """pool (F, T, D) -> (F*D,) is time-average, frequency rows concatenated in order, layer norm
-    without affine, L2 normalisation, checked against loops. (The L2 normalisation cancels the
+    """4.1: pool (F, T, D) -> (F*D,) is time-average, frequency rows concatenated in order, layer
+    norm without affine, L2 normalisation, checked against loops. (The L2 normalisation cancels the
     variance and eps scale: what the check pins is the centring and the row order; rows with
     different offsets make a wrong order show.)"""
     g = torch.Generator().manual_seed(0)
