@@ -71,6 +71,7 @@ import csv
 import dataclasses
 import functools
 import hashlib
+import inspect
 import io
 import itertools
 import json
@@ -3559,22 +3560,26 @@ def _config_from(args) -> Config:
     return make_config(args.preset, **_config_overrides(args))
 
 
+def _keywords(args, fn) -> dict:
+    """The command line's values that fn takes, by name: a command's options are named as the
+    parameters of the function it calls (--max-shift-s: max_shift_s)."""
+    parameters = inspect.signature(fn).parameters
+    return {name: value for name, value in vars(args).items() if name in parameters}
+
+
 def cmd_toy(args):
-    write_toy_dataset(args.out, tracks=args.tracks, seconds=args.seconds, seed=args.seed)
+    write_toy_dataset(**_keywords(args, write_toy_dataset))
     print(f"wrote {args.tracks} toy songs of {args.seconds:g} s to {args.out}")
 
 
 def cmd_train(args):
-    run = train(_config_from(args), args.data, out=args.out, cache=args.cache, resume=args.resume,
-                force=args.force, device=args.device, compile=args.compile, workers=args.workers,
-                stop_at=args.stop_at, init_from=args.init_from, precision=args.precision,
-                layout=_layout_from(args))
+    run = train(_config_from(args), layout=_layout_from(args), **_keywords(args, train))
     if run.interrupted:
         sys.exit(128 + signal.Signals[run.interrupted].value)
 
 
 def cmd_export(args):
-    print(f"wrote {save_weights(args.checkpoint, args.out)}")
+    print(f"wrote {save_weights(**_keywords(args, save_weights))}")
 
 
 def cmd_demo(args):
@@ -3592,14 +3597,11 @@ def cmd_demo(args):
 
 
 def cmd_evaluate(args):
-    evaluate(args.checkpoint, args.data, split=args.split, out=args.out, cache=args.cache,
-             device=args.device, batch=args.batch, listening=args.listening, seed=args.seed,
-             layout=_layout_from(args))
+    evaluate(layout=_layout_from(args), **_keywords(args, evaluate))
 
 
 def cmd_retrieve(args):
-    results = retrieve(args.checkpoint, args.mix, args.library, args.instrument, top=args.top,
-                       device=args.device, batch=args.batch, log=_quiet if args.json else print)
+    results = retrieve(log=_quiet if args.json else print, **_keywords(args, retrieve))
     if args.json:
         print(json.dumps(results, indent=1))
         return
@@ -3609,7 +3611,7 @@ def cmd_retrieve(args):
 
 
 def cmd_score(args):
-    r = score(args.checkpoint, args.mix, args.stem, args.instrument, device=args.device)
+    r = score(**_keywords(args, score))
     if args.json:
         print(json.dumps(r, indent=1))
         return
@@ -3619,34 +3621,22 @@ def cmd_score(args):
 
 
 def cmd_embed(args):
-    embed_files(args.checkpoint, args.audio, args.out, sequences=args.sequences, device=args.device,
-                batch=args.batch)
+    embed_files(**_keywords(args, embed_files))
 
 
 def cmd_analyze(args):
-    common = {k: getattr(args, k) for k in ("split", "out", "cache", "device", "batch")}
-    common["layout"] = _layout_from(args)
-    if args.analysis == "align":
-        analyze_alignment(args.checkpoint, args.data, tracks=args.tracks,
-                          max_shift_s=args.max_shift_s, **common)
-    else:
-        analyze_clusters(args.checkpoint, data=args.data, audio=args.audio, labels=args.labels,
-                         k=args.k, iters=args.iters, top=args.top, shuffles=args.shuffles,
-                         seed=args.seed, **common)
+    analyze = analyze_alignment if args.analysis == "align" else analyze_clusters
+    analyze(layout=_layout_from(args), **_keywords(args, analyze))
 
 
 def cmd_probe(args):
-    probe(args.checkpoint, args.labels, audio=args.audio, task=args.task, encoder=args.encoder,
-          out=args.out, device=args.device, batch=args.batch, epochs=args.epochs, lr=args.lr,
-          patience=args.patience, seed=args.seed)
+    probe(**_keywords(args, probe))
 
 
 def cmd_bench(args):
     overrides = {k: v for k, v in _config_overrides(args).items()
                  if k not in ("steps", "batch_size")}   # bench's --steps: the timed steps
-    r = bench(preset=args.preset, batch_size=args.batch_size, device=args.device, steps=args.steps,
-              compile=args.compile, data=args.data, baseline=args.baseline,
-              precision=args.precision, **overrides)
+    r = bench(**_keywords(args, bench), **overrides)
     print(format_bench(r))
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=1))
