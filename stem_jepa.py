@@ -1861,8 +1861,7 @@ def _room(x: np.ndarray, sr: int, *, cutoff: float, decay: float, wet: float, rn
 
 
 # Functional harmony on scale degrees (0 = I, 4 = V): the degrees that may follow each one.
-NEXT_DEGREE = {0: [3, 4, 5, 1], 1: [4, 6], 2: [5, 3], 3: [4, 0, 1], 4: [0, 5], 5: [3, 1],
-               6: [0]}
+NEXT_DEGREE = {0: [3, 4, 5, 1], 1: [4, 6], 2: [5, 3], 3: [4, 0, 1], 4: [0, 5], 5: [3, 1], 6: [0]}
 
 
 def _voicing(previous: list[int], pitch_classes: list[int], low=55, high=74) -> list[int]:
@@ -1913,6 +1912,9 @@ def make_toy_song(rng: np.random.Generator, *, seconds=30.0, sample_rate=16000):
         if i < n:
             out[stem][i: i + len(wave)] += wave[: len(out[stem]) - i]
 
+    def note(stem, start, midi, length, **envelope):    # a tone in the stem's timbre
+        add(stem, start, _tone(_midi_hz(midi), length, sr, timbre[stem], **envelope))
+
     def lengths(onsets):                        # each note lasts until the next onset in the bar
         return [(b - a) * sixteenth for a, b in zip(onsets, onsets[1:] + [16])]
 
@@ -1928,9 +1930,7 @@ def make_toy_song(rng: np.random.Generator, *, seconds=30.0, sample_rate=16000):
                        f"{NOTE_NAMES[triad[0]]}:{quality}"])
         for step, length in zip(kicks, lengths(kicks)):
             fifth = 7 if step >= 8 and rng.random() < 0.3 else 0
-            add("bass", t0 + step * sixteenth,
-                _tone(_midi_hz(36 + triad[0] + fifth), 0.9 * length, sr, timbre["bass"],
-                      decay=0.4))
+            note("bass", t0 + step * sixteenth, 36 + triad[0] + fifth, 0.9 * length, decay=0.4)
         for step in range(16):
             t = t0 + step * sixteenth
             if step in kicks:
@@ -1942,26 +1942,21 @@ def make_toy_song(rng: np.random.Generator, *, seconds=30.0, sample_rate=16000):
         voicing = _voicing(voicing, triad)
         if comping == "pad":
             for m in voicing:
-                add("other", t0, _tone(_midi_hz(m), bar, sr, timbre["other"], attack=0.05,
-                                       decay=2.0))
+                note("other", t0, m, bar, attack=0.05, decay=2.0)
         elif comping == "stabs":
             for step, length in zip(stabs, lengths(stabs)):
                 for m in voicing:
-                    add("other", t0 + step * sixteenth,
-                        _tone(_midi_hz(m), 0.8 * length, sr, timbre["other"], decay=0.3))
+                    note("other", t0 + step * sixteenth, m, 0.8 * length, decay=0.3)
         else:
             for k in range(8):
-                add("other", t0 + k * 2 * sixteenth,
-                    _tone(_midi_hz(voicing[k % 3]), 2 * sixteenth, sr, timbre["other"],
-                          decay=0.4))
+                note("other", t0 + k * 2 * sixteenth, voicing[k % 3], 2 * sixteenth, decay=0.4)
         for step, length in zip(lead_rhythm, lengths(lead_rhythm)):     # a walk on the scale,
             allowed = set(triad) if step % 4 == 0 else {int(m) % 12 for m in scale}   # chord
             candidates = [m for m in range(pitch - 4, pitch + 5)          # tones on the beats
                           if m % 12 in allowed and 60 <= m <= 79]
             pitch = int(rng.choice(candidates))
-            add("vocals", t0 + step * sixteenth,
-                _tone(_midi_hz(pitch), 0.95 * length, sr, timbre["vocals"], attack=0.03,
-                      decay=1.0, vibrato=0.012))
+            note("vocals", t0 + step * sixteenth, pitch, 0.95 * length, attack=0.03, decay=1.0,
+                 vibrato=0.012)
     sections = []
     section = 4 * bar
     for s0 in np.arange(0, seconds, section):
