@@ -2951,9 +2951,7 @@ def train_probe(x_train, y_train, x_valid, y_valid, *, task: str, n_classes=None
     x_valid, y_valid = x_valid.to(device), y_valid.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     order = torch.Generator().manual_seed(seed)
-    best = math.inf
-    best_state = copy.deepcopy(model.state_dict())
-    best_epoch = -1
+    best, best_state, best_epoch = math.inf, copy.deepcopy(model.state_dict()), -1
     for epoch in range(epochs):
         model.train()
         for idx in torch.randperm(len(x_train), generator=order).split(batch):
@@ -2965,9 +2963,7 @@ def train_probe(x_train, y_train, x_valid, y_valid, *, task: str, n_classes=None
         with torch.no_grad():
             valid = probe_loss(model(x_valid), y_valid, task=task).item()
         if valid < best:
-            best = valid
-            best_state = copy.deepcopy(model.state_dict())
-            best_epoch = epoch
+            best, best_state, best_epoch = valid, copy.deepcopy(model.state_dict()), epoch
         elif epoch - best_epoch >= patience:
             break
     model.load_state_dict(best_state)
