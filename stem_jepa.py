@@ -2100,10 +2100,8 @@ def dsp_embeddings(tracks: list[dict], instruments: list[str],
 def _cached_retrieval_embeddings(model: StemJEPA, checkpoint, tracks: list[dict], *, device,
                                  batch, log, verbose) -> RetrievalEmbeddings:
     """`retrieval_embeddings`, cached beside the decoded stems while checkpoint and stems hold."""
-    folder = Path(tracks[0]["npy"]).parent.parent / "embeddings"
-    folder.mkdir(exist_ok=True)
     key = _cache_key(_file_id(Path(checkpoint).resolve()), [_file_id(t["npy"]) for t in tracks])
-    path = folder / f"{key}.pt"
+    path = Path(tracks[0]["npy"]).parent.parent / "embeddings" / f"{key}.pt"
     if path.exists():
         if verbose:
             log(f"embeddings from {path}")
@@ -2111,6 +2109,7 @@ def _cached_retrieval_embeddings(model: StemJEPA, checkpoint, tracks: list[dict]
     if verbose:
         log(f"embedding {len(tracks)} tracks with {checkpoint}")
     emb = retrieval_embeddings(model, tracks, device=device, batch=batch, log=log, verbose=verbose)
+    path.parent.mkdir(exist_ok=True)
     _write_atomic(path, lambda p: torch.save(dataclasses.asdict(emb), p))
     return emb
 
@@ -2126,12 +2125,11 @@ def evaluate(checkpoint, data, *, split="test", out=None, cache=None, device=Non
     cfg = model.config
     out = Path(out or Path(checkpoint).parent / f"eval-{split}")
     out.mkdir(parents=True, exist_ok=True)
-    emb = _cached_retrieval_embeddings(model, checkpoint, tracks, device=device, batch=batch,
-                                       log=log, verbose=verbose)
+    options = dict(device=device, batch=batch, log=log, verbose=verbose)
+    emb = _cached_retrieval_embeddings(model, checkpoint, tracks, **options)
     if verbose:
         log("embedding with random weights")
-    rand = retrieval_embeddings(random_twin(model, seed), tracks, device=device, batch=batch,
-                                log=log, verbose=verbose)
+    rand = retrieval_embeddings(random_twin(model, seed), tracks, **options)
     dsp = dsp_embeddings(tracks, model.instruments, cfg.sample_rate)
     truth = torch.arange(len(emb.queries))                           # query i's stem is reference i
     rows = {"Stem-JEPA, target-encoder refs": (emb.queries, emb.refs_target),
@@ -2222,8 +2220,7 @@ def write_listening_test(tracks, emb, instruments, out, *, trials, sample_rate, 
     out = Path(out)
     (out / "trials").mkdir(parents=True, exist_ok=True)
     d = torch.cdist(emb.queries.double(), emb.refs_target.double())
-    n_ex = int(excerpt_s * sample_rate)
-    n_crop = int(crop_s * sample_rate)
+    n_ex, n_crop = int(excerpt_s * sample_rate), int(crop_s * sample_rate)    # samples
     key_rows = []
 
     def busiest_start(y):                       # the excerpt with the most active 0.1 s blocks
