@@ -66,6 +66,7 @@ text, the docstring says so ([code] in Config).
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import csv
 import dataclasses
@@ -2384,8 +2385,7 @@ def alignment_curves(model: StemJEPA, tracks: list[dict], *, max_shift: int, dev
 def analyze_alignment(checkpoint, data, *, split="test", tracks=None, max_shift_s=10.0, out=None,
                       cache=None, device=None, batch=16, layout=None, log=print,
                       verbose=True) -> dict:
-    """4.3 on a split: OUT/align.json and OUT/fig4.png; tracks: the first K only (the paper: 8).
-    layout: `find_tracks`'s options."""
+    """4.3 on a split: OUT/align.json and OUT/fig4.png; tracks: the first K only (the paper: 8)."""
     model, device, prepared = open_trained(checkpoint, device, data, split=split, cache=cache,
                                            layout=layout, log=log, verbose=verbose)
     prepared = prepared[:tracks]
@@ -2552,8 +2552,7 @@ def track_annotations(name: str, folder, index=None):
 def mix_sources(*, data=None, audio=None, split="test", cache=None, cfg: Config, layout=None,
                 log=print, verbose=True) -> list[tuple]:
     """The full mixes, (name, folder of its labels.json, load() -> mono waveform): the files of
-    `audio` (named as their .lab files), or each track's stems summed (prepared as for training;
-    layout: `find_tracks`'s options)."""
+    `audio` (named as their .lab files), or each track's stems summed (prepared as for training)."""
     if audio:
         return [(f.stem, f.parent, lambda f=f: load_audio(f, cfg.sample_rate))
                 for f in audio_files(audio)]
@@ -2700,10 +2699,8 @@ def top_combinations(names: list[str], counts: torch.Tensor, labels: list, top: 
         key, chord = name.split("/")
         return pitch_class(key), key.endswith("m"), pitch_class(chord), _split_root(chord)[1]
 
-    freq = {}
-    for label in filter(None, labels):
-        freq[label] = freq.get(label, 0) + 1
-    chosen = sorted(sorted(freq, key=lambda n: -freq[n])[:top], key=order)
+    frequent = collections.Counter(filter(None, labels)).most_common(top)
+    chosen = sorted((name for name, _ in frequent), key=order)
     idx = torch.tensor([names.index(n) for n in chosen], dtype=torch.long)
     return chosen, counts[idx][:, idx]
 
@@ -2713,8 +2710,7 @@ def analyze_clusters(checkpoint, *, data=None, audio=None, split="test", labels=
                      seed=0, layout=None, log=print, verbose=True) -> dict:
     """4.4 and Fig. 5 -> OUT/clusters.json, OUT/fig5.png: patches of the annotated mixes labelled
     "key/chord" ("E/B": a B chord in E major), pairs counted within k-means clusters; the tonal
-    share beside shuffled labels and random weights (clusters of one song also raise it). layout:
-    `find_tracks`'s options, with data."""
+    share beside shuffled labels and random weights (clusters of one song also raise it)."""
     model, device, _ = open_trained(checkpoint, device)
     index = lab_index(labels) if labels else None
     sources = mix_sources(data=data, audio=audio, split=split, cache=cache, cfg=model.config,
@@ -2759,8 +2755,7 @@ def analyze_clusters(checkpoint, *, data=None, audio=None, split="test", labels=
         "definition": "counts[a][b]: ordered pairs of different patches in the same k-means "
                       "cluster, labelled a and b ('key/chord'), summed over clusters; tonal share: "
                       "fraction of those pairs where the root of b's chord is 0, 5 or 7 semitones "
-                      "above the tonic of a's key",
-    }
+                      "above the tonic of a's key"}
     _write_json(out / "clusters.json", result)
     plot_fig5(result, out / "fig5.png")
     log("tonal share of within-cluster pairs (chord root on the tonic, subdominant or dominant "
@@ -2781,8 +2776,7 @@ def plot_fig5(result: dict, path) -> None:
     fig = Figure(figsize=(11, 6))
     a, b = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
     names = result["top"]
-    m = np.array(result["matrix"], dtype=float)
-    a.imshow(np.log1p(m), cmap="viridis")
+    a.imshow(np.log1p(np.array(result["matrix"], dtype=float)), cmap="viridis")
     size = min(7.0, max(3.0, 320 / max(len(names), 1)))            # 80 labels fit, at 4 pt
     a.set_xticks(range(len(names)), names, rotation=90, fontsize=size)
     a.set_yticks(range(len(names)), names, fontsize=size)
