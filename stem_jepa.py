@@ -3139,8 +3139,7 @@ def embed_audio_files(model: StemJEPA, files: list[Path], *, keep=pool, device="
         except Exception:                       # unreadable: decoding below will say why
             seconds[f] = 0.0
     order = sorted(files, key=lambda f: seconds[f])
-    total = sum(seconds.values())
-    done = 0.0
+    total, done = sum(seconds.values()), 0.0                            # seconds of audio
     t0 = t_log = time.time()
     results, skipped = {}, []
     for i in range(0, len(order), group):
@@ -3323,8 +3322,7 @@ def train_flops_per_sample(cfg: Config) -> float:
     T = chunk_samples(cfg) // cfg.hop_length // cfg.patch_size        # time patches
     K = (cfg.n_mels // cfg.patch_size) * T                              # tokens
     D = cfg.dim
-    # linears + QK^T and AV
-    block = 2 * K * (4 * D * D + 2 * cfg.mlp_ratio * D * D) + 2 * 2 * K * K * D
+    block = 2 * K * (4 + 2 * cfg.mlp_ratio) * D * D + 4 * K * K * D   # linears; QK^T and AV
     encoder = cfg.depth * block + 2 * K * cfg.patch_size ** 2 * D
     if cfg.predictor == "transformer":
         W = cfg.pred_tf_dim
@@ -3407,7 +3405,6 @@ def bench(*, preset="paper", batch_size=2, device=None, compile=False, steps=5, 
     if precision != "fp32":
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         r[f"peak_{precision}_flops"] = matmul_peak(device, dtype)
-    peak = r[f"peak_{precision}_flops"]
 
     # the training step, front-end to EMA update, on random waveforms
     torch.manual_seed(0)
@@ -3420,17 +3417,16 @@ def bench(*, preset="paper", batch_size=2, device=None, compile=False, steps=5, 
     n = chunk_samples(cfg)
     context, target = (0.1 * torch.randn(batch_size, n, device=device) for _ in range(2))
     instrument = torch.arange(batch_size, device=device) % len(TOY_STEMS)
-    r["step_s"] = _median_time(lambda: training_step(model, optimizer, context, target, instrument,
-                                                     lr=1e-4, tau=0.999, grad_clip=cfg.grad_clip,
-                                                     loss_fn=loss_fn, precision=precision,
-                                                     scaler=scaler),
-                               device, warmup=3 if compile else 2, repeats=steps)
+    step = functools.partial(training_step, model, optimizer, context, target, instrument,
+                             lr=1e-4, tau=0.999, grad_clip=cfg.grad_clip, loss_fn=loss_fn,
+                             precision=precision, scaler=scaler)
+    r["step_s"] = _median_time(step, device, warmup=3 if compile else 2, repeats=steps)
     r["samples_per_s"] = batch_size / r["step_s"]
     r["flops_per_sample"] = train_flops_per_sample(cfg)
     r["achieved_flops"] = r["flops_per_sample"] * r["samples_per_s"]
-    r["mfu"] = r["achieved_flops"] / peak
+    r["mfu"] = r["achieved_flops"] / r[f"peak_{precision}_flops"]
     if baseline:
-        del optimizer                           # free its state before the baseline's
+        del optimizer, step                     # free its state before the baseline's
         step = obvious_step(cfg, device, context, target, instrument)
         r["baseline_samples_per_s"] = batch_size / _median_time(step, device, warmup=2,
                                                                 repeats=steps)
@@ -3448,8 +3444,7 @@ def bench(*, preset="paper", batch_size=2, device=None, compile=False, steps=5, 
                          **prepare_options(cfg))
         dataset = StemChunks(tracks, sorted({s for t in tracks for s in t["stems"]}), chunk=n,
                              threshold=cfg.active_threshold, tries=cfg.redraw_tries, seed=0)
-        batches = 40
-        per_batch = 32
+        batches, per_batch = 40, 32
         loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=StepBatches(start=0, steps=batches, batch=per_batch),
             num_workers=1, prefetch_factor=4)
