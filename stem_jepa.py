@@ -297,11 +297,8 @@ class Block(nn.Module):
 def init_vit_weights(module: nn.Module) -> None:
     """M2D/MAE init: xavier-uniform Linear and (flattened) patch-conv weights, zero biases."""
     for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Conv2d):
-            nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))    # conv: as (out, in)
             nn.init.zeros_(m.bias)
 
 
@@ -1727,8 +1724,7 @@ def _instrument_id(self: StemJEPA, instrument) -> int:
 
 
 def _embed_one(self: StemJEPA, wav, instrument=None, *, target=True, batch=16) -> torch.Tensor:
-    """One waveform (N,) -> (F, T, D) by `embed_long`: its encoding, or with `instrument` the
-    prediction for that instrument."""
+    """One waveform (N,) -> (F, T, D) by `embed_long`: encoded, or predicted for `instrument`."""
     x = np.asarray(wav.detach().cpu() if torch.is_tensor(wav) else wav, dtype=np.float32)
     if x.ndim != 1:
         raise StemJEPAError(f"expected one mono waveform (N,), got shape {tuple(x.shape)}")
