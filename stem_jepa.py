@@ -1814,10 +1814,6 @@ SCALES = {"maj": [0, 2, 4, 5, 7, 9, 11], "min": [0, 2, 3, 5, 7, 8, 10]}
 TOY_STEMS = ("bass", "drums", "other", "vocals")
 
 
-def _midi_hz(m):
-    return 440.0 * 2.0 ** ((m - 69) / 12)
-
-
 def _tone(freq, dur, sr, harmonics, *, attack=0.01, decay=0.5, vibrato=0.0):
     """Additive harmonics below Nyquist, attack/exponential decay, vibrato (depth at 5.5 Hz)."""
     t = np.arange(int(dur * sr)) / sr
@@ -1909,8 +1905,9 @@ def make_toy_song(rng: np.random.Generator, *, seconds=30.0, sample_rate=16000):
         if i < n:
             out[stem][i: i + len(wave)] += wave[: len(out[stem]) - i]
 
-    def note(stem, start, midi, length, **envelope):    # a tone in the stem's timbre
-        add(stem, start, _tone(_midi_hz(midi), length, sr, timbre[stem], **envelope))
+    def note(stem, start, midi, length, **envelope):    # a MIDI note in the stem's timbre
+        hz = 440.0 * 2.0 ** ((midi - 69) / 12)
+        add(stem, start, _tone(hz, length, sr, timbre[stem], **envelope))
 
     def lengths(onsets):                        # each note lasts until the next onset in the bar
         return [(b - a) * sixteenth for a, b in zip(onsets, onsets[1:] + [16])]
