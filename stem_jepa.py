@@ -3553,8 +3553,7 @@ def cmd_export(args):
 
 
 def cmd_demo(args):
-    data = Path(args.dir) / "toy"
-    out = Path(args.dir) / "run"
+    data, out = Path(args.dir) / "toy", Path(args.dir) / "run"
     if not (data / "train").is_dir():
         print(f"writing {args.tracks} toy songs to {data}")
         write_toy_dataset(data, tracks=args.tracks, seconds=30.0, seed=0)
