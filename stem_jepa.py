@@ -112,9 +112,7 @@ class StemJEPAError(Exception):
 # =============================================================================================
 
 
-# ---------------------------------------------------------------------------------------------
-# Configuration: the paper's values, and the numbers it leaves open read from the authors' code
-# ---------------------------------------------------------------------------------------------
+# Configuration: the paper's values, and the numbers it leaves open read from the authors' code ----
 
 def option(default, help: str):
     """A Config field with its help, which the command line shows (`train --help`)."""
@@ -212,9 +210,7 @@ def prepare_options(cfg: Config) -> dict:
                 threshold=cfg.active_threshold)
 
 
-# ---------------------------------------------------------------------------------------------
-# 3.3 Front-end: waveform -> normalised log-mel spectrogram
-# ---------------------------------------------------------------------------------------------
+# 3.3 Front-end: waveform -> normalised log-mel spectrogram ----------------------------------------
 
 class LogMel(nn.Module):
     """16 kHz mono waveforms (B, N) -> normalised log-mel spectrograms (B, M, L), L = N // hop.
@@ -244,9 +240,7 @@ class LogMel(nn.Module):
         return (torch.log(mel + self.eps) - self.mean) / self.std
 
 
-# ---------------------------------------------------------------------------------------------
-# 3.3 Encoder: ViT-Base over 16x16 patches, fixed 2D sin-cos positions, no CLS token
-# ---------------------------------------------------------------------------------------------
+# 3.3 Encoder: ViT-Base over 16x16 patches, fixed 2D sin-cos positions, no CLS token ---------------
 
 def sincos_1d(positions: torch.Tensor, dim: int) -> torch.Tensor:
     """Transformer sin-cos code of integer positions (P,) -> (P, dim): sines then cosines."""
@@ -336,9 +330,7 @@ class ViT(nn.Module):
         return self.norm(x).view(B, Fp, T, D)
 
 
-# ---------------------------------------------------------------------------------------------
-# 3.1 Predictor g_phi, conditioned on the label l of the missing stem
-# ---------------------------------------------------------------------------------------------
+# 3.1 Predictor g_phi, conditioned on the label l of the missing stem ------------------------------
 
 class MLPPredictor(nn.Module):
     """"Our predictor is a 6-layer MLP with ReLU activations and 1024 dimensions in each hidden
@@ -398,9 +390,7 @@ class TransformerPredictor(nn.Module):
         return self.out(self.norm(x[:, 1:])).view(B, Fp, T, -1)         # (B, F, T, D)
 
 
-# ---------------------------------------------------------------------------------------------
-# Eq. 1: normalised MSE between predictions and targets; 4.1: one vector per recording
-# ---------------------------------------------------------------------------------------------
+# Eq. 1: normalised MSE between predictions and targets; 4.1: one vector per recording -------------
 
 def unit_targets(target: torch.Tensor) -> torch.Tensor:
     """The targets as Eq. 1 compares them: each patch vector standardised over its D dims (the
@@ -425,9 +415,7 @@ def pool(z: torch.Tensor) -> torch.Tensor:
     return F.normalize(F.layer_norm(v, v.shape[-1:]), dim=-1)
 
 
-# ---------------------------------------------------------------------------------------------
-# Eq. 2: the target encoder is an EMA of the context encoder; 3.3: the schedules
-# ---------------------------------------------------------------------------------------------
+# Eq. 2: the target encoder is an EMA of the context encoder; 3.3: the schedules -------------------
 
 def tau_at(step: int, total_steps: int, tau_start: float, tau_end: float) -> float:
     """tau_i, "linearly interpolated between tau_0 and tau_T, T being the total number of steps"."""
@@ -453,9 +441,7 @@ def lr_at(step: int, *, peak_lr: float, warmup_steps: int, total_steps: int,
     return floor + 0.5 * (peak_lr - floor) * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-# ---------------------------------------------------------------------------------------------
-# Beyond the paper, off by default: a term added to Eq. 1 (StemJEPA.beyond_the_paper)
-# ---------------------------------------------------------------------------------------------
+# Beyond the paper, off by default: a term added to Eq. 1 (StemJEPA.beyond_the_paper) --------------
 
 def song_contrast_loss(pred: torch.Tensor, target: torch.Tensor, instrument: torch.Tensor, *,
                        temperature: float = 0.1) -> torch.Tensor:
@@ -474,9 +460,7 @@ def song_contrast_loss(pred: torch.Tensor, target: torch.Tensor, instrument: tor
     return F.cross_entropy(logits, torch.arange(len(q), device=q.device))
 
 
-# ---------------------------------------------------------------------------------------------
-# Fig. 1: front-end, context encoder, predictor and target encoder together
-# ---------------------------------------------------------------------------------------------
+# Fig. 1: front-end, context encoder, predictor and target encoder together ------------------------
 
 class StemJEPA(nn.Module):
     """Front-end, context encoder f_theta, predictor g_phi and EMA target encoder f_theta_bar
@@ -552,9 +536,7 @@ def build_model(cfg: Config, instruments: list[str]) -> StemJEPA:
                     song_temperature=cfg.song_temperature)
 
 
-# ---------------------------------------------------------------------------------------------
-# 3.2 Sampling context and target
-# ---------------------------------------------------------------------------------------------
+# 3.2 Sampling context and target ------------------------------------------------------------------
 
 def choose_stems(peaks: np.ndarray, rng: np.random.Generator, threshold: float):
     """Pick (target, context) from the stems' peak amplitudes in one chunk, or None if < 2 are
@@ -649,9 +631,7 @@ class StepBatches(torch.utils.data.Sampler):
         return max(self.steps - self.start, 0)
 
 
-# ---------------------------------------------------------------------------------------------
-# 3.4 Training data: multitrack folders -> a cache of 16 kHz stems
-# ---------------------------------------------------------------------------------------------
+# 3.4 Training data: multitrack folders -> a cache of 16 kHz stems ---------------------------------
 
 def _write_atomic(path: Path, write, *, keep_previous: bool = False) -> None:
     """write(tmp) then rename: never half a file; keep_previous keeps the old as *.prev<suffix>."""
@@ -1044,9 +1024,7 @@ def prepare(root, split: str = "train", *, cache=None, sample_rate=16000, chunk_
     return prepared
 
 
-# ---------------------------------------------------------------------------------------------
-# 3.3 Training: device and precision, then the step (Eq. 1, AdamW, Eq. 2)
-# ---------------------------------------------------------------------------------------------
+# 3.3 Training: device and precision, then the step (Eq. 1, AdamW, Eq. 2) --------------------------
 
 def pick_device(name: str | None = None) -> torch.device:
     """cuda -> mps -> cpu, or the one asked for (an error if it is not available)."""
@@ -1160,9 +1138,7 @@ def training_step(model: StemJEPA, optimizer, context, target, instrument, *, lr
     return total, applied
 
 
-# ---------------------------------------------------------------------------------------------
-# 3.3 Training: what the loop relies on: checkpoints, collapse measures, run lock, signals
-# ---------------------------------------------------------------------------------------------
+# 3.3 Training: what the loop relies on: checkpoints, collapse measures, run lock, signals ---------
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """Keep the previous checkpoint as *.prev.pt and write atomically (`_write_atomic`)."""
@@ -1384,9 +1360,7 @@ def _quiet(*args, **kwargs) -> None:
     """The log of processes other than rank 0."""
 
 
-# ---------------------------------------------------------------------------------------------
-# 3.3 Training: the loop
-# ---------------------------------------------------------------------------------------------
+# 3.3 Training: the loop ---------------------------------------------------------------------------
 
 class Trained(NamedTuple):
     """What `train` returns: the model, in eval mode, and why the run stopped before its last
@@ -1576,9 +1550,7 @@ def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, 
     return Trained(model.eval(), stop.reason)
 
 
-# ---------------------------------------------------------------------------------------------
-# 4.1 Stem retrieval: whole tracks -> pooled embeddings -> Recall@K and normalised rank
-# ---------------------------------------------------------------------------------------------
+# 4.1 Stem retrieval: whole tracks -> pooled embeddings -> Recall@K and normalised rank ------------
 
 @torch.no_grad()
 def embed_long(model: StemJEPA, wavs: list[np.ndarray], *, instruments=None, target=True,
@@ -1698,9 +1670,7 @@ def which_song_and_instrument(queries, refs, track, instrument) -> dict:
 # =============================================================================================
 
 
-# ---------------------------------------------------------------------------------------------
-# A trained model: StemJEPA.from_checkpoint, and the model on recordings of any length
-# ---------------------------------------------------------------------------------------------
+# A trained model: StemJEPA.from_checkpoint, and the model on recordings of any length -------------
 # StemJEPA's methods beyond Fig. 1, functions of the model set on the class at the end of this
 # section. Any length: chunk, encode, concatenate (`embed_long`, as the evaluation does); they take
 # one mono waveform (N,) at config.sample_rate, numpy or torch, and return CPU tensors.
@@ -1805,9 +1775,7 @@ def save_weights(checkpoint, out) -> Path:
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Toy multitracks: procedural songs whose stems share a key, a tempo and chords
-# ---------------------------------------------------------------------------------------------
+# Toy multitracks: procedural songs whose stems share a key, a tempo and chords --------------------
 
 NOTE_NAMES = ["C", "C#", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B"]
 SCALES = {"maj": [0, 2, 4, 5, 7, 9, 11], "min": [0, 2, 3, 5, 7, 8, 10]}
@@ -1987,9 +1955,7 @@ def write_toy_dataset(out, *, tracks=20, seconds=30.0, seed=0, sample_rate=16000
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# 4.1-4.2 Evaluation: Table 1, Fig. 2, comparison rows, listening test
-# ---------------------------------------------------------------------------------------------
+# 4.1-4.2 Evaluation: Table 1, Fig. 2, comparison rows, listening test -----------------------------
 
 def _write_json(path: Path, data) -> None:
     _write_atomic(path, lambda p: p.write_text(json.dumps(data, indent=1)))
@@ -2271,9 +2237,7 @@ def write_listening_test(tracks, emb, instruments, out, *, trials, sample_rate, 
     return {"trials": len(key_rows), "folder": str(out)}
 
 
-# ---------------------------------------------------------------------------------------------
-# 4.3 Stem alignment: target patches against shifted predictions (Eq. 3, Fig. 4)
-# ---------------------------------------------------------------------------------------------
+# 4.3 Stem alignment: target patches against shifted predictions (Eq. 3, Fig. 4) -------------------
 
 def frames(z: torch.Tensor) -> torch.Tensor:
     """(F, T, D) -> (T, F*D): one vector per time patch (160 ms), frequency rows concatenated."""
@@ -2422,9 +2386,7 @@ def plot_fig4(result: dict, path, *, chunk_seconds=None, max_tracks=8) -> None:
     fig.savefig(path, dpi=90)
 
 
-# ---------------------------------------------------------------------------------------------
-# 4.4 Musical plausibility: k-means on patch embeddings, key/chord co-occurrence (Fig. 5)
-# ---------------------------------------------------------------------------------------------
+# 4.4 Musical plausibility: k-means on patch embeddings, key/chord co-occurrence (Fig. 5) ----------
 
 def parse_lab(path) -> list[tuple[float, float, str]]:
     """A `.lab` file (Isophonics, MIREX) -> [(start, end, label)], seconds: `start end label` per
@@ -2784,9 +2746,7 @@ def plot_fig5(result: dict, path) -> None:
     fig.savefig(path, dpi=90)
 
 
-# ---------------------------------------------------------------------------------------------
-# 4.5 Downstream probes on frozen embeddings (Table 3)
-# ---------------------------------------------------------------------------------------------
+# 4.5 Downstream probes on frozen embeddings (Table 3) ---------------------------------------------
 
 def tempo_class(bpm: float) -> str:
     """Three equal tempo bins over the toy set's 80-160 BPM: slow, mid, fast."""
@@ -3103,9 +3063,7 @@ def format_probe_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------
-# Using a trained model: retrieve, score, embed, any length, the HEAR API
-# ---------------------------------------------------------------------------------------------
+# Using a trained model: retrieve, score, embed, any length, the HEAR API --------------------------
 
 def audio_files(path) -> list[Path]:
     """The audio files of a file or a folder (recursively, skipping hidden folders), sorted."""
@@ -3279,9 +3237,7 @@ def get_scene_embeddings(audio: torch.Tensor, model: HEARModel, batch: int = 16)
     return torch.stack([pool(z) for z in _hear_patches(audio, model, batch)]).to(audio.device)
 
 
-# ---------------------------------------------------------------------------------------------
-# Performance: `bench` measures the machine's peak and how close the training step gets to it
-# ---------------------------------------------------------------------------------------------
+# Performance: `bench` measures the machine's peak and how close the training step gets to it ------
 
 def _timed(fn, device) -> float:
     """Wall time of one fn() call, from a synchronised device until its work is done."""
@@ -3480,9 +3436,7 @@ def format_bench(r: dict) -> str:
     return "\n".join(f"{k:24s} {v}" for k, v in rows)
 
 
-# ---------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------
+# Command line -------------------------------------------------------------------------------------
 
 def _add_train_options(p, exclude=()):
     """One option per Config field (--batch-size: batch_size) with the field's help (`option`)."""
