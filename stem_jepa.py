@@ -1839,9 +1839,10 @@ def make_toy_song(rng: np.random.Generator, *, seconds=30.0, sample_rate=16000):
     the others, as in real music. A key, a tempo and an 8-bar chord progression (functional
     harmony, a chord per bar) per song; the parts move together: the bass plays the chord's root
     on the kick drum's onsets, the chords ("other") move by voice leading on a comping pattern,
-    the lead ("vocals") repeats a rhythm of the song with chord tones on the beats. Timbres,
-    grooves and a recording chain (`_room`) are drawn per song; each 4-bar section mutes some
-    stems (two or more play)."""
+    the lead ("vocals") repeats a rhythm of the song with chord tones on the beats; at random bars
+    every part stops together for the last beat or two (a break), which marks a moment in a
+    song that the mix shares with each stem. Timbres, grooves and a recording chain (`_room`) are
+    drawn per song; each 4-bar section mutes some stems (two or more play)."""
     sr = sample_rate
     n = int(seconds * sample_rate)
     root = int(rng.integers(12))
@@ -1919,6 +1920,18 @@ def make_toy_song(rng: np.random.Generator, *, seconds=30.0, sample_rate=16000):
             pitch = int(rng.choice(candidates))
             note("vocals", t0 + step * sixteenth, pitch, 0.95 * length, attack=0.03, decay=1.0,
                  vibrato=0.012)
+    breaks = []                 # stops: every part rests together for the last beat or two of a bar
+    for b in range(1, int(np.ceil(seconds / bar))):
+        if rng.random() < 0.3:
+            start = b * bar + int(rng.choice([2, 3])) * beat
+            if start >= seconds:
+                break
+            breaks.append([round(start, 3), round(min((b + 1) * bar, seconds), 3)])
+            i0, i1 = int(start * sr), int((b + 1) * bar * sr)
+            fade = np.linspace(1.0, 0.0, int(0.01 * sr))
+            for x in out.values():
+                x[i0: i0 + len(fade)] *= fade
+                x[i0 + len(fade): i1] = 0.0
     sections = []
     section = 4 * bar
     for s0 in np.arange(0, seconds, section):
@@ -1934,8 +1947,8 @@ def make_toy_song(rng: np.random.Generator, *, seconds=30.0, sample_rate=16000):
         x = _room(out[s][:n], sr, rng=rng, **room)
         stems[s] = (x * rng.uniform(0.3, 0.6) / max(np.abs(x).max(), 1e-9)).astype(np.float32)
     labels = {"key": f"{NOTE_NAMES[root]}:{mode}", "tempo": round(tempo, 2), "chords": chords,
-              "sections": sections, "tilt": round(tilt, 3), "kicks": kicks, "comping": comping,
-              "room": {k: round(v, 3) for k, v in room.items()}}
+              "sections": sections, "breaks": breaks, "tilt": round(tilt, 3), "kicks": kicks,
+              "comping": comping, "room": {k: round(v, 3) for k, v in room.items()}}
     return stems, labels
 
 

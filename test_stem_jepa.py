@@ -2702,6 +2702,30 @@ def test_toy_chords_move_by_the_smallest_voice_leading():
         previous = v
 
 
+def test_toy_breaks_are_heard_in_every_stem_at_once():
+    """A break stops every part together: over its span the mix is at least 10 dB quieter than
+    over the song (the room's reverb tail alone rings on), and every stem is quieter there than
+    where it plays. Breaks start on a beat of a bar after the first."""
+    found = 0
+    for seed in range(4):
+        stems, labels = sj.make_toy_song(np.random.default_rng(seed), seconds=20.0)
+        mix = sum(stems.values())
+        beat = 60.0 / labels["tempo"]
+        rms = lambda x: float(np.sqrt(np.mean(x ** 2)))
+        for start, end in labels["breaks"]:
+            found += 1
+            assert start >= 4 * beat - 1e-3
+            assert abs(start / beat - round(start / beat)) < 1e-2
+            span = slice(int((start + 0.05) * SR), int(end * SR))
+            if end - start < 0.2:                       # cut short by the end of the song
+                continue
+            assert rms(mix[span]) < 10 ** (-10 / 20) * rms(mix)
+            for name, x in stems.items():
+                if rms(x) > 0:
+                    assert rms(x[span]) < rms(x), name
+    assert found >= 4
+
+
 def test_toy_song_is_a_function_of_its_seed():
     """The same seed gives the same stems and labels; another seed another song."""
     a, la = sj.make_toy_song(np.random.default_rng(3), seconds=3.0)

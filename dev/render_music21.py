@@ -69,8 +69,12 @@ def render(job) -> str | None:
             part.insert(0, tempo.MetronomeMark(number=bpm))
             mid, wav = Path(tmp) / f"{voice}.mid", Path(tmp) / f"{voice}.wav"
             part.write("midi", fp=mid)
-            subprocess.run(["fluidsynth", "-ni", "-q", "-g", "0.5", "-r", "16000", "-F", str(wav),
-                            SOUNDFONT, str(mid)], check=True, capture_output=True)
+            try:                    # a few scores make FluidSynth run on forever: skip them
+                subprocess.run(["fluidsynth", "-ni", "-q", "-g", "0.5", "-r", "16000", "-F",
+                                str(wav), SOUNDFONT, str(mid)], check=True, capture_output=True,
+                               timeout=60)
+            except (subprocess.TimeoutExpired, subprocess.CalledProcessError):
+                return None
             x, sr = sf.read(wav, dtype="float32", always_2d=True)
             assert sr == 16000
             waves[voice] = x.mean(1)[: int(max_seconds * sr)]
