@@ -2705,7 +2705,7 @@ def test_toy_chords_move_by_the_smallest_voice_leading():
 def test_toy_breaks_are_heard_in_every_stem_at_once():
     """A break stops every part together: over its span the mix is at least 10 dB quieter than
     over the song (the room's reverb tail alone rings on), and every stem is quieter there than
-    where it plays. Breaks start on a beat of a bar after the first."""
+    over the song. Breaks start on a beat of a bar after the first."""
     found = 0
     for seed in range(4):
         stems, labels = sj.make_toy_song(np.random.default_rng(seed), seconds=20.0)
