@@ -9,56 +9,34 @@ instrument label predicts, patch by patch, the embedding of a stem that fits the
 (the *target*). Targets come from an EMA copy of the encoder; nothing is reconstructed.
 
 Commands (each has --help):
-    python stem_jepa.py toy --out toy/          # procedural multitracks, MUSDB18-HQ layout
-    python stem_jepa.py train --data musdb18/   # the paper's configuration (GPU)
-    python stem_jepa.py train --data toy/ --preset tiny --steps 300   # minutes on a CPU
-    torchrun --nproc_per_node 4 stem_jepa.py train --data musdb18/    # several GPUs
-    python stem_jepa.py demo                    # toy data + tiny model, end to end
+    python stem_jepa.py toy --out toy/                            # procedural multitracks
+    python stem_jepa.py train --data musdb18/ --out runs/stem-jepa   # the paper's setup (GPU)
+    python stem_jepa.py train --data toy/ --out runs/tiny --preset tiny --steps 300   # a CPU
+    torchrun --nproc_per_node 4 stem_jepa.py train --data musdb18/ --out runs/stem-jepa
     python stem_jepa.py evaluate --checkpoint runs/stem-jepa/checkpoint.pt --data musdb18/
-    python stem_jepa.py retrieve --checkpoint CKPT --mix mix.wav --library stems/ --instrument bass
-    python stem_jepa.py score --checkpoint CKPT --mix mix.wav --stem bass.wav --instrument bass
-    python stem_jepa.py embed --checkpoint CKPT --audio songs/ --out emb.npy
-    python stem_jepa.py train --data slakh2100/ --init-from CKPT   # a new run from trained weights
-    python stem_jepa.py analyze align|clusters ...; python stem_jepa.py probe ...
-    python stem_jepa.py bench
+    python stem_jepa.py demo                       # toy data + tiny model, end to end
 
-Part one, the method, top to bottom (paper -> code); every name it uses is defined above:
-    configuration                             Config, PRESETS, make_config, chunk_samples
+Part one, the method, top to bottom (paper -> code):
+    configuration                             Config, PRESETS, make_config
     3.3 front-end (log-mel, 16x16 patches)    LogMel, ViT.patch_embed
     3.3 encoder (ViT-Base)                    ViT, sincos_2d
-    3.1 predictor g_phi, emb(l)               MLPPredictor, TransformerPredictor
-    Eq. 1 loss; 4.1 pooled vectors            jepa_loss, pool
-    Eq. 2 EMA target encoder, tau_i           ema_update, tau_at
-    3.3 lr schedule (warmup + cosine)         lr_at
-    beyond the paper (off by default)         song_contrast_loss, StemJEPA.beyond_the_paper
+    3.1 predictor g_phi, emb(l)               MLPPredictor, TransformerPredictor (Table 1)
+    Eq. 1 loss; 4.1 pooled vectors            jepa_loss, unit_targets, pool
+    Eq. 2 EMA target encoder; 3.3 lr          ema_update, tau_at, lr_at
     Fig. 1 the model                          StemJEPA, build_model
     3.2 sampling context and target           choose_stems, draw_example, StemChunks, StepBatches
     3.4 training data (multitracks)           find_tracks, load_audio, prepare
-    3.3 device, precision; the step (AdamW)   pick_device, pick_precision, training_step
-    3.3 checkpoints, run lock, signals        save_checkpoint, load_checkpoint, RunLock
-    3.3 the training loop                     train
-    4.1 retrieval metrics                     embed_long, retrieval_metrics
-Part two, around it:
-    a trained model, any length               StemJEPA.from_checkpoint, encode_long, predict_long,
-                                              embed, score; open_trained, save_weights
-    toy multitracks                           make_toy_song, write_toy_dataset
-    4.1 Table 1, Fig. 2; 4.2 listening test   evaluate, failure_analysis, write_listening_test
-    4.3 alignment, Eq. 3, Fig. 4              shift_similarity, alignment_curves, best_offset
-    4.4 musical plausibility, Fig. 5          kmeans, cooccurrence, analyze_clusters
-    4.5 downstream probes, Table 3            global_embeddings, train_probe, key_score, probe
-    using a trained model; the HEAR API       retrieve, score, embed_files; load_model,
-                                              get_scene_embeddings, get_timestamp_embeddings
-    performance                               bench, train_flops_per_sample
-    command line                              main
+    3.3 the training step and loop            training_step, train
+    4.1 retrieval                             embed_long, retrieval_metrics, which_song_and_instrument
+    4.3 alignment (Eq. 3)                     shift_similarity, best_offset
+Part two, what the commands need: Table 1's evaluation (`evaluate`, with chance, random weights
+and a DSP baseline), the toy songs (`make_toy_song`) and the command line. The analyses of
+4.1.3-4.5 are in tutorial.ipynb; side jobs (library search, HEAR, layout converters, the
+benchmark) are short files in extras/ and dev/ that import this one.
 
 Shape letters: B batch, S stems, N samples, M mel bins, L frames, F frequency patches,
-T time patches (Eq. 3's M: one vector per 160 ms), K = F*T tokens, D embedding width,
-W Transformer-predictor width, H heads, h head width, C = F*D a patch column's width (pooled
-vectors, `frames`), Q queries, R references, P positions or patches, n sounds (HEAR), J the
-largest shift of Eq. 3.
-
-Functions that report what they do take `log` (print by default) and `verbose` (False: the
-results and notes, without the progress lines).
+T time patches (one per 160 ms), K = F*T tokens, D embedding width, W Transformer-predictor
+width, H heads, h head width, C = F*D a pooled vector's width, Q queries, R references.
 
 Where this file follows the authors' code (SonyCSLParis/Stem-JEPA) rather than the paper's
 text, the docstring says so ([code] in Config).
@@ -66,19 +44,14 @@ text, the docstring says so ([code] in Config).
 from __future__ import annotations
 
 import argparse
-import collections
 import copy
-import csv
 import dataclasses
-import functools
 import hashlib
-import inspect
 import io
 import itertools
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -87,7 +60,6 @@ import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
@@ -97,10 +69,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchaudio
-
-
-VERSION = 1  # checkpoint format
-CACHE_FORMAT = 2  # decoded-stem cache; 2: quiet stems are kept (the silence filter is training's)
 
 
 class StemJEPAError(Exception):
@@ -164,9 +132,6 @@ class Config:
     grad_clip: float = option(3.0, "max global gradient norm [code]")
     tau_start: float = option(0.99995, "EMA rate tau_0 (Eq. 2) [code] ...")
     tau_end: float = option(0.99999, "... rising linearly to tau_T [code]")
-    # beyond the paper (0 = off): see song_contrast_loss
-    song_contrast: float = option(0.0, 'weight of the "which song?" InfoNCE term added to Eq. 1')
-    song_temperature: float = option(0.1, "its softmax temperature")
     seed: int = 0
     # bookkeeping
     log_every: int = option(50, "steps between log lines")
@@ -197,17 +162,6 @@ def make_config(preset: str = "paper", **overrides) -> Config:
 def chunk_samples(cfg: Config) -> int:
     """The training chunk in samples (8 s at 16 kHz: 128000); evaluation embeds in chunks of it."""
     return int(cfg.chunk_seconds * cfg.sample_rate)
-
-
-def patch_seconds(cfg: Config) -> float:
-    """Audio per time patch, one column of patches: hop x patch width / sample rate (160 ms)."""
-    return cfg.hop_length * cfg.patch_size / cfg.sample_rate
-
-
-def prepare_options(cfg: Config) -> dict:
-    """What `prepare` takes from a config: the sample rate, the chunk and the silence threshold."""
-    return dict(sample_rate=cfg.sample_rate, chunk_seconds=cfg.chunk_seconds,
-                threshold=cfg.active_threshold)
 
 
 # 3.3 Front-end: waveform -> normalised log-mel spectrogram ----------------------------------------
@@ -441,40 +395,19 @@ def lr_at(step: int, *, peak_lr: float, warmup_steps: int, total_steps: int,
     return floor + 0.5 * (peak_lr - floor) * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-# Beyond the paper, off by default: a term added to Eq. 1 (StemJEPA.beyond_the_paper) --------------
-
-def song_contrast_loss(pred: torch.Tensor, target: torch.Tensor, instrument: torch.Tensor, *,
-                       temperature: float = 0.1) -> torch.Tensor:
-    """Not in the paper: an auxiliary term that asks each prediction to tell songs apart.
-
-    Eq. 1 alone lets a small model settle on the average stem of each instrument (the
-    "collapse" that `collapse_measures` shows). Here each prediction and each target (B, F, T, D)
-    is pooled as in retrieval (`pool`), and InfoNCE asks the prediction to be nearer its own target
-    than the targets of the other samples *of the same instrument* in the batch: the negatives
-    are other songs' basses, never drums, so the instrument label cannot solve it. Samples with
-    no same-instrument negative contribute 0.
-    """
-    q, r = pool(pred), pool(target.detach())                           # (B, F*D) each
-    logits = q @ r.T / temperature                                      # (B, B)
-    logits = logits.masked_fill(instrument[:, None] != instrument[None], float("-inf"))
-    return F.cross_entropy(logits, torch.arange(len(q), device=q.device))
-
-
 # Fig. 1: front-end, context encoder, predictor and target encoder together ------------------------
 
 class StemJEPA(nn.Module):
     """Front-end, context encoder f_theta, predictor g_phi and EMA target encoder f_theta_bar
-    (Fig. 1). forward(context, target, instrument) returns the loss of Eq. 1 for a batch of
-    waveforms (B, N); it is what the training step differentiates.
+    (Fig. 1). forward(context, target, instrument) is what the training step differentiates.
 
-    `config` is the Config the parts were built from (`build_model`); checkpoints store it. Part
-    two adds the methods for a trained model (from_checkpoint, and encode_long, predict_long,
-    embed and score for recordings of any length), which read its chunk length and sample rate.
+    `config` is the Config the parts were built from (`build_model`); checkpoints store it. The
+    methods after forward use a trained model on recordings of any length: one mono waveform
+    (N,) at config.sample_rate, numpy or torch, in; CPU tensors out.
     """
 
     def __init__(self, *, frontend: LogMel, encoder: ViT, predictor: nn.Module,
-                 instruments: list[str], config: Config, song_contrast: float = 0.0,
-                 song_temperature: float = 0.1):
+                 instruments: list[str], config: Config):
         super().__init__()
         self.frontend = frontend
         self.encoder = encoder
@@ -482,8 +415,6 @@ class StemJEPA(nn.Module):
         self.target_encoder = copy.deepcopy(encoder).requires_grad_(False)
         self.instruments = list(instruments)
         self.config = config
-        self.song_contrast = song_contrast
-        self.song_temperature = song_temperature
 
     def encode(self, wav: torch.Tensor, *, target: bool = False) -> torch.Tensor:
         """Waveforms (B, N) -> patch embeddings (B, F, T, D), context or target encoder."""
@@ -493,23 +424,75 @@ class StemJEPA(nn.Module):
         """Context mixes (B, N), instrument ids (B,) -> predicted targets (B, F, T, D)."""
         return self.predictor(self.encode(wav), instrument)
 
-    def forward(self, context: torch.Tensor, target: torch.Tensor,
-                instrument: torch.Tensor) -> torch.Tensor:
+    def forward(self, context: torch.Tensor, target: torch.Tensor, instrument: torch.Tensor):
+        """The loss of Eq. 1 for a batch of waveforms (B, N), with the predictions z~ and the
+        targets z_bar it compared (the training log's collapse measures read them)."""
         pred = self.predict(context, instrument)                        # z~ (B, F, T, D)
         with torch.no_grad():
             z_bar = self.encode(target, target=True)                    # (B, F, T, D), no gradient
-        return jepa_loss(pred, z_bar) + self.beyond_the_paper(pred, z_bar, instrument)
+        return jepa_loss(pred, z_bar), pred.detach(), z_bar
 
-    # Beyond the paper, off by default: what Config adds to Eq. 1, all in this one place.
+    # A trained model, on recordings of any length
 
-    def beyond_the_paper(self, pred: torch.Tensor, z_bar: torch.Tensor,
-                         instrument: torch.Tensor) -> torch.Tensor | float:
-        """The terms added to Eq. 1 that are not the paper's: the song contrast
-        (`song_contrast_loss`) weighted by Config.song_contrast; 0 when that is 0."""
-        if not self.song_contrast:
-            return 0.0
-        return self.song_contrast * song_contrast_loss(pred, z_bar, instrument,
-                                                       temperature=self.song_temperature)
+    @classmethod
+    def from_checkpoint(cls, path, map_location="cpu") -> StemJEPA:
+        """A trained model from a checkpoint written by `train` (or its weights), in eval mode."""
+        ckpt = load_checkpoint(path, map_location=map_location)
+        fields = {f.name for f in dataclasses.fields(Config)}
+        config = Config(**{k: v for k, v in ckpt["config"].items() if k in fields})
+        model = build_model(config, ckpt["instruments"])
+        model.load_state_dict(ckpt["model"])
+        return model.eval()
+
+    def instrument_id(self, instrument) -> int:
+        """An instrument name (e.g. "bass") or id -> its id, or an error listing the known ones."""
+        if isinstance(instrument, str):
+            if instrument not in self.instruments:
+                raise StemJEPAError(f"instrument {instrument!r}: the model knows "
+                                    f"{', '.join(self.instruments)}")
+            return self.instruments.index(instrument)
+        return int(instrument)
+
+    def encode_long(self, wav, *, target: bool = True, batch: int = 16) -> torch.Tensor:
+        """A recording (N,) -> its patch embeddings (F, T, D), T = ceil(N / 2560) (`embed_long`);
+        the target encoder by default (retrieval's references)."""
+        return embed_long(self, [_mono(wav)], target=target, batch=batch,
+                          device=next(self.parameters()).device)[0]
+
+    def predict_long(self, mix, instrument, *, batch: int = 16) -> torch.Tensor:
+        """A mix (N,) and the missing instrument (name or id) -> the predicted patch embeddings
+        (F, T, D) of a stem that fits it (retrieval's query before pooling)."""
+        return embed_long(self, [_mono(mix)], instruments=[self.instrument_id(instrument)],
+                          batch=batch, device=next(self.parameters()).device)[0]
+
+    def embed(self, wav, instrument=None, *, batch: int = 16) -> torch.Tensor:
+        """One pooled vector (F*D,) (`pool`): a recording's target embedding, or with
+        `instrument` the prediction for the stem missing from this mix. The L2 distance
+        between the two is retrieval's (4.1)."""
+        if instrument is None:
+            return pool(self.encode_long(wav, batch=batch))
+        return pool(self.predict_long(wav, instrument, batch=batch))
+
+    def score(self, mix, stem, instrument, *, batch: int = 16) -> dict:
+        """How well `stem` fits `mix` as `instrument` (4.1): the L2 distance of the pooled
+        prediction and the stem's pooled target embedding (0 to 2, lower fits better), the
+        cosine 1 - d^2 / 2, and where the stem fits best (4.3, `best_offset`: start it
+        offset_s seconds after the start of the mix)."""
+        q = self.predict_long(mix, instrument, batch=batch)
+        z = self.encode_long(stem, batch=batch)
+        distance = (pool(q) - pool(z)).norm().item()
+        offset = best_offset(frames(z), frames(q))
+        patch_s = self.config.hop_length * self.config.patch_size / self.config.sample_rate
+        return {"distance": round(distance, 4), "similarity": round(1 - distance ** 2 / 2, 4),
+                "offset_patches": offset, "offset_s": round(offset * patch_s, 2)}
+
+
+def _mono(wav) -> np.ndarray:
+    """One waveform as float32 numpy (N,); a batch or a stereo array is an error."""
+    x = np.asarray(wav.detach().cpu() if torch.is_tensor(wav) else wav, dtype=np.float32)
+    if x.ndim != 1:
+        raise StemJEPAError(f"expected one mono waveform (N,), got shape {tuple(x.shape)}")
+    return x
 
 
 def build_model(cfg: Config, instruments: list[str]) -> StemJEPA:
@@ -532,8 +515,7 @@ def build_model(cfg: Config, instruments: list[str]) -> StemJEPA:
         raise StemJEPAError(f"unknown predictor {cfg.predictor!r}; "
                             "choose mlp, mlp-nocond or transformer")
     return StemJEPA(frontend=frontend, encoder=encoder, predictor=predictor,
-                    instruments=instruments, config=cfg, song_contrast=cfg.song_contrast,
-                    song_temperature=cfg.song_temperature)
+                    instruments=instruments, config=cfg)
 
 
 # 3.2 Sampling context and target ------------------------------------------------------------------
@@ -633,230 +615,69 @@ class StepBatches(torch.utils.data.Sampler):
 
 # 3.4 Training data: multitrack folders -> a cache of 16 kHz stems ---------------------------------
 
-def _write_atomic(path: Path, write, *, keep_previous: bool = False) -> None:
-    """write(tmp) then rename: never half a file; keep_previous keeps the old as *.prev<suffix>."""
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)     # the suffix last: np.save keeps it
-    write(tmp)
-    if keep_previous and path.exists():
-        os.replace(path, path.with_name(path.stem + ".prev" + path.suffix))
-    os.replace(tmp, path)
-
-
-def _file_id(path) -> tuple:
-    """What identifies a file's version in a cache key: its path, size and modification time."""
-    st = os.stat(path)
-    return str(path), st.st_size, st.st_mtime_ns
-
-
-def _cache_key(*parts) -> str:
-    """The one cache key: a hash of the parts (files as `_file_id`) and of the file formats."""
-    text = json.dumps([VERSION, CACHE_FORMAT, *parts], default=str)
-    return hashlib.sha1(text.encode()).hexdigest()[:16]
-
-
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".aiff", ".aif", ".mp3")
 MIX_NAMES = ("mixture", "mix")              # a track's full mix is not a stem: ignored
 MUSDB_STREAMS = {"drums": 1, "bass": 2, "other": 3, "vocals": 4}   # .stem.mp4; 0 is the mixture
 LENGTH_TOLERANCE_S = 1.0                    # stems of one track may differ by this much (trimmed)
-
-LAYOUTS = (
-    "MUSDB18-HQ or your own multitracks: ROOT/[train|test/]<track>/<stem>.wav (or another audio "
-    "extension), the stem named after its file",
-    "MUSDB18: ROOT/{train,test}/<track>.stem.mp4",
-    "one multichannel WAV per track (the authors' format): ROOT/[split/]<track>.wav, channel i "
-    "named by --channels NAME0,NAME1,...",
-    "MoisesDB: ROOT/<provider>/<track>/<stem>/<file>.wav with <track>/data.json, the files of "
-    "one stem folder summed",
-    "Slakh2100: ROOT/{train,validation,test}/<track>/stems/SNN.flac with <track>/metadata.yaml, "
-    "stems grouped by instrument class (--groups)",
-)
+LAYOUTS = ("MUSDB18-HQ, or your own multitracks: ROOT/[train|test/]<track>/<stem>.wav (or "
+           f"{', '.join(AUDIO_EXTENSIONS[1:])}), each stem named after its file",
+           "MUSDB18: ROOT/{train,test}/<track>.stem.mp4 (decoded with ffmpeg)",
+           "other layouts (the authors' multichannel WAVs, MoisesDB, Slakh2100): convert them "
+           "with extras/convert.py")
 
 
-# Slakh2100 (no vocals): its classes go to MUSDB18's groups, so both share instrument names.
-SLAKH_GROUPS = {"bass": ["Bass"], "drums": ["Drums"], "other": ["*"]}
-
-
-def parse_groups(text: str) -> dict[str, list[str]]:
-    """--groups "bass=Bass;keys=Piano,Organ;other=*" -> {instrument: [class or stem name, ...]}."""
-    groups = {}
-    for part in filter(None, (p.strip() for p in text.split(";"))):
-        name, sep, members = part.partition("=")
-        if not sep or not name.strip() or not members.strip():
-            raise StemJEPAError(f"--groups {text!r}: expected NAME=CLASS,CLASS;NAME=... "
-                                f"(e.g. bass=Bass;drums=Drums;other=*), not {part!r}")
-        groups[name.strip()] = [m.strip() for m in members.split(",") if m.strip()]
-    return groups
-
-
-def group_of(member: str, groups: dict[str, list[str]]) -> str | None:
-    """The group naming a Slakh class or MoisesDB stem (any case), else that with "*", or None."""
-    for name, members in groups.items():
-        if member.lower() in (m.lower() for m in members):
-            return name
-    return next((name for name, members in groups.items() if "*" in members), None)
-
-
-def _yaml_scalar(text: str):
-    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
-        return text[1:-1]
-    constants = {"true": True, "false": False, "null": None, "~": None}
-    if text.lower() in constants:
-        return constants[text.lower()]
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
-def parse_yaml_mapping(text: str, source="YAML") -> dict:
-    """The YAML of Slakh2100's metadata.yaml, without a dependency: nested mappings of scalars."""
-    root: dict = {}
-    stack = [(-1, root)]                                    # (indent, mapping) of the open blocks
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw if raw.lstrip().startswith(("'", '"')) else raw.split(" #")[0]
-        if not line.strip() or line.lstrip().startswith("#") or line.strip() in ("---", "..."):
-            continue
-        indent = len(line) - len(line.lstrip(" "))
-        key, sep, value = line.strip().partition(":")
-        if not sep or line.strip().startswith("- "):
-            raise StemJEPAError(f"{source}, line {number}: {raw.strip()!r} is beyond the YAML this "
-                                "file reads (mappings of scalars)")
-        while indent <= stack[-1][0]:
-            stack.pop()
-        parent = stack[-1][1]
-        key = key.strip().strip("'\"")
-        if value.strip():
-            parent[key] = _yaml_scalar(value.strip())
-        else:
-            parent[key] = {}
-            stack.append((indent, parent[key]))
-    return root
-
-
-def _slakh_track(folder: Path, groups: dict) -> dict[str, list[tuple]]:
-    """A Slakh2100 track: each stems/SNN.flac in the group of its inst_class ("Drums": is_drum)."""
-    path = folder / "metadata.yaml"
-    meta = parse_yaml_mapping(path.read_text(), source=str(path))
-    stems = {}
-    for sid, info in sorted((meta.get("stems") or {}).items()):
-        files = [f for e in (".flac", ".wav") if (f := folder / "stems" / f"{sid}{e}").is_file()]
-        if not files or not isinstance(info, dict):
-            continue                            # audio_rendered: false, or a stem without a file
-        group = group_of("Drums" if info.get("is_drum") else str(info.get("inst_class")), groups)
-        if group is not None:
-            stems.setdefault(group, []).append((str(files[0]), None, None))
-    return stems
-
-
-def _moisesdb_track(folder: Path, groups: dict | None) -> dict[str, list[tuple]]:
-    """A MoisesDB track: one folder per stem (or per `groups` member), its files summed."""
-    stems = {}
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = [f for f in sorted(sub.iterdir()) if f.suffix.lower() in AUDIO_EXTENSIONS]
-        name = group_of(sub.name, groups) if groups else sub.name.lower()
-        if files and name is not None and name not in MIX_NAMES:
-            stems.setdefault(name, []).extend((str(f), None, None) for f in files)
-    return stems
-
-
-def _multichannel_track(file: Path, channels: list[str]) -> dict[str, list[tuple]]:
-    """One multichannel file (the authors' format): channel i is the stem channels[i]."""
-    try:
-        n = sf.info(str(file)).channels
-    except Exception:
-        n = len(channels)                       # unreadable: reported when it is decoded
-    if n != len(channels):
-        raise StemJEPAError(f"{file} has {n} channels and --channels names {len(channels)} "
-                            f"({','.join(channels)}): give one name per channel")
-    return {c: [(str(file), None, i)] for i, c in enumerate(channels) if c not in MIX_NAMES}
-
-
-def find_tracks(root, split: str = "train", *, channels=None,
-                groups=None) -> list[tuple[str, dict[str, list[tuple]]]]:
-    """Tracks of the LAYOUTS as (name, {stem: [source, ...]}), sorted; a source is (file, .stem.mp4
-    stream or None, channel or None: all averaged), summed into its stem. ROOT or ROOT/split holds
-    the tracks ("all": train/ then test/); `channels`, `groups`: see --channels, --groups."""
+def find_tracks(root, split: str = "train") -> list[tuple[str, dict[str, tuple]]]:
+    """The tracks of ROOT/split (or of ROOT itself when it has no split folders; "all": train/
+    then test/), sorted, as (name, {stem: (file, .stem.mp4 stream or None)})."""
     root = Path(root)
     if not root.is_dir():
         raise StemJEPAError(f"{root}: no such folder. --data must be a MUSDB18(-HQ) root (with "
                             "train/ and test/) or a folder with one sub-folder of stems per track")
     if split == "all" and any((root / s).is_dir() for s in ("train", "test")):
-        return [t for s in ("train", "test") if (root / s).is_dir()
-                for t in find_tracks(root, s, channels=channels, groups=groups)]
+        return [t for s in ("train", "test") if (root / s).is_dir() for t in find_tracks(root, s)]
     base = root / split
     if not base.is_dir():
         if any((root / s).is_dir() for s in ("train", "test", "validation")):
             raise StemJEPAError(f"{root} has no {split}/ folder")
         base = root
-    tracks, loose, empty = [], [], []
+    tracks, found = [], []
     for entry in sorted(p for p in base.iterdir() if not p.name.startswith(".")):
+        found.append(entry.name + ("/" if entry.is_dir() else ""))
         if entry.name.endswith(".stem.mp4"):
-            stems = {stem: [(str(entry), stream, None)] for stem, stream in MUSDB_STREAMS.items()}
+            stems = {stem: (str(entry), stream) for stem, stream in MUSDB_STREAMS.items()}
             tracks.append((entry.name[: -len(".stem.mp4")], stems))
-        elif entry.is_file() and entry.suffix.lower() in AUDIO_EXTENSIONS:
-            if channels:
-                tracks.append((entry.stem, _multichannel_track(entry, channels)))
-            else:
-                loose.append(entry.name)
-        elif entry.is_dir() and (entry / "metadata.yaml").is_file() and (entry / "stems").is_dir():
-            tracks.append((entry.name, _slakh_track(entry, groups or SLAKH_GROUPS)))
-        elif entry.is_dir() and (entry / "data.json").is_file():
-            tracks.append((entry.name, _moisesdb_track(entry, groups)))
-        elif entry.is_dir() and any((t / "data.json").is_file() for t in entry.iterdir()):
-            tracks += [(t.name, _moisesdb_track(t, groups)) for t in sorted(entry.iterdir())
-                       if (t / "data.json").is_file()]
         elif entry.is_dir():
-            stems = {f.stem.lower(): [(str(f), None, None)] for f in sorted(entry.iterdir())
+            stems = {f.stem.lower(): (str(f), None) for f in sorted(entry.iterdir())
                      if f.suffix.lower() in AUDIO_EXTENSIONS and f.stem.lower() not in MIX_NAMES}
-            tracks.append((entry.name, stems))
-            if not stems:
-                empty.append(entry.name + "/")
-    tracks = [t for t in tracks if t[1]]
-    if loose and not tracks:
-        raise StemJEPAError(f"{base} holds {len(loose)} audio files ({', '.join(loose[:3])}"
-                            f"{', ...' if len(loose) > 3 else ''}) and no track folders: "
-                            "if each is one track with one stem per channel, name the channels "
-                            "with --channels NAME0,NAME1,... (e.g. bass,drums,other,vocals)")
+            if stems:
+                tracks.append((entry.name, stems))
     if not tracks:
-        others = [p.name for p in sorted(base.iterdir())
-                  if not p.name.startswith(".") and p.name + "/" not in empty]
-        found = "holds no tracks; found " + "; ".join(
-            f"{len(names)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
-            for what, names in (("folders without audio files", empty), ("other files", others))
-            if names)
-        if not any(base.iterdir()):
-            found = "is empty"
-        raise StemJEPAError(f"{base} {found}. Layouts read "
-                            f"(audio: {', '.join(AUDIO_EXTENSIONS)}):\n"
-                            + "\n".join(f"  {layout}" for layout in LAYOUTS))
+        what = (f"holds no tracks; found {', '.join(found[:5])}{', ...' if len(found) > 5 else ''}"
+                if found else "is empty")
+        raise StemJEPAError(f"{base} {what}. Layouts read:\n" + "\n".join(f"  {x}" for x in LAYOUTS))
     return tracks
 
 
-def load_audio(path, sample_rate: int, stream: int | None = None,
-               channel: int | None = None) -> np.ndarray:
-    """A file (or .stem.mp4 stream) as mono float32 at sample_rate: (L + R) / 2, or the `channel`.
+def load_audio(path, sample_rate: int, stream: int | None = None) -> np.ndarray:
+    """A file (or a .stem.mp4 stream) as mono float32 at sample_rate: the mean of its channels.
     ffmpeg only decodes, so both MUSDB18 layouts give one array (`-ac 1` would be 3 dB louder)."""
     source = path
     if stream is not None:
         if shutil.which("ffmpeg") is None:
             raise StemJEPAError(f"{path}: decoding MUSDB18 .stem.mp4 needs the ffmpeg program: "
-                                "install it (e.g. apt install ffmpeg, brew install ffmpeg) or use "
-                                "MUSDB18-HQ")
+                                "install it (e.g. apt install ffmpeg) or use MUSDB18-HQ")
         run = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-map", f"0:{stream}",
                               "-c:a", "pcm_f32le", "-f", "wav", "-"], capture_output=True)
         if run.returncode != 0:
             raise StemJEPAError(f"{path}: ffmpeg could not decode stream {stream}: "
-                                f"{run.stderr.decode(errors='replace').strip().splitlines()[-1:]}")
+                                f"{run.stderr.decode(errors='replace').strip()[-200:]}")
         source = io.BytesIO(run.stdout)
     elif not os.path.isfile(path):
         raise StemJEPAError(f"{path}: no such file")
     elif os.path.getsize(path) == 0:
         raise StemJEPAError(f"{path}: empty file (0 bytes)")
     try:
-        x, sr = sf.read(source, dtype="float32", always_2d=True)        # (N, C)
+        x, sr = sf.read(source, dtype="float32", always_2d=True)        # (N, channels)
     except Exception as e:                      # libsndfile's errors vary by version
         reason = str(e).rsplit(":", 1)[-1].strip()                      # after the path it repeats
         raise StemJEPAError(f"{path}: not a readable audio file ({reason})") from None
@@ -864,31 +685,10 @@ def load_audio(path, sample_rate: int, stream: int | None = None,
         raise StemJEPAError(f"{path}: no audio samples")
     if not np.isfinite(x).all():
         raise StemJEPAError(f"{path}: contains NaN or infinite samples")
-    if channel is not None and channel >= x.shape[1]:
-        raise StemJEPAError(f"{path}: has {x.shape[1]} channels, no channel {channel}")
-    x = x.mean(axis=1) if channel is None else np.ascontiguousarray(x[:, channel])
+    x = x.mean(axis=1)
     if sr != sample_rate:
         x = torchaudio.functional.resample(torch.from_numpy(x), sr, sample_rate).numpy()
     return x
-
-
-def load_stem(sources: list[tuple], sample_rate: int) -> np.ndarray:
-    """A stem: the sum of its sources (see find_tracks), the shorter ones zero-padded at the end."""
-    parts = [load_audio(path, sample_rate, stream, channel) for path, stream, channel in sources]
-    out = np.zeros(max(len(x) for x in parts), dtype=np.float32)
-    for x in parts:
-        out[: len(x)] += x
-    return out
-
-
-def _whole_npy(path: Path, shape: tuple) -> bool:
-    """Whether a cached array is whole: a readable header, the shape its metadata records and
-    exactly the bytes they take (a full disk or an interrupted copy leaves the file short)."""
-    try:
-        x = np.load(path, mmap_mode="r")
-    except (OSError, ValueError, EOFError):
-        return False
-    return x.shape == shape and x.offset + x.nbytes == os.path.getsize(path)
 
 
 def _has_two_active(x: np.ndarray, chunk: int, threshold: float, block: int = 1600) -> bool:
@@ -902,136 +702,124 @@ def _has_two_active(x: np.ndarray, chunk: int, threshold: float, block: int = 16
     return bool((in_window.sum(0) >= 2).any())
 
 
-def _prepare_track(name, stems, *, sample_rate, chunk, threshold) -> dict:
-    """One track's metadata, (kind, text) notes and (unless excluded) (S, N) float32 stems."""
-    notes, audio = [], {}
-    for stem, sources in stems.items():
+def _decode_track(name: str, stems: dict, *, sample_rate: int, notes: list):
+    """One track's stems as (sorted names, (S, N) float32), or (None, why it is left out).
+    Unreadable and all-zero stems are left out; stems within LENGTH_TOLERANCE_S are trimmed."""
+    audio = {}
+    for stem, (path, stream) in stems.items():
         try:
-            audio[stem] = load_stem(sources, sample_rate)
+            audio[stem] = load_audio(path, sample_rate, stream)
         except StemJEPAError as e:
-            notes.append(("unreadable files (skipped)", str(e)))
-    meta = {"name": name, "stems": [], "length": 0, "notes": notes}
-    lengths = {s: len(x) for s, x in audio.items()}
-    n = min(lengths.values(), default=0)
+            notes.append(f"unreadable, skipped: {e}")
     if not audio:
-        why = "no readable stem"
-    elif max(lengths.values()) - n > LENGTH_TOLERANCE_S * sample_rate:
-        found = ", ".join(f"{s} {l / sample_rate:.2f} s" for s, l in lengths.items())
-        why = f"stems differ in length by more than {LENGTH_TOLERANCE_S:g} s: {found}"
-    else:
-        if max(lengths.values()) > n:
-            notes.append(("stems trimmed to the shortest", name))
-        for s in [s for s, x in audio.items() if not np.any(x[:n])]:
-            notes.append(("silent stems (all zero: left out)", f"{name}/{s}"))
-            del audio[s]
-        why = None if audio else "every stem is all zero"
-    if why:
-        notes.append(("tracks excluded", f"{name}: {why}"))
-        return {**meta, "excluded": why}
-    x = np.stack([audio[s][:n] for s in sorted(audio)])                 # (S, N)
-    meta.update(stems=sorted(audio), length=n, peaks=np.abs(x).max(axis=1).tolist(),
-                two_active=_has_two_active(x, chunk, threshold), audio=x)
-    return meta
+        return None, "no readable stem"
+    lengths = {s: len(x) for s, x in audio.items()}
+    n = min(lengths.values())
+    if max(lengths.values()) - n > LENGTH_TOLERANCE_S * sample_rate:
+        found = ", ".join(f"{s} {v / sample_rate:.2f} s" for s, v in lengths.items())
+        return None, f"stems differ in length by more than {LENGTH_TOLERANCE_S:g} s: {found}"
+    for s in [s for s, x in audio.items() if not np.any(x[:n])]:
+        notes.append(f"silent stem (all zero), left out: {name}/{s}")
+        del audio[s]
+    if not audio:
+        return None, "every stem is all zero"
+    return sorted(audio), np.stack([audio[s][:n] for s in sorted(audio)])     # (S, N)
 
 
-def _training_exclusion(meta: dict, *, threshold: float, chunk: int, sample_rate: int):
-    """Training's silence filter: (why the track cannot train, or None; notes). A stem peaking at
-    <= threshold is never sampled, but evaluation keeps it (as the authors keep all four stems)."""
-    name = meta["name"]
-    quiet = [s for s, p in zip(meta["stems"], meta["peaks"]) if p <= threshold]
-    notes = [(f"quiet stems (peak <= {threshold:g}: never sampled in training)", f"{name}/{s}")
-             for s in quiet]
-    if len(meta["stems"]) - len(quiet) < 2:
-        why = f"{len(meta['stems']) - len(quiet)} non-silent stem(s): nothing to predict from"
-    elif not meta["two_active"]:
-        why = "no chunk has 2 active stems at once (the sampler needs a context and a target)"
-    else:
-        why = None
-        if meta["length"] < chunk:
-            notes.append(("shorter than a chunk (zero-padded at the end)",
-                          f"{name} ({meta['length'] / sample_rate:.1f} s)"))
-    return why, notes
+def _whole_npy(path: Path, shape: list) -> bool:
+    """Whether a cached array is whole: a readable header, the shape its metadata records and
+    exactly the bytes they take (a full disk or an interrupted copy leaves the file short)."""
+    try:
+        x = np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError):
+        return False
+    return list(x.shape) == list(shape) and x.offset + x.nbytes == os.path.getsize(path)
+
+
+def _write_atomic(path: Path, write) -> None:
+    """write(tmp), then rename: a reader never sees half a file, whenever the writer is killed."""
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)     # the suffix last: np.save keeps it
+    write(tmp)
+    os.replace(tmp, path)
 
 
 def prepare(root, split: str = "train", *, cache=None, sample_rate=16000, chunk_seconds=8.0,
-            threshold=0.1, training=True, layout=None, log=print, verbose=True) -> list[dict]:
-    """Decode each track once into a cache, a float16 .npy of 16 kHz mono stems (memory-mapped in
-    training), reused while its files are unchanged and the array whole; all-zero stems and unusable
-    tracks are left out and reported. training=True adds the silence filter. "all": train/ and test/
-    (Table 1 ranks among all 150 tracks). Per track: name, stems (sorted), length (samples), npy."""
-    options = dict(cache=cache, sample_rate=sample_rate, chunk_seconds=chunk_seconds,
-                   threshold=threshold, training=training, layout=layout, log=log, verbose=verbose)
-    if split == "all" and any((Path(root) / s).is_dir() for s in ("train", "test")):
-        return [t for s in ("train", "test") if (Path(root) / s).is_dir()
-                for t in prepare(root, s, **options)]
-    found = find_tracks(root, split, **(layout or {}))
-    cache = Path(cache) if cache else Path(root) / ".stem_jepa_cache"
-    folder = cache / f"{sample_rate}hz" / split
+            threshold=0.1, training=True, log=print) -> list[dict]:
+    """Decode each track once into a cache, a float16 .npy of mono stems at sample_rate (memory-
+    mapped in training), reused while its files are unchanged and the array is whole. Each
+    prepared track: name, stems (sorted), length (samples), npy. training=True leaves out what
+    the sampler cannot use (3.2): tracks with fewer than two stems above `threshold` in any
+    chunk; evaluation keeps every stem that is not all zero. "all": train/ and test/."""
+    found = find_tracks(root, split)
+    folder = Path(cache or Path(root) / ".stem_jepa_cache") / f"{sample_rate}hz"
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise StemJEPAError(f"cannot write the cache in {folder} ({e.strerror}): "
                             "pass --cache DIR") from None
     chunk = int(chunk_seconds * sample_rate)
-    notes, prepared = [], []
-    decoded = 0
-    t0 = time.time()
-    for i, (name, stems) in enumerate(found):
-        safe = "".join(c if c.isalnum() else "_" for c in name)[:60]
-        safe = hashlib.sha1(name.encode()).hexdigest()[:8] + "_" + safe
-        meta_path = folder / f"{safe}.json"
-        npy_path = folder / f"{safe}.npy"
-        sources = [(stem, _file_id(path), stream, channel)
-                   for stem, parts in sorted(stems.items()) for path, stream, channel in parts]
-        signature = _cache_key(sample_rate, threshold, chunk, sources)
+    prepared, notes = [], []
+    for name, stems in found:
+        files = sorted((s, p, stream, os.path.getsize(p) if os.path.exists(p) else None,
+                        os.path.getmtime(p) if os.path.exists(p) else None)
+                       for s, (p, stream) in stems.items())
+        key = hashlib.sha1(json.dumps([sample_rate, threshold, chunk, files]).encode()).hexdigest()
+        meta_path, npy = folder / f"{key[:16]}.json", folder / f"{key[:16]}.npy"
         try:
             meta = json.loads(meta_path.read_text())
         except (OSError, ValueError):
+            meta = None                         # new, changed, or left half-written by a kill
+        if meta is not None and "excluded" not in meta and not _whole_npy(npy, meta["shape"]):
+            log(f"prepare: the cached {npy} of {name} is missing or cut short: decoding it again")
             meta = None
-        fresh = meta is not None and meta.get("signature") == signature
-        if fresh and "excluded" not in meta:
-            fresh = _whole_npy(npy_path, (len(meta["stems"]), meta["length"]))
-            if not fresh:
-                log(f"prepare {split}: the cached {npy_path} of {name} is missing or cut short: "
-                    "decoding it again")
-        if not fresh:                           # new, changed, or left half-written by a kill
-            meta = _prepare_track(name, stems, sample_rate=sample_rate, chunk=chunk,
-                                  threshold=threshold)
-            audio = meta.pop("audio", None)
-            if audio is not None:
-                _write_atomic(npy_path, lambda p: np.save(p, audio.astype(np.float16)))
-            meta.update(signature=signature, chunk=chunk)
+        if meta is None:
+            meta = {"name": name, "notes": []}
+            names, x = _decode_track(name, stems, sample_rate=sample_rate, notes=meta["notes"])
+            if names is None:
+                meta["excluded"] = x
+            else:
+                _write_atomic(npy, lambda p: np.save(p, x.astype(np.float16)))
+                meta.update(stems=names, shape=list(x.shape),
+                            peaks=np.abs(x).max(axis=1).tolist(),
+                            two_active=_has_two_active(x, chunk, threshold))
             _write_atomic(meta_path, lambda p: p.write_text(json.dumps(meta)))
-            decoded += 1
-            if verbose and decoded % 10 == 0:
-                log(f"prepare {split}: {i + 1}/{len(found)} tracks ({time.time() - t0:.0f} s)")
-        notes += [tuple(n) for n in meta["notes"]]
-        if "excluded" in meta:
+        notes += meta["notes"]
+        why = meta.get("excluded")
+        if why is None and training:
+            active = sum(p > threshold for p in meta["peaks"])
+            if active < 2:
+                why = f"{active} stem(s) above the silence threshold: nothing to predict from"
+            elif not meta["two_active"]:
+                why = "no chunk has 2 active stems at once (the sampler needs a context and target)"
+            elif meta["shape"][1] < chunk:
+                notes.append(f"shorter than a chunk, zero-padded at the end: {name} "
+                             f"({meta['shape'][1] / sample_rate:.1f} s)")
+        if why is not None:
+            notes.append(f"track left out: {name}: {why}")
             continue
-        if training:
-            why, more = _training_exclusion(meta, threshold=threshold, chunk=chunk,
-                                            sample_rate=sample_rate)
-            notes += more + ([("tracks excluded", f"{name}: {why}")] if why else [])
-            if why:
-                continue
-        prepared.append({**{k: meta[k] for k in ("name", "stems", "length")}, "npy": str(npy_path)})
-    report = "".join(f"  {kind}:\n" + "".join(f"    {text}\n" for k, text in notes if k == kind)
-                     for kind in dict.fromkeys(k for k, _ in notes))
+        prepared.append({"name": name, "stems": meta["stems"], "length": meta["shape"][1],
+                         "npy": str(npy)})
+    report = "".join(f"\n  {n}" for n in notes)
     if not prepared:
-        raise StemJEPAError(f"no usable track in {root} ({split}):\n{report}".rstrip())
-    if report:
-        log(f"prepare {split}: {len(prepared)} of {len(found)} tracks usable; notes:\n{report}")
+        raise StemJEPAError(f"no usable track in {root} ({split}):{report}")
+    if notes:
+        log(f"prepare {split}: {len(prepared)} of {len(found)} tracks usable; notes:{report}")
     return prepared
 
 
-# 3.3 Training: device and precision, then the step (Eq. 1, AdamW, Eq. 2) --------------------------
+def prepare_options(cfg: Config) -> dict:
+    """What `prepare` takes from a config: the sample rate, the chunk and the silence threshold."""
+    return dict(sample_rate=cfg.sample_rate, chunk_seconds=cfg.chunk_seconds,
+                threshold=cfg.active_threshold)
+
+
+# 3.3 Training: device, optimizer, checkpoints, and what the log watches ---------------------------
 
 def pick_device(name: str | None = None) -> torch.device:
     """cuda -> mps -> cpu, or the one asked for (an error if it is not available)."""
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(),
                  "cpu": True}
-    if name is None:
-        name = next(kind for kind, ok in available.items() if ok)
+    name = name or next(kind for kind, ok in available.items() if ok)
     kind = name.split(":")[0]
     if kind not in available:
         raise StemJEPAError(f"--device {name}: unknown device; use cpu, cuda, cuda:N or mps")
@@ -1041,46 +829,12 @@ def pick_device(name: str | None = None) -> torch.device:
     return torch.device(name)
 
 
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-
-
-def pick_precision(name: str, device: torch.device) -> str:
-    """auto: bf16 on a CUDA GPU that has it natively (Ampere on), else fp16 with a GradScaler (the
-    authors' code's choice; T4, V100); fp32 off CUDA."""
-    if name not in PRECISIONS:
-        raise StemJEPAError(f"--precision {name}: choose one of {', '.join(PRECISIONS)}")
+def autocast_dtype(device: torch.device):
+    """The training precision: bf16 autocast on CUDA GPUs that have it natively, fp16 (with a
+    GradScaler, the authors' code's choice) on older ones, None (fp32) on CPU and MPS."""
     if device.type != "cuda":
-        if name in ("bf16", "fp16"):
-            raise StemJEPAError(f"--precision {name} is for CUDA GPUs; on {device.type} training "
-                                "runs in fp32 (--precision auto or fp32)")
-        return "fp32"
-    native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
-    if name == "bf16" and not native_bf16:
-        raise StemJEPAError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no native "
-                            "bf16; use --precision fp16 (or auto)")
-    if name == "auto":
-        return "bf16" if native_bf16 else "fp16"
-    return name
-
-
-def autocast_for(device: torch.device, precision: str = "bf16"):
-    """Autocast in the training precision on CUDA (`pick_precision`), none for fp32 or elsewhere."""
-    if device.type != "cuda" or precision == "fp32":
-        return nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
-@contextmanager
-def full_precision(device: torch.device):
-    """float32, no autocast or TF32, as the authors evaluate: pooled vectors of one instrument sit
-    at cosine ~0.98, where bf16 rounding reorders neighbours."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        with torch.autocast(device.type, enabled=False):
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
 def param_groups(model: nn.Module, weight_decay: float, *, decay_all: bool = True) -> list[dict]:
@@ -1096,151 +850,24 @@ def param_groups(model: nn.Module, weight_decay: float, *, decay_all: bool = Tru
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def training_step(model: StemJEPA, optimizer, context, target, instrument, *, lr: float, tau: float,
-                  grad_clip: float = 3.0, grad_accum: int = 1, loss_fn=None,
-                  precision: str = "bf16", scaler=None) -> tuple[torch.Tensor, bool]:
-    """One step of 3.3: forward context and target, predict, loss (Eq. 1), backward, clip the
-    gradient norm, AdamW step, then the EMA update of the target encoder (Eq. 2).
-
-    loss_fn: the model or its DDP / compiled wrapper. The batch is split into grad_accum
-    micro-batches whose gradients add up (DDP synchronises only the last). Returns the loss (a
-    tensor: reading it would wait for the device) and whether the step was applied: a non-finite
-    gradient norm (with fp16's GradScaler: an overflow, which also lowers the scale) skips the
-    update and the EMA.
-    """
-    loss_fn = model if loss_fn is None else loss_fn
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    # Step 1. forward context and target, predict, loss (Eq. 1), backward, by micro-batches
-    micro = len(context) // grad_accum
-    total = 0.0
-    for i in range(grad_accum):
-        part = slice(i * micro, (i + 1) * micro)
-        last = i == grad_accum - 1
-        sync = nullcontext() if last or not hasattr(loss_fn, "no_sync") else loss_fn.no_sync()
-        with sync, autocast_for(context.device, precision):
-            loss = loss_fn(context[part], target[part], instrument[part]) / grad_accum
-        (loss if scaler is None else scaler.scale(loss)).backward()
-        total = total + loss.detach()
-    # Step 2. clip the gradient norm and take the AdamW step (3.3), unless the norm is not finite
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    grad_norm = nn.utils.clip_grad_norm_(trainable, grad_clip, foreach=True)
-    applied = bool(torch.isfinite(grad_norm))   # one host sync: the price of skipping bad steps
-    if applied:
-        optimizer.step()
-        # Step 3. the target encoder follows the context encoder (Eq. 2)
-        ema_update(list(model.target_encoder.parameters()), list(model.encoder.parameters()), tau)
-    if scaler is not None:
-        scaler.update()                             # halves the scale after an overflow
-    optimizer.zero_grad(set_to_none=True)
-    return total, applied
-
-
-# 3.3 Training: what the loop relies on: checkpoints, collapse measures, run lock, signals ---------
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Keep the previous checkpoint as *.prev.pt and write atomically (`_write_atomic`)."""
-    _write_atomic(path, lambda p: torch.save(state, p), keep_previous=True)
-
-
 def load_checkpoint(path, map_location="cpu") -> dict:
-    """A checkpoint written by `train` (a plain dict, loadable with weights_only=True); if it is
-    missing or unreadable, the previous one (*.prev.pt)."""
-    path = Path(path)
-    problems = []
-    for p in (path, path.with_name(path.stem + ".prev.pt")):
-        if not p.exists():
-            continue
-        try:
-            ckpt = torch.load(p, map_location=map_location, weights_only=True)
-        except Exception as e:
-            problems.append(f"{p}: not a readable checkpoint ({type(e).__name__})")
-            continue
-        if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-            problems.append(f"{p}: not a Stem-JEPA checkpoint")
-        elif ckpt.get("version") != VERSION:
-            problems.append(f"{p}: written by checkpoint format {ckpt.get('version')}, "
-                            f"this file reads {VERSION}")
-        else:
-            return ckpt
-    raise StemJEPAError("; ".join(problems) or f"{path}: no such checkpoint")
-
-
-# Config fields that may change on --resume with --force: they do not change what the weights mean.
-RESUMABLE_CHANGES = ("steps", "log_every", "ckpt_every", "grad_accum")
-
-# Config fields newer than some checkpoints, and the value the runs saved without them used:
-# M2D's weight decay grouping, the cosine down to 0, no song-contrast term.
-BEFORE_THE_FIELD = {"weight_decay_all": False, "min_lr_ratio": 0.0, "song_contrast": 0.0,
-                    "song_temperature": 0.1}
-
-
-def _flag(field: str, value) -> str:
-    """A Config field's value as the command line spells it: --no-weight-decay-all, --steps 10."""
-    flag = field.replace("_", "-")
-    if isinstance(value, bool):
-        return f"--{flag}" if value else f"--no-{flag}"
-    return f"--{flag} {value}"
-
-
-def check_resume(ckpt: dict, cfg: Config, data_id: str, force: bool) -> None:
-    """Refuse to resume with another config or data; --force passes RESUMABLE_CHANGES and data.
-    A field the checkpoint predates has the value its run used (BEFORE_THE_FIELD)."""
-    saved = {**BEFORE_THE_FIELD, **ckpt["config"]}
-    diffs = {k: (saved.get(k, "not recorded"), v) for k, v in dataclasses.asdict(cfg).items()
-             if saved.get(k) != v}
-    if ckpt.get("data") != data_id:
-        diffs["dataset"] = ("a different track list", "this one")
-    text = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in diffs.items())
-    if any(k not in RESUMABLE_CHANGES + ("dataset",) for k in diffs):
-        advice = "pass the same preset and options"
-        older = [k for k in diffs if k in BEFORE_THE_FIELD and k not in ckpt["config"]]
-        if older:
-            flags = ", ".join("--" + k.replace("_", "-") for k in older)
-            advice += (f" (a checkpoint from before {flags} existed needs "
-                       f"{' '.join(_flag(k, saved[k]) for k in older)})")
-        raise StemJEPAError(f"cannot resume: the run was made with another configuration ({text}); "
-                            f"{advice}, or start a new --out")
-    if diffs and not force:
-        raise StemJEPAError(f"cannot resume: {text}; pass --force to continue with these changes")
-
-
-# Config fields that fix the shapes of the weights: --init-from needs the checkpoint's values.
-ARCHITECTURE = ("sample_rate", "n_fft", "hop_length", "n_mels", "f_min", "f_max", "patch_size",
-                "dim", "depth", "heads", "mlp_ratio", "predictor", "pred_hidden", "pred_layers",
-                "pred_tf_dim", "pred_tf_depth", "pred_tf_heads")
-
-
-def init_from_checkpoint(model: StemJEPA, ckpt: dict) -> list[str]:
-    """Copy a checkpoint's weights into a fresh model, for fine-tuning (any chunk length: positions
-    are fixed); instrument rows by name, new instruments kept fresh. Returns the new names."""
-    diffs = [f"{k}: {ckpt['config'].get(k)} -> {getattr(model.config, k)}" for k in ARCHITECTURE
-             if ckpt["config"].get(k) != getattr(model.config, k)]
-    if diffs:
-        raise StemJEPAError(f"cannot --init-from a checkpoint of another architecture "
-                            f"({', '.join(diffs)}); pass the checkpoint's preset and options")
-    state = model.state_dict()
-    for name, value in ckpt["model"].items():
-        if name.endswith("instrument.weight"):
-            for row, instrument in enumerate(ckpt["instruments"]):
-                if instrument in model.instruments:
-                    state[name][model.instruments.index(instrument)] = value[row]
-        else:
-            state[name] = value
-    model.load_state_dict(state)
-    return [s for s in model.instruments if s not in ckpt["instruments"]]
-
-
-LOG_COLUMNS = ("step,loss,lr,tau,samples_per_s,embedding_spread,batch_loss,avg_stem_loss,"
-               "pred_spread,target_spread,skipped")
+    """A checkpoint written by `train`: a plain dict, loadable with weights_only=True."""
+    if not Path(path).is_file():
+        raise StemJEPAError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise StemJEPAError(f"{path}: not a readable checkpoint ({type(e).__name__}: "
+                            "truncated or not written by torch.save)") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise StemJEPAError(f"{path}: not a Stem-JEPA checkpoint")
+    return ckpt
 
 
 def embedding_spread(z: torch.Tensor) -> float:
-    """Collapse indicator: the standard deviation across the batch of the (standardised, time- and
-    frequency-averaged) embeddings, averaged over dims. It falls towards 0 when the encoder maps
-    every input to the same point, which a falling loss alone does not reveal."""
+    """Collapse of the encoder: the standard deviation across the batch of the (standardised,
+    time- and frequency-averaged) embeddings (B, F, T, D), averaged over dims; it falls towards
+    0 when every input maps to the same point, which a falling loss alone does not reveal."""
     z = F.layer_norm(z.float(), z.shape[-1:]).mean(dim=(1, 2))          # (B, D)
     return z.std(dim=0).mean().item() if len(z) > 1 else float("nan")
 
@@ -1254,7 +881,8 @@ def collapse_measures(pred: torch.Tensor, target: torch.Tensor, instrument: torc
       *other* samples of the same instrument (leave-one-out): "the average bass". A predictor that
       ignores the mix cannot beat it; batch_loss (Eq. 1 of the model on the same samples) must.
     - pred_spread, target_spread: RMS distance of the unit predictions (targets) to their
-      per-(instrument, patch) batch mean. pred_spread is 0 when every song gets the same prediction.
+      per-(instrument, patch) batch mean. pred_spread is 0 when every song gets the same
+      prediction; target_spread near 0 means the targets themselves carry only the instrument.
     """
     p, t = F.normalize(pred.float(), dim=-1), unit_targets(target)      # (B, F, T, D)
     same = (instrument[:, None] == instrument[None]).float()            # (B, B)
@@ -1274,283 +902,242 @@ def collapse_measures(pred: torch.Tensor, target: torch.Tensor, instrument: torc
             "pred_spread": spread(p), "target_spread": spread(t)}
 
 
-class RunLock:
-    """OUT/train.lock: refuses a second live training into OUT; stale once its process is gone."""
+# 3.3 Training: the step and the loop --------------------------------------------------------------
 
-    def __init__(self, folder: Path, log=print):
-        self.path = Path(folder) / "train.lock"
-        self.log = log
-        self.held = False
+def training_step(model: StemJEPA, optimizer, context, target, instrument, *, lr: float,
+                  tau: float, grad_clip: float = 3.0, grad_accum: int = 1, loss_fn=None,
+                  amp_dtype=None, scaler=None):
+    """One step of 3.3: forward context and target, predict, Eq. 1, backward, clip the gradient
+    norm, AdamW, then the EMA update of the target encoder (Eq. 2).
 
-    def holder(self) -> int | None:
-        """The pid of the live process holding the lock, or None (no lock, or a stale one)."""
+    loss_fn: the model or its DDP / compiled wrapper. The batch is split into grad_accum
+    micro-batches whose gradients add up (DDP synchronises only the last). A non-finite gradient
+    norm (with fp16's GradScaler: an overflow, which also lowers the scale) skips the update and
+    the EMA. Returns the mean loss (a tensor), whether the step was applied, and the last
+    micro-batch's (predictions, targets, instruments) for the log.
+    """
+    loss_fn = loss_fn or model
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    micro, total = len(context) // grad_accum, 0.0
+    for i in range(grad_accum):
+        part = slice(i * micro, (i + 1) * micro)
+        last = i == grad_accum - 1
+        sync = nullcontext() if last or not hasattr(loss_fn, "no_sync") else loss_fn.no_sync()
+        with sync, torch.autocast(context.device.type, dtype=amp_dtype, enabled=bool(amp_dtype)):
+            # Step 1. forward context and target, predict, Eq. 1
+            loss, pred, z_bar = loss_fn(context[part], target[part], instrument[part])
+        # Step 2. backward (gradients add up over the micro-batches)
+        (loss / grad_accum if scaler is None else scaler.scale(loss / grad_accum)).backward()
+        total = total + loss.detach() / grad_accum
+    # Step 3. clip the gradient norm and take the AdamW step, unless the norm is not finite
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    applied = bool(torch.isfinite(nn.utils.clip_grad_norm_(trainable, grad_clip, foreach=True)))
+    if applied:
+        optimizer.step()
+        # Step 4. the target encoder follows the context encoder (Eq. 2)
+        ema_update(list(model.target_encoder.parameters()), list(model.encoder.parameters()), tau)
+    if scaler is not None:
+        scaler.update()                             # halves the scale after an overflow
+    optimizer.zero_grad(set_to_none=True)
+    return total, applied, (pred, z_bar, instrument[part])
+
+
+# Config fields that --resume --force may change: they do not change what the weights mean.
+RESUMABLE_CHANGES = ("steps", "log_every", "ckpt_every", "grad_accum")
+
+
+@contextmanager
+def _run_lock(out: Path):
+    """OUT/train.lock, held while the loop runs: a second live run into OUT is refused. The OS
+    releases it when the process ends, even by kill -9 (POSIX; no lock on Windows)."""
+    with open(out / "train.lock", "w") as f:
         try:
-            pid_text, _, host = self.path.read_text().partition(" ")
-            pid = int(pid_text)
-        except (OSError, ValueError):
-            return None                         # no lock, or one being written: acquire decides
-        if host.strip() != os.uname().nodename:
-            return pid                          # another machine (shared disk): assume it is alive
-        try:
-            os.kill(pid, 0)                     # signal 0: only asks whether the process exists
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            return pid                          # exists, owned by another user
-        return pid
-
-    def check(self) -> None:
-        pid = self.holder()
-        if pid is not None and pid != os.getpid():
-            raise StemJEPAError(f"{self.path.parent} is in use by another training (pid {pid}): "
-                                f"wait for it, stop it, or choose another --out (if no training "
-                                f"runs there, delete {self.path})")
-
-    def __enter__(self):
-        self.check()
-        if self.path.exists():
-            self.log(f"removing the stale lock {self.path} ({self.path.read_text().strip()}: "
-                     "that process is gone)")
-            self.path.unlink(missing_ok=True)
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)   # atomic: one winner
-        except FileExistsError:
-            self.check()
-            raise StemJEPAError(f"{self.path} appeared while starting: another training is "
-                                "starting in the same folder") from None
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()} {os.uname().nodename}\n")
-        self.held = True
-        return self
-
-    def __exit__(self, *exc):
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
+            import fcntl
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:
+            pass
+        except BlockingIOError:
+            raise StemJEPAError(f"{out} is in use by another training: wait for it, stop it, "
+                                "or choose another --out") from None
+        yield
 
 
-class GracefulStop:
-    """Ctrl-C or SIGTERM sets .reason: the loop saves and exits. A second Ctrl-C exits at once."""
+@contextmanager
+def _stop_signals():
+    """Ctrl-C or SIGTERM sets stop["signal"]: the loop saves and returns. A second one ends the
+    process at once. Loader workers ignore both (`_worker_ignores_signals`)."""
+    stop = {}
 
-    def __init__(self):
-        self.reason = None                      # the signal's name, once one arrives
-        self.previous = {}                      # the handlers to put back
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():  # the only one that may set them
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.reason = signal.Signals(signum).name
+    def handle(signum, frame):
+        stop["signal"] = signal.Signals(signum).name
         signal.signal(signum, signal.SIG_DFL)
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-def _ignore_sigint(_worker_id):
-    """Loader workers leave Ctrl-C to the main process, which saves and stops them."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    main = threading.current_thread() is threading.main_thread()   # only it may set handlers
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM) if main}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
-def _quiet(*args, **kwargs) -> None:
-    """The log of processes other than rank 0."""
-
-
-# 3.3 Training: the loop ---------------------------------------------------------------------------
-
-class Trained(NamedTuple):
-    """What `train` returns: the model, in eval mode, and why the run stopped before its last
-    step: "SIGINT" or "SIGTERM" (the CLI exits with 128 + the signal's number), else None."""
-    model: StemJEPA
-    interrupted: str | None
+def _worker_ignores_signals(worker_id):
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
 
 
 def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, force=False,
-          device=None, compile=False, workers=None, stop_at=None, init_from=None,
-          precision="auto", layout=None, log=print, verbose=True) -> Trained:
+          device=None, compile=False, workers=None, stop_at=None, log=print):
     """Train Stem-JEPA on the `train` split of `data` (3.3) into OUT/checkpoint.pt and OUT/log.csv.
-    stop_at: save and return at this step (continue with resume=True). init_from: a new run (fresh
-    optimizer, schedules from step 0) from a checkpoint's weights; resume=True with a checkpoint in
-    OUT takes precedence. precision: `pick_precision`; layout: `find_tracks`'s options. Under
-    torchrun, each process takes batch_size / world_size samples per step and DDP averages the
-    gradients; OUT/train.lock (`RunLock`) keeps a second live run out of OUT. verbose=False: the
-    setup, the last step's line and the notes, not every log_every step (log.csv has them all)."""
-    out = Path(out)
-    ckpt_path = out / "checkpoint.pt"
-    # Processes and device: torchrun's environment variables, one process per device
+    stop_at: save and return at this step; Ctrl-C and SIGTERM save and return too (continue with
+    resume=True). Under torchrun, each process takes batch_size / world_size samples per step and
+    DDP averages the gradients. Returns the model (eval mode) and the signal that stopped it."""
+    out, ckpt_path = Path(out), Path(out) / "checkpoint.pt"
+    # Setup: one process per device under torchrun (DDP), else one; the device and its precision
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     if cfg.batch_size % (world * cfg.grad_accum):
         raise StemJEPAError(f"--batch-size {cfg.batch_size} does not divide among {world} "
                             f"processes x {cfg.grad_accum} accumulation steps")
-    if ddp and device is None:
-        device = f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else "cpu"
+    if ddp and device is None and torch.cuda.is_available():
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
     device = pick_device(device)
+    if out.exists() and not out.is_dir():
+        raise StemJEPAError(f"--out {out} is a file: give a folder for the run")
+    out.mkdir(parents=True, exist_ok=True)
     if ddp:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if out.exists() and not out.is_dir():
-        raise StemJEPAError(f"--out {out} is a file: give a folder for the run "
-                            "(it holds checkpoint.pt and log.csv)")
-    precision = pick_precision(precision, device)   # bf16, or fp16 with loss scaling, on CUDA
-    # Data: rank 0 decodes the tracks into the cache (`prepare`); the others then read it
-    if rank == 0:
-        RunLock(out, log=log).check()               # before decoding the data; the loop takes it
-    else:
-        log = _quiet
+    amp_dtype = autocast_dtype(device)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    # Data (3.4): rank 0 decodes the tracks into the cache; the others wait, then read it
+    if rank > 0:
+        log = lambda *args: None                        # rank 0 speaks for all  # noqa: E731
         dist.barrier()
-    tracks = prepare(data, "train", cache=cache, layout=layout, log=log, verbose=verbose,
-                     **prepare_options(cfg))
+    tracks = prepare(data, "train", cache=cache, log=log, **prepare_options(cfg))
     if ddp and rank == 0:
         dist.barrier()
     instruments = sorted({s for t in tracks for s in t["stems"]})
-    names = json.dumps([(t["name"], t["stems"], t["length"]) for t in tracks])
-    data_id = hashlib.sha1(names.encode()).hexdigest()     # resuming checks it is the same data
-    # The model, AdamW (3.3) and, for fp16, a GradScaler
+    data_id = hashlib.sha1(json.dumps([(t["name"], t["stems"], t["length"])
+                                       for t in tracks]).encode()).hexdigest()
+    # The model and AdamW (3.3); fused: one kernel over all parameters
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, instruments).to(device)
     groups = param_groups(model, cfg.weight_decay, decay_all=cfg.weight_decay_all)
-    # fused: one kernel over all parameters, not ~10 passes (a CPU ViT-B step: 60 ms, not 400 ms)
     optimizer = torch.optim.AdamW(groups, lr=0.0, betas=(cfg.beta1, cfg.beta2),
                                   fused=device.type in ("cuda", "cpu"))
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    if device.type == "cuda":
-        log(f"precision {precision}" + (" with a gradient scaler" if scaler is not None else ""))
-    # Resume from OUT's checkpoint, or start from another run's weights, or from scratch. The log
-    # window (loss_sum over the n_applied applied steps since the last log line) is checkpointed
-    # too, so that a resumed run logs what an uninterrupted one would.
-    step, skipped, loss_sum, n_applied = 0, 0, torch.zeros((), device=device), 0
-    if resume and (ckpt_path.exists() or ckpt_path.with_name("checkpoint.prev.pt").exists()):
+    # Resume: weights, optimizer, step, and the loss summed since the last log line
+    step, skipped, loss_sum, n_summed = 0, 0, 0.0, 0
+    if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path, map_location=device)
-        check_resume(ckpt, cfg, data_id, force)
-        if ckpt["instruments"] != instruments:
-            raise StemJEPAError(f"cannot resume: the checkpoint knows instruments "
-                                f"{ckpt['instruments']}, the data has {instruments}")
+        changed = [k for k, v in ckpt["config"].items() if hasattr(cfg, k) and v != getattr(cfg, k)]
+        changed += ["data"] * (ckpt["data"] != data_id)
+        text = ", ".join(f"{k} {ckpt['config'].get(k, 'another track list')} -> "
+                         f"{getattr(cfg, k, 'this one')}" for k in changed)
+        if (ckpt["instruments"] != instruments or (changed and not force)
+                or not set(changed) <= {*RESUMABLE_CHANGES, "data"}):
+            raise StemJEPAError(f"cannot resume {ckpt_path} ({text or 'other instruments'}): pass "
+                                f"the run's preset and options (--force lets {', '.join(RESUMABLE_CHANGES)} "
+                                "and the data change), or start a new --out")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler is not None and ckpt.get("scaler"):
+        if scaler is not None and ckpt["scaler"]:
             scaler.load_state_dict(ckpt["scaler"])
-        step, skipped = ckpt["step"], ckpt.get("skipped", 0)
-        window_loss, n_applied = ckpt.get("log_window", (0.0, 0))
-        loss_sum.fill_(float(window_loss))
+        step, skipped, (loss_sum, n_summed) = ckpt["step"], ckpt["skipped"], ckpt["log_window"]
         log(f"resuming {ckpt_path} at step {step}")
-    elif init_from:
-        new = init_from_checkpoint(model, load_checkpoint(init_from, map_location=device))
-        log(f"initialised from {init_from} (encoder, target encoder, predictor); a new run from "
-            "step 0" + (f"; new instrument embeddings for {', '.join(new)}" if new else ""))
-    elif resume:
-        log(f"no checkpoint in {out}: starting from scratch")
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if not (out / "log.csv").exists():
-            (out / "log.csv").write_text(LOG_COLUMNS + "\n")
-    if device.type == "cpu" and cfg.dim >= 768:
-        log("note: the paper preset is made for a GPU (the paper: about four days on an A100; "
-            "years on a CPU); use --preset tiny to learn in minutes")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(f"training {cfg.predictor} predictor, {trainable / 1e6:.1f} M trainable parameters, "
-        f"{len(tracks)} tracks, instruments {instruments}, on {device} x {world}, "
+    log(f"training the {cfg.predictor} predictor and the encoder, {trainable / 1e6:.1f} M "
+        f"parameters, on {len(tracks)} tracks of {instruments}, {device} x {world}, "
         f"steps {step}..{cfg.steps}")
-    # What the step differentiates: the model, in DDP under torchrun, compiled on request
-    loss_fn = model
-    if ddp:
-        ids = [device] if device.type == "cuda" else None
-        loss_fn = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    if compile:
-        loss_fn = torch.compile(loss_fn)
-    # This process's share of each step's batch, from this step on (3.2: StemChunks, StepBatches)
+    loss_fn = nn.parallel.DistributedDataParallel(model) if ddp else model
+    loss_fn = torch.compile(loss_fn) if compile else loss_fn
+    # This process's share of each step's batch, from this step on (3.2)
     workers = min(8, max((os.cpu_count() or 2) // 2, 1)) if workers is None else workers
     dataset = StemChunks(tracks, instruments, chunk=chunk_samples(cfg),
                          threshold=cfg.active_threshold, tries=cfg.redraw_tries, seed=cfg.seed)
-    sampler = StepBatches(start=step, steps=cfg.steps, batch=cfg.batch_size // world, rank=rank,
-                          world=world)
+    batches = StepBatches(start=step, steps=cfg.steps, batch=cfg.batch_size // world,
+                          rank=rank, world=world)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
-        worker_init_fn=_ignore_sigint, prefetch_factor=4 if workers else None)
+        dataset, batch_sampler=batches, num_workers=workers, pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None, worker_init_fn=_worker_ignores_signals)
 
-    def save():                                 # all a resumed run needs, written by rank 0
+    def save():                                     # all a resumed run needs, written atomically
         if rank == 0:
-            save_checkpoint(ckpt_path, {
-                "version": VERSION, "config": dataclasses.asdict(cfg), "instruments": instruments,
-                "step": step, "skipped": skipped, "data": data_id,
-                "log_window": (loss_sum.item(), n_applied), "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None})
+            state = {"config": dataclasses.asdict(cfg), "instruments": instruments,
+                     "step": step, "skipped": skipped, "data": data_id,
+                     "log_window": (loss_sum, n_summed), "model": model.state_dict(),
+                     "optimizer": optimizer.state_dict(),
+                     "scaler": scaler.state_dict() if scaler else None}
+            _write_atomic(ckpt_path, lambda p: torch.save(state, p))
 
     peak_lr = cfg.base_lr * cfg.batch_size / 256
-    bad_in_a_row, n_seen, t_last = 0, 0, time.time()   # n_seen: steps since the last log line
-    lock = RunLock(out, log=log) if rank == 0 else nullcontext()
-    with GracefulStop() as stop, lock:
-        batches = iter(loader)
-        while step < min(cfg.steps, stop_at or cfg.steps) and stop.reason is None:
-            try:
-                batch = next(batches)
-            except Exception:
-                if stop.reason:                 # the signal also interrupted a loader worker
-                    break
-                raise
-            context, target, instrument = (x.to(device, non_blocking=True) for x in batch)
-            # This step's learning rate (3.3: linear warmup, then cosine) and tau_i (Eq. 2)
+    n_seen, bad_in_a_row, t_last = 0, 0, time.time()
+    with _run_lock(out) if rank == 0 else nullcontext(), _stop_signals() as stop:
+        for context, target, instrument in loader:
+            if stop or step == stop_at:
+                break
+            context, target, instrument = (x.to(device, non_blocking=True)
+                                           for x in (context, target, instrument))
             lr = lr_at(step, peak_lr=peak_lr, warmup_steps=cfg.warmup_steps,
-                       total_steps=cfg.steps, min_ratio=cfg.min_lr_ratio)
-            tau = tau_at(step, cfg.steps, cfg.tau_start, cfg.tau_end)
-            # Steps 1-3: forward and Eq. 1, backward and AdamW, EMA of the target encoder (Eq. 2)
-            loss, applied = training_step(model, optimizer, context, target, instrument, lr=lr,
-                                          tau=tau, grad_clip=cfg.grad_clip,
-                                          grad_accum=cfg.grad_accum, loss_fn=loss_fn,
-                                          precision=precision, scaler=scaler)
+                       total_steps=cfg.steps, min_ratio=cfg.min_lr_ratio)   # 3.3
+            tau = tau_at(step, cfg.steps, cfg.tau_start, cfg.tau_end)      # Eq. 2's tau_i
+            # Steps 1-4: forward and Eq. 1, backward, AdamW, EMA of the target encoder (Eq. 2)
+            loss, applied, (pred, z_bar, inst) = training_step(
+                model, optimizer, context, target, instrument, lr=lr, tau=tau,
+                grad_clip=cfg.grad_clip, grad_accum=cfg.grad_accum, loss_fn=loss_fn,
+                amp_dtype=amp_dtype, scaler=scaler)
             if applied:
-                loss_sum += loss                # on the device: adding a loss does not sync
-                n_applied, bad_in_a_row = n_applied + 1, 0
+                loss_sum, n_summed, bad_in_a_row = loss_sum + loss.item(), n_summed + 1, 0
             else:
                 skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
                 log(f"step {step}: non-finite loss or gradient, step skipped ({skipped} so far)")
-                if bad_in_a_row >= 5:
+                if bad_in_a_row == 5:
                     raise StemJEPAError(f"step {step}: the loss was not finite for 5 steps in a "
                                         f"row; {ckpt_path} holds the last good state "
                                         "(try a lower --lr)")
             step, n_seen = step + 1, n_seen + 1
-            # Log: the mean loss since the last line, the collapse measures of this batch
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                mean_loss = loss_sum.item() / max(n_applied, 1)
-                speed = n_seen * cfg.batch_size / (time.time() - t_last)
-                with torch.no_grad(), autocast_for(device, precision):
-                    z_bar = model.encode(target, target=True)
-                    c = collapse_measures(model.predict(context, instrument), z_bar, instrument)
-                    spread = embedding_spread(z_bar)
-                if verbose or step == cfg.steps:
-                    log(f"step {step}/{cfg.steps}  loss {mean_loss:.4f} (batch "
-                        f"{c['batch_loss']:.4f}, average stem {c['avg_stem_loss']:.4f})  "
-                        f"prediction spread {c['pred_spread']:.3f}  target spread "
-                        f"{c['target_spread']:.3f}  embedding spread {spread:.3f}  lr {lr:.2e}  "
-                        f"tau {tau:.6f}  {speed:.1f} samples/s  "
-                        f"ETA {(cfg.steps - step) * cfg.batch_size / speed / 60:.1f} min")
+            if step % cfg.log_every == 0 or step == cfg.steps:     # the log, with collapse
+                row = {"step": step, "loss": loss_sum / max(n_summed, 1), "lr": lr, "tau": tau,
+                       "samples_per_s": n_seen * cfg.batch_size / (time.time() - t_last),
+                       "embedding_spread": embedding_spread(z_bar),
+                       **collapse_measures(pred, z_bar, inst), "skipped": skipped}
+                log(f"step {step}/{cfg.steps}  " + "  ".join(f"{k} {v:.6g}" for k, v in
+                                                             list(row.items())[1:]))
                 if rank == 0:
+                    new = not (out / "log.csv").exists()
                     with open(out / "log.csv", "a") as f:
-                        f.write(f"{step},{mean_loss:.6f},{lr:.6e},{tau:.8f},{speed:.2f},"
-                                f"{spread:.4f},{c['batch_loss']:.6f},{c['avg_stem_loss']:.6f},"
-                                f"{c['pred_spread']:.4f},{c['target_spread']:.4f},{skipped}\n")
-                loss_sum.zero_()
-                n_seen = n_applied = 0
-                t_last = time.time()
-            if step % cfg.ckpt_every == 0 or step == cfg.steps:     # checkpoint
+                        f.write(",".join(row) + "\n" if new else "")
+                        f.write(",".join(f"{v:.8g}" for v in row.values()) + "\n")
+                loss_sum, n_summed, n_seen, t_last = 0.0, 0, 0, time.time()
+            if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 save()
-        if stop.reason or step < cfg.steps:
+        if step < cfg.steps:
             save()
-            log(f"{stop.reason or 'stop_at'}: saved {ckpt_path} at step {step}; continue with "
-                "the same command and --resume")
+            log(f"{stop.get('signal', 'stop_at')}: saved {ckpt_path} at step {step}; continue "
+                "with the same command and --resume")
     if ddp:
         dist.destroy_process_group()
-    return Trained(model.eval(), stop.reason)
+    return model.eval(), stop.get("signal")
 
 
 # 4.1 Stem retrieval: whole tracks -> pooled embeddings -> Recall@K and normalised rank ------------
+
+@contextmanager
+def full_precision(device: torch.device):
+    """float32, no autocast or TF32, as the authors evaluate: pooled vectors of one instrument sit
+    at cosine ~0.98, where bf16 rounding reorders neighbours."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.autocast(device.type, enabled=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
 
 @torch.no_grad()
 def embed_long(model: StemJEPA, wavs: list[np.ndarray], *, instruments=None, target=True,
@@ -1656,7 +1243,8 @@ def which_song_and_instrument(queries, refs, track, instrument) -> dict:
     others = same_inst & ~same_song
     cosine = (q @ q.T)[others].mean().item() if others.any() else None
     truth = torch.arange(len(queries))
-    ranks = functools.partial(retrieval_metrics, queries, refs, truth, ks=(1,))
+    def ranks(candidates):
+        return retrieval_metrics(queries, refs, truth, ks=(1,), candidates=candidates)
     centred = retrieval_metrics(centre_per_instrument(queries, instrument),
                                 centre_per_instrument(refs, instrument), truth, ks=(1,),
                                 candidates=same_inst)
@@ -1664,115 +1252,187 @@ def which_song_and_instrument(queries, refs, track, instrument) -> dict:
             "which_instrument": ranks(candidates=same_song), "query_cosine": cosine}
 
 
+# 4.3 Stem alignment: target patches against shifted predictions (Eq. 3) --------------------------
+
+def frames(z: torch.Tensor) -> torch.Tensor:
+    """(F, T, D) -> (T, F*D): one vector per time patch (160 ms), frequency rows concatenated."""
+    return z.permute(1, 0, 2).reshape(z.shape[1], -1)
+
+
+def shift_similarity(z: torch.Tensor, q: torch.Tensor, shifts,
+                     circular: bool = True) -> torch.Tensor:
+    """Eq. 3, s(z, q, j) = 1/(MS) sum_s sum_i <z_s[i], q_s[(i + j) % M]>, for one stem (S = 1)
+    at each shift j: z, q (T, C), normalised here; M = T, the number of time patches. With
+    circular=False (lengths differ, as in `retrieve`), the mean over the overlapping patches."""
+    sims = F.normalize(z.float(), dim=-1) @ F.normalize(q.float(), dim=-1).T   # (T, T')
+    i = torch.arange(sims.shape[0])
+    if circular:
+        return torch.stack([sims[i, (i + j) % sims.shape[1]].mean() for j in shifts])
+    out = []
+    for j in shifts:
+        ok = (i + j >= 0) & (i + j < sims.shape[1])
+        out.append(sims[i[ok], i[ok] + j].mean() if ok.any() else torch.tensor(float("nan")))
+    return torch.stack(out)
+
+
+def best_offset(stem: torch.Tensor, prediction: torch.Tensor, min_overlap: float = 0.5) -> int:
+    """The shift j (time patches) at which a stem (T, C) best matches a mix's prediction (T', C):
+    the stem starts j patches into the mix. Shifts sharing < min_overlap of the shorter are out."""
+    T, Tq = len(stem), len(prediction)
+    need = max(1, int(min_overlap * min(T, Tq)))
+    shifts = list(range(-(T - need), Tq - need + 1))
+    return shifts[int(shift_similarity(stem, prediction, shifts, circular=False).argmax())]
+
+
 # =============================================================================================
-# PART TWO: around the method: a trained model, toy songs, the analyses of 4.1-4.5, using
-# a trained model, benchmarks, the command line
+# PART TWO: what the commands need: Table 1's evaluation, toy songs, the command line
 # =============================================================================================
 
 
-# A trained model: StemJEPA.from_checkpoint, and the model on recordings of any length -------------
-# StemJEPA's methods beyond Fig. 1, functions of the model set on the class at the end of this
-# section. Any length: chunk, encode, concatenate (`embed_long`, as the evaluation does); they take
-# one mono waveform (N,) at config.sample_rate, numpy or torch, and return CPU tensors.
+# 4.1 Table 1: the model's retrieval beside chance, random weights and a DSP baseline --------------
 
-def _from_checkpoint(cls, path, map_location="cpu") -> StemJEPA:
-    """A trained model from a checkpoint written by `train`, in eval mode."""
-    ckpt = load_checkpoint(path, map_location=map_location)
-    model = build_model(Config(**ckpt["config"]), ckpt["instruments"])
-    model.load_state_dict(ckpt["model"])
-    return model.eval()
-
-
-def _instrument_id(self: StemJEPA, instrument) -> int:
-    """An instrument name (e.g. "bass") or id -> its id, or an error listing the known ones."""
-    if isinstance(instrument, str):
-        if instrument not in self.instruments:
-            raise StemJEPAError(f"instrument {instrument!r}: the model knows "
-                                f"{', '.join(self.instruments)}")
-        return self.instruments.index(instrument)
-    return int(instrument)
-
-
-def _embed_one(self: StemJEPA, wav, instrument=None, *, target=True, batch=16) -> torch.Tensor:
-    """One waveform (N,) -> (F, T, D) by `embed_long`: encoded, or predicted for `instrument`."""
-    x = np.asarray(wav.detach().cpu() if torch.is_tensor(wav) else wav, dtype=np.float32)
-    if x.ndim != 1:
-        raise StemJEPAError(f"expected one mono waveform (N,), got shape {tuple(x.shape)}")
-    ids = None if instrument is None else [self.instrument_id(instrument)]
-    return embed_long(self, [x], instruments=ids, target=target, batch=batch,
-                      device=next(self.parameters()).device)[0]
+def dsp_features(x: np.ndarray, sample_rate: int = 16000) -> np.ndarray:
+    """A recording after AutoMashupper's harmonic and rhythmic "mashability": time-averaged
+    chroma (12), onset-envelope autocorrelation at 60-180 BPM (25), each L2-normalised."""
+    x = torch.from_numpy(np.asarray(x, dtype=np.float32))
+    spec = torch.stft(x, 4096, 1024, window=torch.hann_window(4096),
+                      return_complex=True).abs()                        # (bins, frames)
+    freqs = torch.fft.rfftfreq(4096, 1 / sample_rate)
+    band = (freqs > 55) & (freqs < 4000)
+    pitch_class = (torch.round(12 * torch.log2(freqs[band] / 440.0)).long() + 9) % 12
+    chroma = torch.zeros(12).index_add_(0, pitch_class, spec[band].mean(1))
+    hop = 256
+    logspec = torch.log1p(torch.stft(x, 1024, hop, window=torch.hann_window(1024),
+                                     return_complex=True).abs())
+    flux = (logspec[:, 1:] - logspec[:, :-1]).clamp(min=0).sum(0)
+    flux = flux - flux.mean()
+    lags = (60 * (sample_rate / hop) / torch.linspace(60, 180, 25)).round().long()  # frames/beat
+    ac = torch.stack([(flux[:-lag] * flux[lag:]).mean() if lag < len(flux) else torch.zeros(())
+                      for lag in lags])
+    return torch.cat([F.normalize(chroma, dim=0),
+                      F.normalize(ac.clamp(min=0), dim=0)]).numpy() / np.sqrt(2)
 
 
-def _encode_long(self: StemJEPA, wav, *, target: bool = True, batch: int = 16) -> torch.Tensor:
-    """A recording of any length (N,) -> its patch embeddings (F, T, D), one column of patches
-    per 160 ms, T = ceil(N / 2560); the target encoder by default (retrieval's references)."""
-    return _embed_one(self, wav, target=target, batch=batch)
+@dataclass
+class RetrievalEmbeddings:
+    """4.1's pooled vectors, one row per (track, stem): queries q_s^(n), references z_s^(n) (row
+    i's true reference is row i); refs_context: the context encoder's (None for DSP)."""
+    queries: torch.Tensor                       # (Q, C)
+    refs_target: torch.Tensor                   # (R, C)
+    track: torch.Tensor                         # (R,)
+    instrument: torch.Tensor                    # (R,)
+    refs_context: torch.Tensor | None = None    # (R, C)
 
 
-def _predict_long(self: StemJEPA, mix, instrument, *, batch: int = 16) -> torch.Tensor:
-    """A mix of any length (N,) and the missing instrument (name or id) -> the predicted patch
-    embeddings (F, T, D) of a stem that fits it (retrieval's query before pooling)."""
-    return _embed_one(self, mix, instrument, batch=batch)
+def retrieval_embeddings(model: StemJEPA, tracks: list[dict], *, device="cpu", batch=16,
+                         log=print) -> RetrievalEmbeddings:
+    """Per prepared track n and known stem s: the query q_s^(n) (the predictor on s over the mix
+    of the other stems, 4.1.1) and the target and context encoders' references z_s^(n), `pool`ed."""
+    model = model.to(device).eval()
+
+    def embed(wavs, **options):
+        return embed_long(model, wavs, batch=batch, device=device, **options)
+    seconds = [t["length"] * 2 * len(t["stems"]) / model.config.sample_rate for t in tracks]
+    queries, refs_target, refs_context, track, instrument = [], [], [], [], []
+    t0 = time.time()
+    for n, t in enumerate(tracks):
+        x = np.load(t["npy"]).astype(np.float32)                        # (S, N)
+        known = [i for i, s in enumerate(t["stems"]) if s in model.instruments]
+        ids = [model.instruments.index(t["stems"][i]) for i in known]
+        stems = [x[i] for i in known]
+        mixes = [x.sum(0) - x[i] for i in known]                        # x_{not s}: all but s
+        queries += [pool(q) for q in embed(mixes, instruments=ids)]
+        refs_target += [pool(z) for z in embed(stems)]
+        refs_context += [pool(z) for z in embed(stems, target=False)]
+        track += [n] * len(known)
+        instrument += ids
+        rate = sum(seconds[: n + 1]) / (time.time() - t0)
+        if ((n + 1) % 10 == 0 or n + 1 == len(tracks)):
+            log(f"  embedded {n + 1}/{len(tracks)} tracks, {rate:.0f} s of audio per s, "
+                f"ETA {sum(seconds[n + 1:]) / rate:.0f} s")
+    return RetrievalEmbeddings(queries=torch.stack(queries), refs_target=torch.stack(refs_target),
+                               refs_context=torch.stack(refs_context), track=torch.tensor(track),
+                               instrument=torch.tensor(instrument))
 
 
-def _embed(self: StemJEPA, wav, instrument=None, *, batch: int = 16) -> torch.Tensor:
-    """One pooled vector (F*D,) (`pool`, 3840-d for ViT-B) for a recording of any length: its
-    target embedding, or with `instrument` the prediction for the stem missing from this mix.
-    The L2 distance between the two is retrieval's (4.1)."""
-    return pool(_embed_one(self, wav, instrument, batch=batch))
+def dsp_embeddings(tracks: list[dict], instruments: list[str],
+                   sample_rate: int) -> RetrievalEmbeddings:
+    """The DSP baseline: queries from the mix without s, as for the model (one query for every
+    missing stem would be unfair: DSP has no notion of instrument), references from each stem."""
+    rows = []                                           # (query, reference, track, instrument)
+    for n, t in enumerate(tracks):
+        x = np.load(t["npy"]).astype(np.float32)
+        rows += [(dsp_features(x.sum(0) - x[i], sample_rate), dsp_features(x[i], sample_rate), n,
+                  instruments.index(s)) for i, s in enumerate(t["stems"]) if s in instruments]
+    q, r, tr, ins = zip(*rows)
+    return RetrievalEmbeddings(queries=torch.tensor(np.stack(q)),
+                               refs_target=torch.tensor(np.stack(r)),
+                               track=torch.tensor(tr), instrument=torch.tensor(ins))
 
 
-def _score(self: StemJEPA, mix, stem, instrument, *, batch: int = 16) -> dict:
-    """How well `stem` fits `mix` as `instrument` (4.1): the L2 distance between the pooled
-    prediction for the mix and the stem's pooled target embedding (0 to 2, lower fits better),
-    the cosine similarity 1 - d^2 / 2, and the offset at which the stem fits best (4.3:
-    `best_offset`; place the stem offset_s seconds after the start of the mix)."""
-    q = self.predict_long(mix, instrument, batch=batch)
-    z = self.encode_long(stem, batch=batch)
-    distance = (pool(q) - pool(z)).norm().item()
-    offset = best_offset(frames(z), frames(q))
-    return {"distance": round(distance, 4), "similarity": round(1 - distance ** 2 / 2, 4),
-            "offset_patches": offset, "offset_s": round(offset * patch_seconds(self.config), 2)}
-
-
-StemJEPA.from_checkpoint = classmethod(_from_checkpoint)
-StemJEPA.instrument_id = _instrument_id
-StemJEPA.encode_long = _encode_long
-StemJEPA.predict_long = _predict_long
-StemJEPA.embed = _embed
-StemJEPA.score = _score
-
-
-def open_trained(checkpoint, device=None, data=None, *, split="test", cache=None, layout=None,
-                 log=print, verbose=True) -> tuple[StemJEPA, torch.device, list[dict] | None]:
-    """The model in eval mode on the device; given `data`, the split's tracks (training=False)."""
+def evaluate(checkpoint, data, *, split="test", out=None, cache=None, device=None, batch=16,
+             seed=0, log=print) -> dict:
+    """Table 1 of a checkpoint on a split, beside chance, random weights and DSP, with the
+    which-song and which-instrument columns -> OUT/retrieval.json. Rows: (track, stem) pairs,
+    quiet stems too. split "all" ranks among train/ and test/ together, as Table 1 (MUSDB18:
+    150 tracks, R = 600). [code] `pool` and the 1-based normalised rank (`retrieval_metrics`)
+    follow the authors' code, not the paper's text."""
     device = pick_device(device)
     model = StemJEPA.from_checkpoint(checkpoint).to(device)
-    if data is None:
-        return model, device, None
-    return model, device, prepare(data, split, cache=cache, training=False, layout=layout,
-                                  log=log, verbose=verbose, **prepare_options(model.config))
+    cfg = model.config
+    tracks = prepare(data, split, cache=cache, training=False, log=log, **prepare_options(cfg))
+    log(f"embedding {len(tracks)} tracks with {checkpoint}, then with random weights")
+    emb = retrieval_embeddings(model, tracks, device=device, batch=batch, log=log)
+    torch.manual_seed(seed)
+    untrained = build_model(cfg, model.instruments).to(device).eval()
+    rand = retrieval_embeddings(untrained, tracks, device=device, batch=batch, log=log)
+    dsp = dsp_embeddings(tracks, model.instruments, cfg.sample_rate)
+    truth = torch.arange(len(emb.queries))                          # query i's stem is reference i
+    rows = {"Stem-JEPA, target-encoder refs": (emb.queries, emb.refs_target),
+            "Stem-JEPA, context-encoder refs": (emb.queries, emb.refs_context),
+            "random weights": (rand.queries, rand.refs_target),
+            "DSP (chroma + tempo)": (dsp.queries, dsp.refs_target)}
+    results = {"N": len(tracks), "S": len(model.instruments), "references": len(truth),
+               "checkpoint": str(checkpoint), "split": split, "rows": {}}
+    for name, (q, r) in rows.items():
+        results["rows"][name] = {**retrieval_metrics(q, r, truth),
+                                 **which_song_and_instrument(q, r, emb.track, emb.instrument),
+                                 "per_instrument": {s: retrieval_metrics(q[m], r, truth[m])
+                                                    for i, s in enumerate(model.instruments)
+                                                    if (m := emb.instrument == i).any()}}
+    results["rows"]["chance"] = {**chance_metrics(len(truth)),
+                                 "which_song": chance_metrics(len(tracks), ks=(1,)),
+                                 "which_song_centred": chance_metrics(len(tracks), ks=(1,)),
+                                 "which_instrument": chance_metrics(results["S"], ks=(1,)),
+                                 "query_cosine": None}
+    results.update(results["rows"]["Stem-JEPA, target-encoder refs"])  # headline numbers on top
+    out = Path(out or Path(checkpoint).parent / f"eval-{split}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "retrieval.json").write_text(json.dumps(results, indent=1))
+    log(format_table(results))
+    log(f"wrote {out / 'retrieval.json'}")
+    return results
 
 
-def random_twin(model: StemJEPA, seed: int | None = None) -> StemJEPA:
-    """The comparison row "random weights": the model's architecture, untrained, in eval mode."""
-    if seed is not None:
-        torch.manual_seed(seed)
-    return build_model(model.config, model.instruments).to(next(model.parameters()).device).eval()
-
-
-def save_weights(checkpoint, out) -> Path:
-    """A checkpoint without its optimizer, the weights in float16: what a trained model needs to be
-    shared (about 8 MB for the tiny preset). `StemJEPA.from_checkpoint` loads it; it cannot resume
-    a training."""
-    ckpt = load_checkpoint(checkpoint)
-    weights = {k: ckpt.get(k) for k in ("version", "config", "instruments", "step", "data")}
-    weights["model"] = {k: v.half() if v.is_floating_point() else v
-                        for k, v in ckpt["model"].items()}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out, lambda p: torch.save(weights, p))
-    return out
+def format_table(results: dict) -> str:
+    """Table 1's layout in percent, then which song?, which instrument? and the query cosine."""
+    lines = [f"retrieval on {results['N']} tracks x {results['S']} instruments, "
+             f"R = {results['references']} references; nrank = rank / R, nearest = rank 1",
+             f"{'model':34s} {'R@1':>6s} {'R@5':>6s} {'R@10':>6s} {'nrank mean':>11s} "
+             f"{'median':>7s} | {'song R@1':>8s} {'song nrank':>10s} {'centred':>8s} | "
+             f"{'inst R@1':>8s} {'inst nrank':>10s} | {'q cos':>6s}"]
+    for name, m in results["rows"].items():
+        cosine = "-" if m["query_cosine"] is None else format(m["query_cosine"], ".3f")
+        lines.append(f"{name:34s} {m['R@1']:6.1f} {m['R@5']:6.1f} {m['R@10']:6.1f} "
+                     f"{m['nrank_mean']:11.1f} {m['nrank_median']:7.1f}"
+                     f" | {m['which_song']['R@1']:8.1f} {m['which_song']['nrank_mean']:10.1f}"
+                     f" {m['which_song_centred']['nrank_mean']:8.1f}"
+                     f" | {m['which_instrument']['R@1']:8.1f}"
+                     f" {m['which_instrument']['nrank_mean']:10.1f} | {cosine:>6s}")
+    for s, m in results["rows"]["Stem-JEPA, target-encoder refs"].get("per_instrument", {}).items():
+        lines.append(f"{'  ' + s:34s} {m['R@1']:6.1f} {m['R@5']:6.1f} {m['R@10']:6.1f} "
+                     f"{m['nrank_mean']:11.1f} {m['nrank_median']:7.1f}")
+    return "\n".join(lines)
 
 
 # Toy multitracks: procedural songs whose stems share a key, a tempo and chords --------------------
@@ -1968,1728 +1628,91 @@ def write_toy_dataset(out, *, tracks=20, seconds=30.0, seed=0, sample_rate=16000
     return out
 
 
-# 4.1-4.2 Evaluation: Table 1, Fig. 2, comparison rows, listening test -----------------------------
-
-def _write_json(path: Path, data) -> None:
-    _write_atomic(path, lambda p: p.write_text(json.dumps(data, indent=1)))
-
-
-def failure_analysis(queries, refs, query_track, query_inst, ref_track, ref_inst,
-                     instruments) -> dict:
-    """Fig. 2 per instrument: the fractions of queries whose nearest reference z* is "both correct",
-    "right instrument", "right song" or "both wrong"; the instrument confusion (rows sum to 1)."""
-    nearest = torch.cdist(queries.double(), refs.double()).argmin(1)
-    same_song = ref_track[nearest] == query_track
-    same_inst = ref_inst[nearest] == query_inst
-    cats = {"both correct": same_song & same_inst, "right instrument": ~same_song & same_inst,
-            "right song": same_song & ~same_inst, "both wrong": ~same_song & ~same_inst}
-    out = {"categories": {}, "confusion": [], "instruments": list(instruments)}
-    for i, name in enumerate(instruments):
-        rows = query_inst == i
-        out["categories"][name] = {c: v[rows].float().mean().item() if rows.any() else float("nan")
-                                   for c, v in cats.items()}
-        counts = torch.bincount(ref_inst[nearest][rows], minlength=len(instruments)).float()
-        out["confusion"].append((counts / counts.sum().clamp(min=1)).tolist())
-    return out
-
-
-def dsp_features(x: np.ndarray, sample_rate: int = 16000) -> np.ndarray:
-    """A recording after AutoMashupper's harmonic and rhythmic "mashability": time-averaged
-    chroma (12), onset-envelope autocorrelation at 60-180 BPM (25), each L2-normalised."""
-    x = torch.from_numpy(np.asarray(x, dtype=np.float32))
-    spec = torch.stft(x, 4096, 1024, window=torch.hann_window(4096),
-                      return_complex=True).abs()                        # (bins, frames)
-    freqs = torch.fft.rfftfreq(4096, 1 / sample_rate)
-    band = (freqs > 55) & (freqs < 4000)
-    pitch_class = (torch.round(12 * torch.log2(freqs[band] / 440.0)).long() + 9) % 12
-    chroma = torch.zeros(12).index_add_(0, pitch_class, spec[band].mean(1))
-    hop = 256
-    logspec = torch.log1p(torch.stft(x, 1024, hop, window=torch.hann_window(1024),
-                                     return_complex=True).abs())
-    flux = (logspec[:, 1:] - logspec[:, :-1]).clamp(min=0).sum(0)
-    flux = flux - flux.mean()
-    lags = (60 * (sample_rate / hop) / torch.linspace(60, 180, 25)).round().long()  # frames/beat
-    ac = torch.stack([(flux[:-lag] * flux[lag:]).mean() if lag < len(flux) else torch.zeros(())
-                      for lag in lags])
-    return torch.cat([F.normalize(chroma, dim=0),
-                      F.normalize(ac.clamp(min=0), dim=0)]).numpy() / np.sqrt(2)
-
-
-@dataclass
-class RetrievalEmbeddings:
-    """4.1's pooled vectors, one row per (track, stem): queries q_s^(n), references z_s^(n) (row
-    i's true reference is row i); refs_context: the context encoder's (None for DSP)."""
-    queries: torch.Tensor                       # (Q, C)
-    refs_target: torch.Tensor                   # (R, C)
-    track: torch.Tensor                         # (R,)
-    instrument: torch.Tensor                    # (R,)
-    refs_context: torch.Tensor | None = None    # (R, C)
-
-
-def retrieval_embeddings(model: StemJEPA, tracks: list[dict], *, device="cpu", batch=16,
-                         log=print, verbose=True) -> RetrievalEmbeddings:
-    """Per prepared track n and known stem s: the query q_s^(n) (the predictor on s over the mix
-    of the other stems, 4.1.1) and the target and context encoders' references z_s^(n), `pool`ed."""
-    model = model.to(device).eval()
-    embed = functools.partial(embed_long, model, batch=batch, device=device)
-    seconds = [t["length"] * 2 * len(t["stems"]) / model.config.sample_rate for t in tracks]
-    queries, refs_target, refs_context, track, instrument = [], [], [], [], []
-    t0 = time.time()
-    for n, t in enumerate(tracks):
-        x = np.load(t["npy"]).astype(np.float32)                        # (S, N)
-        known = [i for i, s in enumerate(t["stems"]) if s in model.instruments]
-        ids = [model.instruments.index(t["stems"][i]) for i in known]
-        stems = [x[i] for i in known]
-        mixes = [x.sum(0) - x[i] for i in known]                        # x_{not s}: all but s
-        queries += [pool(q) for q in embed(mixes, instruments=ids)]
-        refs_target += [pool(z) for z in embed(stems)]
-        refs_context += [pool(z) for z in embed(stems, target=False)]
-        track += [n] * len(known)
-        instrument += ids
-        rate = sum(seconds[: n + 1]) / (time.time() - t0)
-        if verbose and ((n + 1) % 10 == 0 or n + 1 == len(tracks)):
-            log(f"  embedded {n + 1}/{len(tracks)} tracks, {rate:.0f} s of audio per s, "
-                f"ETA {sum(seconds[n + 1:]) / rate:.0f} s")
-    return RetrievalEmbeddings(queries=torch.stack(queries), refs_target=torch.stack(refs_target),
-                               refs_context=torch.stack(refs_context), track=torch.tensor(track),
-                               instrument=torch.tensor(instrument))
-
-
-def dsp_embeddings(tracks: list[dict], instruments: list[str],
-                   sample_rate: int) -> RetrievalEmbeddings:
-    """The DSP baseline: queries from the mix without s, as for the model (one query for every
-    missing stem would be unfair: DSP has no notion of instrument), references from each stem."""
-    rows = []                                           # (query, reference, track, instrument)
-    for n, t in enumerate(tracks):
-        x = np.load(t["npy"]).astype(np.float32)
-        rows += [(dsp_features(x.sum(0) - x[i], sample_rate), dsp_features(x[i], sample_rate), n,
-                  instruments.index(s)) for i, s in enumerate(t["stems"]) if s in instruments]
-    q, r, tr, ins = zip(*rows)
-    return RetrievalEmbeddings(queries=torch.tensor(np.stack(q)),
-                               refs_target=torch.tensor(np.stack(r)),
-                               track=torch.tensor(tr), instrument=torch.tensor(ins))
-
-
-def _cached_retrieval_embeddings(model: StemJEPA, checkpoint, tracks: list[dict], *, device,
-                                 batch, log, verbose) -> RetrievalEmbeddings:
-    """`retrieval_embeddings`, cached beside the decoded stems while checkpoint and stems hold."""
-    key = _cache_key(_file_id(Path(checkpoint).resolve()), [_file_id(t["npy"]) for t in tracks])
-    path = Path(tracks[0]["npy"]).parent.parent / "embeddings" / f"{key}.pt"
-    if path.exists():
-        if verbose:
-            log(f"embeddings from {path}")
-        return RetrievalEmbeddings(**torch.load(path, weights_only=True))
-    if verbose:
-        log(f"embedding {len(tracks)} tracks with {checkpoint}")
-    emb = retrieval_embeddings(model, tracks, device=device, batch=batch, log=log, verbose=verbose)
-    path.parent.mkdir(exist_ok=True)
-    _write_atomic(path, lambda p: torch.save(dataclasses.asdict(emb), p))
-    return emb
-
-
-def evaluate(checkpoint, data, *, split="test", out=None, cache=None, device=None, batch=16,
-             listening=0, seed=0, layout=None, log=print, verbose=True) -> dict:
-    """Table 1 and Fig. 2 of a checkpoint on a split, beside chance, random weights and DSP ->
-    OUT/retrieval.json, OUT/fig2.png; rows: (track, stem) pairs, quiet stems too. split "all" ranks
-    among train/ and test/ together, as Table 1 (MUSDB18: 150 tracks, R = 600). [code] `pool` and
-    the 1-based normalised rank (`retrieval_metrics`) follow the authors' code, not the paper's."""
-    model, device, tracks = open_trained(checkpoint, device, data, split=split, cache=cache,
-                                         layout=layout, log=log, verbose=verbose)
-    cfg = model.config
-    out = Path(out or Path(checkpoint).parent / f"eval-{split}")
-    out.mkdir(parents=True, exist_ok=True)
-    options = dict(device=device, batch=batch, log=log, verbose=verbose)
-    emb = _cached_retrieval_embeddings(model, checkpoint, tracks, **options)
-    if verbose:
-        log("embedding with random weights")
-    rand = retrieval_embeddings(random_twin(model, seed), tracks, **options)
-    dsp = dsp_embeddings(tracks, model.instruments, cfg.sample_rate)
-    truth = torch.arange(len(emb.queries))                           # query i's stem is reference i
-    rows = {"Stem-JEPA, target-encoder refs": (emb.queries, emb.refs_target),
-            "Stem-JEPA, context-encoder refs": (emb.queries, emb.refs_context),
-            "random weights": (rand.queries, rand.refs_target),
-            "DSP (chroma + tempo)": (dsp.queries, dsp.refs_target)}
-    results = {"N": len(tracks), "S": len(model.instruments), "references": len(truth),
-               "checkpoint": str(checkpoint), "split": split, "rows": {},
-               "rank_convention": "nrank_*: 1-based rank / references (nearest = 1, Table 1's); "
-                                  "nrank0_*: 0-based rank / references"}
-    for name, (q, r) in rows.items():
-        results["rows"][name] = {**retrieval_metrics(q, r, truth),
-                                 **which_song_and_instrument(q, r, emb.track, emb.instrument),
-                                 "per_instrument": {s: retrieval_metrics(q[m], r, truth[m])
-                                                    for i, s in enumerate(model.instruments)
-                                                    if (m := emb.instrument == i).any()}}
-    results["rows"]["chance"] = {**chance_metrics(len(truth)),
-                                 "which_song": chance_metrics(len(tracks), ks=(1,)),
-                                 "which_song_centred": chance_metrics(len(tracks), ks=(1,)),
-                                 "which_instrument": chance_metrics(results["S"], ks=(1,)),
-                                 "query_cosine": None}
-    results.update(results["rows"]["Stem-JEPA, target-encoder refs"])  # headline numbers on top
-    results["fig2"] = failure_analysis(emb.queries, emb.refs_target, emb.track, emb.instrument,
-                                       emb.track, emb.instrument, model.instruments)
-    plot_fig2(results["fig2"], out / "fig2.png")
-    if listening:
-        results["listening"] = write_listening_test(
-            tracks, emb, model.instruments, out / "listening", trials=listening,
-            sample_rate=cfg.sample_rate, seed=seed, threshold=cfg.active_threshold)
-    (out / "retrieval.json").write_text(json.dumps(results, indent=1))
-    log(format_table(results))
-    log(f"wrote {out / 'retrieval.json'} and {out / 'fig2.png'}")
-    return results
-
-
-def format_table(results: dict) -> str:
-    """Table 1's layout in percent, then which song?, which instrument? and the query cosine."""
-    lines = [f"retrieval on {results['N']} tracks x {results['S']} instruments, "
-             f"R = {results['references']} references; nrank = rank / R, nearest = rank 1",
-             f"{'model':34s} {'R@1':>6s} {'R@5':>6s} {'R@10':>6s} {'nrank mean':>11s} "
-             f"{'median':>7s} | {'song R@1':>8s} {'song nrank':>10s} {'centred':>8s} | "
-             f"{'inst R@1':>8s} {'inst nrank':>10s} | {'q cos':>6s}"]
-    for name, m in results["rows"].items():
-        cosine = "-" if m["query_cosine"] is None else format(m["query_cosine"], ".3f")
-        lines.append(f"{name:34s} {m['R@1']:6.1f} {m['R@5']:6.1f} {m['R@10']:6.1f} "
-                     f"{m['nrank_mean']:11.1f} {m['nrank_median']:7.1f}"
-                     f" | {m['which_song']['R@1']:8.1f} {m['which_song']['nrank_mean']:10.1f}"
-                     f" {m['which_song_centred']['nrank_mean']:8.1f}"
-                     f" | {m['which_instrument']['R@1']:8.1f}"
-                     f" {m['which_instrument']['nrank_mean']:10.1f} | {cosine:>6s}")
-    for s, m in results["rows"]["Stem-JEPA, target-encoder refs"].get("per_instrument", {}).items():
-        lines.append(f"{'  ' + s:34s} {m['R@1']:6.1f} {m['R@5']:6.1f} {m['R@10']:6.1f} "
-                     f"{m['nrank_mean']:11.1f} {m['nrank_median']:7.1f}")
-    return "\n".join(lines)
-
-
-def plot_fig2(fig2: dict, path) -> None:
-    """Fig. 2: failure categories per instrument (left), instrument confusion matrix (right)."""
-    from matplotlib.figure import Figure        # not pyplot: leaves a notebook's backend alone
-    names = fig2["instruments"]
-    fig = Figure(figsize=(9, 3.5))
-    a, b = fig.subplots(1, 2)
-    bottom = np.zeros(len(names))
-    for cat in ("both correct", "right instrument", "right song", "both wrong"):
-        v = np.nan_to_num([fig2["categories"][s][cat] for s in names])
-        a.bar(names, v, bottom=bottom, label=cat)
-        bottom += v
-    a.set_ylabel("fraction of queries")
-    a.legend(fontsize=7)
-    c = np.array(fig2["confusion"])
-    b.imshow(c, cmap="Blues", vmin=0, vmax=1)
-    for (i, j), v in np.ndenumerate(c):
-        b.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
-    b.set_xticks(range(len(names)), names, rotation=45)
-    b.set_yticks(range(len(names)), names)
-    b.set(xlabel="retrieved instrument", ylabel="true stem")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-
-
-def write_listening_test(tracks, emb, instruments, out, *, trials, sample_rate, seed=0,
-                         excerpt_s=16.0, crop_s=10.0, threshold=0.1) -> dict:
-    """4.2's listening test: per trial a query mix (one stem removed), then as A/B/C in random order
-    the true stem, the one retrieved from another song (the paper's green segment) and a random one;
-    16 s excerpts cropped to 10 s, the mix and true stem at one place, the others where they play
-    most. key.csv (apart from trials/) says which is which."""
-    rng = np.random.default_rng(seed)
-    out = Path(out)
-    (out / "trials").mkdir(parents=True, exist_ok=True)
-    d = torch.cdist(emb.queries.double(), emb.refs_target.double())
-    n_ex, n_crop = int(excerpt_s * sample_rate), int(crop_s * sample_rate)    # samples
-    key_rows = []
-
-    def busiest_start(y):                       # the excerpt with the most active 0.1 s blocks
-        block = sample_rate // 10
-        nb = len(y) // block
-        if len(y) <= n_ex or nb == 0:
-            return 0
-        active = (np.abs(y[: nb * block]).reshape(nb, block).max(1) > threshold).astype(np.int64)
-        return int(np.convolve(active, np.ones(min(n_ex // block, nb), np.int64),
-                               "valid").argmax()) * block
-
-    def excerpt(x, start):
-        seg = x[start: start + n_ex]
-        c = int(rng.integers(0, max(len(seg) - n_crop, 0) + 1))
-        return seg[c: c + n_crop]
-
-    def stem_audio(row):
-        t = tracks[int(emb.track[row])]
-        stem = t["stems"].index(instruments[int(emb.instrument[row])])
-        return np.load(t["npy"], mmap_mode="r")[stem].astype(np.float32)
-
-    candidates = [q for q in range(len(d)) if ((emb.instrument == emb.instrument[q])
-                                               & (emb.track != emb.track[q])).sum() >= 2]
-    for k, q in enumerate(rng.permutation(candidates)[:trials]):
-        n, inst = int(emb.track[q]), int(emb.instrument[q])
-        others = torch.nonzero((emb.instrument == inst) & (emb.track != n)).flatten()
-        retrieved = int(others[d[q, others].argmin()])
-        random_pick = int(rng.choice([o for o in others.tolist() if o != retrieved]))
-        t = tracks[n]
-        x = np.load(t["npy"]).astype(np.float32)
-        start = int(rng.integers(0, max(x.shape[1] - n_ex, 0) + 1))
-        folder = out / "trials" / f"trial{k:02d}"
-        folder.mkdir(exist_ok=True)
-        clips = {"mix": excerpt(x.sum(0) - x[t["stems"].index(instruments[inst])], start)}
-        options = {"true": stem_audio(q), "retrieved": stem_audio(retrieved),
-                   "random": stem_audio(random_pick)}
-        order = rng.permutation(list(options))
-        for letter, what in zip("ABC", order):
-            y = options[what]
-            at = min(start, max(len(y) - n_ex, 0)) if what == "true" else busiest_start(y)
-            clips[letter] = excerpt(y, at)
-        # one gain per trial: no clipping
-        gain = min(1.0, 0.99 / max(max(float(np.abs(c).max()) for c in clips.values()), 1e-9))
-        for name, c in clips.items():
-            sf.write(folder / f"{name}.wav", gain * c, sample_rate)
-        key_rows.append({"trial": folder.name, "track": t["name"], "instrument": instruments[inst],
-                         **dict(zip("ABC", order)),
-                         "retrieved_from": tracks[int(emb.track[retrieved])]["name"],
-                         "random_from": tracks[int(emb.track[random_pick])]["name"]})
-    with open(out / "key.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(key_rows[0]) if key_rows else ["trial"])
-        w.writeheader()
-        w.writerows(key_rows)
-    return {"trials": len(key_rows), "folder": str(out)}
-
-
-# 4.3 Stem alignment: target patches against shifted predictions (Eq. 3, Fig. 4) -------------------
-
-def frames(z: torch.Tensor) -> torch.Tensor:
-    """(F, T, D) -> (T, F*D): one vector per time patch (160 ms), frequency rows concatenated."""
-    return z.permute(1, 0, 2).reshape(z.shape[1], -1)
-
-
-def shift_similarity(z: torch.Tensor, q: torch.Tensor, shifts,
-                     circular: bool = True) -> torch.Tensor:
-    """Eq. 3, s(z, q, j) = 1/(MS) sum_s sum_i <z_s[i], q_s[(i + j) % M]>, for one stem (S = 1)
-    at each shift j: z, q (T, C), normalised here; M = T, the number of time patches. With
-    circular=False (lengths differ, as in `retrieve`), the mean over the overlapping patches."""
-    sims = F.normalize(z.float(), dim=-1) @ F.normalize(q.float(), dim=-1).T   # (T, T')
-    i = torch.arange(sims.shape[0])
-    if circular:
-        return torch.stack([sims[i, (i + j) % sims.shape[1]].mean() for j in shifts])
-    out = []
-    for j in shifts:
-        ok = (i + j >= 0) & (i + j < sims.shape[1])
-        out.append(sims[i[ok], i[ok] + j].mean() if ok.any() else torch.tensor(float("nan")))
-    return torch.stack(out)
-
-
-def best_offset(stem: torch.Tensor, prediction: torch.Tensor, min_overlap: float = 0.5) -> int:
-    """The shift j (time patches) at which a stem (T, C) best matches a mix's prediction (T', C):
-    the stem starts j patches into the mix. Shifts sharing < min_overlap of the shorter are out."""
-    T, Tq = len(stem), len(prediction)
-    need = max(1, int(min_overlap * min(T, Tq)))
-    shifts = list(range(-(T - need), Tq - need + 1))
-    return shifts[int(shift_similarity(stem, prediction, shifts, circular=False).argmax())]
-
-
-def alignment_curve(z_seqs: list[torch.Tensor], q_seqs: list[torch.Tensor], shifts) -> torch.Tensor:
-    """Eq. 3 for one track: `shift_similarity` averaged over the stems' target patches z_seqs[s]
-    and predictions q_seqs[s] (T, C). A prediction m patches late (q[i] = z[i - m]) peaks at +m."""
-    return torch.stack([shift_similarity(z, q, shifts) for z, q in zip(z_seqs, q_seqs)]).mean(0)
-
-
-def random_pair_level(z_means: torch.Tensor, q_means: torch.Tensor,
-                      track: torch.Tensor) -> float | None:
-    """Footnote 5's "average cosine similarity between random representations and predictions"
-    (0.17): the mean cos(z_s^(n)[i], q_s'^(n')[i']), n' != n, exactly <mean z, mean q> over each
-    sequence's mean unit vector z_means, q_means (P, C) and track (P,). None with one track."""
-    other_track = track[:, None] != track[None, :]                      # (P, P)
-    if not other_track.any():
-        return None
-    return (z_means @ q_means.T)[other_track].mean().item()
-
-
-def stem_sequences(model: StemJEPA, x: np.ndarray, stems: list[str], *, device, batch: int):
-    """One track's stems x (S, N) -> [(stem, z, q)] for the stems the model knows: z (T, C) the
-    target encoder's patches of the stem, q (T, C) the predictor's from the mix of the others."""
-    known = [i for i, s in enumerate(stems) if s in model.instruments]
-    ids = [model.instruments.index(stems[i]) for i in known]
-    mixes = [x.sum(0) - x[i] for i in known]                            # x_{not s}
-    q = embed_long(model, mixes, instruments=ids, batch=batch, device=device)
-    z = embed_long(model, [x[i] for i in known], batch=batch, device=device)
-    return [(stems[i], frames(zi), frames(qi)) for i, zi, qi in zip(known, z, q)]
-
-
-def alignment_curves(model: StemJEPA, tracks: list[dict], *, max_shift: int, device="cpu",
-                     batch=16, log=print, verbose=True) -> dict:
-    """Fig. 4: Eq. 3 per prepared track over circular shifts j = -J..J patches (J <= (T - 1) // 2 of
-    the shortest), their mean, the random-pair level. "A sharp peak in similarity at j = 0, followed
-    by a rapid decrease, suggests that the embeddings are rich in local information" (4.3)."""
-    if not tracks:
-        raise StemJEPAError("no track to analyse")
-    model = model.to(device).eval()
-    patch_s = patch_seconds(model.config)
-    patch = model.frontend.hop_length * model.encoder.patch_size      # samples per time patch
-    shortest = min(-(-t["length"] // patch) for t in tracks)           # T of the shortest track
-    J = min(max_shift, (shortest - 1) // 2)
-    if J < max_shift:
-        log(f"shifts capped at +-{J} patches: half the shortest track ({shortest} patches)")
-    shifts = list(range(-J, J + 1))
-    rows, z_means, q_means, owner = [], [], [], []
-    for n, t in enumerate(tracks):
-        seqs = stem_sequences(model, np.load(t["npy"]).astype(np.float32), t["stems"],
-                              device=device, batch=batch)
-        if not seqs:
-            log(f"  {t['name']}: no stem the model knows; skipped")
-            continue
-        names, zs, qs = zip(*seqs)
-        curve = alignment_curve(list(zs), list(qs), shifts)
-        best = shifts[int(curve.argmax())]
-        rows.append({"name": t["name"], "stems": list(names), "curve": curve.tolist(),
-                     "best_shift": best, "best_shift_s": round(best * patch_s, 3)})
-        z_means += [F.normalize(z.float(), dim=-1).mean(0) for z in zs]
-        q_means += [F.normalize(q.float(), dim=-1).mean(0) for q in qs]
-        owner += [n] * len(seqs)
-        if verbose:
-            log(f"  {t['name']}: s(j=0) {curve[J]:.3f}, peak at {best:+d} patches")
-    if not rows:
-        raise StemJEPAError("no track has a stem the model knows")
-    level = random_pair_level(torch.stack(z_means), torch.stack(q_means), torch.tensor(owner))
-    return {"patch_s": patch_s, "shifts": shifts,
-            "shifts_s": [round(j * patch_s, 3) for j in shifts], "tracks": rows,
-            "mean": torch.tensor([r["curve"] for r in rows]).mean(0).tolist(),
-            "random_level": level,
-            "peak_at_zero": sum(r["best_shift"] == 0 for r in rows) / len(rows)}
-
-
-def analyze_alignment(checkpoint, data, *, split="test", tracks=None, max_shift_s=10.0, out=None,
-                      cache=None, device=None, batch=16, layout=None, log=print,
-                      verbose=True) -> dict:
-    """4.3 on a split: OUT/align.json and OUT/fig4.png; tracks: the first K only (the paper: 8)."""
-    model, device, prepared = open_trained(checkpoint, device, data, split=split, cache=cache,
-                                           layout=layout, log=log, verbose=verbose)
-    prepared = prepared[:tracks]
-    out = Path(out or Path(checkpoint).parent / f"align-{split}")
-    out.mkdir(parents=True, exist_ok=True)
-    log(f"alignment (Eq. 3) on {len(prepared)} tracks of {split}")
-    max_shift = round(max_shift_s / patch_seconds(model.config))
-    result = alignment_curves(model, prepared, max_shift=max_shift, device=device, batch=batch,
-                              log=log, verbose=verbose)
-    result.update(checkpoint=str(checkpoint), split=split)
-    _write_json(out / "align.json", result)
-    plot_fig4(result, out / "fig4.png", chunk_seconds=model.config.chunk_seconds)
-    level = result["random_level"]
-    level_text = "n/a (one track)" if level is None else f"{level:.3f}"
-    log(f"mean s(j=0) {result['mean'][result['shifts'].index(0)]:.3f}, mean over shifts "
-        f"{np.mean(result['mean']):.3f}, random pairs {level_text}; "
-        f"{100 * result['peak_at_zero']:.0f} % of tracks peak at j = 0")
-    log(f"wrote {out / 'align.json'} and {out / 'fig4.png'}")
-    return result
-
-
-def plot_fig4(result: dict, path, *, chunk_seconds=None, max_tracks=8) -> None:
-    """Fig. 4: s(z, q, j) per track and their mean; dotted at chunk multiples (4.3's peaks)."""
-    from matplotlib.figure import Figure        # not pyplot: leaves a notebook's backend alone
-    fig = Figure(figsize=(7, 3.5))
-    ax = fig.subplots()
-    x = result["shifts_s"]
-    for r in result["tracks"][:max_tracks]:
-        ax.plot(x, r["curve"], lw=0.8, alpha=0.7, label=r["name"][:24])
-    ax.plot(x, result["mean"], color="black", lw=2, label=f"mean of {len(result['tracks'])} tracks")
-    ax.axvline(0, color="grey", lw=0.5)
-    if result["random_level"] is not None:
-        ax.axhline(result["random_level"], color="grey", ls="--", lw=1, label="random pairs")
-    if chunk_seconds:
-        for k in range(1, int(max(abs(x[0]), x[-1]) // chunk_seconds) + 1):
-            for sign in (-1, 1):
-                ax.axvline(sign * k * chunk_seconds, color="grey", ls=":", lw=0.8)
-    ax.set(xlabel="shift j (s)", ylabel="s(z, q, j)")
-    ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-
-
-# 4.4 Musical plausibility: k-means on patch embeddings, key/chord co-occurrence (Fig. 5) ----------
-
-def parse_lab(path) -> list[tuple[float, float, str]]:
-    """A `.lab` file (Isophonics, MIREX) -> [(start, end, label)], seconds: `start end label` per
-    line, the label the rest of it (`0.394 150.0 Key E` gives "Key E"); blank lines skipped."""
-    segments = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        parts = line.split()
-        if not parts:
-            continue
-        try:
-            start, end = float(parts[0]), float(parts[1])
-        except (ValueError, IndexError):
-            raise StemJEPAError(f"{path}:{n}: expected 'start end label', got {line!r}") from None
-        if len(parts) < 3:
-            raise StemJEPAError(f"{path}:{n}: no label in {line!r}")
-        segments.append((start, end, " ".join(parts[2:])))
-    return segments
-
-
-def labels_at(segments: list[tuple[float, float, str]], times) -> list:
-    """The label at each time t: the segment's with start <= t < end (the later if two), or None."""
-    segments = sorted(segments, key=lambda s: s[0])
-    starts = np.array([s[0] for s in segments])
-    idx = np.searchsorted(starts, np.asarray(times, dtype=float), side="right") - 1
-    return [segments[i][2] if i >= 0 and t < segments[i][1] else None for i, t in zip(idx, times)]
-
-
-def _split_root(label: str) -> tuple[str, str]:
-    """'Bb:min7' -> ('Bb', ':min7'), 'Ebm' -> ('Eb', 'm'): the letter and its accidentals first."""
-    end = 1 + len(label[1:]) - len(label[1:].lstrip("#b"))
-    return label[:end], label[end:]
-
-
-def pitch_class(name: str) -> int:
-    """The root of a note, key or chord name -> 0..11: 'C' 0, 'F#m' 6, 'Bb:7' 10, 'Cb' 11."""
-    root, _ = _split_root(name)
-    base = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}[root[0].upper()]
-    return (base + root.count("#") - root.count("b")) % 12
-
-
-def normalise_key(label: str) -> str | None:
-    """Isophonics' "Key E", "Key C#:minor" or the toy set's "A:min" -> "E", "C#m", "Am" (NOTE_NAMES
-    spelling), None for no key; modes fold by their third (dorian, phrygian, locrian -> minor)."""
-    words = label.split()
-    if words and words[0].lower() == "key":
-        words = words[1:]
-    text = "".join(words)
-    if not text or text[0].upper() not in "ABCDEFG":
-        return None                                                     # "Silence", "N", "X"
-    root, rest = _split_root(text)
-    mode = rest.lstrip(":").lower()
-    minor = mode.startswith("min") or mode in ("m", "aeolian", "dorian", "phrygian", "locrian")
-    return NOTE_NAMES[pitch_class(root)] + ("m" if minor else "")
-
-
-def normalise_chord(label: str) -> str | None:
-    """A chord in Harte's syntax -> root and triad family: "C", "Cm", "Co" (dim), "C+" (aug),
-    "Csus", "C5" (no third); None for "N", "X". Sevenths and extensions fold into their triad
-    (C:min7 -> Cm, C:7 -> C), inversions drop (A/3 -> A), C:(1,b3,5) is read from its third."""
-    label = label.strip()
-    if not label or label[0].upper() not in "ABCDEFG":
-        return None
-    root, rest = _split_root(label.split("/")[0])
-    shorthand, _, intervals = rest.lstrip(":").partition("(")
-    prefixes = {"min": "m", "dim": "o", "hdim": "o", "aug": "+", "sus": "sus"}
-    family = next((f for p, f in prefixes.items() if shorthand.startswith(p)), "")  # "": maj, 7
-    if shorthand in ("5", "1") or (not shorthand and intervals and "3" not in intervals):
-        family = "5"
-    elif not shorthand and "b3" in intervals.replace(" ", "").split(","):
-        family = "m"
-    return NOTE_NAMES[pitch_class(root)] + family
-
-
-def patch_labels(keys, chords, *, patches: int, patch_s: float) -> list:
-    """The "key/chord" label of each of `patches` time patches, read at its centre ((i + 0.5) *
-    patch_s seconds) from raw segments; None where the key or the chord is missing."""
-    times = (np.arange(patches) + 0.5) * patch_s
-    k = labels_at([(s, e, normalise_key(l)) for s, e, l in keys], times)
-    c = labels_at([(s, e, normalise_chord(l)) for s, e, l in chords], times)
-    return [f"{a}/{b}" if a and b else None for a, b in zip(k, c)]
-
-
-def lab_index(labels_dir) -> dict[str, dict[str, Path]]:
-    """.lab files by track, {name: {"keys": path, "chords": path}}: <name>.keys.lab and .chords.lab
-    (any sub-folder), or Isophonics' tree: <name>.lab under keylab/ and chordlab/ folders."""
-    labels_dir = Path(labels_dir)
-    if not labels_dir.is_dir():
-        raise StemJEPAError(f"--labels {labels_dir}: no such folder")
-    index = {}
-    for p in sorted(labels_dir.rglob("*.lab")):
-        name = p.name[: -len(".lab")]
-        folders = {part.lower() for part in p.parent.relative_to(labels_dir).parts}
-        for kind, suffix, folder in (("keys", ".keys", "keylab"),
-                                     ("chords", ".chords", "chordlab")):
-            if name.endswith(suffix):
-                index.setdefault(name[: -len(suffix)], {})[kind] = p
-            elif folder in folders:
-                index.setdefault(name, {})[kind] = p
-    return index
-
-
-def track_annotations(name: str, folder, index=None):
-    """A track's (key segments, chord segments), or None if either is missing: from `index`
-    (`lab_index`) if given, else FOLDER/labels.json (toy set: one key, [start, end, chord])."""
-    if index is not None:
-        files = index.get(name, {})
-        if "keys" not in files or "chords" not in files:
-            return None
-        return parse_lab(files["keys"]), parse_lab(files["chords"])
-    path = Path(folder) / "labels.json"
-    labels = json.loads(path.read_text()) if path.exists() else {}
-    if "key" not in labels or "chords" not in labels:
-        return None
-    chords = [(float(s), float(e), c) for s, e, c in labels["chords"]]
-    return [(0.0, math.inf, labels["key"])], chords
-
-
-def mix_sources(*, data=None, audio=None, split="test", cache=None, cfg: Config, layout=None,
-                log=print, verbose=True) -> list[tuple]:
-    """The full mixes, (name, folder of its labels.json, load() -> mono waveform): the files of
-    `audio` (named as their .lab files), or each track's stems summed (prepared as for training)."""
-    if audio:
-        return [(f.stem, f.parent, lambda f=f: load_audio(f, cfg.sample_rate))
-                for f in audio_files(audio)]
-    folders = {name: Path(next(iter(stems.values()))[0][0]).parent
-               for name, stems in find_tracks(data, split, **(layout or {}))}
-    prepared = prepare(data, split, cache=cache, training=False, layout=layout, log=log,
-                       verbose=verbose, **prepare_options(cfg))
-    return [(t["name"], folders[t["name"]],
-             lambda t=t: np.load(t["npy"]).astype(np.float32).sum(0)) for t in prepared]
-
-
-def labelled_patches(model: StemJEPA, sources: list[tuple], *, device="cpu", batch=16):
-    """4.4: "We utilize key and chord annotations [...] to label all patch embeddings." sources
-    (name, load, keys, chords) -> x (P, C), the target encoder's unit vector per 160 ms patch of
-    each full mix (as annotated), each patch's "key/chord" label (or None), its track."""
-    model = model.to(device).eval()
-    xs, labels, owner = [], [], []
-    for n, (name, load, keys, chords) in enumerate(sources):
-        z = frames(embed_long(model, [load()], batch=batch, device=device)[0])
-        xs.append(F.normalize(z.float(), dim=-1))       # (T, C), unit: k-means groups by cosine
-        labels += patch_labels(keys, chords, patches=len(z), patch_s=patch_seconds(model.config))
-        owner += [n] * len(z)
-    return torch.cat(xs), labels, torch.tensor(owner)
-
-
-def squared_distances(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """||x_p - c_k||^2 of rows x (P, C) and c (K, C) -> (P, K), without a (P, K, C) tensor."""
-    return ((x * x).sum(1)[:, None] - 2 * x @ c.T + (c * c).sum(1)[None]).clamp(min=0)
-
-
-def kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """k-means++ seeding (Arthur and Vassilvitskii, 2007): each next centre drawn with p ~ d^2."""
-    chosen = [int(torch.randint(len(x), (1,), generator=generator))]
-    d2 = squared_distances(x, x[chosen]).squeeze(1)                     # (P,)
-    for _ in range(1, k):
-        if d2.sum() > 0:
-            i = int(torch.multinomial(d2 / d2.sum(), 1, generator=generator))
-        else:                                   # fewer distinct points than k
-            i = int(torch.randint(len(x), (1,), generator=generator))
-        chosen.append(i)
-        d2 = torch.minimum(d2, squared_distances(x, x[i: i + 1]).squeeze(1))
-    return x[chosen].clone()
-
-
-def kmeans(x: torch.Tensor, k: int, *, iters: int = 100,
-           seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """4.4: "we then conduct k-means clustering on the latent space with k = 32 clusters": Lloyd's,
-    k-means++ seeded, x (P, C) -> centroids (k, C), assignment (P,); empty ones take far points."""
-    if len(x) < k:
-        raise StemJEPAError(f"k-means: {len(x)} points for k = {k} clusters")
-    x = x.float()
-    centroids = kmeans_plusplus(x, k, torch.Generator().manual_seed(seed))
-    previous = None
-    for _ in range(iters):
-        d2 = squared_distances(x, centroids)                            # (P, k)
-        assignment = d2.argmin(1)
-        if previous is not None and torch.equal(assignment, previous):
-            break
-        counts = torch.bincount(assignment, minlength=k)                # (k,)
-        sums = torch.zeros_like(centroids).index_add_(0, assignment, x)
-        centroids = sums / counts.clamp(min=1)[:, None]
-        own = d2.gather(1, assignment[:, None]).squeeze(1)              # (P,) to own centroid
-        for c in torch.nonzero(counts == 0).flatten().tolist():
-            far = int(own.argmax())
-            centroids[c] = x[far]
-            own[far] = 0.0                                  # the next empty one takes another
-        previous = assignment
-    else:                                                   # the last update moved the centroids
-        assignment = squared_distances(x, centroids).argmin(1)
-    return centroids, assignment
-
-
-def cooccurrence(labels: list, assignment: torch.Tensor,
-                 n_clusters: int) -> tuple[list, torch.Tensor]:
-    """Within-cluster co-occurrence of labels -> (sorted names (L,), counts (L, L)). "Within each
-    cluster, we calculate the co-occurrence of all key and chord pairs and aggregate these counts
-    across all clusters [...] considering all possible pairs for counting" (4.4): counts[a, b] =
-    sum_c n_c(a) n_c(b) - [a = b] n_c(a), ordered pairs of different members; None: not counted."""
-    keep = [i for i, label in enumerate(labels) if label is not None]
-    names = sorted({labels[i] for i in keep})
-    column = {name: j for j, name in enumerate(names)}
-    which = torch.tensor([column[labels[i]] for i in keep], dtype=torch.long)
-    per_cluster = torch.zeros(n_clusters, len(names), dtype=torch.float64)  # n_c(a), exact
-    per_cluster.index_put_((assignment[keep], which), torch.ones(len(keep), dtype=torch.float64),
-                           accumulate=True)
-    counts = per_cluster.T @ per_cluster - torch.diag(per_cluster.sum(0))
-    return names, counts.round().long()
-
-
-def interval_profile(names: list[str], counts: torch.Tensor) -> torch.Tensor:
-    """Co-occurrence mass per interval (0..11 semitones) from the key's tonic (a pair's first label)
-    to the chord's root (its second) -> (12,) summing to 1: Fig. 5's tonic 0, IV 5, V 7."""
-    tonic = torch.tensor([pitch_class(n.split("/")[0]) for n in names])
-    root = torch.tensor([pitch_class(n.split("/")[1]) for n in names])
-    interval = (root[None, :] - tonic[:, None]) % 12        # (L, L): key of row, chord of column
-    mass = torch.bincount(interval.flatten(), weights=counts.flatten().double(), minlength=12)
-    return mass / mass.sum().clamp(min=1)
-
-
-TONAL_INTERVALS = (0, 5, 7)     # chord root on the key's tonic, subdominant or dominant
-
-
-def shuffled_labels(labels: list, groups: torch.Tensor | None, generator: torch.Generator) -> list:
-    """The labelled entries permuted across all (groups None) or within each group; None stays."""
-    group_of = groups.tolist() if groups is not None else [0] * len(labels)
-    members = {}                                                        # group -> positions
-    for i, label in enumerate(labels):
-        if label is not None:
-            members.setdefault(group_of[i], []).append(i)
-    out = list(labels)
-    for where in members.values():
-        for i, j in zip(where, torch.randperm(len(where), generator=generator).tolist()):
-            out[i] = labels[where[j]]
-    return out
-
-
-def cluster_statistics(x: torch.Tensor, labels: list, track: torch.Tensor, *, k: int, iters: int,
-                       seed: int, shuffles: int = 0) -> dict:
-    """k-means on x; the labels' co-occurrence counts, interval profile, tonal share (mass on
-    TONAL_INTERVALS), share of pairs from one track; with shuffles > 0, the mean tonal share with
-    labels shuffled across patches, within tracks (what cluster sizes, song identity alone give)."""
-    _, assignment = kmeans(x, k, iters=iters, seed=seed)
-    names, counts = cooccurrence(labels, assignment, k)
-    profile = interval_profile(names, counts)
-    track_labels = [t if label is not None else None for t, label in zip(track.tolist(), labels)]
-    _, same = cooccurrence(track_labels, assignment, k)
-    stats = {"names": names, "counts": counts, "interval_profile": profile.tolist(),
-             "tonal_share": profile[list(TONAL_INTERVALS)].sum().item(),
-             "same_track_pairs": (same.trace() / same.sum().clamp(min=1)).item(),
-             "cluster_sizes": torch.bincount(assignment, minlength=k).tolist()}
-    g = torch.Generator().manual_seed(seed)
-    for what, groups in (("shuffled across patches", None), ("shuffled within tracks", track)):
-        draws = [shuffled_labels(labels, groups, g) for _ in range(shuffles)]
-        profiles = [interval_profile(*cooccurrence(d, assignment, k)) for d in draws]
-        if profiles:
-            stats[what] = float(np.mean([p[list(TONAL_INTERVALS)].sum().item() for p in profiles]))
-    return stats
-
-
-def top_combinations(names: list[str], counts: torch.Tensor, labels: list, top: int = 80):
-    """Fig. 5's axes: the `top` most frequent labels, ordered by key and chord, and their counts."""
-
-    def order(name):                # key tonic, mode, then chord root and family
-        key, chord = name.split("/")
-        return pitch_class(key), key.endswith("m"), pitch_class(chord), _split_root(chord)[1]
-
-    frequent = collections.Counter(filter(None, labels)).most_common(top)
-    chosen = sorted((name for name, _ in frequent), key=order)
-    idx = torch.tensor([names.index(n) for n in chosen], dtype=torch.long)
-    return chosen, counts[idx][:, idx]
-
-
-def analyze_clusters(checkpoint, *, data=None, audio=None, split="test", labels=None, k=32,
-                     iters=100, top=80, shuffles=5, out=None, cache=None, device=None, batch=16,
-                     seed=0, layout=None, log=print, verbose=True) -> dict:
-    """4.4 and Fig. 5 -> OUT/clusters.json, OUT/fig5.png: patches of the annotated mixes labelled
-    "key/chord" ("E/B": a B chord in E major), pairs counted within k-means clusters; the tonal
-    share beside shuffled labels and random weights (clusters of one song also raise it)."""
-    model, device, _ = open_trained(checkpoint, device)
-    index = lab_index(labels) if labels else None
-    sources = mix_sources(data=data, audio=audio, split=split, cache=cache, cfg=model.config,
-                          layout=layout, log=log, verbose=verbose)
-    found = [(name, load, track_annotations(name, folder, index)) for name, folder, load in sources]
-    annotated = [(name, load, *ann) for name, load, ann in found if ann is not None]
-    missing = [name for name, _, ann in found if ann is None]
-    if missing:
-        log(f"{len(missing)} tracks without key and chord annotations skipped: "
-            f"{', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
-    if not annotated:
-        where = (f"{labels}/<track>.keys.lab and .chords.lab" if labels
-                 else "labels.json beside the stems")
-        raise StemJEPAError(f"no track has key and chord annotations (looked for {where})")
-    out = Path(out or Path(checkpoint).parent / ("clusters" if audio else f"clusters-{split}"))
-    out.mkdir(parents=True, exist_ok=True)
-    if verbose:
-        log(f"embedding {len(annotated)} annotated mixes")
-    x, patch_label, track = labelled_patches(model, annotated, device=device, batch=batch)
-    n_labelled = sum(label is not None for label in patch_label)
-    if n_labelled < 2:
-        raise StemJEPAError(f"only {n_labelled} patches have both a key and a chord: "
-                            "nothing to count")
-    n_patches = len(x)
-    log(f"k-means (k = {k}) on {n_patches} patches, {n_labelled} labelled")
-    stats = cluster_statistics(x, patch_label, track, k=k, iters=iters, seed=seed,
-                               shuffles=shuffles)
-    del x                                       # P x 3840 floats: 2.6 GB for the Beatles' songs
-    log("the same with random weights")
-    x_rand = labelled_patches(random_twin(model, seed), annotated, device=device, batch=batch)[0]
-    rand = cluster_statistics(x_rand, patch_label, track, k=k, iters=iters, seed=seed)
-    chosen, block = top_combinations(stats["names"], stats["counts"], patch_label, top=top)
-    result = {
-        "checkpoint": str(checkpoint), "k": k, "tracks": len(annotated), "patches": n_patches,
-        "labelled_patches": n_labelled, "combinations": len(stats["names"]),
-        "tonal_intervals": list(TONAL_INTERVALS),
-        "tonal_share": {"Stem-JEPA": stats["tonal_share"], "random weights": rand["tonal_share"],
-                        **{w: v for w, v in stats.items() if w.startswith("shuffled")}},
-        **{key: {"Stem-JEPA": stats[key], "random weights": rand[key]}
-           for key in ("same_track_pairs", "interval_profile")},
-        "cluster_sizes": stats["cluster_sizes"], "top": chosen, "matrix": block.tolist(),
-        "definition": "counts[a][b]: ordered pairs of different patches in the same k-means "
-                      "cluster, labelled a and b ('key/chord'), summed over clusters; tonal share: "
-                      "fraction of those pairs where the root of b's chord is 0, 5 or 7 semitones "
-                      "above the tonic of a's key"}
-    _write_json(out / "clusters.json", result)
-    plot_fig5(result, out / "fig5.png")
-    log("tonal share of within-cluster pairs (chord root on the tonic, subdominant or dominant "
-        "of the key):\n"
-        + "\n".join(f"  {name:26s} {100 * v:5.1f} %" for name, v in result["tonal_share"].items()))
-    log(f"pairs from the same track: {100 * stats['same_track_pairs']:.1f} % "
-        f"(random weights {100 * rand['same_track_pairs']:.1f} %)")
-    log(f"wrote {out / 'clusters.json'} and {out / 'fig5.png'}")
-    return result
-
-
-ROMAN = ["I", "bII", "II", "bIII", "III", "IV", "#IV", "V", "bVI", "VI", "bVII", "VII"]
-
-
-def plot_fig5(result: dict, path) -> None:
-    """Fig. 5: key/chord co-occurrence of the top combinations (log), and the interval profiles."""
-    from matplotlib.figure import Figure        # not pyplot: leaves a notebook's backend alone
-    fig = Figure(figsize=(11, 6))
-    a, b = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
-    names = result["top"]
-    a.imshow(np.log1p(np.array(result["matrix"], dtype=float)), cmap="viridis")
-    size = min(7.0, max(3.0, 320 / max(len(names), 1)))            # 80 labels fit, at 4 pt
-    a.set_xticks(range(len(names)), names, rotation=90, fontsize=size)
-    a.set_yticks(range(len(names)), names, fontsize=size)
-    a.set_title(f"key/chord co-occurrence within {result['k']} clusters (log)", fontsize=9)
-    width = 0.8 / len(result["interval_profile"])
-    for i, (name, profile) in enumerate(result["interval_profile"].items()):
-        b.bar(np.arange(12) + i * width, profile, width=width, label=name)
-    b.set_xticks(np.arange(12) + 0.4 - width / 2, ROMAN, fontsize=7)
-    b.set(xlabel="chord root relative to the key", ylabel="share of within-cluster pairs")
-    b.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-
-
-# 4.5 Downstream probes on frozen embeddings (Table 3) ---------------------------------------------
-
-def tempo_class(bpm: float) -> str:
-    """Three equal tempo bins over the toy set's 80-160 BPM: slow, mid, fast."""
-    if bpm < 80 + 80 / 3:
-        return "slow"
-    return "mid" if bpm < 80 + 160 / 3 else "fast"
-
-
-def hold_out(splits: list[str], fraction: float, seed: int) -> list[str]:
-    """A seeded random `fraction` of the train rows (at least one, leaving one) becomes "valid"."""
-    train = [i for i, s in enumerate(splits) if s == "train"]
-    n = min(max(1, round(fraction * len(train))), len(train) - 1)
-    chosen = set(np.random.default_rng(seed).permutation(train)[:max(n, 0)].tolist())
-    return ["valid" if i in chosen else s for i, s in enumerate(splits)]
-
-
-def toy_probe_labels(data_dir, out_csv, task: str = "key", *, sample_rate=16000, seed=0) -> Path:
-    """A toy-set probe task -> OUT_CSV (file, label, split: toy train/ -> train, 10 % of it valid;
-    test/ -> test) and the float audio beside it: "key" (up to 24 classes) or "tempo"
-    (`tempo_class`) of each song's mix, or "instrument" of each stem (NSynth's task)."""
-    if task not in ("key", "tempo", "instrument"):
-        raise StemJEPAError(f"toy probe task {task!r}: choose key, tempo or instrument")
-    out_csv = Path(out_csv)
-    clips = out_csv.parent / ("stems" if task == "instrument" else "mixes")
-    clips.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for split in ("train", "test"):
-        for name, stems in find_tracks(data_dir, split):
-            audio = {s: load_stem(sources, sample_rate) for s, sources in stems.items()}
-            n = min(len(a) for a in audio.values())
-            if task == "instrument":
-                for s, a in audio.items():
-                    sf.write(clips / f"{name}-{s}.wav", a, sample_rate, subtype="FLOAT")
-                    rows.append([f"stems/{name}-{s}.wav", s, split])
-                continue
-            sf.write(clips / f"{name}.wav", np.sum([a[:n] for a in audio.values()], axis=0),
-                     sample_rate, subtype="FLOAT")
-            folder = Path(next(iter(stems.values()))[0][0]).parent
-            labels = json.loads((folder / "labels.json").read_text())
-            rows.append([f"mixes/{name}.wav",
-                         labels["key"] if task == "key" else tempo_class(labels["tempo"]), split])
-    splits = hold_out([r[2] for r in rows], 0.1, seed)
-    rows = [[file, label, split] for (file, label, _), split in zip(rows, splits)]
-    with open(out_csv, "w", newline="") as f:
-        csv.writer(f).writerows([["file", "label", "split"], *rows])
-    return out_csv
-
-
-SPLIT_NAMES = {"train": "train", "valid": "valid", "val": "valid", "validation": "valid",
-               "test": "test"}
-
-
-def read_probe_labels(path, audio_root, *, task: str,
-                      seed=0) -> tuple[list[Path], list[list[str]], list[str]]:
-    """CSV of file (from audio_root unless absolute), label (multilabel: ';'-separated) and split
-    (train, valid, test; without valid, 10 % of train) -> (files, label lists, splits)."""
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = {"file", "label", "split"} - set(reader.fieldnames or [])
-        if missing:
-            raise StemJEPAError(f"{path}: missing column(s) {', '.join(sorted(missing))}; "
-                                "expected file,label,split")
-        rows = list(reader)
-    kept, problems = [], []
-    for n, r in enumerate(rows, 2):
-        file = Path(audio_root) / r["file"].strip()            # an absolute path stays as it is
-        label = ([l.strip() for l in r["label"].split(";") if l.strip()] if task == "multilabel"
-                 else [r["label"].strip()])
-        split = SPLIT_NAMES.get(r["split"].strip().lower())
-        if not file.exists():
-            problems.append(f"line {n}: {file} does not exist")
-        elif split is None:
-            problems.append(f"line {n}: split {r['split']!r} is not train, valid or test")
-        elif task == "multiclass" and (not label[0] or ";" in label[0]):
-            problems.append(f"line {n}: multiclass needs exactly one label (got {r['label']!r}; "
-                            "for several use --task multilabel)")
-        else:
-            kept.append((file, label, split))
-    if problems:
-        raise StemJEPAError(f"{path}: {len(problems)} bad rows:\n  " + "\n  ".join(problems[:10]))
-    splits = [split for _, _, split in kept]
-    if "valid" not in splits:
-        splits = hold_out(splits, 0.1, seed)
-    for s in ("train", "valid", "test"):
-        if s not in splits:
-            raise StemJEPAError(f"{path}: no {s} rows (and too few train rows to hold some out)")
-    return [file for file, _, _ in kept], [label for _, label, _ in kept], splits
-
-
-def encode_targets(labels: list[list[str]], classes: list[str], *, task: str) -> torch.Tensor:
-    """Label lists -> class indices (N,) (multiclass) or multi-hot rows (N, C) (multilabel)."""
-    if task == "multiclass":
-        return torch.tensor([classes.index(l[0]) for l in labels], dtype=torch.long)
-    multi_hot = [[float(c in row) for c in classes] for row in labels]
-    return torch.tensor(multi_hot).view(len(labels), len(classes))
-
-
-def global_embeddings(model: StemJEPA, files: list[Path], *, device="cpu", batch=16, group=8,
-                      target=False) -> torch.Tensor:
-    """4.5.1: "Each audio sample is processed by the frozen encoder, and its patch-wise outputs are
-    concatenated and averaged along frequency and time dimensions to produce a 3840-dimensional
-    global embedding" -> (n files, F*D). [code] The context encoder, as the authors' downstream
-    wrapper loads only encoder.* weights; target=True: the EMA target encoder."""
-    model = model.to(device).eval()
-    rows = []
-    for i in range(0, len(files), group):                       # `group` files share batches
-        wavs = [load_audio(f, model.config.sample_rate) for f in files[i: i + group]]
-        rows += [pool(z) for z in embed_long(model, wavs, target=target, batch=batch,
-                                             device=device)]
-    return torch.stack(rows).float()
-
-
-class ProbeMLP(nn.Module):
-    """"an MLP with 512 hidden units and a softmax layer" (4.5.1) -> logits (softmax: in the loss).
-    Our choice: inputs standardised by train mean, std (buffers); raw ones are ~1/sqrt(3840)."""
-
-    def __init__(self, *, dim: int, hidden: int, classes: int, mean: torch.Tensor,
-                 std: torch.Tensor):
-        super().__init__()
-        self.register_buffer("mean", mean)
-        self.register_buffer("std", std)
-        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, classes))
-
-    def forward(self, x):                                               # (B, dim) -> (B, classes)
-        return self.net((x - self.mean) / self.std)
-
-
-def probe_loss(logits: torch.Tensor, y: torch.Tensor, *, task: str) -> torch.Tensor:
-    """Cross-entropy of the softmax (4.5.1); per-tag binary cross-entropy for multilabel tagging."""
-    return (F.cross_entropy(logits, y) if task == "multiclass"
-            else F.binary_cross_entropy_with_logits(logits, y))
-
-
-def train_probe(x_train, y_train, x_valid, y_valid, *, task: str, n_classes=None, hidden=512,
-                epochs=200, lr=1e-3, weight_decay=1e-2, batch=64, patience=20, seed=0,
-                device="cpu") -> ProbeMLP:
-    """AdamW-fit `ProbeMLP`, early-stopped at its best valid loss; seeded, global RNG untouched."""
-    classes = (y_train.shape[1] if task == "multilabel"
-               else n_classes or int(max(y_train.max(), y_valid.max())) + 1)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        std = x_train.std(0).clamp(min=1e-6) if len(x_train) > 1 else torch.ones(x_train.shape[1])
-        model = ProbeMLP(dim=x_train.shape[1], hidden=hidden, classes=classes, mean=x_train.mean(0),
-                         std=std).to(device)
-    x_train, y_train = x_train.to(device), y_train.to(device)
-    x_valid, y_valid = x_valid.to(device), y_valid.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    order = torch.Generator().manual_seed(seed)
-    best, best_state, best_epoch = math.inf, copy.deepcopy(model.state_dict()), -1
-    for epoch in range(epochs):
-        model.train()
-        for idx in torch.randperm(len(x_train), generator=order).split(batch):
-            loss = probe_loss(model(x_train[idx.to(device)]), y_train[idx.to(device)], task=task)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        model.eval()
-        with torch.no_grad():
-            valid = probe_loss(model(x_valid), y_valid, task=task).item()
-        if valid < best:
-            best, best_state, best_epoch = valid, copy.deepcopy(model.state_dict()), epoch
-        elif epoch - best_epoch >= patience:
-            break
-    model.load_state_dict(best_state)
-    return model.eval()
-
-
-def average_ranks(x: torch.Tensor) -> torch.Tensor:
-    """1-based ranks of x (N,) in ascending order, tied values sharing the mean of their ranks."""
-    _, inverse, counts = torch.unique(x, sorted=True, return_inverse=True, return_counts=True)
-    last = counts.cumsum(0).double()                                    # rank of the last copy
-    return ((last - counts + 1 + last) / 2)[inverse]
-
-
-def roc_auc(scores: torch.Tensor, targets: torch.Tensor) -> float:
-    """ROC AUC: P(positive scores above negative), ties half (Mann-Whitney U); NaN if one class."""
-    pos = targets.bool()
-    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    return ((average_ranks(scores)[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).item()
-
-
-def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float:
-    """AP = sum_k (R_k - R_{k-1}) P_k over the distinct score thresholds k, highest first (recall
-    and precision of "score >= k": tied scores enter together). NaN without a positive."""
-    pos = targets.double()
-    if pos.sum() == 0:
-        return float("nan")
-    values, inverse = torch.unique(scores, sorted=True, return_inverse=True)
-    tp = torch.bincount(inverse, weights=pos, minlength=len(values)).flip(0).cumsum(0)
-    seen = torch.bincount(inverse, minlength=len(values)).flip(0).cumsum(0)
-    recall = tp / pos.sum()
-    precision = tp / seen
-    return (torch.diff(recall, prepend=recall.new_zeros(1)) * precision).sum().item()
-
-
-def macro(metric, scores: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
-    """A per-class metric's mean over the classes (columns of (N, C)) with both -> (mean, count)."""
-    values = [metric(scores[:, c], targets[:, c]) for c in range(targets.shape[1])
-              if 0 < targets[:, c].sum() < len(targets)]
-    return (float(np.mean(values)) if values else float("nan")), len(values)
-
-
-KEY_LABEL = re.compile(r"(?:[Kk]ey\s+)?([A-G])([#b]*)\s*:?\s*((?i:major|minor|maj|min|m))?")
-
-
-def parse_key_label(label: str):
-    """A key class label ("Eb minor", "A:min", "F#", "Bbm") -> (tonic pitch class, minor?), or None.
-    Stricter than `normalise_key`, so that other tasks' classes ("blues") are not keys."""
-    m = KEY_LABEL.fullmatch(label.strip())
-    if m is None:
-        return None
-    return pitch_class(m[1] + m[2]), (m[3] or "").lower() in ("minor", "min", "m")
-
-
-def key_score(estimate: str, reference: str) -> float:
-    """The MIREX weighted key score, Table 3's GiantSteps "Acc refined" (MARBLE's
-    mir_eval.key.weighted_score, the same rules): a fifth below scores 0, as in mir_eval."""
-    (e, e_minor), (r, r_minor) = parse_key_label(estimate), parse_key_label(reference)
-    if (e, e_minor) == (r, r_minor):
-        return 1.0
-    if e_minor == r_minor and (e - r) % 12 == 7:                      # a fifth above
-        return 0.5
-    if e_minor != r_minor and (e - r) % 12 == (9 if e_minor else 3):  # A minor <-> C major
-        return 0.3
-    if e == r:                                                        # parallel
-        return 0.2
-    return 0.0
-
-
-def refined_accuracy(predicted, truth, classes: list[str]) -> dict:
-    """{"accuracy_refined": the predictions' mean `key_score`} if every class is a key, else {}."""
-    if not classes or any(parse_key_label(c) is None for c in classes):
-        return {}
-    scores = [key_score(classes[p], classes[t]) for p, t in zip(predicted, truth)]
-    return {"accuracy_refined": float(np.mean(scores))}
-
-
-@torch.no_grad()
-def probe_metrics(model: ProbeMLP, x: torch.Tensor, y: torch.Tensor, *, task: str,
-                  classes=None) -> dict:
-    """Table 3's metrics, as fractions: accuracy (multiclass; for a key task also accuracy_refined,
-    the MIREX weighted score), or macro ROC-AUC and average precision over the tags."""
-    logits = model(x.to(next(model.parameters()).device)).float().cpu()
-    if task == "multiclass":
-        return {"accuracy": (logits.argmax(1) == y).float().mean().item(),
-                **refined_accuracy(logits.argmax(1).tolist(), y.tolist(), classes)}
-    auc, scored = macro(roc_auc, logits, y)
-    ap, _ = macro(average_precision, logits, y)
-    return {"roc_auc": auc, "average_precision": ap, "classes_scored": scored}
-
-
-def chance_probe_metrics(y_train: torch.Tensor, y_test: torch.Tensor, *, task: str,
-                         classes=None) -> dict:
-    """A model that ignores its input: the train set's majority class (and refined accuracy for a
-    key task); for tagging, ROC-AUC 0.5 and, as AP, each tag's share of positives (chance AP)."""
-    if task == "multiclass":
-        majority = torch.bincount(y_train).argmax()
-        return {"accuracy": (y_test == majority).float().mean().item(),
-                **refined_accuracy([int(majority)] * len(y_test), y_test.tolist(), classes)}
-    ap, scored = macro(lambda _, targets: targets.mean().item(), y_test, y_test)
-    return {"roc_auc": 0.5, "average_precision": ap, "classes_scored": scored}
-
-
-def probe(checkpoint, labels, *, audio=None, task="multiclass", encoder="context", out=None,
-          device=None, batch=16, epochs=200, lr=1e-3, patience=20, seed=0, log=print,
-          verbose=True) -> dict:
-    """Table 3's protocol on one task: frozen global embeddings -> MLP probe fit on train, early-
-    stopped on valid, scored on test; also random weights and chance. Writes OUT/probe.json."""
-    if task not in ("multiclass", "multilabel"):
-        raise StemJEPAError(f"--task {task}: choose multiclass or multilabel")
-    if encoder not in ("context", "target"):
-        raise StemJEPAError(f"--encoder {encoder}: choose context or target")
-    model, device, _ = open_trained(checkpoint, device)
-    audio_root = Path(audio) if audio else Path(labels).parent
-    files, label_lists, splits = read_probe_labels(labels, audio_root, task=task, seed=seed)
-    classes = sorted({l for row in label_lists for l in row})
-    y = encode_targets(label_lists, classes, task=task)
-    part = {s: torch.tensor([i for i, x in enumerate(splits) if x == s], dtype=torch.long)
-            for s in ("train", "valid", "test")}
-    results = {"checkpoint": str(checkpoint), "labels": str(labels), "task": task,
-               "encoder": encoder, "classes": classes, "n": {s: len(i) for s, i in part.items()},
-               "rows": {}}
-    for name, m in {"Stem-JEPA": model, "random weights": random_twin(model, seed)}.items():
-        if verbose:
-            log(f"embedding {len(files)} files ({name}, {encoder} encoder)")
-        x = global_embeddings(m, files, device=device, batch=batch, target=encoder == "target")
-        clf = train_probe(x[part["train"]], y[part["train"]], x[part["valid"]], y[part["valid"]],
-                          task=task, n_classes=len(classes), epochs=epochs, lr=lr,
-                          patience=patience, seed=seed, device=device)
-        results["rows"][name] = probe_metrics(clf, x[part["test"]], y[part["test"]], task=task,
-                                              classes=classes)
-    results["rows"]["chance"] = chance_probe_metrics(y[part["train"]], y[part["test"]], task=task,
-                                                     classes=classes)
-    out = Path(out or Path(checkpoint).parent / "probe")
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "probe.json", results)
-    log(format_probe_table(results))
-    log(f"wrote {out / 'probe.json'}")
-    return results
-
-
-def format_probe_table(results: dict) -> str:
-    """Table 3's layout: one row per encoder, metrics in percent (accuracy_refined: key tasks)."""
-    metrics = ["accuracy"] if results["task"] == "multiclass" else ["roc_auc", "average_precision"]
-    metrics += ["accuracy_refined"] if "accuracy_refined" in results["rows"]["chance"] else []
-    n = results["n"]
-    lines = [f"probe ({results['task']}, {len(results['classes'])} classes; "
-             f"{n['train']} train, {n['valid']} valid, {n['test']} test)",
-             f"{'encoder':20s}" + "".join(f" {m:>18s}" for m in metrics)]
-    for name, row in results["rows"].items():
-        lines.append(f"{name:20s}" + "".join(f" {100 * row[m]:18.1f}" for m in metrics))
-    return "\n".join(lines)
-
-
-# Using a trained model: retrieve, score, embed, any length, the HEAR API --------------------------
-
-def audio_files(path) -> list[Path]:
-    """The audio files of a file or a folder (recursively, skipping hidden folders), sorted."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise StemJEPAError(f"{path}: no such file or folder")
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS
-                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
-    if not files:
-        raise StemJEPAError(f"{path} holds no audio files ({', '.join(AUDIO_EXTENSIONS)})")
-    return files
-
-
-def embed_audio_files(model: StemJEPA, files: list[Path], *, keep=pool, device="cpu", batch=16,
-                      group=8, log=print, verbose=True) -> tuple[list[Path], list]:
-    """(readable files in the given order, keep(z) of each one's target embeddings z (F, T, D)).
-    Unreadable files are reported and skipped; embedded `group` at a time, shortest first."""
-    seconds = {}
-    for f in files:
-        try:
-            seconds[f] = sf.info(str(f)).duration
-        except Exception:                       # unreadable: decoding below will say why
-            seconds[f] = 0.0
-    order = sorted(files, key=lambda f: seconds[f])
-    total, done = sum(seconds.values()), 0.0                            # seconds of audio
-    t0 = t_log = time.time()
-    results, skipped = {}, []
-    for i in range(0, len(order), group):
-        loaded = []
-        for f in order[i: i + group]:
-            try:
-                loaded.append((f, load_audio(f, model.config.sample_rate)))
-            except StemJEPAError as e:
-                skipped.append(str(e))
-                log(f"skipped {e}")
-        zs = embed_long(model, [x for _, x in loaded], batch=batch, device=device)
-        results.update((f, keep(z)) for (f, _), z in zip(loaded, zs))
-        done += sum(seconds[f] for f in order[i: i + group])
-        n = min(i + group, len(order))
-        rate = done / max(time.time() - t0, 1e-9)
-        if verbose and (time.time() - t_log > 10 or n == len(order)):
-            t_log = time.time()
-            log(f"embedded {n}/{len(order)} files ({len(skipped)} skipped), {rate:.0f} s of audio "
-                f"per s, ETA {(total - done) / max(rate, 1e-9):.0f} s")
-    if not results:
-        raise StemJEPAError(f"none of the {len(files)} audio files could be read: "
-                            + "; ".join(skipped[:3]) + ("; ..." if len(skipped) > 3 else ""))
-    kept = [f for f in files if f in results]
-    return kept, [results[f] for f in kept]
-
-
-def _instrument_option(model: StemJEPA, instrument) -> int:
-    """The id of --instrument; a name the model does not know is an error naming the option and
-    listing the known ones (retrieve and score check it before decoding anything)."""
-    if isinstance(instrument, str) and instrument not in model.instruments:
-        raise StemJEPAError(f"--instrument {instrument}: the model knows "
-                            f"{', '.join(model.instruments)}")
-    return model.instrument_id(instrument)
-
-
-def retrieve(checkpoint, mix, library, instrument: str, *, top=10, device=None, batch=16,
-             log=print, verbose=True) -> list[dict]:
-    """Rank a library's readable audio files by fit to `mix` as `instrument` (4.1: L2 of pooled
-    prediction and target embeddings) and the `top` ones' best offsets; cache beside the library."""
-    model, device, _ = open_trained(checkpoint, device)
-    cfg = model.config
-    instrument_id = _instrument_option(model, instrument)
-    files = audio_files(library)
-    mix_audio = load_audio(mix, cfg.sample_rate)  # a bad --mix fails before the library is embedded
-    key = _cache_key(_file_id(Path(checkpoint).resolve()), "files+refs", list(map(_file_id, files)))
-    cache = (Path(library) if Path(library).is_dir() else Path(library).parent) / ".stem_jepa_cache"
-    cache_file = cache / f"library-{key}.pt"
-    if cache_file.exists():
-        cached = torch.load(cache_file, weights_only=True)
-    else:
-        if verbose:
-            log(f"embedding {len(files)} library files")
-        kept, refs = embed_audio_files(model, files, device=device, batch=batch, log=log,
-                                       verbose=verbose)
-        cached = {"files": [str(f) for f in kept], "refs": torch.stack(refs)}
-        cache.mkdir(exist_ok=True)
-        _write_atomic(cache_file, lambda p: torch.save(cached, p))
-    q_seq = model.predict_long(mix_audio, instrument_id, batch=batch)
-    d = torch.cdist(pool(q_seq)[None].double(), cached["refs"].double())[0]
-    results = []
-    for r, i in enumerate(d.argsort()[:top].tolist()):
-        file = cached["files"][i]
-        z_seq = model.encode_long(load_audio(file, cfg.sample_rate), batch=batch)
-        offset = best_offset(frames(z_seq), frames(q_seq))
-        results.append({"rank": r + 1, "file": file, "distance": round(d[i].item(), 4),
-                        "offset_patches": offset,
-                        "offset_s": round(offset * patch_seconds(cfg), 2)})
-    return results
-
-
-def score(checkpoint, mix, stem, instrument: str, *, device=None, batch=16) -> dict:
-    """StemJEPA.score for two audio files: how well `stem` fits `mix` as `instrument`, and where."""
-    model, _, _ = open_trained(checkpoint, device)
-    _instrument_option(model, instrument)
-    sr = model.config.sample_rate
-    return {"mix": str(mix), "stem": str(stem), "instrument": instrument,
-            **model.score(load_audio(mix, sr), load_audio(stem, sr), instrument, batch=batch)}
-
-
-def embed_files(checkpoint, audio, out, *, sequences=False, device=None, batch=16,
-                log=print, verbose=True) -> np.ndarray:
-    """Readable files' pooled 3840-d target embeddings (4.1's references; 4.5 probes the context
-    encoder) -> OUT (.npy rows), OUT.txt (paths); `sequences`: OUT.sequences.npz, (T, 3840) each."""
-    model, device, _ = open_trained(checkpoint, device)
-    files = audio_files(audio)
-    kept, embedded = embed_audio_files(model, files, device=device, batch=batch, log=log,
-                                       verbose=verbose,
-                                       keep=lambda z: (pool(z).numpy(), frames(z).numpy()))
-    rows = np.stack([row for row, _ in embedded])
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out, rows)
-    out.with_suffix(".txt").write_text("".join(f"{f}\n" for f in kept))
-    if sequences:
-        np.savez(out.with_suffix(".sequences.npz"),
-                 **{f"file{k}": seq for k, (_, seq) in enumerate(embedded)})
-    skipped = len(files) - len(kept)
-    log(f"wrote {len(kept)} embeddings of {rows.shape[1]} dims to {out}"
-        + (f" ({skipped} unreadable files skipped)" if skipped else ""))
-    return rows
-
-
-class HEARModel(nn.Module):
-    """A trained Stem-JEPA as HEAR expects it: sample_rate, scene_embedding_size and
-    timestamp_embedding_size (both F*D: 3840 for ViT-B)."""
-
-    def __init__(self, model: StemJEPA):
-        super().__init__()
-        self.model = model.eval()
-        cfg = model.config
-        self.sample_rate = cfg.sample_rate
-        self.scene_embedding_size = (cfg.n_mels // cfg.patch_size) * cfg.dim
-        self.timestamp_embedding_size = self.scene_embedding_size
-
-
-def load_model(model_file_path: str = "", device=None) -> HEARModel:
-    """HEAR: a checkpoint written by `train` -> the model get_*_embeddings take."""
-    if not model_file_path:
-        raise StemJEPAError("load_model needs the path of a checkpoint written by `train`")
-    return HEARModel(open_trained(model_file_path, device)[0])
-
-
-def _hear_patches(audio: torch.Tensor, model: HEARModel, batch: int) -> list[torch.Tensor]:
-    """Each sound of a HEAR batch (n, N) -> its target-encoder patch embeddings (F, T, D)."""
-    if audio.ndim != 2:
-        raise StemJEPAError(f"HEAR audio is (n_sounds, n_samples); got shape {tuple(audio.shape)}")
-    jepa = model.model
-    return embed_long(jepa, list(audio.detach().float().cpu().numpy()), batch=batch,
-                      device=next(jepa.parameters()).device)
-
-
-def get_timestamp_embeddings(audio: torch.Tensor, model: HEARModel,
-                             batch: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """HEAR: audio (n, N) at model.sample_rate -> target `frames` (n, T, F*D) and their centres
-    (n, T) in ms; each sound embedded on its own (as `embed_long`), independent of the batch."""
-    emb = torch.stack([frames(z) for z in _hear_patches(audio, model, batch)])  # (n, T, F*D)
-    patch_ms = 1000 * patch_seconds(model.model.config)
-    ts = ((torch.arange(emb.shape[1]) + 0.5) * patch_ms).float().expand(len(emb), -1)  # (n, T)
-    return emb.to(audio.device), ts.contiguous().to(audio.device)
-
-
-def get_scene_embeddings(audio: torch.Tensor, model: HEARModel, batch: int = 16) -> torch.Tensor:
-    """HEAR: audio (n, N) -> `pool` of each sound's target embeddings (n, F*D), as in 4.5."""
-    return torch.stack([pool(z) for z in _hear_patches(audio, model, batch)]).to(audio.device)
-
-
-# Performance: `bench` measures the machine's peak and how close the training step gets to it ------
-
-def _timed(fn, device) -> float:
-    """Wall time of one fn() call, from a synchronised device until its work is done."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda device: None
-    sync(device)
-    t = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - t
-
-
-def _median_time(fn, device, *, warmup: int, repeats: int) -> float:
-    """Median wall time of fn() after warm-up calls (compilation, allocator and cache warm-up)."""
-    for _ in range(warmup):
-        fn()
-    return float(np.median([_timed(fn, device) for _ in range(repeats)]))
-
-
-def matmul_peak(device: torch.device, dtype=torch.float32) -> float:
-    """Practical peak FLOP/s: the best of several large square torch.mm (2 n^3 FLOPs each)."""
-    n = 8192 if device.type == "cuda" else 2048
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    torch.mm(a, b)                              # warm-up
-    return 2 * n ** 3 / min(_timed(lambda: torch.mm(a, b), device) for _ in range(8))
-
-
-def train_flops_per_sample(cfg: Config) -> float:
-    """FLOPs of one training sample, counted from the shapes: a matmul (n x k)(k x m) is 2nkm;
-    backward costs twice the forward. Context encoder and predictor: forward + backward (3x);
-    target encoder: forward only (1x). Front-end, norms and softmax are left out (< 1 %)."""
-    T = chunk_samples(cfg) // cfg.hop_length // cfg.patch_size        # time patches
-    K = (cfg.n_mels // cfg.patch_size) * T                              # tokens
-    D = cfg.dim
-    block = 2 * K * (4 + 2 * cfg.mlp_ratio) * D * D + 4 * K * K * D   # linears; QK^T and AV
-    encoder = cfg.depth * block + 2 * K * cfg.patch_size ** 2 * D
-    if cfg.predictor == "transformer":
-        W = cfg.pred_tf_dim
-        tf_block = 2 * (K + 1) * (4 + 2 * cfg.mlp_ratio) * W * W + 4 * (K + 1) ** 2 * W
-        predictor = cfg.pred_tf_depth * tf_block + 2 * 2 * K * D * W
-    else:
-        first = 2 * D if cfg.predictor == "mlp" else D
-        widths = [first] + [cfg.pred_hidden] * (cfg.pred_layers - 1) + [D]
-        predictor = 2 * K * sum(a * b for a, b in zip(widths[:-1], widths[1:]))
-    return 3 * (encoder + predictor) + encoder
-
-
-def obvious_step(cfg: Config, device, context, target, instrument):
-    """`bench --baseline`'s yardstick, the same step built the obvious way (a no-argument function):
-    nn.TransformerEncoder, learned positions, EMA by mul_, add_, mel rebuilt, .item() each step."""
-    D = cfg.dim
-    frames = chunk_samples(cfg) // cfg.hop_length
-    tokens = (cfg.n_mels // cfg.patch_size) * (frames // cfg.patch_size)
-
-    class Encoder(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.patch = nn.Conv2d(1, D, cfg.patch_size, cfg.patch_size)
-            self.pos = nn.Parameter(torch.zeros(1, tokens, D))
-            layer = nn.TransformerEncoderLayer(D, cfg.heads, cfg.mlp_ratio * D, dropout=0.0,
-                                               activation="gelu", batch_first=True, norm_first=True)
-            self.body = nn.TransformerEncoder(layer, cfg.depth, enable_nested_tensor=False)
-            self.norm = nn.LayerNorm(D)
-
-        def forward(self, mel):
-            x = self.patch(mel[:, None]).flatten(2).transpose(1, 2)              # (B, K, D)
-            return self.norm(self.body(x + self.pos))
-
-    online = Encoder().to(device)
-    target_net = copy.deepcopy(online).requires_grad_(False)
-    embedding = nn.Embedding(len(TOY_STEMS), D).to(device)
-    layers = [nn.Linear(2 * D, cfg.pred_hidden), nn.ReLU()]
-    for _ in range(cfg.pred_layers - 2):
-        layers += [nn.Linear(cfg.pred_hidden, cfg.pred_hidden), nn.ReLU()]
-    predictor = nn.Sequential(*layers, nn.Linear(cfg.pred_hidden, D), nn.LayerNorm(D)).to(device)
-    params = [*online.parameters(), *embedding.parameters(), *predictor.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-
-    def step():
-        mel = torchaudio.transforms.MelSpectrogram(
-            cfg.sample_rate, n_fft=cfg.n_fft, hop_length=cfg.hop_length, f_min=cfg.f_min,
-            f_max=cfg.f_max, n_mels=cfg.n_mels, norm="slaney", mel_scale="slaney").to(device)
-        logmel = lambda w: (torch.log(mel(w)[..., :frames] + 1e-7) + 9.453) / 3.569   # noqa: E731
-        z = online(logmel(context))
-        e = embedding(instrument)[:, None].expand(-1, z.shape[1], -1)
-        pred = predictor(torch.cat([z, e], dim=-1))
-        with torch.no_grad():
-            t = target_net(logmel(target))
-        loss = jepa_loss(pred, t)
-        optimizer.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
-        with torch.no_grad():
-            for p_t, p_o in zip(target_net.parameters(), online.parameters()):
-                p_t.mul_(0.999).add_(p_o, alpha=0.001)
-        return loss.item()
-    return step
-
-
-def bench(*, preset="paper", batch_size=2, device=None, compile=False, steps=5, data=None,
-          baseline=False, precision="auto", **overrides) -> dict:
-    """Peak matmul FLOP/s, the training step (samples/s, FLOP/s, MFU), one loader worker (chunks/s,
-    warm cache), evaluation speed, peak memory. precision: the step's (`pick_precision`); MFU
-    divides by the peak of its matmuls. overrides: Config fields (`make_config`)."""
-    import resource
-    import tempfile
-    device = pick_device(device)
-    precision = pick_precision(precision, device)
-    cfg = make_config(preset, batch_size=batch_size, **overrides)
-    cpu = f"{device.type}, {torch.get_num_threads()} threads"
-    r = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
-         "preset": preset, "batch_size": batch_size, "precision": precision, "compile": compile}
-    r["peak_fp32_flops"] = matmul_peak(device)
-    if precision != "fp32":
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        r[f"peak_{precision}_flops"] = matmul_peak(device, dtype)
-
-    # the training step, front-end to EMA update, on random waveforms
-    torch.manual_seed(0)
-    model = build_model(cfg, list(TOY_STEMS)).to(device)
-    groups = param_groups(model, cfg.weight_decay, decay_all=cfg.weight_decay_all)
-    optimizer = torch.optim.AdamW(groups, betas=(cfg.beta1, cfg.beta2),
-                                  fused=device.type in ("cuda", "cpu"))
-    loss_fn = torch.compile(model) if compile else model
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    n = chunk_samples(cfg)
-    context, target = (0.1 * torch.randn(batch_size, n, device=device) for _ in range(2))
-    instrument = torch.arange(batch_size, device=device) % len(TOY_STEMS)
-    step = functools.partial(training_step, model, optimizer, context, target, instrument,
-                             lr=1e-4, tau=0.999, grad_clip=cfg.grad_clip, loss_fn=loss_fn,
-                             precision=precision, scaler=scaler)
-    r["step_s"] = _median_time(step, device, warmup=3 if compile else 2, repeats=steps)
-    r["samples_per_s"] = batch_size / r["step_s"]
-    r["flops_per_sample"] = train_flops_per_sample(cfg)
-    r["achieved_flops"] = r["flops_per_sample"] * r["samples_per_s"]
-    r["mfu"] = r["achieved_flops"] / r[f"peak_{precision}_flops"]
-    if baseline:
-        del optimizer, step                     # free its state before the baseline's
-        step = obvious_step(cfg, device, context, target, instrument)
-        r["baseline_samples_per_s"] = batch_size / _median_time(step, device, warmup=2,
-                                                                repeats=steps)
-
-    # evaluation: seconds of audio embedded per second by the target encoder
-    audio = np.random.default_rng(0).normal(0, 0.1, 4 * 60 * cfg.sample_rate).astype(np.float32)
-    seconds = _timed(lambda: embed_long(model, [audio], batch=16, device=device), device)
-    r["eval_audio_s_per_s"] = len(audio) / cfg.sample_rate / seconds
-
-    # the data pipeline: one loader worker, from a warm cache
-    with tempfile.TemporaryDirectory() as tmp:
-        if data is None:
-            data = write_toy_dataset(Path(tmp) / "toy", tracks=10, seconds=30.0)
-        tracks = prepare(data, "train", cache=Path(tmp) / "cache", log=_quiet,
-                         **prepare_options(cfg))
-        dataset = StemChunks(tracks, sorted({s for t in tracks for s in t["stems"]}), chunk=n,
-                             threshold=cfg.active_threshold, tries=cfg.redraw_tries, seed=0)
-        batches, per_batch = 40, 32
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=StepBatches(start=0, steps=batches, batch=per_batch),
-            num_workers=1, prefetch_factor=4)
-        it = iter(loader)
-        next(it)                                                        # worker start-up excluded
-        t = time.perf_counter()
-        for _ in it:
-            pass
-        r["loader_chunks_per_s"] = (batches - 1) * per_batch / (time.perf_counter() - t)
-    r["loader_to_step_ratio"] = r["loader_chunks_per_s"] / r["samples_per_s"]
-    r["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    if device.type == "cuda":
-        r["peak_gpu_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return r
-
-
-def format_bench(r: dict) -> str:
-    g = 1e9
-    compiled = ", compiled" if r["compile"] else ""
-    rows = [("device", r["device"]),
-            ("preset, batch, precision",
-             f"{r['preset']}, {r['batch_size']}, {r['precision']}{compiled}")]
-    for kind in ("fp32", "bf16", "fp16"):
-        if f"peak_{kind}_flops" in r:
-            rows.append((f"peak {kind} matmul", f"{r[f'peak_{kind}_flops'] / g:.0f} GFLOP/s"))
-    rows += [("training step", f"{r['step_s'] * 1000:.0f} ms, {r['samples_per_s']:.2f} samples/s"),
-             ("FLOPs per sample",
-              f"{r['flops_per_sample'] / g:.1f} GFLOP (counted from the shapes)"),
-             ("achieved",
-              f"{r['achieved_flops'] / g:.0f} GFLOP/s, MFU {100 * r['mfu']:.0f} % of peak"),
-             ("evaluation", f"{r['eval_audio_s_per_s']:.0f} s of audio per s")]
-    if "baseline_samples_per_s" in r:
-        rows.append(("obvious baseline step", f"{r['baseline_samples_per_s']:.2f} samples/s: ours "
-                     f"is {r['samples_per_s'] / r['baseline_samples_per_s']:.2f}x"))
-    rows += [("data loader (1 worker)", f"{r['loader_chunks_per_s']:.0f} chunks/s, "
-              f"{r['loader_to_step_ratio']:.0f}x what the step consumes"),
-             ("peak memory (process)", f"{r['peak_rss_gb']:.2f} GB")]
-    if "peak_gpu_allocated_gb" in r:
-        rows.append(("peak GPU memory", f"{r['peak_gpu_allocated_gb']:.2f} GB"))
-    return "\n".join(f"{k:24s} {v}" for k, v in rows)
-
-
 # Command line -------------------------------------------------------------------------------------
 
-def _add_train_options(p, exclude=()):
-    """One option per Config field (--batch-size: batch_size) with the field's help (`option`)."""
+def add_config_options(p) -> None:
+    """--preset, and one option per Config field (--batch-size: batch_size) with its help."""
     p.add_argument("--preset", choices=list(PRESETS), default="paper",
                    help="paper (GPU) or tiny (CPU, minutes)")
-    for f in [f for f in dataclasses.fields(Config) if f.name not in exclude]:
+    for f in dataclasses.fields(Config):
         kind = (dict(action=argparse.BooleanOptionalAction) if f.type == "bool"
                 else dict(type={"int": int, "float": float, "str": str}[f.type]))
         p.add_argument("--" + f.name.replace("_", "-"), help=f.metadata.get("help", ""), **kind)
     p.add_argument("--lr", type=float, dest="base_lr", help="the same as --base-lr")
 
 
-def _add_shared_options(p, *names):
-    """The options several commands share, by name."""
-    shared = {"checkpoint": dict(required=True, help="a run's checkpoint.pt"),
-              "device": dict(help="cuda, cuda:N, mps or cpu (default: the best available)"),
-              "mix": dict(required=True, help="audio file of the mix"),
-              "instrument": dict(required=True, help="the stem's instrument (e.g. bass)"),
-              "json": dict(action="store_true", help="print JSON instead of text"),
-              "batch": dict(type=int, default=16, help="chunks encoded at once"),
-              "cache": dict(help="where decoded 16 kHz stems go (default DATA/.stem_jepa_cache)"),
-              "seed": dict(type=int, default=0),
-              "precision": dict(choices=PRECISIONS, default="auto",
-                                help="autocast on CUDA: auto is bf16 where the GPU has it, else "
-                                     "fp16 with loss scaling; fp32 off CUDA"),
-              "channels": dict(help="one multichannel file per track: the names of its channels, "
-                                    "e.g. bass,drums,other,vocals (mix or mixture: left out)"),
-              "groups": dict(help="Slakh2100 classes (or MoisesDB stems) per instrument, e.g. "
-                                  "'bass=Bass;drums=Drums;other=*' (the default for Slakh2100)")}
-    for name in names:
-        p.add_argument("--" + name, **shared[name])
-
-
-def _layout_from(args) -> dict:
-    channels = [c.strip() for c in args.channels.split(",")] if args.channels else None
-    return {"channels": channels, "groups": parse_groups(args.groups) if args.groups else None}
-
-
-def _config_overrides(args) -> dict:
-    """The Config fields given on the command line (the others are None: the preset's)."""
-    return {f.name: getattr(args, f.name, None) for f in dataclasses.fields(Config)}
-
-
-def _config_from(args) -> Config:
-    return make_config(args.preset, **_config_overrides(args))
-
-
-def _keywords(args, fn) -> dict:
-    """The command line's values that fn takes, by name: a command's options are named as the
-    parameters of the function it calls (--max-shift-s: max_shift_s)."""
-    parameters = inspect.signature(fn).parameters
-    return {name: value for name, value in vars(args).items() if name in parameters}
-
-
-def cmd_toy(args):
-    write_toy_dataset(**_keywords(args, write_toy_dataset))
-    print(f"wrote {args.tracks} toy songs of {args.seconds:g} s to {args.out}")
-
-
-def cmd_train(args):
-    run = train(_config_from(args), layout=_layout_from(args), **_keywords(args, train))
-    if run.interrupted:
-        sys.exit(128 + signal.Signals[run.interrupted].value)
-
-
-def cmd_export(args):
-    print(f"wrote {save_weights(**_keywords(args, save_weights))}")
-
-
-def cmd_demo(args):
-    data, out = Path(args.dir) / "toy", Path(args.dir) / "run"
-    if not (data / "train").is_dir():
-        print(f"writing {args.tracks} toy songs to {data}")
-        write_toy_dataset(data, tracks=args.tracks, seconds=30.0, seed=0)
-    train(make_config("tiny", steps=args.steps), data, out=out, device=args.device, resume=True)
-    rows = list(csv.DictReader(open(out / "log.csv")))
-    first, last = rows[0], rows[-1]
-    print(f"\nloss {float(first['loss']):.3f} (step {first['step']}) -> {float(last['loss']):.3f} "
-          f"(step {last['step']}); checkpoint in {out / 'checkpoint.pt'}\n")
-    evaluate(out / "checkpoint.pt", data, split="test", device=args.device)
-
-
-def cmd_evaluate(args):
-    evaluate(layout=_layout_from(args), **_keywords(args, evaluate))
-
-
-def cmd_retrieve(args):
-    results = retrieve(log=_quiet if args.json else print, **_keywords(args, retrieve))
-    if args.json:
-        print(json.dumps(results, indent=1))
-        return
-    print(f"{'rank':>4s}  {'distance':>8s}  {'offset':>8s}  file")
-    for r in results:
-        print(f"{r['rank']:4d}  {r['distance']:8.4f}  {r['offset_s']:7.2f}s  {r['file']}")
-
-
-def cmd_score(args):
-    r = score(**_keywords(args, score))
-    if args.json:
-        print(json.dumps(r, indent=1))
-        return
-    print(f"distance {r['distance']:.4f} (0 to 2, lower fits better), "
-          f"similarity {r['similarity']:.4f}; best offset {r['offset_s']:+.2f} s "
-          "(start the stem this long after the start of the mix)")
-
-
-def cmd_embed(args):
-    embed_files(**_keywords(args, embed_files))
-
-
-def cmd_analyze(args):
-    analyze = analyze_alignment if args.analysis == "align" else analyze_clusters
-    analyze(layout=_layout_from(args), **_keywords(args, analyze))
-
-
-def cmd_probe(args):
-    probe(**_keywords(args, probe))
-
-
-def cmd_bench(args):
-    overrides = {k: v for k, v in _config_overrides(args).items()
-                 if k not in ("steps", "batch_size")}   # bench's --steps: the timed steps
-    r = bench(**_keywords(args, bench), **overrides)
-    print(format_bench(r))
-    if args.json:
-        Path(args.json).write_text(json.dumps(r, indent=1))
+def config_from(args) -> Config:
+    """The preset's Config with the fields given on the command line (the others are None)."""
+    return make_config(args.preset, **{f.name: getattr(args, f.name, None)
+                                       for f in dataclasses.fields(Config)})
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="stem_jepa.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    device = dict(help="cuda, cuda:N, mps or cpu (default: the best available)")
+    cache = dict(help="where decoded 16 kHz stems go (default DATA/.stem_jepa_cache)")
 
     p = sub.add_parser("toy", help="write procedural multitrack songs in the MUSDB18-HQ layout")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--tracks", type=int, default=20, help="number of songs (20 %% go to test/)")
     p.add_argument("--seconds", type=float, default=30.0, help="length of each song")
-    _add_shared_options(p, "seed")
+    p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("train", help="train Stem-JEPA on a multitrack folder")
     p.add_argument("--data", required=True, help="MUSDB18(-HQ) root or a folder of track folders")
     p.add_argument("--out", default="runs/stem-jepa", help="run folder: checkpoint.pt and log.csv")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--force", action="store_true",
-                   help="resume despite harmless changes (e.g. --steps)")
+                   help=f"resume although {', '.join(RESUMABLE_CHANGES)} or the data changed")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
     p.add_argument("--workers", type=int, help="loader processes (default: half the cores, max 8)")
     p.add_argument("--stop-at", type=int, help="save and exit at this step; --resume continues")
-    p.add_argument("--init-from", metavar="CKPT", help="a new run starting from this checkpoint's "
-                   "encoders and predictor (fresh optimizer and schedules)")
-    _add_shared_options(p, "cache", "device", "channels", "groups", "precision")
-    _add_train_options(p)
+    p.add_argument("--device", **device)
+    p.add_argument("--cache", **cache)
+    add_config_options(p)
 
-    p = sub.add_parser("evaluate", help="stem retrieval (Table 1, Fig. 2) with comparison rows")
+    p = sub.add_parser("evaluate", help="stem retrieval (Table 1) with comparison rows")
+    p.add_argument("--checkpoint", required=True, help="a run's checkpoint.pt, or shipped weights")
     p.add_argument("--data", required=True, help="dataset root (as for train)")
     p.add_argument("--split", default="test",
                    help="train, test, or all: both together, as Table 1 (MUSDB18: 600 references)")
     p.add_argument("--out", help="output folder (default: beside the checkpoint, eval-SPLIT)")
-    p.add_argument("--listening", type=int, default=0, help="also write N listening trials (4.2)")
-    _add_shared_options(p, "checkpoint", "cache", "device", "batch", "seed", "channels", "groups")
-
-    p = sub.add_parser("retrieve", help="rank the stems of a library by how well they fit a mix")
-    p.add_argument("--library", required=True, help="folder of candidate stems (any audio files)")
-    p.add_argument("--top", type=int, default=10)
-    _add_shared_options(p, "instrument", "json", "checkpoint", "mix", "device", "batch")
-
-    p = sub.add_parser("score", help="how well one stem fits one mix as an instrument, and where")
-    p.add_argument("--stem", required=True, help="audio file of the candidate stem")
-    _add_shared_options(p, "instrument", "json", "checkpoint", "mix", "device")
-
-    p = sub.add_parser("embed", help="3840-d embeddings of audio files, for other uses")
-    p.add_argument("--audio", required=True, help="an audio file or a folder")
-    p.add_argument("--out", required=True, help="FILE.npy (a row per file; the files in FILE.txt)")
-    p.add_argument("--sequences", action="store_true",
-                   help="also FILE.sequences.npz: one vector per 160 ms")
-    _add_shared_options(p, "checkpoint", "device", "batch")
-
-    p = sub.add_parser("analyze", help="stem alignment (4.3) and musical plausibility (4.4)")
-    kinds = p.add_subparsers(dest="analysis", required=True)
-    a = kinds.add_parser("align", help="Eq. 3: target patches against shifted predictions (Fig. 4)")
-    a.add_argument("--data", required=True, help="multitrack dataset root (as for train)")
-    a.add_argument("--tracks", type=int, help="first K tracks only (default: all; Fig. 4 draws 8)")
-    a.add_argument("--max-shift-s", type=float, default=10.0, help="largest shift, in seconds")
-    c = kinds.add_parser("clusters", help="k-means on patches, key/chord co-occurrence (Fig. 5)")
-    source = c.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", help="multitrack root: the mix of each track's stems is embedded")
-    source.add_argument("--audio",
-                        help="folder of full mixes (e.g. the Beatles), named as their .lab files")
-    c.add_argument("--labels", help="folder of NAME.keys.lab and NAME.chords.lab files, or "
-                   "Isophonics' keylab/, chordlab/ tree (default: each track's labels.json)")
-    c.add_argument("--k", type=int, default=32, help="k-means clusters")
-    c.add_argument("--iters", type=int, default=100, help="k-means iterations at most")
-    c.add_argument("--top", type=int, default=80, help="key/chord combinations shown in fig5.png")
-    c.add_argument("--shuffles", type=int, default=5, help="label shuffles for the chance level")
-    _add_shared_options(c, "seed")
-    for q in (a, c):
-        q.add_argument("--split", default="test", help="split (with --data): train, test or all")
-        q.add_argument("--out", help="output folder (default: beside the checkpoint)")
-        _add_shared_options(q, "checkpoint", "cache", "device", "batch", "channels", "groups")
-
-    p = sub.add_parser("probe", help="frozen-embedding probe (4.5, Table 3), with random weights")
-    p.add_argument("--labels", required=True, help="CSV: file,label,split (train/valid/test)")
-    p.add_argument("--audio", help="root of the CSV's relative paths (default: the CSV's folder)")
-    p.add_argument("--task", choices=["multiclass", "multilabel"], default="multiclass",
-                   help="one label per file (accuracy), or ';'-separated tags (ROC-AUC, AP)")
-    p.add_argument("--encoder", choices=["context", "target"], default="context",
-                   help="frozen encoder to probe: context (authors' downstream code) or EMA target")
-    p.add_argument("--out", help="output folder (default: beside the checkpoint, probe/)")
-    p.add_argument("--epochs", type=int, default=200, help="at most; early stopping on valid")
-    p.add_argument("--patience", type=int, default=20, help="early-stopping patience, in epochs")
-    p.add_argument("--lr", type=float, default=1e-3)
-    _add_shared_options(p, "checkpoint", "device", "batch", "seed")
-
-    p = sub.add_parser("bench", help="measure peak FLOP/s, training step, loader and evaluation")
-    p.set_defaults(batch_size=2)                        # a batch of 2 unless --batch-size
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--steps", type=int, default=5, help="timed steps (after warm-up)")
-    p.add_argument("--data", help="dataset for the loader measurement (default: 10 toy songs)")
-    p.add_argument("--baseline", action="store_true", help="also time a step built the obvious way")
-    p.add_argument("--json", help="also write the numbers to this file")
-    _add_shared_options(p, "device", "precision")
-    _add_train_options(p, exclude=("steps",))
-
-    p = sub.add_parser("export", help="a checkpoint's weights in float16, to share a model")
-    _add_shared_options(p, "checkpoint")
-    p.add_argument("--out", required=True, help="the weights file to write")
+    p.add_argument("--batch", type=int, default=16, help="chunks encoded at once")
+    p.add_argument("--seed", type=int, default=0, help="of the random-weights row")
+    p.add_argument("--device", **device)
+    p.add_argument("--cache", **cache)
 
     p = sub.add_parser("demo", help="toy data + the tiny preset on this machine, end to end")
     p.add_argument("--dir", default="demo", help="folder for the toy data and the run")
     p.add_argument("--tracks", type=int, default=40)
     p.add_argument("--steps", type=int, default=300)
-    _add_shared_options(p, "device")
+    p.add_argument("--device", **device)
 
     args = parser.parse_args(argv)
-    commands = {"toy": cmd_toy, "train": cmd_train, "evaluate": cmd_evaluate,
-                "retrieve": cmd_retrieve, "score": cmd_score, "embed": cmd_embed,
-                "analyze": cmd_analyze, "probe": cmd_probe, "bench": cmd_bench,
-                "export": cmd_export, "demo": cmd_demo}
     try:
-        commands[args.command](args)
+        if args.command == "toy":
+            write_toy_dataset(args.out, tracks=args.tracks, seconds=args.seconds, seed=args.seed)
+            print(f"wrote {args.tracks} toy songs of {args.seconds:g} s to {args.out}")
+        elif args.command == "train":
+            _, stopped_by = train(config_from(args), args.data, out=args.out, cache=args.cache,
+                                  resume=args.resume, force=args.force, device=args.device,
+                                  compile=args.compile, workers=args.workers,
+                                  stop_at=args.stop_at)
+            if stopped_by:
+                sys.exit(128 + signal.Signals[stopped_by].value)
+        elif args.command == "evaluate":
+            evaluate(args.checkpoint, args.data, split=args.split, out=args.out, cache=args.cache,
+                     device=args.device, batch=args.batch, seed=args.seed)
+        elif args.command == "demo":
+            data, run = Path(args.dir) / "toy", Path(args.dir) / "run"
+            if not (data / "train").is_dir():
+                print(f"writing {args.tracks} toy songs to {data}")
+                write_toy_dataset(data, tracks=args.tracks, seconds=30.0, seed=0)
+            train(make_config("tiny", steps=args.steps), data, out=run, device=args.device,
+                  resume=True)
+            evaluate(run / "checkpoint.pt", data, split="test", device=args.device)
     except StemJEPAError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
