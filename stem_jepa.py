@@ -9,34 +9,28 @@ instrument label predicts, patch by patch, the embedding of a stem that fits the
 (the *target*). Targets come from an EMA copy of the encoder; nothing is reconstructed.
 
 Commands (each has --help):
-    python stem_jepa.py toy --out toy/                            # procedural multitracks
-    python stem_jepa.py train --data musdb18/ --out runs/stem-jepa   # the paper's setup (GPU)
-    python stem_jepa.py train --data toy/ --out runs/tiny --preset tiny --steps 300   # a CPU
-    torchrun --nproc_per_node 4 stem_jepa.py train --data musdb18/ --out runs/stem-jepa
-    python stem_jepa.py evaluate --checkpoint runs/stem-jepa/checkpoint.pt --data musdb18/
-    python stem_jepa.py demo                       # toy data + tiny model, end to end
+    python stem_jepa.py toy --out toy/                              # procedural multitracks
+    python stem_jepa.py train --data musdb18/ --out runs/musdb      # the paper's setup (GPU)
+    python stem_jepa.py train --data toy/ --out runs/toy --preset tiny --steps 300   # a CPU
+    torchrun --nproc_per_node 4 stem_jepa.py train --data musdb18/ --out runs/musdb
+    python stem_jepa.py evaluate --checkpoint runs/musdb/checkpoint.pt --data musdb18/
+    python stem_jepa.py demo                                        # toy data, end to end
 
-Part one, the method, top to bottom (paper -> code):
-    configuration                             Config, PRESETS, make_config
-    3.3 front-end (log-mel, 16x16 patches)    LogMel, ViT.patch_embed
-    3.3 encoder (ViT-Base)                    ViT, sincos_2d
-    3.1 predictor g_phi, emb(l)               MLPPredictor, TransformerPredictor (Table 1)
-    Eq. 1 loss; 4.1 pooled vectors            jepa_loss, unit_targets, pool
-    Eq. 2 EMA target encoder; 3.3 lr          ema_update, tau_at, lr_at
-    Fig. 1 the model                          StemJEPA, build_model
-    3.2 sampling context and target           choose_stems, draw_example, StemChunks, StepBatches
-    3.4 training data (multitracks)           find_tracks, load_audio, prepare
-    3.3 the training step and loop            training_step, train
-    4.1 retrieval                             embed_long, retrieval_metrics, which_song_and_instrument
-    4.3 alignment (Eq. 3)                     shift_similarity, best_offset
-Part two, what the commands need: Table 1's evaluation (`evaluate`, with chance, random weights
-and a DSP baseline), the toy songs (`make_toy_song`) and the command line. The analyses of
-4.1.3-4.5 are in tutorial.ipynb; side jobs (library search, HEAR, layout converters, the
-benchmark) are short files in extras/ and dev/ that import this one.
+Part one is the method, in the paper's order (paper -> code):
+    3.3 front-end, encoder            LogMel, ViT (ViT-Base over 16x16 log-mel patches)
+    3.1 predictor g_phi, emb(l)       MLPPredictor; TransformerPredictor (Table 1's ablation)
+    Eq. 1; Eq. 2; 3.3 schedules       jepa_loss; ema_update, tau_at; lr_at
+    Fig. 1                            StemJEPA, build_model
+    3.2 sampler; 3.4 data             choose_stems, draw_example, StemChunks; find_tracks, prepare
+    3.3 training                      training_step, train
+    4.1 retrieval; 4.3 Eq. 3          embed_long, retrieval_metrics; shift_similarity
+Part two is what the commands need: Table 1's evaluation (`evaluate`), the toy songs, the CLI.
+The analyses of 4.1.3-4.5 are in tutorial.ipynb; library search, HEAR, layout converters and
+the benchmark are short files in extras/ and dev/ that import this one.
 
-Shape letters: B batch, S stems, N samples, M mel bins, L frames, F frequency patches,
-T time patches (one per 160 ms), K = F*T tokens, D embedding width, W Transformer-predictor
-width, H heads, h head width, C = F*D a pooled vector's width, Q queries, R references.
+Shape letters: B batch, S stems, N samples, M mel bins, L frames, F frequency patches, T time
+patches (one per 160 ms), K = F*T tokens, D embedding width, W Transformer-predictor width,
+H heads, h head width, C = F*D a pooled vector's width.
 
 Where this file follows the authors' code (SonyCSLParis/Stem-JEPA) rather than the paper's
 text, the docstring says so ([code] in Config).
@@ -167,14 +161,10 @@ def chunk_samples(cfg: Config) -> int:
 # 3.3 Front-end: waveform -> normalised log-mel spectrogram ----------------------------------------
 
 class LogMel(nn.Module):
-    """16 kHz mono waveforms (B, N) -> normalised log-mel spectrograms (B, M, L), L = N // hop.
-
+    """16 kHz mono waveforms (B, N) -> normalised log-mel spectrograms (B, M, L), L = N // hop:
     "log-scaled Mel Spectrograms with 80 mel bins and a window and hop size of 25 and 10 ms" (3.3).
-    Slaney mel scale and area normalisation, log(mel + eps) and the dataset statistics
-    (-9.453, 3.569) are the authors' code's. With center=True an 8 s chunk gives 801 frames; the
-    last is dropped so that 800 frames make 50 whole patches. The filterbank is a buffer built once.
-    """
-
+    Slaney mel scale and area normalisation, log(mel + eps) and the dataset statistics (-9.453,
+    3.569) are the authors' code's. The 801st frame of an 8 s chunk is dropped: 800 = 50 patches."""
     def __init__(self, *, sample_rate=16000, n_fft=400, hop_length=160, n_mels=80, f_min=50.0,
                  f_max=8000.0, mean=-9.453, std=3.569):
         super().__init__()
@@ -228,7 +218,6 @@ class Attention(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
-
     def __init__(self, *, dim: int, heads: int, mlp_ratio: int):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
@@ -253,12 +242,8 @@ def init_vit_weights(module: nn.Module) -> None:
 class ViT(nn.Module):
     """"We employ a standard ViT-Base model as the encoder" (3.3). No CLS token, and fixed (not
     learned) 2D sin-cos positions: both are the authors' code's (M2D's), not the paper's text.
-
-    Log-mel (B, M, L) -> one embedding per patch (B, F, T, D), F = M / 16, T = L // 16. Tokens are
-    frequency-major (index f * T + t). Any length up to max_frames works: a shorter input uses the
-    first T time positions; longer inputs are the caller's to chunk.
-    """
-
+    Log-mel (B, M, L) -> one embedding per patch (B, F, T, D), F = M / 16, T = L // 16; tokens are
+    frequency-major (index f * T + t). Inputs longer than max_frames are the caller's to chunk."""
     def __init__(self, *, n_mels=80, max_frames=800, patch_size=16, dim=768, depth=12, heads=12,
                  mlp_ratio=4):
         super().__init__()
@@ -288,13 +273,9 @@ class ViT(nn.Module):
 
 class MLPPredictor(nn.Module):
     """"Our predictor is a 6-layer MLP with ReLU activations and 1024 dimensions in each hidden
-    layer" (3.3), applied to each patch independently: z~_k = g(concat(z_k, emb(l))) (3.1).
-
-    With n_instruments = 0 it is the unconditioned ablation of Table 1 (input z_k alone). The output
-    LayerNorm and emb(l) as a dim-wide (768-d) embedding initialised N(0, 1) are the authors'
-    code's; the paper says only "a learnable embedding".
-    """
-
+    layer" (3.3), applied to each patch independently: z~_k = g(concat(z_k, emb(l))) (3.1). With
+    n_instruments = 0, Table 1's unconditioned ablation (input z_k alone). The output LayerNorm and
+    emb(l) as a D-wide embedding initialised N(0, 1) are the authors' code's."""
     def __init__(self, *, dim=768, hidden=1024, layers=6, n_instruments=4):
         super().__init__()
         self.instrument = nn.Embedding(n_instruments, dim) if n_instruments else None
@@ -320,7 +301,6 @@ class TransformerPredictor(nn.Module):
     width, add 2D sin-cos positions, prepend one learned instrument token (without position),
     run pre-norm blocks, drop the token, normalise and project back. The instrument token is
     initialised N(0, 1), as in the authors' code."""
-
     def __init__(self, *, dim=768, width=512, depth=8, heads=16, mlp_ratio=4, n_instruments=4,
                  n_freq=5, max_time=50):
         super().__init__()
@@ -399,13 +379,8 @@ def lr_at(step: int, *, peak_lr: float, warmup_steps: int, total_steps: int,
 
 class StemJEPA(nn.Module):
     """Front-end, context encoder f_theta, predictor g_phi and EMA target encoder f_theta_bar
-    (Fig. 1). forward(context, target, instrument) is what the training step differentiates.
-
-    `config` is the Config the parts were built from (`build_model`); checkpoints store it. The
-    methods after forward use a trained model on recordings of any length: one mono waveform
-    (N,) at config.sample_rate, numpy or torch, in; CPU tensors out.
-    """
-
+    (Fig. 1); `config`: the Config they were built from. forward is what training differentiates;
+    the methods after it use a trained model on one mono waveform (N,) of any length."""
     def __init__(self, *, frontend: LogMel, encoder: ViT, predictor: nn.Module,
                  instruments: list[str], config: Config):
         super().__init__()
@@ -438,61 +413,48 @@ class StemJEPA(nn.Module):
     def from_checkpoint(cls, path, map_location="cpu") -> StemJEPA:
         """A trained model from a checkpoint written by `train` (or its weights), in eval mode."""
         ckpt = load_checkpoint(path, map_location=map_location)
-        fields = {f.name for f in dataclasses.fields(Config)}
-        config = Config(**{k: v for k, v in ckpt["config"].items() if k in fields})
+        known = {f.name for f in dataclasses.fields(Config)}
+        config = Config(**{k: v for k, v in ckpt["config"].items() if k in known})
         model = build_model(config, ckpt["instruments"])
         model.load_state_dict(ckpt["model"])
         return model.eval()
 
     def instrument_id(self, instrument) -> int:
         """An instrument name (e.g. "bass") or id -> its id, or an error listing the known ones."""
-        if isinstance(instrument, str):
-            if instrument not in self.instruments:
-                raise StemJEPAError(f"instrument {instrument!r}: the model knows "
-                                    f"{', '.join(self.instruments)}")
-            return self.instruments.index(instrument)
-        return int(instrument)
+        if isinstance(instrument, str) and instrument not in self.instruments:
+            raise StemJEPAError(f"instrument {instrument!r}: the model knows "
+                                f"{', '.join(self.instruments)}")
+        return self.instruments.index(instrument) if isinstance(instrument, str) else int(instrument)
 
     def encode_long(self, wav, *, target: bool = True, batch: int = 16) -> torch.Tensor:
-        """A recording (N,) -> its patch embeddings (F, T, D), T = ceil(N / 2560) (`embed_long`);
-        the target encoder by default (retrieval's references)."""
-        return embed_long(self, [_mono(wav)], target=target, batch=batch,
+        """One mono recording (N,) of any length -> patch embeddings (F, T, D), T = ceil(N / 2560),
+        by `embed_long`; the target encoder by default (retrieval's references)."""
+        return embed_long(self, [wav], target=target, batch=batch,
                           device=next(self.parameters()).device)[0]
 
     def predict_long(self, mix, instrument, *, batch: int = 16) -> torch.Tensor:
         """A mix (N,) and the missing instrument (name or id) -> the predicted patch embeddings
         (F, T, D) of a stem that fits it (retrieval's query before pooling)."""
-        return embed_long(self, [_mono(mix)], instruments=[self.instrument_id(instrument)],
+        return embed_long(self, [mix], instruments=[self.instrument_id(instrument)],
                           batch=batch, device=next(self.parameters()).device)[0]
 
     def embed(self, wav, instrument=None, *, batch: int = 16) -> torch.Tensor:
-        """One pooled vector (F*D,) (`pool`): a recording's target embedding, or with
-        `instrument` the prediction for the stem missing from this mix. The L2 distance
-        between the two is retrieval's (4.1)."""
+        """One pooled vector (F*D,): a recording's target embedding or, given `instrument`, the
+        prediction for the stem missing from this mix. Retrieval compares them by L2 (4.1)."""
         if instrument is None:
             return pool(self.encode_long(wav, batch=batch))
         return pool(self.predict_long(wav, instrument, batch=batch))
 
     def score(self, mix, stem, instrument, *, batch: int = 16) -> dict:
-        """How well `stem` fits `mix` as `instrument` (4.1): the L2 distance of the pooled
-        prediction and the stem's pooled target embedding (0 to 2, lower fits better), the
-        cosine 1 - d^2 / 2, and where the stem fits best (4.3, `best_offset`: start it
-        offset_s seconds after the start of the mix)."""
-        q = self.predict_long(mix, instrument, batch=batch)
-        z = self.encode_long(stem, batch=batch)
+        """How well `stem` fits `mix` as `instrument`: the L2 distance of the pooled prediction
+        and the stem's pooled embedding (4.1; 0 to 2, lower fits better), the cosine 1 - d^2 / 2,
+        and where it fits best (4.3: start the stem offset_s seconds into the mix)."""
+        q, z = self.predict_long(mix, instrument, batch=batch), self.encode_long(stem, batch=batch)
         distance = (pool(q) - pool(z)).norm().item()
         offset = best_offset(frames(z), frames(q))
         patch_s = self.config.hop_length * self.config.patch_size / self.config.sample_rate
         return {"distance": round(distance, 4), "similarity": round(1 - distance ** 2 / 2, 4),
                 "offset_patches": offset, "offset_s": round(offset * patch_s, 2)}
-
-
-def _mono(wav) -> np.ndarray:
-    """One waveform as float32 numpy (N,); a batch or a stereo array is an error."""
-    x = np.asarray(wav.detach().cpu() if torch.is_tensor(wav) else wav, dtype=np.float32)
-    if x.ndim != 1:
-        raise StemJEPAError(f"expected one mono waveform (N,), got shape {tuple(x.shape)}")
-    return x
 
 
 def build_model(cfg: Config, instruments: list[str]) -> StemJEPA:
@@ -522,12 +484,9 @@ def build_model(cfg: Config, instruments: list[str]) -> StemJEPA:
 
 def choose_stems(peaks: np.ndarray, rng: np.random.Generator, threshold: float):
     """Pick (target, context) from the stems' peak amplitudes in one chunk, or None if < 2 are
-    active.
-
-    "Let A be the indices of active (i.e. non-silent) stems. We first pick a random index t in A
-    as target. Then, we randomly select a subset C of A minus {t} [...]. The number of stems |C|
-    in this subset is uniformly sampled between 1 and |A| - 1" (3.2). Active: peak > threshold.
-    """
+    active (peak > threshold). "Let A be the indices of active (i.e. non-silent) stems. We first
+    pick a random index t in A as target. Then, we randomly select a subset C of A minus {t} [...].
+    The number of stems |C| in this subset is uniformly sampled between 1 and |A| - 1" (3.2)."""
     active = np.flatnonzero(peaks > threshold)
     if len(active) < 2:
         return None
@@ -539,18 +498,14 @@ def choose_stems(peaks: np.ndarray, rng: np.random.Generator, threshold: float):
 
 def draw_example(stems: torch.Tensor, chunk: int, rng: np.random.Generator, *, threshold: float,
                  tries: int):
-    """One training example from one track's stems (S, N): (context (chunk,), target (chunk,),
-    target stem).
+    """One example from one track's stems (S, N): (context (chunk,), target (chunk,), target stem).
 
-    A chunk at a uniformly random offset (zero-padded at the end when the track is shorter). "If
-    |A| < 2 [...] we resample another audio chunk from the same track" (footnote 2), up to `tries`
-    chunks; after that the fallback trains on the last chunk with its loudest stem as target and
-    the second loudest as context. The authors' code differs: it redraws only when no stem is
-    active, trains with a silent context when exactly one is, and after its last trial takes a
-    random target with all the other stems as context; we follow the paper.
-    Only the chunk is read: `stems` may wrap a memory map (torch's float16 kernels are ~10x
-    faster than numpy's here).
-    """
+    A chunk at a uniformly random offset, zero-padded at the end of a short track. "If |A| < 2
+    [...] we resample another audio chunk from the same track" (footnote 2), up to `tries` times,
+    then the last chunk's loudest stem is the target and the second loudest the context. (The
+    authors' code differs: it redraws only when no stem is active, and after its last trial takes
+    a random target with all other stems as context; we follow the paper.) Only the chunk is
+    read: `stems` may wrap a memory map."""
     for _ in range(tries):
         offset = int(rng.integers(0, max(stems.shape[1] - chunk, 0) + 1))
         x = stems[:, offset: offset + chunk]                            # (S, chunk), a view
@@ -571,14 +526,10 @@ def draw_example(stems: torch.Tensor, chunk: int, rng: np.random.Generator, *, t
 class StemChunks(torch.utils.data.Dataset):
     """Item i -> (context (N,), target (N,), instrument id): a pure function of (seed, i), so the
     data order of a resumed run is the uninterrupted run's, whatever the number of workers."""
-
     def __init__(self, tracks: list[dict], instruments: list[str], *, chunk: int, threshold: float,
                  tries: int, seed: int):
-        self.tracks = tracks
-        self.chunk = chunk
-        self.threshold = threshold
-        self.tries = tries
-        self.seed = seed
+        self.tracks, self.chunk, self.threshold, self.tries, self.seed = (tracks, chunk, threshold,
+                                                                          tries, seed)
         self.instrument_ids = [[instruments.index(s) for s in t["stems"]] for t in tracks]
         self._open = {}                         # track -> memory map, per process
 
@@ -593,24 +544,31 @@ class StemChunks(torch.utils.data.Dataset):
         return context, target, self.instrument_ids[t][stem]
 
 
-class StepBatches(torch.utils.data.Sampler):
-    """The dataset indices of each step's batch for this process: step s, rank r takes
-    [s * B * world + r * B, ... + B). Starting at `start` resumes the same sequence."""
+def step_batches(*, start: int, steps: int, batch: int, rank: int = 0, world: int = 1):
+    """The dataset indices of this process's share of each step's batch: step s, rank r takes
+    [(s * world + r) * batch, ... + batch). Starting at `start` resumes the same sequence."""
+    for s in range(start, steps):
+        first = (s * world + rank) * batch
+        yield list(range(first, first + batch))
 
-    def __init__(self, *, start: int, steps: int, batch: int, rank: int = 0, world: int = 1):
-        self.start = start
-        self.steps = steps
-        self.batch = batch
-        self.rank = rank
-        self.world = world
 
-    def __iter__(self):
-        for s in range(self.start, self.steps):
-            first = (s * self.world + self.rank) * self.batch
-            yield list(range(first, first + self.batch))
+def _worker_ignores_signals(worker_id):             # the main process saves, then stops them
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
 
-    def __len__(self):
-        return max(self.steps - self.start, 0)
+
+def step_loader(tracks: list[dict], instruments: list[str], cfg: Config, *, start: int = 0,
+                rank: int = 0, world: int = 1, workers=None, pin_memory: bool = False):
+    """This process's share of each training step's batch, from step `start` on: batches of
+    (context (B, N), target (B, N), instrument (B,)), B = batch_size / world."""
+    dataset = StemChunks(tracks, instruments, chunk=chunk_samples(cfg),
+                         threshold=cfg.active_threshold, tries=cfg.redraw_tries, seed=cfg.seed)
+    batches = step_batches(start=start, steps=cfg.steps, batch=cfg.batch_size // world,
+                           rank=rank, world=world)
+    workers = min(8, max((os.cpu_count() or 2) // 2, 1)) if workers is None else workers
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=batches, num_workers=workers, pin_memory=pin_memory,
+        prefetch_factor=4 if workers else None, worker_init_fn=_worker_ignores_signals)
 
 
 # 3.4 Training data: multitrack folders -> a cache of 16 kHz stems ---------------------------------
@@ -619,11 +577,9 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".aiff", ".aif", ".mp3")
 MIX_NAMES = ("mixture", "mix")              # a track's full mix is not a stem: ignored
 MUSDB_STREAMS = {"drums": 1, "bass": 2, "other": 3, "vocals": 4}   # .stem.mp4; 0 is the mixture
 LENGTH_TOLERANCE_S = 1.0                    # stems of one track may differ by this much (trimmed)
-LAYOUTS = ("MUSDB18-HQ, or your own multitracks: ROOT/[train|test/]<track>/<stem>.wav (or "
-           f"{', '.join(AUDIO_EXTENSIONS[1:])}), each stem named after its file",
-           "MUSDB18: ROOT/{train,test}/<track>.stem.mp4 (decoded with ffmpeg)",
-           "other layouts (the authors' multichannel WAVs, MoisesDB, Slakh2100): convert them "
-           "with extras/convert.py")
+LAYOUTS = ("  MUSDB18-HQ, or your own multitracks: ROOT/[train|test/]<track>/<stem>.wav (or .flac, "
+           "...)\n  MUSDB18: ROOT/{train,test}/<track>.stem.mp4\n  others (multichannel WAVs, "
+           "MoisesDB, Slakh2100): convert them with extras/convert.py")
 
 
 def find_tracks(root, split: str = "train") -> list[tuple[str, dict[str, tuple]]]:
@@ -654,7 +610,7 @@ def find_tracks(root, split: str = "train") -> list[tuple[str, dict[str, tuple]]
     if not tracks:
         what = (f"holds no tracks; found {', '.join(found[:5])}{', ...' if len(found) > 5 else ''}"
                 if found else "is empty")
-        raise StemJEPAError(f"{base} {what}. Layouts read:\n" + "\n".join(f"  {x}" for x in LAYOUTS))
+        raise StemJEPAError(f"{base} {what}. Layouts read:\n{LAYOUTS}")
     return tracks
 
 
@@ -689,17 +645,6 @@ def load_audio(path, sample_rate: int, stream: int | None = None) -> np.ndarray:
     if sr != sample_rate:
         x = torchaudio.functional.resample(torch.from_numpy(x), sr, sample_rate).numpy()
     return x
-
-
-def _has_two_active(x: np.ndarray, chunk: int, threshold: float, block: int = 1600) -> bool:
-    """Whether some chunk-long window has >= 2 stems above threshold (checked on 0.1 s blocks)."""
-    nb = -(-x.shape[1] // block)
-    padded = np.pad(np.abs(x), ((0, 0), (0, nb * block - x.shape[1])))
-    active = (padded.reshape(len(x), nb, block).max(-1) > threshold).astype(np.int32)  # (S, blocks)
-    w = max(chunk // block, 1)
-    counts = np.cumsum(np.pad(active, ((0, 0), (1, 0))), axis=1)
-    in_window = (counts[:, w:] - counts[:, :-w]) > 0 if nb >= w else active.any(1, keepdims=True)
-    return bool((in_window.sum(0) >= 2).any())
 
 
 def _decode_track(name: str, stems: dict, *, sample_rate: int, notes: list):
@@ -747,9 +692,9 @@ def prepare(root, split: str = "train", *, cache=None, sample_rate=16000, chunk_
             threshold=0.1, training=True, log=print) -> list[dict]:
     """Decode each track once into a cache, a float16 .npy of mono stems at sample_rate (memory-
     mapped in training), reused while its files are unchanged and the array is whole. Each
-    prepared track: name, stems (sorted), length (samples), npy. training=True leaves out what
-    the sampler cannot use (3.2): tracks with fewer than two stems above `threshold` in any
-    chunk; evaluation keeps every stem that is not all zero. "all": train/ and test/."""
+    prepared track: name, stems (sorted), length (samples), npy. training=True leaves out the
+    tracks with fewer than two stems above `threshold` (3.2: nothing to predict from); evaluation
+    keeps every stem that is not all zero. "all": train/ and test/."""
     found = find_tracks(root, split)
     folder = Path(cache or Path(root) / ".stem_jepa_cache") / f"{sample_rate}hz"
     try:
@@ -757,13 +702,11 @@ def prepare(root, split: str = "train", *, cache=None, sample_rate=16000, chunk_
     except OSError as e:
         raise StemJEPAError(f"cannot write the cache in {folder} ({e.strerror}): "
                             "pass --cache DIR") from None
-    chunk = int(chunk_seconds * sample_rate)
-    prepared, notes = [], []
-    for name, stems in found:
-        files = sorted((s, p, stream, os.path.getsize(p) if os.path.exists(p) else None,
-                        os.path.getmtime(p) if os.path.exists(p) else None)
-                       for s, (p, stream) in stems.items())
-        key = hashlib.sha1(json.dumps([sample_rate, threshold, chunk, files]).encode()).hexdigest()
+    prepared, notes, t0 = [], [], time.time()
+    for i, (name, stems) in enumerate(found):
+        files = sorted((s, p, stream, os.stat(p).st_size, os.stat(p).st_mtime_ns)
+                       for s, (p, stream) in stems.items())          # a changed file: a new key
+        key = hashlib.sha1(json.dumps([sample_rate, files]).encode()).hexdigest()
         meta_path, npy = folder / f"{key[:16]}.json", folder / f"{key[:16]}.npy"
         try:
             meta = json.loads(meta_path.read_text())
@@ -773,15 +716,15 @@ def prepare(root, split: str = "train", *, cache=None, sample_rate=16000, chunk_
             log(f"prepare: the cached {npy} of {name} is missing or cut short: decoding it again")
             meta = None
         if meta is None:
+            if i % 10 == 9:
+                log(f"prepare {split}: decoding {i + 1}/{len(found)} ({time.time() - t0:.0f} s)")
             meta = {"name": name, "notes": []}
             names, x = _decode_track(name, stems, sample_rate=sample_rate, notes=meta["notes"])
             if names is None:
                 meta["excluded"] = x
             else:
                 _write_atomic(npy, lambda p: np.save(p, x.astype(np.float16)))
-                meta.update(stems=names, shape=list(x.shape),
-                            peaks=np.abs(x).max(axis=1).tolist(),
-                            two_active=_has_two_active(x, chunk, threshold))
+                meta.update(stems=names, shape=list(x.shape), peaks=np.abs(x).max(1).tolist())
             _write_atomic(meta_path, lambda p: p.write_text(json.dumps(meta)))
         notes += meta["notes"]
         why = meta.get("excluded")
@@ -789,9 +732,7 @@ def prepare(root, split: str = "train", *, cache=None, sample_rate=16000, chunk_
             active = sum(p > threshold for p in meta["peaks"])
             if active < 2:
                 why = f"{active} stem(s) above the silence threshold: nothing to predict from"
-            elif not meta["two_active"]:
-                why = "no chunk has 2 active stems at once (the sampler needs a context and target)"
-            elif meta["shape"][1] < chunk:
+            elif meta["shape"][1] < chunk_seconds * sample_rate:
                 notes.append(f"shorter than a chunk, zero-padded at the end: {name} "
                              f"({meta['shape'][1] / sample_rate:.1f} s)")
         if why is not None:
@@ -820,12 +761,9 @@ def pick_device(name: str | None = None) -> torch.device:
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(),
                  "cpu": True}
     name = name or next(kind for kind, ok in available.items() if ok)
-    kind = name.split(":")[0]
-    if kind not in available:
-        raise StemJEPAError(f"--device {name}: unknown device; use cpu, cuda, cuda:N or mps")
-    if not available[kind]:
-        raise StemJEPAError(f"--device {name}: {kind} is not available on this machine; "
-                            "use --device cpu")
+    if not available.get(name.split(":")[0]):
+        raise StemJEPAError(f"--device {name}: not available on this machine (it has "
+                            f"{', '.join(k for k, ok in available.items() if ok)})")
     return torch.device(name)
 
 
@@ -875,15 +813,13 @@ def embedding_spread(z: torch.Tensor) -> float:
 def collapse_measures(pred: torch.Tensor, target: torch.Tensor, instrument: torch.Tensor) -> dict:
     """Does the predictor use the mix, or only the instrument label? From one batch's predictions
     and targets (B, F, T, D) and target instruments (B,), over the samples whose instrument occurs
-    at least twice in the batch:
+    at least twice in the batch.
 
-    - avg_stem_loss: Eq. 1 for a predictor that outputs, at each patch, the mean unit target of the
-      *other* samples of the same instrument (leave-one-out): "the average bass". A predictor that
-      ignores the mix cannot beat it; batch_loss (Eq. 1 of the model on the same samples) must.
-    - pred_spread, target_spread: RMS distance of the unit predictions (targets) to their
-      per-(instrument, patch) batch mean. pred_spread is 0 when every song gets the same
-      prediction; target_spread near 0 means the targets themselves carry only the instrument.
-    """
+    avg_stem_loss: Eq. 1 for a predictor that outputs, at each patch, the mean unit target of the
+    *other* samples of the same instrument: "the average bass". A predictor that ignores the mix
+    cannot beat it; batch_loss (Eq. 1 of the model on the same samples) must. pred_spread,
+    target_spread: RMS distance of the unit predictions (targets) to their per-(instrument, patch)
+    mean: 0 when every song gets the same prediction (targets carry only the instrument)."""
     p, t = F.normalize(pred.float(), dim=-1), unit_targets(target)      # (B, F, T, D)
     same = (instrument[:, None] == instrument[None]).float()            # (B, B)
     n = same.sum(1)                                 # samples of each one's instrument, itself in
@@ -908,15 +844,13 @@ def training_step(model: StemJEPA, optimizer, context, target, instrument, *, lr
                   tau: float, grad_clip: float = 3.0, grad_accum: int = 1, loss_fn=None,
                   amp_dtype=None, scaler=None):
     """One step of 3.3: forward context and target, predict, Eq. 1, backward, clip the gradient
-    norm, AdamW, then the EMA update of the target encoder (Eq. 2).
-
-    loss_fn: the model or its DDP / compiled wrapper. The batch is split into grad_accum
-    micro-batches whose gradients add up (DDP synchronises only the last). A non-finite gradient
-    norm (with fp16's GradScaler: an overflow, which also lowers the scale) skips the update and
-    the EMA. Returns the mean loss (a tensor), whether the step was applied, and the last
-    micro-batch's (predictions, targets, instruments) for the log.
-    """
+    norm, AdamW, then the EMA update of the target encoder (Eq. 2). loss_fn: the model or its DDP /
+    compiled wrapper. grad_accum micro-batches add their gradients (DDP syncs only the last). A
+    non-finite gradient norm (fp16: an overflow, which also lowers the scale) skips the update.
+    Returns the mean loss, whether the step was applied, and the last micro-batch's
+    (predictions, targets, instruments) for the log."""
     loss_fn = loss_fn or model
+    scaler = scaler or torch.amp.GradScaler(enabled=False)
     for group in optimizer.param_groups:
         group["lr"] = lr
     micro, total = len(context) // grad_accum, 0.0
@@ -928,19 +862,17 @@ def training_step(model: StemJEPA, optimizer, context, target, instrument, *, lr
             # Step 1. forward context and target, predict, Eq. 1
             loss, pred, z_bar = loss_fn(context[part], target[part], instrument[part])
         # Step 2. backward (gradients add up over the micro-batches)
-        (loss / grad_accum if scaler is None else scaler.scale(loss / grad_accum)).backward()
+        scaler.scale(loss / grad_accum).backward()
         total = total + loss.detach() / grad_accum
     # Step 3. clip the gradient norm and take the AdamW step, unless the norm is not finite
-    if scaler is not None:
-        scaler.unscale_(optimizer)
+    scaler.unscale_(optimizer)                      # a no-op unless fp16
     trainable = [p for p in model.parameters() if p.requires_grad]
     applied = bool(torch.isfinite(nn.utils.clip_grad_norm_(trainable, grad_clip, foreach=True)))
     if applied:
         optimizer.step()
         # Step 4. the target encoder follows the context encoder (Eq. 2)
         ema_update(list(model.target_encoder.parameters()), list(model.encoder.parameters()), tau)
-    if scaler is not None:
-        scaler.update()                             # halves the scale after an overflow
+    scaler.update()                                 # fp16: halves the scale after an overflow
     optimizer.zero_grad(set_to_none=True)
     return total, applied, (pred, z_bar, instrument[part])
 
@@ -949,51 +881,53 @@ def training_step(model: StemJEPA, optimizer, context, target, instrument, *, lr
 RESUMABLE_CHANGES = ("steps", "log_every", "ckpt_every", "grad_accum")
 
 
-@contextmanager
-def _run_lock(out: Path):
-    """OUT/train.lock, held while the loop runs: a second live run into OUT is refused. The OS
-    releases it when the process ends, even by kill -9 (POSIX; no lock on Windows)."""
-    with open(out / "train.lock", "w") as f:
-        try:
-            import fcntl
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:
-            pass
-        except BlockingIOError:
-            raise StemJEPAError(f"{out} is in use by another training: wait for it, stop it, "
-                                "or choose another --out") from None
-        yield
+def check_resume(ckpt: dict, cfg: Config, data_id: str, instruments: list[str], force: bool):
+    """Refuse to resume a run with another configuration or data; --force lets the
+    RESUMABLE_CHANGES and the data change (not the instruments, which fix the weights' shapes)."""
+    changed = [k for k, v in ckpt["config"].items() if hasattr(cfg, k) and v != getattr(cfg, k)]
+    changed += ["data"] * (ckpt["data"] != data_id)
+    text = ", ".join(f"{k} {ckpt['config'].get(k, 'another track list')} -> "
+                     f"{getattr(cfg, k, 'this one')}" for k in changed)
+    if ckpt["instruments"] != instruments or not set(changed) <= {*RESUMABLE_CHANGES, "data"}:
+        raise StemJEPAError(f"cannot resume: the run was made with another configuration or "
+                            f"instruments ({text or ckpt['instruments']}); pass its preset and "
+                            "options, or start a new --out")
+    if changed and not force:
+        raise StemJEPAError(f"cannot resume: {text}; pass --force to go on with these changes")
 
 
 @contextmanager
-def _stop_signals():
-    """Ctrl-C or SIGTERM sets stop["signal"]: the loop saves and returns. A second one ends the
-    process at once. Loader workers ignore both (`_worker_ignores_signals`)."""
+def _guard_run(out: Path, rank: int):
+    """While the loop runs: OUT/train.lock refuses a second live run into OUT (the OS releases it
+    even after kill -9; no lock on Windows); Ctrl-C or SIGTERM set stop["signal"] for the loop to
+    save and return, and a second one ends the process at once."""
     stop = {}
 
     def handle(signum, frame):
         stop["signal"] = signal.Signals(signum).name
         signal.signal(signum, signal.SIG_DFL)
-    main = threading.current_thread() is threading.main_thread()   # only it may set handlers
-    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM) if main}
-    try:
-        yield stop
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-def _worker_ignores_signals(worker_id):
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, signal.SIG_IGN)
+    with open(out / "train.lock", "w") as lock:
+        if rank == 0 and os.name == "posix":
+            import fcntl
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StemJEPAError(f"{out} is in use by another training: wait for it, stop "
+                                    "it, or choose another --out") from None
+        main = threading.current_thread() is threading.main_thread()   # only it sets handlers
+        previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM) if main}
+        try:
+            yield stop
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
 
 def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, force=False,
           device=None, compile=False, workers=None, stop_at=None, log=print):
-    """Train Stem-JEPA on the `train` split of `data` (3.3) into OUT/checkpoint.pt and OUT/log.csv.
-    stop_at: save and return at this step; Ctrl-C and SIGTERM save and return too (continue with
-    resume=True). Under torchrun, each process takes batch_size / world_size samples per step and
-    DDP averages the gradients. Returns the model (eval mode) and the signal that stopped it."""
+    """Train on the `train` split of `data` (3.3) into OUT/checkpoint.pt and OUT/log.csv. stop_at,
+    Ctrl-C and SIGTERM save and return (resume=True continues). Under torchrun, DDP: one process
+    per device, each with its share of the batch. Returns (model, the signal that stopped it)."""
     out, ckpt_path = Path(out), Path(out) / "checkpoint.pt"
     # Setup: one process per device under torchrun (DDP), else one; the device and its precision
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -1013,10 +947,10 @@ def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, 
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     amp_dtype = autocast_dtype(device)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    # Data (3.4): rank 0 decodes the tracks into the cache; the others wait, then read it
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)   # fp16 only
+    # Data (3.4): rank 0 decodes the tracks into the cache while the others wait, then read it
     if rank > 0:
-        log = lambda *args: None                        # rank 0 speaks for all  # noqa: E731
+        log = lambda *args: None                        # noqa: E731 (rank 0 speaks for all)
         dist.barrier()
     tracks = prepare(data, "train", cache=cache, log=log, **prepare_options(cfg))
     if ddp and rank == 0:
@@ -1034,49 +968,32 @@ def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, 
     step, skipped, loss_sum, n_summed = 0, 0, 0.0, 0
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path, map_location=device)
-        changed = [k for k, v in ckpt["config"].items() if hasattr(cfg, k) and v != getattr(cfg, k)]
-        changed += ["data"] * (ckpt["data"] != data_id)
-        text = ", ".join(f"{k} {ckpt['config'].get(k, 'another track list')} -> "
-                         f"{getattr(cfg, k, 'this one')}" for k in changed)
-        if (ckpt["instruments"] != instruments or (changed and not force)
-                or not set(changed) <= {*RESUMABLE_CHANGES, "data"}):
-            raise StemJEPAError(f"cannot resume {ckpt_path} ({text or 'other instruments'}): pass "
-                                f"the run's preset and options (--force lets {', '.join(RESUMABLE_CHANGES)} "
-                                "and the data change), or start a new --out")
+        check_resume(ckpt, cfg, data_id, instruments, force)
         model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler is not None and ckpt["scaler"]:
+        if ckpt["optimizer"]:                       # None: a new run from these weights
+            optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt["scaler"]:
             scaler.load_state_dict(ckpt["scaler"])
         step, skipped, (loss_sum, n_summed) = ckpt["step"], ckpt["skipped"], ckpt["log_window"]
         log(f"resuming {ckpt_path} at step {step}")
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(f"training the {cfg.predictor} predictor and the encoder, {trainable / 1e6:.1f} M "
-        f"parameters, on {len(tracks)} tracks of {instruments}, {device} x {world}, "
+    log(f"training on {len(tracks)} tracks of {instruments}, {device} x {world}, "
         f"steps {step}..{cfg.steps}")
     loss_fn = nn.parallel.DistributedDataParallel(model) if ddp else model
     loss_fn = torch.compile(loss_fn) if compile else loss_fn
-    # This process's share of each step's batch, from this step on (3.2)
-    workers = min(8, max((os.cpu_count() or 2) // 2, 1)) if workers is None else workers
-    dataset = StemChunks(tracks, instruments, chunk=chunk_samples(cfg),
-                         threshold=cfg.active_threshold, tries=cfg.redraw_tries, seed=cfg.seed)
-    batches = StepBatches(start=step, steps=cfg.steps, batch=cfg.batch_size // world,
-                          rank=rank, world=world)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=batches, num_workers=workers, pin_memory=device.type == "cuda",
-        prefetch_factor=4 if workers else None, worker_init_fn=_worker_ignores_signals)
+    loader = step_loader(tracks, instruments, cfg, start=step, rank=rank, world=world,
+                         workers=workers, pin_memory=device.type == "cuda")     # 3.2
 
     def save():                                     # all a resumed run needs, written atomically
+        state = {"config": dataclasses.asdict(cfg), "instruments": instruments, "step": step,
+                 "skipped": skipped, "data": data_id, "log_window": (loss_sum, n_summed),
+                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scaler": scaler.state_dict()}
         if rank == 0:
-            state = {"config": dataclasses.asdict(cfg), "instruments": instruments,
-                     "step": step, "skipped": skipped, "data": data_id,
-                     "log_window": (loss_sum, n_summed), "model": model.state_dict(),
-                     "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict() if scaler else None}
             _write_atomic(ckpt_path, lambda p: torch.save(state, p))
 
     peak_lr = cfg.base_lr * cfg.batch_size / 256
     n_seen, bad_in_a_row, t_last = 0, 0, time.time()
-    with _run_lock(out) if rank == 0 else nullcontext(), _stop_signals() as stop:
+    with _guard_run(out, rank) as stop:
         for context, target, instrument in loader:
             if stop or step == stop_at:
                 break
@@ -1105,12 +1022,11 @@ def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, 
                        "samples_per_s": n_seen * cfg.batch_size / (time.time() - t_last),
                        "embedding_spread": embedding_spread(z_bar),
                        **collapse_measures(pred, z_bar, inst), "skipped": skipped}
-                log(f"step {step}/{cfg.steps}  " + "  ".join(f"{k} {v:.6g}" for k, v in
-                                                             list(row.items())[1:]))
+                log(f"step {step}/{cfg.steps}  "
+                    + "  ".join(f"{k} {v:.6g}" for k, v in list(row.items())[1:]))
                 if rank == 0:
-                    new = not (out / "log.csv").exists()
                     with open(out / "log.csv", "a") as f:
-                        f.write(",".join(row) + "\n" if new else "")
+                        f.write(",".join(row) + "\n" if f.tell() == 0 else "")
                         f.write(",".join(f"{v:.8g}" for v in row.values()) + "\n")
                 loss_sum, n_summed, n_seen, t_last = 0.0, 0, 0, time.time()
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
@@ -1126,19 +1042,6 @@ def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, 
 
 # 4.1 Stem retrieval: whole tracks -> pooled embeddings -> Recall@K and normalised rank ------------
 
-@contextmanager
-def full_precision(device: torch.device):
-    """float32, no autocast or TF32, as the authors evaluate: pooled vectors of one instrument sit
-    at cosine ~0.98, where bf16 rounding reorders neighbours."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        with torch.autocast(device.type, enabled=False):
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 @torch.no_grad()
 def embed_long(model: StemJEPA, wavs: list[np.ndarray], *, instruments=None, target=True,
                chunk=None, batch=16, device="cpu") -> list[torch.Tensor]:
@@ -1146,12 +1049,16 @@ def embed_long(model: StemJEPA, wavs: list[np.ndarray], *, instruments=None, tar
     frame: each is cut into consecutive chunks (by default the training chunk), the last zero-padded
     to whole patches. With `instruments` (one id per waveform), the predictions conditioned on them
     (context encoder); otherwise the target (or context) encoder's. Chunks of equal length are
-    batched together, across waveforms. In float32 (`full_precision`), even under autocast."""
+    batched together, across waveforms. In float32 even under autocast: pooled vectors of one
+    instrument sit at cosine ~0.98, where bf16 rounding reorders neighbours."""
     patch = model.frontend.hop_length * model.encoder.patch_size       # samples per time patch
     chunk = chunk or chunk_samples(model.config)
     chunk = max(patch, chunk - chunk % patch)                           # whole patches only
     by_length = {}                                      # length -> [(wav, position, samples)]
     for w, x in enumerate(wavs):
+        x = np.asarray(x.detach().cpu() if torch.is_tensor(x) else x, dtype=np.float32)
+        if x.ndim != 1:
+            raise StemJEPAError(f"expected mono waveforms (N,), got shape {tuple(x.shape)}")
         for j, start in enumerate(range(0, max(len(x), 1), chunk)):
             piece = x[start: start + chunk]
             if len(piece) < chunk:                                      # whole patches, >= 1
@@ -1159,7 +1066,7 @@ def embed_long(model: StemJEPA, wavs: list[np.ndarray], *, instruments=None, tar
             by_length.setdefault(len(piece), []).append((w, j, piece))
     groups = [same[i: i + batch] for same in by_length.values() for i in range(0, len(same), batch)]
     out = [{} for _ in wavs]                                    # position -> (F, T_chunk, D)
-    with full_precision(torch.device(device)):
+    with torch.autocast(torch.device(device).type, enabled=False):
         for group in groups:
             x = torch.from_numpy(np.stack([p[2] for p in group])).float().to(device)   # (b, chunk)
             if instruments is None:
@@ -1187,13 +1094,9 @@ def retrieval_ranks(queries: torch.Tensor, refs: torch.Tensor, truth: torch.Tens
 
 def retrieval_metrics(queries, refs, truth, ks=(1, 5, 10), candidates=None) -> dict:
     """Recall@K and normalised rank (mean and median over the queries), in percent (4.1.1).
-
-    nrank_mean, nrank_median: rank / R with the rank counted from 1 (nearest = 1), R the number of
-    references, as in the authors' evaluation (evar/musdb_eval.py, compute_recall), the figure
-    comparable with Table 1 (its median 0.5 % is rank 3 of 600). The paper's text says [0, 1);
-    that is nrank0_mean, nrank0_median: the rank counted from 0, exactly 100 / R points lower.
-    With `candidates` (Q, R), each query's R is the number of references it competes with.
-    """
+    nrank: rank / R counted from 1 (nearest = 1), as the authors' evaluation and Table 1 (its
+    median 0.5 % is rank 3 of 600); nrank0: from 0, the paper's text's [0, 1), 100 / R lower.
+    With `candidates` (Q, R), each query's R is the number of references it competes with."""
     closer, tied, _ = retrieval_ranks(queries, refs, truth, candidates)
     R = refs.shape[0] if candidates is None else candidates.sum(1)
     rank = 1 + closer + (tied - 1).double() / 2                 # 1-based, ties in expectation
@@ -1223,33 +1126,25 @@ def centre_per_instrument(x: torch.Tensor, instrument: torch.Tensor) -> torch.Te
 
 
 def which_song_and_instrument(queries, refs, track, instrument) -> dict:
-    """The two questions inside a retrieval rank (query i's true stem is reference i), each as R@1
-    and mean normalised rank in percent (chance: 100/N or 100/S, and about 50):
-
-    - which song? the rank of the true stem among the references of the *same instrument*
-      (N candidates). This is compatibility: the bass of this song, not any bass.
-    - which instrument? its rank among the stems of the *same song* (S candidates).
-    - which song, centred: the same rank after subtracting, from the queries and from the
-      references, their instrument's mean vector (then L2-normalising). Not the paper's ranking:
-      it removes the part common to every bass, which otherwise favours the references nearest
-      the average bass for every query, and shows whether a song-specific part exists under it.
-    - query_cosine: the mean cosine between pooled queries of one instrument in different songs;
-      1 when the predictor has learnt the instrument only. Pooled vectors share a large common
-      part, so it stays high even when the ranking by song is informative. None with one song.
-    """
+    """The two questions inside a retrieval rank (query i's true stem is reference i), as R@1 and
+    normalised rank in percent. which_song: the true stem's rank among the N references of the
+    *same instrument* (compatibility: the bass of this song, not any bass). which_instrument: among
+    the S stems of the *same song*. which_song_centred: which_song after subtracting each
+    instrument's mean vector from queries and references (not the paper's ranking: it removes the
+    part common to every bass, which favours the references nearest the average bass for every
+    query). query_cosine: the mean cosine of one instrument's queries across songs; 1 when the
+    predictor knows only the instrument (None with one song)."""
     same_inst = instrument[:, None] == instrument[None]                 # (Q, R)
     same_song = track[:, None] == track[None]
     q = F.normalize(queries.double(), dim=1)
     others = same_inst & ~same_song
     cosine = (q @ q.T)[others].mean().item() if others.any() else None
     truth = torch.arange(len(queries))
-    def ranks(candidates):
-        return retrieval_metrics(queries, refs, truth, ks=(1,), candidates=candidates)
-    centred = retrieval_metrics(centre_per_instrument(queries, instrument),
-                                centre_per_instrument(refs, instrument), truth, ks=(1,),
-                                candidates=same_inst)
-    return {"which_song": ranks(candidates=same_inst), "which_song_centred": centred,
-            "which_instrument": ranks(candidates=same_song), "query_cosine": cosine}
+    centred = [centre_per_instrument(x, instrument) for x in (queries, refs)]
+    return {"which_song": retrieval_metrics(queries, refs, truth, (1,), candidates=same_inst),
+            "which_song_centred": retrieval_metrics(*centred, truth, (1,), candidates=same_inst),
+            "which_instrument": retrieval_metrics(queries, refs, truth, (1,), candidates=same_song),
+            "query_cosine": cosine}
 
 
 # 4.3 Stem alignment: target patches against shifted predictions (Eq. 3) --------------------------
@@ -1330,9 +1225,8 @@ def retrieval_embeddings(model: StemJEPA, tracks: list[dict], *, device="cpu", b
     of the other stems, 4.1.1) and the target and context encoders' references z_s^(n), `pool`ed."""
     model = model.to(device).eval()
 
-    def embed(wavs, **options):
-        return embed_long(model, wavs, batch=batch, device=device, **options)
-    seconds = [t["length"] * 2 * len(t["stems"]) / model.config.sample_rate for t in tracks]
+    def embed(wavs, **options):                         # (F, T, D) per waveform, then pooled
+        return [pool(z) for z in embed_long(model, wavs, batch=batch, device=device, **options)]
     queries, refs_target, refs_context, track, instrument = [], [], [], [], []
     t0 = time.time()
     for n, t in enumerate(tracks):
@@ -1341,15 +1235,13 @@ def retrieval_embeddings(model: StemJEPA, tracks: list[dict], *, device="cpu", b
         ids = [model.instruments.index(t["stems"][i]) for i in known]
         stems = [x[i] for i in known]
         mixes = [x.sum(0) - x[i] for i in known]                        # x_{not s}: all but s
-        queries += [pool(q) for q in embed(mixes, instruments=ids)]
-        refs_target += [pool(z) for z in embed(stems)]
-        refs_context += [pool(z) for z in embed(stems, target=False)]
+        queries += embed(mixes, instruments=ids)
+        refs_target += embed(stems)
+        refs_context += embed(stems, target=False)
         track += [n] * len(known)
         instrument += ids
-        rate = sum(seconds[: n + 1]) / (time.time() - t0)
-        if ((n + 1) % 10 == 0 or n + 1 == len(tracks)):
-            log(f"  embedded {n + 1}/{len(tracks)} tracks, {rate:.0f} s of audio per s, "
-                f"ETA {sum(seconds[n + 1:]) / rate:.0f} s")
+        if (n + 1) % 10 == 0:
+            log(f"  embedded {n + 1}/{len(tracks)} tracks in {time.time() - t0:.0f} s")
     return RetrievalEmbeddings(queries=torch.stack(queries), refs_target=torch.stack(refs_target),
                                refs_context=torch.stack(refs_context), track=torch.tensor(track),
                                instrument=torch.tensor(instrument))
@@ -1373,10 +1265,8 @@ def dsp_embeddings(tracks: list[dict], instruments: list[str],
 def evaluate(checkpoint, data, *, split="test", out=None, cache=None, device=None, batch=16,
              seed=0, log=print) -> dict:
     """Table 1 of a checkpoint on a split, beside chance, random weights and DSP, with the
-    which-song and which-instrument columns -> OUT/retrieval.json. Rows: (track, stem) pairs,
-    quiet stems too. split "all" ranks among train/ and test/ together, as Table 1 (MUSDB18:
-    150 tracks, R = 600). [code] `pool` and the 1-based normalised rank (`retrieval_metrics`)
-    follow the authors' code, not the paper's text."""
+    which-song and which-instrument columns -> OUT/retrieval.json. split "all" ranks among train/
+    and test/ together, as Table 1 (MUSDB18: 150 tracks, R = 600)."""
     device = pick_device(device)
     model = StemJEPA.from_checkpoint(checkpoint).to(device)
     cfg = model.config
@@ -1495,14 +1385,11 @@ def _voicing(previous: list[int], pitch_classes: list[int], low=55, high=74) -> 
 
 
 def make_toy_song(rng: np.random.Generator, *, seconds=30.0, sample_rate=16000):
-    """One procedural song: ({stem: waveform}, labels), made so that each stem is predictable from
-    the others, as in real music. A key, a tempo and an 8-bar chord progression (functional
-    harmony, a chord per bar) per song; the parts move together: the bass plays the chord's root
-    on the kick drum's onsets, the chords ("other") move by voice leading on a comping pattern,
-    the lead ("vocals") repeats a rhythm of the song with chord tones on the beats; at random bars
-    every part stops together for the last beat or two (a break), which marks a moment in a
-    song that the mix shares with each stem. Timbres, grooves and a recording chain (`_room`) are
-    drawn per song; each 4-bar section mutes some stems (two or more play)."""
+    """One procedural song, ({stem: waveform}, labels), whose stems are predictable from each other:
+    a key, tempo and 8-bar progression (functional harmony); the bass plays the chord's root on the
+    kick's onsets, the chords ("other") move by voice leading, the lead ("vocals") repeats a rhythm
+    with chord tones on the beats; at random bars every part stops for a beat or two (a break).
+    Timbres, groove and a recording chain per song; each 4-bar section mutes some stems."""
     sr = sample_rate
     n = int(seconds * sample_rate)
     root = int(rng.integers(12))
@@ -1651,17 +1538,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="stem_jepa.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    device = dict(help="cuda, cuda:N, mps or cpu (default: the best available)")
-    cache = dict(help="where decoded 16 kHz stems go (default DATA/.stem_jepa_cache)")
-
     p = sub.add_parser("toy", help="write procedural multitrack songs in the MUSDB18-HQ layout")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--tracks", type=int, default=20, help="number of songs (20 %% go to test/)")
     p.add_argument("--seconds", type=float, default=30.0, help="length of each song")
     p.add_argument("--seed", type=int, default=0)
-
     p = sub.add_parser("train", help="train Stem-JEPA on a multitrack folder")
-    p.add_argument("--data", required=True, help="MUSDB18(-HQ) root or a folder of track folders")
     p.add_argument("--out", default="runs/stem-jepa", help="run folder: checkpoint.pt and log.csv")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--force", action="store_true",
@@ -1669,27 +1551,23 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
     p.add_argument("--workers", type=int, help="loader processes (default: half the cores, max 8)")
     p.add_argument("--stop-at", type=int, help="save and exit at this step; --resume continues")
-    p.add_argument("--device", **device)
-    p.add_argument("--cache", **cache)
     add_config_options(p)
-
-    p = sub.add_parser("evaluate", help="stem retrieval (Table 1) with comparison rows")
-    p.add_argument("--checkpoint", required=True, help="a run's checkpoint.pt, or shipped weights")
-    p.add_argument("--data", required=True, help="dataset root (as for train)")
-    p.add_argument("--split", default="test",
+    e = sub.add_parser("evaluate", help="stem retrieval (Table 1) beside chance, random weights, DSP")
+    e.add_argument("--checkpoint", required=True, help="a run's checkpoint.pt, or shipped weights")
+    e.add_argument("--split", default="test",
                    help="train, test, or all: both together, as Table 1 (MUSDB18: 600 references)")
-    p.add_argument("--out", help="output folder (default: beside the checkpoint, eval-SPLIT)")
-    p.add_argument("--batch", type=int, default=16, help="chunks encoded at once")
-    p.add_argument("--seed", type=int, default=0, help="of the random-weights row")
-    p.add_argument("--device", **device)
-    p.add_argument("--cache", **cache)
-
-    p = sub.add_parser("demo", help="toy data + the tiny preset on this machine, end to end")
-    p.add_argument("--dir", default="demo", help="folder for the toy data and the run")
-    p.add_argument("--tracks", type=int, default=40)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--device", **device)
-
+    e.add_argument("--out", help="output folder (default: beside the checkpoint, eval-SPLIT)")
+    e.add_argument("--batch", type=int, default=16, help="chunks encoded at once")
+    e.add_argument("--seed", type=int, default=0, help="of the random-weights row")
+    for q in (p, e):
+        q.add_argument("--data", required=True, help="MUSDB18(-HQ) root, or a folder of tracks")
+        q.add_argument("--cache", help="where decoded stems go (default DATA/.stem_jepa_cache)")
+    d = sub.add_parser("demo", help="toy data + the tiny preset on this machine, end to end")
+    d.add_argument("--dir", default="demo", help="folder for the toy data and the run")
+    d.add_argument("--tracks", type=int, default=40)
+    d.add_argument("--steps", type=int, default=300)
+    for q in (p, e, d):
+        q.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: the best there is)")
     args = parser.parse_args(argv)
     try:
         if args.command == "toy":
@@ -1705,14 +1583,13 @@ def main(argv=None):
         elif args.command == "evaluate":
             evaluate(args.checkpoint, args.data, split=args.split, out=args.out, cache=args.cache,
                      device=args.device, batch=args.batch, seed=args.seed)
-        elif args.command == "demo":
+        else:
             data, run = Path(args.dir) / "toy", Path(args.dir) / "run"
             if not (data / "train").is_dir():
-                print(f"writing {args.tracks} toy songs to {data}")
                 write_toy_dataset(data, tracks=args.tracks, seconds=30.0, seed=0)
             train(make_config("tiny", steps=args.steps), data, out=run, device=args.device,
                   resume=True)
-            evaluate(run / "checkpoint.pt", data, split="test", device=args.device)
+            evaluate(run / "checkpoint.pt", data, device=args.device)
     except StemJEPAError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
