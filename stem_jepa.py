@@ -23,17 +23,15 @@ Part one is the method, in the paper's order (paper -> code):
     Fig. 1                            StemJEPA, build_model
     3.2 sampler; 3.4 data             choose_stems, draw_example, StemChunks; find_tracks, prepare
     3.3 training                      training_step, train
-    4.1 retrieval; 4.3 Eq. 3          embed_long, retrieval_metrics; shift_similarity
-Part two is what the commands need: Table 1's evaluation (`evaluate`), the toy songs, the CLI.
-The analyses of 4.1.3-4.5 are in tutorial.ipynb; library search, HEAR, layout converters and
-the benchmark are short files in extras/ and dev/ that import this one.
+    4.1 retrieval                     embed_long, pool, retrieval_metrics, which_song_and_instrument
+Part two is what the commands need: Table 1's evaluation, the toy songs, the CLI. The analyses of
+4.1.3-4.5 are in tutorial.ipynb; library search, HEAR, layout converters and the benchmark are
+short files in extras/ and dev/.
 
 Shape letters: B batch, S stems, N samples, M mel bins, L frames, F frequency patches, T time
 patches (one per 160 ms), K = F*T tokens, D embedding width, W Transformer-predictor width,
-H heads, h head width, C = F*D a pooled vector's width.
-
-Where this file follows the authors' code (SonyCSLParis/Stem-JEPA) rather than the paper's
-text, the docstring says so ([code] in Config).
+H heads, h head width, C = F*D a pooled vector's width. Where this file follows the authors'
+code (SonyCSLParis/Stem-JEPA) rather than the paper's text, the docstring says so.
 """
 from __future__ import annotations
 
@@ -76,67 +74,59 @@ class StemJEPAError(Exception):
 
 # Configuration: the paper's values, and the numbers it leaves open read from the authors' code ----
 
-def option(default, help: str):
-    """A Config field with its help, which the command line shows (`train --help`)."""
-    return dataclasses.field(default=default, metadata={"help": help})
-
-
 @dataclass
 class Config:
-    # "[code]": the value is the authors' code's (SonyCSLParis/Stem-JEPA, built on M2D), not the
-    # paper's text, which states only 8 s chunks, 80 mels, 25/10 ms, 16x16 patches, ViT-Base, the
-    # 6-layer MLP of width 1024, AdamW, batch 256, lr 3e-4, 300k steps and 20k warmup steps.
+    """Every setting, the paper's values by default. "[code]": the authors' code's value
+    (SonyCSLParis/Stem-JEPA, built on M2D); the paper states only 8 s chunks, 80 mels, 25/10 ms,
+    16x16 patches, ViT-Base, the 6-layer MLP of width 1024, AdamW, batch 256, lr 3e-4, 300k
+    steps and 20k warmup steps. The command line has an option per field (--batch-size)."""
     # front-end (3.3)
-    sample_rate: int = option(16000, "Hz [code]; stems are summed to mono")
-    chunk_seconds: float = option(8.0, "training chunk: 8 s -> 800 frames -> 5 x 50 patches")
-    n_fft: int = option(400, "25 ms window")
-    hop_length: int = option(160, "10 ms hop")
+    sample_rate: int = 16000            # Hz [code]; stems are summed to mono
+    chunk_seconds: float = 8.0          # training chunk: 8 s -> 800 frames -> 5 x 50 patches
+    n_fft: int = 400                    # 25 ms window
+    hop_length: int = 160               # 10 ms hop
     n_mels: int = 80
-    f_min: float = option(50.0, "Hz [code]")
-    f_max: float = option(8000.0, "Hz [code]")
-    patch_size: int = option(16, "16 x 16 patches of the (mel, frame) grid")
+    f_min: float = 50.0                 # Hz [code]
+    f_max: float = 8000.0               # Hz [code]
+    patch_size: int = 16                # 16 x 16 patches of the (mel, frame) grid
     # encoder: ViT-Base (3.3)
     dim: int = 768
     depth: int = 12
     heads: int = 12
     mlp_ratio: int = 4
-    # predictor (3.1, 3.3, Table 1)
-    predictor: str = option("mlp", '"mlp" (the paper\'s), "mlp-nocond", "transformer"')
-    pred_hidden: int = option(1024, "MLP hidden width")
-    pred_layers: int = option(6, "MLP Linear layers")
-    pred_tf_dim: int = option(512, "Transformer predictor width (M2D's)")
+    # predictor (3.1, 3.3): "mlp" (the paper's); Table 1's ablations "mlp-nocond", "transformer"
+    predictor: str = "mlp"
+    pred_hidden: int = 1024             # MLP hidden width
+    pred_layers: int = 6                # MLP Linear layers
+    pred_tf_dim: int = 512              # Transformer predictor: width, depth, heads (M2D's)
     pred_tf_depth: int = 8
     pred_tf_heads: int = 16
     # sampler (3.2)
-    active_threshold: float = option(0.1, "[code] active: peak |amplitude| in the chunk above this")
-    redraw_tries: int = option(10, "chunks drawn per track before the fallback (footnote 2)")
+    active_threshold: float = 0.1       # [code] active: peak |amplitude| in the chunk above this
+    redraw_tries: int = 10              # chunks drawn per track before the fallback (footnote 2)
     # optimisation (3.3)
     steps: int = 300_000
-    batch_size: int = option(256, "global, over all processes and accumulation steps")
-    grad_accum: int = option(1, "micro-batches per step when the batch does not fit in memory")
-    base_lr: float = option(3e-4, "lr = base_lr * batch_size / 256")
-    warmup_steps: int = option(20_000, "linear warmup, then cosine ...")
-    min_lr_ratio: float = option(0.0, "... down to min_lr_ratio x the peak (the paper: 0)")
-    beta1: float = option(0.9, "AdamW betas (0.9, 0.95) [code]")
+    batch_size: int = 256               # global: over all processes and accumulation steps
+    grad_accum: int = 1                 # micro-batches per step, when a batch does not fit
+    base_lr: float = 3e-4               # lr = base_lr * batch_size / 256
+    warmup_steps: int = 20_000          # linear warmup, then cosine to 0
+    beta1: float = 0.9                  # AdamW betas (0.9, 0.95) [code]
     beta2: float = 0.95
-    weight_decay: float = option(0.05, "[code]")
-    weight_decay_all: bool = option(True, "on every parameter, norms, biases and the instrument "
-                                    "embedding included (the authors' code); False: M2D's "
-                                    "grouping, no decay on biases, norms and embeddings")
-    grad_clip: float = option(3.0, "max global gradient norm [code]")
-    tau_start: float = option(0.99995, "EMA rate tau_0 (Eq. 2) [code] ...")
-    tau_end: float = option(0.99999, "... rising linearly to tau_T [code]")
+    weight_decay: float = 0.05          # [code]
+    weight_decay_all: bool = True       # [code] on every parameter; False: M2D's grouping
+    grad_clip: float = 3.0              # max global gradient norm [code]
+    tau_start: float = 0.99995          # EMA rate tau_0 (Eq. 2) [code] ...
+    tau_end: float = 0.99999            # ... rising linearly to tau_T [code]
     seed: int = 0
-    # bookkeeping
-    log_every: int = option(50, "steps between log lines")
-    ckpt_every: int = option(1000, "steps between checkpoints")
+    log_every: int = 50                 # steps between log lines
+    ckpt_every: int = 1000              # steps between checkpoints
 
 
 PRESETS = {
     "paper": {},
     # A small ViT for CPUs, same code path. 4 s chunks (5 x 25 patches) and batch 32 run at about
     # 1 step/s on 2 cores. It keeps the paper's slow tau: with a faster EMA (BYOL's 0.996 -> 1),
-    # the targets of a small model collapse to one code per instrument (the README's study).
+    # the targets of a small model collapse to one code per instrument (docs/small-scale.md).
     "tiny": dict(chunk_seconds=4.0, dim=192, depth=4, heads=3, pred_hidden=384, pred_layers=4,
                  pred_tf_dim=128, pred_tf_depth=2, pred_tf_heads=4, steps=300, batch_size=32,
                  base_lr=8e-3, warmup_steps=30,
@@ -172,9 +162,7 @@ class LogMel(nn.Module):
             sample_rate=sample_rate, n_fft=n_fft, win_length=n_fft, hop_length=hop_length,
             f_min=f_min, f_max=f_max, n_mels=n_mels, power=2.0, center=True, pad_mode="reflect",
             norm="slaney", mel_scale="slaney")
-        self.hop_length = hop_length
-        self.mean = mean
-        self.std = std
+        self.hop_length, self.mean, self.std = hop_length, mean, std
         self.eps = torch.finfo(torch.float32).eps
 
     def forward(self, wav: torch.Tensor) -> torch.Tensor:
@@ -260,8 +248,7 @@ class ViT(nn.Module):
         x = self.patch_embed(mel[:, None])                              # (B, D, F, T)
         B, D, Fp, T = x.shape
         if T > self.pos.shape[1]:
-            raise ValueError(f"input has {T} time patches; the positional grid has "
-                             f"{self.pos.shape[1]}: chunk it")
+            raise ValueError(f"{T} time patches, more than the {self.pos.shape[1]} positions")
         x = x.flatten(2).transpose(1, 2)                                # (B, K, D), k = f * T + t
         x = x + self.pos[:, :T].reshape(Fp * T, D)
         for block in self.blocks:
@@ -288,8 +275,7 @@ class MLPPredictor(nn.Module):
         self.net = nn.Sequential(*net)
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, z: torch.Tensor, instrument: torch.Tensor) -> torch.Tensor:
-        # z: (B, F, T, D), instrument: (B,)
+    def forward(self, z: torch.Tensor, instrument: torch.Tensor) -> torch.Tensor:  # (B,F,T,D), (B,)
         if self.instrument is not None:
             e = self.instrument(instrument)[:, None, None].expand_as(z)  # (B, F, T, D)
             z = torch.cat([z, e], dim=-1)                               # (B, F, T, 2D)
@@ -298,9 +284,8 @@ class MLPPredictor(nn.Module):
 
 class TransformerPredictor(nn.Module):
     """The Transformer predictor of Table 1, "the same as in [9]" (M2D): project to a narrower
-    width, add 2D sin-cos positions, prepend one learned instrument token (without position),
-    run pre-norm blocks, drop the token, normalise and project back. The instrument token is
-    initialised N(0, 1), as in the authors' code."""
+    width, add 2D sin-cos positions, prepend an instrument token (N(0, 1) [code], no position),
+    run pre-norm blocks, drop the token, normalise and project back."""
     def __init__(self, *, dim=768, width=512, depth=8, heads=16, mlp_ratio=4, n_instruments=4,
                  n_freq=5, max_time=50):
         super().__init__()
@@ -317,8 +302,7 @@ class TransformerPredictor(nn.Module):
     def forward(self, z: torch.Tensor, instrument: torch.Tensor) -> torch.Tensor:
         B, Fp, T, _ = z.shape
         x = self.embed(z) + self.pos[:, :T]                             # (B, F, T, W)
-        # (B, 1 + K, W)
-        x = torch.cat([self.instrument(instrument)[:, None], x.flatten(1, 2)], dim=1)
+        x = torch.cat([self.instrument(instrument)[:, None], x.flatten(1, 2)], 1)  # (B, 1 + K, W)
         for block in self.blocks:
             x = block(x)
         return self.out(self.norm(x[:, 1:])).view(B, Fp, T, -1)         # (B, F, T, D)
@@ -349,6 +333,11 @@ def pool(z: torch.Tensor) -> torch.Tensor:
     return F.normalize(F.layer_norm(v, v.shape[-1:]), dim=-1)
 
 
+def frames(z: torch.Tensor) -> torch.Tensor:
+    """(F, T, D) -> (T, F*D): one vector per time patch (160 ms), frequency rows concatenated."""
+    return z.permute(1, 0, 2).reshape(z.shape[1], -1)
+
+
 # Eq. 2: the target encoder is an EMA of the context encoder; 3.3: the schedules -------------------
 
 def tau_at(step: int, total_steps: int, tau_start: float, tau_end: float) -> float:
@@ -364,15 +353,12 @@ def ema_update(target: list[torch.Tensor], online: list[torch.Tensor], tau: floa
         t.lerp_(o, 1.0 - tau)
 
 
-def lr_at(step: int, *, peak_lr: float, warmup_steps: int, total_steps: int,
-          min_ratio: float = 0.0) -> float:
-    """Linear warmup to peak_lr over warmup_steps, then cosine annealing to min_ratio x peak_lr
-    (the paper: to 0) at total_steps (3.3)."""
+def lr_at(step: int, *, peak_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """Linear warmup to peak_lr over warmup_steps, then cosine annealing to 0 (3.3)."""
     if step < warmup_steps:
         return peak_lr * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
-    floor = min_ratio * peak_lr
-    return floor + 0.5 * (peak_lr - floor) * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return 0.5 * peak_lr * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
 # Fig. 1: front-end, context encoder, predictor and target encoder together ------------------------
@@ -384,9 +370,7 @@ class StemJEPA(nn.Module):
     def __init__(self, *, frontend: LogMel, encoder: ViT, predictor: nn.Module,
                  instruments: list[str], config: Config):
         super().__init__()
-        self.frontend = frontend
-        self.encoder = encoder
-        self.predictor = predictor
+        self.frontend, self.encoder, self.predictor = frontend, encoder, predictor
         self.target_encoder = copy.deepcopy(encoder).requires_grad_(False)
         self.instruments = list(instruments)
         self.config = config
@@ -421,10 +405,12 @@ class StemJEPA(nn.Module):
 
     def instrument_id(self, instrument) -> int:
         """An instrument name (e.g. "bass") or id -> its id, or an error listing the known ones."""
-        if isinstance(instrument, str) and instrument not in self.instruments:
+        if not isinstance(instrument, str):
+            return int(instrument)
+        if instrument not in self.instruments:
             raise StemJEPAError(f"instrument {instrument!r}: the model knows "
                                 f"{', '.join(self.instruments)}")
-        return self.instruments.index(instrument) if isinstance(instrument, str) else int(instrument)
+        return self.instruments.index(instrument)
 
     def encode_long(self, wav, *, target: bool = True, batch: int = 16) -> torch.Tensor:
         """One mono recording (N,) of any length -> patch embeddings (F, T, D), T = ceil(N / 2560),
@@ -446,15 +432,12 @@ class StemJEPA(nn.Module):
         return pool(self.predict_long(wav, instrument, batch=batch))
 
     def score(self, mix, stem, instrument, *, batch: int = 16) -> dict:
-        """How well `stem` fits `mix` as `instrument`: the L2 distance of the pooled prediction
-        and the stem's pooled embedding (4.1; 0 to 2, lower fits better), the cosine 1 - d^2 / 2,
-        and where it fits best (4.3: start the stem offset_s seconds into the mix)."""
-        q, z = self.predict_long(mix, instrument, batch=batch), self.encode_long(stem, batch=batch)
-        distance = (pool(q) - pool(z)).norm().item()
-        offset = best_offset(frames(z), frames(q))
-        patch_s = self.config.hop_length * self.config.patch_size / self.config.sample_rate
-        return {"distance": round(distance, 4), "similarity": round(1 - distance ** 2 / 2, 4),
-                "offset_patches": offset, "offset_s": round(offset * patch_s, 2)}
+        """How well `stem` fits `mix` as `instrument` (4.1): the L2 distance of the pooled
+        prediction and the stem's pooled embedding (0 to 2, lower fits better), and the cosine
+        1 - d^2 / 2. Where it fits best (Eq. 3): extras/search.py."""
+        distance = (self.embed(mix, instrument, batch=batch) - self.embed(stem, batch=batch)).norm()
+        return {"distance": round(distance.item(), 4),
+                "similarity": round(1 - distance.item() ** 2 / 2, 4)}
 
 
 def build_model(cfg: Config, instruments: list[str]) -> StemJEPA:
@@ -499,13 +482,11 @@ def choose_stems(peaks: np.ndarray, rng: np.random.Generator, threshold: float):
 def draw_example(stems: torch.Tensor, chunk: int, rng: np.random.Generator, *, threshold: float,
                  tries: int):
     """One example from one track's stems (S, N): (context (chunk,), target (chunk,), target stem).
-
     A chunk at a uniformly random offset, zero-padded at the end of a short track. "If |A| < 2
     [...] we resample another audio chunk from the same track" (footnote 2), up to `tries` times,
     then the last chunk's loudest stem is the target and the second loudest the context. (The
-    authors' code differs: it redraws only when no stem is active, and after its last trial takes
-    a random target with all other stems as context; we follow the paper.) Only the chunk is
-    read: `stems` may wrap a memory map."""
+    authors' code redraws only when no stem is active, and at last takes a random target with all
+    other stems as context; we follow the paper.) Only the chunk of `stems` (a memmap) is read."""
     for _ in range(tries):
         offset = int(rng.integers(0, max(stems.shape[1] - chunk, 0) + 1))
         x = stems[:, offset: offset + chunk]                            # (S, chunk), a view
@@ -524,8 +505,8 @@ def draw_example(stems: torch.Tensor, chunk: int, rng: np.random.Generator, *, t
 
 
 class StemChunks(torch.utils.data.Dataset):
-    """Item i -> (context (N,), target (N,), instrument id): a pure function of (seed, i), so the
-    data order of a resumed run is the uninterrupted run's, whatever the number of workers."""
+    """Item i -> (context (N,), target (N,), instrument id), a pure function of (seed, i): a resumed
+    run reads the uninterrupted run's data, whatever the number of workers."""
     def __init__(self, tracks: list[dict], instruments: list[str], *, chunk: int, threshold: float,
                  tries: int, seed: int):
         self.tracks, self.chunk, self.threshold, self.tries, self.seed = (tracks, chunk, threshold,
@@ -536,8 +517,7 @@ class StemChunks(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         rng = np.random.default_rng([self.seed, index])
         t = int(rng.integers(len(self.tracks)))
-        # copy-on-write map: writable for torch, never written
-        if t not in self._open:
+        if t not in self._open:                 # copy-on-write map: writable for torch, unwritten
             self._open[t] = torch.from_numpy(np.load(self.tracks[t]["npy"], mmap_mode="c"))
         context, target, stem = draw_example(self._open[t], self.chunk, rng,
                                              threshold=self.threshold, tries=self.tries)
@@ -545,8 +525,8 @@ class StemChunks(torch.utils.data.Dataset):
 
 
 def step_batches(*, start: int, steps: int, batch: int, rank: int = 0, world: int = 1):
-    """The dataset indices of this process's share of each step's batch: step s, rank r takes
-    [(s * world + r) * batch, ... + batch). Starting at `start` resumes the same sequence."""
+    """Step s's dataset indices for rank r: [(s * world + r) * batch, ... + batch), a pure
+    function of the step: starting at `start` resumes the same sequence."""
     for s in range(start, steps):
         first = (s * world + rank) * batch
         yield list(range(first, first + batch))
@@ -577,14 +557,11 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".aiff", ".aif", ".mp3")
 MIX_NAMES = ("mixture", "mix")              # a track's full mix is not a stem: ignored
 MUSDB_STREAMS = {"drums": 1, "bass": 2, "other": 3, "vocals": 4}   # .stem.mp4; 0 is the mixture
 LENGTH_TOLERANCE_S = 1.0                    # stems of one track may differ by this much (trimmed)
-LAYOUTS = ("  MUSDB18-HQ, or your own multitracks: ROOT/[train|test/]<track>/<stem>.wav (or .flac, "
-           "...)\n  MUSDB18: ROOT/{train,test}/<track>.stem.mp4\n  others (multichannel WAVs, "
-           "MoisesDB, Slakh2100): convert them with extras/convert.py")
 
 
 def find_tracks(root, split: str = "train") -> list[tuple[str, dict[str, tuple]]]:
-    """The tracks of ROOT/split (or of ROOT itself when it has no split folders; "all": train/
-    then test/), sorted, as (name, {stem: (file, .stem.mp4 stream or None)})."""
+    """ROOT/split's tracks (ROOT's without split folders; "all": train/, test/), sorted, as
+    (name, {stem: (file, .stem.mp4 stream or None)})."""
     root = Path(root)
     if not root.is_dir():
         raise StemJEPAError(f"{root}: no such folder. --data must be a MUSDB18(-HQ) root (with "
@@ -610,7 +587,10 @@ def find_tracks(root, split: str = "train") -> list[tuple[str, dict[str, tuple]]
     if not tracks:
         what = (f"holds no tracks; found {', '.join(found[:5])}{', ...' if len(found) > 5 else ''}"
                 if found else "is empty")
-        raise StemJEPAError(f"{base} {what}. Layouts read:\n{LAYOUTS}")
+        raise StemJEPAError(f"{base} {what}. Layouts read: ROOT/[train|test/]<track>/<stem>.wav "
+                            "(MUSDB18-HQ, your own multitracks; or .flac, ...) and ROOT/{train,"
+                            "test}/<track>.stem.mp4 (MUSDB18); convert others with "
+                            "extras/convert.py")
     return tracks
 
 
@@ -648,8 +628,7 @@ def load_audio(path, sample_rate: int, stream: int | None = None) -> np.ndarray:
 
 
 def _decode_track(name: str, stems: dict, *, sample_rate: int, notes: list):
-    """One track's stems as (sorted names, (S, N) float32), or (None, why it is left out).
-    Unreadable and all-zero stems are left out; stems within LENGTH_TOLERANCE_S are trimmed."""
+    """One track's stems as (sorted names, (S, N) float32), or (None, why it is left out)."""
     audio = {}
     for stem, (path, stream) in stems.items():
         try:
@@ -672,8 +651,7 @@ def _decode_track(name: str, stems: dict, *, sample_rate: int, notes: list):
 
 
 def _whole_npy(path: Path, shape: list) -> bool:
-    """Whether a cached array is whole: a readable header, the shape its metadata records and
-    exactly the bytes they take (a full disk or an interrupted copy leaves the file short)."""
+    """Whether a cached array is whole: a readable header, the recorded shape, all its bytes."""
     try:
         x = np.load(path, mmap_mode="r")
     except (OSError, ValueError, EOFError):
@@ -690,11 +668,10 @@ def _write_atomic(path: Path, write) -> None:
 
 def prepare(root, split: str = "train", *, cache=None, sample_rate=16000, chunk_seconds=8.0,
             threshold=0.1, training=True, log=print) -> list[dict]:
-    """Decode each track once into a cache, a float16 .npy of mono stems at sample_rate (memory-
-    mapped in training), reused while its files are unchanged and the array is whole. Each
-    prepared track: name, stems (sorted), length (samples), npy. training=True leaves out the
-    tracks with fewer than two stems above `threshold` (3.2: nothing to predict from); evaluation
-    keeps every stem that is not all zero. "all": train/ and test/."""
+    """Decode each track once into a cache, a float16 .npy of its stems (memory-mapped in
+    training), reused while its files are unchanged and the array whole -> [{name, stems, length,
+    npy}]. training=True leaves out tracks with fewer than two stems above `threshold` (3.2);
+    all-zero stems are always left out. "all": train/ and test/."""
     found = find_tracks(root, split)
     folder = Path(cache or Path(root) / ".stem_jepa_cache") / f"{sample_rate}hz"
     try:
@@ -772,13 +749,13 @@ def autocast_dtype(device: torch.device):
     GradScaler, the authors' code's choice) on older ones, None (fp32) on CPU and MPS."""
     if device.type != "cuda":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    bf16 = torch.cuda.is_bf16_supported(including_emulation=False)        # natively (Ampere on)
+    return torch.bfloat16 if bf16 else torch.float16
 
 
 def param_groups(model: nn.Module, weight_decay: float, *, decay_all: bool = True) -> list[dict]:
-    """AdamW's parameter groups. decay_all: weight decay on every trainable parameter, as the
-    authors' code (the paper's "all other hyperparameters" of M2D leave this open); otherwise M2D's
-    grouping, decay on weight matrices only, not on biases, norms or embeddings."""
+    """AdamW's parameter groups. decay_all: decay on every trainable parameter, as the authors'
+    code; otherwise M2D's grouping, on weight matrices only (not biases, norms, embeddings)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -790,10 +767,10 @@ def param_groups(model: nn.Module, weight_decay: float, *, decay_all: bool = Tru
 
 def load_checkpoint(path, map_location="cpu") -> dict:
     """A checkpoint written by `train`: a plain dict, loadable with weights_only=True."""
-    if not Path(path).is_file():
-        raise StemJEPAError(f"{path}: no such checkpoint")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise StemJEPAError(f"{path}: no such checkpoint") from None
     except Exception as e:
         raise StemJEPAError(f"{path}: not a readable checkpoint ({type(e).__name__}: "
                             "truncated or not written by torch.save)") from None
@@ -802,24 +779,14 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     return ckpt
 
 
-def embedding_spread(z: torch.Tensor) -> float:
-    """Collapse of the encoder: the standard deviation across the batch of the (standardised,
-    time- and frequency-averaged) embeddings (B, F, T, D), averaged over dims; it falls towards
-    0 when every input maps to the same point, which a falling loss alone does not reveal."""
-    z = F.layer_norm(z.float(), z.shape[-1:]).mean(dim=(1, 2))          # (B, D)
-    return z.std(dim=0).mean().item() if len(z) > 1 else float("nan")
-
-
 def collapse_measures(pred: torch.Tensor, target: torch.Tensor, instrument: torch.Tensor) -> dict:
     """Does the predictor use the mix, or only the instrument label? From one batch's predictions
-    and targets (B, F, T, D) and target instruments (B,), over the samples whose instrument occurs
-    at least twice in the batch.
-
-    avg_stem_loss: Eq. 1 for a predictor that outputs, at each patch, the mean unit target of the
-    *other* samples of the same instrument: "the average bass". A predictor that ignores the mix
-    cannot beat it; batch_loss (Eq. 1 of the model on the same samples) must. pred_spread,
-    target_spread: RMS distance of the unit predictions (targets) to their per-(instrument, patch)
-    mean: 0 when every song gets the same prediction (targets carry only the instrument)."""
+    and targets (B, F, T, D) and instruments (B,), over the samples whose instrument occurs at
+    least twice. avg_stem_loss: Eq. 1 for a predictor that outputs, at each patch, the mean unit
+    target of the *other* samples of the same instrument, "the average bass": a predictor that
+    ignores the mix cannot beat it; batch_loss (Eq. 1 of the model on the same samples) must.
+    pred_spread, target_spread: RMS distance of the unit predictions (targets) to their
+    per-(instrument, patch) mean; 0 when every song gets the same one."""
     p, t = F.normalize(pred.float(), dim=-1), unit_targets(target)      # (B, F, T, D)
     same = (instrument[:, None] == instrument[None]).float()            # (B, B)
     n = same.sum(1)                                 # samples of each one's instrument, itself in
@@ -843,21 +810,20 @@ def collapse_measures(pred: torch.Tensor, target: torch.Tensor, instrument: torc
 def training_step(model: StemJEPA, optimizer, context, target, instrument, *, lr: float,
                   tau: float, grad_clip: float = 3.0, grad_accum: int = 1, loss_fn=None,
                   amp_dtype=None, scaler=None):
-    """One step of 3.3: forward context and target, predict, Eq. 1, backward, clip the gradient
-    norm, AdamW, then the EMA update of the target encoder (Eq. 2). loss_fn: the model or its DDP /
-    compiled wrapper. grad_accum micro-batches add their gradients (DDP syncs only the last). A
+    """One step of 3.3, in four: forward and Eq. 1, backward, AdamW, EMA (Eq. 2). loss_fn: the
+    model or its DDP / compiled wrapper; grad_accum micro-batches add their gradients. A
     non-finite gradient norm (fp16: an overflow, which also lowers the scale) skips the update.
-    Returns the mean loss, whether the step was applied, and the last micro-batch's
-    (predictions, targets, instruments) for the log."""
-    loss_fn = loss_fn or model
-    scaler = scaler or torch.amp.GradScaler(enabled=False)
+    Returns the mean loss, whether it was applied, and the last micro-batch's (pred, z_bar,
+    instrument) for the log."""
+    loss_fn = model if loss_fn is None else loss_fn     # `or` would ask a compiled model its len()
+    scaler = torch.amp.GradScaler(enabled=False) if scaler is None else scaler
     for group in optimizer.param_groups:
         group["lr"] = lr
     micro, total = len(context) // grad_accum, 0.0
     for i in range(grad_accum):
         part = slice(i * micro, (i + 1) * micro)
-        last = i == grad_accum - 1
-        sync = nullcontext() if last or not hasattr(loss_fn, "no_sync") else loss_fn.no_sync()
+        last = i == grad_accum - 1                      # DDP averages the gradients only then
+        sync = loss_fn.no_sync() if not last and hasattr(loss_fn, "no_sync") else nullcontext()
         with sync, torch.autocast(context.device.type, dtype=amp_dtype, enabled=bool(amp_dtype)):
             # Step 1. forward context and target, predict, Eq. 1
             loss, pred, z_bar = loss_fn(context[part], target[part], instrument[part])
@@ -877,21 +843,19 @@ def training_step(model: StemJEPA, optimizer, context, target, instrument, *, lr
     return total, applied, (pred, z_bar, instrument[part])
 
 
-# Config fields that --resume --force may change: they do not change what the weights mean.
-RESUMABLE_CHANGES = ("steps", "log_every", "ckpt_every", "grad_accum")
+RESUMABLE_CHANGES = ("steps", "log_every", "ckpt_every", "grad_accum")  # weights mean the same
 
 
 def check_resume(ckpt: dict, cfg: Config, data_id: str, instruments: list[str], force: bool):
-    """Refuse to resume a run with another configuration or data; --force lets the
-    RESUMABLE_CHANGES and the data change (not the instruments, which fix the weights' shapes)."""
+    """Refuse to resume with another configuration or data; --force lets RESUMABLE_CHANGES and the
+    data change (not the instruments, which fix the weights' shapes)."""
     changed = [k for k, v in ckpt["config"].items() if hasattr(cfg, k) and v != getattr(cfg, k)]
     changed += ["data"] * (ckpt["data"] != data_id)
     text = ", ".join(f"{k} {ckpt['config'].get(k, 'another track list')} -> "
                      f"{getattr(cfg, k, 'this one')}" for k in changed)
     if ckpt["instruments"] != instruments or not set(changed) <= {*RESUMABLE_CHANGES, "data"}:
-        raise StemJEPAError(f"cannot resume: the run was made with another configuration or "
-                            f"instruments ({text or ckpt['instruments']}); pass its preset and "
-                            "options, or start a new --out")
+        raise StemJEPAError(f"cannot resume a run of another configuration or instruments "
+                            f"({text or ckpt['instruments']}): pass its preset and options")
     if changed and not force:
         raise StemJEPAError(f"cannot resume: {text}; pass --force to go on with these changes")
 
@@ -902,7 +866,6 @@ def _guard_run(out: Path, rank: int):
     even after kill -9; no lock on Windows); Ctrl-C or SIGTERM set stop["signal"] for the loop to
     save and return, and a second one ends the process at once."""
     stop = {}
-
     def handle(signum, frame):
         stop["signal"] = signal.Signals(signum).name
         signal.signal(signum, signal.SIG_DFL)
@@ -1000,7 +963,7 @@ def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, 
             context, target, instrument = (x.to(device, non_blocking=True)
                                            for x in (context, target, instrument))
             lr = lr_at(step, peak_lr=peak_lr, warmup_steps=cfg.warmup_steps,
-                       total_steps=cfg.steps, min_ratio=cfg.min_lr_ratio)   # 3.3
+                       total_steps=cfg.steps)                               # 3.3
             tau = tau_at(step, cfg.steps, cfg.tau_start, cfg.tau_end)      # Eq. 2's tau_i
             # Steps 1-4: forward and Eq. 1, backward, AdamW, EMA of the target encoder (Eq. 2)
             loss, applied, (pred, z_bar, inst) = training_step(
@@ -1013,14 +976,12 @@ def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, 
                 skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
                 log(f"step {step}: non-finite loss or gradient, step skipped ({skipped} so far)")
                 if bad_in_a_row == 5:
-                    raise StemJEPAError(f"step {step}: the loss was not finite for 5 steps in a "
-                                        f"row; {ckpt_path} holds the last good state "
-                                        "(try a lower --lr)")
+                    raise StemJEPAError(f"step {step}: 5 non-finite steps in a row; {ckpt_path} "
+                                        "holds the last good state (try a lower --lr)")
             step, n_seen = step + 1, n_seen + 1
             if step % cfg.log_every == 0 or step == cfg.steps:     # the log, with collapse
                 row = {"step": step, "loss": loss_sum / max(n_summed, 1), "lr": lr, "tau": tau,
                        "samples_per_s": n_seen * cfg.batch_size / (time.time() - t_last),
-                       "embedding_spread": embedding_spread(z_bar),
                        **collapse_measures(pred, z_bar, inst), "skipped": skipped}
                 log(f"step {step}/{cfg.steps}  "
                     + "  ".join(f"{k} {v:.6g}" for k, v in list(row.items())[1:]))
@@ -1033,8 +994,8 @@ def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, 
                 save()
         if step < cfg.steps:
             save()
-            log(f"{stop.get('signal', 'stop_at')}: saved {ckpt_path} at step {step}; continue "
-                "with the same command and --resume")
+            log(f"{stop.get('signal', 'stop_at')}: saved {ckpt_path} at step {step}; "
+                "--resume goes on")
     if ddp:
         dist.destroy_process_group()
     return model.eval(), stop.get("signal")
@@ -1045,12 +1006,11 @@ def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, 
 @torch.no_grad()
 def embed_long(model: StemJEPA, wavs: list[np.ndarray], *, instruments=None, target=True,
                chunk=None, batch=16, device="cpu") -> list[torch.Tensor]:
-    """Patch embeddings of whole recordings, one (F, T, D) tensor per waveform, T covering every
-    frame: each is cut into consecutive chunks (by default the training chunk), the last zero-padded
-    to whole patches. With `instruments` (one id per waveform), the predictions conditioned on them
-    (context encoder); otherwise the target (or context) encoder's. Chunks of equal length are
-    batched together, across waveforms. In float32 even under autocast: pooled vectors of one
-    instrument sit at cosine ~0.98, where bf16 rounding reorders neighbours."""
+    """Patch embeddings (F, T, D) of whole recordings, T covering every frame: each waveform is cut
+    into consecutive training chunks (the last zero-padded to whole patches), batched across
+    waveforms. With `instruments` (an id per waveform), the predictions; else the target (or
+    context) encoder's. In float32 even under autocast: pooled vectors of one instrument sit at
+    cosine ~0.98, where bf16 rounding reorders neighbours."""
     patch = model.frontend.hop_length * model.encoder.patch_size       # samples per time patch
     chunk = chunk or chunk_samples(model.config)
     chunk = max(patch, chunk - chunk % patch)                           # whole patches only
@@ -1079,27 +1039,19 @@ def embed_long(model: StemJEPA, wavs: list[np.ndarray], *, instruments=None, tar
     return [torch.cat([chunks[j] for j in sorted(chunks)], dim=1) for chunks in out]
 
 
-def retrieval_ranks(queries: torch.Tensor, refs: torch.Tensor, truth: torch.Tensor,
-                    candidates=None):
-    """L2 distances d from each query (Q, C) to every reference (R, C); for each query, how many
-    references are closer than its true one `truth[q]` and how many tie with it (itself included).
-    Ties are broken at random, in expectation: rank = 1 + closer + (tied - 1) / 2 (1 = nearest).
-    candidates (Q, R) bool, optional: each query competes only with these references."""
-    d = torch.cdist(queries.double(), refs.double())                    # (Q, R)
-    if candidates is not None:
-        d = d.masked_fill(~candidates, float("inf"))
-    d_true = d.gather(1, truth[:, None])                                # (Q, 1)
-    return (d < d_true).sum(1), (d == d_true).sum(1), d                 # closer, tied, d
-
-
 def retrieval_metrics(queries, refs, truth, ks=(1, 5, 10), candidates=None) -> dict:
     """Recall@K and normalised rank (mean and median over the queries), in percent (4.1.1).
     nrank: rank / R counted from 1 (nearest = 1), as the authors' evaluation and Table 1 (its
     median 0.5 % is rank 3 of 600); nrank0: from 0, the paper's text's [0, 1), 100 / R lower.
-    With `candidates` (Q, R), each query's R is the number of references it competes with."""
-    closer, tied, _ = retrieval_ranks(queries, refs, truth, candidates)
+    With `candidates` (Q, R), each query's R is the number of references it competes with. By
+    L2 distance; ties are broken at random, in expectation: rank = 1 + closer + (tied - 1) / 2."""
+    d = torch.cdist(queries.double(), refs.double())                    # (Q, R)
+    if candidates is not None:
+        d = d.masked_fill(~candidates, float("inf"))
+    d_true = d.gather(1, truth[:, None])                                # (Q, 1): the true stem's
+    closer, tied = (d < d_true).sum(1), (d == d_true).sum(1)            # tied: itself included
     R = refs.shape[0] if candidates is None else candidates.sum(1)
-    rank = 1 + closer + (tied - 1).double() / 2                 # 1-based, ties in expectation
+    rank = 1 + closer + (tied - 1).double() / 2
     m = {f"R@{k}": 100 * ((k - closer) / tied).clamp(0, 1).mean().item() for k in ks}
     for name, r in (("nrank", rank), ("nrank0", rank - 1)):
         m[f"{name}_mean"] = 100 * (r / R).mean().item()
@@ -1108,8 +1060,7 @@ def retrieval_metrics(queries, refs, truth, ks=(1, 5, 10), candidates=None) -> d
 
 
 def chance_metrics(R: int, ks=(1, 5, 10)) -> dict:
-    """Expected metrics of a random ranking of R references, with the keys of `retrieval_metrics`
-    (nrank: ranks 1..R, nrank0: ranks 0..R-1, each divided by R)."""
+    """The expected `retrieval_metrics` of a random ranking of R references."""
     ranks = np.arange(1, R + 1) / R
     return {**{f"R@{k}": 100 * min(k / R, 1.0) for k in ks},
             "nrank_mean": 100 * ranks.mean(), "nrank_median": 100 * float(np.median(ranks)),
@@ -1127,13 +1078,11 @@ def centre_per_instrument(x: torch.Tensor, instrument: torch.Tensor) -> torch.Te
 
 def which_song_and_instrument(queries, refs, track, instrument) -> dict:
     """The two questions inside a retrieval rank (query i's true stem is reference i), as R@1 and
-    normalised rank in percent. which_song: the true stem's rank among the N references of the
-    *same instrument* (compatibility: the bass of this song, not any bass). which_instrument: among
-    the S stems of the *same song*. which_song_centred: which_song after subtracting each
-    instrument's mean vector from queries and references (not the paper's ranking: it removes the
-    part common to every bass, which favours the references nearest the average bass for every
-    query). query_cosine: the mean cosine of one instrument's queries across songs; 1 when the
-    predictor knows only the instrument (None with one song)."""
+    normalised rank: which_song, among the N references of the *same instrument* (the bass of this
+    song, not any bass); which_instrument, among the S stems of the *same song*;
+    which_song_centred, after subtracting each instrument's mean vector (not the paper's: it
+    removes the part common to every bass, which favours the references nearest the average
+    bass); query_cosine, of one instrument's queries across songs (1: only the instrument)."""
     same_inst = instrument[:, None] == instrument[None]                 # (Q, R)
     same_song = track[:, None] == track[None]
     q = F.normalize(queries.double(), dim=1)
@@ -1145,38 +1094,6 @@ def which_song_and_instrument(queries, refs, track, instrument) -> dict:
             "which_song_centred": retrieval_metrics(*centred, truth, (1,), candidates=same_inst),
             "which_instrument": retrieval_metrics(queries, refs, truth, (1,), candidates=same_song),
             "query_cosine": cosine}
-
-
-# 4.3 Stem alignment: target patches against shifted predictions (Eq. 3) --------------------------
-
-def frames(z: torch.Tensor) -> torch.Tensor:
-    """(F, T, D) -> (T, F*D): one vector per time patch (160 ms), frequency rows concatenated."""
-    return z.permute(1, 0, 2).reshape(z.shape[1], -1)
-
-
-def shift_similarity(z: torch.Tensor, q: torch.Tensor, shifts,
-                     circular: bool = True) -> torch.Tensor:
-    """Eq. 3, s(z, q, j) = 1/(MS) sum_s sum_i <z_s[i], q_s[(i + j) % M]>, for one stem (S = 1)
-    at each shift j: z, q (T, C), normalised here; M = T, the number of time patches. With
-    circular=False (lengths differ, as in `retrieve`), the mean over the overlapping patches."""
-    sims = F.normalize(z.float(), dim=-1) @ F.normalize(q.float(), dim=-1).T   # (T, T')
-    i = torch.arange(sims.shape[0])
-    if circular:
-        return torch.stack([sims[i, (i + j) % sims.shape[1]].mean() for j in shifts])
-    out = []
-    for j in shifts:
-        ok = (i + j >= 0) & (i + j < sims.shape[1])
-        out.append(sims[i[ok], i[ok] + j].mean() if ok.any() else torch.tensor(float("nan")))
-    return torch.stack(out)
-
-
-def best_offset(stem: torch.Tensor, prediction: torch.Tensor, min_overlap: float = 0.5) -> int:
-    """The shift j (time patches) at which a stem (T, C) best matches a mix's prediction (T', C):
-    the stem starts j patches into the mix. Shifts sharing < min_overlap of the shorter are out."""
-    T, Tq = len(stem), len(prediction)
-    need = max(1, int(min_overlap * min(T, Tq)))
-    shifts = list(range(-(T - need), Tq - need + 1))
-    return shifts[int(shift_similarity(stem, prediction, shifts, circular=False).argmax())]
 
 
 # =============================================================================================
@@ -1210,24 +1127,21 @@ def dsp_features(x: np.ndarray, sample_rate: int = 16000) -> np.ndarray:
 
 @dataclass
 class RetrievalEmbeddings:
-    """4.1's pooled vectors, one row per (track, stem): queries q_s^(n), references z_s^(n) (row
-    i's true reference is row i); refs_context: the context encoder's (None for DSP)."""
+    """4.1's pooled vectors, a row per (track, stem): queries q_s^(n) and references z_s^(n)."""
     queries: torch.Tensor                       # (Q, C)
     refs_target: torch.Tensor                   # (R, C)
     track: torch.Tensor                         # (R,)
     instrument: torch.Tensor                    # (R,)
-    refs_context: torch.Tensor | None = None    # (R, C)
 
 
-def retrieval_embeddings(model: StemJEPA, tracks: list[dict], *, device="cpu", batch=16,
-                         log=print) -> RetrievalEmbeddings:
+def retrieval_embeddings(model: StemJEPA, tracks: list[dict], *, device="cpu", batch=16, log=print):
     """Per prepared track n and known stem s: the query q_s^(n) (the predictor on s over the mix
-    of the other stems, 4.1.1) and the target and context encoders' references z_s^(n), `pool`ed."""
+    of the other stems, 4.1.1) and the target encoder's reference z_s^(n), `pool`ed."""
     model = model.to(device).eval()
 
     def embed(wavs, **options):                         # (F, T, D) per waveform, then pooled
         return [pool(z) for z in embed_long(model, wavs, batch=batch, device=device, **options)]
-    queries, refs_target, refs_context, track, instrument = [], [], [], [], []
+    queries, refs_target, track, instrument = [], [], [], []
     t0 = time.time()
     for n, t in enumerate(tracks):
         x = np.load(t["npy"]).astype(np.float32)                        # (S, N)
@@ -1237,18 +1151,15 @@ def retrieval_embeddings(model: StemJEPA, tracks: list[dict], *, device="cpu", b
         mixes = [x.sum(0) - x[i] for i in known]                        # x_{not s}: all but s
         queries += embed(mixes, instruments=ids)
         refs_target += embed(stems)
-        refs_context += embed(stems, target=False)
         track += [n] * len(known)
         instrument += ids
         if (n + 1) % 10 == 0:
             log(f"  embedded {n + 1}/{len(tracks)} tracks in {time.time() - t0:.0f} s")
     return RetrievalEmbeddings(queries=torch.stack(queries), refs_target=torch.stack(refs_target),
-                               refs_context=torch.stack(refs_context), track=torch.tensor(track),
-                               instrument=torch.tensor(instrument))
+                               track=torch.tensor(track), instrument=torch.tensor(instrument))
 
 
-def dsp_embeddings(tracks: list[dict], instruments: list[str],
-                   sample_rate: int) -> RetrievalEmbeddings:
+def dsp_embeddings(tracks: list[dict], instruments: list[str], sample_rate: int):
     """The DSP baseline: queries from the mix without s, as for the model (one query for every
     missing stem would be unfair: DSP has no notion of instrument), references from each stem."""
     rows = []                                           # (query, reference, track, instrument)
@@ -1256,20 +1167,17 @@ def dsp_embeddings(tracks: list[dict], instruments: list[str],
         x = np.load(t["npy"]).astype(np.float32)
         rows += [(dsp_features(x.sum(0) - x[i], sample_rate), dsp_features(x[i], sample_rate), n,
                   instruments.index(s)) for i, s in enumerate(t["stems"]) if s in instruments]
-    q, r, tr, ins = zip(*rows)
-    return RetrievalEmbeddings(queries=torch.tensor(np.stack(q)),
-                               refs_target=torch.tensor(np.stack(r)),
-                               track=torch.tensor(tr), instrument=torch.tensor(ins))
+    q, r, track, instrument = (torch.tensor(np.stack(column)) for column in zip(*rows))
+    return RetrievalEmbeddings(queries=q, refs_target=r, track=track, instrument=instrument)
 
 
 def evaluate(checkpoint, data, *, split="test", out=None, cache=None, device=None, batch=16,
              seed=0, log=print) -> dict:
-    """Table 1 of a checkpoint on a split, beside chance, random weights and DSP, with the
-    which-song and which-instrument columns -> OUT/retrieval.json. split "all" ranks among train/
-    and test/ together, as Table 1 (MUSDB18: 150 tracks, R = 600)."""
+    """Table 1 of a checkpoint on a split beside chance, random weights and DSP, with which song
+    and which instrument -> OUT/retrieval.json. "all": train/ and test/, as Table 1 (R = 600)."""
     device = pick_device(device)
     model = StemJEPA.from_checkpoint(checkpoint).to(device)
-    cfg = model.config
+    cfg = model.config                                  # the run's: its sample rate and chunk
     tracks = prepare(data, split, cache=cache, training=False, log=log, **prepare_options(cfg))
     log(f"embedding {len(tracks)} tracks with {checkpoint}, then with random weights")
     emb = retrieval_embeddings(model, tracks, device=device, batch=batch, log=log)
@@ -1278,8 +1186,7 @@ def evaluate(checkpoint, data, *, split="test", out=None, cache=None, device=Non
     rand = retrieval_embeddings(untrained, tracks, device=device, batch=batch, log=log)
     dsp = dsp_embeddings(tracks, model.instruments, cfg.sample_rate)
     truth = torch.arange(len(emb.queries))                          # query i's stem is reference i
-    rows = {"Stem-JEPA, target-encoder refs": (emb.queries, emb.refs_target),
-            "Stem-JEPA, context-encoder refs": (emb.queries, emb.refs_context),
+    rows = {"Stem-JEPA": (emb.queries, emb.refs_target),
             "random weights": (rand.queries, rand.refs_target),
             "DSP (chroma + tempo)": (dsp.queries, dsp.refs_target)}
     results = {"N": len(tracks), "S": len(model.instruments), "references": len(truth),
@@ -1295,7 +1202,7 @@ def evaluate(checkpoint, data, *, split="test", out=None, cache=None, device=Non
                                  "which_song_centred": chance_metrics(len(tracks), ks=(1,)),
                                  "which_instrument": chance_metrics(results["S"], ks=(1,)),
                                  "query_cosine": None}
-    results.update(results["rows"]["Stem-JEPA, target-encoder refs"])  # headline numbers on top
+    results.update(results["rows"]["Stem-JEPA"])                      # headline numbers on top
     out = Path(out or Path(checkpoint).parent / f"eval-{split}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "retrieval.json").write_text(json.dumps(results, indent=1))
@@ -1319,7 +1226,7 @@ def format_table(results: dict) -> str:
                      f" {m['which_song_centred']['nrank_mean']:8.1f}"
                      f" | {m['which_instrument']['R@1']:8.1f}"
                      f" {m['which_instrument']['nrank_mean']:10.1f} | {cosine:>6s}")
-    for s, m in results["rows"]["Stem-JEPA, target-encoder refs"].get("per_instrument", {}).items():
+    for s, m in results["rows"]["Stem-JEPA"]["per_instrument"].items():
         lines.append(f"{'  ' + s:34s} {m['R@1']:6.1f} {m['R@5']:6.1f} {m['R@10']:6.1f} "
                      f"{m['nrank_mean']:11.1f} {m['nrank_median']:7.1f}")
     return "\n".join(lines)
@@ -1502,29 +1409,28 @@ def make_toy_song(rng: np.random.Generator, *, seconds=30.0, sample_rate=16000):
 def write_toy_dataset(out, *, tracks=20, seconds=30.0, seed=0, sample_rate=16000,
                       test_fraction=0.2) -> Path:
     """Seeded toy songs as OUT/{train,test}/songNNN/{stem}.wav, with labels.json (key, chords)."""
-    out = Path(out)
     n_test = max(1, round(tracks * test_fraction)) if tracks > 1 else 0
     for i in range(tracks):
         stems, labels = make_toy_song(np.random.default_rng([seed, i]), seconds=seconds,
                                       sample_rate=sample_rate)
-        folder = out / ("test" if i >= tracks - n_test else "train") / f"song{i:03d}"
+        folder = Path(out) / ("test" if i >= tracks - n_test else "train") / f"song{i:03d}"
         folder.mkdir(parents=True, exist_ok=True)
         for name, x in stems.items():
             sf.write(folder / f"{name}.wav", x, sample_rate, subtype="PCM_16")
         (folder / "labels.json").write_text(json.dumps(labels, indent=1))
-    return out
+    return Path(out)
 
 
 # Command line -------------------------------------------------------------------------------------
 
 def add_config_options(p) -> None:
-    """--preset, and one option per Config field (--batch-size: batch_size) with its help."""
+    """--preset, and one option per Config field (--batch-size: batch_size)."""
     p.add_argument("--preset", choices=list(PRESETS), default="paper",
                    help="paper (GPU) or tiny (CPU, minutes)")
     for f in dataclasses.fields(Config):
         kind = (dict(action=argparse.BooleanOptionalAction) if f.type == "bool"
                 else dict(type={"int": int, "float": float, "str": str}[f.type]))
-        p.add_argument("--" + f.name.replace("_", "-"), help=f.metadata.get("help", ""), **kind)
+        p.add_argument("--" + f.name.replace("_", "-"), help=f"Config.{f.name}", **kind)
     p.add_argument("--lr", type=float, dest="base_lr", help="the same as --base-lr")
 
 
@@ -1546,19 +1452,15 @@ def main(argv=None):
     p = sub.add_parser("train", help="train Stem-JEPA on a multitrack folder")
     p.add_argument("--out", default="runs/stem-jepa", help="run folder: checkpoint.pt and log.csv")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--force", action="store_true",
-                   help=f"resume although {', '.join(RESUMABLE_CHANGES)} or the data changed")
+    p.add_argument("--force", action="store_true", help="resume although --steps or data changed")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
     p.add_argument("--workers", type=int, help="loader processes (default: half the cores, max 8)")
     p.add_argument("--stop-at", type=int, help="save and exit at this step; --resume continues")
     add_config_options(p)
-    e = sub.add_parser("evaluate", help="stem retrieval (Table 1) beside chance, random weights, DSP")
+    e = sub.add_parser("evaluate", help="retrieval (Table 1) beside chance, random weights, DSP")
     e.add_argument("--checkpoint", required=True, help="a run's checkpoint.pt, or shipped weights")
-    e.add_argument("--split", default="test",
-                   help="train, test, or all: both together, as Table 1 (MUSDB18: 600 references)")
+    e.add_argument("--split", default="test", help="train, test, or all (both, as Table 1)")
     e.add_argument("--out", help="output folder (default: beside the checkpoint, eval-SPLIT)")
-    e.add_argument("--batch", type=int, default=16, help="chunks encoded at once")
-    e.add_argument("--seed", type=int, default=0, help="of the random-weights row")
     for q in (p, e):
         q.add_argument("--data", required=True, help="MUSDB18(-HQ) root, or a folder of tracks")
         q.add_argument("--cache", help="where decoded stems go (default DATA/.stem_jepa_cache)")
@@ -1576,13 +1478,12 @@ def main(argv=None):
         elif args.command == "train":
             _, stopped_by = train(config_from(args), args.data, out=args.out, cache=args.cache,
                                   resume=args.resume, force=args.force, device=args.device,
-                                  compile=args.compile, workers=args.workers,
-                                  stop_at=args.stop_at)
+                                  compile=args.compile, workers=args.workers, stop_at=args.stop_at)
             if stopped_by:
                 sys.exit(128 + signal.Signals[stopped_by].value)
         elif args.command == "evaluate":
             evaluate(args.checkpoint, args.data, split=args.split, out=args.out, cache=args.cache,
-                     device=args.device, batch=args.batch, seed=args.seed)
+                     device=args.device)
         else:
             data, run = Path(args.dir) / "toy", Path(args.dir) / "run"
             if not (data / "train").is_dir():

@@ -2,8 +2,8 @@
 stem against one mix, or export embeddings for other tools.
 
 The paper's 4.1 (retrieval: the L2 distance between the pooled prediction for a mix and a
-stem's pooled target embedding, lower fits better) and 4.3 (where a stem fits best in time,
-`stem_jepa.best_offset`), applied to any audio files rather than to MUSDB18's test songs.
+stem's pooled target embedding, lower fits better) and 4.3 (Eq. 3: where a stem fits best in
+time, `best_offset`), applied to any audio files rather than to MUSDB18's test songs.
 
     python extras/search.py retrieve --checkpoint CKPT --mix mix.wav --library stems/ \\
         --instrument bass [--top 10] [--json] [--device cuda] [--batch 16]
@@ -26,9 +26,33 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import stem_jepa as sj  # noqa: E402
+
+
+def shift_similarity(z: torch.Tensor, q: torch.Tensor, shifts, circular: bool = True):
+    """Eq. 3, s(z, q, j) = 1/(MS) sum_s sum_i <z_s[i], q_s[(i + j) % M]>, for one stem (S = 1)
+    at each shift j: z, q (T, C) one vector per time patch (`sj.frames`), normalised here; M = T.
+    circular=False (sequences of different lengths): the mean over the overlapping patches."""
+    sims = F.normalize(z.float(), dim=-1) @ F.normalize(q.float(), dim=-1).T   # (T, T')
+    i = torch.arange(sims.shape[0])
+    out = []
+    for j in shifts:
+        k = (i + j) % sims.shape[1] if circular else i + j
+        ok = (k >= 0) & (k < sims.shape[1])
+        out.append(sims[i[ok], k[ok]].mean() if ok.any() else torch.tensor(float("nan")))
+    return torch.stack(out)
+
+
+def best_offset(stem: torch.Tensor, prediction: torch.Tensor, min_overlap: float = 0.5) -> int:
+    """The shift j (time patches) at which a stem (T, C) best matches a mix's prediction (T', C):
+    the stem starts j patches into the mix. Shifts sharing < min_overlap of the shorter are out."""
+    T, Tq = len(stem), len(prediction)
+    need = max(1, int(min_overlap * min(T, Tq)))
+    shifts = list(range(-(T - need), Tq - need + 1))
+    return shifts[int(shift_similarity(stem, prediction, shifts, circular=False).argmax())]
 
 
 def audio_files(path) -> list[Path]:
@@ -122,19 +146,26 @@ def retrieve(checkpoint, mix, library, instrument: str, *, top=10, device=None, 
     for rank, i in enumerate(d.argsort()[:top].tolist(), 1):
         file = str(files[cached["kept"][i]])          # the key fixes the list of files
         z = model.encode_long(sj.load_audio(file, sr), batch=batch)
-        offset = sj.best_offset(sj.frames(z), sj.frames(q))
+        offset = best_offset(sj.frames(z), sj.frames(q))
         results.append({"rank": rank, "file": file, "distance": round(d[i].item(), 4),
                         "offset_patches": offset, "offset_s": round(offset * patch_s, 2)})
     return results
 
 
 def score(checkpoint, mix, stem, instrument: str, *, device=None, batch=16) -> dict:
-    """StemJEPA.score on two audio files: how well `stem` fits `mix` as `instrument`, and where."""
+    """How well `stem` fits `mix` as `instrument` (StemJEPA.score: the L2 distance of the pooled
+    vectors, and its cosine) and where (Eq. 3: start the stem offset_s seconds into the mix)."""
     model, _ = open_model(checkpoint, device, instrument)
     sr = model.config.sample_rate
+    mix_audio, stem_audio = sj.load_audio(mix, sr), sj.load_audio(stem, sr)
+    q = model.predict_long(mix_audio, instrument, batch=batch)         # (F, T', D)
+    z = model.encode_long(stem_audio, batch=batch)                     # (F, T, D)
+    distance = (sj.pool(q) - sj.pool(z)).norm().item()
+    offset = best_offset(sj.frames(z), sj.frames(q))
+    patch_s = model.config.hop_length * model.config.patch_size / sr
     return {"mix": str(mix), "stem": str(stem), "instrument": instrument,
-            **model.score(sj.load_audio(mix, sr), sj.load_audio(stem, sr), instrument,
-                          batch=batch)}
+            "distance": round(distance, 4), "similarity": round(1 - distance ** 2 / 2, 4),
+            "offset_patches": offset, "offset_s": round(offset * patch_s, 2)}
 
 
 def embed_files(checkpoint, audio, out, *, sequences=False, device=None, batch=16,
