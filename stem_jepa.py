@@ -862,10 +862,10 @@ def check_resume(ckpt: dict, cfg: Config, data_id: str, instruments: list[str], 
 
 @contextmanager
 def _guard_run(out: Path, rank: int):
-    """While the loop runs: OUT/train.lock refuses a second live run into OUT (the OS releases it
-    even after kill -9; no lock on Windows); Ctrl-C or SIGTERM set stop["signal"] for the loop to
-    save and return, and a second one ends the process at once."""
+    """Lock OUT while the loop runs (flock: kill -9 frees it; not on Windows), and let Ctrl-C or
+    SIGTERM set stop["signal"]: the loop saves and returns; a second one ends the process."""
     stop = {}
+
     def handle(signum, frame):
         stop["signal"] = signal.Signals(signum).name
         signal.signal(signum, signal.SIG_DFL)
@@ -875,10 +875,9 @@ def _guard_run(out: Path, rank: int):
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise StemJEPAError(f"{out} is in use by another training: wait for it, stop "
-                                    "it, or choose another --out") from None
-        main = threading.current_thread() is threading.main_thread()   # only it sets handlers
-        previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM) if main}
+                raise StemJEPAError(f"{out} is in use by another run: use another --out") from None
+        in_main = threading.current_thread() is threading.main_thread()  # only it sets handlers
+        previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM) if in_main}
         try:
             yield stop
         finally:
@@ -888,9 +887,8 @@ def _guard_run(out: Path, rank: int):
 
 def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, force=False,
           device=None, compile=False, workers=None, stop_at=None, log=print):
-    """Train on the `train` split of `data` (3.3) into OUT/checkpoint.pt and OUT/log.csv. stop_at,
-    Ctrl-C and SIGTERM save and return (resume=True continues). Under torchrun, DDP: one process
-    per device, each with its share of the batch. Returns (model, the signal that stopped it)."""
+    """Train on `data`'s train split (3.3) into OUT/checkpoint.pt and OUT/log.csv; stop_at, Ctrl-C
+    and SIGTERM save and return (resume=True goes on). Returns (model, the signal that stopped)."""
     out, ckpt_path = Path(out), Path(out) / "checkpoint.pt"
     # Setup: one process per device under torchrun (DDP), else one; the device and its precision
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -939,31 +937,28 @@ def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, 
             scaler.load_state_dict(ckpt["scaler"])
         step, skipped, (loss_sum, n_summed) = ckpt["step"], ckpt["skipped"], ckpt["log_window"]
         log(f"resuming {ckpt_path} at step {step}")
-    log(f"training on {len(tracks)} tracks of {instruments}, {device} x {world}, "
-        f"steps {step}..{cfg.steps}")
+    log(f"training on {len(tracks)} tracks of {instruments}, {device} x {world}, step {step}")
     loss_fn = nn.parallel.DistributedDataParallel(model) if ddp else model
     loss_fn = torch.compile(loss_fn) if compile else loss_fn
     loader = step_loader(tracks, instruments, cfg, start=step, rank=rank, world=world,
                          workers=workers, pin_memory=device.type == "cuda")     # 3.2
 
     def save():                                     # all a resumed run needs, written atomically
-        state = {"config": dataclasses.asdict(cfg), "instruments": instruments, "step": step,
-                 "skipped": skipped, "data": data_id, "log_window": (loss_sum, n_summed),
-                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scaler": scaler.state_dict()}
+        state = dict(config=dataclasses.asdict(cfg), instruments=instruments, step=step,
+                     skipped=skipped, data=data_id, log_window=(loss_sum, n_summed),
+                     model=model.state_dict(), optimizer=optimizer.state_dict(),
+                     scaler=scaler.state_dict())
         if rank == 0:
             _write_atomic(ckpt_path, lambda p: torch.save(state, p))
 
-    peak_lr = cfg.base_lr * cfg.batch_size / 256
     n_seen, bad_in_a_row, t_last = 0, 0, time.time()
     with _guard_run(out, rank) as stop:
-        for context, target, instrument in loader:
+        for batch in loader:
             if stop or step == stop_at:
                 break
-            context, target, instrument = (x.to(device, non_blocking=True)
-                                           for x in (context, target, instrument))
-            lr = lr_at(step, peak_lr=peak_lr, warmup_steps=cfg.warmup_steps,
-                       total_steps=cfg.steps)                               # 3.3
+            context, target, instrument = (x.to(device, non_blocking=True) for x in batch)
+            lr = lr_at(step, peak_lr=cfg.base_lr * cfg.batch_size / 256,     # 3.3, scaled by B
+                       warmup_steps=cfg.warmup_steps, total_steps=cfg.steps)
             tau = tau_at(step, cfg.steps, cfg.tau_start, cfg.tau_end)      # Eq. 2's tau_i
             # Steps 1-4: forward and Eq. 1, backward, AdamW, EMA of the target encoder (Eq. 2)
             loss, applied, (pred, z_bar, inst) = training_step(
@@ -983,8 +978,7 @@ def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, 
                 row = {"step": step, "loss": loss_sum / max(n_summed, 1), "lr": lr, "tau": tau,
                        "samples_per_s": n_seen * cfg.batch_size / (time.time() - t_last),
                        **collapse_measures(pred, z_bar, inst), "skipped": skipped}
-                log(f"step {step}/{cfg.steps}  "
-                    + "  ".join(f"{k} {v:.6g}" for k, v in list(row.items())[1:]))
+                log("  ".join(f"{k} {v:.6g}" for k, v in row.items()))
                 if rank == 0:
                     with open(out / "log.csv", "a") as f:
                         f.write(",".join(row) + "\n" if f.tell() == 0 else "")
@@ -994,8 +988,7 @@ def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, 
                 save()
         if step < cfg.steps:
             save()
-            log(f"{stop.get('signal', 'stop_at')}: saved {ckpt_path} at step {step}; "
-                "--resume goes on")
+            log(f"{stop.get('signal', 'stop_at')}: saved at step {step}; --resume goes on")
     if ddp:
         dist.destroy_process_group()
     return model.eval(), stop.get("signal")

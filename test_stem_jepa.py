@@ -965,7 +965,7 @@ BAD_INPUT = [   # setup(data, out, monkeypatch) -> extra args; trains?; words; c
          marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available")),
     case("out-is-a-file", lambda d, o, mp: o.write_text("x") and None, False,
          ["--out {out} is a file"]),
-    case("two-runs-into-one-folder", hold_lock, False, ["{out} is in use by another training"]),
+    case("two-runs-into-one-folder", hold_lock, False, ["{out} is in use by another run"]),
     case("batch-not-dividing-among-processes", lambda d, o, mp: mp.setenv("RANK", "0")
          or mp.setenv("WORLD_SIZE", "2") or ["--batch-size", "3"], False,
          ["--batch-size 3 does not divide among 2 processes"]),
