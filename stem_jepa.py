@@ -109,7 +109,8 @@ class Config:
     batch_size: int = 256               # global: over all processes and accumulation steps
     grad_accum: int = 1                 # micro-batches per step, when a batch does not fit
     base_lr: float = 3e-4               # lr = base_lr * batch_size / 256
-    warmup_steps: int = 20_000          # linear warmup, then cosine to 0
+    warmup_steps: int = 20_000          # linear warmup, then cosine ...
+    min_lr_ratio: float = 0.0           # ... down to min_lr_ratio x the peak (the paper: 0)
     beta1: float = 0.9                  # AdamW betas (0.9, 0.95) [code]
     beta2: float = 0.95
     weight_decay: float = 0.05          # [code]
@@ -353,12 +354,14 @@ def ema_update(target: list[torch.Tensor], online: list[torch.Tensor], tau: floa
         t.lerp_(o, 1.0 - tau)
 
 
-def lr_at(step: int, *, peak_lr: float, warmup_steps: int, total_steps: int) -> float:
-    """Linear warmup to peak_lr over warmup_steps, then cosine annealing to 0 (3.3)."""
+def lr_at(step: int, *, peak_lr: float, warmup_steps: int, total_steps: int,
+          min_ratio: float = 0.0) -> float:
+    """Linear warmup to peak_lr, then cosine annealing to min_ratio x peak_lr (the paper: 0)."""
     if step < warmup_steps:
         return peak_lr * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
-    return 0.5 * peak_lr * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    floor = min_ratio * peak_lr
+    return floor + 0.5 * (peak_lr - floor) * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
 # Fig. 1: front-end, context encoder, predictor and target encoder together ------------------------
@@ -957,8 +960,8 @@ def train(cfg: Config, data, *, out="runs/stem-jepa", cache=None, resume=False, 
             if stop or step == stop_at:
                 break
             context, target, instrument = (x.to(device, non_blocking=True) for x in batch)
-            lr = lr_at(step, peak_lr=cfg.base_lr * cfg.batch_size / 256,     # 3.3, scaled by B
-                       warmup_steps=cfg.warmup_steps, total_steps=cfg.steps)
+            lr = lr_at(step, peak_lr=cfg.base_lr * cfg.batch_size / 256, min_ratio=cfg.min_lr_ratio,
+                       warmup_steps=cfg.warmup_steps, total_steps=cfg.steps)   # 3.3
             tau = tau_at(step, cfg.steps, cfg.tau_start, cfg.tau_end)      # Eq. 2's tau_i
             # Steps 1-4: forward and Eq. 1, backward, AdamW, EMA of the target encoder (Eq. 2)
             loss, applied, (pred, z_bar, inst) = training_step(

@@ -338,6 +338,8 @@ def test_ema_tau_and_lr_schedules():
     for s in (30, 60, 100):
         assert lr[s] == pytest.approx(0.5 * peak * (1 + math.cos(math.pi * (s - 10) / 100)))
     assert all(a >= b for a, b in zip(lr[10:], lr[11:]))
+    assert [sj.lr_at(s, peak_lr=1, warmup_steps=10, total_steps=110, min_ratio=0.1)
+            for s in (110, 60)] == pytest.approx([0.1, 0.55])          # a floor: min_ratio x peak
 
 def draw(stems: np.ndarray, chunk: int, rng, *, threshold=0.1, tries=10):
     """sj.draw_example on a (S, N) numpy array (it takes a tensor), outputs as numpy arrays."""
