@@ -131,7 +131,7 @@ PRESETS = {
     "tiny": dict(chunk_seconds=4.0, dim=192, depth=4, heads=3, pred_hidden=384, pred_layers=4,
                  pred_tf_dim=128, pred_tf_depth=2, pred_tf_heads=4, steps=300, batch_size=32,
                  base_lr=8e-3, warmup_steps=30,
-                 weight_decay_all=False,    # M2D's grouping, as in the runs the README reports
+                 weight_decay_all=False,    # M2D's grouping, as the shipped model's run
                  log_every=20, ckpt_every=100),
 }
 
