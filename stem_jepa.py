@@ -126,8 +126,9 @@ class Config:
 PRESETS = {
     "paper": {},
     # A small ViT for CPUs, same code path. 4 s chunks (5 x 25 patches) and batch 32 run at about
-    # 1 step/s on 2 cores. It keeps the paper's slow tau: with a faster EMA (BYOL's 0.996 -> 1),
-    # the targets of a small model collapse to one code per instrument (docs/small-scale.md).
+    # 1.5 steps/s on 2 cores. It keeps the authors' code's slow tau: with a faster EMA (BYOL's
+    # 0.996 -> 1), the targets of a small model collapse to one code per instrument
+    # (docs/small-scale.md).
     "tiny": dict(chunk_seconds=4.0, dim=192, depth=4, heads=3, pred_hidden=384, pred_layers=4,
                  pred_tf_dim=128, pred_tf_depth=2, pred_tf_heads=4, steps=300, batch_size=32,
                  base_lr=8e-3, warmup_steps=30,
@@ -312,7 +313,7 @@ class TransformerPredictor(nn.Module):
 # Eq. 1: normalised MSE between predictions and targets; 4.1: one vector per recording -------------
 
 def unit_targets(target: torch.Tensor) -> torch.Tensor:
-    """The targets as Eq. 1 compares them: each patch vector standardised over its D dims (the
+    """The targets as the loss compares them: each patch vector standardised over its D dims (the
     authors' code: (t - mean) / sqrt(var + 1e-6), unbiased variance), then L2-normalised."""
     target = target.float()
     target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
