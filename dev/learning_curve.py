@@ -63,9 +63,10 @@ def columns(emb, eq3=None) -> dict:
             "R1": table1["R@1"], "nrank_mean": table1["nrank_mean"], "eq3_peak_share": eq3}
 
 
-def measure(checkpoints, datasets, out_csv, baselines=False):
+def measure(checkpoints, datasets, out_csv, baselines=False, eq3=None):
     """Rows appended to out_csv as they are measured: the checkpoints, and with `baselines` the
-    random-weights, DSP and chance rows (built with the first checkpoint's config)."""
+    random-weights, DSP and chance rows (built with the first checkpoint's config). eq3: the data
+    sets to compute the Eq. 3 column on (default: all; it is the slow one on long songs)."""
     def write(row):
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
         new = not Path(out_csv).exists()
@@ -95,7 +96,8 @@ def measure(checkpoints, datasets, out_csv, baselines=False):
             emb = sj.retrieval_embeddings(model, tracks, log=lambda *a: None)
             write({**base, "model": str(path), "step": step,
                    "examples": step * model.config.batch_size,
-                   **columns(emb, peaks_at_zero(model, tracks))})
+                   **columns(emb, peaks_at_zero(model, tracks)
+                             if eq3 is None or Path(data).name in eq3 else None)})
 
 
 def plot(in_csv, figure, run, data="toy240"):
@@ -136,6 +138,7 @@ if __name__ == "__main__":
     p.add_argument("--data", action="append", default=[], help="a data set with a test/ split")
     p.add_argument("--checkpoints", nargs="*", default=[])
     p.add_argument("--baselines", action="store_true", help="also random weights, DSP, chance")
+    p.add_argument("--eq3", action="append", help="only these data sets get the Eq. 3 column")
     p.add_argument("--csv", default="docs/learning-curve.csv")
     p.add_argument("--plot", help="a CSV this script wrote: draw its figure instead")
     p.add_argument("--figure", default="docs/learning-curve.png")
@@ -144,4 +147,4 @@ if __name__ == "__main__":
     if a.plot:
         plot(a.plot, a.figure, a.run)
     else:
-        measure(a.checkpoints, a.data, a.csv, a.baselines)
+        measure(a.checkpoints, a.data, a.csv, a.baselines, a.eq3)
