@@ -117,16 +117,19 @@ def plot(in_csv, figure, run, data="toy240"):
         ax.plot(*zip(*old), "s", mfc="none", color=colour, label=f"{name}, the 6000-step run")
         for model, ls in (("random weights", ":"), ("DSP (chroma + tempo)", "--")):
             ax.axhline(float(level[model][key]), color=colour, ls=ls, lw=0.8)
-        slope, icpt = np.polyfit(np.log2(x), y, 1)
+        slope, icpt = np.polyfit(np.log2(x), y, 1)          # a line in log2(examples)
+        far = np.geomspace(x[0], PAPER_EXAMPLES, 50)
+        ax.plot(far, np.clip(icpt + slope * np.log2(far), 0, None), color=colour, lw=0.8, alpha=0.6)
         print(f"{name}: {slope:+.2f} points per doubling of the examples seen; 40 at "
               f"{2 ** ((40 - icpt) / slope):.3g} examples, the DSP row ({float(level['DSP (chroma + tempo)'][key]):.1f}) at "
               f"{2 ** ((float(level['DSP (chroma + tempo)'][key]) - icpt) / slope):.3g}")
     ax.axhline(float(level["chance"]["which_song"]), color="black", lw=0.8, label="chance")
     ax.axvline(PAPER_EXAMPLES, color="grey", lw=1)
-    ax.text(PAPER_EXAMPLES, ax.get_ylim()[0] + 1, " the paper's\n 77 M", fontsize=7, va="bottom")
-    ax.set(xscale="log", xlabel="training examples seen (steps x batch)",
+    ax.text(PAPER_EXAMPLES, 1, "the paper's 77 M ", fontsize=7, ha="right", va="bottom")
+    ax.set(xscale="log", ylim=(0, 52), xlabel="training examples seen (steps x batch)",
            ylabel="which song? nrank (%, from 0)",
-           title=f"{data}/test: dotted, random weights; dashed, DSP (chroma + tempo)")
+           title=f"{data}/test; thin lines: fits in log(examples), extended; dotted: random weights; "
+                 "dashed: DSP")
     ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(figure, dpi=80)
