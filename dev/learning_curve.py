@@ -6,8 +6,8 @@ normalised rank, and the share of songs whose Eq. 3 curve peaks at j = 0. Random
 DSP baseline are measured once per data set. Rows go to a CSV; the figure plots which-song against
 the training examples seen (steps x batch), with the paper's 300k x 256 marked.
 
-    python dev/learning_curve.py --data toy240 --data chorales260 \
-        --checkpoints runs/tiny-toy-12k/step-*.pt --csv docs/learning-curve.csv
+    python dev/learning_curve.py --data toy240 --data chorales260 --baselines --eq3 toy240 \
+        --checkpoints runs/tiny-toy-12k/keep/step-*.pt --csv docs/learning-curve.csv
     python dev/learning_curve.py --plot docs/learning-curve.csv --figure docs/learning-curve.png
 """
 import argparse
@@ -26,8 +26,8 @@ from extras.search import shift_similarity                      # noqa: E402
 PAPER_EXAMPLES = 300_000 * 256                                  # 3.3: 300k steps of batch 256
 # The 6000-step run that made the model shipped before (docs/small-scale.md's table): which song
 # on toy240/test at its checkpoints, which were not kept; its last point is re-measured here.
-EARLIER_RUN = {"steps": [1000, 2000, 4000, 6000], "raw": [46.9, 46.0, 44.5, 43.9],
-               "centred": [42.2, 40.9, 34.6, 33.7], "batch": 32}
+EARLIER_RUN = {"steps": [1000, 2000, 4000, 6000], "batch": 32,
+               "which_song": [46.9, 46.0, 44.5, 43.9], "which_song_centred": [42.2, 40.9, 34.6, 33.7]}
 
 
 def peaks_at_zero(model, tracks, max_shift_s=10.0):
@@ -100,29 +100,29 @@ def measure(checkpoints, datasets, out_csv, baselines=False, eq3=None):
                              if eq3 is None or Path(data).name in eq3 else None)})
 
 
-def plot(in_csv, figure, run, data="toy240"):
+def plot(in_csv, figure, run_name, data="toy240"):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = [r for r in csv.DictReader(open(in_csv)) if r["data"] == data]
-    run = sorted((r for r in rows if run in r["model"]), key=lambda r: int(r["step"]))
+    run = sorted((r for r in rows if run_name in r["model"]), key=lambda r: int(r["step"]))
     level = {r["model"]: r for r in rows if int(r["step"]) == 0}
     x = np.array([int(r["examples"]) for r in run])
     fig, ax = plt.subplots(figsize=(7, 3.6))
     for key, colour, name in (("which_song", "C0", "raw"), ("which_song_centred", "C1", "centred")):
         y = np.array([float(r[key]) for r in run])
         ax.plot(x, y, "o-", color=colour, label=f"{name}, this run")
-        old = [(s * EARLIER_RUN["batch"], v) for s, v in zip(EARLIER_RUN["steps"], EARLIER_RUN[key.replace(
-            "which_song_centred", "centred").replace("which_song", "raw")]) if v is not None]
-        ax.plot(*zip(*old), "s", mfc="none", color=colour, label=f"{name}, the 6000-step run")
+        ax.plot(np.array(EARLIER_RUN["steps"]) * EARLIER_RUN["batch"], EARLIER_RUN[key], "s", mfc="none",
+                color=colour, label=f"{name}, the 6000-step run")
         for model, ls in (("random weights", ":"), ("DSP (chroma + tempo)", "--")):
             ax.axhline(float(level[model][key]), color=colour, ls=ls, lw=0.8)
         slope, icpt = np.polyfit(np.log2(x), y, 1)          # a line in log2(examples)
         far = np.geomspace(x[0], PAPER_EXAMPLES, 50)
         ax.plot(far, np.clip(icpt + slope * np.log2(far), 0, None), color=colour, lw=0.8, alpha=0.6)
+        dsp = float(level["DSP (chroma + tempo)"][key])
         print(f"{name}: {slope:+.2f} points per doubling of the examples seen; 40 at "
-              f"{2 ** ((40 - icpt) / slope):.3g} examples, the DSP row ({float(level['DSP (chroma + tempo)'][key]):.1f}) at "
-              f"{2 ** ((float(level['DSP (chroma + tempo)'][key]) - icpt) / slope):.3g}")
+              f"{2 ** ((40 - icpt) / slope):.3g} examples, the DSP row ({dsp:.1f}) at "
+              f"{2 ** ((dsp - icpt) / slope):.3g}")
     ax.axhline(float(level["chance"]["which_song"]), color="black", lw=0.8, label="chance")
     ax.axvline(PAPER_EXAMPLES, color="grey", lw=1)
     ax.text(PAPER_EXAMPLES, 1, "the paper's 77 M ", fontsize=7, ha="right", va="bottom")
