@@ -6,8 +6,8 @@ normalised rank, and the share of songs whose Eq. 3 curve peaks at j = 0. Random
 DSP baseline are measured once per data set. Rows go to a CSV; the figure plots which-song against
 the training examples seen (steps x batch), with the paper's 300k x 256 marked.
 
-    python dev/learning_curve.py --data toy240 --data chorales260 --baselines --eq3 toy240 \
-        --checkpoints runs/tiny-toy-12k/keep/step-*.pt --csv docs/learning-curve.csv
+    python dev/learning_curve.py --data toy240 --data chorales260 --baselines \
+        --checkpoints models/stem-jepa-tiny-toy.pt runs/tiny-toy-12k/keep/step-*.pt
     python dev/learning_curve.py --plot docs/learning-curve.csv --figure docs/learning-curve.png
 """
 import argparse
@@ -63,10 +63,9 @@ def columns(emb, eq3=None) -> dict:
             "R1": table1["R@1"], "nrank_mean": table1["nrank_mean"], "eq3_peak_share": eq3}
 
 
-def measure(checkpoints, datasets, out_csv, baselines=False, eq3=None):
+def measure(checkpoints, datasets, out_csv, baselines=False):
     """Rows appended to out_csv as they are measured: the checkpoints, and with `baselines` the
-    random-weights, DSP and chance rows (built with the first checkpoint's config). eq3: the data
-    sets to compute the Eq. 3 column on (default: all; it is the slow one on long songs)."""
+    random-weights, DSP and chance rows (built with the first checkpoint's config)."""
     def write(row):
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
         new = not Path(out_csv).exists()
@@ -96,8 +95,7 @@ def measure(checkpoints, datasets, out_csv, baselines=False, eq3=None):
             emb = sj.retrieval_embeddings(model, tracks, log=lambda *a: None)
             write({**base, "model": str(path), "step": step,
                    "examples": step * model.config.batch_size,
-                   **columns(emb, peaks_at_zero(model, tracks)
-                             if eq3 is None or Path(data).name in eq3 else None)})
+                   **columns(emb, peaks_at_zero(model, tracks))})
 
 
 def plot(in_csv, figure, run_name, data="toy240"):
@@ -108,17 +106,18 @@ def plot(in_csv, figure, run_name, data="toy240"):
     run = sorted((r for r in rows if run_name in r["model"]), key=lambda r: int(r["step"]))
     level = {r["model"]: r for r in rows if int(r["step"]) == 0}
     x = np.array([int(r["examples"]) for r in run])
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig, ax = plt.subplots(figsize=(9, 3.8))
     for key, colour, name in (("which_song", "C0", "raw"), ("which_song_centred", "C1", "centred")):
         y = np.array([float(r[key]) for r in run])
         ax.plot(x, y, "o-", color=colour, label=f"{name}, this run")
         ax.plot(np.array(EARLIER_RUN["steps"]) * EARLIER_RUN["batch"], EARLIER_RUN[key], "s", mfc="none",
                 color=colour, label=f"{name}, the 6000-step run")
         for model, ls in (("random weights", ":"), ("DSP (chroma + tempo)", "--")):
-            ax.axhline(float(level[model][key]), color=colour, ls=ls, lw=0.8)
+            ax.axhline(float(level[model][key]), color=colour, ls=ls, lw=0.8, label=f"{name}, {model}")
         slope, icpt = np.polyfit(np.log2(x), y, 1)          # a line in log2(examples)
         far = np.geomspace(x[0], PAPER_EXAMPLES, 50)
-        ax.plot(far, np.clip(icpt + slope * np.log2(far), 0, None), color=colour, lw=0.8, alpha=0.6)
+        ax.plot(far, np.clip(icpt + slope * np.log2(far), 0, None), color=colour, lw=0.8, alpha=0.6,
+                label=f"{name}, this run's fit, extended")
         dsp = float(level["DSP (chroma + tempo)"][key])
         print(f"{name}: {slope:+.2f} points per doubling of the examples seen; 40 at "
               f"{2 ** ((40 - icpt) / slope):.3g} examples, the DSP row ({dsp:.1f}) at "
@@ -128,9 +127,8 @@ def plot(in_csv, figure, run_name, data="toy240"):
     ax.text(PAPER_EXAMPLES, 1, "the paper's 77 M ", fontsize=7, ha="right", va="bottom")
     ax.set(xscale="log", ylim=(0, 52), xlabel="training examples seen (steps x batch)",
            ylabel="which song? nrank (%, from 0)",
-           title=f"{data}/test; thin lines: fits in log(examples), extended; dotted: random weights; "
-                 "dashed: DSP")
-    ax.legend(fontsize=7, loc="lower left")
+           title=f"which song? on the {rows[0]['songs']} songs of {data}/test")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     fig.savefig(figure, dpi=80)
     print(f"wrote {figure}")
@@ -141,7 +139,6 @@ if __name__ == "__main__":
     p.add_argument("--data", action="append", default=[], help="a data set with a test/ split")
     p.add_argument("--checkpoints", nargs="*", default=[])
     p.add_argument("--baselines", action="store_true", help="also random weights, DSP, chance")
-    p.add_argument("--eq3", action="append", help="only these data sets get the Eq. 3 column")
     p.add_argument("--csv", default="docs/learning-curve.csv")
     p.add_argument("--plot", help="a CSV this script wrote: draw its figure instead")
     p.add_argument("--figure", default="docs/learning-curve.png")
@@ -150,4 +147,4 @@ if __name__ == "__main__":
     if a.plot:
         plot(a.plot, a.figure, a.run)
     else:
-        measure(a.checkpoints, a.data, a.csv, a.baselines, a.eq3)
+        measure(a.checkpoints, a.data, a.csv, a.baselines)
