@@ -30,7 +30,7 @@ EARLIER_RUN = {"steps": [1000, 2000, 4000, 6000], "batch": 32,
                "which_song": [46.9, 46.0, 44.5, 43.9], "which_song_centred": [42.2, 40.9, 34.6, 33.7]}
 
 
-def peaks_at_zero(model, tracks, max_shift_s=10.0):
+def peaks_at_zero(model, tracks, max_shift_s=10.0, device="cpu"):
     """The share of songs whose Eq. 3 curve (the mean over its stems) is highest at j = 0."""
     patch_s = model.config.hop_length * model.config.patch_size / model.config.sample_rate
     shortest = min(-(-t["length"] // round(patch_s * model.config.sample_rate)) for t in tracks)
@@ -40,8 +40,8 @@ def peaks_at_zero(model, tracks, max_shift_s=10.0):
         x = np.load(t["npy"]).astype(np.float32)
         known = [i for i, s in enumerate(t["stems"]) if s in model.instruments]   # as retrieval
         ids = [model.instruments.index(t["stems"][i]) for i in known]
-        q = sj.embed_long(model, [x.sum(0) - x[i] for i in known], instruments=ids)
-        z = sj.embed_long(model, [x[i] for i in known])
+        q = sj.embed_long(model, [x.sum(0) - x[i] for i in known], instruments=ids, device=device)
+        z = sj.embed_long(model, [x[i] for i in known], device=device)
         curve = torch.stack([shift_similarity(sj.frames(a), sj.frames(b), range(-J, J + 1))
                              for a, b in zip(z, q)]).mean(0)
         peaks += int(curve.argmax()) == J
@@ -63,7 +63,7 @@ def columns(emb, eq3=None) -> dict:
             "R1": table1["R@1"], "nrank_mean": table1["nrank_mean"], "eq3_peak_share": eq3}
 
 
-def measure(checkpoints, datasets, out_csv, baselines=False):
+def measure(checkpoints, datasets, out_csv, baselines=False, device="cpu"):
     """Rows appended to out_csv as they are measured: the checkpoints, and with `baselines` the
     random-weights, DSP and chance rows (built with the first checkpoint's config)."""
     def write(row):
@@ -84,18 +84,18 @@ def measure(checkpoints, datasets, out_csv, baselines=False):
         base = {"data": Path(data).name, "songs": len(tracks), "step": 0, "examples": 0}
         if baselines:
             write({**base, "model": "random weights", **columns(
-                sj.retrieval_embeddings(untrained, tracks, log=lambda *a: None),
-                peaks_at_zero(untrained, tracks))})
+                sj.retrieval_embeddings(untrained, tracks, device=device, log=lambda *a: None),
+                peaks_at_zero(untrained, tracks, device=device))})
             dsp = sj.dsp_embeddings(tracks, first.instruments, first.config.sample_rate)
             write({**base, "model": "DSP (chroma + tempo)", **columns(dsp)})
             write({**base, "model": "chance", "which_song": chance, "which_song_centred": chance})
         for path in checkpoints:
             model = sj.StemJEPA.from_checkpoint(path)
             step = int(torch.load(path, map_location="cpu", weights_only=True)["step"])
-            emb = sj.retrieval_embeddings(model, tracks, log=lambda *a: None)
+            emb = sj.retrieval_embeddings(model, tracks, device=device, log=lambda *a: None)
             write({**base, "model": str(path), "step": step,
                    "examples": step * model.config.batch_size,
-                   **columns(emb, peaks_at_zero(model, tracks))})
+                   **columns(emb, peaks_at_zero(model, tracks, device=device))})
 
 
 def plot(in_csv, figure, run_name, data="toy240"):
@@ -140,6 +140,7 @@ if __name__ == "__main__":
     p.add_argument("--checkpoints", nargs="*", default=[])
     p.add_argument("--baselines", action="store_true", help="also random weights, DSP, chance")
     p.add_argument("--csv", default="docs/learning-curve.csv")
+    p.add_argument("--device", default="cpu", help="where the models embed: cpu or cuda")
     p.add_argument("--plot", help="a CSV this script wrote: draw its figure instead")
     p.add_argument("--figure", default="docs/learning-curve.png")
     p.add_argument("--run", default="tiny-toy-12k", help="the run's checkpoints: paths containing it")
@@ -147,4 +148,4 @@ if __name__ == "__main__":
     if a.plot:
         plot(a.plot, a.figure, a.run)
     else:
-        measure(a.checkpoints, a.data, a.csv, a.baselines)
+        measure(a.checkpoints, a.data, a.csv, a.baselines, a.device)
