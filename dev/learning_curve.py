@@ -9,6 +9,8 @@ the training examples seen (steps x batch), with the paper's 300k x 256 marked.
     python dev/learning_curve.py --data toy240 --data chorales260 --baselines \
         --checkpoints models/stem-jepa-tiny-toy.pt runs/tiny-toy-12k/keep/step-*.pt
     python dev/learning_curve.py --plot docs/learning-curve.csv --figure docs/learning-curve.png
+    python dev/learning_curve.py --data toy240 --paired models/stem-jepa-tiny-toy.pt \
+        runs/tiny-toy-12k/keep/step-12000.pt
 """
 import argparse
 import csv
@@ -98,6 +100,41 @@ def measure(checkpoints, datasets, out_csv, baselines=False, device="cpu"):
                    **columns(emb, peaks_at_zero(model, tracks, device=device))})
 
 
+def per_query(emb) -> dict:
+    """`columns`' which-song (raw, centred), which-instrument R@1 and Table 1's nrank, query by
+    query (their means are `columns`' values)."""
+    same_inst = emb.instrument[:, None] == emb.instrument[None]
+    same_song = emb.track[:, None] == emb.track[None]
+    centred = [sj.centre_per_instrument(x, emb.instrument) for x in (emb.queries, emb.refs_target)]
+    out = {"which_song": [], "which_song_centred": [], "which_instrument_R1": [], "nrank_mean": []}
+    for i in range(len(emb.queries)):
+        def m(q, r, candidates=None):
+            return sj.retrieval_metrics(q[i:i + 1], r, torch.tensor([i]), (1,), candidates)
+        out["which_song"].append(m(emb.queries, emb.refs_target, same_inst[i:i + 1])["nrank0_mean"])
+        out["which_song_centred"].append(m(*centred, same_inst[i:i + 1])["nrank0_mean"])
+        out["which_instrument_R1"].append(m(emb.queries, emb.refs_target, same_song[i:i + 1])["R@1"])
+        out["nrank_mean"].append(m(emb.queries, emb.refs_target)["nrank_mean"])
+    return {k: np.array(v) for k, v in out.items()}
+
+
+def paired(a, b, data, draws=4000):
+    """Checkpoint b minus checkpoint a on data's test songs, per column, with a 95 % interval from
+    a bootstrap over songs (both models see the same draws)."""
+    models = [sj.StemJEPA.from_checkpoint(p) for p in (a, b)]
+    tracks = sj.prepare(data, "test", training=False, log=lambda *a: None,
+                        **sj.prepare_options(models[0].config))
+    embs = [sj.retrieval_embeddings(m, tracks, log=lambda *a: None) for m in models]
+    (pa, pb), track = [per_query(e) for e in embs], embs[0].track.numpy()
+    songs = [np.flatnonzero(track == n) for n in np.unique(track)]
+    rng = np.random.default_rng(0)
+    draws = [np.concatenate([songs[j] for j in rng.integers(0, len(songs), len(songs))])
+             for _ in range(draws)]
+    for k in pa:
+        d = pb[k] - pa[k]
+        lo, hi = np.percentile([d[i].mean() for i in draws], [2.5, 97.5])
+        print(f"{k:20s} {pa[k].mean():6.2f} -> {pb[k].mean():6.2f}: {d.mean():+.2f} [{lo:+.2f}, {hi:+.2f}]")
+
+
 def plot(in_csv, figure, run_name, data="toy240"):
     import matplotlib
     matplotlib.use("Agg")
@@ -142,10 +179,14 @@ if __name__ == "__main__":
     p.add_argument("--csv", default="docs/learning-curve.csv")
     p.add_argument("--device", default="cpu", help="where the models embed: cpu or cuda")
     p.add_argument("--plot", help="a CSV this script wrote: draw its figure instead")
+    p.add_argument("--paired", nargs=2, metavar=("A", "B"),
+                   help="two checkpoints: B - A per column on --data, with bootstrap intervals")
     p.add_argument("--figure", default="docs/learning-curve.png")
     p.add_argument("--run", default="tiny-toy-12k", help="the run's checkpoints: paths containing it")
     a = p.parse_args()
     if a.plot:
         plot(a.plot, a.figure, a.run)
+    elif a.paired:
+        paired(*a.paired, a.data[0])
     else:
         measure(a.checkpoints, a.data, a.csv, a.baselines, a.device)
