@@ -7,7 +7,8 @@ DSP baseline are measured once per data set. Rows go to a CSV; the figure plots 
 the training examples seen (steps x batch), with the paper's 300k x 256 marked.
 
     python dev/learning_curve.py --data toy240 --data chorales260 --baselines \
-        --checkpoints models/stem-jepa-tiny-toy.pt runs/tiny-toy-12k/keep/step-*.pt
+        --checkpoints models/stem-jepa-tiny-toy.pt runs/tiny-toy-seed1/checkpoint.pt \
+        runs/tiny-toy-12k/keep/step-*.pt
     python dev/learning_curve.py --plot docs/learning-curve.csv --figure docs/learning-curve.png
     python dev/learning_curve.py --data toy240 --paired models/stem-jepa-tiny-toy.pt \
         runs/tiny-toy-12k/keep/step-12000.pt
@@ -149,6 +150,10 @@ def plot(in_csv, figure, run_name, data="toy240"):
         ax.plot(x, y, "o-", color=colour, label=f"{name}, this run")
         ax.plot(np.array(EARLIER_RUN["steps"]) * EARLIER_RUN["batch"], EARLIER_RUN[key], "s", mfc="none",
                 color=colour, label=f"{name}, the 6000-step run")
+        for r in rows:                                  # other seeds of the 6000-step run
+            if "seed" in r["model"]:
+                ax.plot(int(r["examples"]), float(r[key]), "^", mfc="none", color=colour,
+                        label=f"{name}, the 6000-step run, another seed")
         for model, ls in (("random weights", ":"), ("DSP (chroma + tempo)", "--")):
             ax.axhline(float(level[model][key]), color=colour, ls=ls, lw=0.8, label=f"{name}, {model}")
         slope, icpt = np.polyfit(np.log2(x), y, 1)          # a line in log2(examples)
