@@ -27,8 +27,8 @@ import stem_jepa as sj                                          # noqa: E402
 from extras.search import shift_similarity                      # noqa: E402
 
 PAPER_EXAMPLES = 300_000 * 256                                  # 3.3: 300k steps of batch 256
-# The 6000-step run that made the model shipped before (docs/small-scale.md's table): which song
-# on toy240/test at its checkpoints, which were not kept; its last point is re-measured here.
+# The 6000-step run that made the shipped model (docs/small-scale.md's table): which song on
+# toy240/test at its checkpoints, which were not kept; its last point is re-measured here.
 EARLIER_RUN = {"steps": [1000, 2000, 4000, 6000], "batch": 32,
                "which_song": [46.9, 46.0, 44.5, 43.9], "which_song_centred": [42.2, 40.9, 34.6, 33.7]}
 
@@ -118,21 +118,21 @@ def per_query(emb) -> dict:
     return {k: np.array(v) for k, v in out.items()}
 
 
-def paired(a, b, data, draws=4000):
+def paired(a, b, data, n_draws=4000):
     """Checkpoint b minus checkpoint a on data's test songs, per column, with a 95 % interval from
     a bootstrap over songs (both models see the same draws)."""
     models = [sj.StemJEPA.from_checkpoint(p) for p in (a, b)]
-    tracks = sj.prepare(data, "test", training=False, log=lambda *a: None,
+    tracks = sj.prepare(data, "test", training=False, log=lambda *_: None,
                         **sj.prepare_options(models[0].config))
-    embs = [sj.retrieval_embeddings(m, tracks, log=lambda *a: None) for m in models]
+    embs = [sj.retrieval_embeddings(m, tracks, log=lambda *_: None) for m in models]
     (pa, pb), track = [per_query(e) for e in embs], embs[0].track.numpy()
     songs = [np.flatnonzero(track == n) for n in np.unique(track)]
     rng = np.random.default_rng(0)
     draws = [np.concatenate([songs[j] for j in rng.integers(0, len(songs), len(songs))])
-             for _ in range(draws)]
+             for _ in range(n_draws)]
     for k in pa:
         d = pb[k] - pa[k]
-        lo, hi = np.percentile([d[i].mean() for i in draws], [2.5, 97.5])
+        lo, hi = np.percentile([d[pick].mean() for pick in draws], [2.5, 97.5])
         print(f"{k:20s} {pa[k].mean():6.2f} -> {pb[k].mean():6.2f}: {d.mean():+.2f} [{lo:+.2f}, {hi:+.2f}]")
 
 
